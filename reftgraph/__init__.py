@@ -1,0 +1,23 @@
+"""reftgraph: interventions on language models as nodes of a causal graph.
+
+>>> import torch, reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> g = rg.Graph()
+>>> _ = g.add(rg.Site("resid_post", layer=0, positions="last"), rg.Add(torch.ones(32), scale=2.0))
+>>> _ = g.add(rg.Site("mlp_out", layer=1, positions="last"), rg.Collect(), name="m1")
+>>> g.run(lm, ["hello", "hi there"])["m1"].shape
+torch.Size([2, 1, 32])
+"""
+
+from . import models
+from .arch import Family, register_family
+from .graph import Graph, Node
+from .models import Model, load, wrap
+from .ops import Ablate, Add, Collect, Op, Patch, Set
+from .run import RunResult, run
+from .sites import COMPONENTS, Site, SiteError
+
+__all__ = [
+    "Ablate", "Add", "Collect", "COMPONENTS", "Family", "Graph", "Model", "Node", "Op", "Patch",
+    "RunResult", "Set", "Site", "SiteError", "load", "models", "register_family", "run", "wrap",
+]

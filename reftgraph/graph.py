@@ -1,0 +1,220 @@
+"""Interventions as nodes of a causal graph.
+
+>>> import torch, reftgraph as rg
+>>> g = rg.Graph()
+>>> g.add(rg.Site("head_out", layer=1, head=0, positions=[0]), rg.Patch(source="source"), name="a")
+'a'
+>>> g.add(rg.Site("resid_post", layer=1, positions="last"), rg.Collect(), name="r1")
+'r1'
+>>> list(g.edges)
+[('a', 'r1')]
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import networkx as nx
+import pandas as pd
+from torch import nn
+
+from .arch import STAGES
+from .ops.base import Op
+from .sites import Site, SiteError
+
+
+@dataclass(frozen=True)
+class Node:
+    """One intervention: a name, where (``site``), what (``op``) and on which ``stream``."""
+
+    name: str
+    site: Site
+    op: Op
+    stream: str = "base"
+
+    @property
+    def reads(self) -> tuple[str, Site]:
+        """The (stream, site) whose value the op reads: its source for a Patch, else its own."""
+        if self.op.source is not None:
+            return self.op.source, getattr(self.op, "site", None) or self.site
+        return self.stream, self.site
+
+    def __str__(self) -> str:
+        stream = "" if self.stream == "base" else f" @{self.stream}"
+        return f"{self.name}: {type(self.op).__name__} {self.site}{stream}"
+
+
+def _order(site: Site) -> tuple:
+    """Model-agnostic forward order (negative layers are sorted by the compiled plan)."""
+    return (site.layer, STAGES[site.component])
+
+
+def _overlap(a, b) -> bool:
+    return a is None or b is None or bool(set(a) & set(b))
+
+
+class Graph:
+    """A set of intervention nodes; an edge ``u -> v`` means v reads what u wrote.
+
+    Nodes on one stream form a chain in forward order; a node that reads another
+    stream (a ``Patch``) gets edges from that stream's upstream nodes.
+    """
+
+    def __init__(self, nodes: Iterable[Node] = ()):
+        self.dag = nx.DiGraph()
+        self.ops = nn.ModuleDict()
+        for node in nodes:
+            self._insert(node)
+
+    # -- building ------------------------------------------------------------
+    def add(self, site: Site, op: Op, name: Optional[str] = None, stream: str = "base") -> str:
+        """Add a node and return its name (made from op and site when not given)."""
+        if not isinstance(site, Site):
+            raise SiteError(f"node {name!r}: site must be a reftgraph.Site, got {type(site).__name__}")
+        if not isinstance(op, Op):
+            raise SiteError(f"node {name!r} at {site}: op must be a reftgraph op, got {type(op).__name__}")
+        if name is None:
+            base = f"{type(op).__name__.lower()}_{site.component}{site.layer}"
+            name, i = base, 1
+            while name in self.dag:
+                i += 1
+                name = f"{base}_{i}"
+        self._insert(Node(name, site, op, stream))
+        return name
+
+    def _insert(self, node: Node) -> None:
+        if node.name in self.dag:
+            raise SiteError(
+                f"duplicate node name {node.name!r} (at {node.site}); "
+                f"existing node: {self.dag.nodes[node.name]['node']}. Pick another name="
+            )
+        if "." in node.name:
+            raise SiteError(f"node name {node.name!r}: names may not contain '.'")
+        self.dag.add_node(node.name, node=node)
+        self.ops[node.name] = node.op
+        for other in self.nodes[:-1]:
+            # an earlier node at the same place is applied first, so it feeds the new one
+            if self._feeds(other, node, same_place_ok=True):
+                self.dag.add_edge(other.name, node.name)
+            if self._feeds(node, other, same_place_ok=False):
+                self.dag.add_edge(node.name, other.name)
+
+    @staticmethod
+    def _feeds(a: Node, b: Node, same_place_ok: bool) -> bool:
+        stream, site = b.reads
+        if a.op.collects or a.stream != stream:
+            return False
+        if (a.site.layer < 0) != (site.layer < 0):
+            return True  # order unknown until compiled against a model: keep the edge
+        return _order(a.site) < _order(site) or (same_place_ok and _order(a.site) == _order(site))
+
+    # -- access --------------------------------------------------------------
+    @property
+    def nodes(self) -> list[Node]:
+        return [data["node"] for _, data in self.dag.nodes(data=True)]
+
+    @property
+    def edges(self):
+        return self.dag.edges
+
+    @property
+    def streams(self) -> set[str]:
+        """Every stream the graph writes to or reads from."""
+        return {n.stream for n in self.nodes} | {n.reads[0] for n in self.nodes}
+
+    def __getitem__(self, name: str) -> Node:
+        if name not in self.dag:
+            raise KeyError(f"no node {name!r}; nodes: {list(self.dag)}")
+        return self.dag.nodes[name]["node"]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.dag
+
+    def __len__(self) -> int:
+        return len(self.dag)
+
+    def __iter__(self):
+        return iter(self.nodes)
+
+    # -- composition ---------------------------------------------------------
+    def __or__(self, other: "Graph") -> "Graph":
+        """Both graphs' nodes; refuses clashing names and overlapping subspaces."""
+        for a in other.nodes:
+            if a.name in self.dag:
+                raise SiteError(
+                    f"cannot compose: both graphs have a node named {a.name!r} "
+                    f"({self[a.name].site} and {a.site}); rename one"
+                )
+            for b in self.nodes:
+                same_place = (a.stream, a.site.component, a.site.layer, a.site.positions) == (
+                    b.stream, b.site.component, b.site.layer, b.site.positions)
+                if (same_place and not (a.op.collects or b.op.collects)
+                        and _overlap(a.site.head, b.site.head) and _overlap(a.site.subspace, b.site.subspace)):
+                    raise SiteError(
+                        f"cannot compose: nodes {b.name!r} ({b.site}) and {a.name!r} ({a.site}) edit "
+                        "overlapping subspaces of the same site; give them disjoint subspace= dims"
+                    )
+        return Graph(self.nodes + other.nodes)
+
+    def subgraph(self, names: Iterable[str]) -> "Graph":
+        """A graph of the named nodes (sharing their ops)."""
+        names = list(names)
+        for n in names:
+            self[n]
+        return Graph(n for n in self.nodes if n.name in names)
+
+    # -- parameters ----------------------------------------------------------
+    def parameters(self):
+        return self.ops.parameters()
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.ops.parameters() if p.requires_grad or not trainable_only)
+
+    def freeze(self) -> "Graph":
+        self.ops.requires_grad_(False)
+        return self
+
+    # -- views ---------------------------------------------------------------
+    def summary(self) -> pd.DataFrame:
+        """One row per node: name, op, stream, component, layer, positions, head, subspace, params."""
+        rows = []
+        for n in self.nodes:
+            d = n.site.to_dict()
+            rows.append({
+                "name": n.name,
+                "op": type(n.op).__name__,
+                "stream": n.stream,
+                "component": d["component"],
+                "layer": d["layer"],
+                "positions": str(n.site).split(" pos=")[1].split(" dims=")[0],
+                "head": None if n.site.head is None else ",".join(map(str, n.site.head)),
+                "subspace": None if n.site.subspace is None else ",".join(map(str, n.site.subspace)),
+                "reads": None if n.op.source is None else n.reads[0],
+                "params": sum(p.numel() for p in n.op.parameters()),
+            })
+        columns = ["name", "op", "stream", "component", "layer", "positions", "head", "subspace", "reads", "params"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def __repr__(self) -> str:
+        lines = [f"Graph({len(self)} nodes, {self.num_parameters()} trainable parameters)"]
+        lines += [f"  {n}" for n in self.nodes]
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        title = html.escape(f"reftgraph.Graph: {len(self)} nodes, {self.num_parameters()} trainable parameters")
+        return f"<p><b>{title}</b></p>" + self.summary().to_html(index=False, na_rep="")
+
+    def draw(self, ax=None):
+        """A matplotlib figure: nodes laid out by layer (x) and stream (y), coloured by stream."""
+        from .plot import draw_graph
+
+        return draw_graph(self, ax=ax)
+
+    # -- running -------------------------------------------------------------
+    def run(self, model, prompts, sources=None, **kwargs):
+        """Run the graph on ``prompts`` (the base stream). See :func:`reftgraph.run.run`."""
+        from .run import run
+
+        return run(self, model, prompts, sources=sources, **kwargs)

@@ -1,0 +1,128 @@
+"""Ops without learned bases: Patch, Add, Set, Ablate, Collect.
+
+>>> import torch, reftgraph as rg
+>>> rg.Add(torch.ones(4), scale=2.0)(torch.zeros(1, 1, 4)).tolist()
+[[[2.0, 2.0, 2.0, 2.0]]]
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import Op
+
+
+def _tensor(value, name: str, trainable: bool, module: nn.Module) -> None:
+    value = torch.as_tensor(value, dtype=torch.float32) if not torch.is_tensor(value) else value.detach().clone()
+    if trainable:
+        module.register_parameter(name, nn.Parameter(value))
+    else:
+        module.register_buffer(name, value)
+
+
+class Patch(Op):
+    """Interchange: write the activation of stream ``source`` at the same site (or at
+    ``site``, e.g. other positions of the source prompt) into this node's stream."""
+
+    def __init__(self, source: str = "source", site=None):
+        super().__init__()
+        self.source = source
+        self.site = site
+
+    def config(self) -> dict:
+        return {"source": self.source, "site": None if self.site is None else self.site.to_dict()}
+
+    def forward(self, h, source=None, valid=None):
+        return source.to(h.dtype)
+
+
+class Add(Op):
+    """Steering: ``h + scale * vector`` (``vector`` of the site's width; trainable if asked)."""
+
+    def __init__(self, vector, scale: float = 1.0, trainable: bool = False):
+        super().__init__()
+        _tensor(vector, "vector", trainable, self)
+        self.scale = float(scale)
+        self.trainable = trainable
+
+    def config(self) -> dict:
+        return {"scale": self.scale, "trainable": self.trainable}
+
+    def expected_width(self):
+        return self.vector.shape[-1]
+
+    def forward(self, h, source=None, valid=None):
+        return h + self.scale * self.vector.to(h)
+
+
+class Set(Op):
+    """Write a given tensor, broadcast to the slice ``[B, k, (heads,) width]``."""
+
+    def __init__(self, value, trainable: bool = False):
+        super().__init__()
+        _tensor(value, "value", trainable, self)
+        self.trainable = trainable
+
+    def config(self) -> dict:
+        return {"trainable": self.trainable}
+
+    def expected_width(self):
+        return self.value.shape[-1]
+
+    def forward(self, h, source=None, valid=None):
+        return self.value.to(h).expand_as(h)
+
+
+class Ablate(Op):
+    """Knock out the slice: ``"zero"``; ``"mean"`` (of ``value`` if given, else of the
+    batch's selected positions); ``"resample"`` (the same slot of another row, a seeded
+    derangement of the batch rows)."""
+
+    MODES = ("zero", "mean", "resample")
+
+    def __init__(self, mode: str = "zero", value=None, seed: int = 0):
+        super().__init__()
+        if mode not in self.MODES:
+            raise ValueError(f"Ablate mode must be one of {self.MODES}, got {mode!r}")
+        self.mode, self.seed = mode, seed
+        if value is not None:
+            _tensor(value, "value", False, self)
+        else:
+            self.value = None
+
+    def config(self) -> dict:
+        return {"mode": self.mode, "seed": self.seed}
+
+    def expected_width(self):
+        return None if self.value is None else self.value.shape[-1]
+
+    def forward(self, h, source=None, valid=None):
+        if self.mode == "zero":
+            return torch.zeros_like(h)
+        if self.mode == "mean":
+            if self.value is not None:
+                return self.value.to(h).expand_as(h)
+            w = valid.to(h.dtype).reshape(*valid.shape, *([1] * (h.dim() - 2)))
+            mean = (h * w).sum((0, 1)) / w.sum().clamp(min=1)
+            return mean.expand_as(h)
+        n = h.shape[0]
+        if n < 2:
+            raise ValueError("Ablate('resample') needs a batch of at least 2 rows")
+        g = torch.Generator().manual_seed(self.seed)
+        shift = int(torch.randint(1, n, (1,), generator=g))
+        perm = torch.randperm(n, generator=g)
+        derangement = torch.empty_like(perm)
+        derangement[perm] = perm.roll(shift)  # row perm[i] takes row perm[i - shift]: never itself
+        return h[derangement]
+
+
+class Collect(Op):
+    """Record the slice (after earlier edits at the same place) under the node's name."""
+
+    collects = True
+
+    def forward(self, h, source=None, valid=None):
+        return h

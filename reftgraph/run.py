@@ -1,0 +1,138 @@
+"""Run a graph: tokenize every stream into one batch, compile, and trace once.
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> g = rg.Graph()
+>>> _ = g.add(rg.Site("resid_pre", layer=1, positions="last"), rg.Patch(source="source"))
+>>> _ = g.add(rg.Site("mlp_out", layer=1, positions="f1+l1"), rg.Collect(), name="m")
+>>> out = g.run(lm, ["a cat", "the dog"], sources={"source": ["one", "two"]})
+>>> out["m"].shape, out.next_token_logits.shape
+(torch.Size([2, 2, 32]), torch.Size([2, 259]))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .compile import Batch, apply, bind, compile_graph
+from .graph import Graph
+from .models import Model
+from .sites import SiteError
+
+Prompts = Union[str, Sequence[str]]
+
+
+@dataclass
+class RunResult:
+    """What a run returns: the base stream's logits and the collected activations.
+
+    ``result[name]`` is node ``name``'s collected slice ``[B, k, ...]``;
+    ``result.valid[name]`` marks the real positions of rows with fewer than ``k``.
+    """
+
+    logits: torch.Tensor
+    collected: dict
+    valid: dict
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rows: dict
+    last_index: torch.Tensor
+    stream_logits: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.collected:
+            raise KeyError(f"no collected node {name!r}; collected: {sorted(self.collected)}")
+        return self.collected[name]
+
+    @property
+    def next_token_logits(self) -> torch.Tensor:
+        """``[B, vocab]``: the base stream's logits at each row's last prompt token."""
+        rows = self.rows["base"]
+        return self.logits[torch.arange(self.logits.shape[0]), self.last_index[rows]]
+
+
+def _as_list(prompts: Prompts, what: str) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise SiteError(f"{what} must be a non-empty list of strings")
+    return prompts
+
+
+def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):
+    """Tokenize ``{stream: prompts}`` into one padded batch; returns (inputs, Batch)."""
+    texts, rows = [], {}
+    for name, prompts in streams.items():
+        rows[name] = slice(len(texts), len(texts) + len(prompts))
+        texts += prompts
+    tok = model.tokenizer
+    side = tok.padding_side
+    tok.padding_side = padding_side or side
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = side
+    mask = enc["attention_mask"]
+    length = mask.sum(1)
+    if bool((length == 0).any()):
+        raise SiteError("an empty prompt tokenizes to no tokens; every prompt needs at least one")
+    start = mask.argmax(1)
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": mask, "position_ids": position_ids}
+    return inputs, Batch(rows, start, length, mask.shape[1])
+
+
+def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = None,
+        padding_side: Optional[str] = None, grad: Optional[bool] = None) -> RunResult:
+    """Run ``graph`` on ``prompts`` with named ``sources`` (stream -> prompts) in one forward.
+
+    Everything is checked before the forward pass: the graph against the model, the
+    streams the graph reads against ``sources``, and every position against every row.
+    A source with one prompt is used for every base row. Gradients flow to the graph's
+    parameters when any requires grad (``grad=`` forces it on or off).
+    """
+    model = model if isinstance(model, Model) else _wrap_guess(model)
+    plan = compile_graph(graph, model.arch)
+    base = _as_list(prompts, "prompts")
+    streams = {"base": base}
+    for name, src in (sources or {}).items():
+        src = _as_list(src, f"sources[{name!r}]")
+        if len(src) == 1 and len(base) > 1:
+            src = src * len(base)
+        streams[name] = src
+    unused = set(streams) - graph.streams - {"base"}
+    if unused:
+        raise SiteError(f"sources {sorted(unused)} are not read by any node of the graph "
+                        f"(streams it uses: {sorted(graph.streams)})")
+    inputs, batch = tokenize(model, streams, padding_side)
+    bound = bind(plan, batch)
+    device = model.device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    if grad is None:
+        grad = any(p.requires_grad for p in graph.parameters())
+    collected, out = {}, {}
+    with torch.set_grad_enabled(grad):
+        with model.nn.trace(inputs):
+            apply(plan, bound, model.nn, collected)
+            out["logits"] = model.nn.output.logits
+    logits = out["logits"]
+    last = batch.start + batch.length - 1
+    return RunResult(
+        logits=logits[batch.rows["base"]],
+        collected={k: v[0] for k, v in collected.items()},
+        valid={k: v[1] for k, v in collected.items()},
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        rows=batch.rows,
+        last_index=last.to(logits.device),
+        stream_logits={name: logits[rows] for name, rows in batch.rows.items()},
+    )
+
+
+def _wrap_guess(model) -> Model:
+    raise SiteError(f"run() needs a reftgraph Model (rg.load(...), rg.wrap(hf_model, tokenizer)), "
+                    f"got {type(model).__name__}")

@@ -1,0 +1,149 @@
+"""The correctness oracle: the same edits written as plain PyTorch hooks on the unwrapped
+model, with Python loops over rows and positions (slow, obvious, independent of
+reftgraph's compiler)."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+
+def positions_of(selector, length: int) -> list:
+    """Relative prompt positions a selector picks in a prompt of ``length`` tokens."""
+    if isinstance(selector, int):
+        selector = [selector]
+    if isinstance(selector, (list, tuple)):
+        return [p if p >= 0 else length + p for p in selector]
+    if isinstance(selector, slice):
+        return list(range(length))[selector]
+    if selector == "last":
+        return [length - 1]
+    if selector in ("all", "prompt"):
+        return list(range(length))
+    n, m = map(int, re.match(r"f(\d+)\+l(\d+)", selector).groups())
+    first = list(range(min(n, length)))
+    return first + [p for p in range(max(length - m, 0), length) if p not in first]
+
+
+def encode(tok, prompts, side):
+    old = tok.padding_side
+    tok.padding_side = side
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    tok.padding_side = old
+    mask = enc["attention_mask"]
+    return {"input_ids": enc["input_ids"], "attention_mask": mask,
+            "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+
+
+def real_positions(mask: torch.Tensor) -> list:
+    """Per row, the padded indices of the real tokens."""
+    return [row.nonzero().flatten().tolist() for row in mask]
+
+
+def module(hf, family: str, layer: int, path: str):
+    layers = {"llama": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}[family]
+    root = hf
+    for part in layers.split("."):
+        root = getattr(root, part)
+    root = root[layer]
+    for part in filter(None, path.split(".")):
+        root = getattr(root, part)
+    return root
+
+
+PATHS = {
+    "llama": dict(attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj"),
+    "gpt2": dict(attn="attn", mlp="mlp", down="mlp.c_proj", o="attn.c_proj"),
+    "gpt_neox": dict(attn="attention", mlp="mlp", down="mlp.dense_4h_to_h", o="attention.dense"),
+}
+
+
+def install(hf, family, component, layer, edit, cfg):
+    """Hooks that call ``edit(t)`` on the component's ``[B, S, ...]`` tensor and write the result.
+
+    Returns the hook handles."""
+    p = PATHS[family]
+    H, Hkv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    dh = cfg.hidden_size // H
+    handles = []
+    block = module(hf, family, layer, "")
+
+    def first_out(fn):
+        def hook(mod, args, out):
+            if isinstance(out, tuple):
+                return (fn(out[0]),) + out[1:]
+            return fn(out)
+        return hook
+
+    if component == "resid_pre":
+        handles.append(block.register_forward_pre_hook(lambda m, a: (edit(a[0]),) + a[1:]))
+    elif component == "resid_post":
+        handles.append(block.register_forward_hook(first_out(edit)))
+    elif component == "attn_out":
+        handles.append(module(hf, family, layer, p["attn"]).register_forward_hook(first_out(edit)))
+    elif component == "mlp_out":
+        handles.append(module(hf, family, layer, p["mlp"]).register_forward_hook(first_out(edit)))
+    elif component == "resid_mid":
+        seen = {}
+        handles.append(block.register_forward_pre_hook(lambda m, a: seen.update(x=a[0])))
+        handles.append(module(hf, family, layer, p["attn"]).register_forward_hook(
+            first_out(lambda a: edit(seen["x"] + a) - seen["x"])))
+    elif component == "mlp_act":
+        handles.append(module(hf, family, layer, p["down"]).register_forward_pre_hook(
+            lambda m, a: (edit(a[0]),) + a[1:]))
+    elif component == "head_out":
+        def pre(m, a):
+            B, S, _ = a[0].shape
+            return (edit(a[0].reshape(B, S, H, dh)).reshape(B, S, H * dh),) + a[1:]
+        handles.append(module(hf, family, layer, p["o"]).register_forward_pre_hook(pre))
+    elif family == "llama":
+        proj = module(hf, family, layer, f"self_attn.{component}_proj")
+        n = H if component == "q" else Hkv
+        handles.append(proj.register_forward_hook(
+            lambda m, a, out: edit(out.reshape(*out.shape[:2], n, dh)).reshape(out.shape)))
+    elif family == "gpt2":
+        i = "qkv".index(component)
+
+        def hook(m, a, out):
+            parts = list(out.split(H * dh, -1))
+            parts[i] = edit(parts[i].reshape(*out.shape[:2], H, dh)).reshape(parts[i].shape)
+            return torch.cat(parts, -1)
+        handles.append(module(hf, family, layer, "attn.c_attn").register_forward_hook(hook))
+    else:
+        i = "qkv".index(component)
+
+        def hook(m, a, out):
+            per_head = out.reshape(*out.shape[:2], H, 3 * dh)
+            parts = list(per_head.split(dh, -1))
+            parts[i] = edit(parts[i])
+            return torch.cat(parts, -1).reshape(out.shape)
+        handles.append(module(hf, family, layer, "attention.query_key_value").register_forward_hook(hook))
+    return handles
+
+
+def capture(hf, family, component, layer, inputs, cfg):
+    """The component's ``[B, S, ...]`` tensor in a clean run on ``inputs``."""
+    store = {}
+
+    def keep(t):
+        store["t"] = t.detach().clone()
+        return t
+
+    handles = install(hf, family, component, layer, keep, cfg)
+    try:
+        with torch.no_grad():
+            hf(**inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return store["t"]
+
+
+def run_with(hf, family, component, layer, inputs, edit, cfg):
+    handles = install(hf, family, component, layer, edit, cfg)
+    try:
+        return hf(**inputs).logits
+    finally:
+        for h in handles:
+            h.remove()

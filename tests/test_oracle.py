@@ -1,0 +1,170 @@
+"""Every component x op x position selector x padding side x family, against plain hooks."""
+
+import pytest
+import torch
+
+import reftgraph as rg
+from oracle import capture, encode, positions_of, real_positions, run_with
+
+FAMILIES = ("llama", "gpt2", "gpt_neox")
+COMPONENTS = rg.COMPONENTS
+OPS = ("patch", "add", "set", "zero", "mean", "resample", "collect")
+SELECTORS = ([0], [-2, 1], "last", "f2+l2", slice(1, None, 2), "all")
+BASE = ["the cat sat on it", "a dog"]
+SOURCE = ["my hat was on top", "a cow"]  # same lengths as BASE, row by row
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def lm(request):
+    return rg.models.tiny(request.param)
+
+
+def site_for(lm, component, selector, subspace):
+    head = None
+    if component in ("head_out", "q", "k", "v"):
+        head = (1, 0) if lm.arch.heads(component) > 1 else 0
+    return rg.Site(component, layer=1, positions=selector, head=head, subspace=subspace)
+
+
+def op_for(kind, width, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "patch":
+        return rg.Patch(source="source")
+    if kind == "add":
+        return rg.Add(torch.randn(width, generator=g), scale=1.5, trainable=True)
+    if kind == "set":
+        return rg.Set(torch.randn(width, generator=g), trainable=True)
+    if kind in ("zero", "mean", "resample"):
+        return rg.Ablate(kind, seed=3)
+    return rg.Collect()
+
+
+def derangement(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    shift = int(torch.randint(1, n, (1,), generator=g))
+    perm = torch.randperm(n, generator=g)
+    out = torch.empty_like(perm)
+    out[perm] = perm.roll(shift)
+    return out
+
+
+def oracle_edit(kind, op, site, base_mask, src_tensor, src_mask):
+    """An ``edit(t)`` for the oracle hooks, written with loops over rows and positions."""
+    base_real, src_real = real_positions(base_mask), real_positions(src_mask) if src_mask is not None else None
+    heads = list(site.head) if site.head is not None else None
+    dims = list(site.subspace) if site.subspace is not None else None
+
+    def cut(x):  # [..] at one position -> the op's view
+        x = x[heads] if heads is not None else x
+        return x[..., dims] if dims is not None else x
+
+    def paste(x, new):
+        x = x.clone()
+        if heads is None:
+            if dims is None:
+                return new.expand_as(x).clone()
+            x[..., dims] = new
+            return x
+        inner = x[heads]
+        if dims is None:
+            inner = new.expand_as(inner)
+        else:
+            inner[..., dims] = new
+        x[heads] = inner
+        return x
+
+    def edit(t):
+        slots = [(b, j, base_real[b][r]) for b in range(t.shape[0])
+                 for j, r in enumerate(positions_of(site.positions, len(base_real[b])))]
+        if kind == "mean":
+            mean = torch.stack([cut(t[b, p]) for b, _, p in slots]).mean(0)
+        if kind == "resample":
+            perm = derangement(t.shape[0], op.seed)
+        out = t.clone()
+        for b, j, p in slots:
+            cur = cut(t[b, p])
+            if kind == "patch":
+                r = positions_of(site.positions, len(src_real[b]))[j]
+                new = cut(src_tensor[b, src_real[b][r]])
+            elif kind == "add":
+                new = cur + op.scale * op.vector
+            elif kind == "set":
+                new = op.value
+            elif kind == "zero":
+                new = torch.zeros_like(cur)
+            elif kind == "mean":
+                new = mean
+            else:
+                q = perm[b]
+                new = cut(t[q, base_real[q][positions_of(site.positions, len(base_real[q]))[j]]])
+            out[b, p] = paste(t[b, p], new)
+        return out
+
+    return edit
+
+
+def compare_logits(ours, our_mask, ref, ref_mask):
+    for b, (rc, ro) in enumerate(zip(real_positions(our_mask), real_positions(ref_mask))):
+        torch.testing.assert_close(ours[b, rc], ref[b, ro], atol=ATOL, rtol=0)
+
+
+def check(lm, component, kind, selector, side, subspace=None):
+    family, cfg = lm.arch.family.name, lm.hf.config
+    if kind == "resample" and selector in ("all", slice(1, None, 2)):
+        selector = "f2+l2"  # resample takes the same slot of another row: equal counts per row
+    site = site_for(lm, component, selector, subspace)
+    width = len(subspace) if subspace else lm.arch.width(component)
+    op = op_for(kind, width)
+    g = rg.Graph()
+    g.add(site, op, name="n")
+    sources = {"source": SOURCE} if kind == "patch" else None
+    out = g.run(lm, BASE, sources=sources, padding_side=side)
+    base_inputs = encode(lm.tokenizer, BASE, side)
+    src_inputs = encode(lm.tokenizer, SOURCE, side)
+    src_tensor = capture(lm.hf, family, component, 1, src_inputs, cfg) if kind == "patch" else None
+    if kind == "collect":
+        clean = capture(lm.hf, family, component, 1, base_inputs, cfg)
+        for b, real in enumerate(real_positions(base_inputs["attention_mask"])):
+            rel = positions_of(selector, len(real))
+            want = clean[b, [real[r] for r in rel]]
+            if site.head is not None:
+                want = want[:, list(site.head)]
+            if subspace:
+                want = want[..., list(subspace)]
+            torch.testing.assert_close(out["n"][b, :len(rel)], want, atol=ATOL, rtol=0)
+            assert out.valid["n"][b].sum() == len(rel)
+        ref = lm.hf(**base_inputs).logits
+        compare_logits(out.logits, out.attention_mask[out.rows["base"]], ref, base_inputs["attention_mask"])
+        return True
+    edit = oracle_edit(kind, op, site, base_inputs["attention_mask"], src_tensor, src_inputs["attention_mask"])
+    weights = torch.randn(out.logits.shape[-1], generator=torch.Generator().manual_seed(1))
+    base_mask = out.attention_mask[out.rows["base"]]
+
+    def loss(logits, mask):
+        return sum((logits[b, r] * weights).sum() for b, r in enumerate(real_positions(mask)))
+
+    params = list(g.parameters())
+    ours_grad = torch.autograd.grad(loss(out.logits, base_mask), params) if params else ()
+    ref = run_with(lm.hf, family, component, 1, base_inputs, edit, cfg)
+    compare_logits(out.logits, base_mask, ref, base_inputs["attention_mask"])
+    if params:
+        ref_grad = torch.autograd.grad(loss(ref, base_inputs["attention_mask"]), params)
+        for a, b in zip(ours_grad, ref_grad):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-5)
+    # whether the edit changed anything (q at the first token, e.g., cannot)
+    return not torch.allclose(ref, lm.hf(**base_inputs).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("kind", OPS)
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_every_component_and_op(lm, component, kind, side):
+    changed = [check(lm, component, kind, selector, side) for selector in SELECTORS]
+    assert any(changed), "no selector changed the output: the oracle compared no-ops"
+
+
+@pytest.mark.parametrize("kind", ["patch", "add", "mean", "collect"])
+@pytest.mark.parametrize("component", ["resid_post", "mlp_act", "head_out", "k"])
+def test_subspace_dims(lm, component, kind):
+    assert check(lm, component, kind, "f2+l2", "left", subspace=(0, 3, 5))

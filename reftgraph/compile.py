@@ -203,7 +203,8 @@ def _edit(step: Step, b: Bound, full: torch.Tensor, source_value, collected: dic
     if op.collects:
         collected[step.node.name] = (sub, b.valid)
         return None
-    new = op(sub, source=src, valid=b.valid.to(h.device))
+    extra = {"subspace": step.node.site.subspace} if op.learned_basis else {}
+    new = op(sub, source=src, valid=b.valid.to(h.device), **extra)
     if dims is not None:
         new = h.index_copy(-1, dims, new.to(h.dtype))
     if step.heads is not None:

@@ -27,8 +27,16 @@ def site_for(lm, component, selector, subspace):
     return rg.Site(component, layer=1, positions=selector, head=head, subspace=subspace)
 
 
+REFT = ("LoReFT", "NoReFT", "DiReFT", "NoDiReFT", "ConsReFT", "LoBiReFT")
+
+
 def op_for(kind, width, seed=0):
     g = torch.Generator().manual_seed(seed)
+    if kind in REFT:
+        op = getattr(rg, kind)(width=width, rank=4, act="tanh" if "Di" in kind else "identity", seed=seed)
+        with torch.no_grad():  # a non-zero bias, so every variant's edit is visible
+            op.bias.normal_(generator=g)
+        return op
     if kind == "patch":
         return rg.Patch(source="source")
     if kind == "add":
@@ -53,7 +61,8 @@ def oracle_edit(kind, op, site, base_mask, src_tensor, src_mask):
     """An ``edit(t)`` for the oracle hooks, written with loops over rows and positions."""
     base_real, src_real = real_positions(base_mask), real_positions(src_mask) if src_mask is not None else None
     heads = list(site.head) if site.head is not None else None
-    dims = list(site.subspace) if site.subspace is not None else None
+    # a learned basis sees the whole width (its subspace = dims of its rank)
+    dims = list(site.subspace) if site.subspace is not None and kind not in REFT else None
 
     def cut(x):  # [..] at one position -> the op's view
         x = x[heads] if heads is not None else x
@@ -87,6 +96,8 @@ def oracle_edit(kind, op, site, base_mask, src_tensor, src_mask):
             if kind == "patch":
                 r = positions_of(site.positions, len(src_real[b]))[j]
                 new = cut(src_tensor[b, src_real[b][r]])
+            elif kind in REFT:
+                new = reft_math(op, cur, site.subspace)
             elif kind == "add":
                 new = cur + op.scale * op.vector
             elif kind == "set":
@@ -104,6 +115,22 @@ def oracle_edit(kind, op, site, base_mask, src_tensor, src_mask):
     return edit
 
 
+def reft_math(op, h, dims):
+    """The ReFT edits of the paper, written out."""
+    dims = list(range(op.rank)) if dims is None else list(dims)
+    rt = op.Rt()[:, dims]
+    b = op.bias[dims]
+    act = torch.tanh if op.act_name == "tanh" else (lambda x: x)
+    name = type(op).__name__
+    if name in ("LoReFT", "NoReFT"):
+        return h + (act(h @ op.weight[dims].T + b) - h @ rt) @ rt.T
+    if name in ("DiReFT", "NoDiReFT"):
+        return h + act(h @ op.weight[dims].T + b) @ rt.T
+    if name == "ConsReFT":
+        return h + (b - h @ rt) @ rt.T
+    return h + b @ rt.T
+
+
 def compare_logits(ours, our_mask, ref, ref_mask):
     for b, (rc, ro) in enumerate(zip(real_positions(our_mask), real_positions(ref_mask))):
         torch.testing.assert_close(ours[b, rc], ref[b, ro], atol=ATOL, rtol=0)
@@ -114,7 +141,7 @@ def check(lm, component, kind, selector, side, subspace=None):
     if kind == "resample" and selector in ("all", slice(1, None, 2)):
         selector = "f2+l2"  # resample takes the same slot of another row: equal counts per row
     site = site_for(lm, component, selector, subspace)
-    width = len(subspace) if subspace else lm.arch.width(component)
+    width = len(subspace) if subspace and kind not in REFT else lm.arch.width(component)
     op = op_for(kind, width)
     g = rg.Graph()
     g.add(site, op, name="n")
@@ -168,3 +195,18 @@ def test_every_component_and_op(lm, component, kind, side):
 @pytest.mark.parametrize("component", ["resid_post", "mlp_act", "head_out", "k"])
 def test_subspace_dims(lm, component, kind):
     assert check(lm, component, kind, "f2+l2", "left", subspace=(0, 3, 5))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("kind", REFT)
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_reft_ops(lm, component, kind, side):
+    changed = [check(lm, component, kind, selector, side) for selector in ("last", "f2+l2", [0, -2])]
+    assert any(changed)
+
+
+@pytest.mark.parametrize("kind", REFT)
+def test_reft_subspace_of_rank(lm, kind):
+    """dims (0, 2) of a rank-4 op: only those rows of R, W and b act (and get gradients)."""
+    assert check(lm, "resid_post", kind, "f2+l2", "left", subspace=(0, 2))
+    assert check(lm, "head_out", kind, "last", "right", subspace=(3,))

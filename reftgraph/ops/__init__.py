@@ -2,5 +2,9 @@
 
 from .base import Op
 from .basic import Ablate, Add, Collect, Patch, Set
+from .reft import REFT_OPS, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, ReFT
 
-__all__ = ["Op", "Ablate", "Add", "Collect", "Patch", "Set"]
+OPS = {cls.__name__: cls for cls in (Ablate, Add, Collect, Patch, Set, *REFT_OPS.values())}
+
+__all__ = ["OPS", "Op", "Ablate", "Add", "Collect", "Patch", "Set",
+           "ReFT", "LoReFT", "NoReFT", "DiReFT", "NoDiReFT", "ConsReFT", "LoBiReFT"]

@@ -16,7 +16,9 @@ class Op(nn.Module):
     of the source stream for ops that read one, and ``valid[B, k]`` (False where a row has
     fewer selected positions). For ops without a learned basis (``learned_basis = False``)
     a site's ``subspace`` dims are cut out before the op sees ``h``, so widths are
-    ``len(subspace)``. ``config()`` returns the constructor kwargs that rebuild the op.
+    ``len(subspace)``; ops with a learned basis get the full slice and ``subspace=`` (the
+    node's dims of their basis). ``config()`` returns the constructor kwargs that rebuild
+    the op (tensors live in its state dict).
     """
 
     learned_basis = False

@@ -1,0 +1,151 @@
+"""The ReFT family (Wu, Arora et al. 2024) as node ops.
+
+=========  =================================  ============
+op         edit                               R
+=========  =================================  ============
+LoReFT     ``h + R^T(act(W h + b) - R h)``    orthonormal
+NoReFT     ``h + R^T(act(W h + b) - R h)``    free
+DiReFT     ``h + R^T act(W h + b)``           orthonormal
+NoDiReFT   ``h + R^T act(W h + b)``           free
+ConsReFT   ``h + R^T(b - R h)``               orthonormal
+LoBiReFT   ``h + R^T b``                      orthonormal
+=========  =================================  ============
+
+>>> import torch, reftgraph as rg
+>>> op = rg.LoReFT(width=16, rank=4)
+>>> R = op.R()
+>>> torch.allclose(R @ R.T, torch.eye(4), atol=1e-5)
+True
+>>> op(torch.randn(2, 3, 16)).shape
+torch.Size([2, 3, 16])
+
+A node's ``subspace`` picks rows of R (and of W, b): dims ``(0, 1, 2, 3)`` of a rank-8
+LoReFT use and train only those four directions.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .base import Op
+
+ACTIVATIONS = {
+    "identity": nn.Identity,
+    "linear": nn.Identity,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+}
+
+
+def orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
+    """The Q of ``a = QR`` with R's diagonal made positive: unique, and ``a`` itself when
+    ``a`` already has orthonormal columns. Differentiable; a plain function, so modules
+    using it pickle and serialise (``torch.nn.utils.parametrizations`` do not)."""
+    q, r = torch.linalg.qr(a.float() if a.dtype in (torch.float16, torch.bfloat16) else a)
+    signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return (q * signs.unsqueeze(-2)).to(a.dtype)
+
+
+class ReFT(Op):
+    """Shared machinery: ``rotate`` is ``R^T`` (``[width, rank]``, pyreft's ``rotate_layer``),
+    ``weight``/``bias`` are W ``[rank, width]`` and b ``[rank]`` (pyreft's ``learned_source``)."""
+
+    learned_basis = True
+    orthogonal = True
+    uses_w = True      # act(W h + b) (else the learned bias b alone)
+    subtracts = True   # - R h
+
+    def __init__(self, width: int, rank: int = 4, act: str = "identity", dropout: float = 0.0,
+                 seed: Optional[int] = None):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)}")
+        if not 0 < rank <= width:
+            raise ValueError(f"rank must be in 1..{width} (the width), got {rank}")
+        self.width, self.rank, self.act_name, self.p_drop, self.seed = width, rank, act, dropout, seed
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        rotate = torch.empty(width, rank)
+        nn.init.orthogonal_(rotate, generator=g) if g is not None else nn.init.orthogonal_(rotate)
+        self.rotate = nn.Parameter(rotate)
+        if self.uses_w:
+            w = torch.empty(rank, width)
+            bound = 1 / width ** 0.5
+            nn.init.uniform_(w, -bound, bound, generator=g) if g is not None else nn.init.uniform_(w, -bound, bound)
+            self.weight = nn.Parameter(w)
+        self.bias = nn.Parameter(torch.zeros(rank))
+        self.act = ACTIVATIONS[act]()
+        self.dropout = nn.Dropout(dropout)
+
+    def config(self) -> dict:
+        return {"width": self.width, "rank": self.rank, "act": self.act_name, "dropout": self.p_drop,
+                "seed": self.seed}
+
+    def expected_width(self):
+        return self.width
+
+    def Rt(self, dims=None) -> torch.Tensor:
+        """``R^T`` (``[width, rank]`` or ``[width, len(dims)]``): orthonormal columns for the
+        ``Lo``/``Di``/``Cons``/``LoBi`` variants."""
+        rt = orthonormal_columns(self.rotate) if self.orthogonal else self.rotate
+        return rt if dims is None else rt[:, list(dims)]
+
+    def R(self, dims=None) -> torch.Tensor:
+        return self.Rt(dims).T
+
+    def forward(self, h, source=None, valid=None, subspace=None):
+        dims = None if subspace is None else list(subspace)
+        rt = self.Rt(dims).to(h.dtype)
+        b = (self.bias if dims is None else self.bias[dims]).to(h.dtype)
+        if self.uses_w:
+            w = (self.weight if dims is None else self.weight[dims]).to(h.dtype)
+            target = self.act(h @ w.T + b)
+        else:
+            target = b
+        if self.subtracts:
+            target = target - h @ rt
+        return h + self.dropout(target @ rt.T)
+
+
+class LoReFT(ReFT):
+    """``h + R^T(act(W h + b) - R h)``, R with orthonormal rows."""
+
+
+class NoReFT(ReFT):
+    """LoReFT without the orthonormality constraint on R."""
+
+    orthogonal = False
+
+
+class DiReFT(ReFT):
+    """``h + R^T act(W h + b)``: no ``- R h`` term."""
+
+    subtracts = False
+
+
+class NoDiReFT(DiReFT):
+    """DiReFT with R unconstrained."""
+
+    orthogonal = False
+
+
+class ConsReFT(ReFT):
+    """``h + R^T(b - R h)``: sets the subspace coordinates to the learned constant b."""
+
+    uses_w = False
+
+
+class LoBiReFT(ReFT):
+    """``h + R^T b``: a learned bias inside the subspace."""
+
+    uses_w = False
+    subtracts = False
+
+
+REFT_OPS = {cls.__name__: cls for cls in (LoReFT, NoReFT, DiReFT, NoDiReFT, ConsReFT, LoBiReFT)}

@@ -12,13 +12,14 @@ torch.Size([2, 1, 32])
 from . import models
 from .arch import Family, register_family
 from .graph import Graph, Node
+from .io import load_graph, save
 from .models import Model, load, wrap
-from .ops import Ablate, Add, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op, Patch, ReFT, Set
+from .ops import Ablate, Add, Classify, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op, Patch, ReFT, Set
 from .run import RunResult, run
 from .sites import COMPONENTS, Site, SiteError
 
 __all__ = [
-    "Ablate", "Add", "Collect", "COMPONENTS", "ConsReFT", "DiReFT", "LoBiReFT", "LoReFT", "NoDiReFT",
+    "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DiReFT", "LoBiReFT", "LoReFT", "NoDiReFT",
     "NoReFT", "ReFT", "Family", "Graph", "Model", "Node", "Op", "Patch",
-    "RunResult", "Set", "Site", "SiteError", "load", "models", "register_family", "run", "wrap",
+    "RunResult", "Set", "Site", "SiteError", "load", "load_graph", "models", "save", "register_family", "run", "wrap",
 ]

@@ -201,7 +201,7 @@ def _edit(step: Step, b: Bound, full: torch.Tensor, source_value, collected: dic
     if src is not None and dims is not None:
         src = src.index_select(-1, dims)
     if op.collects:
-        collected[step.node.name] = (sub, b.valid)
+        collected[step.node.name] = (op(sub, source=src, valid=b.valid.to(h.device)), b.valid)
         return None
     extra = {"subspace": step.node.site.subspace} if op.learned_basis else {}
     new = op(sub, source=src, valid=b.valid.to(h.device), **extra)

@@ -212,6 +212,12 @@ class Graph:
 
         return draw_graph(self, ax=ax)
 
+    def save(self, path, model=None):
+        """Write ``graph.json`` + ``weights.safetensors`` to ``path`` (see :mod:`reftgraph.io`)."""
+        from .io import save
+
+        return save(self, path, model)
+
     # -- running -------------------------------------------------------------
     def run(self, model, prompts, sources=None, **kwargs):
         """Run the graph on ``prompts`` (the base stream). See :func:`reftgraph.run.run`."""

@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .compile import Batch, apply, bind, compile_graph
+from .compile import Batch, Plan, apply, bind, compile_graph
 from .graph import Graph
 from .models import Model
 from .sites import SiteError
@@ -95,7 +95,7 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     A source with one prompt is used for every base row. Gradients flow to the graph's
     parameters when any requires grad (``grad=`` forces it on or off).
     """
-    model = model if isinstance(model, Model) else _wrap_guess(model)
+    model = as_model(model)
     plan = compile_graph(graph, model.arch)
     base = _as_list(prompts, "prompts")
     streams = {"base": base}
@@ -109,17 +109,10 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
         raise SiteError(f"sources {sorted(unused)} are not read by any node of the graph "
                         f"(streams it uses: {sorted(graph.streams)})")
     inputs, batch = tokenize(model, streams, padding_side)
-    bound = bind(plan, batch)
-    device = model.device
-    inputs = {k: v.to(device) for k, v in inputs.items()}
     if grad is None:
         grad = any(p.requires_grad for p in graph.parameters())
-    collected, out = {}, {}
     with torch.set_grad_enabled(grad):
-        with model.nn.trace(inputs):
-            apply(plan, bound, model.nn, collected)
-            out["logits"] = model.nn.output.logits
-    logits = out["logits"]
+        logits, collected = forward(plan, model, inputs, batch)
     last = batch.start + batch.length - 1
     return RunResult(
         logits=logits[batch.rows["base"]],
@@ -133,6 +126,22 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     )
 
 
-def _wrap_guess(model) -> Model:
-    raise SiteError(f"run() needs a reftgraph Model (rg.load(...), rg.wrap(hf_model, tokenizer)), "
-                    f"got {type(model).__name__}")
+def forward(plan: Plan, model: Model, inputs: dict, batch: Batch):
+    """One traced forward of ``inputs`` with the plan's edits: ``(logits, {name: (value, valid)})``.
+
+    Positions are bound (and checked) against ``batch`` before the model runs."""
+    bound = bind(plan, batch)
+    device = model.device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    collected, out = {}, {}
+    with model.nn.trace(inputs):
+        apply(plan, bound, model.nn, collected)
+        out["logits"] = model.nn.output.logits
+    return out["logits"], collected
+
+
+def as_model(model) -> Model:
+    if not isinstance(model, Model):
+        raise SiteError(f"expected a reftgraph Model (rg.load(...), rg.wrap(hf_model, tokenizer)), "
+                        f"got {type(model).__name__}")
+    return model

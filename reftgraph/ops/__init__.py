@@ -1,10 +1,10 @@
 """Node ops. Each is a ``torch.nn.Module`` acting on the selected slice of a site."""
 
 from .base import Op
-from .basic import Ablate, Add, Collect, Patch, Set
+from .basic import Ablate, Add, Classify, Collect, Patch, Set
 from .reft import REFT_OPS, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, ReFT
 
-OPS = {cls.__name__: cls for cls in (Ablate, Add, Collect, Patch, Set, *REFT_OPS.values())}
+OPS = {cls.__name__: cls for cls in (Ablate, Add, Classify, Collect, Patch, Set, *REFT_OPS.values())}
 
-__all__ = ["OPS", "Op", "Ablate", "Add", "Collect", "Patch", "Set",
+__all__ = ["OPS", "Op", "Ablate", "Add", "Classify", "Collect", "Patch", "Set",
            "ReFT", "LoReFT", "NoReFT", "DiReFT", "NoDiReFT", "ConsReFT", "LoBiReFT"]

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..sites import Site
 from .base import Op
 
 
@@ -30,7 +31,7 @@ class Patch(Op):
     def __init__(self, source: str = "source", site=None):
         super().__init__()
         self.source = source
-        self.site = site
+        self.site = Site.from_dict(site) if isinstance(site, dict) else site
 
     def config(self) -> dict:
         return {"source": self.source, "site": None if self.site is None else self.site.to_dict()}
@@ -126,3 +127,27 @@ class Collect(Op):
 
     def forward(self, h, source=None, valid=None):
         return h
+
+
+class Classify(Op):
+    """A classification head on the slice (``Linear(width, n_classes)``, mean over the
+    selected positions); collects its logits ``[B, n_classes]`` under the node's name.
+    Put it at ``resid_post[-1]`` with ``positions="last"`` for sequence classification."""
+
+    collects = True
+
+    def __init__(self, width: int, n_classes: int):
+        super().__init__()
+        self.width, self.n_classes = width, n_classes
+        self.head = nn.Linear(width, n_classes)
+
+    def config(self) -> dict:
+        return {"width": self.width, "n_classes": self.n_classes}
+
+    def expected_width(self):
+        return self.width
+
+    def forward(self, h, source=None, valid=None):
+        w = valid.to(h.dtype)[..., None]
+        pooled = (h * w).sum(1) / w.sum(1).clamp(min=1)
+        return self.head(pooled.to(self.head.weight.dtype))

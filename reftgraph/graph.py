@@ -224,3 +224,9 @@ class Graph:
         from .run import run
 
         return run(self, model, prompts, sources=sources, **kwargs)
+
+    def generate(self, model, prompts, max_new_tokens: int = 32, **kwargs):
+        """Generate with the graph's edits. See :func:`reftgraph.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, model, prompts, max_new_tokens=max_new_tokens, **kwargs)

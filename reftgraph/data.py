@@ -1,0 +1,112 @@
+"""Datasets and collation: prompt -> response pairs and classification rows.
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> data = rg.data.PromptResponse([("ab", "cd"), ("abcd", "e")])
+>>> inputs, batch, labels = rg.data.collate_lm(lm, data.prompts(lm), data.responses)
+>>> batch.length.tolist(), (labels != -100).sum(1).tolist()
+([2, 4], [3, 2])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from .compile import Batch
+
+IGNORE = -100
+Template = Union[None, str, Callable[[str], str]]
+
+
+def format_prompt(tokenizer, prompt: str, template: Template = None) -> str:
+    """``template``: None (as is), ``"chat"`` (the tokenizer's chat template, one user turn,
+    ready for the assistant's answer) or a function of the prompt."""
+    if template is None:
+        return prompt
+    if template == "chat":
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    if callable(template):
+        return template(prompt)
+    raise ValueError(f"template must be None, 'chat' or a function, got {template!r}")
+
+
+@dataclass
+class PromptResponse:
+    """Supervision pairs: the loss is on response tokens only."""
+
+    pairs: Sequence[tuple]
+    template: Template = None
+
+    def __post_init__(self):
+        self.pairs = [(str(p), str(r)) for p, r in self.pairs]
+        if not self.pairs:
+            raise ValueError("PromptResponse needs at least one (prompt, response) pair")
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def prompts(self, model) -> list:
+        return [format_prompt(model.tokenizer, p, self.template) for p, _ in self.pairs]
+
+    @property
+    def responses(self) -> list:
+        return [r for _, r in self.pairs]
+
+
+@dataclass
+class Classification:
+    """Texts with integer labels, for a graph holding one ``Classify`` node."""
+
+    texts: Sequence[str]
+    labels: Sequence[int]
+    template: Template = None
+
+    def __post_init__(self):
+        if len(self.texts) != len(self.labels) or not self.texts:
+            raise ValueError("Classification needs as many labels as texts, and at least one")
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def prompts(self, model) -> list:
+        return [format_prompt(model.tokenizer, t, self.template) for t in self.texts]
+
+
+def _pad(rows: list, value: int, side: str, width: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        r = torch.as_tensor(r, dtype=torch.long)
+        if side == "left":
+            out[i, width - len(r):] = r
+        else:
+            out[i, :len(r)] = r
+    return out
+
+
+def collate_lm(model, prompts: Sequence[str], responses: Optional[Sequence[str]] = None,
+               padding_side: str = "right", max_length: Optional[int] = None, eos: bool = True):
+    """Tokenize prompt + response rows: ``(inputs, Batch, labels)``.
+
+    Positions of graph nodes resolve against the *prompt* of each row (``Batch.length`` is
+    the prompt length); ``labels`` are the response tokens (``-100`` elsewhere)."""
+    tok = model.tokenizer
+    p_ids = [tok(p)["input_ids"] for p in prompts]
+    if responses is None:
+        r_ids = [[] for _ in prompts]
+    else:
+        r_ids = [tok(r, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
+                 for r in responses]
+    cut = slice(0, max_length)
+    rows = [(p + r)[cut] for p, r in zip(p_ids, r_ids)]
+    width = max(len(r) for r in rows)
+    ids = _pad(rows, tok.pad_token_id, padding_side, width)
+    mask = _pad([[1] * len(r) for r in rows], 0, padding_side, width)
+    labels = _pad([([IGNORE] * len(p) + r)[cut] for p, r in zip(p_ids, r_ids)], IGNORE, padding_side, width)
+    start = mask.argmax(1)
+    length = torch.tensor([min(len(p), len(r)) for p, r in zip(p_ids, rows)])
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+    return inputs, Batch({"base": slice(0, len(rows))}, start, length, width), labels

@@ -1,0 +1,194 @@
+"""Train a graph's parameters with the language model frozen.
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> g = rg.reft_graph(lm, layers=[1], positions="f1+l1", rank=2)
+>>> data = rg.data.PromptResponse([("ab", "cd"), ("abc", "d")])
+>>> history = rg.train(g, lm, data, epochs=2, batch_size=2, progress=False)
+>>> list(history.columns[:4])
+['epoch', 'step', 'loss', 'lr']
+
+AdamW with a linear schedule (warm-up, then decay to zero), gradient accumulation,
+a seeded data order, an evaluation callback, a checkpoint per epoch and an exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .compile import compile_graph
+from .data import Classification, PromptResponse, collate_lm
+from .graph import Graph
+from .io import _replace_dir, graph_state
+from .ops import Classify
+from .run import as_model, forward
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled (response) tokens."""
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
+
+
+def _classify_node(graph: Graph) -> str:
+    names = [n.name for n in graph.nodes if isinstance(n.op, Classify)]
+    if len(names) != 1:
+        raise ValueError(f"classification needs exactly one Classify node in the graph, found {names}")
+    return names[0]
+
+
+def _schedule(total: int, warmup: float):
+    n_warm = int(round(warmup * total)) if warmup < 1 else int(warmup)
+
+    def factor(step: int) -> float:
+        if step < n_warm:
+            return (step + 1) / n_warm
+        return max(0.0, (total - step) / max(1, total - n_warm))
+
+    return factor
+
+
+# -- checkpoints ---------------------------------------------------------------
+
+def _save_checkpoint(folder: Path, graph, model, optimizer, scheduler, state: dict) -> None:
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        spec, weights = graph_state(graph, model)
+        (tmp / "graph.json").write_text(json.dumps(spec, indent=1))
+        save_file(weights, str(tmp / "weights.safetensors"))
+        opt = optimizer.state_dict()
+        tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous()
+                   for i, s in opt["state"].items() for k, v in s.items()}
+        tensors["rng"] = torch.get_rng_state()
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        state = dict(state, param_groups=opt["param_groups"], scheduler=scheduler.state_dict())
+        (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def latest_checkpoint(checkpoint_dir) -> Optional[Path]:
+    """The newest complete ``epoch-N`` folder (folders appear only once fully written)."""
+    folders = sorted(Path(checkpoint_dir).glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
+    return folders[-1] if folders else None
+
+
+def _load_checkpoint(folder: Path, graph, optimizer, scheduler) -> dict:
+    weights = load_file(str(folder / "weights.safetensors"))
+    seen = {}
+    for node in graph.nodes:  # weights are keyed op0, op1, ... in node order of first use
+        if id(node.op) not in seen:
+            i = seen[id(node.op)] = len(seen)
+            node.op.load_state_dict({k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith(f"op{i}.")})
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state = json.loads((folder / "state.json").read_text())
+    opt_state = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, i, name = key.split(".", 2)
+            opt_state.setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng"])
+    return state
+
+
+# -- the loop ------------------------------------------------------------------
+
+def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr: float = 4e-3,
+          weight_decay: float = 0.0, warmup: float = 0.1, grad_accum: int = 1, seed: int = 0,
+          max_grad_norm: Optional[float] = 1.0, eval_fn: Optional[Callable] = None,
+          checkpoint_dir=None, resume: bool = False, progress: bool = True,
+          padding_side: str = "right", max_length: Optional[int] = None) -> pd.DataFrame:
+    """Train ``graph`` on ``data`` (:class:`PromptResponse` or :class:`Classification`).
+
+    Returns the history: one row per optimizer step (``epoch, step, loss, lr``) plus the
+    metrics ``eval_fn(graph, model, epoch) -> dict`` returns after each epoch. With
+    ``checkpoint_dir`` a checkpoint is written after every epoch; ``resume=True`` continues
+    from the newest one exactly (same data order, optimizer, schedule and random state).
+    """
+    model = as_model(model)
+    plan = compile_graph(graph, model.arch)
+    params = [p for p in graph.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the graph has no trainable parameters")
+    if any(p.requires_grad for p in model.hf.parameters()):
+        raise ValueError("the language model has trainable parameters; freeze it (rg.wrap freezes by default)")
+    classify = _classify_node(graph) if isinstance(data, Classification) else None
+    if not isinstance(data, (PromptResponse, Classification)):
+        raise TypeError("data must be reftgraph.data.PromptResponse or Classification")
+    prompts = data.prompts(model)
+    n = len(prompts)
+    batches_per_epoch = (n + batch_size - 1) // batch_size
+    total_steps = max(1, (batches_per_epoch * epochs) // grad_accum)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, warmup))
+    history, start_epoch, step = [], 0, 0
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        folder = latest_checkpoint(checkpoint_dir)
+        if folder is not None:
+            state = _load_checkpoint(folder, graph, optimizer, scheduler)
+            history, start_epoch, step = state["history"], state["epoch"] + 1, state["step"]
+    bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
+    graph.ops.train()
+    try:
+        for epoch in range(start_epoch, epochs):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+            optimizer.zero_grad(set_to_none=True)
+            running = []
+            for b in range(batches_per_epoch):
+                rows = order[b * batch_size:(b + 1) * batch_size]
+                loss = _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length)
+                (loss / grad_accum).backward()
+                running.append(float(loss.detach()))
+                if (b + 1) % grad_accum == 0 or b + 1 == batches_per_epoch:
+                    if max_grad_norm is not None:
+                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    history.append({"epoch": epoch, "step": step, "loss": sum(running) / len(running),
+                                    "lr": scheduler.get_last_lr()[0]})
+                    step += 1
+                    running = []
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
+            if eval_fn is not None:
+                graph.ops.eval()
+                with torch.no_grad():
+                    history[-1].update(eval_fn(graph, model, epoch) or {})
+                graph.ops.train()
+            if checkpoint_dir is not None:
+                _save_checkpoint(Path(checkpoint_dir) / f"epoch-{epoch}", graph, model, optimizer, scheduler,
+                                 {"epoch": epoch, "step": step, "history": history, "seed": seed})
+    finally:
+        bar.close()
+        graph.ops.eval()
+    return pd.DataFrame(history)
+
+
+def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length):
+    responses = None if classify else [data.responses[i] for i in rows]
+    inputs, batch, labels = collate_lm(model, [prompts[i] for i in rows], responses,
+                                       padding_side=padding_side, max_length=max_length)
+    logits, collected = forward(plan, model, inputs, batch)
+    if classify:
+        target = torch.tensor([data.labels[i] for i in rows], device=logits.device)
+        return torch.nn.functional.cross_entropy(collected[classify][0].float(), target)
+    return lm_loss(logits, labels)

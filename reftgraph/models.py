@@ -79,6 +79,20 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype=torch.float32, device="cpu"
     return wrap(hf_model, tokenizer, name=name_or_path)
 
 
+def is_default(name: str) -> bool:
+    return name.lower().split("/")[-1] == DEFAULT_MODEL
+
+
+def config_of(name_or_path: str):
+    """A model's config without loading its weights (for checks before a load)."""
+    from transformers import AutoConfig, LlamaConfig
+
+    if is_default(name_or_path):  # SmolLM2-135M-Instruct, without reading the GGUF file
+        return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                           num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
+    return AutoConfig.from_pretrained(name_or_path)
+
+
 def tiny_tokenizer():
     """A byte-level tokenizer (259 tokens: pad, bos, eos and the 256 bytes), built in memory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers

@@ -42,3 +42,28 @@ def draw_graph(graph, ax=None):
     ax.margins(0.2)
     ax.set_title(f"{len(graph)} nodes")
     return fig
+
+
+def plot_history(history, ax=None):
+    """The training curve: loss per optimizer step (and evaluation metrics, if any, per epoch)."""
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+    else:
+        fig = ax.figure
+    ax.plot(history["step"], history["loss"], label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    extra = [c for c in history.columns if c not in ("epoch", "step", "loss", "lr")]
+    if extra:
+        twin = ax.twinx()
+        for c in extra:
+            rows = history[history[c].notna()]
+            twin.plot(rows["step"], rows[c], "o--", label=c)
+        twin.set_ylabel(", ".join(extra))
+        twin.legend(loc="center right")
+    ax.legend(loc="upper right")
+    ax.set_title("training")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,123 @@
+"""Training specs for ``reftgraph train SPEC``: a YAML or JSON file, checked before any
+model loads. Every problem is one clear line (:class:`SpecError`).
+
+```yaml
+model: smollm2-135m-instruct
+graph: {layers: [3, 9, 15, 21], positions: f5+l5, rank: 4}
+data: {path: train.jsonl, template: chat}      # rows {"prompt", "response"} or {"text", "label"}
+train: {epochs: 10, batch_size: 8, lr: 0.004}
+output: out/my-graph
+```
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+SECTIONS = {
+    "model": None,
+    "graph": {"layers", "positions", "rank", "op", "component", "share_positions", "share_layers", "act",
+              "dropout", "seed"},
+    "data": {"path", "template", "eval_path"},
+    "train": {"epochs", "batch_size", "lr", "weight_decay", "warmup", "grad_accum", "seed", "max_grad_norm",
+              "max_length", "padding_side"},
+    "output": None,
+}
+REQUIRED = ("graph", "data")
+
+
+class SpecError(ValueError):
+    """A spec or data problem, reported as one line before the model loads."""
+
+
+def _unknown(key: str, valid, where: str) -> SpecError:
+    near = difflib.get_close_matches(key, sorted(valid), n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
+    return SpecError(f"unknown key {key!r} in {where}{hint}")
+
+
+def read_spec(path) -> dict:
+    """Read and check a spec file; relative data paths are resolved from the spec's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            spec = yaml.safe_load(text)
+        else:
+            spec = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is one line
+        raise SpecError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
+                        f"{str(e).splitlines()[0]}") from None
+    if not isinstance(spec, dict):
+        raise SpecError(f"{path}: the spec must be a mapping with keys {', '.join(SECTIONS)}")
+    for key, value in spec.items():
+        if key not in SECTIONS:
+            raise _unknown(key, SECTIONS, "the spec")
+        if SECTIONS[key] is not None:
+            if not isinstance(value, dict):
+                raise SpecError(f"'{key}' must be a mapping of {', '.join(sorted(SECTIONS[key]))}")
+            for sub in value:
+                if sub not in SECTIONS[key]:
+                    raise _unknown(sub, SECTIONS[key], f"'{key}'")
+    for key in REQUIRED:
+        if key not in spec:
+            raise SpecError(f"the spec has no '{key}' section")
+    if "path" not in spec["data"]:
+        raise SpecError("'data' needs a 'path' to a JSONL file")
+    for key in ("path", "eval_path"):
+        if key in spec["data"]:
+            p = Path(spec["data"][key])
+            spec["data"][key] = str(p if p.is_absolute() else path.parent / p)
+    spec.setdefault("model", "smollm2-135m-instruct")
+    spec.setdefault("output", str(path.parent / (path.stem + "-out")))
+    spec.setdefault("train", {})
+    return spec
+
+
+def read_rows(path) -> list:
+    """Rows of a JSONL file: ``{"prompt", "response"}`` or ``{"text", "label"}``, all of one kind."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"data file not found: {path}")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise SpecError(f"{path}:{i}: each line must be a JSON object")
+        if "prompt" in row:
+            if not str(row.get("response", "")).strip():
+                raise SpecError(f"{path}:{i}: the row has a prompt but no response")
+        elif "text" in row:
+            if not isinstance(row.get("label"), int):
+                raise SpecError(f"{path}:{i}: a classification row needs an integer 'label'")
+        else:
+            raise SpecError(f"{path}:{i}: a row needs 'prompt' and 'response' (or 'text' and 'label')")
+        rows.append(row)
+    if not rows:
+        raise SpecError(f"{path}: the dataset is empty")
+    if len({"prompt" in r for r in rows}) > 1:
+        raise SpecError(f"{path}: mixes prompt/response rows with text/label rows")
+    return rows
+
+
+def check_layers(spec: dict, n_layers: int) -> None:
+    layers = spec["graph"].get("layers", "all")
+    if layers == "all":
+        return
+    if not isinstance(layers, list) or not all(isinstance(x, int) for x in layers) or not layers:
+        raise SpecError(f"graph.layers must be 'all' or a list of ints, got {layers!r}")
+    bad = [x for x in layers if not -n_layers <= x < n_layers]
+    if bad:
+        raise SpecError(f"graph.layers: layer {bad[0]} out of range for {spec['model']} "
+                        f"(valid layers 0..{n_layers - 1})")

@@ -11,8 +11,8 @@ import torch
 
 import reftgraph as rg
 from reftgraph.compile import Batch, compile_graph
-from reftgraph.run import forward
-from reftgraph.train import lm_loss
+from reftgraph.runtime import forward
+from reftgraph.training import lm_loss
 
 from common import interleaved, report
 
@@ -36,10 +36,11 @@ def main():
     batch = Batch({"base": slice(0, B)}, torch.zeros(B, dtype=torch.long), torch.full((B,), S), S)
     plan = compile_graph(g, lm.arch)
     opt = torch.optim.AdamW(g.parameters(), lr=1e-3)
+    head = lm.hf.get_output_embeddings()  # both steps run the LM head on response tokens only
 
     def ours():
-        logits, _ = forward(plan, lm, inputs, batch)
-        lm_loss(logits, labels).backward()
+        hidden, _ = forward(plan, lm, inputs, batch, hidden=True)
+        lm_loss(hidden, labels, head).backward()
         opt.step()
         opt.zero_grad()
 
@@ -58,11 +59,11 @@ def main():
     def plain():
         handles = [lm.hf.model.layers[L].register_forward_hook(hook_for(L)) for L in layers]
         try:
-            logits = lm.hf(**inputs).logits
+            hidden = lm.hf.model(**inputs).last_hidden_state
         finally:
             for h in handles:
                 h.remove()
-        lm_loss(logits, labels).backward()
+        lm_loss(hidden, labels, head).backward()
         opt.step()
         opt.zero_grad()
 

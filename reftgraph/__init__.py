@@ -15,14 +15,15 @@ from .graph import Graph, Node
 from .io import load_graph, save
 from .models import Model, load, wrap
 from .ops import Ablate, Add, Classify, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op, Patch, ReFT, Set
-from .generate import Generation, generate
+from .generation import Generation, generate
+from .pyreft import from_pyreft
 from .reft import print_trainable_parameters, reft_graph
-from .run import RunResult, run
-from .train import train
+from .runtime import RunResult, run
+from .training import train
 from .sites import COMPONENTS, Site, SiteError
 
 __all__ = [
     "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DiReFT", "LoBiReFT", "LoReFT", "NoDiReFT",
     "NoReFT", "ReFT", "Family", "Generation", "Graph", "Model", "Node", "Op", "Patch",
-    "RunResult", "Set", "Site", "SiteError", "data", "generate", "load", "load_graph", "models", "save", "print_trainable_parameters", "reft_graph", "register_family", "run", "train", "wrap",
+    "RunResult", "Set", "Site", "SiteError", "data", "from_pyreft", "generate", "load", "load_graph", "models", "save", "print_trainable_parameters", "reft_graph", "register_family", "run", "train", "wrap",
 ]

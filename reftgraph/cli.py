@@ -49,7 +49,7 @@ def train_cmd(args) -> int:
 
     from .plot import plot_history
     from .spec import check_layers, read_spec
-    from .train import latest_checkpoint
+    from .training import latest_checkpoint
 
     spec = read_spec(args.spec)
     dataset = _dataset(spec)

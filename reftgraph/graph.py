@@ -220,13 +220,13 @@ class Graph:
 
     # -- running -------------------------------------------------------------
     def run(self, model, prompts, sources=None, **kwargs):
-        """Run the graph on ``prompts`` (the base stream). See :func:`reftgraph.run.run`."""
-        from .run import run
+        """Run the graph on ``prompts`` (the base stream). See :func:`reftgraph.runtime.run`."""
+        from .runtime import run
 
         return run(self, model, prompts, sources=sources, **kwargs)
 
     def generate(self, model, prompts, max_new_tokens: int = 32, **kwargs):
-        """Generate with the graph's edits. See :func:`reftgraph.generate.generate`."""
-        from .generate import generate
+        """Generate with the graph's edits. See :func:`reftgraph.generation.generate`."""
+        from .generation import generate
 
         return generate(self, model, prompts, max_new_tokens=max_new_tokens, **kwargs)

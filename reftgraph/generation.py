@@ -25,7 +25,7 @@ import torch
 from .compile import Batch, apply, bind, compile_graph
 from .data import Template, format_prompt
 from .graph import Graph
-from .run import _as_list, as_model, tokenize
+from .runtime import _as_list, as_model, tokenize
 from .sites import SiteError
 
 

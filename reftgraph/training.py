@@ -31,13 +31,20 @@ from .data import Classification, PromptResponse, collate_lm
 from .graph import Graph
 from .io import _replace_dir, graph_state
 from .ops import Classify
-from .run import as_model, forward
+from .runtime import as_model, forward
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over labelled (response) tokens."""
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, head=None) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled (response) tokens.
+
+    With ``head`` (the model's output embedding), ``logits`` are final hidden states and
+    the head runs on the labelled positions only."""
+    targets = labels[:, 1:].to(logits.device)
+    keep = targets != -100
+    scores = logits[:, :-1][keep]
+    if head is not None:
+        scores = head(scores)
+    return torch.nn.functional.cross_entropy(scores.float(), targets[keep])
 
 
 def _classify_node(graph: Graph) -> str:
@@ -187,8 +194,8 @@ def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_le
     responses = None if classify else [data.responses[i] for i in rows]
     inputs, batch, labels = collate_lm(model, [prompts[i] for i in rows], responses,
                                        padding_side=padding_side, max_length=max_length)
-    logits, collected = forward(plan, model, inputs, batch)
+    value, collected = forward(plan, model, inputs, batch, hidden=True)
     if classify:
-        target = torch.tensor([data.labels[i] for i in rows], device=logits.device)
+        target = torch.tensor([data.labels[i] for i in rows], device=value.device)
         return torch.nn.functional.cross_entropy(collected[classify][0].float(), target)
-    return lm_loss(logits, labels)
+    return lm_loss(value, labels, head=model.hf.get_output_embeddings())

@@ -126,18 +126,27 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     )
 
 
-def forward(plan: Plan, model: Model, inputs: dict, batch: Batch):
+def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool = False):
     """One traced forward of ``inputs`` with the plan's edits: ``(logits, {name: (value, valid)})``.
 
-    Positions are bound (and checked) against ``batch`` before the model runs."""
+    Positions are bound (and checked) against ``batch`` before the model runs. With
+    ``hidden=True`` the first value is the final hidden state ``[B, S, d]`` (after the
+    final norm) and the language-model head runs on the last position only: a loss on
+    a few positions then pays for those alone (see :func:`reftgraph.train.lm_loss`)."""
     bound = bind(plan, batch)
     device = model.device
     inputs = {k: v.to(device) for k, v in inputs.items()}
+    if hidden:
+        inputs["logits_to_keep"] = 1
+    trunk = getattr(model.nn, model.arch.family.layers.split(".")[0])
     collected, out = {}, {}
     with model.nn.trace(inputs):
         apply(plan, bound, model.nn, collected)
-        out["logits"] = model.nn.output.logits
-    return out["logits"], collected
+        if hidden:
+            out["value"] = trunk.output[0]
+        else:
+            out["value"] = model.nn.output.logits
+    return out["value"], collected
 
 
 def as_model(model) -> Model:

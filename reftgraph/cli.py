@@ -111,7 +111,6 @@ def generate_cmd(args) -> int:
     lm = rg.load(name)
     g = rg.load_graph(folder, model=lm)
     kw = dict(max_new_tokens=args.max_new_tokens, template=None if args.no_template else "chat")
-    torch.set_grad_enabled(False)
     plain = rg.Graph().generate(lm, prompts, **kw).texts
     steered = g.generate(lm, prompts, **kw).texts
     for p, a, b in zip(prompts, plain, steered):
@@ -167,8 +166,8 @@ def demo(args) -> int:
     out = Path(args.output)
     lm = rg.load(args.model)
     print(f"loaded {lm} in {time.time() - t0:.1f}s")
-    torch.set_grad_enabled(False)
-    _patching_table(lm)
+    with torch.no_grad():
+        _patching_table(lm)
 
     train_pairs, held_out = datasets.caps()
     train_pairs = train_pairs[: args.examples]
@@ -182,8 +181,7 @@ def demo(args) -> int:
     rg.print_trainable_parameters(g, lm)
     data = rg.data.PromptResponse(train_pairs, template="chat")
     t1 = time.time()
-    with torch.enable_grad():
-        history = rg.train(g, lm, data, epochs=args.epochs, batch_size=8, lr=args.lr, seed=0)
+    history = rg.train(g, lm, data, epochs=args.epochs, batch_size=8, lr=args.lr, seed=0)
     train_s = time.time() - t1
     after = g.generate(lm, prompts, **gen).texts
     rate_before = sum(map(datasets.is_caps, before)) / len(prompts)

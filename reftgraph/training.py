@@ -154,6 +154,8 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
             history, start_epoch, step = state["history"], state["epoch"] + 1, state["step"]
     bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     graph.ops.train()
+    grad_before = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)  # also when called under torch.no_grad()
     try:
         for epoch in range(start_epoch, epochs):
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
@@ -185,6 +187,7 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
                 _save_checkpoint(Path(checkpoint_dir) / f"epoch-{epoch}", graph, model, optimizer, scheduler,
                                  {"epoch": epoch, "step": step, "history": history, "seed": seed})
     finally:
+        torch.set_grad_enabled(grad_before)
         bar.close()
         graph.ops.eval()
     return pd.DataFrame(history)

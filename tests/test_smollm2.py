@@ -80,3 +80,16 @@ def test_multi_path_graph_runs_in_one_pass(lm):
         bad = rg.Graph()
         bad.add(rg.Site("k", layer=0, head=9), rg.Collect())
         bad.run(lm, "x")
+
+
+def test_loreft_teaches_a_new_behaviour(lm):
+    """A rank-4 LoReFT at 4 layers, trained on 90 self-made examples, makes the model answer
+    in capitals on held-out questions (the base model never does). Takes a few minutes."""
+    from reftgraph.cli import caps_experiment
+
+    r = caps_experiment(lm, progress=False)
+    print(f"capitals: before {r['rate_before']:.0%}, after {r['rate_after']:.0%}, "
+          f"{r['train_seconds']:.0f}s training")
+    assert r["rate_before"] <= 0.05
+    assert r["rate_after"] >= 0.8
+    assert r["graph"].num_parameters() == 4 * 2 * (2 * 4 * 576 + 4)

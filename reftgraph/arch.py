@@ -95,6 +95,20 @@ def family_for(config) -> Family:
     raise SiteError(_unknown_family_message(model_type))
 
 
+def _in_features(model, family: Family) -> Optional[int]:
+    """The input width of the MLP's down projection, read off the module (Linear or GPT-2's Conv1D)."""
+    module = model
+    try:
+        for part in f"{family.layers}.0.{family.mlp_down}".split("."):
+            module = module[int(part)] if part.isdigit() else getattr(module, part)
+    except (AttributeError, IndexError, TypeError):
+        return None
+    if hasattr(module, "in_features"):
+        return module.in_features
+    weight = getattr(module, "weight", None)
+    return None if weight is None else weight.shape[0]  # Conv1D stores [in, out]
+
+
 def _first(raw):
     return raw[0] if isinstance(raw, tuple) else raw
 
@@ -132,7 +146,7 @@ class Arch:
         d_model = config.hidden_size
         n_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or d_model // n_heads
-        d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
+        d_mlp = _in_features(model, family) or getattr(config, "intermediate_size", None) or 4 * d_model
         return cls(family, config.num_hidden_layers, d_model, n_heads,
                    getattr(config, "num_key_value_heads", None) or n_heads, head_dim, d_mlp)
 

@@ -75,7 +75,14 @@ def _check_site(node: Node, site: Site, arch: Arch, what: str = "") -> tuple[int
 
 def _slice_width(node: Node, site: Site, arch: Arch) -> int:
     width = arch.width(site.component)
-    if site.subspace is None or node.op.learned_basis:
+    if site.subspace is None:
+        return width
+    if node.op.learned_basis:
+        size = node.op.basis_size()
+        bad = [d for d in site.subspace if d >= size]
+        if bad:
+            raise SiteError(f"{_where(node)}subspace dim {bad[0]} beyond the rank of {type(node.op).__name__} "
+                            f"({size}: valid dims 0..{size - 1})")
         return width
     bad = [d for d in site.subspace if d >= width]
     if bad:

@@ -25,7 +25,7 @@ import torch
 from .compile import Batch, apply, bind, compile_graph
 from .data import Template, format_prompt
 from .graph import Graph
-from .runtime import _as_list, as_model, tokenize
+from .runtime import _as_list, as_model, inference_mode, tokenize
 from .sites import SiteError
 
 
@@ -78,7 +78,7 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     out, scratch = {}, {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached.*")
-        with torch.no_grad(), model.nn.generate(**kwargs) as tracer:
+        with torch.no_grad(), inference_mode(graph), model.nn.generate(**kwargs) as tracer:
             with tracer.invoke(gen_inputs):
                 apply(prompt_plan, prompt_bound, model.nn, scratch)
                 if step_plan.steps:

@@ -47,8 +47,18 @@ class Node:
 
 
 def _order(site: Site) -> tuple:
-    """Model-agnostic forward order (negative layers are sorted by the compiled plan)."""
-    return (site.layer, STAGES[site.component])
+    """Model-agnostic forward order; negative layers (counted from the end) sort after
+    non-negative ones (the compiled plan orders them exactly)."""
+    layer = site.layer if site.layer >= 0 else 10**6 + site.layer
+    return (layer, STAGES[site.component])
+
+
+def _positions_overlap(a, b) -> bool:
+    """False only when both are explicit ints of one sign with no common entry."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        if all(p >= 0 for p in a + b) or all(p < 0 for p in a + b):
+            return bool(set(a) & set(b))
+    return True
 
 
 def _overlap(a, b) -> bool:
@@ -106,8 +116,8 @@ class Graph:
         stream, site = b.reads
         if a.op.collects or a.stream != stream:
             return False
-        if (a.site.layer < 0) != (site.layer < 0):
-            return True  # order unknown until compiled against a model: keep the edge
+        # a patch reading another place reads it after every edit there, whatever the insertion order
+        same_place_ok = same_place_ok or (b.op.source is not None and _order(site) != _order(b.site))
         return _order(a.site) < _order(site) or (same_place_ok and _order(a.site) == _order(site))
 
     # -- access --------------------------------------------------------------
@@ -148,8 +158,8 @@ class Graph:
                     f"({self[a.name].site} and {a.site}); rename one"
                 )
             for b in self.nodes:
-                same_place = (a.stream, a.site.component, a.site.layer, a.site.positions) == (
-                    b.stream, b.site.component, b.site.layer, b.site.positions)
+                same_place = (a.stream, a.site.component, a.site.layer) == (
+                    b.stream, b.site.component, b.site.layer) and _positions_overlap(a.site.positions, b.site.positions)
                 if (same_place and not (a.op.collects or b.op.collects)
                         and _overlap(a.site.head, b.site.head) and _overlap(a.site.subspace, b.site.subspace)):
                     raise SiteError(

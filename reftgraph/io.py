@@ -109,8 +109,17 @@ def load_graph(path, model=None) -> Graph:
     for name in ("graph.json", "weights.safetensors"):
         if not (path / name).is_file():
             raise SiteError(f"{path} is not a saved graph: {name} is missing")
-    spec = json.loads((path / "graph.json").read_text())
-    graph = build_graph(spec, load_file(str(path / "weights.safetensors")))
+    try:
+        spec = json.loads((path / "graph.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SiteError(f"{path / 'graph.json'} is not valid JSON ({e})") from None
+    try:
+        tensors = load_file(str(path / "weights.safetensors"))
+    except Exception as e:  # noqa: BLE001 - truncated or not a safetensors file
+        raise SiteError(f"{path / 'weights.safetensors'} cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(spec, dict):
+        raise SiteError(f"{path / 'graph.json'}: expected a JSON object")
+    graph = build_graph(spec, tensors)
     if model is not None:
         check_fits(graph, spec.get("model"), model)
     return graph

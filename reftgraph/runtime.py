@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
@@ -111,7 +112,7 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     inputs, batch = tokenize(model, streams, padding_side)
     if grad is None:
         grad = any(p.requires_grad for p in graph.parameters())
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(grad), inference_mode(graph):
         logits, collected = forward(plan, model, inputs, batch)
     last = batch.start + batch.length - 1
     return RunResult(
@@ -147,6 +148,18 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
         else:
             out["value"] = model.nn.output.logits
     return out["value"], collected
+
+
+@contextlib.contextmanager
+def inference_mode(graph: Graph):
+    """Ops in eval mode (no dropout) for a run, their previous mode restored after."""
+    modes = [m.training for m in graph.ops.modules()]
+    graph.ops.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(graph.ops.modules(), modes):
+            m.training = mode
 
 
 def as_model(model) -> Model:

@@ -114,6 +114,11 @@ class Site:
                 raise SiteError(f"subspace must be distinct non-negative dims, got {self.subspace!r}")
             object.__setattr__(self, "subspace", dims)
 
+    def __hash__(self) -> int:  # slices are unhashable before Python 3.12
+        p = self.positions
+        key = ("slice", p.start, p.stop, p.step) if isinstance(p, slice) else p
+        return hash((self.component, self.layer, key, self.head, self.subspace))
+
     @property
     def is_head(self) -> bool:
         return self.component in HEAD_COMPONENTS

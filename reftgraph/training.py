@@ -15,7 +15,7 @@ a seeded data order, an evaluation callback, a checkpoint per epoch and an exact
 from __future__ import annotations
 
 import json
-import os
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -78,6 +78,9 @@ def _save_checkpoint(folder: Path, graph, model, optimizer, scheduler, state: di
         tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous()
                    for i, s in opt["state"].items() for k, v in s.items()}
         tensors["rng"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            for i, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"cuda_rng.{i}"] = state
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = dict(state, param_groups=opt["param_groups"], scheduler=scheduler.state_dict())
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
@@ -110,6 +113,9 @@ def _load_checkpoint(folder: Path, graph, optimizer, scheduler) -> dict:
     optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(tensors["rng"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda_rng.")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
     return state
 
 
@@ -140,7 +146,8 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
     prompts = data.prompts(model)
     n = len(prompts)
     batches_per_epoch = (n + batch_size - 1) // batch_size
-    total_steps = max(1, (batches_per_epoch * epochs) // grad_accum)
+    steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)  # a partial group at the end steps too
+    total_steps = steps_per_epoch * epochs
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, warmup))
@@ -164,7 +171,8 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
             for b in range(batches_per_epoch):
                 rows = order[b * batch_size:(b + 1) * batch_size]
                 loss = _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length)
-                (loss / grad_accum).backward()
+                group = min(grad_accum, batches_per_epoch - (b // grad_accum) * grad_accum)
+                (loss / group).backward()
                 running.append(float(loss.detach()))
                 if (b + 1) % grad_accum == 0 or b + 1 == batches_per_epoch:
                     if max_grad_norm is not None:

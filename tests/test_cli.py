@@ -96,3 +96,24 @@ def test_bad_specs_give_one_line_and_exit_2(case, message, tmp_path, tiny_path, 
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_ctrl_c_keeps_the_last_checkpoint_and_says_how_to_resume(spec, tmp_path, capsys, monkeypatch):
+    import reftgraph.training as training
+
+    real, calls = training._batch_loss, []
+
+    def interrupt_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 0 has two batches; stop in the middle of epoch 1
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_batch_loss", interrupt_in_second_epoch)
+    assert main(["train", str(spec)]) == 130
+    err = capsys.readouterr().err
+    assert "epoch-0" in err and f"reftgraph train {spec} --resume" in err
+    assert not (tmp_path / "out" / "checkpoints" / "epoch-1").exists()
+    monkeypatch.setattr(training, "_batch_loss", real)
+    assert main(["train", str(spec), "--resume"]) == 0
+    assert (tmp_path / "out" / "checkpoints" / "epoch-1" / "state.json").is_file()

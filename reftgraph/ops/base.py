@@ -28,6 +28,10 @@ class Op(nn.Module):
     def config(self) -> dict:
         return {}
 
+    def basis_size(self) -> Optional[int]:
+        """For ops with a learned basis: how many dims it has (subspace dims index these)."""
+        return None
+
     def expected_width(self) -> Optional[int]:
         """The last-dim width this op needs, or None when any width fits."""
         return None

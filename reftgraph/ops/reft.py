@@ -90,6 +90,9 @@ class ReFT(Op):
     def expected_width(self):
         return self.width
 
+    def basis_size(self):
+        return self.rank
+
     def Rt(self, dims=None) -> torch.Tensor:
         """``R^T`` (``[width, rank]`` or ``[width, len(dims)]``): orthonormal columns for the
         ``Lo``/``Di``/``Cons``/``LoBi`` variants."""

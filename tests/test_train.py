@@ -1,0 +1,257 @@
+"""``rg.train``: loss goes down, the history and its lr schedule, gradient accumulation, a frozen
+language model, exact resume, eval callbacks, classification, padding sides and errors."""
+
+import hashlib
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import reftgraph as rg
+
+PAIRS = [("ab", "x"), ("cd", "y"), ("ef", "z"), ("gh", "w")]
+EQUAL = [("abc", "de"), ("fgh", "ij"), ("klm", "no"), ("pqr", "st")]  # equal prompt and response lengths
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threads only spin (up to 50x slower on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return rg.models.tiny("llama")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """``tiny(family, **config)``: tiny random models, built once per module."""
+    cache = {}
+
+    def build(family: str, **overrides):
+        key = (family, tuple(sorted(overrides.items())))
+        if key not in cache:
+            cache[key] = rg.models.tiny(family, **overrides)
+        return cache[key]
+
+    return build
+
+
+def fingerprint(model) -> dict:
+    tensors = dict(model.hf.named_parameters())
+    tensors.update({f"buffer:{k}": v for k, v in model.hf.named_buffers()})
+    return {k: hashlib.sha256(v.detach().cpu().contiguous().numpy().tobytes()).hexdigest() for k, v in tensors.items()}
+
+
+def params(g) -> dict:
+    return {k: v.detach().clone() for k, v in g.ops.named_parameters()}
+
+
+# -- (1) memorisation, history, schedule, (3) frozen model ----------------------------------
+
+@pytest.fixture(scope="module")
+def memorised(tiny):
+    """Memorise 4 one-token responses. A random tiny model with the default init (std 0.02) has
+    near-uniform logits that no edit of a normalised residual can sharpen, so this one uses a
+    larger init."""
+    model = tiny("llama", initializer_range=0.5)
+    g = rg.reft_graph(model, layers="all", positions="all", rank=8)
+    before = fingerprint(model)
+    grads_before = [p.requires_grad for p in model.hf.parameters()]
+    history = rg.train(g, model, rg.data.PromptResponse(PAIRS), epochs=12, batch_size=4, lr=0.1, warmup=0.25,
+                       progress=False)
+    return dict(model=model, graph=g, history=history, before=before, after=fingerprint(model),
+                grads_before=grads_before)
+
+
+def test_loss_goes_down(memorised):
+    loss = memorised["history"]["loss"]
+    assert loss.iloc[-1] < 0.25 * loss.iloc[0]
+    assert np.isfinite(loss).all()
+
+
+def test_history_one_row_per_step(memorised):
+    h = memorised["history"]
+    assert isinstance(h, pd.DataFrame)
+    assert list(h.columns[:4]) == ["epoch", "step", "loss", "lr"]
+    assert len(h) == 12  # 4 rows, batch 4, 12 epochs: one optimizer step per epoch
+    assert h["step"].tolist() == list(range(12))
+    assert h["epoch"].tolist() == list(range(12))
+
+
+def test_lr_schedule_linear_warmup_then_decay_to_zero(memorised):
+    lr = memorised["history"]["lr"].to_numpy() / 0.1
+    peak = int(np.argmax(lr))
+    assert peak >= 1, "no warm-up"
+    assert lr[peak] == pytest.approx(1.0)
+    rise = np.diff(lr[:peak + 1])
+    assert (rise > 0).all() and np.allclose(rise, rise[0]), lr  # linear warm-up
+    end_of_peak = peak + int(np.sum(np.isclose(lr[peak:], 1.0))) - 1
+    fall = np.diff(lr[end_of_peak:])
+    assert (fall < 0).all() and np.allclose(fall, fall[0]), lr  # linear decay ...
+    assert lr[-1] == pytest.approx(0.0, abs=1e-12)              # ... to zero
+
+
+def test_language_model_untouched(memorised):
+    assert memorised["before"] == memorised["after"]
+    model = memorised["model"]
+    assert not any(p.requires_grad for p in model.hf.parameters())
+    assert memorised["grads_before"] == [p.requires_grad for p in model.hf.parameters()]
+    assert not model.hf.training
+    assert not memorised["graph"].ops.training  # the graph is back in eval mode
+
+
+# -- (2) gradient accumulation --------------------------------------------------------------
+
+def test_grad_accum_matches_bigger_batch(lm):
+    data = rg.data.PromptResponse(EQUAL)
+    graphs = [rg.reft_graph(lm, layers="all", positions="f1+l1", rank=4, seed=0) for _ in range(2)]
+    start = params(graphs[0])
+    h_acc = rg.train(graphs[0], lm, data, epochs=2, batch_size=2, grad_accum=2, lr=1e-2, progress=False)
+    h_big = rg.train(graphs[1], lm, data, epochs=2, batch_size=4, grad_accum=1, lr=1e-2, progress=False)
+    assert len(h_acc) == len(h_big) == 2
+    np.testing.assert_allclose(h_acc["loss"], h_big["loss"], atol=1e-5)
+    np.testing.assert_allclose(h_acc["lr"], h_big["lr"])
+    acc, big = params(graphs[0]), params(graphs[1])
+    moved = {k.split(".")[0] for k in acc if (acc[k] - start[k]).abs().max() > 1e-3}
+    # L1_first (the last layer's output at the first token) reaches no labelled token: no gradient
+    assert moved == {"L0_first", "L0_last", "L1_last"}
+    for k in acc:
+        torch.testing.assert_close(acc[k], big[k], atol=1e-5, rtol=0)
+
+
+def test_partial_accumulation_group_still_gets_a_learning_rate(lm):
+    g = rg.reft_graph(lm, layers=[0], positions="last", rank=2, seed=0)
+    data = rg.data.PromptResponse(EQUAL[:3])
+    h = rg.train(g, lm, data, epochs=1, batch_size=1, grad_accum=2, warmup=0.0, progress=False)
+    assert len(h) == 2  # batches [0, 1] then the partial group [2]
+    assert h["lr"].iloc[0] > 0  # the lr the second (last) step uses
+    assert h["lr"].iloc[-1] == pytest.approx(0.0)
+
+
+# -- (4) exact resume, (5) eval_fn ------------------------------------------------------------
+
+class Interrupted(Exception):
+    pass
+
+
+def test_exact_resume_and_eval_fn(lm, tmp_path):
+    """A 2-epoch run interrupted after epoch 0 (its checkpoint written), resumed in a fresh graph,
+    ends bit-identical to the straight 2-epoch run: data order, AdamW moments, the lr schedule
+    and the dropout random state all continue."""
+    data = rg.data.PromptResponse(PAIRS)
+
+    def build():
+        return rg.reft_graph(lm, layers="all", positions="f1+l1", rank=4, dropout=0.3, seed=0)
+
+    calls = []
+
+    def eval_fn(graph, model, epoch):
+        calls.append((epoch, graph.ops.training, torch.is_grad_enabled(), model is lm))
+        return {"metric": 10.0 + epoch}
+
+    kw = dict(epochs=2, batch_size=2, lr=2e-2, warmup=0.25, progress=False)
+    straight = build()
+    h_straight = rg.train(straight, lm, data, eval_fn=eval_fn, **kw)
+
+    # (5) eval_fn: once per epoch, eval mode, no grad; its dict lands on the epoch's last row
+    assert calls == [(0, False, False, True), (1, False, False, True)]
+    assert len(h_straight) == 4 and h_straight["epoch"].tolist() == [0, 0, 1, 1]
+    assert h_straight["metric"].isna().tolist() == [True, False, True, False]
+    assert h_straight["metric"].dropna().tolist() == [10.0, 11.0]
+
+    def crash_at_1(graph, model, epoch):
+        if epoch == 1:
+            raise Interrupted
+        return eval_fn(graph, model, epoch)
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupted):
+        rg.train(build(), lm, data, eval_fn=crash_at_1, checkpoint_dir=ckpt, **kw)
+    assert sorted(os.listdir(ckpt)) == ["epoch-0"]  # epoch 1 never finished: no checkpoint, no temp folder
+    assert {"graph.json", "weights.safetensors"} <= set(os.listdir(ckpt / "epoch-0"))
+    assert set(rg.load_graph(ckpt / "epoch-0", model=lm).dag) == set(straight.dag)
+
+    resumed = build()
+    h_resumed = rg.train(resumed, lm, data, eval_fn=eval_fn, checkpoint_dir=ckpt, resume=True, **kw)
+    assert sorted(os.listdir(ckpt)) == ["epoch-0", "epoch-1"]
+    a, b = params(straight), params(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    pd.testing.assert_frame_equal(h_straight, h_resumed, check_exact=True)
+
+    # resuming a finished run changes nothing
+    h_again = rg.train(resumed, lm, data, eval_fn=eval_fn, checkpoint_dir=ckpt, resume=True, **kw)
+    pd.testing.assert_frame_equal(h_straight, h_again, check_exact=True)
+    for k, v in params(resumed).items():
+        assert torch.equal(v, b[k])
+
+
+# -- (6) classification -----------------------------------------------------------------------
+
+def test_classification_learns_first_letter(lm):
+    texts = ["a" + m + "." for m in "pqrs"] + ["b" + m + "." for m in "pqrs"]
+    labels = [0] * 4 + [1] * 4
+    g = rg.reft_graph(lm, layers="all", positions="f1+l1", rank=8, seed=0)
+    torch.manual_seed(0)
+    g.add(rg.Site("resid_post", layer=-1, positions="last"), rg.Classify(width=32, n_classes=2), name="cls")
+    h = rg.train(g, lm, rg.data.Classification(texts, labels), epochs=8, batch_size=8, lr=5e-2,
+                 progress=False)
+    assert h["loss"].iloc[-1] < 0.8 * h["loss"].iloc[0]
+    logits = g.run(lm, texts)["cls"]
+    assert logits.shape == (8, 2)
+    accuracy = (logits.argmax(-1) == torch.tensor(labels)).float().mean().item()
+    assert accuracy >= 0.9
+
+
+# -- (7) padding sides ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
+def test_padding_side_does_not_change_the_loss(tiny, family):
+    model = tiny(family)
+    data = rg.data.PromptResponse([("a", "bc"), ("defgh", "i"), ("jk", "lmnop")])
+    losses = {}
+    for side in ("left", "right"):
+        g = rg.reft_graph(model, layers="all", positions="f1+l1", rank=4, seed=0)
+        h = rg.train(g, model, data, epochs=1, batch_size=3, padding_side=side, progress=False)
+        losses[side] = h["loss"].iloc[0]
+    assert losses["left"] == pytest.approx(losses["right"], abs=1e-5)
+
+
+# -- (8) errors -------------------------------------------------------------------------------
+
+def test_errors(lm):
+    data = rg.data.PromptResponse(PAIRS)
+    collect_only = rg.Graph()
+    collect_only.add(rg.Site("resid_post", layer=0, positions="last"), rg.Collect(), name="c")
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        rg.train(collect_only, lm, data, progress=False)
+    frozen = rg.reft_graph(lm, layers=[0], positions="last", rank=2).freeze()
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        rg.train(frozen, lm, data, progress=False)
+
+    g = rg.reft_graph(lm, layers=[0], positions="last", rank=2)
+    unfrozen = rg.models.tiny("llama")
+    unfrozen.hf.requires_grad_(True)
+    with pytest.raises(ValueError, match="freeze"):
+        rg.train(g, unfrozen, data, progress=False)
+
+    with pytest.raises(ValueError, match="Classify"):
+        rg.train(g, lm, rg.data.Classification(["a", "b"], [0, 1]), progress=False)
+    with pytest.raises(TypeError, match="PromptResponse"):
+        rg.train(g, lm, PAIRS, progress=False)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        rg.train(g, lm, data, resume=True, progress=False)
+    with pytest.raises(rg.SiteError):
+        rg.train(g, lm.hf, data, progress=False)
+    with pytest.raises(ValueError):
+        rg.data.PromptResponse([])
+    with pytest.raises(ValueError):
+        rg.data.Classification(["a", "b"], [0])

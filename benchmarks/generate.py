@@ -12,8 +12,10 @@ import reftgraph as rg
 
 from common import interleaved, report
 
-PROMPTS = ["What is the capital of France?", "Name three colours.", "Why is the sky blue?",
-           "How do bees make honey?"]
+PROMPTS = ["What is the capital of France, and what is it famous for?",
+           "Name three colours of the rainbow and say where rainbows come from.",
+           "Why is the sky blue during the day and red at sunset?",
+           "How do bees make honey, and why do they need it in winter?"]  # >= 10 tokens each (f5+l5)
 
 
 def main():

@@ -2,6 +2,21 @@ import os
 import sys
 
 import matplotlib
+import pytest
+import torch
 
 matplotlib.use("Agg")
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread(request):
+    """Tiny models run on one thread: with tiny tensors intra-op threads only spin (up to
+    50x slower on a busy 2-core machine). Real-model tests keep every thread."""
+    if request.module.__name__.split(".")[-1] in ("test_smollm2", "test_hub"):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 
+import reftgraph as rg
 from reftgraph import hub
 from reftgraph.hub import load_pretrained
 
@@ -218,17 +219,10 @@ def test_missing_package_says_how_to_install(tmp_path, monkeypatch):
 
 
 def _tiny_tokenizer(pad=True):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2}
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[ch] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    extra = {"pad_token": "<pad>"} if pad else {}
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", **extra)
+    tok = rg.models.tiny_tokenizer()
+    if not pad:
+        tok.pad_token = None
+    return tok
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

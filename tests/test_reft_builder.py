@@ -17,13 +17,6 @@ FREE = ("NoReFT", "NoDiReFT")
 WITH_W = ("LoReFT", "NoReFT", "DiReFT", "NoDiReFT")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only spin (up to 50x slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def per_op(name: str, r: int, d: int) -> int:

@@ -15,13 +15,6 @@ PAIRS = [("ab", "x"), ("cd", "y"), ("ef", "z"), ("gh", "w")]
 EQUAL = [("abc", "de"), ("fgh", "ij"), ("klm", "no"), ("pqr", "st")]  # equal prompt and response lengths
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only spin (up to 50x slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -10,37 +10,47 @@ from __future__ import annotations
 
 import matplotlib
 
-from .arch import STAGES
-
 
 def draw_graph(graph, ax=None):
-    """Nodes laid out by layer (x; stage within the layer as a fraction) and stream (y),
-    coloured by stream; edges are "reads from" arrows."""
+    """Nodes in forward order along x (one column per layer and component, ticks name the
+    layer) and one row per stream, coloured by stream; arrows are "reads from" edges."""
     import matplotlib.pyplot as plt
     import networkx as nx
 
+    from .graph import _order
+
+    nodes = graph.nodes
+    columns = sorted({_order(n.site) for n in nodes})
     if ax is None:
-        fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(graph) + 2), 3))
+        fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(columns) + 2), 1.6 + 1.4 * len(graph.streams)))
     else:
         fig = ax.figure
     streams = sorted(graph.streams, key=lambda s: (s != "base", s))
     colours = matplotlib.colormaps["tab10"]
     pos, seen = {}, {}
-    for node in graph.nodes:
-        x = node.site.layer + STAGES[node.site.component] / 10
-        y = -streams.index(node.stream)
+    for node in nodes:
+        x, y = columns.index(_order(node.site)), -streams.index(node.stream)
         k = seen.get((x, y), 0)
         seen[(x, y)] = k + 1
-        pos[node.name] = (x, y - 0.25 * k)
-    colour = [colours(streams.index(n.stream) % 10) for n in graph.nodes]
-    labels = {n.name: f"{n.name}\n{type(n.op).__name__}\n{n.site.component}[{n.site.layer}]" for n in graph.nodes}
-    nx.draw_networkx(graph.dag, pos, ax=ax, labels=labels, node_color=colour, node_size=1400,
-                     font_size=7, arrows=True, edge_color="grey")
-    ax.set_xlabel("layer")
+        pos[node.name] = (x, y - 0.3 * k)
+    colour = [colours(streams.index(n.stream) % 10) for n in nodes]
+    labels = {n.name: f"{n.name}\n{type(n.op).__name__}\n{str(n.site).split(' pos=')[0]}" for n in nodes}
+    nx.draw_networkx_nodes(graph.dag, pos, ax=ax, node_color=colour, node_size=900, alpha=0.35)
+    nx.draw_networkx_labels(graph.dag, pos, ax=ax, labels=labels, font_size=7)
+    nx.draw_networkx_edges(graph.dag, pos, ax=ax, edge_color="grey", arrows=True, node_size=900,
+                           connectionstyle="arc3,rad=0.2")
+    layer_of = {}
+    for n in nodes:
+        layer_of.setdefault(columns.index(_order(n.site)), n.site.layer)
+    ax.set_xticks(range(len(columns)), [str(layer_of[i]) for i in range(len(columns))])
+    ax.set_xlabel("layer (forward order)")
     ax.set_yticks([-i for i in range(len(streams))], streams)
     ax.tick_params(left=True, bottom=True, labelleft=True, labelbottom=True)
-    ax.margins(0.2)
-    ax.set_title(f"{len(graph)} nodes")
+    ax.margins(0.15, 0.35)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(f"{len(graph)} nodes, {graph.num_parameters():,d} trainable parameters")
+    fig.tight_layout()
     return fig
 
 

@@ -200,8 +200,8 @@ def _gather(full: torch.Tensor, index: torch.Tensor, heads: Optional[torch.Tenso
 def _edit(step: Step, b: Bound, full: torch.Tensor, source_value, collected: dict) -> Optional[torch.Tensor]:
     """The full ``[N, S, ...]`` tensor after ``step``'s edit (None when it only collects)."""
     op = step.node.op
-    whole = full.flatten(0, 1)[b.index]              # [B, k, (H,) w]
-    h = whole if step.heads is None else whole.index_select(2, step.heads.to(whole.device))
+    whole = _gather(full, b.index, None)             # [B, k, (H,) w]
+    h = whole if step.heads is None else _gather(full, b.index, step.heads)
     dims = None if step.dims is None else step.dims.to(h.device)
     sub = h if dims is None else h.index_select(-1, dims)
     src = source_value

@@ -45,11 +45,9 @@ class Generation:
 def _split(graph: Graph):
     prompt, steps = [], []
     for node in graph.nodes:
-        if node.op.source is not None and node.op.source not in ("base",):
+        if node.stream != "base" or node.reads[0] != "base":
             raise SiteError(f"node {node.name!r} at {node.site}: generation runs the base stream only; "
                             "patch from sources with run()")
-        if node.stream != "base":
-            raise SiteError(f"node {node.name!r} at {node.site}: generation runs the base stream only")
         if node.site.positions != "generated":
             prompt.append(node)
         if node.site.positions in ("generated", "all"):

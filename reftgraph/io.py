@@ -14,6 +14,7 @@ an interrupted save leaves the previous graph (or nothing), never half a graph.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -36,21 +37,28 @@ def _model_info(model) -> dict:
     return {"name": model.name, "family": a.family.name, "d_model": a.d_model, "n_layers": a.n_layers}
 
 
+def unique_ops(graph: Graph) -> list:
+    """The graph's ops, each once, in order of first use: op ``i`` is saved as ``op{i}.*``."""
+    return list({id(n.op): n.op for n in graph.nodes}.values())
+
+
 def graph_state(graph: Graph, model=None) -> tuple[dict, dict]:
     """``(spec, tensors)``: the JSON-able description and the weights (shared ops once)."""
-    op_ids, ops, tensors = {}, [], {}
-    nodes = []
-    for node in graph.nodes:
-        key = id(node.op)
-        if key not in op_ids:
-            op_ids[key] = len(ops)
-            ops.append({"type": type(node.op).__name__, "config": node.op.config()})
-            for name, t in node.op.state_dict().items():
-                tensors[f"op{op_ids[key]}.{name}"] = t.detach().cpu().contiguous()
-        nodes.append({"name": node.name, "site": node.site.to_dict(), "stream": node.stream, "op": op_ids[key]})
+    ops = unique_ops(graph)
+    index = {id(op): i for i, op in enumerate(ops)}
+    tensors = {f"op{i}.{name}": t.detach().cpu().contiguous()
+               for i, op in enumerate(ops) for name, t in op.state_dict().items()}
+    nodes = [{"name": n.name, "site": n.site.to_dict(), "stream": n.stream, "op": index[id(n.op)]}
+             for n in graph.nodes]
     spec = {"format": FORMAT, "version": VERSION, "model": None if model is None else _model_info(model),
-            "ops": ops, "nodes": nodes}
+            "ops": [{"type": type(op).__name__, "config": op.config()} for op in ops], "nodes": nodes}
     return spec, tensors
+
+
+def load_weights(graph: Graph, tensors: dict) -> None:
+    """Load ``op{i}.*`` tensors (as :func:`graph_state` writes them) into the graph's ops."""
+    for i, op in enumerate(unique_ops(graph)):
+        op.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"op{i}.")})
 
 
 def build_graph(spec: dict, tensors: dict) -> Graph:
@@ -86,20 +94,33 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
-def save(graph: Graph, path, model=None) -> Path:
-    """Write ``graph`` to the directory ``path`` (replacing it atomically)."""
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` by renames,
+    on any failure it is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    spec, tensors = graph_state(graph, model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        (tmp / "graph.json").write_text(json.dumps(spec, indent=1))
-        save_file(tensors, str(tmp / "weights.safetensors"), metadata={"format": FORMAT})
+        yield tmp
         _replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
+
+
+def write_graph(folder: Path, graph: Graph, model=None) -> None:
+    """``graph.json`` and ``weights.safetensors`` into an existing folder."""
+    spec, tensors = graph_state(graph, model)
+    (folder / "graph.json").write_text(json.dumps(spec, indent=1))
+    save_file(tensors, str(folder / "weights.safetensors"), metadata={"format": FORMAT})
+
+
+def save(graph: Graph, path, model=None) -> Path:
+    """Write ``graph`` to the directory ``path`` (replacing it atomically)."""
+    with atomic_dir(path) as tmp:
+        write_graph(tmp, graph, model)
+    return Path(path)
 
 
 def load_graph(path, model=None) -> Graph:

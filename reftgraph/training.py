@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -29,7 +27,7 @@ from tqdm.auto import tqdm
 from .compile import compile_graph
 from .data import Classification, PromptResponse, collate_lm
 from .graph import Graph
-from .io import _replace_dir, graph_state
+from .io import atomic_dir, load_weights, write_graph
 from .ops import Classify
 from .runtime import as_model, forward
 
@@ -68,12 +66,8 @@ def _schedule(total: int, warmup: float):
 # -- checkpoints ---------------------------------------------------------------
 
 def _save_checkpoint(folder: Path, graph, model, optimizer, scheduler, state: dict) -> None:
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        spec, weights = graph_state(graph, model)
-        (tmp / "graph.json").write_text(json.dumps(spec, indent=1))
-        save_file(weights, str(tmp / "weights.safetensors"))
+    with atomic_dir(folder) as tmp:
+        write_graph(tmp, graph, model)
         opt = optimizer.state_dict()
         tensors = {f"state.{i}.{k}": v.detach().cpu().contiguous()
                    for i, s in opt["state"].items() for k, v in s.items()}
@@ -84,10 +78,6 @@ def _save_checkpoint(folder: Path, graph, model, optimizer, scheduler, state: di
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         state = dict(state, param_groups=opt["param_groups"], scheduler=scheduler.state_dict())
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=float))
-        _replace_dir(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def latest_checkpoint(checkpoint_dir) -> Optional[Path]:
@@ -97,12 +87,7 @@ def latest_checkpoint(checkpoint_dir) -> Optional[Path]:
 
 
 def _load_checkpoint(folder: Path, graph, optimizer, scheduler) -> dict:
-    weights = load_file(str(folder / "weights.safetensors"))
-    seen = {}
-    for node in graph.nodes:  # weights are keyed op0, op1, ... in node order of first use
-        if id(node.op) not in seen:
-            i = seen[id(node.op)] = len(seen)
-            node.op.load_state_dict({k.split(".", 1)[1]: v for k, v in weights.items() if k.startswith(f"op{i}.")})
+    load_weights(graph, load_file(str(folder / "weights.safetensors")))
     tensors = load_file(str(folder / "optimizer.safetensors"))
     state = json.loads((folder / "state.json").read_text())
     opt_state = {}

@@ -9,7 +9,7 @@
 torch.Size([2, 1, 32])
 """
 
-from . import data, models
+from . import data, models, patching
 from .arch import Family, register_family
 from .graph import Graph, Node
 from .io import load_graph, save
@@ -25,5 +25,5 @@ from .sites import COMPONENTS, Site, SiteError
 __all__ = [
     "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DiReFT", "LoBiReFT", "LoReFT", "NoDiReFT",
     "NoReFT", "ReFT", "Family", "Generation", "Graph", "Model", "Node", "Op", "Patch",
-    "RunResult", "Set", "Site", "SiteError", "data", "from_pyreft", "generate", "load", "load_graph", "models", "save", "print_trainable_parameters", "reft_graph", "register_family", "run", "train", "wrap",
+    "RunResult", "Set", "Site", "SiteError", "data", "patching", "from_pyreft", "generate", "load", "load_graph", "models", "save", "print_trainable_parameters", "reft_graph", "register_family", "run", "train", "wrap",
 ]

@@ -5,7 +5,7 @@ metric compares.
 >>> lm = rg.models.tiny("llama")
 >>> data = rg.patching.Counterfactual(["ab c", "xy z"], ["ab d", "xy w"], correct=["c", "z"], wrong=["d", "w"])
 >>> len(data), data.answer_ids(lm)[0].tolist()
-(2, [102, 125])
+(2, [69, 92])
 """
 
 from __future__ import annotations

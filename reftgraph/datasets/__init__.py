@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .ioi import ioi
+
 HERE = Path(__file__).parent
 
 

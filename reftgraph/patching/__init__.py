@@ -7,6 +7,6 @@
 
 from .data import Counterfactual
 from .metrics import METRICS, Reference, kl, logit_diff, loss, prob, restoration
-from .sweep import sweep
+from .sweeps import sweep
 
 __all__ = ["Counterfactual", "METRICS", "Reference", "kl", "logit_diff", "loss", "prob", "restoration", "sweep"]

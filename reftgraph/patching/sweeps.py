@@ -47,6 +47,7 @@ class Runs:
     base_logits: torch.Tensor
     source_logits: torch.Tensor
     ref: Reference
+    source_values: dict   # (component, layer, position) -> ([B, k, ...], valid)
 
 
 def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "resid_pre",
@@ -68,12 +69,12 @@ def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "r
     components = [component] if isinstance(component, str) else list(component)
     metric_name, metric_fn = get_metric(metric)
     conditions = {c: _conditions(model, data, c, layers, positions, heads) for c in components}
-    runs = base_and_source_runs(model, data)
+    runs = base_and_source_runs(model, data, conditions)
     base = metric_fn(runs.base_logits, runs.ref).mean().item()
     source = metric_fn(runs.source_logits, runs.ref).mean().item()
     frames = []
     for c in components:
-        values = patched_values(model, data, runs, c, conditions[c], metric_fn, memory_mb)
+        values = patched_values(model, runs, c, conditions[c], metric_fn, memory_mb)
         df = pd.DataFrame([{"component": c, "layer": layer, "position": pos, "token": tok, "head": head}
                            for layer, pos, tok, head in conditions[c]])
         df["metric"], df["value"] = metric_name, values
@@ -130,37 +131,31 @@ def _lengths(model, data) -> torch.Tensor:
     return torch.tensor([[len(ids) for ids in tok(prompts)["input_ids"]] for prompts in (data.base, data.source)])
 
 
-def base_and_source_runs(model, data: Counterfactual) -> Runs:
-    """Run the base (with its cache and block inputs) and the source, both unpatched."""
+def base_and_source_runs(model, data: Counterfactual, conditions: dict) -> Runs:
+    """Run the base (keeping its cache and block inputs) and the source (collecting the
+    activations every condition of ``{component: conditions}`` reads), both unpatched."""
     inputs, _ = tokenize(model, {"base": data.base}, "left")
-    src_inputs, _ = tokenize(model, {"source": data.source}, "left")
-    device = model.device
     with torch.no_grad():
-        out = model.hf(**{k: v.to(device) for k, v in inputs.items()}, use_cache=True, output_hidden_states=True)
-        src = model.hf(**{k: v.to(device) for k, v in src_inputs.items()}, logits_to_keep=1)
-    cache = getattr(out, "cache", None) or out.past_key_values
-    correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
-    ref = Reference(correct, wrong, src.logits[:, -1])
-    return Runs(inputs, cache, out.hidden_states, out.logits[:, -1], src.logits[:, -1], ref)
-
-
-def _source_values(model, data, component, layers, positions) -> dict:
-    """The source run's activation at each (layer, position) of a sweep: ``[B, k, ...]``."""
+        out = model.hf(**{k: v.to(model.device) for k, v in inputs.items()}, use_cache=True,
+                       output_hidden_states=True)
     g = Graph()
-    for layer in layers:
-        for pos in positions:
-            g.add(Site(component, layer, positions=pos if pos == "all" else (pos,)), Collect(), name=f"{layer}/{pos}")
-    inputs, batch = tokenize(model, {"base": data.source}, "left")
+    for component, conds in conditions.items():
+        for layer, pos in dict.fromkeys((c[0], c[1]) for c in conds):
+            g.add(Site(component, layer, positions=pos if pos == "all" else (pos,)), Collect(),
+                  name=f"{component}/{layer}/{pos}")
+    src_inputs, batch = tokenize(model, {"base": data.source}, "left")
     with torch.no_grad():
-        _, collected = forward(compile_graph(g, model.arch), model, inputs, batch)
-    return {tuple(k.split("/")): v for k, v in collected.items()}
+        src_logits, collected = forward(compile_graph(g, model.arch), model, src_inputs, batch)
+    correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
+    ref = Reference(correct, wrong, src_logits[:, -1])
+    values = {tuple(k.split("/")): v for k, v in collected.items()}
+    cache = getattr(out, "cache", None) or out.past_key_values
+    return Runs(inputs, cache, out.hidden_states, out.logits[:, -1], src_logits[:, -1], ref, values)
 
 
-def patched_values(model, data, runs: Runs, component: str, conditions: list, metric_fn, memory_mb: float) -> list:
+def patched_values(model, runs: Runs, component: str, conditions: list, metric_fn, memory_mb: float) -> list:
     """The metric's mean over rows for each condition, in order (see :func:`sweep`)."""
-    layers = sorted({c[0] for c in conditions})
     positions = list(dict.fromkeys(c[1] for c in conditions))
-    src = _source_values(model, data, component, layers, positions)
     mask = runs.inputs["attention_mask"]
     n_rows, seq = mask.shape
     start = mask.argmax(1)
@@ -171,14 +166,15 @@ def patched_values(model, data, runs: Runs, component: str, conditions: list, me
     per_row = _row_bytes(model, seq)
     max_rows = max(1, int(memory_mb * 2**20 // per_row))
     values = [None] * len(conditions)
-    order = sorted(range(len(conditions)), key=lambda i: (conditions[i][0], first[conditions[i][1]]))
+    # one forward per (layer, first patched token): each row computes only the tokens it changes
+    key = (lambda i: (conditions[i][0], first[conditions[i][1]]))
+    order = sorted(range(len(conditions)), key=key)
     chunk = []
     for i in order + [None]:
-        if chunk and (i is None or conditions[i][0] != conditions[chunk[0]][0]
-                      or (len(chunk) + 1) * n_rows > max_rows):
+        if chunk and (i is None or key(i) != key(chunk[0]) or (len(chunk) + 1) * n_rows > max_rows):
             conds = [conditions[j] for j in chunk]
             keep = min(first[c[1]] for c in conds)
-            logits = _run_chunk(model, runs, component, conds, src, index, keep)
+            logits = _run_chunk(model, runs, component, conds, index, keep)
             scores = metric_fn(logits, runs.ref.repeat(len(conds))).view(n_rows, len(conds)).mean(0)
             for j, v in zip(chunk, scores.tolist()):
                 values[j] = v
@@ -196,7 +192,7 @@ def _row_bytes(model, seq: int) -> int:
     return size * (cache + acts + model.hf.config.vocab_size)
 
 
-def _run_chunk(model, runs: Runs, component: str, conds: list, src: dict, index: dict, keep: int) -> torch.Tensor:
+def _run_chunk(model, runs: Runs, component: str, conds: list, index: dict, keep: int) -> torch.Tensor:
     """One forward for the conditions of one layer: rows ordered (data row, condition).
     Tokens before ``keep`` come from the base cache; layers below the patched one are skipped."""
     arch, layer = model.arch, conds[0][0]
@@ -211,6 +207,7 @@ def _run_chunk(model, runs: Runs, component: str, conds: list, src: dict, index:
         cache.crop(keep - seq)
         cache.batch_repeat_interleave(n_cond)
         inputs["cache"] = cache
+    src = {k[1:]: v for k, v in runs.source_values.items() if k[0] == component}
     width = src[(str(layer), str(conds[0][1]))][0].shape[2:]
     value = torch.zeros(n_rows, n_cond, seq - keep, *width)
     where = torch.zeros(n_rows, n_cond, seq - keep, *width[:-1], 1, dtype=torch.bool)

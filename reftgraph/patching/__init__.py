@@ -7,6 +7,8 @@
 
 from .data import Counterfactual
 from .metrics import METRICS, Reference, kl, logit_diff, loss, prob, restoration
+from .paths import path_graph, path_patch, path_sweep
+from .plot import heatmap
 from .sweeps import sweep
 
-__all__ = ["Counterfactual", "METRICS", "Reference", "kl", "logit_diff", "loss", "prob", "restoration", "sweep"]
+__all__ = ["Counterfactual", "METRICS", "Reference", "kl", "logit_diff", "loss", "prob", "restoration", "sweep", "heatmap", "path_graph", "path_patch", "path_sweep"]

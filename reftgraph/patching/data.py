@@ -77,6 +77,10 @@ class Counterfactual:
                               None if self.wrong is None else pick(self.wrong),
                               pick(self.meta) if self.meta else [])
 
+    def swap(self) -> "Counterfactual":
+        """Base and source exchanged (one source stream); the answers stay."""
+        return Counterfactual(self.source, self.base, self.correct, self.wrong, self.meta)
+
     def answer_ids(self, model) -> tuple:
         """``(correct [B], wrong [B] or None)`` token ids; each answer must be one token."""
         if self.correct is None:

@@ -166,22 +166,44 @@ def patched_values(model, runs: Runs, component: str, conditions: list, metric_f
     per_row = _row_bytes(model, seq)
     max_rows = max(1, int(memory_mb * 2**20 // per_row))
     values = [None] * len(conditions)
-    # one forward per (layer, first patched token): each row computes only the tokens it changes
-    key = (lambda i: (conditions[i][0], first[conditions[i][1]]))
-    order = sorted(range(len(conditions)), key=key)
-    chunk = []
-    for i in order + [None]:
-        if chunk and (i is None or key(i) != key(chunk[0]) or (len(chunk) + 1) * n_rows > max_rows):
+    for layer in sorted({c[0] for c in conditions}):
+        todo = sorted((i for i, c in enumerate(conditions) if c[0] == layer), key=lambda i: -first[conditions[i][1]])
+        tokens = [seq - first[conditions[i][1]] for i in todo]  # tokens each condition recomputes
+        for lo, hi in _groups(tokens, n_rows, max_rows):
+            chunk = todo[lo:hi]
             conds = [conditions[j] for j in chunk]
-            keep = min(first[c[1]] for c in conds)
-            logits = _run_chunk(model, runs, component, conds, index, keep)
+            logits = _run_chunk(model, runs, component, conds, index, seq - tokens[hi - 1])
             scores = metric_fn(logits, runs.ref.repeat(len(conds))).view(n_rows, len(conds)).mean(0)
             for j, v in zip(chunk, scores.tolist()):
                 values[j] = v
-            chunk = []
-        if i is not None:
-            chunk.append(i)
     return values
+
+
+FORWARD_COST = 64  # a forward's fixed cost, in row-tokens: small batches are less efficient
+
+
+def _groups(tokens: list, n_rows: int, max_rows: int) -> list:
+    """Split conditions (sorted by the tokens they recompute, ascending) into forwards that
+    minimise ``sum(FORWARD_COST + rows * longest)``, at most ``max_rows`` rows each.
+
+    >>> _groups([1, 2, 3, 8], n_rows=16, max_rows=1000)
+    [(0, 3), (3, 4)]
+    """
+    n = len(tokens)
+    best = [0.0] + [float("inf")] * n   # best[j]: cost of the first j conditions
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j - 1, -1, -1):
+            if (j - i) * n_rows > max_rows and j - i > 1:
+                break
+            cost = best[i] + FORWARD_COST + (j - i) * n_rows * tokens[j - 1]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], n
+    while j:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]
 
 
 def _row_bytes(model, seq: int) -> int:

@@ -93,3 +93,24 @@ def test_loreft_teaches_a_new_behaviour(lm):
     assert r["rate_before"] <= 0.05
     assert r["rate_after"] >= 0.8
     assert r["graph"].num_parameters() == 4 * 2 * (2 * 4 * 576 + 4)
+
+
+def test_ioi_sweep_finds_the_name_and_the_end_position(lm):
+    """Indirect-object identification: the clean task is solved; restoring resid_pre at the
+    last position restores the answer in the late layers only, and at the second subject
+    name (position -5) only before the information moves to the end."""
+    from reftgraph.datasets import ioi
+
+    data = ioi(8, seed=1)
+    df = rg.patching.sweep(lm, data, "resid_pre", layers=[0, 12, 29], positions=[-5, -1])
+    assert df.attrs["source"] > 3 and abs(df.attrs["base"]) < 1   # clean logit diff vs ABC
+    cell = {(r.layer, r.position): r.restoration for r in df.itertuples()}
+    assert cell[(29, -1)] > 0.8 and abs(cell[(0, -1)]) < 0.05
+    assert abs(cell[(12, -5)]) > 0.1 and abs(cell[(29, -5)]) < 0.05
+    # each cell equals the single patched run through the graph runtime
+    g = rg.Graph()
+    g.add(rg.Site("resid_pre", 12, positions=[-5]), rg.Patch())
+    logits = g.run(lm, data.base, sources={"source": data.source}).next_token_logits
+    ref = rg.patching.Reference(*data.answer_ids(lm))
+    assert rg.patching.logit_diff(logits, ref).mean().item() == pytest.approx(
+        df.query("layer == 12 and position == -5")["value"].item(), abs=1e-4)

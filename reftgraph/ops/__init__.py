@@ -3,8 +3,9 @@
 from .base import Op
 from .basic import Ablate, Add, Classify, Collect, Patch, Set
 from .reft import REFT_OPS, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, ReFT
+from .rotate import Rotate
 
-OPS = {cls.__name__: cls for cls in (Ablate, Add, Classify, Collect, Patch, Set, *REFT_OPS.values())}
+OPS = {cls.__name__: cls for cls in (Ablate, Add, Classify, Collect, Patch, Rotate, Set, *REFT_OPS.values())}
 
-__all__ = ["OPS", "Op", "Ablate", "Add", "Classify", "Collect", "Patch", "Set",
+__all__ = ["OPS", "Op", "Ablate", "Add", "Classify", "Collect", "Patch", "Rotate", "Set",
            "ReFT", "LoReFT", "NoReFT", "DiReFT", "NoDiReFT", "ConsReFT", "LoBiReFT"]

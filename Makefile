@@ -1,7 +1,7 @@
 # `make demo` and `make test` do all set-up on a fresh machine (a virtual environment in .venv).
 PY := .venv/bin/python
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test docs clean
 
 setup: .venv/.installed
 
@@ -18,6 +18,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+docs: setup
+	$(PY) -m mkdocs build --strict --site-dir build/site
 
 clean:
 	rm -rf .venv

@@ -29,6 +29,7 @@ def top(df, n=8):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--path-prompts", type=int, default=8, help="rows for the path-patching sweep")
     ap.add_argument("--out", default="docs/img")
     args = ap.parse_args()
     torch.set_grad_enabled(False)
@@ -61,7 +62,7 @@ def main():
     ax = rg.patching.heatmap(heads, title="IOI: head_out patching, all positions")
     ax.figure.savefig(out / "ioi_heads.png", dpi=120, bbox_inches="tight")
     t0 = time.perf_counter()
-    paths = rg.patching.path_sweep(lm, data)
+    paths = rg.patching.path_sweep(lm, data.rows(slice(0, args.path_prompts)))
     figures["path_sweep_s"] = round(time.perf_counter() - t0, 1)
     figures["top_heads_path_patching_to_logits"] = top(paths)
     ax = rg.patching.heatmap(paths.assign(component="head_out", position="all", token="all"),

@@ -9,7 +9,7 @@
 torch.Size([2, 1, 32])
 """
 
-from . import data, models, patching
+from . import data, memorisation, models, patching, prefix
 from .arch import Family, register_family
 from .graph import Graph, Node
 from .io import load_graph, save
@@ -17,6 +17,7 @@ from .models import Model, load, wrap
 from .ops import Ablate, Add, Classify, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op, Patch, ReFT, Set
 from .generation import Generation, generate
 from .pyreft import from_pyreft
+from .prefix import PrefixCache
 from .reft import print_trainable_parameters, reft_graph
 from .runtime import RunResult, run
 from .training import train
@@ -25,5 +26,5 @@ from .sites import COMPONENTS, Site, SiteError
 __all__ = [
     "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DiReFT", "LoBiReFT", "LoReFT", "NoDiReFT",
     "NoReFT", "ReFT", "Family", "Generation", "Graph", "Model", "Node", "Op", "Patch",
-    "RunResult", "Set", "Site", "SiteError", "data", "patching", "from_pyreft", "generate", "load", "load_graph", "models", "save", "print_trainable_parameters", "reft_graph", "register_family", "run", "train", "wrap",
+    "RunResult", "Set", "Site", "SiteError", "data", "memorisation", "patching", "prefix", "PrefixCache", "from_pyreft", "generate", "load", "load_graph", "models", "save", "print_trainable_parameters", "reft_graph", "register_family", "run", "train", "wrap",
 ]

@@ -83,14 +83,14 @@ def train_cmd(args) -> int:
 # -- generate / show -----------------------------------------------------------
 
 def _saved_model_name(folder: Path) -> str:
+    """The model a graph was saved for; the whole folder is checked first (no model loads
+    for a folder that is not a valid saved graph)."""
     import json
 
-    from .sites import SiteError
+    from .io import load_graph
 
-    path = folder / "graph.json"
-    if not path.is_file():
-        raise SiteError(f"{folder} is not a saved graph (no graph.json)")
-    info = json.loads(path.read_text()).get("model") or {}
+    load_graph(folder)
+    info = json.loads((folder / "graph.json").read_text())["model"] or {}
     return info.get("name") or "smollm2-135m-instruct"
 
 
@@ -213,6 +213,17 @@ def demo(args) -> int:
 
 # -- entry point ---------------------------------------------------------------
 
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reftgraph", description="Interventions on language models as a causal graph.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -222,11 +233,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2-135m-instruct")
     d.add_argument("--output", default="reftgraph-demo", help="folder for the results (default: %(default)s)")
     d.add_argument("--layers", type=int, nargs="+", default=[4, 10, 16, 22])
-    d.add_argument("--rank", type=int, default=4)
-    d.add_argument("--epochs", type=int, default=6)
-    d.add_argument("--lr", type=float, default=2e-3)
-    d.add_argument("--examples", type=int, default=90, help="training examples (at most 90)")
-    d.add_argument("--new-tokens", type=int, default=24)
+    d.add_argument("--rank", type=_positive(int), default=4)
+    d.add_argument("--epochs", type=_positive(int), default=6)
+    d.add_argument("--lr", type=_positive(float), default=2e-3)
+    d.add_argument("--examples", type=_positive(int), default=90, help="training examples (at most 90)")
+    d.add_argument("--new-tokens", type=_positive(int), default=24)
     d.set_defaults(func=demo)
 
     t = sub.add_parser("train", help="train a graph from a YAML/JSON spec")
@@ -239,7 +250,7 @@ def parser() -> argparse.ArgumentParser:
     gn.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gn.add_argument("--prompts", help="a file with one prompt per line")
     gn.add_argument("--model", help="model name or path (default: the one the graph was saved for)")
-    gn.add_argument("--max-new-tokens", type=int, default=48)
+    gn.add_argument("--max-new-tokens", type=_positive(int), default=48)
     gn.add_argument("--no-template", action="store_true", help="do not wrap prompts in the chat template")
     gn.set_defaults(func=generate_cmd)
 

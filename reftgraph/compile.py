@@ -170,6 +170,11 @@ def bind(plan: Plan, batch: Batch) -> list[Bound]:
     for step in plan.steps:
         node = step.node
         sel = _select(node, node.site, node.stream, batch)
+        if getattr(node.op, "mode", None) == "resample" and (
+                sel.valid.shape[0] < 2 or not bool((sel.valid == sel.valid[:1]).all())):
+            raise SiteError(f"{_where(node)}Ablate('resample') takes each slot from another row: it needs at least "
+                            f"2 rows with the same number of selected positions; the {node.stream!r} stream has "
+                            f"{sel.valid.shape[0]} rows selecting {sel.valid.sum(1).tolist()} positions")
         index = _flat(sel, batch.rows[node.stream], batch.seq_len)
         target = torch.where(sel.valid, index, torch.full_like(index, n_flat))  # invalid -> a spare slot
         k = index.shape[1]
@@ -212,6 +217,9 @@ def _edit(step: Step, b: Bound, full: torch.Tensor, source_value, collected: dic
         return None
     extra = {"subspace": step.node.site.subspace} if op.learned_basis else {}
     new = op(sub, source=src, valid=b.valid.to(h.device), **extra)
+    if new.shape != sub.shape:
+        raise SiteError(f"{_where(step.node)}{type(op).__name__} returned shape {list(new.shape)} for a slice of "
+                        f"shape {list(sub.shape)}; it must keep the shape (check the shape of its tensors)")
     if dims is not None:
         new = h.index_copy(-1, dims, new.to(h.dtype))
     if step.heads is not None:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -31,7 +32,19 @@ def format_prompt(tokenizer, prompt: str, template: Template = None) -> str:
                                              add_generation_prompt=True)
     if callable(template):
         return template(prompt)
-    raise ValueError(f"template must be None, 'chat' or a function, got {template!r}")
+    _check_template(template)
+
+
+def _is_class_index(y) -> bool:
+    try:
+        return not isinstance(y, bool) and operator.index(y) >= 0
+    except TypeError:
+        return False
+
+
+def _check_template(template) -> None:
+    if not (template is None or template == "chat" or callable(template)):
+        raise ValueError(f"template must be None, 'chat' or a function, got {template!r}")
 
 
 @dataclass
@@ -42,9 +55,13 @@ class PromptResponse:
     template: Template = None
 
     def __post_init__(self):
+        bad = [i for i, pair in enumerate(self.pairs) if not (isinstance(pair, (tuple, list)) and len(pair) == 2)]
+        if bad:
+            raise ValueError(f"PromptResponse takes (prompt, response) pairs; row {bad[0]} is {self.pairs[bad[0]]!r}")
         self.pairs = [(str(p), str(r)) for p, r in self.pairs]
         if not self.pairs:
             raise ValueError("PromptResponse needs at least one (prompt, response) pair")
+        _check_template(self.template)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -68,6 +85,11 @@ class Classification:
     def __post_init__(self):
         if len(self.texts) != len(self.labels) or not self.texts:
             raise ValueError("Classification needs as many labels as texts, and at least one")
+        bad = [i for i, y in enumerate(self.labels) if not _is_class_index(y)]
+        if bad:
+            raise ValueError(f"Classification labels are class indices 0, 1, ...; label {bad[0]} is "
+                             f"{self.labels[bad[0]]!r}")
+        _check_template(self.template)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -93,6 +115,8 @@ def collate_lm(model, prompts: Sequence[str], responses: Optional[Sequence[str]]
 
     Positions of graph nodes resolve against the *prompt* of each row (``Batch.length`` is
     the prompt length); ``labels`` are the response tokens (``-100`` elsewhere)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     tok = model.tokenizer
     p_ids = [tok(p)["input_ids"] for p in prompts]
     if responses is None:

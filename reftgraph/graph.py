@@ -22,6 +22,8 @@ from torch import nn
 
 from .arch import STAGES
 from .ops.base import Op
+from .ops.basic import Patch
+from .ops.rotate import Rotate
 from .sites import Site, SiteError
 
 
@@ -95,13 +97,24 @@ class Graph:
         return name
 
     def _insert(self, node: Node) -> None:
+        if not isinstance(node.name, str) or not node.name or "." in node.name:
+            raise SiteError(f"node name {node.name!r} (at {node.site}): a name is a non-empty string without '.'")
         if node.name in self.dag:
             raise SiteError(
                 f"duplicate node name {node.name!r} (at {node.site}); "
                 f"existing node: {self.dag.nodes[node.name]['node']}. Pick another name="
             )
-        if "." in node.name:
-            raise SiteError(f"node name {node.name!r}: names may not contain '.'")
+        where = f"node {node.name!r} at {node.site}: "
+        if not (isinstance(node.stream, str) and node.stream):
+            raise SiteError(f"{where}stream must be a non-empty string such as 'base' or 'source', "
+                            f"got {node.stream!r}")
+        if isinstance(node.op, (Patch, Rotate)):
+            if not (isinstance(node.op.source, str) and node.op.source):
+                raise SiteError(f"{where}{type(node.op).__name__} reads another stream: source= must be a stream "
+                                f"name such as 'source', got {node.op.source!r}")
+            if node.op.site is not None and not isinstance(node.op.site, Site):
+                raise SiteError(f"{where}{type(node.op).__name__}(site=...) must be a reftgraph.Site, "
+                                f"got {type(node.op.site).__name__}")
         self.dag.add_node(node.name, node=node)
         self.ops[node.name] = node.op
         for other in self.nodes[:-1]:
@@ -151,6 +164,8 @@ class Graph:
     # -- composition ---------------------------------------------------------
     def __or__(self, other: "Graph") -> "Graph":
         """Both graphs' nodes; refuses clashing names and overlapping subspaces."""
+        if not isinstance(other, Graph):
+            raise SiteError(f"cannot compose a Graph with {type(other).__name__}; use g1 | g2 with two graphs")
         for a in other.nodes:
             if a.name in self.dag:
                 raise SiteError(

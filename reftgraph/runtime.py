@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .arch import Hook
 from .compile import Batch, Plan, apply, bind, compile_graph
 from .graph import Graph
 from .models import Model
@@ -58,14 +59,19 @@ class RunResult:
 def _as_list(prompts: Prompts, what: str) -> list:
     if isinstance(prompts, str):
         return [prompts]
-    prompts = list(prompts)
+    given = type(prompts).__name__
+    prompts = list(prompts) if hasattr(prompts, "__iter__") and not isinstance(prompts, dict) else []
     if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise SiteError(f"{what} must be a non-empty list of strings")
+        bad = [type(p).__name__ for p in prompts if not isinstance(p, str)][:1]
+        raise SiteError(f"{what} must be a non-empty list of strings, got {given}"
+                        + (f" holding a {bad[0]}" if bad else " (empty)" if given in ("list", "tuple") else ""))
     return prompts
 
 
 def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):
     """Tokenize ``{stream: prompts}`` into one padded batch; returns (inputs, Batch)."""
+    if padding_side not in (None, "left", "right"):
+        raise SiteError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     texts, rows = [], {}
     for name, prompts in streams.items():
         rows[name] = slice(len(texts), len(texts) + len(prompts))
@@ -100,6 +106,9 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     plan = compile_graph(graph, model.arch)
     base = _as_list(prompts, "prompts")
     streams = {"base": base}
+    if sources is not None and not isinstance(sources, dict):
+        raise SiteError(f"sources must be a dict {{stream name: prompts}}, e.g. sources={{'source': [...]}}; "
+                        f"got {type(sources).__name__}")
     for name, src in (sources or {}).items():
         src = _as_list(src, f"sources[{name!r}]")
         if len(src) == 1 and len(base) > 1:
@@ -127,13 +136,15 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     )
 
 
-def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool = False):
+def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool = False, prefix=None):
     """One traced forward of ``inputs`` with the plan's edits: ``(logits, {name: (value, valid)})``.
 
     Positions are bound (and checked) against ``batch`` before the model runs. With
     ``hidden=True`` the first value is the final hidden state ``[B, S, d]`` (after the
     final norm) and the language-model head runs on the last position only: a loss on
-    a few positions then pays for those alone (see :func:`reftgraph.train.lm_loss`)."""
+    a few positions then pays for those alone (see :func:`reftgraph.train.lm_loss`).
+    ``prefix=(layer, value)`` skips the blocks below ``layer``, feeding ``value`` (their
+    output, computed earlier) to block ``layer``: see :mod:`reftgraph.prefix`."""
     bound = bind(plan, batch)
     device = model.device
     inputs = {k: v.to(device) for k, v in inputs.items()}
@@ -142,6 +153,8 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
     trunk = getattr(model.nn, model.arch.family.layers.split(".")[0])
     collected, out = {}, {}
     with model.nn.trace(inputs):
+        for layer in range(prefix[0] if prefix is not None else 0):
+            model.arch.envoy(model.nn, Hook(layer, 0, "", "output")).skip(prefix[1])
         apply(plan, bound, model.nn, collected)
         if hidden:
             out["value"] = trunk.output[0]

@@ -39,23 +39,34 @@ class SiteError(ValueError):
     """A node, site or input that does not fit the model; raised before any forward pass."""
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _normalise_positions(positions: Any) -> Positions:
     if isinstance(positions, bool):
         raise SiteError(f"positions must be ints, a slice or one of {NAMED_POSITIONS}, got {positions!r}")
     if isinstance(positions, int):
         return (positions,)
     if isinstance(positions, (list, tuple)):
-        if not positions or not all(isinstance(p, int) and not isinstance(p, bool) for p in positions):
+        if not positions or not all(map(_is_int, positions)):
             raise SiteError(f"a position list must be a non-empty list of ints, got {positions!r}")
         if len(set(positions)) != len(positions):
             raise SiteError(f"positions {list(positions)} repeat an entry")
         return tuple(positions)
     if isinstance(positions, slice):
+        if not all(v is None or _is_int(v) for v in (positions.start, positions.stop, positions.step)):
+            raise SiteError(f"a position slice takes ints or None, got {positions!r}")
         if positions.step is not None and positions.step <= 0:
             raise SiteError(f"position slices need a positive step, got {positions!r}")
         return positions
     if isinstance(positions, str):
-        if positions in NAMED_POSITIONS or _FIRST_LAST.match(positions):
+        if positions in NAMED_POSITIONS:
+            return positions
+        first_last = _FIRST_LAST.match(positions)
+        if first_last and first_last.groups() == ("0", "0"):
+            raise SiteError("positions 'f0+l0' select no token; use N >= 1 or M >= 1 in 'fN+lM'")
+        if first_last:
             return positions
         raise SiteError(
             f"unknown position selector {positions!r}; use ints, a slice, "
@@ -95,7 +106,7 @@ class Site:
     def __post_init__(self):
         if self.component not in COMPONENTS:
             raise SiteError(f"unknown component {self.component!r}; valid components: {', '.join(COMPONENTS)}")
-        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+        if not _is_int(self.layer):
             raise SiteError(f"layer must be an int, got {self.layer!r}")
         object.__setattr__(self, "positions", _normalise_positions(self.positions))
         head = self.head
@@ -104,13 +115,14 @@ class Site:
                 raise SiteError(
                     f"{self.component} has no heads; head= is only for {', '.join(HEAD_COMPONENTS)}"
                 )
-            head = (head,) if isinstance(head, int) else tuple(head)
-            if not head or len(set(head)) != len(head) or not all(isinstance(h, int) for h in head):
+            head = (head,) if isinstance(head, int) else tuple(head) if isinstance(head, (tuple, list)) else None
+            if not head or len(set(head)) != len(head) or not all(map(_is_int, head)):
                 raise SiteError(f"head must be an int or a tuple of distinct ints, got {self.head!r}")
             object.__setattr__(self, "head", head)
         if self.subspace is not None:
-            dims = (self.subspace,) if isinstance(self.subspace, int) else tuple(self.subspace)
-            if not dims or len(set(dims)) != len(dims) or any(not isinstance(d, int) or d < 0 for d in dims):
+            dims = self.subspace
+            dims = (dims,) if isinstance(dims, int) else tuple(dims) if isinstance(dims, (tuple, list)) else None
+            if not dims or len(set(dims)) != len(dims) or any(not _is_int(d) or d < 0 for d in dims):
                 raise SiteError(f"subspace must be distinct non-negative dims, got {self.subspace!r}")
             object.__setattr__(self, "subspace", dims)
 
@@ -152,11 +164,20 @@ class Site:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Site":
+        """The inverse of :meth:`to_dict`; anything else raises :class:`SiteError`."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict) or not {"component", "layer"} <= set(d) or not set(d) <= set(fields):
+            raise SiteError(f"a site must be a mapping with 'component' and 'layer' and optionally "
+                            f"{', '.join(map(repr, fields[2:]))}; got {str(d)[:200]}")
         d = dict(d)
-        if isinstance(d.get("positions"), dict):
-            d["positions"] = slice(*d["positions"]["slice"])
+        p = d.get("positions", "all")
+        if isinstance(p, dict):
+            bounds = p.get("slice") if set(p) == {"slice"} else None
+            if not isinstance(bounds, list) or len(bounds) != 3:
+                raise SiteError(f"a slice of positions is saved as {{'slice': [start, stop, step]}}, got {p!r}")
+            d["positions"] = slice(*bounds)
         for key in ("head", "subspace"):
-            if d.get(key) is not None:
+            if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
         return cls(**d)
 

@@ -28,6 +28,57 @@ SECTIONS = {
 REQUIRED = ("graph", "data")
 
 
+def _number(low=None, high=None, integer=False, none_ok=False, low_open=False):
+    """A check of one value: an int (or a number) in a range; returns the error text or None."""
+    kind = "an int" if integer else "a number"
+    lo = "" if low is None else (f" > {low}" if low_open else f" >= {low}")
+    hi = "" if high is None else f" < {high}"
+    wanted = f"{kind}{lo}{' and' if lo and hi else ''}{hi}" + (" or null" if none_ok else "")
+
+    def check(v):
+        if v is None and none_ok:
+            return None
+        ok = isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+        ok = ok and (low is None or (v > low if low_open else v >= low)) and (high is None or v < high)
+        return None if ok else f"must be {wanted}, got {v!r}"
+
+    return check
+
+
+def _one_of(*choices):
+    return lambda v: None if isinstance(v, (str, bool)) and v in choices else (
+        f"must be one of {', '.join(map(repr, choices))}, got {v!r}")
+
+
+def _positions(v):
+    from .sites import SiteError, _normalise_positions
+
+    try:
+        _normalise_positions(v)
+    except SiteError as e:
+        return str(e)
+    return None
+
+
+def _value_checks() -> dict:
+    from .ops.reft import ACTIVATIONS, REFT_OPS
+    from .sites import COMPONENTS
+
+    positive = _number(1, integer=True)
+    return {
+        "graph": {"rank": positive, "positions": _positions, "op": _one_of(*REFT_OPS),
+                  "component": _one_of(*COMPONENTS), "share_positions": _one_of(True, False),
+                  "share_layers": _one_of(True, False), "act": _one_of(*ACTIVATIONS),
+                  "dropout": _number(0, 1), "seed": _number(0, integer=True)},
+        "data": {"template": lambda v: None if v in (None, "chat") else f"must be null or 'chat', got {v!r}"},
+        "train": {"epochs": positive, "batch_size": positive, "grad_accum": positive,
+                  "seed": _number(0, integer=True), "lr": _number(0, low_open=True), "weight_decay": _number(0),
+                  "warmup": _number(0), "max_grad_norm": _number(0, low_open=True, none_ok=True),
+                  "max_length": _number(1, integer=True, none_ok=True),
+                  "padding_side": _one_of("left", "right")},
+    }
+
+
 class SpecError(ValueError):
     """A spec or data problem, reported as one line before the model loads."""
 
@@ -70,6 +121,14 @@ def read_spec(path) -> dict:
             raise SpecError(f"the spec has no '{key}' section")
     if "path" not in spec["data"]:
         raise SpecError("'data' needs a 'path' to a JSONL file")
+    for section, checks in _value_checks().items():
+        for key, value in spec.get(section, {}).items():
+            problem = checks[key](value) if key in checks else None
+            if problem:
+                raise SpecError(f"{section}.{key} {problem}")
+    for key in ("model", "output"):
+        if key in spec and not isinstance(spec[key], str):
+            raise SpecError(f"'{key}' must be a string (a model name or path, a folder), got {spec[key]!r}")
     for key in ("path", "eval_path"):
         if key in spec["data"]:
             p = Path(spec["data"][key])

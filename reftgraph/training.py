@@ -9,7 +9,8 @@
 ['epoch', 'step', 'loss', 'lr']
 
 AdamW with a linear schedule (warm-up, then decay to zero), gradient accumulation,
-a seeded data order, an evaluation callback, a checkpoint per epoch and an exact resume.
+a seeded data order, an evaluation callback, a checkpoint per epoch, an exact resume from
+any of them, a stop on a non-finite loss and an optional frozen-prefix cache.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import pandas as pd
 import torch
@@ -29,7 +30,20 @@ from .data import Classification, PromptResponse, collate_lm
 from .graph import Graph
 from .io import atomic_dir, load_weights, write_graph
 from .ops import Classify
+from .prefix import PrefixCache
 from .runtime import as_model, forward
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Training met a NaN or infinite loss and stopped before the optimizer step.
+
+    ``history`` holds the rows of the good steps; ``checkpoint`` the newest good checkpoint
+    folder (None without one). The graph keeps the weights of the last good step."""
+
+    def __init__(self, message: str, history: pd.DataFrame, checkpoint: Optional[Path]):
+        super().__init__(message)
+        self.history = history
+        self.checkpoint = checkpoint
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, head=None) -> torch.Tensor:
@@ -86,10 +100,31 @@ def latest_checkpoint(checkpoint_dir) -> Optional[Path]:
     return folders[-1] if folders else None
 
 
-def _load_checkpoint(folder: Path, graph, optimizer, scheduler) -> dict:
+def _checkpoint_folder(resume, checkpoint_dir) -> Optional[Path]:
+    """``resume=True``: the newest checkpoint in ``checkpoint_dir`` (None when there is none);
+    a path: that checkpoint folder, which must exist."""
+    if resume is True:
+        if checkpoint_dir is None:
+            raise ValueError("resume=True needs checkpoint_dir")
+        return latest_checkpoint(checkpoint_dir)
+    folder = Path(resume)
+    if not (folder / "state.json").is_file():
+        found = [p.name for p in Path(folder.parent).glob("epoch-*")] if folder.parent.is_dir() else []
+        raise ValueError(f"resume={str(resume)!r} is not a checkpoint folder (no state.json); "
+                         f"checkpoints beside it: {sorted(found) or 'none'}")
+    return folder
+
+
+def _load_checkpoint(folder: Path, graph, optimizer, scheduler, settings: dict) -> dict:
+    state = json.loads((folder / "state.json").read_text())
+    saved = state.get("settings", {})
+    changed = {k: (saved[k], v) for k, v in settings.items() if k in saved and saved[k] != v}
+    if changed:
+        raise ValueError(f"cannot resume exactly from {folder}: it was trained with other settings ("
+                         + ", ".join(f"{k}={a!r}, now {b!r}" for k, (a, b) in changed.items())
+                         + "); pass the same ones")
     load_weights(graph, load_file(str(folder / "weights.safetensors")))
     tensors = load_file(str(folder / "optimizer.safetensors"))
-    state = json.loads((folder / "state.json").read_text())
     opt_state = {}
     for key, value in tensors.items():
         if key.startswith("state."):
@@ -109,17 +144,32 @@ def _load_checkpoint(folder: Path, graph, optimizer, scheduler) -> dict:
 def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr: float = 4e-3,
           weight_decay: float = 0.0, warmup: float = 0.1, grad_accum: int = 1, seed: int = 0,
           max_grad_norm: Optional[float] = 1.0, eval_fn: Optional[Callable] = None,
-          checkpoint_dir=None, resume: bool = False, progress: bool = True,
-          padding_side: str = "right", max_length: Optional[int] = None) -> pd.DataFrame:
+          checkpoint_dir=None, resume: Union[bool, str, Path] = False, progress: bool = True,
+          padding_side: str = "right", max_length: Optional[int] = None, shuffle: bool = True,
+          cache_prefix: bool = False) -> pd.DataFrame:
     """Train ``graph`` on ``data`` (:class:`PromptResponse` or :class:`Classification`).
 
     Returns the history: one row per optimizer step (``epoch, step, loss, lr``) plus the
     metrics ``eval_fn(graph, model, epoch) -> dict`` returns after each epoch. With
-    ``checkpoint_dir`` a checkpoint is written after every epoch; ``resume=True`` continues
-    from the newest one exactly (same data order, optimizer, schedule and random state).
+    ``checkpoint_dir`` a checkpoint ``epoch-N`` is written after every epoch; ``resume=True``
+    continues from the newest one, ``resume="ckpt/epoch-N"`` from that one, exactly (same
+    data order, optimizer, schedule and random state; the other settings must match).
+
+    ``shuffle=False`` keeps the data order fixed. ``cache_prefix=True`` computes the blocks
+    below the graph's lowest edited layer once per batch (:mod:`reftgraph.prefix`); it needs
+    batches that repeat every epoch: ``shuffle=False`` or one batch per epoch.
+
+    A NaN or infinite loss (or gradient) stops training before the optimizer step with
+    :class:`NonFiniteLoss`; the graph keeps its last good weights and checkpoints stay as
+    they were.
     """
     model = as_model(model)
     plan = compile_graph(graph, model.arch)
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("grad_accum", grad_accum)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
     params = [p for p in graph.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the graph has no trainable parameters")
@@ -137,12 +187,19 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total_steps, warmup))
     history, start_epoch, step = [], 0, 0
+    if cache_prefix and shuffle and batch_size < n:
+        raise ValueError(f"cache_prefix=True needs batches that repeat every epoch; with shuffle=True and "
+                         f"batch_size {batch_size} < {n} rows they change: pass shuffle=False or "
+                         f"batch_size >= {n}")
+    cache = PrefixCache(model, max_entries=batches_per_epoch) if cache_prefix else None
+    settings = {"rows": n, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                "warmup": warmup, "grad_accum": grad_accum, "seed": seed, "max_grad_norm": max_grad_norm,
+                "shuffle": shuffle, "padding_side": padding_side, "max_length": max_length}
+    last_good = None
     if resume:
-        if checkpoint_dir is None:
-            raise ValueError("resume=True needs checkpoint_dir")
-        folder = latest_checkpoint(checkpoint_dir)
-        if folder is not None:
-            state = _load_checkpoint(folder, graph, optimizer, scheduler)
+        last_good = _checkpoint_folder(resume, checkpoint_dir)
+        if last_good is not None:
+            state = _load_checkpoint(last_good, graph, optimizer, scheduler, settings)
             history, start_epoch, step = state["history"], state["epoch"] + 1, state["step"]
     bar = tqdm(total=total_steps, initial=step, disable=not progress, desc="train", dynamic_ncols=True)
     graph.ops.train()
@@ -150,18 +207,22 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
     torch.set_grad_enabled(True)  # also when called under torch.no_grad()
     try:
         for epoch in range(start_epoch, epochs):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+            order = list(range(n)) if not shuffle else torch.randperm(
+                n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
             optimizer.zero_grad(set_to_none=True)
             running = []
             for b in range(batches_per_epoch):
-                rows = order[b * batch_size:(b + 1) * batch_size]
-                loss = _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length)
+                rows = sorted(order[b * batch_size:(b + 1) * batch_size])  # one batch, one content
+                loss = _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache)
+                _check_finite(loss, "loss", epoch, step, rows, history, last_good)
                 group = min(grad_accum, batches_per_epoch - (b // grad_accum) * grad_accum)
                 (loss / group).backward()
                 running.append(float(loss.detach()))
                 if (b + 1) % grad_accum == 0 or b + 1 == batches_per_epoch:
-                    if max_grad_norm is not None:
-                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    grads = [p.grad for p in params if p.grad is not None]
+                    norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm is not None
+                            else torch.nn.utils.get_total_norm(grads))
+                    _check_finite(norm, "gradient norm", epoch, step, rows, history, last_good)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -177,8 +238,10 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
                     history[-1].update(eval_fn(graph, model, epoch) or {})
                 graph.ops.train()
             if checkpoint_dir is not None:
-                _save_checkpoint(Path(checkpoint_dir) / f"epoch-{epoch}", graph, model, optimizer, scheduler,
-                                 {"epoch": epoch, "step": step, "history": history, "seed": seed})
+                last_good = Path(checkpoint_dir) / f"epoch-{epoch}"
+                _save_checkpoint(last_good, graph, model, optimizer, scheduler,
+                                 {"epoch": epoch, "step": step, "history": history, "seed": seed,
+                                  "settings": settings})
     finally:
         torch.set_grad_enabled(grad_before)
         bar.close()
@@ -186,11 +249,26 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
     return pd.DataFrame(history)
 
 
-def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length):
+def _check_finite(value: torch.Tensor, what: str, epoch: int, step: int, rows, history, last_good) -> None:
+    if bool(torch.isfinite(value.detach()).all()):
+        return
+    where = (f"the last good checkpoint is {last_good}" if last_good is not None
+             else "no checkpoint was written (pass checkpoint_dir= to keep one per epoch)")
+    raise NonFiniteLoss(
+        f"training stopped: the {what} is {float(value.detach())} at epoch {epoch}, step {step} (data rows "
+        f"{rows}); the optimizer step was not taken, so the graph keeps its weights from the last good "
+        f"step; {where}. Lower lr, clip gradients (max_grad_norm) or check the graph's ops and the data.",
+        pd.DataFrame(history), last_good)
+
+
+def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache=None):
     responses = None if classify else [data.responses[i] for i in rows]
     inputs, batch, labels = collate_lm(model, [prompts[i] for i in rows], responses,
                                        padding_side=padding_side, max_length=max_length)
-    value, collected = forward(plan, model, inputs, batch, hidden=True)
+    if cache is not None:
+        value, collected = cache.forward(plan, inputs, batch, hidden=True)
+    else:
+        value, collected = forward(plan, model, inputs, batch, hidden=True)
     if classify:
         target = torch.tensor([data.labels[i] for i in rows], device=value.device)
         return torch.nn.functional.cross_entropy(collected[classify][0].float(), target)

@@ -1,7 +1,6 @@
 """Saving and loading graphs: ``graph.json`` + ``weights.safetensors``, bit-exact round trips,
 shared ops, checks against the model, atomic writes and no pickle anywhere."""
 
-import ast
 import json
 import os
 from pathlib import Path
@@ -285,61 +284,7 @@ def test_not_a_graph_raises(saved, tmp_path):
         rg.load_graph(tmp_path / "g")
 
 
-# -- no pickle -------------------------------------------------------------------------------
-
-PACKAGE = Path(reftgraph.__file__).parent
-UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"}
-
-
-def _sources():
-    files = sorted(PACKAGE.rglob("*.py"))
-    assert len(files) > 10
-    return [(p.relative_to(PACKAGE.parent).as_posix(), ast.parse(p.read_text(), filename=str(p))) for p in files]
-
-
-def _keyword(call: ast.Call, name: str):
-    for kw in call.keywords:
-        if kw.arg == name:
-            return kw.value.value if isinstance(kw.value, ast.Constant) else kw.value
-    return None
-
-
-def test_no_pickle_imports():
-    found = []
-    for name, tree in _sources():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                found += [(name, a.name) for a in node.names if a.name.split(".")[0] in UNSAFE_MODULES]
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in UNSAFE_MODULES:
-                found.append((name, node.module))
-            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and (
-                    node.value.id in UNSAFE_MODULES):
-                found.append((name, f"{node.value.id}.{node.attr}"))
-    assert found == []
-
-
-def test_torch_load_only_with_weights_only():
-    calls = []
-    for name, tree in _sources():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Call):
-                f = node.func
-                if isinstance(f, ast.Attribute) and f.attr == "load" and isinstance(f.value, ast.Name) and (
-                        f.value.id == "torch"):
-                    calls.append((name, _keyword(node, "weights_only")))
-                if isinstance(f, ast.Attribute) and f.attr == "load" and isinstance(f.value, ast.Name) and (
-                        f.value.id in ("np", "numpy")):
-                    assert _keyword(node, "allow_pickle") is not True, name
-    assert {name for name, _ in calls} <= {"reftgraph/pyreft.py"}, calls
-    assert all(weights_only is True for _, weights_only in calls), calls
-    # and no other spelling of torch.load (from torch import load, torch.serialization.load)
-    for name, tree in _sources():
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module in ("torch", "torch.serialization"):
-                assert "load" not in {a.name for a in node.names}, name
-            if isinstance(node, ast.Attribute) and node.attr == "serialization":
-                raise AssertionError(f"{name} uses torch.serialization")
-
+# -- no pickle: the source checks are in test_safe_loading.py ----------------------------------
 
 def test_io_text_has_no_pickle():
     text = Path(reftgraph.io.__file__).read_text()

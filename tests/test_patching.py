@@ -6,7 +6,7 @@ import torch
 
 import reftgraph as rg
 from reftgraph.patching import Counterfactual, Reference, logit_diff, path_patch, path_sweep, sweep
-from oracle import PATHS, capture, encode, install, module, real_positions
+from oracle import capture, encode, install, real_positions
 
 matplotlib.use("Agg")
 

@@ -248,3 +248,92 @@ def test_errors(lm):
         rg.data.PromptResponse([])
     with pytest.raises(ValueError):
         rg.data.Classification(["a", "b"], [0])
+
+
+# -- (9) resume from any checkpoint, non-finite losses -----------------------------------------
+
+def test_resume_from_any_checkpoint_is_exact(lm, tmp_path):
+    """Every epoch-N checkpoint of a 3-epoch run, resumed in a fresh graph, ends bit-identical to
+    the uninterrupted run (losses, lr, weights); other settings are refused."""
+    data = rg.data.PromptResponse(PAIRS + EQUAL[:1])
+
+    def build():
+        return rg.reft_graph(lm, layers="all", positions="f1+l1", rank=2, dropout=0.2, seed=0)
+
+    kw = dict(epochs=3, batch_size=2, lr=2e-2, warmup=0.2, progress=False)
+    straight = build()
+    ckpt = tmp_path / "ckpt"
+    h_straight = rg.train(straight, lm, data, checkpoint_dir=ckpt, **kw)
+    assert sorted(os.listdir(ckpt)) == ["epoch-0", "epoch-1", "epoch-2"]
+    for epoch in (0, 1):
+        resumed = build()
+        h = rg.train(resumed, lm, data, resume=ckpt / f"epoch-{epoch}", checkpoint_dir=tmp_path / f"again{epoch}",
+                     **kw)
+        pd.testing.assert_frame_equal(h, h_straight, check_exact=True)
+        for k, v in params(straight).items():
+            assert torch.equal(params(resumed)[k], v), (epoch, k)
+        assert sorted(os.listdir(tmp_path / f"again{epoch}")) == [f"epoch-{e}" for e in range(epoch + 1, 3)]
+    with pytest.raises(ValueError, match=r"other settings \(batch_size=2, now 4"):
+        rg.train(build(), lm, data, resume=ckpt / "epoch-0", **dict(kw, batch_size=4))
+    with pytest.raises(ValueError, match=r"not a checkpoint folder .*epoch-0"):
+        rg.train(build(), lm, data, resume=ckpt / "epoch-7", **kw)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lm, tmp_path, monkeypatch):
+    data = rg.data.PromptResponse(PAIRS)
+    kw = dict(epochs=3, batch_size=2, lr=2e-2, progress=False)
+    good = rg.reft_graph(lm, layers=[1], positions="last", rank=2, seed=0)
+    rg.train(good, lm, data, checkpoint_dir=tmp_path / "good", **kw)
+
+    original = rg.training._batch_loss
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        calls.append(1)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 4 else loss  # epoch 1, its second batch
+
+    monkeypatch.setattr(rg.training, "_batch_loss", poisoned)
+    g = rg.reft_graph(lm, layers=[1], positions="last", rank=2, seed=0)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(rg.training.NonFiniteLoss, match=r"loss is nan at epoch 1, step 3 .*last good "
+                                                          r"checkpoint is .*epoch-0") as err:
+        rg.train(g, lm, data, checkpoint_dir=ckpt, **kw)
+    assert sorted(os.listdir(ckpt)) == ["epoch-0"]  # nothing half-written, nothing overwritten
+    assert err.value.checkpoint == ckpt / "epoch-0" and len(err.value.history) == 3
+    assert np.isfinite(err.value.history["loss"]).all()
+    for name, v in params(rg.load_graph(ckpt / "epoch-0")).items():
+        assert torch.equal(v, params(rg.load_graph(tmp_path / "good" / "epoch-0"))[name])
+    # the graph holds the weights of step 2 (the last good step), finite
+    assert all(torch.isfinite(v).all() for v in params(g).values())
+
+
+def test_nan_from_an_op_stops_before_any_step(lm):
+    g = rg.reft_graph(lm, layers=[1], positions="last", rank=2, seed=0)
+    g.add(rg.Site("resid_post", layer=0, positions="last"), rg.Add(torch.full((32,), float("inf"))), name="bad")
+    before = params(g)
+    with pytest.raises(rg.training.NonFiniteLoss, match="at epoch 0, step 0 .*no checkpoint was written") as err:
+        rg.train(g, lm, rg.data.PromptResponse(PAIRS), epochs=1, batch_size=4, progress=False)
+    assert err.value.checkpoint is None and err.value.history.empty
+    for k, v in params(g).items():
+        assert torch.equal(v, before[k])
+
+
+def test_nan_gradient_with_a_finite_loss_stops_too(lm):
+    g = rg.reft_graph(lm, layers=[1], positions="last", rank=2, seed=0)
+    g["L1"].op.bias.register_hook(lambda grad: grad * float("nan"))
+    with pytest.raises(rg.training.NonFiniteLoss, match="gradient norm is nan at epoch 0, step 0"):
+        rg.train(g, lm, rg.data.PromptResponse(PAIRS), epochs=1, batch_size=4, max_grad_norm=None,
+                 progress=False)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(epochs=0), "epochs must be a positive int, got 0"),
+    (dict(batch_size=0), "batch_size must be a positive int, got 0"),
+    (dict(grad_accum=0), "grad_accum must be a positive int, got 0"),
+    (dict(lr=0.0), "lr must be > 0, got 0.0"),
+])
+def test_bad_training_arguments_fail_before_any_step(lm, bad, message):
+    g = rg.reft_graph(lm, layers=[0], positions="last", rank=2)
+    with pytest.raises(ValueError, match=message):
+        rg.train(g, lm, rg.data.PromptResponse([("ab", "cd")]), progress=False, **bad)

@@ -1,0 +1,159 @@
+"""Train Rotate (DAS) graphs on counterfactual data with the language model frozen, and
+measure interchange-intervention accuracy (IIA) per counterfactual type.
+
+>>> import reftgraph as rg
+>>> from reftgraph.ops import Rotate
+>>> from reftgraph.das import iia, train_das
+>>> lm = rg.models.tiny("llama")
+>>> g = rg.Graph()
+>>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), Rotate(width=32, k=4, seed=0), name="das")
+>>> data = rg.patching.Counterfactual(["ab", "cd"], ["ef", "gh"], correct=["x", "y"], meta=[{"type": "t"}] * 2)
+>>> history = train_das(g, lm, data, epochs=1, batch_size=2, progress=False)
+>>> list(history.columns), list(iia(g, lm, data).columns)
+(['epoch', 'step', 'loss', 'lr', 'temperature'], ['type', 'n', 'iia'])
+
+``data`` is a :class:`reftgraph.patching.Counterfactual` (e.g. from
+:meth:`reftgraph.causal.CausalModel.dataset`): ``correct`` holds the token the model
+should predict after the interchange (one token per row); ``meta[i]["type"]`` names the
+row's counterfactual type.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .compile import compile_graph
+from .graph import Graph
+from .ops.rotate import Rotate
+from .runtime import as_model, forward, inference_mode, tokenize
+
+
+def boundless_ops(graph) -> list:
+    """The boundless :class:`Rotate` ops of a graph (or of an iterable of modules)."""
+    modules = graph.ops.modules() if isinstance(graph, Graph) else graph
+    return [m for m in modules if isinstance(m, Rotate) and m.boundless]
+
+
+def temperature_at(step: int, total: int, schedule: tuple) -> float:
+    """Geometric annealing from ``schedule[0]`` (step 0) to ``schedule[1]`` (the last step).
+
+    >>> [round(temperature_at(s, 3, (50.0, 0.5)), 2) for s in range(3)]
+    [50.0, 5.0, 0.5]
+    """
+    t0, t1 = schedule
+    frac = step / max(1, total - 1)
+    return math.exp(math.log(t0) + frac * (math.log(t1) - math.log(t0)))
+
+
+def types(data) -> list:
+    """Each row's counterfactual type (``meta[i]["type"]``; ``"all"`` without one)."""
+    meta = data.meta or [{}] * len(data)
+    return [m.get("type", "all") if isinstance(m, dict) else str(m) for m in meta]
+
+
+def _logits(plan, graph, model, data, rows) -> torch.Tensor:
+    """Next-token logits ``[B, vocab]`` after each base prompt; the language-model head runs
+    on those positions only (as in :func:`reftgraph.training.train`)."""
+    streams = {"base": [data.base[i] for i in rows]}
+    streams.update({k: [v[i] for i in rows] for k, v in data.sources.items() if k in graph.streams})
+    inputs, batch = tokenize(model, streams)
+    hidden, _ = forward(plan, model, inputs, batch, hidden=True)
+    base = batch.rows["base"]
+    last = (batch.start + batch.length - 1)[base]
+    h = hidden[torch.arange(base.start, base.stop), last.to(hidden.device)]
+    return model.hf.get_output_embeddings()(h)
+
+
+def train_das(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 16, lr: float = 1e-3,
+              temperature: tuple = (50.0, 0.1), boundary_penalty: float = 0.0, seed: int = 0,
+              progress: bool = True, eval_fn: Optional[Callable] = None) -> pd.DataFrame:
+    """Fit the graph's parameters so the next token after each base prompt, with the
+    interchange applied, is ``data.correct`` (cross-entropy; Adam; the model frozen).
+
+    Boundless :class:`Rotate` ops get their temperature annealed from ``temperature[0]``
+    to ``temperature[1]``; ``boundary_penalty`` adds that weight times the mean boundary
+    (the soft subspace size), pushing towards small subspaces. Returns the history (one
+    row per step), with ``eval_fn(graph, model, epoch) -> dict`` metrics after each epoch.
+    """
+    model = as_model(model)
+    params = [p for p in graph.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the graph has no trainable parameters")
+    if any(p.requires_grad for p in model.hf.parameters()):
+        raise ValueError("the language model has trainable parameters; freeze it (rg.wrap freezes by default)")
+    target, _ = data.answer_ids(model)
+    plan = compile_graph(graph, model.arch)
+    boundless = boundless_ops(graph)
+    n = len(data)
+    per_epoch = math.ceil(n / batch_size)
+    total = per_epoch * epochs
+    optimizer = torch.optim.Adam(params, lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    history, step = [], 0
+    bar = tqdm(total=total, disable=not progress, desc="das", dynamic_ncols=True)
+    try:
+        for epoch in range(epochs):
+            order = torch.randperm(n, generator=gen).tolist()
+            for b in range(per_epoch):
+                rows = order[b * batch_size:(b + 1) * batch_size]
+                temp = temperature_at(step, total, temperature)
+                for op in boundless:
+                    op.temperature.fill_(temp)
+                with torch.enable_grad():
+                    logits = _logits(plan, graph, model, data, rows)
+                loss = torch.nn.functional.cross_entropy(logits.float(), target[rows].to(logits.device))
+                if boundary_penalty and boundless:
+                    loss = loss + boundary_penalty * torch.stack([op.boundary for op in boundless]).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                history.append({"epoch": epoch, "step": step, "loss": float(loss.detach()), "lr": lr,
+                                "temperature": temp if boundless else float("nan")})
+                step += 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{history[-1]['loss']:.4f}")
+            if eval_fn is not None:
+                with torch.no_grad():
+                    history[-1].update(eval_fn(graph, model, epoch) or {})
+    finally:
+        bar.close()
+    return pd.DataFrame(history)
+
+
+def predict(graph: Graph, model, data, batch_size: int = 32) -> torch.Tensor:
+    """The argmax next token after each base prompt, with the graph's interchanges ``[N]``."""
+    model = as_model(model)
+    plan = compile_graph(graph, model.arch)
+    preds = []
+    with torch.no_grad(), inference_mode(graph):
+        for start in range(0, len(data), batch_size):
+            rows = list(range(start, min(start + batch_size, len(data))))
+            preds.append(_logits(plan, graph, model, data, rows).argmax(-1).cpu())
+    return torch.cat(preds)
+
+
+def iia_table(hits: Sequence, row_types: Sequence) -> pd.DataFrame:
+    """Accuracy per type, then an ``all`` row: columns ``type, n, iia``.
+
+    >>> iia_table([1, 0, 1, 1], ["wx", "wx", "yz", "yz"]).values.tolist()
+    [['wx', 2, 0.5], ['yz', 2, 1.0], ['all', 4, 0.75]]
+    """
+    frame = pd.DataFrame({"type": list(row_types), "hit": [float(h) for h in hits]})
+    table = frame.groupby("type", sort=True)["hit"].agg(["size", "mean"]).reset_index()
+    table.columns = ["type", "n", "iia"]
+    if len(table) > 1 or table["type"].iloc[0] != "all":
+        table.loc[len(table)] = ["all", len(frame), frame["hit"].mean()]
+    return table
+
+
+def iia(graph: Graph, model, data, batch_size: int = 32) -> pd.DataFrame:
+    """Interchange-intervention accuracy: the share of rows whose predicted next token is
+    ``data.correct``, per counterfactual type and overall."""
+    target, _ = data.answer_ids(as_model(model))
+    hits = predict(graph, model, data, batch_size) == target
+    return iia_table(hits.tolist(), types(data))

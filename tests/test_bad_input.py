@@ -1,0 +1,348 @@
+"""The bad-input matrix: sites, positions, heads, subspaces, ops, graph composition, run and
+generate inputs, datasets, training arguments, save/load and CLI specs. Every case must raise
+a clear error that says what is wrong and what is valid, before the model runs a forward pass
+(a pre-hook on the transformers model counts forward passes). test_validation.py holds the
+cases that check node names, sites and ranges in detail."""
+
+import json
+
+import pytest
+import torch
+
+import reftgraph as rg
+from reftgraph.data import Classification, PromptResponse, collate_lm
+from reftgraph.ops.rotate import Rotate
+from reftgraph.spec import SpecError, read_rows, read_spec
+
+PROMPTS = ["hello", "hi"]  # 5 and 2 tokens with the tiny byte-level tokenizer
+S = rg.Site
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return rg.models.tiny("llama")  # 2 layers, width 32, 4 heads, 2 kv heads, head_dim 8, mlp 48
+
+
+@pytest.fixture
+def forwards(lm):
+    calls = []
+    handle = lm.hf.register_forward_pre_hook(lambda module, args: calls.append(1))
+    yield calls
+    handle.remove()
+
+
+def one(site, op, name="n", **kwargs):
+    g = rg.Graph()
+    g.add(site, op, name=name, **kwargs)
+    return g
+
+
+def reft(lm):
+    return rg.reft_graph(lm, layers=[0], positions="last", rank=2)
+
+
+def cls_graph():
+    return one(S("resid_post", -1, positions="last"), rg.Classify(32, 2), name="cls")
+
+
+DATA = PromptResponse([("ab", "cd"), ("abc", "d")])
+
+
+def train(lm, graph=None, data=DATA, **kwargs):
+    return rg.train(reft(lm) if graph is None else graph, lm, data, progress=False, **kwargs)
+
+
+# (id, call(lm, tmp_path), exception type, parts the message must hold)
+CASES = [
+    # -- sites ---------------------------------------------------------------------------
+    ("layer_float", lambda lm, p: S("resid_post", 1.0), rg.SiteError, ["layer must be an int", "1.0"]),
+    ("layer_bool", lambda lm, p: S("resid_post", True), rg.SiteError, ["layer must be an int", "True"]),
+    ("component_case", lambda lm, p: S("Resid_Post", 0), rg.SiteError,
+     ["unknown component 'Resid_Post'", "valid components: resid_pre"]),
+    ("layer_huge", lambda lm, p: one(S("resid_post", 10**9, positions="last"), rg.Collect()).run(lm, PROMPTS),
+     rg.SiteError, ["node 'n'", "layer 1000000000 out of range", "valid layers 0..1"]),
+    # -- positions -------------------------------------------------------------------------
+    ("positions_float", lambda lm, p: S("resid_post", 0, positions=1.5), rg.SiteError,
+     ["positions must be ints, a slice or a string", "float"]),
+    ("positions_none", lambda lm, p: S("resid_post", 0, positions=None), rg.SiteError,
+     ["positions must be ints, a slice or a string", "NoneType"]),
+    ("positions_empty", lambda lm, p: S("resid_post", 0, positions=[]), rg.SiteError,
+     ["non-empty list of ints", "[]"]),
+    ("positions_repeat", lambda lm, p: S("resid_post", 0, positions=[1, 1]), rg.SiteError,
+     ["positions [1, 1] repeat an entry"]),
+    ("positions_nested", lambda lm, p: S("resid_post", 0, positions=[[0]]), rg.SiteError,
+     ["non-empty list of ints", "[[0]]"]),
+    ("slice_step_zero", lambda lm, p: S("resid_post", 0, positions=slice(0, 3, 0)), rg.SiteError,
+     ["position slices need a positive step"]),
+    ("slice_step_negative", lambda lm, p: S("resid_post", 0, positions=slice(None, None, -1)), rg.SiteError,
+     ["position slices need a positive step"]),
+    ("slice_str_bounds", lambda lm, p: S("resid_post", 0, positions=slice("a", None)), rg.SiteError,
+     ["a position slice takes ints or None", "'a'"]),
+    ("f0_l0", lambda lm, p: S("resid_post", 0, positions="f0+l0"), rg.SiteError,
+     ["'f0+l0' select no token", "N >= 1 or M >= 1"]),
+    ("position_negative_beyond", lambda lm, p: one(S("resid_post", 0, positions=[-6]), rg.Collect()).run(lm, PROMPTS),
+     rg.SiteError, ["node 'n'", "positions [-6] are beyond the prompt of row 0", "valid positions 0..4 or -5..-1"]),
+    # -- heads -----------------------------------------------------------------------------
+    ("head_bool", lambda lm, p: S("head_out", 0, head=True), rg.SiteError,
+     ["head must be an int or a tuple of distinct ints", "True"]),
+    ("head_repeat", lambda lm, p: S("head_out", 0, head=(1, 1)), rg.SiteError,
+     ["head must be an int or a tuple of distinct ints", "(1, 1)"]),
+    ("head_str", lambda lm, p: S("q", 0, head="01"), rg.SiteError, ["head must be an int or a tuple", "'01'"]),
+    ("head_negative", lambda lm, p: one(S("head_out", 0, head=-1, positions="last"), rg.Collect()).run(lm, PROMPTS),
+     rg.SiteError, ["node 'n'", "head -1 out of range", "head_out has 4 heads: valid heads 0..3"]),
+    ("head_on_mlp", lambda lm, p: S("mlp_out", 0, head=0), rg.SiteError,
+     ["mlp_out has no heads", "head= is only for head_out, q, k, v"]),
+    # -- subspaces -------------------------------------------------------------------------
+    ("subspace_negative", lambda lm, p: S("resid_post", 0, subspace=(-1,)), rg.SiteError,
+     ["subspace must be distinct non-negative dims", "(-1,)"]),
+    ("subspace_empty", lambda lm, p: S("resid_post", 0, subspace=()), rg.SiteError,
+     ["subspace must be distinct non-negative dims"]),
+    ("subspace_bool", lambda lm, p: S("resid_post", 0, subspace=(True,)), rg.SiteError,
+     ["subspace must be distinct non-negative dims"]),
+    ("subspace_beyond_rotate_rank", lambda lm, p: one(
+        S("resid_post", 0, positions="last", subspace=(5,)), Rotate(width=32, k=1, rank=4)).run(
+        lm, PROMPTS, sources={"source": ["abcde", "xy"]}),
+     rg.SiteError, ["node 'n'", "subspace dim 5 beyond the rank of Rotate", "valid dims 0..3"]),
+    ("subspace_on_head_beyond_head_dim", lambda lm, p: one(
+        S("q", 0, head=0, positions="last", subspace=(8,)), rg.Ablate()).run(lm, PROMPTS),
+     rg.SiteError, ["node 'n'", "subspace dim 8 beyond the width of q", "valid dims 0..7"]),
+    # -- ops ---------------------------------------------------------------------------------
+    ("reft_rank_zero", lambda lm, p: rg.LoReFT(width=32, rank=0), ValueError, ["rank must be in 1..32", "got 0"]),
+    ("reft_rank_above_width", lambda lm, p: rg.LoReFT(width=32, rank=33), ValueError, ["rank must be in 1..32"]),
+    ("reft_unknown_act", lambda lm, p: rg.LoReFT(width=32, rank=2, act="swish"), ValueError,
+     ["unknown activation 'swish'", "'gelu'", "'relu'"]),
+    ("reft_dropout", lambda lm, p: rg.LoReFT(width=32, rank=2, dropout=1.5), ValueError, ["between 0 and 1", "1.5"]),
+    ("ablate_mode", lambda lm, p: rg.Ablate("mean_of_batch"), ValueError,
+     ["Ablate mode must be one of ('zero', 'mean', 'resample')", "'mean_of_batch'"]),
+    ("rotate_k_above_rank", lambda lm, p: Rotate(width=32, k=5, rank=4), ValueError, ["k must be in 1..4", "got 5"]),
+    ("reft_on_head_width", lambda lm, p: one(S("head_out", 0, head=0, positions="last"),
+                                             rg.LoReFT(width=32, rank=2)).run(lm, PROMPTS),
+     rg.SiteError, ["node 'n'", "LoReFT has width 32, the site needs 8", "head_out width"]),
+    ("classify_width", lambda lm, p: one(S("mlp_act", -1, positions="last"), rg.Classify(32, 2)).run(lm, PROMPTS),
+     rg.SiteError, ["node 'n'", "Classify has width 32, the site needs 48"]),
+    ("patch_source_none", lambda lm, p: one(S("resid_post", 0), rg.Patch(source=None)), rg.SiteError,
+     ["node 'n'", "Patch reads another stream", "source= must be a stream name", "None"]),
+    ("rotate_source_empty", lambda lm, p: one(S("resid_post", 0), Rotate(width=32, source="")), rg.SiteError,
+     ["node 'n'", "Rotate reads another stream", "''"]),
+    ("patch_site_str", lambda lm, p: one(S("resid_post", 1), rg.Patch(site="resid_pre")), rg.SiteError,
+     ["node 'n'", "Patch(site=...) must be a reftgraph.Site", "str"]),
+    ("patch_source_other_width", lambda lm, p: one(
+        S("resid_post", 1, positions="last"), rg.Patch(site=S("mlp_act", 0, positions="last"))).run(
+        lm, PROMPTS, sources={"source": ["ab", "cd"]}),
+     rg.SiteError, ["node 'n'", "source site mlp_act[0] pos=last has another shape than the site"]),
+    ("resample_one_row", lambda lm, p: one(S("resid_post", 0, positions="last"), rg.Ablate("resample")).run(
+        lm, ["hello"]), rg.SiteError, ["node 'n'", "Ablate('resample')", "at least 2 rows", "1 rows"]),
+    ("resample_unequal_rows", lambda lm, p: one(S("resid_post", 0, positions="all"), rg.Ablate("resample")).run(
+        lm, PROMPTS), rg.SiteError, ["node 'n'", "the same number of selected positions", "[5, 2]"]),
+    # -- graph composition -------------------------------------------------------------------
+    ("name_with_dot", lambda lm, p: one(S("resid_post", 0), rg.Collect(), name="a.b"), rg.SiteError,
+     ["node name 'a.b'", "without '.'"]),
+    ("name_empty", lambda lm, p: one(S("resid_post", 0), rg.Collect(), name=""), rg.SiteError,
+     ["node name ''", "a non-empty string"]),
+    ("name_int", lambda lm, p: one(S("resid_post", 0), rg.Collect(), name=3), rg.SiteError,
+     ["node name 3", "a non-empty string"]),
+    ("stream_int", lambda lm, p: one(S("resid_post", 0), rg.Collect(), stream=1), rg.SiteError,
+     ["node 'n'", "stream must be a non-empty string", "got 1"]),
+    ("compose_with_list", lambda lm, p: one(S("resid_post", 0), rg.Collect()) | [], rg.SiteError,
+     ["cannot compose a Graph with list"]),
+    ("subgraph_unknown", lambda lm, p: one(S("resid_post", 0), rg.Collect()).subgraph(["m"]), KeyError,
+     ["no node 'm'", "nodes: ['n']"]),
+    ("add_hf_module_as_op", lambda lm, p: rg.Graph().add(S("resid_post", 0), torch.nn.Linear(2, 2), name="x"),
+     rg.SiteError, ["node 'x'", "op must be a reftgraph op", "Linear"]),
+    ("add_dict_as_site", lambda lm, p: rg.Graph().add({"component": "resid_post"}, rg.Collect(), name="x"),
+     rg.SiteError, ["node 'x'", "site must be a reftgraph.Site", "dict"]),
+    # -- run inputs ----------------------------------------------------------------------------
+    ("prompts_none", lambda lm, p: rg.Graph().run(lm, None), rg.SiteError,
+     ["prompts must be a non-empty list of strings", "NoneType"]),
+    ("prompts_with_int", lambda lm, p: rg.Graph().run(lm, ["a", 3]), rg.SiteError,
+     ["prompts must be a non-empty list of strings", "holding a int"]),
+    ("sources_list", lambda lm, p: one(S("resid_pre", 1, positions="last"), rg.Patch()).run(lm, PROMPTS, sources=["a"]),
+     rg.SiteError, ["sources must be a dict {stream name: prompts}", "got list"]),
+    ("source_prompts_int", lambda lm, p: one(S("resid_pre", 1, positions="last"), rg.Patch()).run(
+        lm, PROMPTS, sources={"source": 7}), rg.SiteError, ["sources['source'] must be a non-empty list", "int"]),
+    ("padding_side", lambda lm, p: rg.Graph().run(lm, PROMPTS, padding_side="middle"), rg.SiteError,
+     ["padding_side must be 'left' or 'right'", "'middle'"]),
+    ("model_unwrapped", lambda lm, p: rg.Graph().run(lm.hf, PROMPTS), rg.SiteError,
+     ["expected a reftgraph Model", "rg.wrap(hf_model, tokenizer)", "LlamaForCausalLM"]),
+    # -- generate inputs -----------------------------------------------------------------------
+    ("generate_zero_tokens", lambda lm, p: rg.Graph().generate(lm, PROMPTS, max_new_tokens=0), ValueError,
+     ["max_new_tokens", "greater than 0", "0"]),
+    ("generate_template", lambda lm, p: rg.Graph().generate(lm, PROMPTS, template="llama3"), ValueError,
+     ["template must be None, 'chat' or a function", "'llama3'"]),
+    ("generate_positions_beyond", lambda lm, p: one(S("resid_post", 0, positions=[4]), rg.Collect()).generate(
+        lm, PROMPTS, max_new_tokens=2), rg.SiteError, ["node 'n'", "beyond the prompt of row 1", "0..1"]),
+    ("generate_with_patch", lambda lm, p: one(S("resid_post", 0, positions="last"), rg.Patch("source")).generate(
+        lm, PROMPTS, max_new_tokens=2),
+     rg.SiteError, ["node 'n'", "generation runs the base stream only", "patch from sources with run()"]),
+    ("generate_prompts_empty", lambda lm, p: rg.Graph().generate(lm, [], max_new_tokens=2), rg.SiteError,
+     ["prompts must be a non-empty list of strings"]),
+    # -- datasets ------------------------------------------------------------------------------
+    ("pairs_not_pairs", lambda lm, p: PromptResponse(["abc"]), ValueError,
+     ["(prompt, response) pairs", "row 0 is 'abc'"]),
+    ("pairs_empty", lambda lm, p: PromptResponse([]), ValueError, ["at least one (prompt, response) pair"]),
+    ("pairs_template", lambda lm, p: PromptResponse([("a", "b")], template=1), ValueError,
+     ["template must be None, 'chat' or a function", "1"]),
+    ("labels_count", lambda lm, p: Classification(["a", "b"], [0]), ValueError, ["as many labels as texts"]),
+    ("labels_negative", lambda lm, p: Classification(["a", "b"], [0, -1]), ValueError,
+     ["class indices 0, 1, ...", "label 1 is -1"]),
+    ("labels_str", lambda lm, p: Classification(["a"], ["yes"]), ValueError, ["class indices", "'yes'"]),
+    ("collate_padding_side", lambda lm, p: collate_lm(lm, ["a"], ["b"], padding_side="up"), ValueError,
+     ["padding_side must be 'left' or 'right'", "'up'"]),
+    # -- training arguments ----------------------------------------------------------------------
+    ("train_no_trainable", lambda lm, p: train(lm, reft(lm).freeze()), ValueError, ["no trainable parameters"]),
+    ("train_data_list", lambda lm, p: train(lm, data=[("a", "b")]), TypeError,
+     ["data must be reftgraph.data.PromptResponse or Classification"]),
+    ("train_classify_missing", lambda lm, p: train(lm, data=Classification(["a", "b"], [0, 1])), ValueError,
+     ["exactly one Classify node"]),
+    ("train_resume_not_checkpoint", lambda lm, p: train(lm, resume=p / "nowhere"), ValueError,
+     ["is not a checkpoint folder", "checkpoints beside it"]),
+    ("train_lr_negative", lambda lm, p: train(lm, lr=-1.0), ValueError, ["Invalid learning rate", "-1"]),
+    ("train_padding_side", lambda lm, p: train(lm, padding_side="top"), ValueError,
+     ["padding_side must be 'left' or 'right'", "'top'"]),
+    ("train_cache_prefix_shuffled", lambda lm, p: train(lm, cache_prefix=True, batch_size=1), ValueError,
+     ["cache_prefix=True needs batches that repeat", "shuffle=False"]),
+    ("train_graph_layer", lambda lm, p: train(lm, rg.reft_graph(rg.models.tiny("llama", num_hidden_layers=3),
+                                                                 layers=[2], rank=2)),
+     rg.SiteError, ["node 'L2_first'", "layer 2 out of range", "valid layers 0..1"]),
+    ("train_model_hf", lambda lm, p: rg.train(reft(lm), lm.hf, DATA, progress=False), rg.SiteError,
+     ["expected a reftgraph Model"]),
+    # -- save / load -------------------------------------------------------------------------------
+    ("save_over_file", lambda lm, p: (p.joinpath("notes.txt").write_text("mine"),
+                                      rg.save(reft(lm), p / "notes.txt")),
+     rg.SiteError, ["notes.txt exists and is not a saved graph", "not replacing it"]),
+    ("save_over_folder", lambda lm, p: ((p / "project").mkdir(), (p / "project" / "a.py").write_text("x"),
+                                        rg.save(reft(lm), p / "project")),
+     rg.SiteError, ["project exists and is not a saved graph (no graph.json)"]),
+    ("load_missing", lambda lm, p: rg.load_graph(p / "nowhere"), rg.SiteError,
+     ["is not a saved graph: graph.json is missing"]),
+    ("load_for_wider_model", lambda lm, p: rg.load_graph(
+        rg.save(reft(rg.models.tiny("llama", hidden_size=64, intermediate_size=96)), p / "g",
+                model=rg.models.tiny("llama", hidden_size=64, intermediate_size=96)), model=lm),
+     rg.SiteError, ["saved for 'tiny-llama' (d_model 64)", "(d_model 32)"]),
+    ("load_for_other_family", lambda lm, p: rg.load_graph(rg.save(reft(lm), p / "g", model=lm),
+                                                          model=rg.models.tiny("gpt2")),
+     rg.SiteError, ["saved for 'tiny-llama' (family llama)", "not 'tiny-gpt2' (family gpt2)"]),
+]
+
+
+@pytest.mark.parametrize("call, error, parts", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(lm, forwards, tmp_path, call, error, parts):
+    with pytest.raises(error) as err:
+        call(lm, tmp_path)
+    message = str(err.value)
+    for part in parts:
+        assert part in message, f"{part!r} not in the message:\n{message}"
+    assert not forwards, "a forward pass ran before the error"
+
+
+def test_the_forward_counter_sees_runs_generation_and_training(lm, forwards):
+    """The guard above does see each kind of call that runs the model."""
+    rg.Graph().run(lm, PROMPTS)
+    n = len(forwards)
+    assert n >= 1
+    rg.Graph().generate(lm, PROMPTS, max_new_tokens=2)
+    assert len(forwards) > n
+    n = len(forwards)
+    train(lm, epochs=1)
+    assert len(forwards) > n
+
+
+def test_save_refusals_leave_the_files(lm, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "a.py").write_text("x")
+    for target in ("notes.txt", "project"):
+        with pytest.raises(rg.SiteError):
+            rg.save(reft(lm), tmp_path / target)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "project" / "a.py").read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "project"]
+    (tmp_path / "empty").mkdir()
+    rg.save(reft(lm), tmp_path / "empty")  # an empty folder is fine
+    assert len(rg.load_graph(tmp_path / "empty")) == 1
+
+
+# -- CLI specs: one line, before the model loads --------------------------------------------------
+
+SPEC_CASES = [
+    ("not_a_mapping", "[1, 2]", "the spec must be a mapping"),
+    ("graph_not_mapping", "graph: 3\ndata: {path: t.jsonl}", "'graph' must be a mapping of"),
+    ("no_data_path", "graph: {}\ndata: {template: chat}", "'data' needs a 'path'"),
+    ("no_graph", "data: {path: t.jsonl}", "the spec has no 'graph' section"),
+    ("epochs_text", "graph: {}\ndata: {path: t.jsonl}\ntrain: {epochs: ten}", "train.epochs must be an int >= 1"),
+    ("batch_zero", "graph: {}\ndata: {path: t.jsonl}\ntrain: {batch_size: 0}", "train.batch_size must be an int >= 1"),
+    ("lr_zero", "graph: {}\ndata: {path: t.jsonl}\ntrain: {lr: 0}", "train.lr must be a number > 0, got 0"),
+    ("padding", "graph: {}\ndata: {path: t.jsonl}\ntrain: {padding_side: middle}",
+     "train.padding_side must be one of 'left', 'right'"),
+    ("rank", "graph: {rank: -2}\ndata: {path: t.jsonl}", "graph.rank must be an int >= 1, got -2"),
+    ("positions", "graph: {positions: f3+x}\ndata: {path: t.jsonl}", "graph.positions unknown position selector"),
+    ("op", "graph: {op: GReFT}\ndata: {path: t.jsonl}", "graph.op must be one of 'LoReFT'"),
+    ("dropout", "graph: {dropout: 1}\ndata: {path: t.jsonl}", "graph.dropout must be a number >= 0 and < 1"),
+    ("component", "graph: {component: resid}\ndata: {path: t.jsonl}", "graph.component must be one of 'resid_pre'"),
+    ("model_number", "model: 7\ngraph: {}\ndata: {path: t.jsonl}", "'model' must be a string"),
+]
+
+
+@pytest.mark.parametrize("text, message", [c[1:] for c in SPEC_CASES], ids=[c[0] for c in SPEC_CASES])
+def test_bad_spec(tmp_path, text, message):
+    (tmp_path / "t.jsonl").write_text('{"prompt": "a", "response": "b"}')
+    (tmp_path / "spec.yaml").write_text(text)
+    with pytest.raises(SpecError) as err:
+        read_spec(tmp_path / "spec.yaml")
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("rows, message", [
+    (['[1, 2]'], "t.jsonl:1: each line must be a JSON object"),
+    (['{"text": "a", "label": "yes"}'], "t.jsonl:1: a classification row needs an integer 'label'"),
+    (['{"prompt": "a", "response": "b"}', '{"text": "c", "label": 0}'], "mixes prompt/response rows"),
+    (['{"prompt": "a", "response": "b"}', '{"prompt": "a", "response": "b"'], "t.jsonl:2: not valid JSON"),
+    (['{"question": "a"}'], "t.jsonl:1: a row needs 'prompt' and 'response'"),
+], ids=["list_row", "label_text", "mixed", "bad_json", "other_keys"])
+def test_bad_data_rows(tmp_path, rows, message):
+    (tmp_path / "t.jsonl").write_text("\n".join(rows))
+    with pytest.raises(SpecError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_rows(tmp_path / "t.jsonl")
+
+
+def test_bad_spec_through_the_cli_is_one_line_and_no_model_loads(tmp_path, capsys, monkeypatch):
+    import reftgraph.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(reftgraph.models, "load", no_load)
+    (tmp_path / "t.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}))
+    (tmp_path / "spec.yaml").write_text("graph: {layers: [0]}\ndata: {path: t.jsonl}\ntrain: {grad_accum: 0}")
+    from reftgraph.cli import main
+
+    assert main(["train", str(tmp_path / "spec.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "reftgraph train: error: train.grad_accum must be an int >= 1, got 0"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "{none}", "--prompt", "hi"], "is not a saved graph: graph.json is missing"),
+    (["generate", "{fake}", "--prompt", "hi"], "graph.json is not valid JSON"),
+    (["generate", "{none}", "--prompt", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: must be > 0, got 0"),
+    (["generate", "{none}"], "give --prompt TEXT (repeatable) or --prompts FILE"),
+    (["show", "{fake}"], "graph.json is not valid JSON"),
+    (["demo", "--rank", "-1"], "argument --rank: must be > 0, got -1"),
+    (["demo", "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+], ids=["generate_no_graph", "generate_bad_json", "generate_zero_tokens", "generate_no_prompt", "show_bad_json",
+        "demo_rank", "demo_lr"])
+def test_bad_cli_arguments_exit_2_without_loading_a_model(tmp_path, capsys, monkeypatch, argv, message):
+    import reftgraph.models
+    from reftgraph.cli import main
+
+    monkeypatch.setattr(reftgraph.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    (tmp_path / "fake").mkdir()
+    (tmp_path / "fake" / "graph.json").write_text("{not json")
+    (tmp_path / "fake" / "weights.safetensors").write_bytes(b"")
+    argv = [str(tmp_path / a[1:-1]) if a.startswith("{") else a for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err

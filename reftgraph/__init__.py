@@ -9,12 +9,12 @@
 torch.Size([2, 1, 32])
 """
 
-from . import data, memorisation, models, patching, prefix
+from . import causal, das, data, memorisation, models, patching, prefix, subspace
 from .arch import Family, register_family
 from .graph import Graph, Node
 from .io import load_graph, save
 from .models import Model, load, wrap
-from .ops import Ablate, Add, Classify, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op, Patch, ReFT, Set
+from .ops import Ablate, Add, Classify, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op, Patch, ReFT, Rotate, Set
 from .generation import Generation, generate
 from .pyreft import from_pyreft
 from .prefix import PrefixCache
@@ -26,5 +26,5 @@ from .sites import COMPONENTS, Site, SiteError
 __all__ = [
     "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DiReFT", "LoBiReFT", "LoReFT", "NoDiReFT",
     "NoReFT", "ReFT", "Family", "Generation", "Graph", "Model", "Node", "Op", "Patch",
-    "RunResult", "Set", "Site", "SiteError", "data", "memorisation", "patching", "prefix", "PrefixCache", "from_pyreft", "generate", "load", "load_graph", "models", "save", "print_trainable_parameters", "reft_graph", "register_family", "run", "train", "wrap",
+    "RunResult", "Rotate", "Set", "causal", "das", "subspace", "Site", "SiteError", "data", "memorisation", "patching", "prefix", "PrefixCache", "from_pyreft", "generate", "load", "load_graph", "models", "save", "print_trainable_parameters", "reft_graph", "register_family", "run", "train", "wrap",
 ]

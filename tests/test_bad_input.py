@@ -196,7 +196,7 @@ CASES = [
      ["exactly one Classify node"]),
     ("train_resume_not_checkpoint", lambda lm, p: train(lm, resume=p / "nowhere"), ValueError,
      ["is not a checkpoint folder", "checkpoints beside it"]),
-    ("train_lr_negative", lambda lm, p: train(lm, lr=-1.0), ValueError, ["Invalid learning rate", "-1"]),
+    ("train_lr_negative", lambda lm, p: train(lm, lr=-1.0), ValueError, ["lr must be > 0", "-1"]),
     ("train_padding_side", lambda lm, p: train(lm, padding_side="top"), ValueError,
      ["padding_side must be 'left' or 'right'", "'top'"]),
     ("train_cache_prefix_shuffled", lambda lm, p: train(lm, cache_prefix=True, batch_size=1), ValueError,

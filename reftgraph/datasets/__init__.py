@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .ioi import ioi  # noqa: F401  (rg.datasets.ioi)
+from .ioi import ioi
+
+__all__ = ["caps", "ioi", "is_caps"]
 
 HERE = Path(__file__).parent
 

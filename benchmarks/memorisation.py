@@ -3,7 +3,7 @@ prompt, trained until greedy decoding recovers the opening of Alice's Adventures
 
     python benchmarks/memorisation.py [--layers 1 8 15 21 28] [--tokens 32 64 ... 2048]
         [--variant text shuffled random] [--csv PATH] [--plot PATH] [--max-steps N] [--lr X]
-    python benchmarks/memorisation.py --speed [--layer 15] [--speed-tokens 256] [--repeats 5]
+    python benchmarks/memorisation.py --speed [--layer 15 20 25] [--speed-tokens 256] [--repeats 5]
 
 Each (variant, layer, tokens) cell is one run; cells already in the CSV are kept (rerun
 them with --redo), so a large grid can be filled over several sessions. Prints the recovery
@@ -99,9 +99,20 @@ def plot(done: pd.DataFrame, path: Path):
     fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
-def speed(args, lm, text):
+def flop_ratio(lm, layer: int) -> float:
+    """The cached/uncached step ratio that counting matmul work per token predicts at ``layer``:
+    the cached step still runs the blocks from ``layer`` up forward and
+    backward (input gradients only: the weights are frozen) and the head forward and backward."""
+    block = sum(p.numel() for p in lm.hf.model.layers[0].parameters() if p.dim() > 1)
+    head = lm.hf.get_output_embeddings().weight.numel()
+    n = lm.arch.n_layers
+    upper = (n - layer) * block
+    return (2 * upper + 2 * head) / (n * block + upper + 2 * head)
+
+
+def step_times(args, lm, text, layer):
     """Median seconds of one training step (forward, loss, backward, Adam) with and without the cache."""
-    layer, n = args.layer, args.speed_tokens
+    n = args.speed_tokens
     ids = target_ids(lm, text, n)
     prompt = lm.tokenizer("Recite the book:")["input_ids"]
     seq = torch.tensor([prompt + ids])
@@ -130,10 +141,24 @@ def speed(args, lm, text):
     steps = {k: step(k) for k in graphs}
     with torch.enable_grad():
         assert abs(steps["cached"]() - steps["uncached"]()) < 1e-4  # same first loss
-        times = interleaved(steps, args.repeats, warmup=1)
-    report({"model": args.model, "layer": layer, "n_layers": lm.arch.n_layers, "tokens": n,
-            "cached_step_s": times["cached"], "uncached_step_s": times["uncached"],
-            "ratio_cached_uncached": times["cached"] / times["uncached"]})
+        return interleaved(steps, args.repeats, warmup=1)
+
+
+def speed(args, lm, text):
+    """Step times at each ``--layer`` (the first is the headline figure) beside the ratio matmul counts predict."""
+    rows = []
+    for layer in args.layer:
+        times = step_times(args, lm, text, layer)
+        rows.append({"layer": layer, "cached_step_s": round(times["cached"], 3),
+                     "uncached_step_s": round(times["uncached"], 3),
+                     "ratio": round(times["cached"] / times["uncached"], 3), "flop_ratio": round(flop_ratio(lm, layer), 3)})
+        print(rows[-1], flush=True)
+    print(pd.DataFrame(rows).to_string(index=False))
+    first = rows[0]
+    report({"model": args.model, "layer": first["layer"], "n_layers": lm.arch.n_layers, "tokens": args.speed_tokens,
+            "cached_step_s": first["cached_step_s"], "uncached_step_s": first["uncached_step_s"],
+            "flop_ratio": first["flop_ratio"], "by_layer": rows,
+            "ratio_cached_uncached": first["ratio"]})
 
 
 def main():
@@ -153,7 +178,8 @@ def main():
     ap.add_argument("--plot", default=str(ROOT / "docs" / "img" / "memorisation.png"))
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--speed", action="store_true")
-    ap.add_argument("--layer", type=int, default=None, help="--speed: the layer (default: the middle one)")
+    ap.add_argument("--layer", type=int, nargs="+", default=None,
+                    help="--speed: the layers (default: the middle one; the first is the headline figure)")
     ap.add_argument("--speed-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
@@ -163,7 +189,7 @@ def main():
     lm = rg.load(args.model)
     n = lm.arch.n_layers
     if args.speed:
-        args.layer = n // 2 if args.layer is None else args.layer
+        args.layer = args.layer or [n // 2]
         return speed(args, lm, text)
     args.layers = args.layers or sorted({round(1 + i * (n - 3) / 4) for i in range(5)})
     clock = time.perf_counter()

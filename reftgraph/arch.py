@@ -37,6 +37,9 @@ STAGES = {
 class Family:
     """Where the canonical components live in one architecture family.
 
+    >>> FAMILIES["gpt2"].layers, FAMILIES["gpt2"].qkv, FAMILIES["gpt2"].qkv_layout
+    ('transformer.h', 'attn.c_attn', 'gpt2')
+
     Paths are attribute paths: ``layers`` from the model root to the block list, the
     others from a block. ``qkv`` is three paths (separate projections) or one fused
     projection with ``qkv_layout`` ``"gpt2"`` (``[q | k | v]``) or ``"neox"`` (per head
@@ -58,7 +61,15 @@ FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family) -> Family:
-    """Make a family known; its ``model_types`` are matched against ``config.model_type``."""
+    """Make a family known; its ``model_types`` are matched against ``config.model_type``.
+
+    >>> from types import SimpleNamespace
+    >>> mine = register_family(Family("mine", ("mine",), "model.layers", "self_attn", "mlp",
+    ...                               "self_attn.o_proj", "mlp.down_proj", _LLAMA_QKV))
+    >>> family_for(SimpleNamespace(model_type="mine")).name
+    'mine'
+    >>> del FAMILIES["mine"]    # (keep the registry as it was)
+    """
     FAMILIES[family.name] = family
     return family
 
@@ -88,6 +99,15 @@ def _unknown_family_message(model_type: str) -> str:
 
 
 def family_for(config) -> Family:
+    """The registered family of a transformers config (by ``config.model_type``).
+
+    >>> from transformers import MistralConfig
+    >>> family_for(MistralConfig()).name
+    'llama'
+
+    Later registrations win; an unknown type raises :class:`SiteError` with the supported
+    families and how to register one.
+    """
     model_type = getattr(config, "model_type", None)
     for family in reversed(list(FAMILIES.values())):  # later registrations win
         if model_type in family.model_types:
@@ -119,7 +139,12 @@ def _with_first(raw, new):
 
 @dataclass(frozen=True)
 class Hook:
-    """One module access in a layer: ``path`` ('' = the block), ``io`` input/output."""
+    """One module access in a layer: ``path`` ('' = the block), ``io`` input/output.
+
+    >>> import reftgraph as rg
+    >>> rg.models.tiny("gpt2").arch.hook("mlp_act", 1)     # the input of GPT-2's MLP down projection
+    Hook(layer=1, stage=6, path='mlp.c_proj', io='input')
+    """
 
     layer: int
     stage: int
@@ -129,7 +154,13 @@ class Hook:
 
 @dataclass
 class Arch:
-    """A family resolved against one model's config: dims and component accessors."""
+    """A family resolved against one model's config: dims and component accessors.
+
+    >>> import reftgraph as rg
+    >>> a = rg.models.tiny("llama").arch
+    >>> a.family.name, a.n_layers, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.d_mlp
+    ('llama', 2, 32, 4, 2, 8, 48)
+    """
 
     family: Family
     n_layers: int
@@ -141,6 +172,13 @@ class Arch:
 
     @classmethod
     def of(cls, model) -> "Arch":
+        """The architecture of a transformers model (its family, from ``config.model_type``).
+
+        >>> from transformers import GPT2LMHeadModel
+        >>> from reftgraph.models import tiny_config
+        >>> Arch.of(GPT2LMHeadModel(tiny_config("gpt2"))).d_mlp
+        48
+        """
         config = model.config
         family = family_for(config)
         d_model = config.hidden_size
@@ -152,20 +190,46 @@ class Arch:
 
     # -- dims --------------------------------------------------------------
     def heads(self, component: str) -> int:
+        """How many heads ``component`` has: key-value heads for ``k`` and ``v``.
+
+        >>> import reftgraph as rg
+        >>> arch = rg.models.tiny("llama").arch     # grouped-query: 4 query heads, 2 key-value heads
+        >>> arch.heads("q"), arch.heads("k"), arch.heads("head_out")
+        (4, 2, 4)
+        """
         return self.n_kv_heads if component in ("k", "v") else self.n_heads
 
     def width(self, component: str) -> int:
+        """The last-dim width of ``component``: per head for head components.
+
+        >>> import reftgraph as rg
+        >>> arch = rg.models.tiny("llama").arch
+        >>> arch.width("resid_post"), arch.width("mlp_act"), arch.width("head_out")
+        (32, 48, 8)
+        """
         if component in HEAD_COMPONENTS:
             return self.head_dim
         return self.d_mlp if component == "mlp_act" else self.d_model
 
     def layer_index(self, layer: int) -> Optional[int]:
-        """Non-negative layer index, or None when out of range."""
+        """Non-negative layer index, or None when out of range.
+
+        >>> import reftgraph as rg
+        >>> arch = rg.models.tiny("llama").arch     # 2 layers
+        >>> arch.layer_index(-1), arch.layer_index(2)
+        (1, None)
+        """
         resolved = layer + self.n_layers if layer < 0 else layer
         return resolved if 0 <= resolved < self.n_layers else None
 
     # -- modules -----------------------------------------------------------
     def hook(self, component: str, layer: int) -> Hook:
+        """Which module, input or output, holds ``component`` at ``layer`` (non-negative).
+
+        >>> import reftgraph as rg
+        >>> rg.models.tiny("llama").arch.hook("head_out", 0)
+        Hook(layer=0, stage=4, path='self_attn.o_proj', io='input')
+        """
         f = self.family
         stage = STAGES[component]
         if component in ("resid_pre", "resid_post"):
@@ -183,7 +247,13 @@ class Arch:
         return Hook(layer, stage, f.qkv["qkv".index(component)], "output")
 
     def envoy(self, root, hook: Hook):
-        """The nnsight envoy (or torch module) of a hook, from the model root."""
+        """The nnsight envoy (or torch module) of a hook, from the model root.
+
+        >>> import reftgraph as rg
+        >>> lm = rg.models.tiny("llama")
+        >>> lm.arch.envoy(lm.hf, lm.arch.hook("mlp_out", 1)) is lm.hf.model.layers[1].mlp
+        True
+        """
         module = root
         path = f"{self.family.layers}.{hook.layer}" + (f".{hook.path}" if hook.path else "")
         for part in path.split("."):
@@ -192,7 +262,14 @@ class Arch:
 
     def view(self, component: str) -> tuple[Callable, Callable]:
         """``(get, put)``: ``get(raw, resid_pre)`` -> ``[B, S, width]`` or ``[B, S, H, Dh]``;
-        ``put(raw, new, resid_pre)`` -> the raw hook value with the component replaced."""
+        ``put(raw, new, resid_pre)`` -> the raw hook value with the component replaced.
+
+        >>> import torch, reftgraph as rg
+        >>> get, put = rg.models.tiny("gpt2").arch.view("k")   # k inside GPT-2's fused [q | k | v]
+        >>> raw = torch.randn(1, 3, 96)
+        >>> get(raw, None).shape, torch.equal(put(raw, get(raw, None), None), raw)
+        (torch.Size([1, 3, 4, 8]), True)
+        """
         if component == "resid_mid":
             return (lambda raw, pre: pre + _first(raw),
                     lambda raw, new, pre: _with_first(raw, new - pre))

@@ -31,7 +31,12 @@ import networkx as nx
 @dataclass(frozen=True)
 class Pair:
     """One counterfactual: ``base`` and ``source`` inputs, the interchanged ``variables``,
-    the base's own output and the output after the interchange (``label``)."""
+    the base's own output and the output after the interchange (``label``).
+
+    >>> m = CausalModel({"x": None, "y": None, "out": lambda x, y: x + y})
+    >>> m.pairs(lambda rng: {"x": rng.randint(0, 9), "y": 1}, ["x"], 1, seed=1)[0]
+    Pair(base={'x': 2, 'y': 1}, source={'x': 9, 'y': 1}, variables=('x',), base_output=3, label=10)
+    """
 
     base: dict
     source: dict
@@ -41,13 +46,22 @@ class Pair:
 
     @property
     def type(self) -> str:
-        """The counterfactual type: the interchanged variables joined by ``+``."""
+        """The counterfactual type: the interchanged variables joined by ``+``.
+
+        >>> Pair({"a": 1}, {"a": 2}, ("a", "b"), base_output=0, label=1).type
+        'a+b'
+        """
         return "+".join(self.variables)
 
 
 class CausalModel:
     """Variables -> functions of their parents (``None`` for inputs); ``output`` defaults to
-    the last variable in topological order."""
+    the last variable in topological order.
+
+    >>> m = CausalModel({"x": None, "y": None, "s": lambda x, y: x + y, "big": lambda s: s > 5})
+    >>> m.inputs, m.parents["big"], m.output
+    (['x', 'y'], ['s'], 'big')
+    """
 
     def __init__(self, functions: dict, output: Optional[str] = None):
         self.functions = dict(functions)
@@ -77,7 +91,12 @@ class CausalModel:
             raise ValueError(f"{what} {bad[0]!r} is not a variable (variables: {list(self.functions)})")
 
     def run(self, inputs: dict, interventions: Optional[dict] = None) -> dict:
-        """Every variable's value on ``inputs``, with ``interventions`` ({variable: value}) held fixed."""
+        """Every variable's value on ``inputs``, with ``interventions`` ({variable: value}) held fixed.
+
+        >>> m = CausalModel({"x": None, "y": None, "s": lambda x, y: x + y, "big": lambda s: s > 5})
+        >>> m.run({"x": 1, "y": 2}), m.run({"x": 1, "y": 2}, {"s": 9})["big"]
+        ({'x': 1, 'y': 2, 's': 3, 'big': False}, True)
+        """
         missing = [v for v in self.inputs if v not in inputs and v not in (interventions or {})]
         if missing:
             raise ValueError(f"missing inputs {missing} (inputs: {self.inputs})")
@@ -93,7 +112,12 @@ class CausalModel:
         return values
 
     def interchange(self, base: dict, source: dict, variables: Sequence[str]) -> dict:
-        """Run ``base`` with ``variables`` set to their values on ``source``."""
+        """Run ``base`` with ``variables`` set to their values on ``source``.
+
+        >>> m = CausalModel({"x": None, "y": None, "s": lambda x, y: x + y, "big": lambda s: s > 5})
+        >>> m.interchange({"x": 1, "y": 2}, {"x": 4, "y": 4}, ["s"])
+        {'x': 1, 'y': 2, 's': 8, 'big': True}
+        """
         self._check(variables, "variable")
         on_source = self.run(source)
         return self.run(base, {v: on_source[v] for v in variables})
@@ -107,7 +131,6 @@ class CausalModel:
         >>> (p.type, p.label == p.source["x"])
         ('x', True)
 
-        
         ``variables`` lists what to interchange (a name, or a tuple of names interchanged
         together), cycled so every type gets ``n / len(variables)`` pairs. With
         ``changed_only`` only pairs whose output the interchange changes are kept."""
@@ -130,9 +153,17 @@ class CausalModel:
         return out
 
     def dataset(self, pairs: Sequence[Pair], prompt: Callable, answer: Callable = str):
-        """A :class:`reftgraph.patching.Counterfactual` for language models: ``prompt(inputs)``
-        makes each text, ``answer(label)`` the expected next token (``correct``; ``wrong``
-        is the base's own answer); ``meta`` rows hold the pair's ``type``."""
+        """A :class:`reftgraph.patching.Counterfactual` for language models, one row per pair.
+
+        >>> m = CausalModel({"x": None, "y": None, "out": lambda x, y: x + y})
+        >>> pairs = m.pairs(lambda rng: {"x": rng.randint(0, 4), "y": 2}, ["x"], 2, seed=1)
+        >>> data = m.dataset(pairs, prompt=lambda v: f"{v['x']}+{v['y']}=")
+        >>> data.base, data.source, data.correct, data.wrong, data.meta[0]
+        (['1+2=', '0+2='], ['4+2=', '2+2='], ['6', '4'], ['3', '2'], {'type': 'x'})
+
+        ``prompt(inputs)`` makes each text, ``answer(label)`` the expected next token
+        (``correct``; ``wrong`` is the base's own answer); ``meta`` rows hold the pair's ``type``.
+        """
         from .patching import Counterfactual
 
         return Counterfactual([prompt(p.base) for p in pairs], [prompt(p.source) for p in pairs],

@@ -17,6 +17,8 @@ import torch
 
 from .spec import SpecError
 
+__all__ = ["main", "parser"]
+
 PATCH_BASE = "The capital of France is the city of"
 PATCH_SOURCE = "The capital of Italy is the city of"
 
@@ -225,6 +227,12 @@ def _positive(kind):
 
 
 def parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``reftgraph`` command (subcommands demo, train, generate, show).
+
+    >>> args = parser().parse_args(["generate", "my-graph", "--prompt", "Hi?", "--max-new-tokens", "8"])
+    >>> args.command, args.dir, args.prompt, args.max_new_tokens
+    ('generate', 'my-graph', ['Hi?'], 8)
+    """
     p = argparse.ArgumentParser(prog="reftgraph", description="Interventions on language models as a causal graph.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -262,6 +270,22 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run the ``reftgraph`` command with ``argv`` (default: the process's); returns the exit status.
+
+    >>> import tempfile, reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), rg.Collect(), name="c")
+    >>> folder = g.save(tempfile.mkdtemp() + "/g")
+    >>> main(["show", str(folder)])      # doctest: +ELLIPSIS
+    name      op stream  component  layer positions head subspace reads  params
+       c Collect   base resid_post      1      last None     None  None       0
+    <BLANKLINE>
+    1 nodes, 0 trainable parameters (0 in all)
+    picture: .../g/graph.png
+    0
+
+    Spec and input problems print one line on stderr and return 2.
+    """
     from .sites import SiteError
 
     args = parser().parse_args(argv)

@@ -27,7 +27,15 @@ from .sites import Selection, Site, SiteError, resolve_positions
 
 @dataclass
 class Step:
-    """One node resolved against a model."""
+    """One node resolved against a model: its hook, view functions, heads and dims.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("k", layer=0, head=1, positions="last"), rg.Patch("source"), name="p")
+    >>> step = compile_graph(g, rg.models.tiny("llama").arch).steps[0]
+    >>> step.hook.path, step.heads.tolist(), step.source_hook == step.hook
+    ('self_attn.k_proj', [1], True)
+    """
 
     node: Node
     hook: Hook
@@ -42,7 +50,16 @@ class Step:
 
 @dataclass
 class Plan:
-    """Steps in forward order; ``hooks`` lists every hook point the plan touches."""
+    """Steps in forward order; ``hooks`` lists every hook point the plan touches.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_mid", layer=1), rg.Collect(), name="late")
+    >>> _ = g.add(rg.Site("q", layer=0), rg.Collect(), name="early")
+    >>> plan = compile_graph(g, rg.models.tiny("llama").arch)
+    >>> [s.node.name for s in plan.steps], [(h.layer, h.path, h.io) for h in plan.hooks]
+    (['early', 'late'], [(0, 'self_attn.q_proj', 'output'), (1, '', 'input'), (1, 'self_attn', 'output')])
+    """
 
     arch: Arch
     steps: list
@@ -92,7 +109,16 @@ def _slice_width(node: Node, site: Site, arch: Arch) -> int:
 
 
 def compile_graph(graph: Graph, arch: Arch) -> Plan:
-    """Check ``graph`` against ``arch`` and order its nodes in forward order."""
+    """Check ``graph`` against ``arch`` and order its nodes in forward order.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("head_out", layer=0, head=4), rg.Collect(), name="h")
+    >>> compile_graph(g, rg.models.tiny("llama").arch)     # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.sites.SiteError: node 'h' at head_out[0].h4 pos=all: head 4 out of range; ... valid heads 0..3
+    """
     steps = []
     for node in graph.nodes:
         site = node.site
@@ -131,7 +157,14 @@ def compile_graph(graph: Graph, arch: Arch) -> Plan:
 @dataclass
 class Batch:
     """Rows of every stream in one padded batch: ``rows[stream]`` is a slice of rows;
-    ``start``/``length`` give each row's first prompt token and prompt length."""
+    ``start``/``length`` give each row's first prompt token and prompt length.
+
+    >>> from reftgraph.runtime import tokenize
+    >>> import reftgraph as rg
+    >>> _, batch = tokenize(rg.models.tiny("llama"), {"base": ["abc", "a"], "source": ["ab"]}, "left")
+    >>> batch.rows, batch.start.tolist(), batch.length.tolist(), batch.seq_len
+    ({'base': slice(0, 2, None), 'source': slice(2, 3, None)}, [0, 2, 1], [3, 1, 2], 3)
+    """
 
     rows: dict
     start: torch.Tensor
@@ -141,7 +174,16 @@ class Batch:
 
 @dataclass
 class Bound:
-    """A step's positions in one batch, as flat indices into ``[rows * seq_len]``."""
+    """A step's positions in one batch, as flat indices into ``[rows * seq_len]``.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_pre", layer=0, positions="last"), rg.Collect())
+    >>> plan = compile_graph(g, rg.models.tiny("llama").arch)
+    >>> batch = Batch({"base": slice(0, 2)}, start=torch.tensor([0, 1]), length=torch.tensor([3, 2]), seq_len=3)
+    >>> bind(plan, batch)[0].index.tolist()      # row 0 at 0 * 3 + 2, row 1 at 1 * 3 + 2
+    [[2], [5]]
+    """
 
     index: torch.Tensor      # [B, k] flat index of the written (or collected) slots
     valid: torch.Tensor      # [B, k]
@@ -164,7 +206,17 @@ def _select(node: Node, site: Site, stream: str, batch: Batch, what: str = "") -
 
 
 def bind(plan: Plan, batch: Batch) -> list[Bound]:
-    """Resolve every step's positions in ``batch``; raises :class:`SiteError` before any forward."""
+    """Resolve every step's positions in ``batch``; raises :class:`SiteError` before any forward.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_pre", layer=0, positions=[3]), rg.Collect(), name="c")
+    >>> plan = compile_graph(g, rg.models.tiny("llama").arch)
+    >>> bind(plan, Batch({"base": slice(0, 1)}, torch.tensor([0]), torch.tensor([2]), 2))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.sites.SiteError: node 'c' at resid_pre[0] pos=[3]: positions [3] are beyond the prompt of row 0 ...
+    """
     n_flat = (max(r.stop for r in batch.rows.values())) * batch.seq_len
     bound = []
     for step in plan.steps:
@@ -231,7 +283,22 @@ def _edit(step: Step, b: Bound, full: torch.Tensor, source_value, collected: dic
 
 
 def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
-    """Run the plan's edits on ``root`` (an nnsight envoy inside a trace)."""
+    """Run the plan's edits on ``root`` (an nnsight envoy inside a trace).
+
+    >>> import reftgraph as rg
+    >>> from reftgraph.runtime import tokenize
+    >>> lm, g, collected = rg.models.tiny("llama"), rg.Graph(), {}
+    >>> _ = g.add(rg.Site("mlp_out", layer=1, positions="last"), rg.Collect(), name="m")
+    >>> plan = compile_graph(g, lm.arch)
+    >>> inputs, batch = tokenize(lm, {"base": ["ab", "cde"]})
+    >>> with lm.nn.trace(inputs):
+    ...     apply(plan, bind(plan, batch), lm.nn, collected)
+    >>> value, valid = collected["m"]
+    >>> value.shape, valid.tolist()
+    (torch.Size([2, 1, 32]), [[True], [True]])
+
+    Collected values land in ``collected[name] = (value, valid)``.
+    """
     pre = {}
     sources = {}
     by_hook = {}

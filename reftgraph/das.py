@@ -34,7 +34,12 @@ from .runtime import as_model, forward, inference_mode, tokenize
 
 
 def boundless_ops(graph) -> list:
-    """The boundless :class:`Rotate` ops of a graph (or of an iterable of modules)."""
+    """The boundless :class:`Rotate` ops of a graph (or of an iterable of modules).
+
+    >>> ops = [Rotate(width=8, k=2), Rotate(width=8, k=2, boundless=True)]
+    >>> [op.boundless for op in boundless_ops(ops)]
+    [True]
+    """
     modules = graph.ops.modules() if isinstance(graph, Graph) else graph
     return [m for m in modules if isinstance(m, Rotate) and m.boundless]
 
@@ -51,7 +56,12 @@ def temperature_at(step: int, total: int, schedule: tuple) -> float:
 
 
 def types(data) -> list:
-    """Each row's counterfactual type (``meta[i]["type"]``; ``"all"`` without one)."""
+    """Each row's counterfactual type (``meta[i]["type"]``; ``"all"`` without one).
+
+    >>> import reftgraph as rg
+    >>> types(rg.patching.Counterfactual(["a", "b"], ["c", "d"], meta=[{"type": "x"}, {}]))
+    ['x', 'all']
+    """
     meta = data.meta or [{}] * len(data)
     return [m.get("type", "all") if isinstance(m, dict) else str(m) for m in meta]
 
@@ -74,6 +84,14 @@ def train_das(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 1
               progress: bool = True, eval_fn: Optional[Callable] = None) -> pd.DataFrame:
     """Fit the graph's parameters so the next token after each base prompt, with the
     interchange applied, is ``data.correct`` (cross-entropy; Adam; the model frozen).
+
+    >>> import reftgraph as rg
+    >>> lm, g = rg.models.tiny("llama"), rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=0, positions="last"), Rotate(width=32, k=2, boundless=True))
+    >>> data = rg.patching.Counterfactual(["ab", "cd"], ["ef", "gh"], correct=["x", "y"])
+    >>> history = train_das(g, lm, data, epochs=3, batch_size=2, temperature=(10.0, 0.1), progress=False)
+    >>> history["temperature"].round(3).tolist()     # annealed geometrically, one step per epoch here
+    [10.0, 1.0, 0.1]
 
     Boundless :class:`Rotate` ops get their temperature annealed from ``temperature[0]``
     to ``temperature[1]``; ``boundary_penalty`` adds that weight times the mean boundary
@@ -126,7 +144,15 @@ def train_das(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 1
 
 
 def predict(graph: Graph, model, data, batch_size: int = 32) -> torch.Tensor:
-    """The argmax next token after each base prompt, with the graph's interchanges ``[N]``."""
+    """The argmax next token after each base prompt, with the graph's interchanges ``[N]``.
+
+    >>> import reftgraph as rg
+    >>> lm, g = rg.models.tiny("llama"), rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=-1, positions="last"), rg.Patch("source"))
+    >>> data = rg.patching.Counterfactual(["ab", "cd"], ["ef", "gh"])
+    >>> torch.equal(predict(g, lm, data), rg.Graph().run(lm, data.source).next_token_logits.argmax(-1))
+    True
+    """
     model = as_model(model)
     plan = compile_graph(graph, model.arch)
     preds = []
@@ -153,7 +179,16 @@ def iia_table(hits: Sequence, row_types: Sequence) -> pd.DataFrame:
 
 def iia(graph: Graph, model, data, batch_size: int = 32) -> pd.DataFrame:
     """Interchange-intervention accuracy: the share of rows whose predicted next token is
-    ``data.correct``, per counterfactual type and overall."""
+    ``data.correct``, per counterfactual type and overall.
+
+    >>> import reftgraph as rg
+    >>> lm, g = rg.models.tiny("llama"), rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=-1, positions="last"), rg.Patch("source"))
+    >>> data = rg.patching.Counterfactual(["ab", "cd"], ["ef", "gh"], correct=["a", "b"],
+    ...                                   meta=[{"type": "x"}, {"type": "y"}])
+    >>> iia(g, lm, data).values.tolist()     # an untrained random model gets none right
+    [['x', 1, 0.0], ['y', 1, 0.0], ['all', 2, 0.0]]
+    """
     target, _ = data.answer_ids(as_model(model))
     hits = predict(graph, model, data, batch_size) == target
     return iia_table(hits.tolist(), types(data))

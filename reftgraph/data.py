@@ -23,8 +23,14 @@ Template = Union[None, str, Callable[[str], str]]
 
 
 def format_prompt(tokenizer, prompt: str, template: Template = None) -> str:
-    """``template``: None (as is), ``"chat"`` (the tokenizer's chat template, one user turn,
-    ready for the assistant's answer) or a function of the prompt."""
+    """A prompt as the model sees it, after ``template``.
+
+    >>> format_prompt(None, "Why?", template=lambda p: f"Q: {p} A:"), format_prompt(None, "Why?")
+    ('Q: Why? A:', 'Why?')
+
+    ``template``: None (as is), ``"chat"`` (the tokenizer's chat template, one user turn,
+    ready for the assistant's answer) or a function of the prompt.
+    """
     if template is None:
         return prompt
     if template == "chat":
@@ -49,7 +55,12 @@ def _check_template(template) -> None:
 
 @dataclass
 class PromptResponse:
-    """Supervision pairs: the loss is on response tokens only."""
+    """Supervision pairs: the loss is on response tokens only.
+
+    >>> data = PromptResponse([("Sky?", "BLUE."), ("Grass?", "GREEN.")], template=lambda p: "Q: " + p)
+    >>> len(data), data.responses
+    (2, ['BLUE.', 'GREEN.'])
+    """
 
     pairs: Sequence[tuple]
     template: Template = None
@@ -67,16 +78,35 @@ class PromptResponse:
         return len(self.pairs)
 
     def prompts(self, model) -> list:
+        """The prompts after the template (``"chat"`` needs the model's tokenizer).
+
+        >>> import reftgraph as rg
+        >>> PromptResponse([("Sky?", "BLUE.")], template=lambda p: "Q: " + p).prompts(rg.models.tiny("llama"))
+        ['Q: Sky?']
+        """
         return [format_prompt(model.tokenizer, p, self.template) for p, _ in self.pairs]
 
     @property
     def responses(self) -> list:
+        """The responses, in order.
+
+        >>> PromptResponse([("Sky?", "BLUE."), ("Grass?", "GREEN.")]).responses
+        ['BLUE.', 'GREEN.']
+        """
         return [r for _, r in self.pairs]
 
 
 @dataclass
 class Classification:
-    """Texts with integer labels, for a graph holding one ``Classify`` node."""
+    """Texts with integer labels, for a graph holding one ``Classify`` node.
+
+    >>> data = Classification(["good film", "bad film", "fine film"], [2, 0, 1])
+    >>> len(data), data.labels
+    (3, [2, 0, 1])
+
+    :func:`reftgraph.train` trains the ``Classify`` head (and the graph's other ops) with
+    cross-entropy on the labels.
+    """
 
     texts: Sequence[str]
     labels: Sequence[int]
@@ -95,6 +125,12 @@ class Classification:
         return len(self.texts)
 
     def prompts(self, model) -> list:
+        """The texts after the template (``"chat"`` needs the model's tokenizer).
+
+        >>> import reftgraph as rg
+        >>> Classification(["good", "bad"], [1, 0], template=str.upper).prompts(rg.models.tiny("llama"))
+        ['GOOD', 'BAD']
+        """
         return [format_prompt(model.tokenizer, t, self.template) for t in self.texts]
 
 
@@ -112,6 +148,11 @@ def _pad(rows: list, value: int, side: str, width: int) -> torch.Tensor:
 def collate_lm(model, prompts: Sequence[str], responses: Optional[Sequence[str]] = None,
                padding_side: str = "right", max_length: Optional[int] = None, eos: bool = True):
     """Tokenize prompt + response rows: ``(inputs, Batch, labels)``.
+
+    >>> import reftgraph as rg
+    >>> inputs, batch, labels = collate_lm(rg.models.tiny("llama"), ["ab"], ["c"])
+    >>> inputs["input_ids"].tolist(), labels.tolist(), batch.length.tolist()   # a, b | c, <eos>
+    ([[67, 68, 69, 2]], [[-100, -100, 69, 2]], [2])
 
     Positions of graph nodes resolve against the *prompt* of each row (``Batch.length`` is
     the prompt length); ``labels`` are the response tokens (``-100`` elsewhere)."""

@@ -30,8 +30,16 @@ from .sites import SiteError
 
 @dataclass
 class Generation:
-    """``texts``: the new text of each row; ``ids``: prompt + new tokens (left-padded, as
-    transformers returns them); ``prompt_length``: the padded prompt width."""
+    """What :func:`generate` returns: the new texts and the token ids, prompt included.
+
+    >>> import reftgraph as rg
+    >>> out = rg.Graph().generate(rg.models.tiny("llama"), ["hi", "hello"], max_new_tokens=3)
+    >>> len(out.texts), out.ids.shape, out.prompt_length
+    (2, torch.Size([2, 8]), 5)
+
+    ``texts``: the new text of each row; ``ids``: prompt + new tokens (left-padded, as
+    transformers returns them); ``prompt_length``: the padded prompt width.
+    """
 
     texts: list
     ids: torch.Tensor
@@ -39,6 +47,13 @@ class Generation:
 
     @property
     def new_ids(self) -> torch.Tensor:
+        """The generated tokens ``[B, new]``, without the prompt.
+
+        >>> import reftgraph as rg
+        >>> out = rg.Graph().generate(rg.models.tiny("llama"), ["hi", "hello"], max_new_tokens=3)
+        >>> out.new_ids.shape
+        torch.Size([2, 3])
+        """
         return self.ids[:, self.prompt_length:]
 
 
@@ -57,7 +72,19 @@ def _split(graph: Graph):
 
 def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: bool = False,
              template: Template = None, skip_special_tokens: bool = True, **generate_kwargs) -> Generation:
-    """Generate from ``prompts`` (left-padded batch) with the graph's edits."""
+    """Generate from ``prompts`` (left-padded batch) with the graph's edits.
+
+    >>> import reftgraph as rg
+    >>> lm, g = rg.models.tiny("llama"), rg.Graph()
+    >>> v = 50 * torch.randn(32, generator=torch.Generator().manual_seed(0))
+    >>> _ = g.add(rg.Site("resid_post", layer=1, positions="generated"), rg.Add(v))
+    >>> plain, steered = rg.Graph().generate(lm, ["ab"], max_new_tokens=4), generate(g, lm, ["ab"], max_new_tokens=4)
+    >>> plain.ids[:, :3].equal(steered.ids[:, :3]), plain.ids.equal(steered.ids)  # edits from the 2nd new token on
+    (True, False)
+
+    Greedy by default; ``template="chat"`` wraps each prompt in the tokenizer's chat
+    template; other keyword arguments go to transformers' ``generate``.
+    """
     model = as_model(model)
     prompt_graph, step_graph = _split(graph)
     prompts = [format_prompt(model.tokenizer, p, template) for p in _as_list(prompts, "prompts")]

@@ -29,7 +29,12 @@ from .sites import Site, SiteError
 
 @dataclass(frozen=True)
 class Node:
-    """One intervention: a name, where (``site``), what (``op``) and on which ``stream``."""
+    """One intervention: a name, where (``site``), what (``op``) and on which ``stream``.
+
+    >>> import reftgraph as rg
+    >>> print(Node("p", rg.Site("resid_pre", layer=2, positions="last"), rg.Patch("s1"), stream="base"))
+    p: Patch resid_pre[2] pos=last
+    """
 
     name: str
     site: Site
@@ -38,7 +43,14 @@ class Node:
 
     @property
     def reads(self) -> tuple[str, Site]:
-        """The (stream, site) whose value the op reads: its source for a Patch, else its own."""
+        """The (stream, site) whose value the op reads: its source for a Patch, else its own.
+
+        >>> import reftgraph as rg
+        >>> node = Node("p", rg.Site("resid_pre", layer=2), rg.Patch("source", site=rg.Site("resid_pre", layer=1)))
+        >>> stream, site = node.reads
+        >>> stream, str(site)
+        ('source', 'resid_pre[1] pos=all')
+        """
         if self.op.source is not None:
             return self.op.source, getattr(self.op, "site", None) or self.site
         return self.stream, self.site
@@ -70,6 +82,15 @@ def _overlap(a, b) -> bool:
 class Graph:
     """A set of intervention nodes; an edge ``u -> v`` means v reads what u wrote.
 
+    >>> import reftgraph as rg
+    >>> g = Graph()
+    >>> _ = g.add(rg.Site("head_out", layer=0, head=1, positions=[0]), rg.Patch("source"), name="a")
+    >>> _ = g.add(rg.Site("head_out", layer=1, head=3, positions=[1]), rg.Patch("source"), name="b")
+    >>> print(g)
+    Graph(2 nodes, 0 trainable parameters)
+      a: Patch head_out[0].h1 pos=[0]
+      b: Patch head_out[1].h3 pos=[1]
+
     Nodes on one stream form a chain in forward order; a node that reads another
     stream (a ``Patch``) gets edges from that stream's upstream nodes.
     """
@@ -82,7 +103,13 @@ class Graph:
 
     # -- building ------------------------------------------------------------
     def add(self, site: Site, op: Op, name: Optional[str] = None, stream: str = "base") -> str:
-        """Add a node and return its name (made from op and site when not given)."""
+        """Add a node and return its name (made from op and site when not given).
+
+        >>> import reftgraph as rg
+        >>> g = Graph()
+        >>> g.add(rg.Site("mlp_out", layer=3), rg.Collect()), g.add(rg.Site("mlp_out", layer=3), rg.Collect())
+        ('collect_mlp_out3', 'collect_mlp_out3_2')
+        """
         if not isinstance(site, Site):
             raise SiteError(f"node {name!r}: site must be a reftgraph.Site, got {type(site).__name__}")
         if not isinstance(op, Op):
@@ -136,15 +163,40 @@ class Graph:
     # -- access --------------------------------------------------------------
     @property
     def nodes(self) -> list[Node]:
+        """The nodes, in insertion order.
+
+        >>> import reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_post", layer=1), rg.Collect(), name="late")
+        >>> _ = g.add(rg.Site("resid_post", layer=0), rg.Collect(), name="early")
+        >>> [n.name for n in g.nodes]
+        ['late', 'early']
+        """
         return [data["node"] for _, data in self.dag.nodes(data=True)]
 
     @property
     def edges(self):
+        """The "reads from" edges ``(u, v)``: v reads what u wrote (the networkx edge view).
+
+        >>> import reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_pre", layer=0), rg.Ablate(), name="knock")
+        >>> _ = g.add(rg.Site("resid_pre", layer=1), rg.Collect(), name="look")
+        >>> list(g.edges)
+        [('knock', 'look')]
+        """
         return self.dag.edges
 
     @property
     def streams(self) -> set[str]:
-        """Every stream the graph writes to or reads from."""
+        """Every stream the graph writes to or reads from.
+
+        >>> import reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_pre", layer=0), rg.Patch("s1"))
+        >>> sorted(g.streams)
+        ['base', 's1']
+        """
         return {n.stream for n in self.nodes} | {n.reads[0] for n in self.nodes}
 
     def __getitem__(self, name: str) -> Node:
@@ -184,7 +236,14 @@ class Graph:
         return Graph(self.nodes + other.nodes)
 
     def subgraph(self, names: Iterable[str]) -> "Graph":
-        """A graph of the named nodes (sharing their ops)."""
+        """A graph of the named nodes (sharing their ops).
+
+        >>> import reftgraph as rg
+        >>> g = rg.reft_graph(rg.models.tiny("llama"), layers=[0, 1], positions="last", rank=2)
+        >>> sub = g.subgraph(["L1"])
+        >>> [n.name for n in sub], sub["L1"].op is g["L1"].op
+        (['L1'], True)
+        """
         names = list(names)
         for n in names:
             self[n]
@@ -192,18 +251,49 @@ class Graph:
 
     # -- parameters ----------------------------------------------------------
     def parameters(self):
+        """The parameters of the graph's ops (each shared op once), e.g. for an optimizer.
+
+        >>> import reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_post", layer=0), rg.LoReFT(width=32, rank=2))
+        >>> [tuple(p.shape) for p in g.parameters()]
+        [(32, 2), (2, 32), (2,)]
+        """
         return self.ops.parameters()
 
     def num_parameters(self, trainable_only: bool = True) -> int:
+        """How many (trainable, by default) parameters the graph's ops hold.
+
+        >>> import reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_post", layer=0), rg.LoReFT(width=32, rank=2))
+        >>> g.num_parameters()
+        130
+        """
         return sum(p.numel() for p in self.ops.parameters() if p.requires_grad or not trainable_only)
 
     def freeze(self) -> "Graph":
+        """Stop training the graph's ops (``requires_grad=False``); returns the graph.
+
+        >>> import reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_post", layer=0), rg.LoReFT(width=32, rank=2))
+        >>> g.freeze().num_parameters(), g.num_parameters(trainable_only=False)
+        (0, 130)
+        """
         self.ops.requires_grad_(False)
         return self
 
     # -- views ---------------------------------------------------------------
     def summary(self) -> pd.DataFrame:
-        """One row per node: name, op, stream, component, layer, positions, head, subspace, params."""
+        """One row per node: name, op, stream, component, layer, positions, head, subspace, params.
+
+        >>> import reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("head_out", layer=1, head=2, positions="last"), rg.Patch("source"), name="p")
+        >>> g.summary()[["name", "op", "component", "positions", "head", "reads"]].values.tolist()
+        [['p', 'Patch', 'head_out', 'last', '2', 'source']]
+        """
         rows = []
         for n in self.nodes:
             d = n.site.to_dict()
@@ -232,26 +322,54 @@ class Graph:
         return f"<p><b>{title}</b></p>" + self.summary().to_html(index=False, na_rep="")
 
     def draw(self, ax=None):
-        """A matplotlib figure: nodes laid out by layer (x) and stream (y), coloured by stream."""
+        """A matplotlib figure: nodes laid out by layer (x) and stream (y), coloured by stream.
+
+        >>> import reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_pre", layer=3, positions="last"), rg.Patch("source"), name="p")
+        >>> g.draw().axes[0].get_title()
+        '1 nodes, 0 trainable parameters'
+        """
         from .plot import draw_graph
 
         return draw_graph(self, ax=ax)
 
     def save(self, path, model=None):
-        """Write ``graph.json`` + ``weights.safetensors`` to ``path`` (see :mod:`reftgraph.io`)."""
+        """Write ``graph.json`` + ``weights.safetensors`` to ``path`` (see :mod:`reftgraph.io`).
+
+        >>> import os, tempfile, reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_post", layer=0), rg.LoReFT(width=32, rank=2))
+        >>> sorted(os.listdir(g.save(tempfile.mkdtemp() + "/g")))
+        ['graph.json', 'weights.safetensors']
+        """
         from .io import save
 
         return save(self, path, model)
 
     # -- running -------------------------------------------------------------
     def run(self, model, prompts, sources=None, **kwargs):
-        """Run the graph on ``prompts`` (the base stream). See :func:`reftgraph.runtime.run`."""
+        """Run the graph on ``prompts`` (the base stream). See :func:`reftgraph.runtime.run`.
+
+        >>> import reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_pre", layer=1, positions="last"), rg.Patch("source"))
+        >>> g.run(rg.models.tiny("llama"), ["a b", "c"], sources={"source": ["d e f"]}).next_token_logits.shape
+        torch.Size([2, 259])
+        """
         from .runtime import run
 
         return run(self, model, prompts, sources=sources, **kwargs)
 
     def generate(self, model, prompts, max_new_tokens: int = 32, **kwargs):
-        """Generate with the graph's edits. See :func:`reftgraph.generation.generate`."""
+        """Generate with the graph's edits. See :func:`reftgraph.generation.generate`.
+
+        >>> import torch, reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_post", layer=0, positions="all"), rg.Add(torch.ones(32)))
+        >>> g.generate(rg.models.tiny("llama"), ["hi", "hello"], max_new_tokens=4).new_ids.shape
+        torch.Size([2, 4])
+        """
         from .generation import generate
 
         return generate(self, model, prompts, max_new_tokens=max_new_tokens, **kwargs)

@@ -27,6 +27,8 @@ import torch
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+__all__ = ["load_pretrained", "cache_root"]
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ALIASES = ("smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct")
 CACHE_NAME = "smollm2-135m-instruct"
@@ -34,7 +36,11 @@ MANIFEST = "manifest.json"
 
 
 def cache_root(cache_dir=None) -> Path:
-    """``cache_dir``, else ``$REFTGRAPH_CACHE``, else ``~/.cache/reftgraph``."""
+    """The model cache folder: ``cache_dir``, else ``$REFTGRAPH_CACHE``, else ``~/.cache/reftgraph``.
+
+    >>> cache_root("/data/models").as_posix()
+    '/data/models'
+    """
     return Path(cache_dir or os.environ.get("REFTGRAPH_CACHE") or Path.home() / ".cache" / "reftgraph")
 
 

@@ -31,6 +31,8 @@ from .graph import Graph, Node
 from .ops import OPS
 from .sites import Site, SiteError
 
+__all__ = ["save", "load_graph", "graph_state", "build_graph", "load_weights", "unique_ops"]
+
 FORMAT = "reftgraph-graph"
 VERSION = 1
 
@@ -41,12 +43,26 @@ def _model_info(model) -> dict:
 
 
 def unique_ops(graph: Graph) -> list:
-    """The graph's ops, each once, in order of first use: op ``i`` is saved as ``op{i}.*``."""
+    """The graph's ops, each once, in order of first use: op ``i`` is saved as ``op{i}.*``.
+
+    >>> import reftgraph as rg
+    >>> g = rg.reft_graph(rg.models.tiny("llama"), layers=[0, 1], positions="last", share_layers=True)
+    >>> len(g), len(unique_ops(g))        # one LoReFT shared by both layers
+    (2, 1)
+    """
     return list({id(n.op): n.op for n in graph.nodes}.values())
 
 
 def graph_state(graph: Graph, model=None) -> tuple[dict, dict]:
-    """``(spec, tensors)``: the JSON-able description and the weights (shared ops once)."""
+    """``(spec, tensors)``: the JSON-able description and the weights (shared ops once).
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), rg.LoReFT(width=32, rank=2), name="r")
+    >>> spec, tensors = graph_state(g)
+    >>> spec["ops"][0]["type"], spec["nodes"][0]["site"]["positions"], sorted(tensors)
+    ('LoReFT', 'last', ['op0.bias', 'op0.rotate', 'op0.weight'])
+    """
     ops = unique_ops(graph)
     index = {id(op): i for i, op in enumerate(ops)}
     tensors = {f"op{i}.{name}": t.detach().cpu().contiguous()
@@ -59,7 +75,16 @@ def graph_state(graph: Graph, model=None) -> tuple[dict, dict]:
 
 
 def load_weights(graph: Graph, tensors: dict) -> None:
-    """Load ``op{i}.*`` tensors (as :func:`graph_state` writes them) into the graph's ops."""
+    """Load ``op{i}.*`` tensors (as :func:`graph_state` writes them) into the graph's ops.
+
+    >>> import reftgraph as rg
+    >>> a, b = rg.Graph(), rg.Graph()
+    >>> _ = a.add(rg.Site("resid_post", layer=0), rg.LoReFT(width=32, rank=2, seed=1))
+    >>> _ = b.add(rg.Site("resid_post", layer=0), rg.LoReFT(width=32, rank=2, seed=2))
+    >>> load_weights(b, graph_state(a)[1])
+    >>> torch.equal(a.nodes[0].op.rotate, b.nodes[0].op.rotate)
+    True
+    """
     for i, op in enumerate(unique_ops(graph)):
         op.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"op{i}.")})
 
@@ -183,8 +208,17 @@ def _build_op(i: int, entry, state: dict):
 
 
 def build_graph(spec: dict, tensors: dict) -> Graph:
-    """Rebuild a graph from :func:`graph_state`'s output, checking every field: only
-    registered op types are built, from JSON scalars and tensors of the shapes they need."""
+    """Rebuild a graph from :func:`graph_state`'s output, checking every field.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("head_out", layer=1, head=2), rg.Patch("source"), name="p")
+    >>> print(build_graph(*graph_state(g)))
+    Graph(1 nodes, 0 trainable parameters)
+      p: Patch head_out[1].h2 pos=all
+
+    Only registered op types are built, from JSON scalars and tensors of the shapes they need.
+    """
     _check_spec(spec)
     state = _op_tensors(tensors, len(spec["ops"]))
     ops = [_build_op(i, entry, s) for i, (entry, s) in enumerate(zip(spec["ops"], state))]
@@ -272,8 +306,18 @@ def write_graph(folder: Path, graph: Graph, model=None) -> None:
 
 
 def save(graph: Graph, path, model=None) -> Path:
-    """Write ``graph`` to the directory ``path`` (replacing a saved graph there atomically;
-    any other file or non-empty folder at ``path`` is refused, never overwritten)."""
+    """Write ``graph`` to the directory ``path`` (``graph.json`` + ``weights.safetensors``).
+
+    >>> import json, tempfile, reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=1), rg.Add(torch.ones(32), scale=2.0), name="steer")
+    >>> path = save(g, tempfile.mkdtemp() + "/steer", model=rg.models.tiny("llama"))
+    >>> json.loads((path / "graph.json").read_text())["model"]
+    {'name': 'tiny-llama', 'family': 'llama', 'd_model': 32, 'n_layers': 2}
+
+    A saved graph already at ``path`` is replaced atomically; any other file or non-empty
+    folder at ``path`` is refused, never overwritten.
+    """
     path = Path(path)
     _recover(path)
     if path.is_symlink() or path.exists() and not (
@@ -291,7 +335,16 @@ def _no_constant(name: str):
 
 def load_graph(path, model=None) -> Graph:
     """Read a saved graph; with ``model``, check it fits (family, width, every site).
-    What it accepts and refuses: docs/loading.md."""
+
+    >>> import tempfile, reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=1), rg.Add(torch.ones(32), scale=2.0), name="steer")
+    >>> path = save(g, tempfile.mkdtemp() + "/steer")
+    >>> load_graph(path, model=rg.models.tiny("llama"))["steer"].op.scale
+    2.0
+
+    What it accepts and refuses: docs/loading.md.
+    """
     path = Path(path)
     _recover(path)
     for name in ("graph.json", "weights.safetensors"):
@@ -315,6 +368,7 @@ def load_graph(path, model=None) -> Graph:
 
 
 def check_fits(graph: Graph, saved: dict, model) -> None:
+    """Refuse a graph saved for another model family or width, or whose sites do not fit ``model``."""
     from .compile import compile_graph
 
     if saved:

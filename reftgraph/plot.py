@@ -13,7 +13,15 @@ import matplotlib
 
 def draw_graph(graph, ax=None):
     """Nodes in forward order along x (one column per layer and component, ticks name the
-    layer) and one row per stream, coloured by stream; arrows are "reads from" edges."""
+    layer) and one row per stream, coloured by stream; arrows are "reads from" edges.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_pre", layer=3, positions="last"), rg.Patch("source"), name="p")
+    >>> ax = draw_graph(g).axes[0]
+    >>> [t.get_text() for t in ax.get_xticklabels()], [t.get_text() for t in ax.get_yticklabels()]
+    (['3'], ['base', 'source'])
+    """
     import matplotlib.pyplot as plt
     import networkx as nx
 
@@ -55,7 +63,14 @@ def draw_graph(graph, ax=None):
 
 
 def plot_history(history, ax=None):
-    """The training curve: loss per optimizer step (and evaluation metrics, if any, per epoch)."""
+    """The training curve: loss per optimizer step (and evaluation metrics, if any, per epoch).
+
+    >>> import pandas as pd
+    >>> history = pd.DataFrame({"epoch": [0, 0, 1], "step": [0, 1, 2], "loss": [3.0, 2.0, 1.5], "lr": 0.01,
+    ...                         "accuracy": [None, 0.5, 0.75]})
+    >>> [ax.get_ylabel() for ax in plot_history(history).axes]
+    ['loss', 'accuracy']
+    """
     import matplotlib.pyplot as plt
 
     if ax is None:

@@ -39,12 +39,27 @@ from .runtime import as_model, forward
 
 
 def first_layer(plan: Plan) -> int:
-    """The lowest layer any edit or source read of ``plan`` touches (``n_layers`` if none)."""
+    """The lowest layer any edit or source read of ``plan`` touches (``n_layers`` if none).
+
+    >>> import reftgraph as rg
+    >>> from reftgraph.compile import compile_graph
+    >>> lm = rg.models.tiny("llama")
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), rg.ConsReFT(width=32, rank=1))
+    >>> first_layer(compile_graph(g, lm.arch))
+    1
+    """
     return min((h.layer for h in plan.hooks), default=plan.arch.n_layers)
 
 
 def input_key(inputs: dict, layer: int) -> str:
-    """A hash of the input tensors (names, shapes, dtypes, values) and ``layer``."""
+    """A hash of the input tensors (names, shapes, dtypes, values) and ``layer``.
+
+    >>> import torch
+    >>> ids = {"input_ids": torch.tensor([[1, 2, 3]])}
+    >>> input_key(ids, 2) == input_key({"input_ids": torch.tensor([[1, 2, 3]])}, 2), input_key(ids, 2) == input_key(ids, 3)
+    (True, False)
+    """
     digest = hashlib.sha256(f"layer={layer}".encode())
     for name in sorted(inputs):
         value = inputs[name]
@@ -94,15 +109,15 @@ def prefix_state(model, inputs: dict, layer: int) -> torch.Tensor:
 class PrefixCache:
     """Block outputs below a graph's lowest edit, one entry per input batch (newest ``max_entries``).
 
-    ``cache.forward(plan, inputs, batch, hidden=...)`` is a drop-in for
-    :func:`reftgraph.runtime.forward`; it equals the uncached forward (values and gradients)
-    and runs only the blocks from the graph's lowest edited layer on. A plan that edits
-    layer 0 has nothing to skip and runs uncached.
-
     >>> import reftgraph as rg
     >>> cache = PrefixCache(rg.models.tiny("llama"), max_entries=4)
     >>> len(cache), cache.hits, cache.misses
     (0, 0, 0)
+
+    ``cache.forward(plan, inputs, batch, hidden=...)`` is a drop-in for
+    :func:`reftgraph.runtime.forward`; it equals the uncached forward (values and gradients)
+    and runs only the blocks from the graph's lowest edited layer on. A plan that edits
+    layer 0 has nothing to skip and runs uncached.
     """
 
     def __init__(self, model, max_entries: Optional[int] = None):
@@ -120,10 +135,25 @@ class PrefixCache:
         return len(self.entries)
 
     def clear(self) -> None:
+        """Drop every stored entry (hit and miss counts are kept).
+
+        >>> import reftgraph as rg
+        >>> cache = PrefixCache(rg.models.tiny("llama"))
+        >>> cache.clear(); len(cache)
+        0
+        """
         self.entries.clear()
 
     def value(self, inputs: dict, layer: int) -> torch.Tensor:
-        """The stored block ``layer - 1`` output for ``inputs``, computed on a miss."""
+        """The stored block ``layer - 1`` output for ``inputs``, computed on a miss.
+
+        >>> import reftgraph as rg
+        >>> from reftgraph.runtime import tokenize
+        >>> cache = PrefixCache(rg.models.tiny("llama"))
+        >>> inputs, _ = tokenize(cache.model, {"base": ["hello"]})
+        >>> cache.value(inputs, 1).shape, cache.value(inputs, 1) is cache.value(inputs, 1), cache.misses
+        (torch.Size([1, 5, 32]), True, 1)
+        """
         if self.model.hf.training:
             raise ValueError("the prefix cache needs the language model in eval mode (dropout changes "
                              "its activations every step); call model.hf.eval()")
@@ -140,8 +170,19 @@ class PrefixCache:
         return value
 
     def forward(self, plan: Plan, inputs: dict, batch: Batch, hidden: bool = False, model=None):
-        """:func:`reftgraph.runtime.forward` with the blocks below ``first_layer(plan)`` served
-        from the cache."""
+        """:func:`reftgraph.runtime.forward` with the blocks below ``first_layer(plan)`` served from the cache.
+
+        >>> import torch, reftgraph as rg
+        >>> from reftgraph.compile import compile_graph
+        >>> from reftgraph.runtime import tokenize
+        >>> lm = rg.models.tiny("llama")
+        >>> g = rg.Graph()
+        >>> _ = g.add(rg.Site("resid_pre", layer=1, positions="last"), rg.ConsReFT(width=32, rank=1))
+        >>> inputs, batch = tokenize(lm, {"base": ["hello"]})
+        >>> logits, _ = PrefixCache(lm).forward(compile_graph(g, lm.arch), inputs, batch)
+        >>> logits.shape[:2]
+        torch.Size([1, 5])
+        """
         if model is not None and model is not self.model:
             raise ValueError("this PrefixCache holds activations of another model; make one per model")
         if plan.arch is not self.model.arch and plan.arch != self.model.arch:

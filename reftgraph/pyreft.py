@@ -97,6 +97,16 @@ def _keys(path: Path, reps: list) -> list:
 def from_pyreft(path, positions, component_map: dict | None = None, act: str = "identity") -> Graph:
     """A graph with one ReFT node per pyreft intervention, named ``pyreft_L{layer}_{i}``.
 
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())     # what pyreft writes for one rank-2 LoReFT at layer 0:
+    >>> _ = (d / "config.json").write_text(json.dumps({"representations": [[0, "block_output", "pos", 1, 2]],
+    ...                                                "intervention_types": ["LoreftIntervention"]}))
+    >>> torch.save({"weight": torch.zeros(2, 32), "bias": torch.zeros(2), "rotate_layer": torch.eye(32)[:, :2]},
+    ...            d / "intkey_layer_0_comp_block_output_unit_pos_nunit_1#0.bin")
+    >>> print(from_pyreft(d, positions="last"))
+    Graph(1 nodes, 130 trainable parameters)
+      pyreft_L0_0: LoReFT resid_post[0] pos=last
+
     ``positions``: one selector for every intervention (``"f5+l5"`` splits pyreft's untied
     layout, layers listed twice, into first/last halves as pyreft does), or one per intervention
     key in config order. ``component_map`` maps more pyreft components (``{pyreft_name: component}``).

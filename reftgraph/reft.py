@@ -24,6 +24,11 @@ def reft_graph(model, layers: Union[str, Sequence[int]] = "all", positions: str 
                share_layers: bool = False, act: str = "identity", dropout: float = 0.0, seed: int = 0) -> Graph:
     """A graph of ReFT ops: one node per layer and position group.
 
+    >>> import reftgraph as rg
+    >>> g = reft_graph(rg.models.tiny("llama"), layers=[1], positions="f2+l2", rank=2, op="DiReFT")
+    >>> g.summary()[["name", "op", "positions", "params"]].values.tolist()
+    [['L1_first', 'DiReFT', 'f2+l0', 130], ['L1_last', 'DiReFT', 'f0+l2', 130]]
+
     ``positions="fN+lM"`` with ``share_positions=False`` (the paper's untied setting) makes two
     nodes per layer, the first N and the last M prompt tokens, each with its own op;
     ``share_layers=True`` uses one op for all layers. Node names: ``L{layer}_first``,
@@ -53,7 +58,13 @@ def reft_graph(model, layers: Union[str, Sequence[int]] = "all", positions: str 
 
 
 def print_trainable_parameters(graph: Graph, model) -> str:
-    """Print (and return) ``trainable intervention params: N || model params: M || trainable%: p``."""
+    """Print (and return) ``trainable intervention params: N || model params: M || trainable%: p``.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> _ = print_trainable_parameters(reft_graph(lm, layers=[0, 1], positions="last", rank=2), lm)
+    trainable intervention params: 260 || model params: 32,096 || trainable%: 0.8101
+    """
     n = graph.num_parameters()
     m = sum(p.numel() for p in model.hf.parameters())
     line = f"trainable intervention params: {n:,d} || model params: {m:,d} || trainable%: {100 * n / m:.4f}"

@@ -31,6 +31,13 @@ Prompts = Union[str, Sequence[str]]
 class RunResult:
     """What a run returns: the base stream's logits and the collected activations.
 
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=0, positions="prompt"), rg.Collect(), name="r")
+    >>> out = g.run(rg.models.tiny("llama"), ["abcd", "ab"])
+    >>> out.logits.shape, out["r"].shape, out.valid["r"].tolist()   # row 1 has 2 tokens
+    (torch.Size([2, 4, 259]), torch.Size([2, 4, 32]), [[True, True, True, True], [True, True, False, False]])
+
     ``result[name]`` is node ``name``'s collected slice ``[B, k, ...]``;
     ``result.valid[name]`` marks the real positions of rows with fewer than ``k``.
     """
@@ -51,7 +58,13 @@ class RunResult:
 
     @property
     def next_token_logits(self) -> torch.Tensor:
-        """``[B, vocab]``: the base stream's logits at each row's last prompt token."""
+        """``[B, vocab]``: the base stream's logits at each row's last prompt token.
+
+        >>> import reftgraph as rg
+        >>> out = rg.Graph().run(rg.models.tiny("llama"), ["abcd", "ab"])
+        >>> torch.equal(out.next_token_logits[1], out.logits[1, 1])   # "ab": 2 tokens, right-padded
+        True
+        """
         rows = self.rows["base"]
         return self.logits[torch.arange(self.logits.shape[0]), self.last_index[rows]]
 
@@ -69,7 +82,13 @@ def _as_list(prompts: Prompts, what: str) -> list:
 
 
 def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):
-    """Tokenize ``{stream: prompts}`` into one padded batch; returns (inputs, Batch)."""
+    """Tokenize ``{stream: prompts}`` into one padded batch; returns (inputs, Batch).
+
+    >>> import reftgraph as rg
+    >>> inputs, batch = tokenize(rg.models.tiny("llama"), {"base": ["ab", "abcd"], "source": ["x"]}, "right")
+    >>> inputs["input_ids"].shape, batch.rows["source"], batch.length.tolist()
+    (torch.Size([3, 4]), slice(2, 3, None), [2, 4, 1])
+    """
     if padding_side not in (None, "left", "right"):
         raise SiteError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     texts, rows = [], {}
@@ -96,6 +115,14 @@ def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):
 def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = None,
         padding_side: Optional[str] = None, grad: Optional[bool] = None) -> RunResult:
     """Run ``graph`` on ``prompts`` with named ``sources`` (stream -> prompts) in one forward.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_pre", layer=0, positions="last"), rg.Patch("source"))
+    >>> _ = g.add(rg.Site("resid_pre", layer=0, positions="last"), rg.Collect(), name="x")
+    >>> out = run(g, rg.models.tiny("llama"), ["ab", "cd"], sources={"source": ["b"]})
+    >>> torch.equal(out["x"][0], out["x"][1])   # one source prompt, used for both rows
+    True
 
     Everything is checked before the forward pass: the graph against the model, the
     streams the graph reads against ``sources``, and every position against every row.
@@ -139,6 +166,15 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
 def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool = False, prefix=None):
     """One traced forward of ``inputs`` with the plan's edits: ``(logits, {name: (value, valid)})``.
 
+    >>> import reftgraph as rg
+    >>> from reftgraph.compile import compile_graph
+    >>> lm, g = rg.models.tiny("llama"), rg.Graph()
+    >>> _ = g.add(rg.Site("mlp_out", layer=1, positions="last"), rg.Collect(), name="m")
+    >>> inputs, batch = tokenize(lm, {"base": ["ab", "cde"]})
+    >>> hidden, collected = forward(compile_graph(g, lm.arch), lm, inputs, batch, hidden=True)
+    >>> hidden.shape, collected["m"][0].shape
+    (torch.Size([2, 3, 32]), torch.Size([2, 1, 32]))
+
     Positions are bound (and checked) against ``batch`` before the model runs. With
     ``hidden=True`` the first value is the final hidden state ``[B, S, d]`` (after the
     final norm) and the language-model head runs on the last position only: a loss on
@@ -165,7 +201,18 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
 
 @contextlib.contextmanager
 def inference_mode(graph: Graph):
-    """Ops in eval mode (no dropout) for a run, their previous mode restored after."""
+    """Ops in eval mode (no dropout) for a run, their previous mode restored after.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=0), rg.LoReFT(width=32, rank=2, dropout=0.1), name="r")
+    >>> _ = g.ops.train()
+    >>> with inference_mode(g):
+    ...     print(g["r"].op.training)
+    False
+    >>> g["r"].op.training
+    True
+    """
     modes = [m.training for m in graph.ops.modules()]
     graph.ops.eval()
     try:
@@ -176,6 +223,14 @@ def inference_mode(graph: Graph):
 
 
 def as_model(model) -> Model:
+    """``model`` itself when it is a :class:`Model`, else a :class:`SiteError` that says how to make one.
+
+    >>> import reftgraph as rg
+    >>> as_model(rg.models.tiny("llama").hf)      # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.sites.SiteError: expected a reftgraph Model (rg.load(...), ...), got LlamaForCausalLM
+    """
     if not isinstance(model, Model):
         raise SiteError(f"expected a reftgraph Model (rg.load(...), rg.wrap(hf_model, tokenizer)), "
                         f"got {type(model).__name__}")

@@ -36,7 +36,13 @@ Positions = Union[str, int, slice, tuple]
 
 
 class SiteError(ValueError):
-    """A node, site or input that does not fit the model; raised before any forward pass."""
+    """A node, site or input that does not fit the model; raised before any forward pass.
+
+    >>> Site("resid_post", layer=0, head=1)
+    Traceback (most recent call last):
+    ...
+    reftgraph.sites.SiteError: resid_post has no heads; head= is only for head_out, q, k, v
+    """
 
 
 def _is_int(x) -> bool:
@@ -133,10 +139,19 @@ class Site:
 
     @property
     def is_head(self) -> bool:
+        """Whether the component has heads (``head_out``, ``q``, ``k``, ``v``).
+
+        >>> Site("head_out", layer=0).is_head, Site("mlp_out", layer=0).is_head
+        (True, False)
+        """
         return self.component in HEAD_COMPONENTS
 
     def replace(self, **changes) -> "Site":
-        """A copy with some fields changed: ``site.replace(layer=3)``."""
+        """A copy with some fields changed (checked like a new site).
+
+        >>> print(Site("resid_post", layer=1, positions="last").replace(layer=3))
+        resid_post[3] pos=last
+        """
         return dataclasses.replace(self, **changes)
 
     def __str__(self) -> str:
@@ -149,6 +164,11 @@ class Site:
         return s
 
     def to_dict(self) -> dict:
+        """A JSON-able dict (what a saved graph stores); :meth:`from_dict` reads it back.
+
+        >>> Site("head_out", layer=7, head=8, positions=slice(0, 2)).to_dict()
+        {'component': 'head_out', 'layer': 7, 'positions': {'slice': [0, 2, None]}, 'head': [8], 'subspace': None}
+        """
         p = self.positions
         if isinstance(p, tuple):
             p = list(p)
@@ -164,7 +184,12 @@ class Site:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Site":
-        """The inverse of :meth:`to_dict`; anything else raises :class:`SiteError`."""
+        """The inverse of :meth:`to_dict`; anything else raises :class:`SiteError`.
+
+        >>> site = Site("q", layer=1, head=(0, 2), positions=[0, -1], subspace=(3,))
+        >>> Site.from_dict(site.to_dict()) == site
+        True
+        """
         fields = [f.name for f in dataclasses.fields(cls)]
         if not isinstance(d, dict) or not {"component", "layer"} <= set(d) or not set(d) <= set(fields):
             raise SiteError(f"a site must be a mapping with 'component' and 'layer' and optionally "
@@ -185,7 +210,12 @@ class Site:
 @dataclass(frozen=True)
 class Selection:
     """Resolved positions of one stream: ``index[b, j]`` is the padded token index of the
-    j-th selected position of row b; ``valid[b, j]`` is False where row b has fewer."""
+    j-th selected position of row b; ``valid[b, j]`` is False where row b has fewer.
+
+    >>> s = resolve_positions("prompt", start=torch.tensor([0, 1]), length=torch.tensor([3, 2]))
+    >>> s.index.tolist(), s.valid.tolist()     # row 1 is left-padded by one token
+    ([[0, 1, 2], [1, 2, 1]], [[True, True, True], [True, True, False]])
+    """
 
     index: torch.Tensor
     valid: torch.Tensor
@@ -194,13 +224,13 @@ class Selection:
 def resolve_positions(positions: Positions, start: torch.Tensor, length: torch.Tensor, where: str = "") -> Selection:
     """Resolve a selector per row, without Python loops over the batch.
 
-    ``start[b]`` is the padded index of row b's first prompt token, ``length[b]`` its
-    number of prompt tokens. Explicit ints outside a row's prompt raise :class:`SiteError`.
-
     >>> import torch
     >>> s = resolve_positions("f1+l1", torch.tensor([0, 2]), torch.tensor([4, 2]))
     >>> s.index.tolist(), s.valid.tolist()
     ([[0, 3], [2, 3]], [[True, True], [True, True]])
+
+    ``start[b]`` is the padded index of row b's first prompt token, ``length[b]`` its
+    number of prompt tokens. Explicit ints outside a row's prompt raise :class:`SiteError`.
     """
     start = start.long()
     length = length.long()

@@ -80,7 +80,16 @@ def _value_checks() -> dict:
 
 
 class SpecError(ValueError):
-    """A spec or data problem, reported as one line before the model loads."""
+    """A spec or data problem, reported as one line before the model loads.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "spec.json"
+    >>> _ = path.write_text('{"graph": {"rank": 4, "positons": "last"}, "data": {"path": "d.jsonl"}}')
+    >>> read_spec(path)
+    Traceback (most recent call last):
+    ...
+    reftgraph.spec.SpecError: unknown key 'positons' in 'graph'; did you mean 'positions'?
+    """
 
 
 def _unknown(key: str, valid, where: str) -> SpecError:
@@ -90,7 +99,15 @@ def _unknown(key: str, valid, where: str) -> SpecError:
 
 
 def read_spec(path) -> dict:
-    """Read and check a spec file; relative data paths are resolved from the spec's folder."""
+    """Read and check a spec file; relative data paths are resolved from the spec's folder.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "caps.json"
+    >>> _ = path.write_text('{"graph": {"layers": [1], "rank": 2}, "data": {"path": "train.jsonl"}}')
+    >>> spec = read_spec(path)
+    >>> spec["model"], Path(spec["data"]["path"]) == path.parent / "train.jsonl", Path(spec["output"]).name
+    ('smollm2-135m-instruct', True, 'caps-out')
+    """
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
@@ -140,7 +157,14 @@ def read_spec(path) -> dict:
 
 
 def read_rows(path) -> list:
-    """Rows of a JSONL file: ``{"prompt", "response"}`` or ``{"text", "label"}``, all of one kind."""
+    """Rows of a JSONL file: ``{"prompt", "response"}`` or ``{"text", "label"}``, all of one kind.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "train.jsonl"
+    >>> _ = path.write_text('{"prompt": "Hi?", "response": "HELLO."}\\n\\n{"prompt": "Sky?", "response": "BLUE."}\\n')
+    >>> read_rows(path)
+    [{'prompt': 'Hi?', 'response': 'HELLO.'}, {'prompt': 'Sky?', 'response': 'BLUE.'}]
+    """
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"data file not found: {path}")
@@ -171,6 +195,13 @@ def read_rows(path) -> list:
 
 
 def check_layers(spec: dict, n_layers: int) -> None:
+    """Check ``graph.layers`` of a spec against the model's number of layers.
+
+    >>> check_layers({"model": "tiny", "graph": {"layers": [0, 5]}}, n_layers=4)
+    Traceback (most recent call last):
+    ...
+    reftgraph.spec.SpecError: graph.layers: layer 5 out of range for tiny (valid layers 0..3)
+    """
     layers = spec["graph"].get("layers", "all")
     if layers == "all":
         return

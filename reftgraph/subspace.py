@@ -64,7 +64,12 @@ def basis(node: Node, model=None) -> tuple[list, torch.Tensor]:
 
 class Without(Op):
     """Wrap ``inner``: its edit with the components along ``directions`` (orthonormal rows)
-    removed, i.e. ``out - ((out - h) @ D^T) @ D``."""
+    removed, i.e. ``out - ((out - h) @ D^T) @ D``.
+
+    >>> op = Without(Add(torch.tensor([1.0, 2.0, 3.0])), directions=torch.eye(3)[1:2])
+    >>> op(torch.zeros(1, 1, 3)).tolist()       # the edit along dim 1 is gone
+    [[[1.0, 0.0, 3.0]]]
+    """
 
     def __init__(self, inner: Op, directions: torch.Tensor):
         super().__init__()
@@ -102,6 +107,13 @@ def effects(graph: Graph, name: str, model, prompts, metric: Callable, sources: 
             modes: Sequence[str] = ("ablate", "steer"), groups: Optional[Sequence] = None,
             scale: float = 4.0) -> pd.DataFrame:
     """Effect of each dim (and group of dims) of node ``name``'s subspace on ``metric``.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), rg.LoReFT(width=32, rank=2, seed=0), name="r")
+    >>> table = effects(g, "r", rg.models.tiny("llama"), ["ab", "cd"], metric=lambda logits: logits[:, 5])
+    >>> table["mode"].tolist(), table["dims"].tolist()
+    (['ablate', 'ablate', 'ablate', 'steer', 'steer', 'steer'], ['0', '1', '0,1', '0', '1', '0,1'])
 
     ``metric(next_token_logits [B, vocab])`` returns one value per row (or one number);
     its mean is reported. ``ablate``: the graph with the node's edit along the group's
@@ -141,13 +153,24 @@ def effects(graph: Graph, name: str, model, prompts, metric: Callable, sources: 
 
 
 def orthonormal_rows(rows: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of the rows' span (rows in, rows out)."""
+    """An orthonormal basis of the rows' span (rows in, rows out).
+
+    >>> q = orthonormal_rows(torch.tensor([[3.0, 0.0, 0.0], [1.0, 1.0, 0.0]]))
+    >>> torch.allclose(q @ q.T, torch.eye(2)), torch.allclose(q.abs(), torch.eye(3)[:2])
+    (True, True)
+    """
     return orthonormal_columns(rows.T).T
 
 
 def plot_effects(table: pd.DataFrame, ax=None):
     """Bars of ``effect`` per dims group (one colour per mode) for one node; a heatmap
-    (rows ``node/mode``, columns dims) for several nodes. Returns the figure."""
+    (rows ``node/mode``, columns dims) for several nodes. Returns the figure.
+
+    >>> table = pd.DataFrame({"node": "r", "mode": ["ablate", "ablate", "steer", "steer"],
+    ...                       "dims": ["0", "1"] * 2, "effect": [-1.0, 0.1, 2.0, 0.0]})
+    >>> [t.get_text() for t in plot_effects(table).axes[0].get_xticklabels()]
+    ['0', '1']
+    """
     import matplotlib.pyplot as plt
 
     nodes = list(dict.fromkeys(table["node"]))
@@ -175,15 +198,15 @@ def project(graph: Graph, name: str, model, prompts, labels: Optional[Sequence] 
             dims: Optional[Sequence[int]] = None) -> pd.DataFrame:
     """Clean activations at node ``name``'s site (no edits) projected onto its basis.
 
-    One row per prompt, selected position (and head): ``row, slot, (head,) label`` and a
-    column ``d{i}`` per basis dim (``dims`` picks some). ``labels`` gives one per prompt.
-
     >>> import reftgraph as rg
     >>> lm = rg.models.tiny("llama")
     >>> g = rg.Graph()
     >>> _ = g.add(rg.Site("resid_pre", layer=0, positions="last"), rg.Add(torch.ones(32)), name="v")
     >>> project(g, "v", lm, ["ab", "cd"], labels=["x", "y"]).columns.tolist()
     ['row', 'slot', 'label', 'd0']
+
+    One row per prompt, selected position (and head): ``row, slot, (head,) label`` and a
+    column ``d{i}`` per basis dim (``dims`` picks some). ``labels`` gives one per prompt.
     """
     node = graph[name]
     all_dims, B = basis(node, model)
@@ -211,7 +234,15 @@ def project(graph: Graph, name: str, model, prompts, labels: Optional[Sequence] 
 
 
 def plot_projection(table: pd.DataFrame, x: Optional[str] = None, y: Optional[str] = None, ax=None):
-    """A scatter of two projection columns (default the first two ``d*``), coloured by label."""
+    """A scatter of two projection columns (default the first two ``d*``), coloured by label.
+
+    >>> table = pd.DataFrame({"label": ["a", "a", "b"], "d0": [0.0, 1.0, 2.0], "d1": [1.0, 0.0, 1.0]})
+    >>> ax = plot_projection(table).axes[0]
+    >>> ax.get_xlabel(), ax.get_ylabel(), [t.get_text() for t in ax.get_legend().get_texts()]
+    ('d0', 'd1', ['a', 'b'])
+
+    :func:`project` makes such tables.
+    """
     import matplotlib.pyplot as plt
 
     cols = [c for c in table.columns if c.startswith("d") and c[1:].isdigit()]

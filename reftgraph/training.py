@@ -37,6 +37,15 @@ from .runtime import as_model, forward
 class NonFiniteLoss(FloatingPointError):
     """Training met a NaN or infinite loss and stopped before the optimizer step.
 
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=0), rg.Add(torch.full((32,), float("nan")), trainable=True))
+    >>> try:
+    ...     train(g, rg.models.tiny("llama"), rg.data.PromptResponse([("ab", "cd")]), progress=False)
+    ... except NonFiniteLoss as e:
+    ...     print(len(e.history), e.checkpoint)
+    0 None
+
     ``history`` holds the rows of the good steps; ``checkpoint`` the newest good checkpoint
     folder (None without one). The graph keeps the weights of the last good step."""
 
@@ -48,6 +57,11 @@ class NonFiniteLoss(FloatingPointError):
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, head=None) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled (response) tokens.
+
+    >>> logits = torch.zeros(1, 3, 5)            # uniform over 5 tokens
+    >>> labels = torch.tensor([[-100, 2, 4]])    # the response: tokens 1 and 2
+    >>> math.isclose(lm_loss(logits, labels), math.log(5), rel_tol=1e-6)
+    True
 
     With ``head`` (the model's output embedding), ``logits`` are final hidden states and
     the head runs on the labelled positions only."""
@@ -95,7 +109,15 @@ def _save_checkpoint(folder: Path, graph, model, optimizer, scheduler, state: di
 
 
 def latest_checkpoint(checkpoint_dir) -> Optional[Path]:
-    """The newest complete ``epoch-N`` folder (folders appear only once fully written)."""
+    """The newest complete ``epoch-N`` folder (folders appear only once fully written).
+
+    >>> import tempfile
+    >>> d = Path(tempfile.mkdtemp())
+    >>> for n in (1, 10, 2):
+    ...     (d / f"epoch-{n}").mkdir()
+    >>> latest_checkpoint(d).name, latest_checkpoint(d / "none")
+    ('epoch-10', None)
+    """
     folders = sorted(Path(checkpoint_dir).glob("epoch-*"), key=lambda p: int(p.name.split("-")[1]))
     return folders[-1] if folders else None
 
@@ -148,6 +170,13 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
           padding_side: str = "right", max_length: Optional[int] = None, shuffle: bool = True,
           cache_prefix: bool = False) -> pd.DataFrame:
     """Train ``graph`` on ``data`` (:class:`PromptResponse` or :class:`Classification`).
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> g = rg.reft_graph(lm, layers=[1], positions="last", rank=2)
+    >>> history = train(g, lm, rg.data.PromptResponse([("ab", "cd")]), epochs=4, lr=1e-2, progress=False)
+    >>> len(history), bool(history["loss"].iloc[-1] < history["loss"].iloc[0])
+    (4, True)
 
     Returns the history: one row per optimizer step (``epoch, step, loss, lr``) plus the
     metrics ``eval_fn(graph, model, epoch) -> dict`` returns after each epoch. With

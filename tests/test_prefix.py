@@ -153,8 +153,11 @@ def test_train_cached_equals_uncached(models, monkeypatch, kw):
     lm = models["llama"]
     data = rg.data.PromptResponse(DATA)
     computed = []
-    original = rg.prefix.prefix_state
-    monkeypatch.setattr(rg.prefix, "prefix_state", lambda *a: computed.append(1) or original(*a))
+    # patch the namespace train's PrefixCache really uses (pytest's doctest run of
+    # reftgraph/prefix.py may import a second copy of the module)
+    namespace = rg.training.PrefixCache.value.__globals__
+    original = namespace["prefix_state"]
+    monkeypatch.setitem(namespace, "prefix_state", lambda *a: computed.append(1) or original(*a))
     runs = {}
     for cached in (False, True):
         g = rg.reft_graph(lm, layers=[2, 3], positions="f1+l1", rank=2, op="ConsReFT", seed=0)

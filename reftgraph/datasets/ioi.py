@@ -35,9 +35,15 @@ TEMPLATES = (
 
 def ioi(n: int, seed: int = 0, templates: Optional[tuple] = None):
     """``n`` IOI rows as a :class:`reftgraph.patching.Counterfactual`: base = corrupted
-    (ABC) prompts, source = clean prompts, correct = the indirect object, wrong = the
-    subject. ``templates`` (indices into :data:`TEMPLATES`; default the first one)
-    picks the sentence frames; rows alternate which of the two names is the subject."""
+    (ABC) prompts, source = clean prompts, correct = the indirect object, wrong = the subject.
+
+    >>> data = ioi(2, seed=1, templates=(2,))
+    >>> data.source[1], data.correct[1], data.wrong[1]
+    ('While Jane and Alex were working at the market, Jane gave a drink to', ' Alex', ' Jane')
+
+    ``templates`` (indices into :data:`TEMPLATES`; default the first one) picks the
+    sentence frames; rows alternate which of the two names is the subject.
+    """
     from ..patching import Counterfactual
 
     rng = random.Random(seed)

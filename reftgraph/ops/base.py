@@ -9,7 +9,14 @@ from torch import nn
 
 
 class Op(nn.Module):
-    """Base class of node ops.
+    """Base class of node ops: subclass it and write ``forward``.
+
+    >>> import torch
+    >>> class Double(Op):
+    ...     def forward(self, h, source=None, valid=None):
+    ...         return 2 * h
+    >>> Double()(torch.ones(1, 1, 2)).tolist()
+    [[[2.0, 2.0]]]
 
     ``forward(h, source=None, valid=None)`` gets the selected slice ``h`` of shape
     ``[B, k, width]`` (``[B, k, heads, head_dim]`` for head components), the matching slice
@@ -26,19 +33,47 @@ class Op(nn.Module):
     source: Optional[str] = None
 
     def config(self) -> dict:
+        """The constructor kwargs that rebuild the op (its tensors live in the state dict).
+
+        >>> import reftgraph as rg
+        >>> rg.LoReFT(width=8, rank=2, seed=0).config()
+        {'width': 8, 'rank': 2, 'act': 'identity', 'dropout': 0.0, 'seed': 0}
+        """
         return {}
 
     def basis_size(self) -> Optional[int]:
-        """For ops with a learned basis: how many dims it has (subspace dims index these)."""
+        """For ops with a learned basis: how many dims it has (subspace dims index these).
+
+        >>> import torch, reftgraph as rg
+        >>> rg.LoReFT(width=8, rank=2).basis_size(), rg.Add(torch.ones(8)).basis_size()
+        (2, None)
+        """
         return None
 
     def expected_width(self) -> Optional[int]:
-        """The last-dim width this op needs, or None when any width fits."""
+        """The last-dim width this op needs, or None when any width fits.
+
+        >>> import torch, reftgraph as rg
+        >>> rg.Add(torch.ones(8)).expected_width(), rg.Collect().expected_width()
+        (8, None)
+        """
         return None
 
     def forward(self, h: torch.Tensor, source: Optional[torch.Tensor] = None,
                 valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The edited slice ``h'`` (same shape as ``h``; collecting ops return what they record).
+
+        >>> import torch, reftgraph as rg
+        >>> rg.Patch("source")(torch.zeros(1, 1, 2), source=torch.ones(1, 1, 2)).tolist()
+        [[[1.0, 1.0]]]
+        """
         raise NotImplementedError
 
     def extra_repr(self) -> str:
+        """The op's :meth:`config`, as ``torch.nn.Module`` prints it.
+
+        >>> import torch, reftgraph as rg
+        >>> rg.Add(torch.ones(4), scale=2.0)
+        Add(scale=2.0, trainable=False)
+        """
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())

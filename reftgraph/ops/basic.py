@@ -25,7 +25,15 @@ def _tensor(value, name: str, trainable: bool, module: nn.Module) -> None:
 
 class Patch(Op):
     """Interchange: write the activation of stream ``source`` at the same site (or at
-    ``site``, e.g. other positions of the source prompt) into this node's stream."""
+    ``site``, e.g. other positions of the source prompt) into this node's stream.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_pre", layer=1, positions="last"), rg.Patch(source="source"))
+    >>> g.run(lm, ["a b"], sources={"source": ["c d"]}).logits.shape
+    torch.Size([1, 3, 259])
+    """
 
     def __init__(self, source: str = "source", site=None):
         super().__init__()
@@ -40,7 +48,12 @@ class Patch(Op):
 
 
 class Add(Op):
-    """Steering: ``h + scale * vector`` (``vector`` of the site's width; trainable if asked)."""
+    """Steering: ``h + scale * vector`` (``vector`` of the site's width; trainable if asked).
+
+    >>> import torch
+    >>> Add(torch.tensor([1.0, -1.0]), scale=3.0)(torch.zeros(1, 1, 2)).tolist()
+    [[[3.0, -3.0]]]
+    """
 
     def __init__(self, vector, scale: float = 1.0, trainable: bool = False):
         super().__init__()
@@ -59,7 +72,12 @@ class Add(Op):
 
 
 class Set(Op):
-    """Write a given tensor, broadcast to the slice ``[B, k, (heads,) width]``."""
+    """Write a given tensor, broadcast to the slice ``[B, k, (heads,) width]``.
+
+    >>> import torch
+    >>> Set(torch.tensor([5.0, 6.0]))(torch.zeros(2, 1, 2)).tolist()
+    [[[5.0, 6.0]], [[5.0, 6.0]]]
+    """
 
     def __init__(self, value, trainable: bool = False):
         super().__init__()
@@ -77,9 +95,17 @@ class Set(Op):
 
 
 class Ablate(Op):
-    """Knock out the slice: ``"zero"``; ``"mean"`` (of ``value`` if given, else of the
-    batch's selected positions); ``"resample"`` (the same slot of another row, a seeded
-    derangement of the batch rows)."""
+    """Knock out the slice: ``"zero"``, ``"mean"`` or ``"resample"``.
+
+    >>> import torch
+    >>> h = torch.tensor([[[1.0], [3.0]], [[5.0], [7.0]]])        # [B=2, k=2, width=1]
+    >>> valid = torch.ones(2, 2, dtype=torch.bool)
+    >>> Ablate("mean")(h, valid=valid).flatten().tolist(), Ablate("resample")(h).flatten().tolist()
+    ([4.0, 4.0, 4.0, 4.0], [5.0, 7.0, 1.0, 3.0])
+
+    ``"zero"``; ``"mean"`` (of ``value`` if given, else of the batch's selected positions);
+    ``"resample"`` (the same slot of another row, a seeded derangement of the batch rows).
+    """
 
     MODES = ("zero", "mean", "resample")
 
@@ -120,7 +146,14 @@ class Ablate(Op):
 
 
 class Collect(Op):
-    """Record the slice (after earlier edits at the same place) under the node's name."""
+    """Record the slice (after earlier edits at the same place) under the node's name.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("head_out", layer=0, head=(1, 2), positions="f1+l1"), rg.Collect(), name="heads")
+    >>> g.run(rg.models.tiny("llama"), ["abc", "de"])["heads"].shape     # [B, k, heads, head_dim]
+    torch.Size([2, 2, 2, 8])
+    """
 
     collects = True
 
@@ -131,7 +164,15 @@ class Collect(Op):
 class Classify(Op):
     """A classification head on the slice (``Linear(width, n_classes)``, mean over the
     selected positions); collects its logits ``[B, n_classes]`` under the node's name.
-    Put it at ``resid_post[-1]`` with ``positions="last"`` for sequence classification."""
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=-1, positions="last"), rg.Classify(32, 3), name="cls")
+    >>> g.run(rg.models.tiny("llama"), ["good", "bad"])["cls"].shape
+    torch.Size([2, 3])
+
+    Put it at ``resid_post[-1]`` with ``positions="last"`` for sequence classification.
+    """
 
     collects = True
 

@@ -45,8 +45,15 @@ ACTIVATIONS = {
 
 def orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
     """The Q of ``a = QR`` with R's diagonal made positive: unique, and ``a`` itself when
-    ``a`` already has orthonormal columns. Differentiable; a plain function, so modules
-    using it pickle and serialise (``torch.nn.utils.parametrizations`` do not)."""
+    ``a`` already has orthonormal columns.
+
+    >>> q = orthonormal_columns(torch.randn(6, 2))
+    >>> torch.allclose(q.T @ q, torch.eye(2), atol=1e-6), torch.allclose(orthonormal_columns(q), q, atol=1e-6)
+    (True, True)
+
+    Differentiable; a plain function, so modules using it pickle and serialise
+    (``torch.nn.utils.parametrizations`` do not).
+    """
     q, r = torch.linalg.qr(a.float() if a.dtype in (torch.float16, torch.bfloat16) else a)
     signs = torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
@@ -54,8 +61,15 @@ def orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
 
 
 class ReFT(Op):
-    """Shared machinery: ``rotate`` is ``R^T`` (``[width, rank]``, pyreft's ``rotate_layer``),
-    ``weight``/``bias`` are W ``[rank, width]`` and b ``[rank]`` (pyreft's ``learned_source``)."""
+    """Shared machinery of the ReFT ops; a node's ``subspace`` picks rows of R, W and b.
+
+    >>> op = LoReFT(width=8, rank=2)
+    >>> tuple(op.rotate.shape), tuple(op.weight.shape), tuple(op.bias.shape)
+    ((8, 2), (2, 8), (2,))
+
+    ``rotate`` is ``R^T`` (``[width, rank]``, pyreft's ``rotate_layer``), ``weight``/``bias``
+    are W ``[rank, width]`` and b ``[rank]`` (pyreft's ``learned_source``).
+    """
 
     learned_basis = True
     orthogonal = True
@@ -95,11 +109,22 @@ class ReFT(Op):
 
     def Rt(self, dims=None) -> torch.Tensor:
         """``R^T`` (``[width, rank]`` or ``[width, len(dims)]``): orthonormal columns for the
-        ``Lo``/``Di``/``Cons``/``LoBi`` variants."""
+        ``Lo``/``Di``/``Cons``/``LoBi`` variants.
+
+        >>> rt = LoReFT(width=8, rank=4).Rt(dims=(0, 2))
+        >>> tuple(rt.shape), torch.allclose(rt.T @ rt, torch.eye(2), atol=1e-6)
+        ((8, 2), True)
+        """
         rt = orthonormal_columns(self.rotate) if self.orthogonal else self.rotate
         return rt if dims is None else rt[:, list(dims)]
 
     def R(self, dims=None) -> torch.Tensor:
+        """R (``[rank, width]`` or ``[len(dims), width]``): the transpose of :meth:`Rt`.
+
+        >>> op = LoReFT(width=8, rank=4)
+        >>> tuple(op.R().shape), torch.equal(op.R((1,)), op.Rt((1,)).T)
+        ((4, 8), True)
+        """
         return self.Rt(dims).T
 
     def forward(self, h, source=None, valid=None, subspace=None):
@@ -117,35 +142,67 @@ class ReFT(Op):
 
 
 class LoReFT(ReFT):
-    """``h + R^T(act(W h + b) - R h)``, R with orthonormal rows."""
+    """``h + R^T(act(W h + b) - R h)``, R with orthonormal rows.
+
+    >>> op, h = LoReFT(width=8, rank=2, seed=0), torch.randn(1, 3, 8)
+    >>> torch.allclose(op(h) @ op.Rt(), h @ op.weight.T + op.bias, atol=1e-5)  # R h' = W h + b
+    True
+    """
 
 
 class NoReFT(ReFT):
-    """LoReFT without the orthonormality constraint on R."""
+    """LoReFT without the orthonormality constraint on R.
+
+    >>> op = NoReFT(width=8, rank=2)
+    >>> torch.equal(op.Rt(), op.rotate), op(torch.randn(1, 3, 8)).shape
+    (True, torch.Size([1, 3, 8]))
+    """
 
     orthogonal = False
 
 
 class DiReFT(ReFT):
-    """``h + R^T act(W h + b)``: no ``- R h`` term."""
+    """``h + R^T act(W h + b)``: no ``- R h`` term.
+
+    >>> op, h = DiReFT(width=8, rank=2, seed=0), torch.randn(1, 3, 8)
+    >>> torch.allclose(op(h) - h, (h @ op.weight.T + op.bias) @ op.R(), atol=1e-5)
+    True
+    """
 
     subtracts = False
 
 
 class NoDiReFT(DiReFT):
-    """DiReFT with R unconstrained."""
+    """DiReFT with R unconstrained.
+
+    >>> op = NoDiReFT(width=8, rank=2)
+    >>> torch.equal(op.R(), op.rotate.T), op(torch.randn(1, 3, 8)).shape
+    (True, torch.Size([1, 3, 8]))
+    """
 
     orthogonal = False
 
 
 class ConsReFT(ReFT):
-    """``h + R^T(b - R h)``: sets the subspace coordinates to the learned constant b."""
+    """``h + R^T(b - R h)``: sets the subspace coordinates to the learned constant b.
+
+    >>> op = ConsReFT(width=8, rank=2)
+    >>> with torch.no_grad():
+    ...     _ = op.bias.copy_(torch.tensor([1.0, -2.0]))
+    >>> (op(torch.randn(3, 1, 8)) @ op.Rt()).round(decimals=4).tolist()
+    [[[1.0, -2.0]], [[1.0, -2.0]], [[1.0, -2.0]]]
+    """
 
     uses_w = False
 
 
 class LoBiReFT(ReFT):
-    """``h + R^T b``: a learned bias inside the subspace."""
+    """``h + R^T b``: a learned bias inside the subspace.
+
+    >>> op, h = LoBiReFT(width=8, rank=2), torch.randn(1, 3, 8)
+    >>> torch.equal(op(h), h)     # b starts at zero: the identity until trained
+    True
+    """
 
     uses_w = False
     subtracts = False

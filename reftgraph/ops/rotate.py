@@ -83,21 +83,39 @@ class Rotate(Op):
         return self.rank
 
     def dims(self, subspace=None) -> list:
-        """The interchanged dims: ``subspace``, else the first k (all of them when boundless)."""
+        """The interchanged dims: ``subspace``, else the first k (all of them when boundless).
+
+        >>> Rotate(width=6, k=2).dims(), Rotate(width=6, k=2).dims((3, 4))
+        ([0, 1], [3, 4])
+        """
         if subspace is not None:
             return list(subspace)
         return list(range(self.rank if self.boundless else self.k))
 
     def Rt(self, dims=None) -> torch.Tensor:
-        """``R^T`` restricted to ``dims`` (``[width, len(dims)]``, orthonormal columns)."""
+        """``R^T`` restricted to ``dims`` (``[width, len(dims)]``, orthonormal columns).
+
+        >>> rt = Rotate(width=6, k=2).Rt((0, 1))
+        >>> tuple(rt.shape), torch.allclose(rt.T @ rt, torch.eye(2), atol=1e-6)
+        ((6, 2), True)
+        """
         dims = list(range(self.rank)) if dims is None else list(dims)
         return orthonormal_columns(self.rotate[:, :max(dims) + 1])[:, dims]
 
     def R(self, dims=None) -> torch.Tensor:
+        """R restricted to ``dims`` (``[len(dims), width]``): the transpose of :meth:`Rt`.
+
+        >>> tuple(Rotate(width=6, k=2).R().shape)
+        (6, 6)
+        """
         return self.Rt(dims).T
 
     def mask(self, dims=None) -> torch.Tensor:
-        """The weight of each interchanged dim: ones, or Boundless DAS's soft mask."""
+        """The weight of each interchanged dim: ones, or Boundless DAS's soft mask.
+
+        >>> Rotate(width=6, k=2).mask().tolist()
+        [1.0, 1.0]
+        """
         dims = self.dims(dims)
         if not self.boundless:
             return torch.ones(len(dims), device=self.rotate.device)

@@ -31,6 +31,11 @@ def _strings(values, what: str, n: Optional[int] = None) -> list:
 class Counterfactual:
     """Rows of (base prompt, source prompt(s), answer tokens).
 
+    >>> data = Counterfactual(["Paris is in", "Rome is in"], {"s1": ["Berlin is in", "Oslo is in"]},
+    ...                       correct=[" Germany", " Norway"], wrong=[" France", " Italy"])
+    >>> len(data), list(data.sources), data.source
+    (2, ['s1'], ['Berlin is in', 'Oslo is in'])
+
     ``base`` is what patches write into, ``sources`` what they read from: one list (the
     stream ``"source"``) or ``{stream: prompts}``. ``correct`` / ``wrong`` are the answer
     strings a metric compares (each must be one token, e.g. ``" Mary"`` with its space).
@@ -62,7 +67,11 @@ class Counterfactual:
 
     @property
     def source(self) -> list:
-        """The prompts of the stream ``"source"`` (or of the only source stream)."""
+        """The prompts of the stream ``"source"`` (or of the only source stream).
+
+        >>> Counterfactual(["a", "b"], {"source": ["c", "d"], "s2": ["e", "f"]}).source
+        ['c', 'd']
+        """
         if "source" in self.sources:
             return self.sources["source"]
         if len(self.sources) == 1:
@@ -70,7 +79,13 @@ class Counterfactual:
         raise SiteError(f"several source streams {sorted(self.sources)}; pick one by name")
 
     def rows(self, index) -> "Counterfactual":
-        """A subset of rows (a slice or a list of row numbers)."""
+        """A subset of rows (a slice or a list of row numbers).
+
+        >>> data = Counterfactual(["a", "b", "c"], ["x", "y", "z"], correct=["1", "2", "3"])
+        >>> part = data.rows([2, 0])
+        >>> part.base, part.source, part.correct
+        (['c', 'a'], ['z', 'x'], ['3', '1'])
+        """
         pick = (lambda xs: xs[index]) if isinstance(index, slice) else (lambda xs: [xs[i] for i in index])
         return Counterfactual(pick(self.base), {k: pick(v) for k, v in self.sources.items()},
                               None if self.correct is None else pick(self.correct),
@@ -78,11 +93,23 @@ class Counterfactual:
                               pick(self.meta) if self.meta else [])
 
     def swap(self) -> "Counterfactual":
-        """Base and source exchanged (one source stream); the answers stay."""
+        """Base and source exchanged (one source stream); the answers stay.
+
+        >>> swapped = Counterfactual(["clean"], ["corrupt"], correct=[" A"]).swap()
+        >>> swapped.base, swapped.source, swapped.correct
+        (['corrupt'], ['clean'], [' A'])
+        """
         return Counterfactual(self.source, self.base, self.correct, self.wrong, self.meta)
 
     def answer_ids(self, model) -> tuple:
-        """``(correct [B], wrong [B] or None)`` token ids; each answer must be one token."""
+        """``(correct [B], wrong [B] or None)`` token ids; each answer must be one token.
+
+        >>> import reftgraph as rg
+        >>> data = Counterfactual(["a", "b"], ["c", "d"], correct=["x", "y"])
+        >>> correct, wrong = data.answer_ids(rg.models.tiny("llama"))
+        >>> correct.tolist(), wrong
+        ([90, 91], None)
+        """
         if self.correct is None:
             raise SiteError("this metric needs answers: Counterfactual(..., correct=[...])")
         return (_one_token(model.tokenizer, self.correct, "correct"),

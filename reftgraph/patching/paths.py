@@ -52,6 +52,12 @@ def path_graph(model, senders: Sequence[tuple], receivers: Union[str, Sequence[S
                positions="all", freeze: str = "heads", path: str = "path") -> Graph:
     """The graph of one path-patching experiment (see the module docstring).
 
+    >>> import reftgraph as rg
+    >>> print(path_graph(rg.models.tiny("llama"), senders=[(0, 2)]))      # head 2 of layer 0 -> the logits
+    Graph(2 nodes, 0 trainable parameters)
+      send0: Patch head_out[0].h2 pos=all @path
+      freeze1: Patch head_out[1].h0+h1+h2+h3 pos=all @path
+
     ``senders``: ``(layer, head)`` pairs whose ``head_out`` (at ``positions``) comes from the
     source; ``receivers``: ``"logits"`` or q/k/v sites with heads, e.g.
     ``rg.Site("q", 9, head=6, positions="last")``; ``path``: the name of the path stream.
@@ -95,6 +101,12 @@ def path_patch(model, data: Counterfactual, senders: Sequence[tuple], receivers=
     """Run one path-patching experiment; returns the metric's mean for the base run, the
     source run, the path-patched run, and the normalised ``restoration``.
 
+    >>> import reftgraph as rg
+    >>> data = rg.patching.Counterfactual(["ab", "cd"], ["ef", "gh"], correct=["x", "y"], wrong=["z", "w"])
+    >>> out = path_patch(rg.models.tiny("llama"), data, senders=[(0, 1), (0, 3)])
+    >>> sorted(out), out["senders"], out["metric"]
+    (['head', 'layer', 'metric', 'restoration', 'senders', 'value'], [(0, 1), (0, 3)], 'logit_diff')
+
     The base prompts are those the path is patched into; the senders' values come from
     the source prompts. (Wang et al. patch corrupted values into clean runs: pass
     ``data.swap()`` to go that way with a dataset made for denoising.)
@@ -105,8 +117,17 @@ def path_patch(model, data: Counterfactual, senders: Sequence[tuple], receivers=
 def path_sweep(model, data: Counterfactual, sender_sets: Optional[Sequence] = None, receivers="logits",
                positions="all", freeze: str = "heads", metric="logit_diff", per_forward: int = 8) -> pd.DataFrame:
     """Path patching for each set of senders (default: every single head below the receivers),
-    ``per_forward`` sets batched as streams of one forward. One row per set: ``layer`` and
-    ``head`` (for single senders), ``senders``, ``value`` and ``restoration``."""
+    ``per_forward`` sets batched as streams of one forward.
+
+    >>> import reftgraph as rg
+    >>> data = rg.patching.Counterfactual(["ab", "cd"], ["ef", "gh"], correct=["x", "y"], wrong=["z", "w"])
+    >>> table = path_sweep(rg.models.tiny("llama"), data)      # 2 layers x 4 heads
+    >>> len(table), table.columns.tolist()
+    (8, ['layer', 'head', 'senders', 'metric', 'value', 'restoration'])
+
+    One row per set: ``layer`` and ``head`` (for single senders), ``senders``, ``value``
+    and ``restoration``.
+    """
     model = as_model(model)
     arch = model.arch
     metric_name, metric_fn = get_metric(metric)

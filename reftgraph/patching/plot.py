@@ -27,7 +27,14 @@ def _column_label(row, varying) -> str:
 
 def heatmap(df: pd.DataFrame, value: str = "restoration", ax=None, title=None, cmap: str = "RdBu_r"):
     """Draw a sweep table as layers (rows) x conditions (columns: positions labelled with
-    their tokens, heads, or components, whichever vary), centred on 0. Returns the axes."""
+    their tokens, heads, or components, whichever vary), centred on 0. Returns the axes.
+
+    >>> df = pd.DataFrame({"component": "head_out", "layer": [0, 0, 1, 1], "head": [0, 1, 0, 1],
+    ...                    "position": "all", "value": [0.1, 0.2, 0.3, 0.4]})
+    >>> ax = heatmap(df, value="value", title="heads")
+    >>> [t.get_text() for t in ax.get_xticklabels()], ax.get_title()
+    (['h0', 'h1'], 'heads')
+    """
     import matplotlib.pyplot as plt
 
     varying = [c for c in ("component", "head", "position") if c in df and df[c].astype(str).nunique() > 1]

@@ -98,7 +98,7 @@ SPEC_CASES = [
     ("config_huge_width", edit("ops/0/config/width", 10**15), ["tensor op0.rotate has shape [32, 2]",
                                                                  "needs [1000000000000000, 2]"]),
     ("config_beyond_int64", edit("ops/0/config/seed", 2**70), ["config 'seed'", "out of range"]),
-    ("config_negative_rank", edit("ops/0/config/rank", -2), ["cannot build", "rank must be in 1..32"]),
+    ("config_negative_rank", edit("ops/0/config/rank", -2), ["cannot build", "rank must be an int in 1..32"]),
     ("config_width_text", edit("ops/0/config/width", "32"), ["cannot build"]),
     ("config_bool_for_int", edit("ops/0/config/rank", True), ["config 'rank' = True has the wrong type"]),
     ("config_int_for_bool", edit("ops/1/config/trainable", 1), ["config 'trainable' = 1 has the wrong type"]),

@@ -8,6 +8,21 @@ import torch
 from torch import nn
 
 
+def positive_int(op: str, name: str, value) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else a ValueError naming the op and argument.
+
+    >>> positive_int("LoReFT", "rank", 4)
+    4
+    >>> positive_int("LoReFT", "width", "32")
+    Traceback (most recent call last):
+    ...
+    ValueError: LoReFT: width must be an int >= 1, got '32'
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+    return value
+
+
 class Op(nn.Module):
     """Base class of node ops: subclass it and write ``forward``.
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..sites import Site
-from .base import Op
+from .base import Op, positive_int
 
 
 def _tensor(value, name: str, trainable: bool, module: nn.Module) -> None:
@@ -178,7 +178,8 @@ class Classify(Op):
 
     def __init__(self, width: int, n_classes: int):
         super().__init__()
-        self.width, self.n_classes = width, n_classes
+        self.width = positive_int("Classify", "width", width)
+        self.n_classes = positive_int("Classify", "n_classes", n_classes)
         self.head = nn.Linear(width, n_classes)
 
     def config(self) -> dict:

@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .base import Op
+from .base import Op, positive_int
 
 ACTIVATIONS = {
     "identity": nn.Identity,
@@ -81,8 +81,10 @@ class ReFT(Op):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)}")
-        if not 0 < rank <= width:
-            raise ValueError(f"rank must be in 1..{width} (the width), got {rank}")
+        name = type(self).__name__
+        positive_int(name, "width", width)
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= width:
+            raise ValueError(f"{name}: rank must be an int in 1..{width} (the width), got {rank!r}")
         self.width, self.rank, self.act_name, self.p_drop, self.seed = width, rank, act, dropout, seed
         g = torch.Generator().manual_seed(seed) if seed is not None else None
         rotate = torch.empty(width, rank)

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from ..sites import Site
-from .base import Op
+from .base import Op, positive_int
 from .reft import orthonormal_columns
 
 
@@ -57,7 +57,9 @@ class Rotate(Op):
     def __init__(self, width: int, k: int = 1, rank: Optional[int] = None, source: str = "source", site=None,
                  boundless: bool = False, temperature: float = 1.0, seed: Optional[int] = None):
         super().__init__()
-        rank = width if rank is None else rank
+        positive_int("Rotate", "width", width)
+        rank = width if rank is None else positive_int("Rotate", "rank", rank)
+        positive_int("Rotate", "k", k)
         if not 0 < rank <= width:
             raise ValueError(f"Rotate: rank must be in 1..{width} (the width), got {rank}")
         if not 0 < k <= rank:

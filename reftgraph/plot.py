@@ -67,7 +67,7 @@ def plot_history(history, ax=None):
 
     >>> import pandas as pd
     >>> history = pd.DataFrame({"epoch": [0, 0, 1], "step": [0, 1, 2], "loss": [3.0, 2.0, 1.5], "lr": 0.01,
-    ...                         "accuracy": [None, 0.5, 0.75]})
+    ...                         "accuracy": [None, 0.5, 0.75], "temperature": float("nan")})
     >>> [ax.get_ylabel() for ax in plot_history(history).axes]
     ['loss', 'accuracy']
     """
@@ -80,7 +80,7 @@ def plot_history(history, ax=None):
     ax.plot(history["step"], history["loss"], label="train loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
-    extra = [c for c in history.columns if c not in ("epoch", "step", "loss", "lr")]
+    extra = [c for c in history.columns if c not in ("epoch", "step", "loss", "lr") and history[c].notna().any()]
     if extra:
         twin = ax.twinx()
         for c in extra:

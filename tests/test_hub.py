@@ -171,32 +171,34 @@ def test_crash_mid_write_leaves_no_cache(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def _tiny_builder(barrier=None):
+def _tiny_builder(calls):
     def build(target):  # a small stand-in cache: default_model_folder only checks the manifest
+        calls.append(target)
+        time.sleep(0.2)  # long enough for every other writer to arrive and wait
         (target / "model.safetensors").write_bytes(bytes(range(256)) * 64)
         (target / "config.json").write_text("{}")
         files = {p.name: {"size": p.stat().st_size, "sha256": hub._sha256(p)} for p in target.iterdir()}
         (target / hub.MANIFEST).write_text(json.dumps(files))
-        if barrier:
-            barrier.wait()  # every writer renames at the same moment
     return build
 
 
 @pytest.mark.parametrize("start", ["empty", "damaged"])
-def test_concurrent_writers(tmp_path, monkeypatch, start):
+def test_concurrent_writers_build_once(tmp_path, monkeypatch, start):
     monkeypatch.setattr(hub, "gguf_folder", lambda: tmp_path)
     if start == "damaged":
         (tmp_path / hub.CACHE_NAME).mkdir()
         (tmp_path / hub.CACHE_NAME / "model.safetensors").write_bytes(b"junk")
-    n = 6
-    monkeypatch.setattr(hub, "_build_from_gguf", _tiny_builder(threading.Barrier(n)))
-    results, errors = [], []
+    n, calls = 6, []
+    monkeypatch.setattr(hub, "_build_from_gguf", _tiny_builder(calls))
+    results, errors, go = [], [], threading.Barrier(n)
 
     def writer():
         try:
+            go.wait()  # every writer looks at the cache at the same moment
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                results.append(hub.default_model_folder(tmp_path))
+                folder = hub.default_model_folder(tmp_path)
+            results.append(hub._problem(folder))  # what each caller got is a good cache
         except BaseException as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -205,9 +207,23 @@ def test_concurrent_writers(tmp_path, monkeypatch, start):
         t.start()
     for t in threads:
         t.join()
-    assert errors == [] and len(results) == n
-    assert hub._problem(tmp_path / hub.CACHE_NAME) == ""
+    assert errors == [] and results == [""] * n
+    assert len(calls) == 1  # the others waited for the lock and then read the built cache
     assert [p.name for p in tmp_path.iterdir()] == [hub.CACHE_NAME]
+
+
+def test_reader_sees_folder_vanish(tmp_path, monkeypatch):
+    """A damaged cache moved aside while it is being checked is reported, not raised."""
+    folder = tmp_path / hub.CACHE_NAME
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"x")
+    (folder / hub.MANIFEST).write_text(json.dumps({"a.bin": {"size": 1, "sha256": "0"}}))
+    real = hub._sha256
+    def vanish(path):
+        shutil.rmtree(folder)
+        return real(path)
+    monkeypatch.setattr(hub, "_sha256", vanish)
+    assert hub._problem(folder) == "a.bin is missing"
 
 
 def test_missing_package_says_how_to_install(tmp_path, monkeypatch):

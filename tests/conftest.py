@@ -20,3 +20,13 @@ def one_thread(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def forwards(lm):
+    """Counts forward passes of the test module's ``lm`` (a pre-hook on the transformers model):
+    bad input must be refused before any of them."""
+    calls = []
+    handle = lm.hf.register_forward_pre_hook(lambda module, args: calls.append(1))
+    yield calls
+    handle.remove()

@@ -23,14 +23,6 @@ def lm():
     return rg.models.tiny("llama")  # 2 layers, width 32, 4 heads, 2 kv heads, head_dim 8, mlp 48
 
 
-@pytest.fixture
-def forwards(lm):
-    calls = []
-    handle = lm.hf.register_forward_pre_hook(lambda module, args: calls.append(1))
-    yield calls
-    handle.remove()
-
-
 def one(site, op, name="n", **kwargs):
     g = rg.Graph()
     g.add(site, op, name=name, **kwargs)

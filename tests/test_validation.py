@@ -21,13 +21,9 @@ def gpt2():
     return rg.models.tiny("gpt2")  # 2 layers, width 32, 4 heads (no grouped-query attention)
 
 
-@pytest.fixture
-def forwards(llama):
-    """Counts forward passes of the tiny llama (a pre-hook on the transformers model)."""
-    calls = []
-    handle = llama.hf.register_forward_pre_hook(lambda module, args: calls.append(1))
-    yield calls
-    handle.remove()
+@pytest.fixture(scope="module")
+def lm(llama):
+    return llama  # the model conftest's ``forwards`` counts
 
 
 def graph(site, op, name="node", **kwargs):

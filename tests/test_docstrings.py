@@ -59,9 +59,7 @@ def member_doc(member):
     """The docstring of a class attribute that is a method or property, else None."""
     if isinstance(member, (staticmethod, classmethod)):
         member = member.__func__
-    if isinstance(member, property):
-        return member.__doc__ or ""
-    if inspect.isfunction(member):
+    if isinstance(member, property) or inspect.isfunction(member):
         return member.__doc__ or ""
     return None
 

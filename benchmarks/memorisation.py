@@ -21,10 +21,10 @@ import pandas as pd
 import torch
 
 import reftgraph as rg
-from reftgraph.compile import Batch, compile_graph
+from reftgraph.engine import Batch, compile_graph
 from reftgraph.memorisation import memorisation_graph, memorise, random_tokens, shuffled_words, target_ids
-from reftgraph.prefix import PrefixCache
-from reftgraph.runtime import forward
+from reftgraph.engine import PrefixCache
+from reftgraph.engine import forward
 
 from common import interleaved, report
 

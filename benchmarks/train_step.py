@@ -10,8 +10,8 @@ import argparse
 import torch
 
 import reftgraph as rg
-from reftgraph.compile import Batch, compile_graph
-from reftgraph.runtime import forward
+from reftgraph.engine import Batch, compile_graph
+from reftgraph.engine import forward
 from reftgraph.training import lm_loss
 
 from common import interleaved, report

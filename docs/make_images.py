@@ -9,7 +9,7 @@ import matplotlib
 import torch
 
 import reftgraph as rg
-from reftgraph.sites import resolve_positions
+from reftgraph.core.sites import resolve_positions
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

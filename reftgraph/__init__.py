@@ -7,24 +7,52 @@
 >>> _ = g.add(rg.Site("mlp_out", layer=1, positions="last"), rg.Collect(), name="m1")
 >>> g.run(lm, ["hello", "hi there"])["m1"].shape
 torch.Size([2, 1, 32])
+
+The package is layered (docs/architecture.md): ``core`` (sites, graph, ops), ``arch``
+(model structure), ``engine`` (plan, bind, apply, run, generate), ``files``, ``viz``,
+``training`` (the one loop), ``methods`` and ``cli``; each imports only the layers below it.
 """
 
-from . import causal, das, data, memorisation, models, patching, prefix, subspace
-from .arch import Family, register_family
-from .graph import Graph, Node
-from .io import load_graph, save
-from .models import Model, load, wrap
-from .ops import Ablate, Add, Classify, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op, Patch, ReFT, Rotate, Set
-from .generation import Generation, generate
-from .pyreft import from_pyreft
-from .prefix import PrefixCache
-from .reft import print_trainable_parameters, reft_graph
-from .runtime import RunResult, run
-from .training import train
-from .sites import COMPONENTS, Site, SiteError
+import importlib as _importlib
+import sys as _sys
+
+from . import datasets, errors
+from .arch import Family, Model, load, models, register_family, wrap
+from .core import COMPONENTS, Graph, Node, Site
+from .core.ops import (Ablate, Add, Classify, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op,
+                       Patch, ReFT, Rotate, Set)
+from .engine import Generation, PrefixCache, RunResult, generate, prefix, run
+from .errors import DataError, GraphFileError, ReftgraphError, SiteError, SpecError
+from .files import from_pyreft, load_graph, save
+from .viz import plot
+from .training import data, train
+from .methods import causal, das, memorisation, patching, subspace
+from .methods.reft import print_trainable_parameters, reft_graph
+
+# Module paths of the flat layout before the layers (documented, used in notebooks): each
+# old name is the module that holds its contents now.
+_OLD_PATHS = {
+    "sites": "core.sites", "graph": "core.graph", "ops": "core.ops", "ops.base": "core.ops.base",
+    "ops.basic": "core.ops.basic", "ops.reft": "core.ops.reft", "ops.rotate": "core.ops.rotate",
+    "models": "arch.models", "hub": "arch.hub", "compile": "engine", "runtime": "engine.run",
+    "generation": "engine.generate", "prefix": "engine.prefix", "data": "training.data", "training": "training",
+    "reft": "methods.reft", "das": "methods.das", "memorisation": "methods.memorisation",
+    "causal": "methods.causal", "subspace": "methods.subspace", "patching": "methods.patching",
+    "patching.data": "methods.patching.data", "patching.metrics": "methods.patching.metrics",
+    "patching.sweeps": "methods.patching.sweeps", "patching.paths": "methods.patching.paths",
+    "patching.plot": "viz.patching", "io": "files.io", "pyreft": "files.pyreft", "plot": "viz.plot",
+    "spec": "cli.spec",
+}
+for _old, _new in _OLD_PATHS.items():
+    _module = _sys.modules.setdefault(f"{__name__}.{_old}", _importlib.import_module(f"{__name__}.{_new}"))
+    if "." not in _old:
+        globals().setdefault(_old, _module)
 
 __all__ = [
-    "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DiReFT", "LoBiReFT", "LoReFT", "NoDiReFT",
-    "NoReFT", "ReFT", "Family", "Generation", "Graph", "Model", "Node", "Op", "Patch",
-    "RunResult", "Rotate", "Set", "causal", "das", "subspace", "Site", "SiteError", "data", "memorisation", "patching", "prefix", "PrefixCache", "from_pyreft", "generate", "load", "load_graph", "models", "save", "print_trainable_parameters", "reft_graph", "register_family", "run", "train", "wrap",
+    "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DataError", "DiReFT", "Family", "Generation",
+    "Graph", "GraphFileError", "LoBiReFT", "LoReFT", "Model", "NoDiReFT", "NoReFT", "Node", "Op", "Patch",
+    "PrefixCache", "ReFT", "ReftgraphError", "Rotate", "RunResult", "Set", "Site", "SiteError", "SpecError", "causal",
+    "das", "data", "datasets", "errors", "from_pyreft", "generate", "load", "load_graph", "memorisation", "models",
+    "patching", "prefix", "print_trainable_parameters", "reft_graph", "register_family", "run", "save", "subspace",
+    "train", "wrap",
 ]

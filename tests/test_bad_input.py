@@ -148,15 +148,15 @@ CASES = [
     ("add_dict_as_site", lambda lm, p: rg.Graph().add({"component": "resid_post"}, rg.Collect(), name="x"),
      rg.SiteError, ["node 'x'", "site must be a reftgraph.Site", "dict"]),
     # -- run inputs ----------------------------------------------------------------------------
-    ("prompts_none", lambda lm, p: rg.Graph().run(lm, None), rg.SiteError,
+    ("prompts_none", lambda lm, p: rg.Graph().run(lm, None), rg.DataError,
      ["prompts must be a non-empty list of strings", "NoneType"]),
-    ("prompts_with_int", lambda lm, p: rg.Graph().run(lm, ["a", 3]), rg.SiteError,
+    ("prompts_with_int", lambda lm, p: rg.Graph().run(lm, ["a", 3]), rg.DataError,
      ["prompts must be a non-empty list of strings", "holding a int"]),
     ("sources_list", lambda lm, p: one(S("resid_pre", 1, positions="last"), rg.Patch()).run(lm, PROMPTS, sources=["a"]),
-     rg.SiteError, ["sources must be a dict {stream name: prompts}", "got list"]),
+     rg.DataError, ["sources must be a dict {stream name: prompts}", "got list"]),
     ("source_prompts_int", lambda lm, p: one(S("resid_pre", 1, positions="last"), rg.Patch()).run(
-        lm, PROMPTS, sources={"source": 7}), rg.SiteError, ["sources['source'] must be a non-empty list", "int"]),
-    ("padding_side", lambda lm, p: rg.Graph().run(lm, PROMPTS, padding_side="middle"), rg.SiteError,
+        lm, PROMPTS, sources={"source": 7}), rg.DataError, ["sources['source'] must be a non-empty list", "int"]),
+    ("padding_side", lambda lm, p: rg.Graph().run(lm, PROMPTS, padding_side="middle"), rg.DataError,
      ["padding_side must be 'left' or 'right'", "'middle'"]),
     ("model_unwrapped", lambda lm, p: rg.Graph().run(lm.hf, PROMPTS), rg.SiteError,
      ["expected a reftgraph Model", "rg.wrap(hf_model, tokenizer)", "LlamaForCausalLM"]),
@@ -170,7 +170,7 @@ CASES = [
     ("generate_with_patch", lambda lm, p: one(S("resid_post", 0, positions="last"), rg.Patch("source")).generate(
         lm, PROMPTS, max_new_tokens=2),
      rg.SiteError, ["node 'n'", "generation runs the base stream only", "patch from sources with run()"]),
-    ("generate_prompts_empty", lambda lm, p: rg.Graph().generate(lm, [], max_new_tokens=2), rg.SiteError,
+    ("generate_prompts_empty", lambda lm, p: rg.Graph().generate(lm, [], max_new_tokens=2), rg.DataError,
      ["prompts must be a non-empty list of strings"]),
     # -- datasets ------------------------------------------------------------------------------
     ("pairs_not_pairs", lambda lm, p: PromptResponse(["abc"]), ValueError,
@@ -205,19 +205,19 @@ CASES = [
     # -- save / load -------------------------------------------------------------------------------
     ("save_over_file", lambda lm, p: (p.joinpath("notes.txt").write_text("mine"),
                                       rg.save(reft(lm), p / "notes.txt")),
-     rg.SiteError, ["notes.txt exists and is not a saved graph", "not replacing it"]),
+     rg.GraphFileError, ["notes.txt exists and is not a saved graph", "not replacing it"]),
     ("save_over_folder", lambda lm, p: ((p / "project").mkdir(), (p / "project" / "a.py").write_text("x"),
                                         rg.save(reft(lm), p / "project")),
-     rg.SiteError, ["project exists and is not a saved graph (no graph.json)"]),
-    ("load_missing", lambda lm, p: rg.load_graph(p / "nowhere"), rg.SiteError,
+     rg.GraphFileError, ["project exists and is not a saved graph (no graph.json)"]),
+    ("load_missing", lambda lm, p: rg.load_graph(p / "nowhere"), rg.GraphFileError,
      ["is not a saved graph: graph.json is missing"]),
     ("load_for_wider_model", lambda lm, p: rg.load_graph(
         rg.save(reft(rg.models.tiny("llama", hidden_size=64, intermediate_size=96)), p / "g",
                 model=rg.models.tiny("llama", hidden_size=64, intermediate_size=96)), model=lm),
-     rg.SiteError, ["saved for 'tiny-llama' (d_model 64)", "(d_model 32)"]),
+     rg.GraphFileError, ["saved for 'tiny-llama' (d_model 64)", "(d_model 32)"]),
     ("load_for_other_family", lambda lm, p: rg.load_graph(rg.save(reft(lm), p / "g", model=lm),
                                                           model=rg.models.tiny("gpt2")),
-     rg.SiteError, ["saved for 'tiny-llama' (family llama)", "not 'tiny-gpt2' (family gpt2)"]),
+     rg.GraphFileError, ["saved for 'tiny-llama' (family llama)", "not 'tiny-gpt2' (family gpt2)"]),
 ]
 
 
@@ -248,7 +248,7 @@ def test_save_refusals_leave_the_files(lm, tmp_path):
     (tmp_path / "project").mkdir()
     (tmp_path / "project" / "a.py").write_text("x")
     for target in ("notes.txt", "project"):
-        with pytest.raises(rg.SiteError):
+        with pytest.raises(rg.GraphFileError):
             rg.save(reft(lm), tmp_path / target)
     assert (tmp_path / "notes.txt").read_text() == "mine"
     assert (tmp_path / "project" / "a.py").read_text() == "x"

@@ -63,6 +63,35 @@ def test_resume_continues_from_the_checkpoint(spec, tmp_path, capsys):
     assert (tmp_path / "out" / "history.csv").read_text() == first
 
 
+def test_eval_path_is_scored_after_every_epoch(spec, tmp_path, capsys):
+    import pandas as pd
+
+    write(tmp_path / "held_out.jsonl", json.dumps({"prompt": "bc", "response": "da"}))
+    write(spec, spec.read_text().replace("data: {path: train.jsonl}", "data: {path: train.jsonl, eval_path: held_out.jsonl}"))
+    assert main(["train", str(spec)]) == 0
+    history = pd.read_csv(tmp_path / "out" / "history.csv")
+    scored = history["eval_loss"].dropna()
+    assert len(scored) == 2 and (scored > 0).all()  # one score per epoch, on the last step's row
+    g = rg.load_graph(tmp_path / "out" / "graph")
+    lm = rg.load(str(spec.read_text().split("model: ")[1].split()[0]))
+    held_out = rg.data.PromptResponse([("bc", "da")])
+    assert abs(rg.training.evaluate(g, lm, held_out, batch_size=2) - scored.iloc[-1]) < 1e-5
+
+
+def test_spec_sections_are_the_arguments_of_reft_graph_and_train():
+    import inspect
+
+    from reftgraph.cli.spec import GraphSpec, TrainSpec
+    from dataclasses import fields
+
+    for section, fn in ((GraphSpec, rg.reft_graph), (TrainSpec, rg.train)):
+        params = inspect.signature(fn).parameters
+        for f in fields(section):
+            assert f.name in params, f"{section.__name__}.{f.name} is not an argument of {fn.__name__}"
+            assert f.default == params[f.name].default, f"{section.__name__}.{f.name}: default differs"
+            assert f.metadata["help"], f"{section.__name__}.{f.name} has no help text"
+
+
 def test_help_on_every_subcommand():
     for cmd in ([], ["demo"], ["train"], ["generate"], ["show"]):
         r = subprocess.run([sys.executable, "-m", "reftgraph", *cmd, "--help"], capture_output=True, text=True)
@@ -99,7 +128,7 @@ def test_bad_specs_give_one_line_and_exit_2(case, message, tmp_path, tiny_path, 
 
 
 def test_ctrl_c_keeps_the_last_checkpoint_and_says_how_to_resume(spec, tmp_path, capsys, monkeypatch):
-    import reftgraph.training as training
+    import reftgraph.training.supervised as training
 
     real, calls = training._batch_loss, []
 

@@ -168,7 +168,7 @@ def test_saved_without_model(tmp_path, lm):
 def test_other_width_raises(saved):
     _, path = saved
     wide = rg.models.tiny("llama", hidden_size=64)
-    with pytest.raises(rg.SiteError) as err:
+    with pytest.raises(rg.GraphFileError) as err:
         rg.load_graph(path, model=wide)
     assert "32" in str(err.value) and "64" in str(err.value)
 
@@ -176,7 +176,7 @@ def test_other_width_raises(saved):
 def test_other_family_raises(saved):
     _, path = saved
     gpt2 = rg.models.tiny("gpt2")
-    with pytest.raises(rg.SiteError) as err:
+    with pytest.raises(rg.GraphFileError) as err:
         rg.load_graph(path, model=gpt2)
     assert "llama" in str(err.value) and "gpt2" in str(err.value)
 
@@ -248,7 +248,7 @@ def test_missing_file_raises(saved, tmp_path, missing):
     g, _ = saved
     rg.save(g, tmp_path / "g")
     (tmp_path / "g" / missing).unlink()
-    with pytest.raises(rg.SiteError, match=missing):
+    with pytest.raises(rg.GraphFileError, match=missing):
         rg.load_graph(tmp_path / "g")
 
 
@@ -257,16 +257,16 @@ def test_corrupt_files_raise(saved, tmp_path):
     rg.save(g, tmp_path / "g")
     weights = tmp_path / "g" / "weights.safetensors"
     weights.write_bytes(weights.read_bytes()[:200])  # truncated
-    with pytest.raises(rg.SiteError, match="weights.safetensors"):
+    with pytest.raises(rg.GraphFileError, match="weights.safetensors"):
         rg.load_graph(tmp_path / "g")
     rg.save(g, tmp_path / "g")
     (tmp_path / "g" / "graph.json").write_text("{not json")
-    with pytest.raises(rg.SiteError, match="graph.json"):
+    with pytest.raises(rg.GraphFileError, match="graph.json"):
         rg.load_graph(tmp_path / "g")
 
 
 def test_missing_directory_raises(tmp_path):
-    with pytest.raises(rg.SiteError):
+    with pytest.raises(rg.GraphFileError):
         rg.load_graph(tmp_path / "nowhere")
 
 
@@ -276,11 +276,11 @@ def test_not_a_graph_raises(saved, tmp_path):
     spec = json.loads((tmp_path / "g" / "graph.json").read_text())
     spec["ops"][0]["type"] = "Evil"
     (tmp_path / "g" / "graph.json").write_text(json.dumps(spec))
-    with pytest.raises(rg.SiteError, match="Evil"):
+    with pytest.raises(rg.GraphFileError, match="Evil"):
         rg.load_graph(tmp_path / "g")
     spec["format"] = "something else"
     (tmp_path / "g" / "graph.json").write_text(json.dumps(spec))
-    with pytest.raises(rg.SiteError, match="format"):
+    with pytest.raises(rg.GraphFileError, match="format"):
         rg.load_graph(tmp_path / "g")
 
 

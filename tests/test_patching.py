@@ -140,7 +140,7 @@ def test_bad_sweeps_fail_before_running(bad, message):
     calls = []
     handle = lm.hf.register_forward_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(rg.SiteError, match=message):
+        with pytest.raises(rg.ReftgraphError, match=message):  # site errors and data errors
             sweep(lm, DATA, **{"component": "resid_pre", **bad})
     finally:
         handle.remove()
@@ -150,9 +150,9 @@ def test_bad_sweeps_fail_before_running(bad, message):
 def test_answers_must_be_one_token():
     lm = rg.models.tiny("llama")
     data = Counterfactual(["ab"], ["cd"], correct=["xy"], wrong=["z"])
-    with pytest.raises(rg.SiteError, match="'xy' of row 0 is 2 tokens"):
+    with pytest.raises(rg.DataError, match="'xy' of row 0 is 2 tokens"):
         sweep(lm, data)
-    with pytest.raises(rg.SiteError, match="has 1 rows, the base prompts 2"):
+    with pytest.raises(rg.DataError, match="has 1 rows, the base prompts 2"):
         Counterfactual(["a", "b"], ["c"])
 
 

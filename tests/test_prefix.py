@@ -155,7 +155,7 @@ def test_train_cached_equals_uncached(models, monkeypatch, kw):
     computed = []
     # patch the namespace train's PrefixCache really uses (pytest's doctest run of
     # reftgraph/prefix.py may import a second copy of the module)
-    namespace = rg.training.PrefixCache.value.__globals__
+    namespace = rg.PrefixCache.value.__globals__
     original = namespace["prefix_state"]
     monkeypatch.setitem(namespace, "prefix_state", lambda *a: computed.append(1) or original(*a))
     runs = {}

@@ -254,7 +254,7 @@ def test_every_class_matches_pyreft_forward(tmp_path, cls_name):
 
 def test_noreft_bias_with_nonlinear_act_is_refused(tmp_path):
     save_like_pyreft(tmp_path, [trained("NoreftIntervention", 0)], layers=[0])
-    with pytest.raises(rg.SiteError, match="proj_layer bias"):
+    with pytest.raises(rg.GraphFileError, match="proj_layer bias"):
         from_pyreft(tmp_path, positions="last", act="relu")
 
 
@@ -263,17 +263,17 @@ def test_wrong_shape(tmp_path):
     sd = dict(torch.load(tmp_path / f"intkey_{keys[0]}.bin", weights_only=True))
     sd["weight"] = torch.randn(3, D)
     torch.save(sd, tmp_path / f"intkey_{keys[0]}.bin")
-    with pytest.raises(rg.SiteError, match=r"intkey_layer_0.*'weight' has shape \(3, 32\), expected shape \(4, 32\)"):
+    with pytest.raises(rg.GraphFileError, match=r"intkey_layer_0.*'weight' has shape \(3, 32\), expected shape \(4, 32\)"):
         from_pyreft(tmp_path, positions="last")
 
 
 def test_missing_files(tmp_path):
     keys = save_like_pyreft(tmp_path, [trained("LoreftIntervention", s) for s in (0, 1)], layers=[0, 1])
     (tmp_path / f"intkey_{keys[1]}.bin").unlink()
-    with pytest.raises(rg.SiteError, match=r"missing intervention file intkey_layer_1_comp_block_output"):
+    with pytest.raises(rg.GraphFileError, match=r"missing intervention file intkey_layer_1_comp_block_output"):
         from_pyreft(tmp_path, positions="last")
     (tmp_path / "config.json").unlink()
-    with pytest.raises(rg.SiteError, match="no config.json"):
+    with pytest.raises(rg.GraphFileError, match="no config.json"):
         from_pyreft(tmp_path, positions="last")
 
 
@@ -295,14 +295,14 @@ def test_non_tensor_pickle_is_refused_safely(tmp_path):
     sd = dict(torch.load(tmp_path / f"intkey_{keys[0]}.bin", weights_only=True))
     sd["bias"] = Payload()
     torch.save(sd, tmp_path / f"intkey_{keys[0]}.bin")
-    with pytest.raises(rg.SiteError, match=r"intkey_layer_0.*weights_only=True\) refused it"):
+    with pytest.raises(rg.GraphFileError, match=r"intkey_layer_0.*weights_only=True\) refused it"):
         from_pyreft(tmp_path, positions="last")
     assert not UNPICKLED
 
 
 def test_config_errors(tmp_path):
     save_like_pyreft(tmp_path, [trained("LoreftIntervention", 0)], layers=[0], component="mlp_input")
-    with pytest.raises(rg.SiteError, match="component='mlp_input'"):
+    with pytest.raises(rg.GraphFileError, match="component='mlp_input'"):
         from_pyreft(tmp_path, positions="last")
     assert str(from_pyreft(tmp_path, "last", component_map={"mlp_input": "mlp_out"})["pyreft_L0_0"].site) \
         == "mlp_out[0] pos=last"
@@ -311,7 +311,7 @@ def test_config_errors(tmp_path):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["intervention_types"] = ["<class 'pyreft.interventions.LoreftRoutingIntervention'>"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(rg.SiteError, match="unsupported pyreft intervention class 'LoreftRoutingIntervention'"):
+    with pytest.raises(rg.GraphFileError, match="unsupported pyreft intervention class 'LoreftRoutingIntervention'"):
         from_pyreft(tmp_path, positions="last", component_map={"mlp_input": "mlp_out"})
 
 

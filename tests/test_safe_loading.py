@@ -152,7 +152,7 @@ def _spec_text(saved: Path, change):
 def test_crafted_graph_json_is_refused(saved, tmp_path, change, parts):
     path = craft(saved, tmp_path, spec=_spec_text(saved, change))
     modules = set(sys.modules)
-    with pytest.raises(rg.SiteError) as err:
+    with pytest.raises(rg.GraphFileError) as err:
         rg.load_graph(path)
     assert set(sys.modules) == modules, "loading imported a module"
     for part in parts:
@@ -177,7 +177,7 @@ def test_the_config_of_a_huge_op_allocates_nothing(saved, tmp_path, monkeypatch)
 
     monkeypatch.setattr(rg.LoReFT, "__init__", init)
     path = craft(saved, tmp_path, spec=_spec_text(saved, edit("ops/0/config/width", 10**15)))
-    with pytest.raises(rg.SiteError, match="shape"):
+    with pytest.raises(rg.GraphFileError, match="shape"):
         rg.load_graph(path)
     assert devices == ["meta"]
 
@@ -211,7 +211,7 @@ TENSOR_CASES = [
 @pytest.mark.parametrize("change, parts", [c[1:] for c in TENSOR_CASES], ids=[c[0] for c in TENSOR_CASES])
 def test_crafted_tensors_are_refused(lm, saved, tmp_path, change, parts):
     path = craft(saved, tmp_path, tensors=tensors_with(saved, change))
-    with pytest.raises(rg.SiteError) as err:
+    with pytest.raises(rg.GraphFileError) as err:
         rg.load_graph(path, model=lm)
     for part in parts:
         assert part in str(err.value), f"{part!r} not in:\n{err.value}"
@@ -221,7 +221,7 @@ def test_crafted_tensors_are_refused(lm, saved, tmp_path, change, parts):
 def test_truncated_weights_are_refused(saved, tmp_path, keep):
     data = (saved / "weights.safetensors").read_bytes()
     path = craft(saved, tmp_path, tensors=data[:keep if keep >= 0 else len(data) - 1])
-    with pytest.raises(rg.SiteError, match="weights.safetensors cannot be read"):
+    with pytest.raises(rg.GraphFileError, match="weights.safetensors cannot be read"):
         rg.load_graph(path)
 
 
@@ -239,15 +239,15 @@ def test_a_pickle_is_never_unpickled(saved, tmp_path):
     marker = tmp_path / "ran.txt"
     payload = pickle.dumps(Payload(marker))
     path = craft(saved, tmp_path, tensors=payload)
-    with pytest.raises(rg.SiteError, match="weights.safetensors cannot be read"):
+    with pytest.raises(rg.GraphFileError, match="weights.safetensors cannot be read"):
         rg.load_graph(path)
     (path / "graph.json").write_bytes(payload)
     (path / "weights.safetensors").write_bytes((saved / "weights.safetensors").read_bytes())
-    with pytest.raises(rg.SiteError, match="graph.json is not valid JSON"):
+    with pytest.raises(rg.GraphFileError, match="graph.json is not valid JSON"):
         rg.load_graph(path)
     (path / "graph.json").write_bytes((saved / "graph.json").read_bytes())
     torch.save({"w": torch.zeros(1), "x": Payload(marker)}, path / "weights.safetensors")  # a .bin in disguise
-    with pytest.raises(rg.SiteError, match="cannot be read"):
+    with pytest.raises(rg.GraphFileError, match="cannot be read"):
         rg.load_graph(path)
     assert not marker.exists()
 
@@ -269,7 +269,7 @@ def test_saved_for_another_width_is_refused_before_any_forward(lm, tmp_path):
     calls = []
     handle = lm.hf.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
-        with pytest.raises(rg.SiteError, match=r"saved for 'tiny-llama' \(d_model 64\), not 'tiny-llama' \(d_model 32\)"):
+        with pytest.raises(rg.GraphFileError, match=r"saved for 'tiny-llama' \(d_model 64\), not 'tiny-llama' \(d_model 32\)"):
             rg.load_graph(tmp_path / "g", model=lm)
         spec = json.loads((tmp_path / "g" / "graph.json").read_text())
         spec["model"] = None  # without the model info, the widths of the ops still give it away
@@ -416,7 +416,7 @@ def test_torch_load_only_with_weights_only():
                 if isinstance(f, ast.Attribute) and f.attr == "load" and isinstance(f.value, ast.Name) and (
                         f.value.id in ("np", "numpy")):
                     assert _keyword(node, "allow_pickle") is not True, name
-    assert {name for name, _ in calls} <= {"reftgraph/pyreft.py"}, calls
+    assert {name for name, _ in calls} <= {"reftgraph/files/pyreft.py"}, calls
     assert all(weights_only is True for _, weights_only in calls), calls
     # and no other spelling of torch.load (from torch import load, torch.serialization.load)
     for name, tree in _sources():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import reftgraph as rg
+import reftgraph.training.supervised
 
 PAIRS = [("ab", "x"), ("cd", "y"), ("ef", "z"), ("gh", "w")]
 EQUAL = [("abc", "de"), ("fgh", "ij"), ("klm", "no"), ("pqr", "st")]  # equal prompt and response lengths
@@ -285,7 +286,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lm, tmp_path, monkeyp
     good = rg.reft_graph(lm, layers=[1], positions="last", rank=2, seed=0)
     rg.train(good, lm, data, checkpoint_dir=tmp_path / "good", **kw)
 
-    original = rg.training._batch_loss
+    original = reftgraph.training.supervised._batch_loss
     calls = []
 
     def poisoned(*args, **kwargs):
@@ -293,7 +294,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(lm, tmp_path, monkeyp
         loss = original(*args, **kwargs)
         return loss * float("nan") if len(calls) == 4 else loss  # epoch 1, its second batch
 
-    monkeypatch.setattr(rg.training, "_batch_loss", poisoned)
+    monkeypatch.setattr(reftgraph.training.supervised, "_batch_loss", poisoned)
     g = rg.reft_graph(lm, layers=[1], positions="last", rank=2, seed=0)
     ckpt = tmp_path / "ckpt"
     with pytest.raises(rg.training.NonFiniteLoss, match=r"loss is nan at epoch 1, step 3 .*last good "

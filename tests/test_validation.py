@@ -332,21 +332,21 @@ def test_patch_with_same_length_sources_runs(llama):
 
 def test_empty_prompt_list(llama, forwards):
     g = graph(rg.Site("resid_post", 0, positions="last"), rg.Collect())
-    with pytest.raises(rg.SiteError, match="prompts must be a non-empty list of strings"):
+    with pytest.raises(rg.DataError, match="prompts must be a non-empty list of strings"):
         g.run(llama, [])
     assert not forwards
 
 
 def test_empty_source_list(llama, forwards):
     g = graph(rg.Site("resid_post", 0, positions="last"), rg.Patch("source"))
-    with pytest.raises(rg.SiteError, match=r"sources\['source'\] must be a non-empty list of strings"):
+    with pytest.raises(rg.DataError, match=r"sources\['source'\] must be a non-empty list of strings"):
         g.run(llama, PROMPTS, sources={"source": []})
     assert not forwards
 
 
 def test_empty_prompt_string(llama, forwards):
     g = graph(rg.Site("resid_post", 0, positions="last"), rg.Collect())
-    with pytest.raises(rg.SiteError, match="empty prompt"):
+    with pytest.raises(rg.DataError, match="empty prompt"):
         g.run(llama, ["hello", ""])
     assert not forwards
 

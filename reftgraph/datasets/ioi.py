@@ -44,7 +44,7 @@ def ioi(n: int, seed: int = 0, templates: Optional[tuple] = None):
     ``templates`` (indices into :data:`TEMPLATES`; default the first one) picks the
     sentence frames; rows alternate which of the two names is the subject.
     """
-    from ..patching import Counterfactual
+    from ..methods.patching import Counterfactual
 
     rng = random.Random(seed)
     frames = [TEMPLATES[i] for i in (templates or (0,))]

@@ -1,0 +1,306 @@
+"""The ``reftgraph`` command line: ``train``, ``generate``, ``show`` and ``demo``.
+
+    reftgraph demo                       # the main job on the default model
+    reftgraph train spec.yaml            # train a graph from a spec (see reftgraph.spec)
+    reftgraph generate DIR --prompt "Why is the sky blue?"
+    reftgraph show DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..errors import ReftgraphError, SpecError
+
+__all__ = ["main", "parser"]
+
+PATCH_BASE = "The capital of France is the city of"
+PATCH_SOURCE = "The capital of Italy is the city of"
+
+
+def _top(lm, logits) -> str:
+    return lm.tokenizer.decode(int(logits.argmax()))
+
+
+def _n_layers(name: str) -> int:
+    from ..arch.models import config_of
+
+    return config_of(name).num_hidden_layers
+
+
+# -- train ---------------------------------------------------------------------
+
+def _dataset(spec: dict, key: str = "path"):
+    from ..training import data
+    from .spec import read_rows
+
+    rows = read_rows(spec["data"][key])
+    template = spec["data"].get("template")
+    if "prompt" in rows[0]:
+        return data.PromptResponse([(r["prompt"], r["response"]) for r in rows], template=template)
+    return data.Classification([r["text"] for r in rows], [r["label"] for r in rows], template=template)
+
+
+def train_cmd(args) -> int:
+    import reftgraph as rg
+
+    from ..viz.plot import plot_history
+    from .spec import check_layers, read_spec
+    from ..training.supervised import latest_checkpoint
+
+    spec = read_spec(args.spec)
+    dataset = _dataset(spec)
+    if spec["data"].get("eval_path"):
+        _dataset(spec, "eval_path")  # checked before the model loads
+    check_layers(spec, _n_layers(spec["model"]))
+    out = Path(spec["output"])
+    lm = rg.load(spec["model"])
+    g = rg.reft_graph(lm, **spec["graph"])
+    if isinstance(dataset, rg.data.Classification):
+        g.add(rg.Site("resid_post", layer=-1, positions="last"),
+              rg.Classify(lm.arch.d_model, max(dataset.labels) + 1), name="classify")
+    rg.print_trainable_parameters(g, lm)
+    checkpoints = out / "checkpoints"
+    if args.resume and latest_checkpoint(checkpoints) is None:
+        print(f"no checkpoint in {checkpoints}: starting from scratch")
+    try:
+        eval_fn = None
+        if spec["data"].get("eval_path"):
+            held_out = _dataset(spec, "eval_path")
+            keep = {k: v for k, v in spec["train"].items() if k in ("batch_size", "padding_side", "max_length")}
+            eval_fn = (lambda graph, model, epoch: {"eval_loss": rg.training.evaluate(graph, model, held_out, **keep)})
+        history = rg.train(g, lm, dataset, checkpoint_dir=checkpoints, resume=args.resume, eval_fn=eval_fn,
+                           **spec["train"])
+    except KeyboardInterrupt:
+        last = latest_checkpoint(checkpoints)
+        where = f"the last complete checkpoint is {last}" if last else "no epoch finished, so no checkpoint"
+        print(f"\ninterrupted: {where}. Resume with: reftgraph train {args.spec} --resume", file=sys.stderr)
+        return 130
+    g.save(out / "graph", model=lm)
+    history.to_csv(out / "history.csv", index=False)
+    plot_history(history).savefig(out / "curve.png", dpi=120)
+    g.draw().savefig(out / "graph.png", dpi=120)
+    print(f"saved {out / 'graph'} (graph.json + weights.safetensors), {out / 'history.csv'}, "
+          f"{out / 'curve.png'}, {out / 'graph.png'}")
+    return 0
+
+
+# -- generate / show -----------------------------------------------------------
+
+def _saved_model_name(folder: Path) -> str:
+    """The model a graph was saved for; the whole folder is checked first (no model loads
+    for a folder that is not a valid saved graph)."""
+    import json
+
+    from ..files.io import load_graph
+
+    load_graph(folder)
+    info = json.loads((folder / "graph.json").read_text())["model"] or {}
+    return info.get("name") or "smollm2-135m-instruct"
+
+
+def generate_cmd(args) -> int:
+    import reftgraph as rg
+
+    folder = Path(args.dir)
+    if args.prompts:
+        p = Path(args.prompts)
+        if not p.is_file():
+            raise SpecError(f"prompts file not found: {p}")
+        prompts = [line for line in p.read_text().splitlines() if line.strip()]
+    else:
+        prompts = args.prompt
+    if not prompts:
+        raise SpecError("give --prompt TEXT (repeatable) or --prompts FILE")
+    name = args.model or _saved_model_name(folder)
+    lm = rg.load(name)
+    g = rg.load_graph(folder, model=lm)
+    kw = dict(max_new_tokens=args.max_new_tokens, template=None if args.no_template else "chat")
+    plain = rg.Graph().generate(lm, prompts, **kw).texts
+    steered = g.generate(lm, prompts, **kw).texts
+    for p, a, b in zip(prompts, plain, steered):
+        print(f"prompt: {p}\n  without graph: {a.strip()!r}\n  with graph:    {b.strip()!r}\n")
+    return 0
+
+
+def show_cmd(args) -> int:
+    import reftgraph as rg
+
+    folder = Path(args.dir)
+    g = rg.load_graph(folder)
+    print(g.summary().to_string(index=False))
+    print(f"\n{len(g)} nodes, {g.num_parameters():,d} trainable parameters "
+          f"({g.num_parameters(trainable_only=False):,d} in all)")
+    png = Path(args.png) if args.png else folder / "graph.png"
+    g.draw().savefig(png, dpi=120)
+    print(f"picture: {png}")
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------
+
+def _patching_table(lm) -> None:
+    import reftgraph as rg
+
+    ids = lm.tokenizer(PATCH_BASE)["input_ids"]
+    subject = next(i for i, t in enumerate(ids) if "France" in lm.tokenizer.decode(t))
+    clean = rg.Graph().run(lm, [PATCH_BASE, PATCH_SOURCE]).next_token_logits
+    print(f"\n1. Where does the answer live? base {PATCH_BASE!r} -> {_top(lm, clean[0])!r}, "
+          f"source {PATCH_SOURCE!r} -> {_top(lm, clean[1])!r}")
+    print("   Patch resid_pre from the source into the base, one layer at a time:")
+    print(f"   {'layer':>5}  {'at France':>10}  {'at last token':>13}")
+    for layer in range(0, lm.arch.n_layers, 3):
+        row = []
+        for pos in ([subject], "last"):
+            g = rg.Graph()
+            g.add(rg.Site("resid_pre", layer=layer, positions=pos), rg.Patch("source"))
+            row.append(_top(lm, g.run(lm, PATCH_BASE, sources={"source": PATCH_SOURCE}).next_token_logits[0]))
+        print(f"   {layer:>5}  {row[0]!r:>10}  {row[1]!r:>13}")
+
+
+def caps_experiment(lm, layers=(4, 10, 16, 22), rank=4, epochs=6, lr=2e-3, examples=90, new_tokens=24,
+                    progress=True) -> dict:
+    """Train a LoReFT graph on the shipped capitals data; measure the share of held-out answers
+    in capitals before and after. Returns the graph, history, texts, rates and seconds."""
+    import reftgraph as rg
+    from reftgraph import datasets
+
+    train_pairs, held_out = datasets.caps()
+    prompts = [p for p, _ in held_out]
+    gen = dict(max_new_tokens=new_tokens, template="chat")
+    before = rg.Graph().generate(lm, prompts, **gen).texts
+    g = rg.reft_graph(lm, layers=list(layers), positions="f5+l5", rank=rank)
+    data = rg.data.PromptResponse(train_pairs[:examples], template="chat")
+    t = time.time()
+    history = rg.train(g, lm, data, epochs=epochs, batch_size=8, lr=lr, seed=0, progress=progress)
+    seconds = time.time() - t
+    after = g.generate(lm, prompts, **gen).texts
+    return {"graph": g, "history": history, "prompts": prompts, "before": before, "after": after,
+            "rate_before": sum(map(datasets.is_caps, before)) / len(prompts),
+            "rate_after": sum(map(datasets.is_caps, after)) / len(prompts),
+            "train_seconds": seconds, "examples": len(data)}
+
+
+def demo(args) -> int:
+    """The main job on the default model: a patching table (where does the model keep the
+    answer?), then a LoReFT graph trained to answer in capitals, with success rates on
+    held-out questions before and after; saves the graph, history, curve and picture."""
+    import reftgraph as rg
+
+    from ..viz.plot import plot_history
+
+    t0 = time.time()
+    out = Path(args.output)
+    lm = rg.load(args.model)
+    print(f"loaded {lm} in {time.time() - t0:.1f}s")
+    with torch.no_grad():
+        _patching_table(lm)
+    print(f"\n2. Teach a behaviour the model lacks: answer in CAPITALS. LoReFT, rank {args.rank}, "
+          f"layers {args.layers}, positions f5+l5, {min(args.examples, 90)} training examples, "
+          f"30 held-out questions.")
+    rg.print_trainable_parameters(rg.reft_graph(lm, layers=args.layers, positions="f5+l5", rank=args.rank), lm)
+    r = caps_experiment(lm, args.layers, args.rank, args.epochs, args.lr, args.examples, args.new_tokens)
+    for p, a, b in list(zip(r["prompts"], r["before"], r["after"]))[:4]:
+        print(f"\n   Q: {p}\n   before: {a.strip()[:90]!r}\n   after:  {b.strip()[:90]!r}")
+    print(f"\n   answers in capitals on held-out questions: before {r['rate_before']:.0%}, "
+          f"after {r['rate_after']:.0%} (trained in {r['train_seconds']:.0f}s, "
+          f"final loss {r['history']['loss'].iloc[-1]:.3f})")
+    out.mkdir(parents=True, exist_ok=True)
+    r["graph"].save(out / "caps-graph", model=lm)
+    r["history"].to_csv(out / "history.csv", index=False)
+    plot_history(r["history"]).savefig(out / "curve.png", dpi=120)
+    r["graph"].draw().savefig(out / "graph.png", dpi=120)
+    print(f"\nsaved the graph, history, curve and picture in {out.resolve()}/ "
+          f"(try: reftgraph generate {out / 'caps-graph'} --prompt 'Why do we dream?')")
+    print(f"done in {time.time() - t0:.0f}s")
+    return 0
+
+
+# -- entry point ---------------------------------------------------------------
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``reftgraph`` command (subcommands demo, train, generate, show).
+
+    >>> args = parser().parse_args(["generate", "my-graph", "--prompt", "Hi?", "--max-new-tokens", "8"])
+    >>> args.command, args.dir, args.prompt, args.max_new_tokens
+    ('generate', 'my-graph', ['Hi?'], 8)
+    """
+    p = argparse.ArgumentParser(prog="reftgraph", description="Interventions on language models as a causal graph.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="the main job on the default model: patching, then a LoReFT trained to "
+                                    "answer in capitals", description=demo.__doc__)
+    d.add_argument("--model", default="smollm2-135m-instruct")
+    d.add_argument("--output", default="reftgraph-demo", help="folder for the results (default: %(default)s)")
+    d.add_argument("--layers", type=int, nargs="+", default=[4, 10, 16, 22])
+    d.add_argument("--rank", type=_positive(int), default=4)
+    d.add_argument("--epochs", type=_positive(int), default=6)
+    d.add_argument("--lr", type=_positive(float), default=2e-3)
+    d.add_argument("--examples", type=_positive(int), default=90, help="training examples (at most 90)")
+    d.add_argument("--new-tokens", type=_positive(int), default=24)
+    d.set_defaults(func=demo)
+
+    t = sub.add_parser("train", help="train a graph from a YAML/JSON spec")
+    t.add_argument("spec", help="spec file (see reftgraph.spec)")
+    t.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    t.set_defaults(func=train_cmd)
+
+    gn = sub.add_parser("generate", help="generate with a saved graph, side by side with the plain model")
+    gn.add_argument("dir", help="a saved graph folder")
+    gn.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gn.add_argument("--prompts", help="a file with one prompt per line")
+    gn.add_argument("--model", help="model name or path (default: the one the graph was saved for)")
+    gn.add_argument("--max-new-tokens", type=_positive(int), default=48)
+    gn.add_argument("--no-template", action="store_true", help="do not wrap prompts in the chat template")
+    gn.set_defaults(func=generate_cmd)
+
+    s = sub.add_parser("show", help="the node table, parameter counts and a picture of a saved graph")
+    s.add_argument("dir", help="a saved graph folder")
+    s.add_argument("--png", help="where to write the picture (default: DIR/graph.png)")
+    s.set_defaults(func=show_cmd)
+    return p
+
+
+def main(argv=None) -> int:
+    """Run the ``reftgraph`` command with ``argv`` (default: the process's); returns the exit status.
+
+    >>> import tempfile, reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), rg.Collect(), name="c")
+    >>> folder = g.save(tempfile.mkdtemp() + "/g")
+    >>> main(["show", str(folder)])      # doctest: +ELLIPSIS
+    name      op stream  component  layer positions head subspace reads  params
+       c Collect   base resid_post      1      last None     None  None       0
+    <BLANKLINE>
+    1 nodes, 0 trainable parameters (0 in all)
+    picture: .../g/graph.png
+    0
+
+    Spec and input problems print one line on stderr and return 2.
+    """
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ReftgraphError as e:
+        print(f"reftgraph {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Training specs for ``reftgraph train SPEC``: a YAML or JSON file, checked before any
+model loads. Every problem is one clear line (:class:`SpecError`).
+
+```yaml
+model: smollm2-135m-instruct
+graph: {layers: [3, 9, 15, 21], positions: f5+l5, rank: 4}
+data: {path: train.jsonl, template: chat}      # rows {"prompt", "response"} or {"text", "label"}
+train: {epochs: 10, batch_size: 8, lr: 0.004}
+output: out/my-graph
+```
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from ..core.ops.reft import ACTIVATIONS, REFT_OPS
+from ..core.sites import COMPONENTS, normalise_positions
+from ..errors import SiteError, SpecError
+
+__all__ = ["DataSpec", "GraphSpec", "Section", "TrainSpec", "check_layers", "read_rows", "read_spec"]
+
+def _number(low=None, high=None, integer=False, none_ok=False, low_open=False):
+    """A check of one value: an int (or a number) in a range; returns the error text or None."""
+    kind = "an int" if integer else "a number"
+    lo = "" if low is None else (f" > {low}" if low_open else f" >= {low}")
+    hi = "" if high is None else f" < {high}"
+    wanted = f"{kind}{lo}{' and' if lo and hi else ''}{hi}" + (" or null" if none_ok else "")
+
+    def check(v):
+        if v is None and none_ok:
+            return None
+        ok = isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+        ok = ok and (low is None or (v > low if low_open else v >= low)) and (high is None or v < high)
+        return None if ok else f"must be {wanted}, got {v!r}"
+
+    return check
+
+
+def _one_of(*choices):
+    return lambda v: None if isinstance(v, (str, bool)) and v in choices else (
+        f"must be one of {', '.join(map(repr, choices))}, got {v!r}")
+
+
+def _positions(v):
+    try:
+        normalise_positions(v)
+    except SiteError as e:
+        return str(e)
+    return None
+
+
+def _path(v):
+    return None if isinstance(v, str) and v else f"must be a path (a string), got {v!r}"
+
+
+def _option(default, help: str, check=None):
+    """A spec field: its default, its help text and the check of a given value."""
+    return field(default=default, metadata={"help": help, "check": check})
+
+
+_POSITIVE = _number(1, integer=True)
+_FLAG = _one_of(True, False)
+
+
+class Section:
+    """A spec section: a frozen dataclass whose fields carry help text and a value check.
+
+    >>> TrainSpec.help("lr")
+    'peak learning rate of AdamW (linear warm-up, then linear decay to zero)'
+    """
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help text of field ``name``.
+
+        >>> DataSpec.help("template")
+        "null (prompts as they are) or 'chat' (the tokenizer's chat template)"
+        """
+        return {f.name: f.metadata["help"] for f in fields(cls)}[name]
+
+
+@dataclass(frozen=True)
+class GraphSpec(Section):
+    """The ``graph`` section: the arguments of :func:`reftgraph.reft_graph`.
+
+    >>> GraphSpec().rank, GraphSpec.help("positions")
+    (4, "token positions of every node: 'f5+l5' (first 5 and last 5 prompt tokens), 'last', ...")
+    """
+
+    layers: object = _option("all", "layers to intervene on: 'all' or a list of ints (checked against the model)")
+    positions: str = _option("f5+l5", "token positions of every node: 'f5+l5' (first 5 and last 5 prompt "
+                             "tokens), 'last', ...", _positions)
+    rank: int = _option(4, "rank of each ReFT op (rows of its projection R)", _POSITIVE)
+    op: str = _option("LoReFT", "the ReFT op: LoReFT, NoReFT, DiReFT, NoDiReFT, ConsReFT or LoBiReFT",
+                      _one_of(*REFT_OPS))
+    component: str = _option("resid_post", "the component every node edits", _one_of(*COMPONENTS))
+    share_positions: bool = _option(False, "one op for the first and the last positions of a layer", _FLAG)
+    share_layers: bool = _option(False, "one op for every layer", _FLAG)
+    act: str = _option("identity", "activation of the learned source (LoReFT's act(Wh + b))", _one_of(*ACTIVATIONS))
+    dropout: float = _option(0.0, "dropout on the op's input while training", _number(0, 1))
+    seed: int = _option(0, "seed of the ops' initial weights", _number(0, integer=True))
+
+
+@dataclass(frozen=True)
+class DataSpec(Section):
+    """The ``data`` section: the training file, its template and an optional evaluation file.
+
+    >>> DataSpec(path="train.jsonl").eval_path is None
+    True
+    """
+
+    path: str = _option(None, "a JSONL file of {prompt, response} or {text, label} rows (relative to the spec)",
+                        _path)
+    template: Optional[str] = _option(None, "null (prompts as they are) or 'chat' (the tokenizer's chat template)",
+                                      lambda v: None if v in (None, "chat") else f"must be null or 'chat', got {v!r}")
+    eval_path: Optional[str] = _option(None, "a JSONL file of the same kind, scored after every epoch (the "
+                                       "history's eval_loss column)", _path)
+
+
+
+@dataclass(frozen=True)
+class TrainSpec(Section):
+    """The ``train`` section: the arguments of :func:`reftgraph.train`.
+
+    >>> TrainSpec().epochs, TrainSpec().padding_side
+    (3, 'right')
+    """
+
+    epochs: int = _option(3, "passes over the data", _POSITIVE)
+    batch_size: int = _option(8, "rows per batch", _POSITIVE)
+    lr: float = _option(4e-3, "peak learning rate of AdamW (linear warm-up, then linear decay to zero)",
+                        _number(0, low_open=True))
+    weight_decay: float = _option(0.0, "AdamW weight decay", _number(0))
+    warmup: float = _option(0.1, "warm-up: a share of the steps (< 1) or a number of steps", _number(0))
+    grad_accum: int = _option(1, "batches per optimizer step", _POSITIVE)
+    seed: int = _option(0, "seed of the data order and of dropout", _number(0, integer=True))
+    max_grad_norm: Optional[float] = _option(1.0, "clip the gradient norm to this (null: no clipping)",
+                                             _number(0, low_open=True, none_ok=True))
+    max_length: Optional[int] = _option(None, "truncate rows to this many tokens (null: no limit)",
+                                        _number(1, integer=True, none_ok=True))
+    padding_side: str = _option("right", "where batches are padded", _one_of("left", "right"))
+
+
+
+SPEC_SECTIONS = {"graph": GraphSpec, "data": DataSpec, "train": TrainSpec}
+SECTIONS = {"model": None, **{k: {f.name for f in fields(v)} for k, v in SPEC_SECTIONS.items()}, "output": None}
+REQUIRED = ("graph", "data")
+
+
+def _value_checks() -> dict:
+    return {name: {f.name: f.metadata["check"] for f in fields(cls) if f.metadata["check"]}
+            for name, cls in SPEC_SECTIONS.items()}
+
+
+def _unknown(key: str, valid, where: str) -> SpecError:
+    near = difflib.get_close_matches(key, sorted(valid), n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
+    return SpecError(f"unknown key {key!r} in {where}{hint}")
+
+
+def read_spec(path) -> dict:
+    """Read and check a spec file; relative data paths are resolved from the spec's folder.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "caps.json"
+    >>> _ = path.write_text('{"graph": {"layers": [1], "rank": 2}, "data": {"path": "train.jsonl"}}')
+    >>> spec = read_spec(path)
+    >>> spec["model"], Path(spec["data"]["path"]) == path.parent / "train.jsonl", Path(spec["output"]).name
+    ('smollm2-135m-instruct', True, 'caps-out')
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            spec = yaml.safe_load(text)
+        else:
+            spec = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error is one line
+        raise SpecError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
+                        f"{str(e).splitlines()[0]}") from None
+    if not isinstance(spec, dict):
+        raise SpecError(f"{path}: the spec must be a mapping with keys {', '.join(SECTIONS)}")
+    for key, value in spec.items():
+        if key not in SECTIONS:
+            raise _unknown(key, SECTIONS, "the spec")
+        if SECTIONS[key] is not None:
+            if not isinstance(value, dict):
+                raise SpecError(f"'{key}' must be a mapping of {', '.join(sorted(SECTIONS[key]))}")
+            for sub in value:
+                if sub not in SECTIONS[key]:
+                    raise _unknown(sub, SECTIONS[key], f"'{key}'")
+    for key in REQUIRED:
+        if key not in spec:
+            raise SpecError(f"the spec has no '{key}' section")
+    if "path" not in spec["data"]:
+        raise SpecError("'data' needs a 'path' to a JSONL file")
+    for section, checks in _value_checks().items():
+        for key, value in spec.get(section, {}).items():
+            problem = checks[key](value) if key in checks else None
+            if problem:
+                raise SpecError(f"{section}.{key} {problem}")
+    for key in ("model", "output"):
+        if key in spec and not isinstance(spec[key], str):
+            raise SpecError(f"'{key}' must be a string (a model name or path, a folder), got {spec[key]!r}")
+    for key in ("path", "eval_path"):
+        if key in spec["data"]:
+            p = Path(spec["data"][key])
+            spec["data"][key] = str(p if p.is_absolute() else path.parent / p)
+    spec.setdefault("model", "smollm2-135m-instruct")
+    spec.setdefault("output", str(path.parent / (path.stem + "-out")))
+    spec.setdefault("train", {})
+    return spec
+
+
+def read_rows(path) -> list:
+    """Rows of a JSONL file: ``{"prompt", "response"}`` or ``{"text", "label"}``, all of one kind.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "train.jsonl"
+    >>> _ = path.write_text('{"prompt": "Hi?", "response": "HELLO."}\\n\\n{"prompt": "Sky?", "response": "BLUE."}\\n')
+    >>> read_rows(path)
+    [{'prompt': 'Hi?', 'response': 'HELLO.'}, {'prompt': 'Sky?', 'response': 'BLUE.'}]
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"data file not found: {path}")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SpecError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise SpecError(f"{path}:{i}: each line must be a JSON object")
+        if "prompt" in row:
+            if not str(row.get("response", "")).strip():
+                raise SpecError(f"{path}:{i}: the row has a prompt but no response")
+        elif "text" in row:
+            if not isinstance(row.get("label"), int):
+                raise SpecError(f"{path}:{i}: a classification row needs an integer 'label'")
+        else:
+            raise SpecError(f"{path}:{i}: a row needs 'prompt' and 'response' (or 'text' and 'label')")
+        rows.append(row)
+    if not rows:
+        raise SpecError(f"{path}: the dataset is empty")
+    if len({"prompt" in r for r in rows}) > 1:
+        raise SpecError(f"{path}: mixes prompt/response rows with text/label rows")
+    return rows
+
+
+def check_layers(spec: dict, n_layers: int) -> None:
+    """Check ``graph.layers`` of a spec against the model's number of layers.
+
+    >>> check_layers({"model": "tiny", "graph": {"layers": [0, 5]}}, n_layers=4)
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.SpecError: graph.layers: layer 5 out of range for tiny (valid layers 0..3)
+    """
+    layers = spec["graph"].get("layers", "all")
+    if layers == "all":
+        return
+    if not isinstance(layers, list) or not all(isinstance(x, int) for x in layers) or not layers:
+        raise SpecError(f"graph.layers must be 'all' or a list of ints, got {layers!r}")
+    bad = [x for x in layers if not -n_layers <= x < n_layers]
+    if bad:
+        raise SpecError(f"graph.layers: layer {bad[0]} out of range for {spec['model']} "
+                        f"(valid layers 0..{n_layers - 1})")

@@ -1,0 +1,106 @@
+"""The op interface: a ``torch.nn.Module`` that maps the selected slice ``h`` to ``h'``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+def positive_int(op: str, name: str, value) -> int:
+    """``value`` if it is an int >= 1 (not a bool), else a ValueError naming the op and argument.
+
+    >>> positive_int("LoReFT", "rank", 4)
+    4
+    >>> positive_int("LoReFT", "width", "32")
+    Traceback (most recent call last):
+    ...
+    ValueError: LoReFT: width must be an int >= 1, got '32'
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{op}: {name} must be an int >= 1, got {value!r}")
+    return value
+
+
+class Op(nn.Module):
+    """Base class of node ops: subclass it and write ``forward``.
+
+    >>> import torch
+    >>> class Double(Op):
+    ...     def forward(self, h, source=None, valid=None):
+    ...         return 2 * h
+    >>> Double()(torch.ones(1, 1, 2)).tolist()
+    [[[2.0, 2.0]]]
+
+    ``forward(h, source=None, valid=None)`` gets the selected slice ``h`` of shape
+    ``[B, k, width]`` (``[B, k, heads, head_dim]`` for head components), the matching slice
+    of the source stream for ops that read one, and ``valid[B, k]`` (False where a row has
+    fewer selected positions). For ops without a learned basis (``learned_basis = False``)
+    a site's ``subspace`` dims are cut out before the op sees ``h``, so widths are
+    ``len(subspace)``; ops with a learned basis get the full slice and ``subspace=`` (the
+    node's dims of their basis). ``config()`` returns the constructor kwargs that rebuild
+    the op (tensors live in its state dict).
+    """
+
+    learned_basis = False   # True: the op has its own basis; a site's subspace indexes its dims
+    collects = False        # True: the op records a value instead of editing the stream
+    reads_stream = False    # True: the op reads another stream (``source``, at ``site`` or its own)
+    source: Optional[str] = None
+
+    def check_selection(self, valid: torch.Tensor) -> Optional[str]:
+        """A problem with the positions bound in one batch (``valid[B, k]``), or None.
+
+        >>> import torch, reftgraph as rg
+        >>> rg.Add(torch.ones(4)).check_selection(torch.ones(1, 1, dtype=torch.bool)) is None
+        True
+
+        The engine calls it before any forward and raises the message as a SiteError.
+        """
+        return None
+
+    def config(self) -> dict:
+        """The constructor kwargs that rebuild the op (its tensors live in the state dict).
+
+        >>> import reftgraph as rg
+        >>> rg.LoReFT(width=8, rank=2, seed=0).config()
+        {'width': 8, 'rank': 2, 'act': 'identity', 'dropout': 0.0, 'seed': 0}
+        """
+        return {}
+
+    def basis_size(self) -> Optional[int]:
+        """For ops with a learned basis: how many dims it has (subspace dims index these).
+
+        >>> import torch, reftgraph as rg
+        >>> rg.LoReFT(width=8, rank=2).basis_size(), rg.Add(torch.ones(8)).basis_size()
+        (2, None)
+        """
+        return None
+
+    def expected_width(self) -> Optional[int]:
+        """The last-dim width this op needs, or None when any width fits.
+
+        >>> import torch, reftgraph as rg
+        >>> rg.Add(torch.ones(8)).expected_width(), rg.Collect().expected_width()
+        (8, None)
+        """
+        return None
+
+    def forward(self, h: torch.Tensor, source: Optional[torch.Tensor] = None,
+                valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The edited slice ``h'`` (same shape as ``h``; collecting ops return what they record).
+
+        >>> import torch, reftgraph as rg
+        >>> rg.Patch("source")(torch.zeros(1, 1, 2), source=torch.ones(1, 1, 2)).tolist()
+        [[[1.0, 1.0]]]
+        """
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        """The op's :meth:`config`, as ``torch.nn.Module`` prints it.
+
+        >>> import torch, reftgraph as rg
+        >>> rg.Add(torch.ones(4), scale=2.0)
+        Add(scale=2.0, trainable=False)
+        """
+        return ", ".join(f"{k}={v!r}" for k, v in self.config().items())

@@ -1,0 +1,293 @@
+"""Where an intervention acts: :class:`Site`, position selectors and their resolution.
+
+>>> from reftgraph import Site
+>>> print(Site("head_out", layer=7, head=8, positions=[0]))
+head_out[7].h8 pos=[0]
+>>> print(Site("resid_post", layer=9, positions="f5+l5", subspace=(0, 1)))
+resid_post[9] pos=f5+l5 dims=[0,1]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from typing import Any, Union
+
+import torch
+
+from ..errors import SiteError
+
+COMPONENTS = (
+    "resid_pre",
+    "resid_mid",
+    "resid_post",
+    "attn_out",
+    "mlp_out",
+    "mlp_act",
+    "head_out",
+    "q",
+    "k",
+    "v",
+)
+HEAD_COMPONENTS = ("head_out", "q", "k", "v")
+NAMED_POSITIONS = ("last", "prompt", "all", "generated")
+_FIRST_LAST = re.compile(r"^f(\d+)\+l(\d+)$")
+
+Positions = Union[str, int, slice, tuple]
+
+# forward order of the hook points inside one block
+STAGES = {
+    "resid_pre": 0,
+    "q": 1,
+    "k": 2,
+    "v": 3,
+    "head_out": 4,
+    "attn_out": 5,
+    "resid_mid": 5,
+    "mlp_act": 6,
+    "mlp_out": 7,
+    "resid_post": 8,
+}
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def normalise_positions(positions: Any) -> Positions:
+    """A position selector in its canonical form (lists become tuples), else a SiteError.
+
+    >>> normalise_positions([0, -1]), normalise_positions("f2+l2")
+    ((0, -1), 'f2+l2')
+    """
+    if isinstance(positions, bool):
+        raise SiteError(f"positions must be ints, a slice or one of {NAMED_POSITIONS}, got {positions!r}")
+    if isinstance(positions, int):
+        return (positions,)
+    if isinstance(positions, (list, tuple)):
+        if not positions or not all(map(_is_int, positions)):
+            raise SiteError(f"a position list must be a non-empty list of ints, got {positions!r}")
+        if len(set(positions)) != len(positions):
+            raise SiteError(f"positions {list(positions)} repeat an entry")
+        return tuple(positions)
+    if isinstance(positions, slice):
+        if not all(v is None or _is_int(v) for v in (positions.start, positions.stop, positions.step)):
+            raise SiteError(f"a position slice takes ints or None, got {positions!r}")
+        if positions.step is not None and positions.step <= 0:
+            raise SiteError(f"position slices need a positive step, got {positions!r}")
+        return positions
+    if isinstance(positions, str):
+        if positions in NAMED_POSITIONS:
+            return positions
+        first_last = _FIRST_LAST.match(positions)
+        if first_last and first_last.groups() == ("0", "0"):
+            raise SiteError("positions 'f0+l0' select no token; use N >= 1 or M >= 1 in 'fN+lM'")
+        if first_last:
+            return positions
+        raise SiteError(
+            f"unknown position selector {positions!r}; use ints, a slice, "
+            f"{', '.join(map(repr, NAMED_POSITIONS))} or 'fN+lM' (first N and last M prompt tokens)"
+        )
+    raise SiteError(f"positions must be ints, a slice or a string, got {type(positions).__name__}")
+
+
+def _positions_str(p: Positions) -> str:
+    if isinstance(p, tuple):
+        return "[" + ",".join(map(str, p)) + "]"
+    if isinstance(p, slice):
+        parts = ["" if v is None else str(v) for v in (p.start, p.stop)]
+        return "[" + ":".join(parts) + ("" if p.step in (None, 1) else f":{p.step}") + "]"
+    return p
+
+
+@dataclass(frozen=True)
+class Site:
+    """One place in a model: component, layer, token positions, heads and subspace dims.
+
+    >>> Site("resid_pre", layer=-1, positions="last").component
+    'resid_pre'
+
+    ``positions`` are relative to each row's prompt (0 = first real token, -1 = last),
+    whatever the padding side. ``head`` is only for ``head_out``, ``q``, ``k``, ``v``
+    (for grouped-query models ``k`` and ``v`` index key-value heads). ``subspace`` is a
+    tuple of dims in the op's basis (the neuron basis for ops without a learned one).
+    """
+
+    component: str
+    layer: int
+    positions: Positions = "all"
+    head: Union[int, tuple, None] = None
+    subspace: Union[tuple, None] = None
+
+    def __post_init__(self):
+        if self.component not in COMPONENTS:
+            raise SiteError(f"unknown component {self.component!r}; valid components: {', '.join(COMPONENTS)}")
+        if not _is_int(self.layer):
+            raise SiteError(f"layer must be an int, got {self.layer!r}")
+        object.__setattr__(self, "positions", normalise_positions(self.positions))
+        head = self.head
+        if head is not None:
+            if self.component not in HEAD_COMPONENTS:
+                raise SiteError(
+                    f"{self.component} has no heads; head= is only for {', '.join(HEAD_COMPONENTS)}"
+                )
+            head = (head,) if isinstance(head, int) else tuple(head) if isinstance(head, (tuple, list)) else None
+            if not head or len(set(head)) != len(head) or not all(map(_is_int, head)):
+                raise SiteError(f"head must be an int or a tuple of distinct ints, got {self.head!r}")
+            object.__setattr__(self, "head", head)
+        if self.subspace is not None:
+            dims = self.subspace
+            dims = (dims,) if isinstance(dims, int) else tuple(dims) if isinstance(dims, (tuple, list)) else None
+            if not dims or len(set(dims)) != len(dims) or any(not _is_int(d) or d < 0 for d in dims):
+                raise SiteError(f"subspace must be distinct non-negative dims, got {self.subspace!r}")
+            object.__setattr__(self, "subspace", dims)
+
+    def __hash__(self) -> int:  # slices are unhashable before Python 3.12
+        p = self.positions
+        key = ("slice", p.start, p.stop, p.step) if isinstance(p, slice) else p
+        return hash((self.component, self.layer, key, self.head, self.subspace))
+
+    @property
+    def is_head(self) -> bool:
+        """Whether the component has heads (``head_out``, ``q``, ``k``, ``v``).
+
+        >>> Site("head_out", layer=0).is_head, Site("mlp_out", layer=0).is_head
+        (True, False)
+        """
+        return self.component in HEAD_COMPONENTS
+
+    def replace(self, **changes) -> "Site":
+        """A copy with some fields changed (checked like a new site).
+
+        >>> print(Site("resid_post", layer=1, positions="last").replace(layer=3))
+        resid_post[3] pos=last
+        """
+        return dataclasses.replace(self, **changes)
+
+    def __str__(self) -> str:
+        s = f"{self.component}[{self.layer}]"
+        if self.head is not None:
+            s += "." + "+".join(f"h{h}" for h in self.head)
+        s += f" pos={_positions_str(self.positions)}"
+        if self.subspace is not None:
+            s += " dims=[" + ",".join(map(str, self.subspace)) + "]"
+        return s
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (what a saved graph stores); :meth:`from_dict` reads it back.
+
+        >>> Site("head_out", layer=7, head=8, positions=slice(0, 2)).to_dict()
+        {'component': 'head_out', 'layer': 7, 'positions': {'slice': [0, 2, None]}, 'head': [8], 'subspace': None}
+        """
+        p = self.positions
+        if isinstance(p, tuple):
+            p = list(p)
+        elif isinstance(p, slice):
+            p = {"slice": [p.start, p.stop, p.step]}
+        return {
+            "component": self.component,
+            "layer": self.layer,
+            "positions": p,
+            "head": None if self.head is None else list(self.head),
+            "subspace": None if self.subspace is None else list(self.subspace),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Site":
+        """The inverse of :meth:`to_dict`; anything else raises :class:`SiteError`.
+
+        >>> site = Site("q", layer=1, head=(0, 2), positions=[0, -1], subspace=(3,))
+        >>> Site.from_dict(site.to_dict()) == site
+        True
+        """
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict) or not {"component", "layer"} <= set(d) or not set(d) <= set(fields):
+            raise SiteError(f"a site must be a mapping with 'component' and 'layer' and optionally "
+                            f"{', '.join(map(repr, fields[2:]))}; got {str(d)[:200]}")
+        d = dict(d)
+        p = d.get("positions", "all")
+        if isinstance(p, dict):
+            bounds = p.get("slice") if set(p) == {"slice"} else None
+            if not isinstance(bounds, list) or len(bounds) != 3:
+                raise SiteError(f"a slice of positions is saved as {{'slice': [start, stop, step]}}, got {p!r}")
+            d["positions"] = slice(*bounds)
+        for key in ("head", "subspace"):
+            if isinstance(d.get(key), list):
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Resolved positions of one stream: ``index[b, j]`` is the padded token index of the
+    j-th selected position of row b; ``valid[b, j]`` is False where row b has fewer.
+
+    >>> s = resolve_positions("prompt", start=torch.tensor([0, 1]), length=torch.tensor([3, 2]))
+    >>> s.index.tolist(), s.valid.tolist()     # row 1 is left-padded by one token
+    ([[0, 1, 2], [1, 2, 1]], [[True, True, True], [True, True, False]])
+    """
+
+    index: torch.Tensor
+    valid: torch.Tensor
+
+
+def resolve_positions(positions: Positions, start: torch.Tensor, length: torch.Tensor, where: str = "") -> Selection:
+    """Resolve a selector per row, without Python loops over the batch.
+
+    >>> import torch
+    >>> s = resolve_positions("f1+l1", torch.tensor([0, 2]), torch.tensor([4, 2]))
+    >>> s.index.tolist(), s.valid.tolist()
+    ([[0, 3], [2, 3]], [[True, True], [True, True]])
+
+    ``start[b]`` is the padded index of row b's first prompt token, ``length[b]`` its
+    number of prompt tokens. Explicit ints outside a row's prompt raise :class:`SiteError`.
+    """
+    start = start.long()
+    length = length.long()
+    longest = int(length.max()) if length.numel() else 0
+    if isinstance(positions, tuple):
+        rel = torch.tensor(positions, dtype=torch.long).expand(len(length), -1)
+        rel = torch.where(rel < 0, rel + length[:, None], rel)
+        ok = (rel >= 0) & (rel < length[:, None])
+        if not bool(ok.all()):
+            bad_row = int((~ok).any(1).nonzero()[0])
+            raise SiteError(
+                f"{where}positions {list(positions)} are beyond the prompt of row {bad_row} "
+                f"({int(length[bad_row])} tokens: valid positions 0..{int(length[bad_row]) - 1} "
+                f"or -{int(length[bad_row])}..-1)"
+            )
+        valid = ok
+    elif isinstance(positions, slice):
+        step = positions.step or 1
+
+        def bound(v, default):
+            if v is None:
+                return default
+            v = torch.full_like(length, v)
+            return torch.where(v < 0, v + length, v).clamp(min=torch.zeros_like(length), max=length)
+
+        lo = bound(positions.start, torch.zeros_like(length))
+        hi = bound(positions.stop, length)
+        j = torch.arange(max(longest, 1)) * step
+        rel = lo[:, None] + j[None, :]
+        valid = rel < hi[:, None]
+    elif positions == "last":
+        rel = (length - 1)[:, None]
+        valid = length[:, None] > 0
+    elif positions in ("prompt", "all"):
+        rel = torch.arange(max(longest, 1)).expand(len(length), -1)
+        valid = rel < length[:, None]
+    elif positions == "generated":
+        raise SiteError(f"{where}positions='generated' only applies during generation")
+    else:
+        n_first, n_last = map(int, _FIRST_LAST.match(positions).groups())
+        first = torch.arange(n_first).expand(len(length), -1)
+        first_ok = first < length[:, None]
+        last = (length[:, None] - n_last) + torch.arange(n_last)[None, :]
+        # a last-token position already covered by the first N is dropped, never repeated
+        last_ok = (last >= 0) & (last >= torch.minimum(length, torch.tensor(n_first))[:, None])
+        rel = torch.cat([first, last], 1)
+        valid = torch.cat([first_ok, last_ok], 1)
+    rel = torch.where(valid, rel, torch.zeros_like(rel))
+    return Selection(index=start[:, None] + rel, valid=valid)

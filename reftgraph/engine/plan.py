@@ -1,0 +1,179 @@
+"""Graph -> plan -> nnsight edits.
+
+``compile_graph`` checks every node against the model (layers, heads, widths,
+subspaces, source order) and orders the edits by the model's forward order.
+``bind`` resolves positions against one tokenized batch (rows of several streams).
+``apply`` performs the edits inside ``model.trace(...)`` (or on plain modules).
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> g = rg.Graph()
+>>> _ = g.add(rg.Site("mlp_out", layer=-1, positions="last"), rg.Collect(), name="m")
+>>> [str(s.hook) for s in compile_graph(g, lm.arch).steps]
+["Hook(layer=1, stage=7, path='mlp', io='output')"]
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from ..arch.structure import Arch, Hook
+from ..core.graph import Graph, Node
+from ..core.sites import Site
+from ..errors import SiteError
+
+
+@dataclass
+class Step:
+    """One node resolved against a model: its hook, view functions, heads and dims.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("k", layer=0, head=1, positions="last"), rg.Patch("source"), name="p")
+    >>> step = compile_graph(g, rg.models.tiny("llama").arch).steps[0]
+    >>> step.hook.path, step.heads.tolist(), step.source_hook == step.hook
+    ('self_attn.k_proj', [1], True)
+    """
+
+    node: Node
+    hook: Hook
+    get: Callable
+    put: Callable
+    heads: Optional[torch.Tensor]
+    dims: Optional[torch.Tensor]
+    source_hook: Optional[Hook] = None
+    source_get: Optional[Callable] = None
+    source_heads: Optional[torch.Tensor] = None
+
+
+@dataclass
+class Plan:
+    """Steps in forward order; ``hooks`` lists every hook point the plan touches.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_mid", layer=1), rg.Collect(), name="late")
+    >>> _ = g.add(rg.Site("q", layer=0), rg.Collect(), name="early")
+    >>> plan = compile_graph(g, rg.models.tiny("llama").arch)
+    >>> [s.node.name for s in plan.steps], [(h.layer, h.path, h.io) for h in plan.hooks]
+    (['early', 'late'], [(0, 'self_attn.q_proj', 'output'), (1, '', 'input'), (1, 'self_attn', 'output')])
+    """
+
+    arch: Arch
+    steps: list
+    hooks: list = field(default_factory=list)
+    bound: dict = field(default_factory=dict, repr=False)  # bind()'s results per batch layout
+
+
+def where(node: Node) -> str:
+    """The start of every error about ``node``: its name and site.
+
+    >>> import reftgraph as rg
+    >>> where(rg.Node("n", rg.Site("resid_pre", layer=1), rg.Collect()))
+    "node 'n' at resid_pre[1] pos=all: "
+    """
+    return f"node {node.name!r} at {node.site}: "
+
+
+def _check_site(node: Node, site: Site, arch: Arch, what: str = "") -> tuple[int, Optional[torch.Tensor]]:
+    at = where(node) + what
+    layer = arch.layer_index(site.layer)
+    if layer is None:
+        raise SiteError(f"{at}layer {site.layer} out of range; valid layers 0..{arch.n_layers - 1} "
+                        f"(or -{arch.n_layers}..-1)")
+    heads = None
+    if site.is_head:
+        n = arch.heads(site.component)
+        kind = "key-value heads (grouped-query attention)" if (
+            site.component in ("k", "v") and arch.n_kv_heads != arch.n_heads) else "heads"
+        if site.head is not None:
+            bad = [h for h in site.head if not 0 <= h < n]
+            if bad:
+                raise SiteError(f"{at}head {bad[0]} out of range; {site.component} has {n} {kind}: "
+                                f"valid heads 0..{n - 1}")
+            heads = torch.tensor(site.head)
+    return layer, heads
+
+
+def _slice_width(node: Node, site: Site, arch: Arch) -> int:
+    width = arch.width(site.component)
+    if site.subspace is None:
+        return width
+    if node.op.learned_basis:
+        size = node.op.basis_size()
+        bad = [d for d in site.subspace if d >= size]
+        if bad:
+            raise SiteError(f"{where(node)}subspace dim {bad[0]} beyond the rank of {type(node.op).__name__} "
+                            f"({size}: valid dims 0..{size - 1})")
+        return width
+    bad = [d for d in site.subspace if d >= width]
+    if bad:
+        raise SiteError(f"{where(node)}subspace dim {bad[0]} beyond the width of {site.component} "
+                        f"({width}: valid dims 0..{width - 1})")
+    return len(site.subspace)
+
+
+def compile_graph(graph: Graph, arch: Arch) -> Plan:
+    """Check ``graph`` against ``arch`` and order its nodes in forward order.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("head_out", layer=0, head=4), rg.Collect(), name="h")
+    >>> compile_graph(g, rg.models.tiny("llama").arch)     # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.SiteError: node 'h' at head_out[0].h4 pos=all: head 4 out of range; ... valid heads 0..3
+
+    Plans are cached per graph, graph version (adding a node makes a new one), ops and
+    architecture: compiling an unchanged graph again returns the same plan.
+    """
+    key = (graph.version, tuple(id(n.op) for n in graph.nodes))
+    cached = _PLANS.get(graph)
+    if cached is not None and cached[0] is arch and cached[1] == key:
+        return cached[2]
+    plan = _compile(graph, arch)
+    _PLANS[graph] = (arch, key, plan)
+    return plan
+
+
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compile(graph: Graph, arch: Arch) -> Plan:
+    steps = []
+    for node in graph.nodes:
+        site = node.site
+        layer, heads = _check_site(node, site, arch)
+        width = _slice_width(node, site, arch)
+        need = node.op.expected_width()
+        if need is not None and need != width:
+            raise SiteError(f"{where(node)}{type(node.op).__name__} has width {need}, the site needs {width} "
+                            + ("(the subspace's dims)" if site.subspace else f"({site.component} width)"))
+        hook = arch.hook(site.component, layer)
+        get, put = arch.view(site.component)
+        step = Step(node, hook, get, put, heads,
+                    None if site.subspace is None or node.op.learned_basis else torch.tensor(site.subspace))
+        if node.op.source is not None:
+            src_site = node.reads[1]
+            src_layer, step.source_heads = _check_site(node, src_site, arch, f"source site {src_site}: ")
+            if arch.width(src_site.component) != arch.width(site.component) or (
+                    (src_site.head is None) != (site.head is None)) or (
+                    src_site.head is not None and len(src_site.head) != len(site.head)):
+                raise SiteError(f"{where(node)}source site {src_site} has another shape than the site")
+            step.source_hook = arch.hook(src_site.component, src_layer)
+            step.source_get = arch.view(src_site.component)[0]
+            if (step.source_hook.layer, step.source_hook.stage) > (hook.layer, hook.stage):
+                raise SiteError(f"{where(node)}source site {src_site} comes after the site in the forward "
+                                "pass; a patch can only read a place the model reaches first")
+        steps.append(step)
+    order = {n: i for i, n in enumerate(graph.dag)}
+    steps.sort(key=lambda s: (s.hook.layer, s.hook.stage, order[s.node.name]))
+    hooks = {s.hook for s in steps} | {s.source_hook for s in steps if s.source_hook}
+    hooks |= {Hook(s.hook.layer, 0, "", "input") for s in steps if s.node.site.component == "resid_mid"}
+    hooks |= {Hook(s.source_hook.layer, 0, "", "input") for s in steps
+              if s.source_hook and s.node.reads[1].component == "resid_mid"}
+    return Plan(arch, steps, sorted(hooks, key=lambda h: (h.layer, h.stage)))

@@ -1,0 +1,266 @@
+"""Run a graph: tokenize every stream into one batch, compile, and trace once.
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> g = rg.Graph()
+>>> _ = g.add(rg.Site("resid_pre", layer=1, positions="last"), rg.Patch(source="source"))
+>>> _ = g.add(rg.Site("mlp_out", layer=1, positions="f1+l1"), rg.Collect(), name="m")
+>>> out = g.run(lm, ["a cat", "the dog"], sources={"source": ["one", "two"]})
+>>> out["m"].shape, out.next_token_logits.shape
+(torch.Size([2, 2, 32]), torch.Size([2, 259]))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+from ..arch.structure import Hook
+from .bind import Batch, bind
+from .plan import Plan, compile_graph
+from .apply import apply
+from ..core.graph import Graph
+from ..arch.models import Model
+from ..errors import DataError, SiteError
+
+Prompts = Union[str, Sequence[str]]
+
+
+@dataclass
+class RunResult:
+    """What a run returns: the base stream's logits and the collected activations.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=0, positions="prompt"), rg.Collect(), name="r")
+    >>> out = g.run(rg.models.tiny("llama"), ["abcd", "ab"])
+    >>> out.logits.shape, out["r"].shape, out.valid["r"].tolist()   # row 1 has 2 tokens
+    (torch.Size([2, 4, 259]), torch.Size([2, 4, 32]), [[True, True, True, True], [True, True, False, False]])
+
+    ``result[name]`` is node ``name``'s collected slice ``[B, k, ...]``;
+    ``result.valid[name]`` marks the real positions of rows with fewer than ``k``.
+    """
+
+    logits: torch.Tensor
+    collected: dict
+    valid: dict
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    rows: dict
+    last_index: torch.Tensor
+    stream_logits: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.collected:
+            raise KeyError(f"no collected node {name!r}; collected: {sorted(self.collected)}")
+        return self.collected[name]
+
+    @property
+    def next_token_logits(self) -> torch.Tensor:
+        """``[B, vocab]``: the base stream's logits at each row's last prompt token.
+
+        >>> import reftgraph as rg
+        >>> out = rg.Graph().run(rg.models.tiny("llama"), ["abcd", "ab"])
+        >>> torch.equal(out.next_token_logits[1], out.logits[1, 1])   # "ab": 2 tokens, right-padded
+        True
+        """
+        rows = self.rows["base"]
+        return self.logits[torch.arange(self.logits.shape[0]), self.last_index[rows]]
+
+
+def prompt_list(prompts: Prompts, what: str) -> list:
+    """``prompts`` as a list of strings (one string is a list of one), else a DataError.
+
+    >>> prompt_list("hi", "prompts"), prompt_list(("a", "b"), "prompts")
+    (['hi'], ['a', 'b'])
+    """
+    if isinstance(prompts, str):
+        return [prompts]
+    given = type(prompts).__name__
+    prompts = list(prompts) if hasattr(prompts, "__iter__") and not isinstance(prompts, dict) else []
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        bad = [type(p).__name__ for p in prompts if not isinstance(p, str)][:1]
+        raise DataError(f"{what} must be a non-empty list of strings, got {given}"
+                        + (f" holding a {bad[0]}" if bad else " (empty)" if given in ("list", "tuple") else ""))
+    return prompts
+
+
+def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):
+    """Tokenize ``{stream: prompts}`` into one padded batch; returns (inputs, Batch).
+
+    >>> import reftgraph as rg
+    >>> inputs, batch = tokenize(rg.models.tiny("llama"), {"base": ["ab", "abcd"], "source": ["x"]}, "right")
+    >>> inputs["input_ids"].shape, batch.rows["source"], batch.length.tolist()
+    (torch.Size([3, 4]), slice(2, 3, None), [2, 4, 1])
+    """
+    if padding_side not in (None, "left", "right"):
+        raise DataError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    texts, rows = [], {}
+    for name, prompts in streams.items():
+        rows[name] = slice(len(texts), len(texts) + len(prompts))
+        texts += prompts
+    tok = model.tokenizer
+    side = padding_side or tok.padding_side
+    memo = _TOKENIZED.setdefault(tok, OrderedDict())
+    key = (side, tuple(texts))
+    if key not in memo:
+        memo[key] = _encode(tok, texts, side)
+        if len(memo) > MAX_TOKENIZED:
+            memo.popitem(last=False)
+    inputs, start, length, seq_len = memo[key]
+    return dict(inputs), Batch(rows, start, length, seq_len)
+
+
+# the last tokenized batches per tokenizer: a graph run again on the same prompts skips the tokenizer
+_TOKENIZED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+MAX_TOKENIZED = 32
+
+
+def _encode(tok, texts: list, side: str):
+    old = tok.padding_side
+    tok.padding_side = side
+    try:
+        enc = tok(texts, return_tensors="pt", padding=True)
+    finally:
+        tok.padding_side = old
+    mask = enc["attention_mask"]
+    length = mask.sum(1)
+    if bool((length == 0).any()):
+        raise DataError("an empty prompt tokenizes to no tokens; every prompt needs at least one")
+    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": mask, "position_ids": position_ids}
+    return inputs, mask.argmax(1), length, mask.shape[1]
+
+
+def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = None,
+        padding_side: Optional[str] = None, grad: Optional[bool] = None) -> RunResult:
+    """Run ``graph`` on ``prompts`` with named ``sources`` (stream -> prompts) in one forward.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_pre", layer=0, positions="last"), rg.Patch("source"))
+    >>> _ = g.add(rg.Site("resid_pre", layer=0, positions="last"), rg.Collect(), name="x")
+    >>> out = run(g, rg.models.tiny("llama"), ["ab", "cd"], sources={"source": ["b"]})
+    >>> torch.equal(out["x"][0], out["x"][1])   # one source prompt, used for both rows
+    True
+
+    Everything is checked before the forward pass: the graph against the model, the
+    streams the graph reads against ``sources``, and every position against every row.
+    A source with one prompt is used for every base row. Gradients flow to the graph's
+    parameters when any requires grad (``grad=`` forces it on or off).
+    """
+    model = as_model(model)
+    plan = compile_graph(graph, model.arch)
+    base = prompt_list(prompts, "prompts")
+    streams = {"base": base}
+    if sources is not None and not isinstance(sources, dict):
+        raise DataError(f"sources must be a dict {{stream name: prompts}}, e.g. sources={{'source': [...]}}; "
+                        f"got {type(sources).__name__}")
+    for name, src in (sources or {}).items():
+        src = prompt_list(src, f"sources[{name!r}]")
+        if len(src) == 1 and len(base) > 1:
+            src = src * len(base)
+        streams[name] = src
+    unused = set(streams) - graph.streams - {"base"}
+    if unused:
+        raise SiteError(f"sources {sorted(unused)} are not read by any node of the graph "
+                        f"(streams it uses: {sorted(graph.streams)})")
+    inputs, batch = tokenize(model, streams, padding_side)
+    if grad is None:
+        grad = any(p.requires_grad for p in graph.parameters())
+    with torch.set_grad_enabled(grad), inference_mode(graph):
+        logits, collected = forward(plan, model, inputs, batch)
+    last = batch.start + batch.length - 1
+    return RunResult(
+        logits=logits[batch.rows["base"]],
+        collected={k: v[0] for k, v in collected.items()},
+        valid={k: v[1] for k, v in collected.items()},
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        rows=batch.rows,
+        last_index=last.to(logits.device),
+        stream_logits={name: logits[rows] for name, rows in batch.rows.items()},
+    )
+
+
+def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool = False, prefix=None, cache=None):
+    """One traced forward of ``inputs`` with the plan's edits: ``(logits, {name: (value, valid)})``.
+
+    >>> import reftgraph as rg
+    >>> from reftgraph.compile import compile_graph
+    >>> lm, g = rg.models.tiny("llama"), rg.Graph()
+    >>> _ = g.add(rg.Site("mlp_out", layer=1, positions="last"), rg.Collect(), name="m")
+    >>> inputs, batch = tokenize(lm, {"base": ["ab", "cde"]})
+    >>> hidden, collected = forward(compile_graph(g, lm.arch), lm, inputs, batch, hidden=True)
+    >>> hidden.shape, collected["m"][0].shape
+    (torch.Size([2, 3, 32]), torch.Size([2, 1, 32]))
+
+    Positions are bound (and checked) against ``batch`` before the model runs. With
+    ``hidden=True`` the first value is the final hidden state ``[B, S, d]`` (after the
+    final norm) and the language-model head runs on the last position only: a loss on
+    a few positions then pays for those alone (see :func:`reftgraph.training.losses.lm_loss`).
+    ``prefix=(layer, value)`` skips the blocks below ``layer``, feeding ``value`` (their
+    output, computed earlier) to block ``layer``: see :mod:`reftgraph.engine.prefix`; with
+    ``cache`` (a :class:`~reftgraph.engine.prefix.PrefixCache`) the cache supplies them.
+    Other entries of ``inputs`` (``logits_to_keep``, a key-value ``cache``) go to the model."""
+    if cache is not None:
+        return cache.forward(plan, inputs, batch, hidden=hidden, model=model)
+    bound = bind(plan, batch)
+    device = model.device
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    if hidden:
+        inputs["logits_to_keep"] = 1
+    trunk = getattr(model.nn, model.arch.family.layers.split(".")[0])
+    collected, out = {}, {}
+    with model.nn.trace(inputs):
+        for layer in range(prefix[0] if prefix is not None else 0):
+            model.arch.envoy(model.nn, Hook(layer, 0, "", "output")).skip(prefix[1])
+        apply(plan, bound, model.nn, collected)
+        if hidden:
+            out["value"] = trunk.output[0]
+        else:
+            out["value"] = model.nn.output.logits
+    return out["value"], collected
+
+
+@contextlib.contextmanager
+def inference_mode(graph: Graph):
+    """Ops in eval mode (no dropout) for a run, their previous mode restored after.
+
+    >>> import reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=0), rg.LoReFT(width=32, rank=2, dropout=0.1), name="r")
+    >>> _ = g.ops.train()
+    >>> with inference_mode(g):
+    ...     print(g["r"].op.training)
+    False
+    >>> g["r"].op.training
+    True
+    """
+    modes = [m.training for m in graph.ops.modules()]
+    graph.ops.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(graph.ops.modules(), modes):
+            m.training = mode
+
+
+def as_model(model) -> Model:
+    """``model`` itself when it is a :class:`Model`, else a :class:`SiteError` that says how to make one.
+
+    >>> import reftgraph as rg
+    >>> as_model(rg.models.tiny("llama").hf)      # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.SiteError: expected a reftgraph Model (rg.load(...), ...), got LlamaForCausalLM
+    """
+    if not isinstance(model, Model):
+        raise SiteError(f"expected a reftgraph Model (rg.load(...), rg.wrap(hf_model, tokenizer)), "
+                        f"got {type(model).__name__}")
+    return model

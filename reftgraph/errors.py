@@ -1,0 +1,72 @@
+"""The exceptions reftgraph raises, one small hierarchy.
+
+>>> import reftgraph as rg
+>>> try:
+...     rg.Site("resid_post", layer=0, head=1)
+... except rg.ReftgraphError as e:
+...     print(type(e).__name__, "|", e)
+SiteError | resid_post has no heads; head= is only for head_out, q, k, v
+
+Every error is a :class:`ReftgraphError` and a ``ValueError`` (as before the hierarchy),
+so ``except ValueError`` keeps working:
+
+- :class:`SiteError`: a node, site, graph or input that does not fit the model;
+- :class:`GraphFileError`: a saved graph folder that cannot be read or does not fit;
+- :class:`DataError`: data, prompts or a metric a method cannot use;
+- :class:`SpecError`: a training spec file with a bad field.
+
+All of them are raised before any forward pass.
+"""
+
+
+class ReftgraphError(ValueError):
+    """The base of every reftgraph error.
+
+    >>> issubclass(SiteError, ReftgraphError) and issubclass(SpecError, ReftgraphError)
+    True
+    """
+
+
+class SiteError(ReftgraphError):
+    """A node, site or input that does not fit the model; raised before any forward pass.
+
+    >>> import reftgraph as rg
+    >>> rg.Site("resid_post", layer=0, head=1)
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.SiteError: resid_post has no heads; head= is only for head_out, q, k, v
+    """
+
+
+class GraphFileError(ReftgraphError):
+    """A saved graph (graph.json + weights.safetensors) that is missing, damaged or does not
+    fit the model it is loaded for.
+
+    >>> import reftgraph as rg
+    >>> rg.load_graph("/no/such/graph")          # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.GraphFileError: ...
+    """
+
+
+class DataError(ReftgraphError):
+    """Data, prompts or a metric that a method cannot use (e.g. an empty prompt list).
+
+    >>> import reftgraph as rg
+    >>> rg.Graph().run(rg.models.tiny("llama"), [])   # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.DataError: prompts must be a non-empty list of strings, got list (empty)
+    """
+
+
+class SpecError(ReftgraphError):
+    """A training spec (JSON) with a missing, unknown or invalid field; the message names it.
+
+    >>> from reftgraph.cli.spec import read_spec
+    >>> read_spec("/no/such/spec.json")
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.SpecError: spec file not found: /no/such/spec.json
+    """

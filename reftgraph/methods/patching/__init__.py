@@ -1,0 +1,14 @@
+"""Activation patching: counterfactual data, metrics, batched sweeps and path patching.
+
+>>> import reftgraph as rg
+>>> sorted(rg.patching.METRICS)
+['kl', 'logit_diff', 'loss', 'prob']
+"""
+
+from .data import Counterfactual
+from .metrics import METRICS, Reference, kl, logit_diff, loss, prob, restoration
+from .paths import path_graph, path_patch, path_sweep
+from ...viz.patching import heatmap
+from .sweeps import sweep
+
+__all__ = ["Counterfactual", "METRICS", "Reference", "kl", "logit_diff", "loss", "prob", "restoration", "sweep", "heatmap", "path_graph", "path_patch", "path_sweep"]

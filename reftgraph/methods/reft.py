@@ -1,0 +1,72 @@
+"""Build the ReFT paper's graphs in one call.
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> g = rg.reft_graph(lm, layers=[0, 1], positions="f3+l3", rank=4)
+>>> [str(n.site) for n in g.nodes]
+['resid_post[0] pos=f3+l0', 'resid_post[0] pos=f0+l3', 'resid_post[1] pos=f3+l0', 'resid_post[1] pos=f0+l3']
+>>> g.num_parameters() == 4 * (2 * 4 * 32 + 4)
+True
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence, Union
+
+from ..core.graph import Graph
+from ..core.ops.reft import REFT_OPS
+from ..core.sites import Site
+
+
+def reft_graph(model, layers: Union[str, Sequence[int]] = "all", positions: str = "f5+l5", rank: int = 4,
+               op: str = "LoReFT", component: str = "resid_post", share_positions: bool = False,
+               share_layers: bool = False, act: str = "identity", dropout: float = 0.0, seed: int = 0) -> Graph:
+    """A graph of ReFT ops: one node per layer and position group.
+
+    >>> import reftgraph as rg
+    >>> g = reft_graph(rg.models.tiny("llama"), layers=[1], positions="f2+l2", rank=2, op="DiReFT")
+    >>> g.summary()[["name", "op", "positions", "params"]].values.tolist()
+    [['L1_first', 'DiReFT', 'f2+l0', 130], ['L1_last', 'DiReFT', 'f0+l2', 130]]
+
+    ``positions="fN+lM"`` with ``share_positions=False`` (the paper's untied setting) makes two
+    nodes per layer, the first N and the last M prompt tokens, each with its own op;
+    ``share_layers=True`` uses one op for all layers. Node names: ``L{layer}_first``,
+    ``L{layer}_last`` (or ``L{layer}`` for one group).
+    """
+    if op not in REFT_OPS:
+        raise ValueError(f"unknown ReFT op {op!r}; choose one of {sorted(REFT_OPS)}")
+    arch = model.arch
+    layers = list(range(arch.n_layers)) if layers == "all" else list(layers)
+    width = arch.width(component)
+    match = re.fullmatch(r"f(\d+)\+l(\d+)", positions) if isinstance(positions, str) else None
+    if match and not share_positions and all(int(x) > 0 for x in match.groups()):
+        n_first, n_last = match.groups()
+        groups = [("first", f"f{n_first}+l0"), ("last", f"f0+l{n_last}")]
+    else:
+        groups = [("", positions)]
+    ops = {}
+    g = Graph()
+    for layer in layers:
+        for i, (suffix, pos) in enumerate(groups):
+            key = (None if share_layers else layer, suffix)
+            if key not in ops:
+                ops[key] = REFT_OPS[op](width=width, rank=rank, act=act, dropout=dropout, seed=seed + len(ops))
+            name = f"L{layer}_{suffix}" if suffix else f"L{layer}"
+            g.add(Site(component, layer=layer, positions=pos), ops[key], name=name)
+    return g
+
+
+def print_trainable_parameters(graph: Graph, model) -> str:
+    """Print (and return) ``trainable intervention params: N || model params: M || trainable%: p``.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> _ = print_trainable_parameters(reft_graph(lm, layers=[0, 1], positions="last", rank=2), lm)
+    trainable intervention params: 260 || model params: 32,096 || trainable%: 0.8101
+    """
+    n = graph.num_parameters()
+    m = sum(p.numel() for p in model.hf.parameters())
+    line = f"trainable intervention params: {n:,d} || model params: {m:,d} || trainable%: {100 * n / m:.4f}"
+    print(line)
+    return line

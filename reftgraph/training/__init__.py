@@ -1,0 +1,15 @@
+"""The training layer: the one loop (:func:`fit`), losses, checkpoints and training data.
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> g = rg.reft_graph(lm, layers=[1], positions="last", rank=2)
+>>> history = rg.train(g, lm, rg.data.PromptResponse([("ab", "cd")]), epochs=2, progress=False)
+>>> len(history)
+2
+"""
+
+from . import data
+from .loop import Callback, State, fit
+from .supervised import NonFiniteLoss, evaluate, latest_checkpoint, lm_loss, train
+
+__all__ = ["Callback", "NonFiniteLoss", "State", "data", "evaluate", "fit", "latest_checkpoint", "lm_loss", "train"]

@@ -1,0 +1,151 @@
+"""Datasets and collation: prompt -> response pairs and classification rows.
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> data = rg.data.PromptResponse([("ab", "cd"), ("abcd", "e")])
+>>> inputs, batch, labels = rg.data.collate_lm(lm, data.prompts(lm), data.responses)
+>>> batch.length.tolist(), (labels != -100).sum(1).tolist()
+([2, 4], [3, 2])
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+from ..engine.bind import Batch
+from ..engine.prompts import Template, check_template, format_prompt
+
+IGNORE = -100
+def _is_class_index(y) -> bool:
+    try:
+        return not isinstance(y, bool) and operator.index(y) >= 0
+    except TypeError:
+        return False
+
+
+@dataclass
+class PromptResponse:
+    """Supervision pairs: the loss is on response tokens only.
+
+    >>> data = PromptResponse([("Sky?", "BLUE."), ("Grass?", "GREEN.")], template=lambda p: "Q: " + p)
+    >>> len(data), data.responses
+    (2, ['BLUE.', 'GREEN.'])
+    """
+
+    pairs: Sequence[tuple]
+    template: Template = None
+
+    def __post_init__(self):
+        bad = [i for i, pair in enumerate(self.pairs) if not (isinstance(pair, (tuple, list)) and len(pair) == 2)]
+        if bad:
+            raise ValueError(f"PromptResponse takes (prompt, response) pairs; row {bad[0]} is {self.pairs[bad[0]]!r}")
+        self.pairs = [(str(p), str(r)) for p, r in self.pairs]
+        if not self.pairs:
+            raise ValueError("PromptResponse needs at least one (prompt, response) pair")
+        check_template(self.template)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def prompts(self, model) -> list:
+        """The prompts after the template (``"chat"`` needs the model's tokenizer).
+
+        >>> import reftgraph as rg
+        >>> PromptResponse([("Sky?", "BLUE.")], template=lambda p: "Q: " + p).prompts(rg.models.tiny("llama"))
+        ['Q: Sky?']
+        """
+        return [format_prompt(model.tokenizer, p, self.template) for p, _ in self.pairs]
+
+    @property
+    def responses(self) -> list:
+        """The responses, in order.
+
+        >>> PromptResponse([("Sky?", "BLUE."), ("Grass?", "GREEN.")]).responses
+        ['BLUE.', 'GREEN.']
+        """
+        return [r for _, r in self.pairs]
+
+
+@dataclass
+class Classification:
+    """Texts with integer labels, for a graph holding one ``Classify`` node.
+
+    >>> data = Classification(["good film", "bad film", "fine film"], [2, 0, 1])
+    >>> len(data), data.labels
+    (3, [2, 0, 1])
+
+    :func:`reftgraph.train` trains the ``Classify`` head (and the graph's other ops) with
+    cross-entropy on the labels.
+    """
+
+    texts: Sequence[str]
+    labels: Sequence[int]
+    template: Template = None
+
+    def __post_init__(self):
+        if len(self.texts) != len(self.labels) or not self.texts:
+            raise ValueError("Classification needs as many labels as texts, and at least one")
+        bad = [i for i, y in enumerate(self.labels) if not _is_class_index(y)]
+        if bad:
+            raise ValueError(f"Classification labels are class indices 0, 1, ...; label {bad[0]} is "
+                             f"{self.labels[bad[0]]!r}")
+        check_template(self.template)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def prompts(self, model) -> list:
+        """The texts after the template (``"chat"`` needs the model's tokenizer).
+
+        >>> import reftgraph as rg
+        >>> Classification(["good", "bad"], [1, 0], template=str.upper).prompts(rg.models.tiny("llama"))
+        ['GOOD', 'BAD']
+        """
+        return [format_prompt(model.tokenizer, t, self.template) for t in self.texts]
+
+
+def _pad(rows: list, value: int, side: str, width: int) -> torch.Tensor:
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for i, r in enumerate(rows):
+        r = torch.as_tensor(r, dtype=torch.long)
+        if side == "left":
+            out[i, width - len(r):] = r
+        else:
+            out[i, :len(r)] = r
+    return out
+
+
+def collate_lm(model, prompts: Sequence[str], responses: Optional[Sequence[str]] = None,
+               padding_side: str = "right", max_length: Optional[int] = None, eos: bool = True):
+    """Tokenize prompt + response rows: ``(inputs, Batch, labels)``.
+
+    >>> import reftgraph as rg
+    >>> inputs, batch, labels = collate_lm(rg.models.tiny("llama"), ["ab"], ["c"])
+    >>> inputs["input_ids"].tolist(), labels.tolist(), batch.length.tolist()   # a, b | c, <eos>
+    ([[67, 68, 69, 2]], [[-100, -100, 69, 2]], [2])
+
+    Positions of graph nodes resolve against the *prompt* of each row (``Batch.length`` is
+    the prompt length); ``labels`` are the response tokens (``-100`` elsewhere)."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    tok = model.tokenizer
+    p_ids = [tok(p)["input_ids"] for p in prompts]
+    if responses is None:
+        r_ids = [[] for _ in prompts]
+    else:
+        r_ids = [tok(r, add_special_tokens=False)["input_ids"] + ([tok.eos_token_id] if eos else [])
+                 for r in responses]
+    cut = slice(0, max_length)
+    rows = [(p + r)[cut] for p, r in zip(p_ids, r_ids)]
+    width = max(len(r) for r in rows)
+    ids = _pad(rows, tok.pad_token_id, padding_side, width)
+    mask = _pad([[1] * len(r) for r in rows], 0, padding_side, width)
+    labels = _pad([([IGNORE] * len(p) + r)[cut] for p, r in zip(p_ids, r_ids)], IGNORE, padding_side, width)
+    start = mask.argmax(1)
+    length = torch.tensor([min(len(p), len(r)) for p, r in zip(p_ids, rows)])
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+    return inputs, Batch({"base": slice(0, len(rows))}, start, length, width), labels

@@ -1,0 +1,268 @@
+"""The one training loop: :func:`fit` trains a graph's parameters with the model frozen.
+
+>>> import torch, reftgraph as rg
+>>> from reftgraph.engine import compile_graph, forward, tokenize
+>>> lm = rg.models.tiny("llama")
+>>> g = rg.Graph()
+>>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), rg.Add(torch.zeros(32), trainable=True), name="v")
+>>> plan = compile_graph(g, lm.arch)
+>>> inputs, batch = tokenize(lm, {"base": ["ab"]})
+>>> def loss(_):
+...     logits, _ = forward(plan, lm, inputs, batch)
+...     return -logits[0, -1, 5]                  # push token 5 up
+>>> history = fit(g, lm, lambda epoch: [None] * 3, loss, epochs=2, lr=0.1, progress=False)
+>>> len(history), bool(history["loss"].iloc[-1] < history["loss"].iloc[0])
+(6, True)
+
+ReFT training (:func:`reftgraph.train`), DAS (:func:`reftgraph.das.train_das`, its
+temperature annealing a callback) and the memorisation test
+(:func:`reftgraph.memorisation.memorise`, its stop rule a callback) all run here, so the
+guards live in one place: a frozen language model, trainable graph parameters, a finite
+loss and gradient norm before every optimizer step, the ops in training mode while
+training and in eval mode for evaluation and afterwards, checkpoints per epoch with an
+exact resume, a progress bar and the history (one row per optimizer step).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoints import checkpoint_folder, load_checkpoint, save_checkpoint
+
+__all__ = ["Callback", "NonFiniteLoss", "State", "fit", "linear_schedule", "positive_ints"]
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Training met a NaN or infinite loss and stopped before the optimizer step.
+
+    >>> import torch, reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=0), rg.Add(torch.full((32,), float("nan")), trainable=True))
+    >>> try:
+    ...     rg.train(g, rg.models.tiny("llama"), rg.data.PromptResponse([("ab", "cd")]), progress=False)
+    ... except NonFiniteLoss as e:
+    ...     print(len(e.history), e.checkpoint)
+    0 None
+
+    ``history`` holds the rows of the good steps; ``checkpoint`` the newest good checkpoint
+    folder (None without one). The graph keeps the weights of the last good step."""
+
+    def __init__(self, message: str, history: pd.DataFrame, checkpoint: Optional[Path]):
+        super().__init__(message)
+        self.history = history
+        self.checkpoint = checkpoint
+
+
+class State:
+    """What callbacks see: the epoch, the optimizer steps taken, the history rows, ``stop``.
+
+    >>> s = State(graph=None, model=None, optimizer=None)
+    >>> s.epoch, s.step, s.history, s.stop
+    (0, 0, [], False)
+
+    A callback sets ``stop = True`` to end training (before the backward pass when set
+    in :meth:`Callback.on_loss`)."""
+
+    def __init__(self, graph, model, optimizer):
+        self.graph, self.model, self.optimizer = graph, model, optimizer
+        self.epoch = 0
+        self.step = 0
+        self.history: list = []
+        self.stop = False
+
+
+class Callback:
+    """Hooks into :func:`fit`; override the ones you need (each does nothing by default).
+
+    >>> class Count(Callback):
+    ...     def on_step(self, state, row):
+    ...         row["twice"] = 2 * row["step"]
+    >>> Count().on_batch(None, None) is None
+    True
+    """
+
+    def on_batch(self, state: State, batch) -> None:
+        """Before the forward pass of ``batch`` (e.g. set a temperature).
+
+        >>> Callback().on_batch(None, [0, 1]) is None
+        True
+        """
+
+    def on_loss(self, state: State, loss: torch.Tensor, batch) -> None:
+        """After the loss of ``batch``, before its backward pass; may set ``state.stop``.
+
+        >>> Callback().on_loss(None, None, None) is None
+        True
+        """
+
+    def on_step(self, state: State, row: dict) -> None:
+        """After an optimizer step; ``row`` (epoch, step, loss, lr) may be extended.
+
+        >>> Callback().on_step(None, {}) is None
+        True
+        """
+
+
+def positive_ints(**values) -> None:
+    """A ValueError naming the first of ``values`` that is not an int >= 1.
+
+    >>> positive_ints(epochs=2, batch_size=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: batch_size must be a positive int, got 0
+    """
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def linear_schedule(total: int, warmup: float = 0.0) -> Callable[[int], float]:
+    """The learning-rate factor at each step: linear warm-up, then linear decay to zero.
+
+    >>> f = linear_schedule(10, warmup=0.2)
+    >>> [round(f(s), 2) for s in (0, 1, 2, 6, 9)]
+    [0.5, 1.0, 1.0, 0.5, 0.12]
+
+    ``warmup`` below 1 is a share of ``total``, otherwise a number of steps."""
+    n_warm = int(round(warmup * total)) if warmup < 1 else int(warmup)
+
+    def factor(step: int) -> float:
+        if step < n_warm:
+            return (step + 1) / n_warm
+        return max(0.0, (total - step) / max(1, total - n_warm))
+
+    return factor
+
+
+def _constant(step: int) -> float:
+    return 1.0
+
+
+def _check_finite(value: torch.Tensor, what: str, state: State, batch, last_good) -> None:
+    if bool(torch.isfinite(value.detach()).all()):
+        return
+    where = (f"the last good checkpoint is {last_good}" if last_good is not None
+             else "no checkpoint was written (pass checkpoint_dir= to keep one per epoch)")
+    rows = f" (data rows {batch})" if isinstance(batch, (list, tuple)) else ""
+    raise NonFiniteLoss(
+        f"training stopped: the {what} is {float(value.detach())} at epoch {state.epoch}, step {state.step}{rows}; "
+        f"the optimizer step was not taken, so the graph keeps its weights from the last good step; {where}. "
+        "Lower lr, clip gradients (max_grad_norm) or check the graph's ops and the data.",
+        pd.DataFrame(state.history), last_good)
+
+
+def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object], torch.Tensor], *,
+        epochs: int = 1, lr: float = 1e-3, weight_decay: float = 0.0,
+        schedule: Union[str, Callable[[int], float]] = "constant", warmup: float = 0.0,
+        total_steps: Optional[int] = None, grad_accum: int = 1, max_grad_norm: Optional[float] = None,
+        callbacks: Sequence[Callback] = (), eval_fn: Optional[Callable] = None, checkpoint_dir=None,
+        resume: Union[bool, str, Path] = False, settings: Optional[dict] = None, progress: bool = True,
+        desc: str = "train") -> pd.DataFrame:
+    """Train ``graph``'s parameters: ``loss(batch)`` for each batch of ``batches(epoch)``.
+
+    >>> import torch, reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=0), rg.Add(torch.zeros(32), trainable=True), name="v")
+    >>> fit(g, rg.models.tiny("llama"), lambda e: [1, 2], lambda b: g["v"].op.vector.sum() ** 2 + b,
+    ...     epochs=2, progress=False)[["epoch", "step"]].values.tolist()
+    [[0, 0], [0, 1], [1, 2], [1, 3]]
+
+    AdamW (``lr``, ``weight_decay``) with ``schedule`` ``"constant"``, ``"linear"`` (warm-up
+    ``warmup``, then decay to zero over ``total_steps``, by default every step of every
+    epoch) or a function of the step. ``grad_accum`` batches make one optimizer step
+    (a partial group at an epoch's end steps too); ``max_grad_norm`` clips. After each
+    epoch ``eval_fn(graph, model, epoch) -> dict`` adds metrics to the last history row,
+    and with ``checkpoint_dir`` a checkpoint ``epoch-N`` is written; ``resume=True`` (the
+    newest) or a folder continues exactly, refusing other ``settings`` than the saved ones.
+    """
+    positive_ints(epochs=epochs, grad_accum=grad_accum)
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr!r}")
+    params = [p for p in graph.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the graph has no trainable parameters")
+    if any(p.requires_grad for p in model.hf.parameters()):
+        raise ValueError("the language model has trainable parameters; freeze it (rg.wrap freezes by default)")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if schedule == "linear":
+        if total_steps is None:
+            raise ValueError("schedule='linear' needs total_steps")
+        factor = linear_schedule(total_steps, warmup)
+    elif schedule == "constant":
+        factor = _constant
+    elif callable(schedule):
+        factor = schedule
+    else:
+        raise ValueError(f"schedule must be 'constant', 'linear' or a function of the step, got {schedule!r}")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    state = State(graph, model, optimizer)
+    start_epoch, last_good = 0, None
+    if resume:
+        last_good = checkpoint_folder(resume, checkpoint_dir)
+        if last_good is not None:
+            saved = load_checkpoint(last_good, graph, optimizer, scheduler, settings or {})
+            state.history, start_epoch, state.step = saved["history"], saved["epoch"] + 1, saved["step"]
+    bar = tqdm(total=total_steps, initial=state.step, disable=not progress, desc=desc, dynamic_ncols=True)
+    grad_before = torch.is_grad_enabled()
+    torch.set_grad_enabled(True)  # also when called under torch.no_grad()
+    try:
+        for epoch in range(start_epoch, epochs):
+            state.epoch = epoch
+            graph.ops.train()
+            todo = list(batches(epoch)) if grad_accum > 1 else batches(epoch)
+            n_batches = len(todo) if grad_accum > 1 else None
+            optimizer.zero_grad(set_to_none=True)
+            running = []
+            for b, batch in enumerate(todo):
+                for cb in callbacks:
+                    cb.on_batch(state, batch)
+                value = loss(batch)
+                for cb in callbacks:
+                    cb.on_loss(state, value, batch)
+                if state.stop:
+                    break
+                _check_finite(value, "loss", state, batch, last_good)
+                group = 1 if n_batches is None else min(grad_accum, n_batches - (b // grad_accum) * grad_accum)
+                (value / group).backward()
+                running.append(float(value.detach()))
+                if n_batches is not None and not ((b + 1) % grad_accum == 0 or b + 1 == n_batches):
+                    continue
+                grads = [p.grad for p in params if p.grad is not None]
+                norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm is not None
+                        else torch.nn.utils.get_total_norm(grads))
+                _check_finite(norm, "gradient norm", state, batch, last_good)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                row = {"epoch": epoch, "step": state.step, "loss": sum(running) / len(running),
+                       "lr": scheduler.get_last_lr()[0]}
+                for cb in callbacks:
+                    cb.on_step(state, row)
+                state.history.append(row)
+                state.step += 1
+                running = []
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
+                if state.stop:
+                    break
+            if eval_fn is not None and state.history:
+                graph.ops.eval()
+                with torch.no_grad():
+                    state.history[-1].update(eval_fn(graph, model, epoch) or {})
+            if checkpoint_dir is not None:
+                last_good = Path(checkpoint_dir) / f"epoch-{epoch}"
+                save_checkpoint(last_good, graph, model, optimizer, scheduler,
+                                {"epoch": epoch, "step": state.step, "history": state.history,
+                                 "settings": settings or {}})
+            if state.stop:
+                break
+    finally:
+        torch.set_grad_enabled(grad_before)
+        bar.close()
+        graph.ops.eval()
+    return pd.DataFrame(state.history)

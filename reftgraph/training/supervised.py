@@ -1,0 +1,144 @@
+"""Train a graph's parameters on prompt -> response (or classification) data, model frozen.
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> g = rg.reft_graph(lm, layers=[1], positions="f1+l1", rank=2)
+>>> data = rg.data.PromptResponse([("ab", "cd"), ("abc", "d")])
+>>> history = rg.train(g, lm, data, epochs=2, batch_size=2, progress=False)
+>>> list(history.columns[:4])
+['epoch', 'step', 'loss', 'lr']
+
+AdamW with a linear schedule (warm-up, then decay to zero), gradient accumulation,
+a seeded data order, an evaluation callback, a checkpoint per epoch, an exact resume from
+any of them, a stop on a non-finite loss and an optional frozen-prefix cache: the loop
+is :func:`reftgraph.training.loop.fit`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import pandas as pd
+import torch
+
+from ..core.graph import Graph
+from ..core.ops import Classify
+from ..engine.plan import compile_graph
+from ..engine.prefix import PrefixCache
+from ..engine.run import as_model, forward, inference_mode
+from .checkpoints import latest_checkpoint
+from .data import Classification, PromptResponse, collate_lm
+from .loop import NonFiniteLoss, fit, positive_ints
+from .losses import lm_loss
+
+__all__ = ["NonFiniteLoss", "evaluate", "latest_checkpoint", "lm_loss", "train"]
+
+
+def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache=None):
+    """The mean loss of data rows ``rows`` (response tokens, or the Classify node's labels)."""
+    responses = None if classify else [data.responses[i] for i in rows]
+    inputs, batch, labels = collate_lm(model, [prompts[i] for i in rows], responses,
+                                       padding_side=padding_side, max_length=max_length)
+    value, collected = forward(plan, model, inputs, batch, hidden=True, cache=cache)
+    if classify:
+        target = torch.tensor([data.labels[i] for i in rows], device=value.device)
+        return torch.nn.functional.cross_entropy(collected[classify][0].float(), target)
+    return lm_loss(value, labels, head=model.hf.get_output_embeddings())
+
+
+def evaluate(graph: Graph, model, data, *, batch_size: int = 8, padding_side: str = "right",
+             max_length: Optional[int] = None) -> float:
+    """The training loss of ``graph`` on ``data``, without training (the mean over rows).
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> g = rg.reft_graph(lm, layers=[1], positions="last", rank=2)
+    >>> data = rg.data.PromptResponse([("ab", "cd"), ("abc", "d")])
+    >>> round(evaluate(g, lm, data), 4) == round(float(rg.train(g, lm, data, epochs=1, lr=1e-9, progress=False,
+    ...     batch_size=2)["loss"].iloc[0]), 4)
+    True
+
+    ``reftgraph train`` scores a spec's ``data.eval_path`` this way after every epoch."""
+    model = as_model(model)
+    positive_ints(batch_size=batch_size)
+    plan = compile_graph(graph, model.arch)
+    classify = _classify_node(graph) if isinstance(data, Classification) else None
+    prompts = data.prompts(model)
+    total = 0.0
+    with torch.no_grad(), inference_mode(graph):
+        for start in range(0, len(prompts), batch_size):
+            rows = list(range(start, min(start + batch_size, len(prompts))))
+            total += float(_batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length)) * len(rows)
+    return total / len(prompts)
+
+
+def _classify_node(graph: Graph) -> str:
+    names = [n.name for n in graph.nodes if isinstance(n.op, Classify)]
+    if len(names) != 1:
+        raise ValueError(f"classification needs exactly one Classify node in the graph, found {names}")
+    return names[0]
+
+
+def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr: float = 4e-3,
+          weight_decay: float = 0.0, warmup: float = 0.1, grad_accum: int = 1, seed: int = 0,
+          max_grad_norm: Optional[float] = 1.0, eval_fn: Optional[Callable] = None,
+          checkpoint_dir=None, resume: Union[bool, str, Path] = False, progress: bool = True,
+          padding_side: str = "right", max_length: Optional[int] = None, shuffle: bool = True,
+          cache_prefix: bool = False) -> pd.DataFrame:
+    """Train ``graph`` on ``data`` (:class:`PromptResponse` or :class:`Classification`).
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> g = rg.reft_graph(lm, layers=[1], positions="last", rank=2)
+    >>> history = train(g, lm, rg.data.PromptResponse([("ab", "cd")]), epochs=4, lr=1e-2, progress=False)
+    >>> len(history), bool(history["loss"].iloc[-1] < history["loss"].iloc[0])
+    (4, True)
+
+    Returns the history: one row per optimizer step (``epoch, step, loss, lr``) plus the
+    metrics ``eval_fn(graph, model, epoch) -> dict`` returns after each epoch. With
+    ``checkpoint_dir`` a checkpoint ``epoch-N`` is written after every epoch; ``resume=True``
+    continues from the newest one, ``resume="ckpt/epoch-N"`` from that one, exactly (same
+    data order, optimizer, schedule and random state; the other settings must match).
+
+    ``shuffle=False`` keeps the data order fixed. ``cache_prefix=True`` computes the blocks
+    below the graph's lowest edited layer once per batch (:mod:`reftgraph.prefix`); it needs
+    batches that repeat every epoch: ``shuffle=False`` or one batch per epoch.
+
+    A NaN or infinite loss (or gradient) stops training before the optimizer step with
+    :class:`NonFiniteLoss`; the graph keeps its last good weights and checkpoints stay as
+    they were.
+    """
+    model = as_model(model)
+    plan = compile_graph(graph, model.arch)
+    positive_ints(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum)
+    if not isinstance(data, (PromptResponse, Classification)):
+        raise TypeError("data must be reftgraph.data.PromptResponse or Classification")
+    classify = _classify_node(graph) if isinstance(data, Classification) else None
+    prompts = data.prompts(model)
+    n = len(prompts)
+    batches_per_epoch = (n + batch_size - 1) // batch_size
+    steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)  # a partial group at the end steps too
+    if cache_prefix and shuffle and batch_size < n:
+        raise ValueError(f"cache_prefix=True needs batches that repeat every epoch; with shuffle=True and "
+                         f"batch_size {batch_size} < {n} rows they change: pass shuffle=False or "
+                         f"batch_size >= {n}")
+    cache = PrefixCache(model, max_entries=batches_per_epoch) if cache_prefix else None
+    settings = {"rows": n, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                "warmup": warmup, "grad_accum": grad_accum, "seed": seed, "max_grad_norm": max_grad_norm,
+                "shuffle": shuffle, "padding_side": padding_side, "max_length": max_length}
+
+    def batches(epoch: int) -> list:
+        order = list(range(n)) if not shuffle else torch.randperm(
+            n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+        return [sorted(order[b * batch_size:(b + 1) * batch_size]) for b in range(batches_per_epoch)]
+
+    def loss(rows: list) -> torch.Tensor:
+        return _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache)
+
+    torch.manual_seed(seed)
+    return fit(graph, model, batches, loss, epochs=epochs, lr=lr, weight_decay=weight_decay, schedule="linear",
+               warmup=warmup, total_steps=steps_per_epoch * epochs,
+               grad_accum=grad_accum, max_grad_norm=max_grad_norm, eval_fn=eval_fn, checkpoint_dir=checkpoint_dir,
+               resume=resume, settings=settings, progress=progress, desc="train")

@@ -1,0 +1,15 @@
+"""The viz layer: matplotlib figures of graphs, training histories and patching results.
+
+>>> import reftgraph as rg
+>>> from reftgraph.viz import draw_graph
+>>> draw_graph(rg.Graph()).axes[0].get_title()
+'0 nodes, 0 trainable parameters'
+"""
+
+from ..core.graph import provide
+from .patching import heatmap
+from .plot import draw_graph, plot_history
+
+provide("draw", draw_graph)
+
+__all__ = ["draw_graph", "heatmap", "plot_history"]

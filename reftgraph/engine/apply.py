@@ -69,18 +69,12 @@ def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
     """
     pre = {}
     sources = {}
-    by_hook = {}
-    for step, b in zip(plan.steps, bound):
-        by_hook.setdefault(step.hook, []).append((step, b))
-    reads = {}
-    for step, b in zip(plan.steps, bound):
-        if step.source_hook is not None and step.source_hook != step.hook:
-            reads.setdefault(step.source_hook, []).append((step, b))
     for hook in plan.hooks:
         envoy = plan.arch.envoy(root, hook)
         raw = getattr(envoy, hook.io)
         changed = False
-        for step, b in by_hook.get(hook, ()):
+        for i in plan.edits.get(hook, ()):
+            step, b = plan.steps[i], bound[i]
             full = step.get(raw, pre.get(hook.layer))
             src = sources.pop(step.node.name, None)
             if step.source_hook == hook:
@@ -91,7 +85,8 @@ def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
                 changed = True
         if hook.stage == 0 and hook.path == "":
             pre[hook.layer] = first(raw)
-        for step, b in reads.get(hook, ()):
+        for i in plan.reads.get(hook, ()):
+            step, b = plan.steps[i], bound[i]
             sources[step.node.name] = _gather(step.source_get(raw, pre.get(hook.layer)), b.source_index,
                                               step.source_heads)
         if changed:

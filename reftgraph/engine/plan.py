@@ -67,6 +67,14 @@ class Plan:
     steps: list
     hooks: list = field(default_factory=list)
     bound: dict = field(default_factory=dict, repr=False)  # bind()'s results per batch layout
+    edits: dict = field(default_factory=dict, repr=False)  # hook -> indices of the steps editing there
+    reads: dict = field(default_factory=dict, repr=False)  # hook -> indices of the steps reading a source there
+
+    def __post_init__(self):
+        for i, step in enumerate(self.steps):
+            self.edits.setdefault(step.hook, []).append(i)
+            if step.source_hook is not None and step.source_hook != step.hook:
+                self.reads.setdefault(step.source_hook, []).append(i)
 
 
 def where(node: Node) -> str:

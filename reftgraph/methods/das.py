@@ -30,7 +30,7 @@ from ..engine.plan import compile_graph
 from ..core.graph import Graph
 from ..core.ops.rotate import Rotate
 from ..engine.run import as_model, forward, inference_mode, tokenize
-from ..training.loop import Callback, State, fit, positive_ints
+from ..training.loop import Callback, fit, positive_ints
 
 
 def boundless_ops(graph) -> list:
@@ -129,6 +129,7 @@ class Anneal(Callback):
     >>> from reftgraph.ops import Rotate
     >>> op = Rotate(width=8, k=2, boundless=True)
     >>> cb = Anneal([op], total=3, schedule=(10.0, 0.1))
+    >>> from reftgraph.training import State
     >>> cb.on_batch(State(None, None, None), [0]); round(float(op.temperature), 3)
     10.0
 

@@ -32,7 +32,7 @@ from ..core.graph import Graph
 from ..core.ops.reft import REFT_OPS
 from ..engine.prefix import PrefixCache
 from ..engine.run import as_model, forward
-from ..training.loop import Callback, State, fit
+from ..training.loop import Callback, fit
 from ..core.sites import Site
 
 DEFAULT_PROMPT = "Recite the book:"
@@ -231,6 +231,7 @@ class StopRule(Callback):
     >>> import torch
     >>> rule = StopRule(torch.tensor([1, 0]), margin=0.5, max_steps=10)
     >>> rule.scores = torch.tensor([[0.0, 2.0], [1.0, 0.0]])
+    >>> from reftgraph.training import State
     >>> state = State(None, None, None)
     >>> rule.on_loss(state, torch.tensor(0.3), None); state.stop, rule.prefix
     (True, 2)

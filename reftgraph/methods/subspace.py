@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from ..core.graph import Graph, Node
-from ..core.ops import Add, Collect, Op, Without
+from ..core.ops import Add, Collect, Without
 from ..core.ops.reft import ReFT, orthonormal_columns
 from ..core.ops.rotate import Rotate
 from ..engine.run import run

@@ -55,8 +55,7 @@ def train_cmd(args) -> int:
 
     spec = read_spec(args.spec)
     dataset = _dataset(spec)
-    if spec["data"].get("eval_path"):
-        _dataset(spec, "eval_path")  # checked before the model loads
+    held_out = _dataset(spec, "eval_path") if spec["data"].get("eval_path") else None  # read before the model loads
     check_layers(spec, _n_layers(spec["model"]))
     out = Path(spec["output"])
     lm = rg.load(spec["model"])
@@ -70,8 +69,7 @@ def train_cmd(args) -> int:
         print(f"no checkpoint in {checkpoints}: starting from scratch")
     try:
         eval_fn = None
-        if spec["data"].get("eval_path"):
-            held_out = _dataset(spec, "eval_path")
+        if held_out is not None:
             keep = {k: v for k, v in spec["train"].items() if k in ("batch_size", "padding_side", "max_length")}
             eval_fn = (lambda graph, model, epoch: {"eval_loss": rg.training.evaluate(graph, model, held_out, **keep)})
         history = rg.train(g, lm, dataset, checkpoint_dir=checkpoints, resume=args.resume, eval_fn=eval_fn,

@@ -7,14 +7,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor, head=None) -> torch.Tensor:
     """Mean next-token cross-entropy over labelled (response) tokens.
 
+    >>> import math
     >>> logits = torch.zeros(1, 3, 5)            # uniform over 5 tokens
     >>> labels = torch.tensor([[-100, 2, 4]])    # the response: tokens 1 and 2
     >>> math.isclose(lm_loss(logits, labels), math.log(5), rel_tol=1e-6)

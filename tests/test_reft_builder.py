@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import reftgraph as rg
-from reftgraph.arch import FAMILIES, Arch
+from reftgraph.arch import Arch
 from reftgraph.ops.reft import REFT_OPS
 
 ORTHONORMAL = ("LoReFT", "DiReFT", "ConsReFT", "LoBiReFT")
@@ -31,10 +31,14 @@ def lm():
 
 @pytest.fixture(scope="module")
 def llama7b():
-    """A stand-in with LLaMA-7B's architecture: ``reft_graph`` only reads ``model.arch``."""
-    arch = Arch(family=FAMILIES["llama"], n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32,
-                head_dim=128, d_mlp=11008)
-    return types.SimpleNamespace(arch=arch)
+    """LLaMA-7B's architecture on the meta device (no weights): ``reft_graph`` only reads ``model.arch``."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(config)
+    return types.SimpleNamespace(arch=Arch.of(hf))
 
 
 def distinct_ops(g):

@@ -371,11 +371,9 @@ def tiny_opt():
     return OPTForCausalLM(config).eval()
 
 
-# OPT blocks have no mlp module: fc1 -> activation -> fc2, so fc2 is both the MLP output
-# (its output) and the down projection (its input).
-OPT = rg.Family(name="opt", model_types=("opt",), layers="model.decoder.layers", attn="self_attn", mlp="fc2",
-                attn_proj="self_attn.out_proj", mlp_down="fc2",
-                qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
+# OPT blocks have no mlp module: fc1 -> activation -> fc2, found by the resolver as the MLP.
+OPT = rg.Family(name="opt_by_hand", model_types=("opt",), layers="model.decoder.layers", attn="self_attn",
+                attn_proj="self_attn.out_proj", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))
 
 
 @pytest.fixture
@@ -384,15 +382,18 @@ def families(monkeypatch):
     monkeypatch.setattr(arch, "FAMILIES", dict(arch.FAMILIES))
 
 
-def test_unknown_model_family(families):
-    model = tiny_opt()
-    calls = []
-    model.register_forward_pre_hook(lambda module, args: calls.append(1))
-    with pytest.raises(rg.SiteError, match="model type 'opt' has no registered family") as err:
-        rg.wrap(model, rg.models.tiny_tokenizer())
-    assert_names(err, "Supported: llama (llama, mistral", "gpt2 (gpt2)", "gpt_neox (gpt_neox)",
-                 "rg.register_family(rg.Family(", "model_types=('opt',)")
-    assert not calls
+def test_unregistered_model_type_is_resolved_and_proven():
+    lm = rg.wrap(tiny_opt(), rg.models.tiny_tokenizer())
+    table = lm.arch.table()
+    assert lm.arch.family.name == "opt" and lm.arch.blocks[0].style == "sequential"
+    assert all(table[c] == "verified" for c in ("resid_pre", "resid_mid", "resid_post", "attn_out", "head_out", "q"))
+    # OPT flattens tokens inside its MLP: refused, saying why, not silently reshaped
+    assert "flattens tokens before 'fc2'" in table["mlp_act"]
+
+
+def test_not_a_transformers_model_is_refused():
+    with pytest.raises(rg.SiteError, match="Linear is not a transformers model"):
+        rg.wrap(torch.nn.Linear(2, 2), rg.models.tiny_tokenizer())
 
 
 @pytest.fixture
@@ -412,7 +413,7 @@ def capture(module, io="output"):
 
 
 def test_registered_family_runs(opt):
-    assert opt.arch.family.name == "opt"
+    assert opt.arch.family.name == "opt_by_hand"
     assert (opt.arch.n_layers, opt.arch.d_model, opt.arch.n_heads, opt.arch.head_dim) == (2, 32, 4, 8)
     g = rg.Graph()
     g.add(rg.Site("resid_post", 0, positions="last"), rg.Collect(), name="r0")
@@ -452,8 +453,8 @@ def test_registered_family_validates(opt):
         g.run(opt, PROMPTS)
 
 
-def test_registered_family_mlp_width(opt):
-    assert opt.arch.d_mlp == 48
+def test_refused_component_names_architecture_and_check(opt):
     g = graph(rg.Site("mlp_act", 0, positions="last"), rg.Add(torch.ones(48)), name="steer")
-    # the width is accepted (OPT flattens tokens inside its MLP, so mlp_act is not run here)
-    assert compile_graph(g, opt.arch).steps[0].node.name == "steer"
+    with pytest.raises(rg.SiteError) as err:
+        compile_graph(g, opt.arch)
+    assert_names(err, "node 'steer' at mlp_act[0]", "opt_by_hand refuses mlp_act at layer 0", "flattens tokens")

@@ -1,46 +1,49 @@
-"""Canonical components -> a model's modules, per architecture family.
-
-A family is a small mapping of module paths. Register your own from your code:
+"""Canonical components -> a model's modules, found from its module tree and proven.
 
 >>> import reftgraph as rg
->>> _ = rg.register_family(rg.Family(
-...     name="my_llama_like", model_types=("my_model",), layers="model.layers",
-...     attn="self_attn", mlp="mlp", attn_proj="self_attn.o_proj",
-...     mlp_down="mlp.down_proj", qkv=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")))
+>>> arch = rg.models.tiny("gpt_neox").arch
+>>> arch.family.name, arch.blocks[0].style, arch.hook("mlp_out", 1)
+('gpt_neox', 'parallel', Hook(layer=1, stage=..., path='mlp', io='output'))
+
+:mod:`reftgraph.arch.tree` finds the candidate modules, :mod:`reftgraph.arch.proofs`
+proves what each component means on a tiny instance, and :class:`Arch` serves the result
+to the compiler: hooks, views, widths, and a clear refusal for any component that is not
+proven on a layer. A user's :class:`Family` (registered for a ``model_type``) overrides
+the module paths; the proofs still run on it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-import torch
-
-from ..core.sites import HEAD_COMPONENTS, STAGES
+from ..core.sites import COMPONENTS, HEAD_COMPONENTS, STAGES
 from ..errors import SiteError
+from .qkv import slicer
 
 @dataclass(frozen=True)
 class Family:
-    """Where the canonical components live in one architecture family.
+    """Module paths for one architecture, overriding what the resolver finds (any field left
+    empty is found as usual). Register it for the ``model_type`` values it covers.
 
-    >>> FAMILIES["gpt2"].layers, FAMILIES["gpt2"].qkv, FAMILIES["gpt2"].qkv_layout
-    ('transformer.h', 'attn.c_attn', 'gpt2')
+    >>> import reftgraph as rg
+    >>> fam = rg.Family(name="mine", model_types=("my_model",), mlp="fc2", mlp_down="fc2")
+    >>> fam.layers, fam.mlp
+    ('', 'fc2')
 
-    Paths are attribute paths: ``layers`` from the model root to the block list, the
-    others from a block. ``qkv`` is three paths (separate projections) or one fused
-    projection with ``qkv_layout`` ``"gpt2"`` (``[q | k | v]``) or ``"neox"`` (per head
-    ``[q_h | k_h | v_h]``).
+    Paths are attribute paths: ``layers`` from the model root to the block list, the others
+    from a block. ``qkv`` is three paths (separate projections) or one fused projection.
     """
 
     name: str
-    model_types: tuple
-    layers: str
-    attn: str
-    mlp: str
-    attn_proj: str
-    mlp_down: str
-    qkv: Union[tuple, str]
-    qkv_layout: str = "separate"
+    model_types: tuple = ()
+    layers: str = ""
+    attn: str = ""
+    mlp: str = ""
+    attn_proj: str = ""
+    mlp_down: str = ""
+    qkv: Union[tuple, str] = ()
+    qkv_layout: str = ""
 
 
 FAMILIES: dict[str, Family] = {}
@@ -50,8 +53,7 @@ def register_family(family: Family) -> Family:
     """Make a family known; its ``model_types`` are matched against ``config.model_type``.
 
     >>> from types import SimpleNamespace
-    >>> mine = register_family(Family("mine", ("mine",), "model.layers", "self_attn", "mlp",
-    ...                               "self_attn.o_proj", "mlp.down_proj", _LLAMA_QKV))
+    >>> mine = register_family(Family("mine", ("mine",), attn="self_attn"))
     >>> family_for(SimpleNamespace(model_type="mine")).name
     'mine'
     >>> del FAMILIES["mine"]    # (keep the registry as it was)
@@ -60,59 +62,18 @@ def register_family(family: Family) -> Family:
     return family
 
 
-_LLAMA_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-register_family(Family(
-    "llama", ("llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3", "olmo", "olmo2"), "model.layers",
-    "self_attn", "mlp", "self_attn.o_proj", "mlp.down_proj", _LLAMA_QKV,
-))
-register_family(Family("gpt2", ("gpt2",), "transformer.h", "attn", "mlp", "attn.c_proj", "mlp.c_proj", "attn.c_attn", "gpt2"))
-register_family(Family(
-    "gpt_neox", ("gpt_neox",), "gpt_neox.layers", "attention", "mlp", "attention.dense",
-    "mlp.dense_4h_to_h", "attention.query_key_value", "neox",
-))
-
-
-def _unknown_family_message(model_type: str) -> str:
-    known = ", ".join(f"{f.name} ({', '.join(f.model_types)})" for f in FAMILIES.values())
-    return (
-        f"model type {model_type!r} has no registered family. Supported: {known}.\n"
-        "Register yours from your own code, e.g. for a Llama-like model:\n"
-        "    import reftgraph as rg\n"
-        f"    rg.register_family(rg.Family(name='mine', model_types=({model_type!r},),\n"
-        "        layers='model.layers', attn='self_attn', mlp='mlp', attn_proj='self_attn.o_proj',\n"
-        "        mlp_down='mlp.down_proj', qkv=('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj')))"
-    )
-
-
-def family_for(config) -> Family:
-    """The registered family of a transformers config (by ``config.model_type``).
+def family_for(config) -> Optional[Family]:
+    """The user family registered for a config's ``model_type``, else None (later ones win).
 
     >>> from transformers import MistralConfig
-    >>> family_for(MistralConfig()).name
-    'llama'
-
-    Later registrations win; an unknown type raises :class:`SiteError` with the supported
-    families and how to register one.
+    >>> family_for(MistralConfig()) is None
+    True
     """
     model_type = getattr(config, "model_type", None)
-    for family in reversed(list(FAMILIES.values())):  # later registrations win
+    for family in reversed(list(FAMILIES.values())):
         if model_type in family.model_types:
             return family
-    raise SiteError(_unknown_family_message(model_type))
-
-
-def _in_features(model, family: Family) -> Optional[int]:
-    """The input width of the MLP's down projection, read off the module (Linear or GPT-2's Conv1D)."""
-    module = model
-    try:
-        for part in f"{family.layers}.0.{family.mlp_down}".split("."):
-            module = module[int(part)] if part.isdigit() else getattr(module, part)
-    except (AttributeError, IndexError, TypeError):
-        return None
-    if hasattr(module, "in_features"):
-        return module.in_features
-    weight = getattr(module, "weight", None)
-    return None if weight is None else weight.shape[0]  # Conv1D stores [in, out]
+    return None
 
 
 def first(raw):
@@ -139,7 +100,7 @@ class Hook:
 
     >>> import reftgraph as rg
     >>> rg.models.tiny("gpt2").arch.hook("mlp_act", 1)     # the input of GPT-2's MLP down projection
-    Hook(layer=1, stage=6, path='mlp.c_proj', io='input')
+    Hook(layer=1, stage=18, path='mlp.c_proj', io='input')
     """
 
     layer: int
@@ -150,12 +111,15 @@ class Hook:
 
 @dataclass
 class Arch:
-    """A family resolved against one model's config: dims and component accessors.
+    """One model's architecture: dims, and per layer a proven :class:`~reftgraph.arch.proofs.Block`.
 
     >>> import reftgraph as rg
     >>> a = rg.models.tiny("llama").arch
     >>> a.family.name, a.n_layers, a.d_model, a.n_heads, a.n_kv_heads, a.head_dim, a.d_mlp
     ('llama', 2, 32, 4, 2, 8, 48)
+
+    ``family`` gives the name (the config's ``model_type`` or a registered family's name)
+    and the paths of the first block with attention; ``blocks`` holds what each layer has.
     """
 
     family: Family
@@ -165,24 +129,79 @@ class Arch:
     n_kv_heads: int
     head_dim: int
     d_mlp: int
+    blocks: tuple = field(default=(), repr=False)
 
     @classmethod
     def of(cls, model) -> "Arch":
-        """The architecture of a transformers model (its family, from ``config.model_type``).
+        """The architecture of a transformers model, found from its module tree and proven.
 
         >>> from transformers import GPT2LMHeadModel
         >>> from reftgraph.models import tiny_config
         >>> Arch.of(GPT2LMHeadModel(tiny_config("gpt2"))).d_mlp
         48
         """
-        config = model.config
-        family = family_for(config)
-        d_model = config.hidden_size
-        n_heads = config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or d_model // n_heads
-        d_mlp = _in_features(model, family) or getattr(config, "intermediate_size", None) or 4 * d_model
-        return cls(family, config.num_hidden_layers, d_model, n_heads,
-                   getattr(config, "num_key_value_heads", None) or n_heads, head_dim, d_mlp)
+        from .proofs import prove
+
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(model, "named_modules"):
+            raise SiteError(f"{type(model).__name__} is not a transformers model (no .config); wrap a "
+                            "transformers causal LM, e.g. AutoModelForCausalLM.from_pretrained(...)")
+        user = family_for(config)
+        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        d_model = getattr(config, "hidden_size", None) or getattr(embed, "embedding_dim", None)
+        layers, blocks = prove(model, d_model, user)
+        first_attn = next((b for b in blocks if b.paths.attn), blocks[0])
+        p = first_attn.paths
+        family = Family(user.name if user else getattr(config, "model_type", type(model).__name__),
+                        (getattr(config, "model_type", ""),), layers, p.attn or "", p.mlp or "",
+                        p.attn_proj or "", p.mlp_down or "", p.qkv or (), first_attn.qkv_layout or "")
+        nq, nkv = first_attn.heads
+        w = first_attn.widths
+        d_mlp = next((b.widths["mlp_act"] for b in blocks if "mlp_act" in b.widths), 0)
+        return cls(family, len(blocks), d_model, nq, nkv, w.get("head_out", 0), d_mlp, tuple(blocks))
+
+    # -- what exists where ---------------------------------------------------
+    def refusal(self, component: str, layer: int) -> Optional[str]:
+        """Why ``component`` cannot be used at ``layer`` (non-negative), or None when it can.
+
+        >>> import reftgraph as rg
+        >>> arch = rg.models.tiny("gpt_neox").arch     # parallel attention and MLP
+        >>> arch.refusal("resid_mid", 0)[:15], arch.refusal("attn_out", 0)
+        ('gpt_neox refuse', None)
+        """
+        if not self.blocks:
+            return None
+        why = self.blocks[layer].refused.get(component)
+        if why is None:
+            return None
+        where = [i for i, b in enumerate(self.blocks) if component not in b.refused]
+        there = f"; it exists on layers {_ranges(where)}" if where else ""
+        return f"{self.family.name} refuses {component} at layer {layer}: {why}{there}"
+
+    def check(self, component: str, layer: int) -> None:
+        """Raise :class:`SiteError` when ``component`` is refused at ``layer``.
+
+        >>> import reftgraph as rg
+        >>> rg.models.tiny("gpt2").arch.check("q", 1)     # proven: no error
+        """
+        why = self.refusal(component, layer)
+        if why:
+            raise SiteError(why)
+
+    def table(self) -> dict:
+        """``{component: "verified" | reason}`` for every component, over all layers.
+
+        >>> import reftgraph as rg
+        >>> rg.models.tiny("llama").arch.table()["head_out"]
+        'verified'
+        """
+        out = {}
+        for c in COMPONENTS:
+            reasons = [self.refusal(c, i) for i in range(self.n_layers)]
+            bad = [r for r in reasons if r]
+            out[c] = "verified" if not bad else bad[0] if len(bad) == len(reasons) else \
+                f"on layers {_ranges([i for i, r in enumerate(reasons) if not r])} only"
+        return out
 
     # -- dims --------------------------------------------------------------
     def heads(self, component: str) -> int:
@@ -195,7 +214,7 @@ class Arch:
         """
         return self.n_kv_heads if component in ("k", "v") else self.n_heads
 
-    def width(self, component: str) -> int:
+    def width(self, component: str, layer: Optional[int] = None) -> int:
         """The last-dim width of ``component``: per head for head components.
 
         >>> import reftgraph as rg
@@ -203,9 +222,13 @@ class Arch:
         >>> arch.width("resid_post"), arch.width("mlp_act"), arch.width("head_out")
         (32, 48, 8)
         """
-        if component in HEAD_COMPONENTS:
-            return self.head_dim
-        return self.d_mlp if component == "mlp_act" else self.d_model
+        if component not in HEAD_COMPONENTS and component != "mlp_act":
+            return self.d_model
+        blocks = [self.blocks[layer]] if layer is not None and self.blocks else self.blocks
+        for b in blocks:
+            if component in b.widths:
+                return b.widths[component]
+        return self.d_mlp if component == "mlp_act" else self.head_dim
 
     def layer_index(self, layer: int) -> Optional[int]:
         """Non-negative layer index, or None when out of range.
@@ -219,28 +242,38 @@ class Arch:
         return resolved if 0 <= resolved < self.n_layers else None
 
     # -- modules -----------------------------------------------------------
+    def _block(self, layer: int):
+        from .proofs import Block
+        from .tree import BlockPaths
+
+        if self.blocks:
+            return self.blocks[layer]
+        f = self.family   # a hand-built Arch: the family's paths, sequential
+        return Block(BlockPaths(f.attn, f.attn_proj, f.qkv, f.mlp, f.mlp_down), "sequential", f.attn, f.mlp,
+                     f.qkv_layout or "separate", (self.n_heads, self.n_kv_heads))
+
     def hook(self, component: str, layer: int) -> Hook:
         """Which module, input or output, holds ``component`` at ``layer`` (non-negative).
 
         >>> import reftgraph as rg
         >>> rg.models.tiny("llama").arch.hook("head_out", 0)
-        Hook(layer=0, stage=4, path='self_attn.o_proj', io='input')
+        Hook(layer=0, stage=..., path='self_attn.o_proj', io='input')
         """
-        f = self.family
-        stage = STAGES[component]
+        b = self._block(layer)
+        self.check(component, layer)
+        stage = b.stages.get(component, STAGES[component])
         if component in ("resid_pre", "resid_post"):
             return Hook(layer, stage, "", "input" if component == "resid_pre" else "output")
         if component in ("attn_out", "resid_mid"):
-            return Hook(layer, stage, f.attn, "output")
+            return Hook(layer, stage, b.attn_out, "output")
         if component == "mlp_out":
-            return Hook(layer, stage, f.mlp, "output")
+            return Hook(layer, stage, b.mlp_out, "output")
         if component == "mlp_act":
-            return Hook(layer, stage, f.mlp_down, "input")
+            return Hook(layer, stage, b.paths.mlp_down, "input")
         if component == "head_out":
-            return Hook(layer, stage, f.attn_proj, "input")
-        if isinstance(f.qkv, str):
-            return Hook(layer, STAGES["q"], f.qkv, "output")
-        return Hook(layer, stage, f.qkv["qkv".index(component)], "output")
+            return Hook(layer, stage, b.paths.attn_proj, "input")
+        qkv = b.paths.qkv
+        return Hook(layer, stage, qkv if isinstance(qkv, str) else qkv["qkv".index(component)], "output")
 
     def envoy(self, root, hook: Hook):
         """The nnsight envoy (or torch module) of a hook, from the model root.
@@ -256,7 +289,7 @@ class Arch:
             module = module[int(part)] if part.isdigit() else getattr(module, part)
         return module
 
-    def view(self, component: str) -> tuple[Callable, Callable]:
+    def view(self, component: str, layer: int = 0) -> tuple[Callable, Callable]:
         """``(get, put)``: ``get(raw, resid_pre)`` -> ``[B, S, width]`` or ``[B, S, H, Dh]``;
         ``put(raw, new, resid_pre)`` -> the raw hook value with the component replaced.
 
@@ -271,32 +304,24 @@ class Arch:
                     lambda raw, new, pre: with_first(raw, new - pre))
         if component not in HEAD_COMPONENTS:
             return (lambda raw, pre: first(raw), lambda raw, new, pre: with_first(raw, new))
-        heads, dh = self.heads(component), self.head_dim
-        layout = "separate" if component == "head_out" else self.family.qkv_layout
-        if layout == "separate":
+        heads = self.heads(component)
+        if component == "head_out":
+            dh = self.width("head_out", layer)
             return (lambda raw, pre: raw.unflatten(-1, (heads, dh)),
                     lambda raw, new, pre: new.flatten(-2))
-        i = "qkv".index(component)
-        if layout == "gpt2":
-            d = heads * dh
+        b = self._block(layer)
+        get, put = slicer(b.qkv_layout or "separate", component, (self.n_heads, self.n_kv_heads),
+                          (self.width("q", layer), self.width("k", layer) if "k" in b.widths else self.width("q", layer)))
+        return (lambda raw, pre: get(first(raw)), lambda raw, new, pre: with_first(raw, put(first(raw), new)))
 
-            def get(raw, pre):
-                return raw[..., i * d:(i + 1) * d].unflatten(-1, (heads, dh))
 
-            def put(raw, new, pre):
-                parts = list(raw.split(d, -1))
-                parts[i] = new.flatten(-2)
-                return torch.cat(parts, -1)
-
-            return get, put
-        if layout == "neox":
-            def get(raw, pre):
-                return raw.unflatten(-1, (heads, 3 * dh))[..., i * dh:(i + 1) * dh]
-
-            def put(raw, new, pre):
-                parts = list(raw.unflatten(-1, (heads, 3 * dh)).split(dh, -1))
-                parts[i] = new
-                return torch.cat(parts, -1).flatten(-2)
-
-            return get, put
-        raise SiteError(f"family {self.family.name!r}: unknown qkv_layout {layout!r}")
+def _ranges(layers: list) -> str:
+    """``[0, 1, 2, 5]`` -> ``'0-2, 5'``."""
+    out, start = [], None
+    for i, x in enumerate(layers):
+        if start is None:
+            start = x
+        if i + 1 == len(layers) or layers[i + 1] != x + 1:
+            out.append(str(start) if start == x else f"{start}-{x}")
+            start = None
+    return ", ".join(out)

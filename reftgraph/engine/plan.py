@@ -10,7 +10,7 @@ subspaces, source order) and orders the edits by the model's forward order.
 >>> g = rg.Graph()
 >>> _ = g.add(rg.Site("mlp_out", layer=-1, positions="last"), rg.Collect(), name="m")
 >>> [str(s.hook) for s in compile_graph(g, lm.arch).steps]
-["Hook(layer=1, stage=7, path='mlp', io='output')"]
+["Hook(layer=1, stage=24, path='mlp', io='output')"]
 """
 
 from __future__ import annotations
@@ -93,6 +93,9 @@ def _check_site(node: Node, site: Site, arch: Arch, what: str = "") -> tuple[int
     if layer is None:
         raise SiteError(f"{at}layer {site.layer} out of range; valid layers 0..{arch.n_layers - 1} "
                         f"(or -{arch.n_layers}..-1)")
+    refused = arch.refusal(site.component, layer)
+    if refused:
+        raise SiteError(at + refused)
     heads = None
     if site.is_head:
         n = arch.heads(site.component)
@@ -107,8 +110,8 @@ def _check_site(node: Node, site: Site, arch: Arch, what: str = "") -> tuple[int
     return layer, heads
 
 
-def _slice_width(node: Node, site: Site, arch: Arch) -> int:
-    width = arch.width(site.component)
+def _slice_width(node: Node, site: Site, arch: Arch, layer: int) -> int:
+    width = arch.width(site.component, layer)
     if site.subspace is None:
         return width
     if node.op.learned_basis:
@@ -155,24 +158,24 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
     for node in graph.nodes:
         site = node.site
         layer, heads = _check_site(node, site, arch)
-        width = _slice_width(node, site, arch)
+        width = _slice_width(node, site, arch, layer)
         need = node.op.expected_width()
         if need is not None and need != width:
             raise SiteError(f"{where(node)}{type(node.op).__name__} has width {need}, the site needs {width} "
                             + ("(the subspace's dims)" if site.subspace else f"({site.component} width)"))
         hook = arch.hook(site.component, layer)
-        get, put = arch.view(site.component)
+        get, put = arch.view(site.component, layer)
         step = Step(node, hook, get, put, heads,
                     None if site.subspace is None or node.op.learned_basis else torch.tensor(site.subspace))
         if node.op.source is not None:
             src_site = node.reads[1]
             src_layer, step.source_heads = _check_site(node, src_site, arch, f"source site {src_site}: ")
-            if arch.width(src_site.component) != arch.width(site.component) or (
+            if arch.width(src_site.component, src_layer) != arch.width(site.component, layer) or (
                     (src_site.head is None) != (site.head is None)) or (
                     src_site.head is not None and len(src_site.head) != len(site.head)):
                 raise SiteError(f"{where(node)}source site {src_site} has another shape than the site")
             step.source_hook = arch.hook(src_site.component, src_layer)
-            step.source_get = arch.view(src_site.component)[0]
+            step.source_get = arch.view(src_site.component, src_layer)[0]
             if (step.source_hook.layer, step.source_hook.stage) > (hook.layer, hook.stage):
                 raise SiteError(f"{where(node)}source site {src_site} comes after the site in the forward "
                                 "pass; a patch can only read a place the model reaches first")

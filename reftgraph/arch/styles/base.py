@@ -1,0 +1,117 @@
+"""What a style is, and the recorded forward of one block that styles are checked against.
+
+>>> import torch
+>>> r = Record(pre=torch.ones(2), post=torch.ones(2) * 3)
+>>> r.close(r.pre * 3, r.post)
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Union
+
+import torch
+
+__all__ = ["Record", "Style", "Found"]
+
+
+@dataclass
+class Record:
+    """One block's forward: its input and output, and the first input and output of every
+    module in it (by path from the block), in call order.
+
+    >>> import torch
+    >>> Record(pre=torch.zeros(1), post=torch.zeros(1)).out("attn") is None
+    True
+    """
+
+    pre: torch.Tensor
+    post: torch.Tensor
+    inputs: dict = field(default_factory=dict)
+    outputs: dict = field(default_factory=dict)
+    calls: dict = field(default_factory=dict)
+
+    def out(self, path: Optional[str]) -> Optional[torch.Tensor]:
+        """The first output of the module at ``path`` (None when it did not run).
+
+        >>> import torch
+        >>> Record(torch.zeros(1), torch.zeros(1), outputs={"mlp": torch.ones(1)}).out("mlp").tolist()
+        [1.0]
+        """
+        return self.outputs.get(path) if path else None
+
+    def inp(self, path: Optional[str]) -> Optional[torch.Tensor]:
+        """The first input of the module at ``path`` (None when it did not run).
+
+        >>> import torch
+        >>> Record(torch.zeros(1), torch.zeros(1), inputs={"mlp": torch.ones(1)}).inp("mlp").tolist()
+        [1.0]
+        """
+        return self.inputs.get(path) if path else None
+
+    @staticmethod
+    def close(a, b) -> bool:
+        """Whether two tensors agree to float32 rounding (relative to their scale).
+
+        >>> import torch
+        >>> Record.close(torch.ones(3), torch.ones(3) + 1e-7), Record.close(torch.ones(3), None)
+        (True, False)
+        """
+        if a is None or b is None or a.numel() != b.numel():
+            return False
+        a = a.reshape(b.shape)   # some blocks flatten tokens inside a sub-layer (OPT's MLP)
+        return bool(((a - b).abs().max() <= 1e-4 * (1 + b.abs().max())).item())
+
+    @staticmethod
+    def gap(a, b) -> str:
+        """How far apart two tensors are, for error messages.
+
+        >>> import torch
+        >>> Record.gap(torch.zeros(2), torch.ones(2))
+        'max |difference| 1'
+        """
+        if a is None or b is None:
+            return "a value is missing"
+        if a.numel() != b.numel():
+            return f"shapes {list(a.shape)} and {list(b.shape)} differ"
+        return f"max |difference| {(a.reshape(b.shape) - b).abs().max().item():.3g}"
+
+    def mid(self, mlp: Optional[str]) -> Optional[torch.Tensor]:
+        """The stream the MLP reads: the input of the norm that feeds the MLP, else the MLP's input.
+
+        >>> import torch
+        >>> x = torch.ones(1)
+        >>> Record(x, x, inputs={"ln_2": x * 5, "mlp": x * 2}, outputs={"ln_2": x * 2}).mid("mlp").tolist()
+        [5.0]
+        """
+        fed = self.inp(mlp)
+        if fed is None:
+            return None
+        for path, out in self.outputs.items():
+            if path not in (mlp, "") and "." not in path and self.close(out, fed):
+                return self.inputs.get(path)
+        return fed
+
+
+Found = Union[tuple, str]   # (attn_out path, mlp_out path), or why the style does not hold
+
+
+@dataclass(frozen=True)
+class Style:
+    """A block style: how to find ``attn_out``/``mlp_out`` in a record, and what they mean.
+
+    >>> from reftgraph.arch.styles import STYLES
+    >>> STYLES[2].name, STYLES[2].has_mid, STYLES[2].attn_moves
+    ('parallel', False, 'post')
+
+    ``find(record, paths)`` returns ``(attn_out path, mlp_out path)`` or the reason the
+    style does not hold. ``attn_moves`` is the stream that an edit of ``attn_out`` moves
+    by exactly the edit: ``"mid"`` (what the MLP reads) or ``"post"`` (the block output).
+    """
+
+    name: str
+    doc: str
+    has_mid: bool
+    attn_moves: str
+    find: Callable[[Record, object], Found]

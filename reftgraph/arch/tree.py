@@ -1,0 +1,234 @@
+"""Read a transformers model's module tree: the block list and, in each block, the
+attention, its projections, the MLP and its down projection, found by names and shapes.
+
+>>> import reftgraph as rg
+>>> hf = rg.models.tiny("gpt2").hf
+>>> layers, blocks = read_tree(hf, 32)
+>>> layers, blocks[0].attn, blocks[0].attn_proj, blocks[0].qkv, blocks[0].mlp_down
+('transformer.h', 'attn', 'attn.c_proj', 'attn.c_attn', 'mlp.c_proj')
+
+What is found here is only a candidate: :mod:`reftgraph.arch.proofs` checks what each
+module does on a tiny instance before any component is used.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Optional, Union
+
+import torch
+
+from ..errors import SiteError
+
+__all__ = ["BlockPaths", "linear_shape", "read_tree", "read_block", "find_blocks", "n_layers_of", "kind_of"]
+
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention", "attn_layer", "mixer")
+_MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "ff", "feedforward", "mlp_block")
+_FUSED = re.compile(r"(qkv|query_key_value|c_attn|w_pack|in_proj)", re.I)
+_SEPARATE = {
+    "q": re.compile(r"^(q|query|wq|q_proj|q_lin|query_proj|q_attn)$", re.I),
+    "k": re.compile(r"^(k|key|wk|k_proj|k_lin|key_proj)$", re.I),
+    "v": re.compile(r"^(v|value|wv|v_proj|v_lin|value_proj)$", re.I),
+}
+_OUT_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "o", "out_lin", "proj")
+_DOWN_NAMES = ("down_proj", "c_proj", "dense_4h_to_h", "fc_out", "fc2", "w2", "wo", "out_proj", "proj_out")
+
+
+@dataclass(frozen=True)
+class BlockPaths:
+    """Candidate module paths inside one block ('' or None where nothing was found).
+
+    >>> BlockPaths(attn="self_attn").mlp is None
+    True
+
+    ``qkv`` is three paths (separate projections) or one path (fused); ``mlp_out`` and
+    ``attn_out`` are filled in by the proofs (the module whose output the block adds).
+    """
+
+    attn: Optional[str] = None
+    attn_proj: Optional[str] = None
+    qkv: Union[tuple, str, None] = None
+    mlp: Optional[str] = None
+    mlp_down: Optional[str] = None
+    mlp_in: Optional[str] = None
+    children: tuple = ()
+    note: str = ""
+
+
+def linear_shape(module) -> Optional[tuple]:
+    """``(in, out)`` of a linear map (``nn.Linear`` or GPT-2's ``Conv1D``), else None.
+
+    >>> import torch
+    >>> linear_shape(torch.nn.Linear(3, 5)), linear_shape(torch.nn.ReLU())
+    ((3, 5), None)
+    """
+    if isinstance(module, torch.nn.Linear):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return tuple(weight.shape)   # Conv1D stores [in, out]
+    return None
+
+
+def n_layers_of(config) -> Optional[int]:
+    """The number of blocks a config declares.
+
+    >>> from transformers import GPT2Config
+    >>> n_layers_of(GPT2Config(n_layer=3))
+    3
+    """
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def find_blocks(model) -> tuple[str, torch.nn.ModuleList]:
+    """The path and module list of the model's blocks (the shallowest list of ``n_layers``).
+
+    >>> import reftgraph as rg
+    >>> find_blocks(rg.models.tiny("llama").hf)[0]
+    'model.layers'
+    """
+    n = n_layers_of(model.config)
+    lists = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)]
+    if not lists:
+        found = [f"{name} ({len(m)})" for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+        raise SiteError(f"{type(model).__name__}: no list of {n} blocks in the module tree (module lists found: "
+                        f"{', '.join(found) or 'none'}); register where they are: {_OVERRIDE_HINT}")
+    name, blocks = min(lists, key=lambda item: item[0].count("."))
+    return name, blocks
+
+
+def _is_norm(module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def _pick(names, candidates):
+    for want in candidates:
+        if want in names:
+            return want
+    return None
+
+
+def _child_attn(block) -> Optional[str]:
+    children = {name: m for name, m in block.named_children() if not _is_norm(m)}
+    choice = _pick(children, _ATTN_NAMES)
+    if choice is None:
+        choice = next((n for n in children if "attn" in n.lower() or "attention" in n.lower()), None)
+    if choice is None or not any(linear_shape(m) for m in children[choice].modules()):
+        return None
+    return choice
+
+
+def _attention_parts(attn_path: str, attn, d_model: int):
+    """(output projection, q/k/v) inside an attention module: the innermost module that has a
+    linear map to the model width, and beside it the maps from the model width."""
+    for prefix, parent in sorted(attn.named_modules(), key=lambda item: item[0].count(".") + bool(item[0])):
+        linears = {n: linear_shape(m) for n, m in parent.named_children() if linear_shape(m)}
+        outs = [n for n, (i, o) in linears.items() if o == d_model]
+        if not outs:
+            continue
+        out = _pick(outs, _OUT_NAMES) or outs[-1]
+        base = f"{attn_path}.{prefix}." if prefix else f"{attn_path}."
+        fused = [n for n in linears if n != out and _FUSED.search(n) and linears[n][0] == d_model]
+        qkv: Union[tuple, str, None] = None
+        if fused:
+            qkv = base + fused[0]
+        else:
+            found = {c: next((n for n in linears if n != out and rx.match(n)), None) for c, rx in _SEPARATE.items()}
+            if all(found.values()):
+                qkv = tuple(base + found[c] for c in "qkv")
+            elif found["q"]:
+                qkv = (base + found["q"], None, None)
+        return base + out, qkv
+    return None, None
+
+
+def _child_mlp(block, attn: Optional[str], d_model: int) -> tuple:
+    """(mlp, down projection, the module that reads the MLP's input)."""
+    children = dict(block.named_children())
+    name = _pick(children, _MLP_NAMES)
+    if name is None:
+        name = next((n for n, m in children.items() if n != attn and not _is_norm(m)
+                     and ("mlp" in n.lower() or "moe" in n.lower() or "ff" in n.lower())), None)
+    if name is None:  # no MLP module (OPT, XGLM ...): the last linear map back to the width
+        outs = [n for n, m in children.items() if n != attn and (linear_shape(m) or (0, 0))[1] == d_model]
+        ins = [n for n, m in children.items() if n != attn and (linear_shape(m) or (0, 0))[0] == d_model]
+        return (outs[-1], outs[-1], ins[0] if ins else outs[-1]) if outs else (None, None, None)
+    mlp = children[name]
+    if linear_shape(mlp):
+        return name, name, name
+    downs = [n for n, m in mlp.named_children() if (linear_shape(m) or (0, 0))[1] == d_model]
+    down = _pick(downs, _DOWN_NAMES) or (downs[-1] if len(downs) == 1 else None)
+    return name, (f"{name}.{down}" if down else None), name
+
+
+def read_block(block, d_model: int) -> BlockPaths:
+    """Candidate paths inside one block.
+
+    >>> import reftgraph as rg
+    >>> p = read_block(rg.models.tiny("llama").hf.model.layers[0], 32)
+    >>> p.qkv, p.mlp_down
+    (('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'), 'mlp.down_proj')
+    """
+    attn = _child_attn(block)
+    attn_proj, qkv = _attention_parts(attn, getattr(block, attn), d_model) if attn else (None, None)
+    mlp, down, mlp_in = _child_mlp(block, attn, d_model)
+    children = tuple(name for name, _ in block.named_children())
+    return BlockPaths(attn=attn, attn_proj=attn_proj, qkv=qkv, mlp=mlp, mlp_down=down, mlp_in=mlp_in,
+                      children=children)
+
+
+def with_override(paths: BlockPaths, family) -> BlockPaths:
+    """``paths`` with a user's :class:`~reftgraph.arch.structure.Family` fields put over them.
+
+    >>> from reftgraph.arch.structure import Family
+    >>> with_override(BlockPaths(attn="a"), Family("f", ("x",), attn="b")).attn
+    'b'
+    """
+    fields = {k: getattr(family, k) for k in ("attn", "attn_proj", "qkv", "mlp", "mlp_down") if getattr(family, k)}
+    if family.mlp:
+        fields["mlp_in"] = family.mlp
+    return replace(paths, **fields)
+
+
+def kind_of(block) -> tuple:
+    """A block's kind: its class and its children's names and classes (hybrid models mix kinds).
+
+    >>> import reftgraph as rg
+    >>> kind_of(rg.models.tiny("llama").hf.model.layers[0])[0]
+    'LlamaDecoderLayer'
+    """
+    return (type(block).__name__,) + tuple((n, type(m).__name__) for n, m in block.named_children())
+
+
+def read_tree(model, d_model: int, family=None) -> tuple[str, list[BlockPaths]]:
+    """``(path of the block list, candidate paths per block)``; a user family's fields win.
+
+    >>> import reftgraph as rg
+    >>> read_tree(rg.models.tiny("gpt_neox").hf, 32)[1][1].qkv
+    'attention.query_key_value'
+    """
+    if family is not None and family.layers:
+        layers = family.layers
+        blocks = model
+        for part in layers.split("."):
+            blocks = getattr(blocks, part)
+    else:
+        layers, blocks = find_blocks(model)
+    paths = [read_block(b, d_model) for b in blocks]
+    if family is not None:
+        paths = [with_override(p, family) for p in paths]
+    return layers, paths
+
+
+_OVERRIDE_HINT = (
+    "\n    import reftgraph as rg\n"
+    "    rg.register_family(rg.Family(name='mine', model_types=('<config.model_type>',),\n"
+    "        layers='model.layers', attn='self_attn', mlp='mlp', attn_proj='self_attn.o_proj',\n"
+    "        mlp_down='mlp.down_proj', qkv=('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj')))"
+)

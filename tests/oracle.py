@@ -41,22 +41,37 @@ def real_positions(mask: torch.Tensor) -> list:
     return [row.nonzero().flatten().tolist() for row in mask]
 
 
+# Written by hand from each architecture's transformers source, independently of the resolver.
+# attn_add / mlp_add: the module whose output the block adds to the stream; qkv: "q_proj"-style
+# separate projections (a format string) or a fused projection with its layout.
+PATHS = {
+    "llama": dict(layers="model.layers", attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj",
+                  qkv="self_attn.{}_proj"),
+    "gpt2": dict(layers="transformer.h", attn="attn", mlp="mlp", down="mlp.c_proj", o="attn.c_proj",
+                 fused="attn.c_attn", layout="concat"),
+    "gpt_neox": dict(layers="gpt_neox.layers", attn="attention", mlp="mlp", down="mlp.dense_4h_to_h",
+                     o="attention.dense", fused="attention.query_key_value", layout="per_head", parallel=True),
+    "gemma3_text": dict(layers="model.layers", attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj",
+                        qkv="self_attn.{}_proj", attn_add="post_attention_layernorm",
+                        mlp_add="post_feedforward_layernorm"),
+    "phi3": dict(layers="model.layers", attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj",
+                 fused="self_attn.qkv_proj", layout="concat"),
+    "gptj": dict(layers="transformer.h", attn="attn", mlp="mlp", down="mlp.fc_out", o="attn.out_proj",
+                 qkv="attn.{}_proj", parallel=True),
+    "qwen2_moe": dict(layers="model.layers", attn="self_attn", mlp="mlp", o="self_attn.o_proj", qkv="self_attn.{}_proj"),
+}
+# what each architecture has no definition for (the library must refuse these)
+ABSENT = {"gpt_neox": {"resid_mid"}, "gptj": {"resid_mid"}, "qwen2_moe": {"mlp_act"}}
+
+
 def module(hf, family: str, layer: int, path: str):
-    layers = {"llama": "model.layers", "gpt2": "transformer.h", "gpt_neox": "gpt_neox.layers"}[family]
     root = hf
-    for part in layers.split("."):
+    for part in PATHS[family]["layers"].split("."):
         root = getattr(root, part)
     root = root[layer]
     for part in filter(None, path.split(".")):
         root = getattr(root, part)
     return root
-
-
-PATHS = {
-    "llama": dict(attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj"),
-    "gpt2": dict(attn="attn", mlp="mlp", down="mlp.c_proj", o="attn.c_proj"),
-    "gpt_neox": dict(attn="attention", mlp="mlp", down="mlp.dense_4h_to_h", o="attention.dense"),
-}
 
 
 def install(hf, family, component, layer, edit, cfg):
@@ -65,9 +80,10 @@ def install(hf, family, component, layer, edit, cfg):
     Returns the hook handles."""
     p = PATHS[family]
     H, Hkv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    dh = cfg.hidden_size // H
+    dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     handles = []
     block = module(hf, family, layer, "")
+    attn_add, mlp_add = p.get("attn_add", p["attn"]), p.get("mlp_add", p["mlp"])
 
     def first_out(fn):
         def hook(mod, args, out):
@@ -76,18 +92,25 @@ def install(hf, family, component, layer, edit, cfg):
             return fn(out)
         return hook
 
+    def first_in(fn):
+        def hook(mod, args, kwargs):
+            if args:
+                return (fn(args[0]),) + args[1:], kwargs
+            return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+        return hook
+
     if component == "resid_pre":
-        handles.append(block.register_forward_pre_hook(lambda m, a: (edit(a[0]),) + a[1:]))
+        handles.append(block.register_forward_pre_hook(first_in(edit), with_kwargs=True))
     elif component == "resid_post":
         handles.append(block.register_forward_hook(first_out(edit)))
     elif component == "attn_out":
-        handles.append(module(hf, family, layer, p["attn"]).register_forward_hook(first_out(edit)))
+        handles.append(module(hf, family, layer, attn_add).register_forward_hook(first_out(edit)))
     elif component == "mlp_out":
-        handles.append(module(hf, family, layer, p["mlp"]).register_forward_hook(first_out(edit)))
+        handles.append(module(hf, family, layer, mlp_add).register_forward_hook(first_out(edit)))
     elif component == "resid_mid":
         seen = {}
-        handles.append(block.register_forward_pre_hook(lambda m, a: seen.update(x=a[0])))
-        handles.append(module(hf, family, layer, p["attn"]).register_forward_hook(
+        handles.append(block.register_forward_pre_hook(first_in(lambda x: seen.update(x=x) or x), with_kwargs=True))
+        handles.append(module(hf, family, layer, attn_add).register_forward_hook(
             first_out(lambda a: edit(seen["x"] + a) - seen["x"])))
     elif component == "mlp_act":
         handles.append(module(hf, family, layer, p["down"]).register_forward_pre_hook(
@@ -97,19 +120,20 @@ def install(hf, family, component, layer, edit, cfg):
             B, S, _ = a[0].shape
             return (edit(a[0].reshape(B, S, H, dh)).reshape(B, S, H * dh),) + a[1:]
         handles.append(module(hf, family, layer, p["o"]).register_forward_pre_hook(pre))
-    elif family == "llama":
-        proj = module(hf, family, layer, f"self_attn.{component}_proj")
+    elif "qkv" in p:
+        proj = module(hf, family, layer, p["qkv"].format(component))
         n = H if component == "q" else Hkv
         handles.append(proj.register_forward_hook(
             lambda m, a, out: edit(out.reshape(*out.shape[:2], n, dh)).reshape(out.shape)))
-    elif family == "gpt2":
+    elif p["layout"] == "concat":
         i = "qkv".index(component)
+        sizes = [H * dh, Hkv * dh, Hkv * dh]
 
         def hook(m, a, out):
-            parts = list(out.split(H * dh, -1))
-            parts[i] = edit(parts[i].reshape(*out.shape[:2], H, dh)).reshape(parts[i].shape)
+            parts = list(out.split(sizes, -1))
+            parts[i] = edit(parts[i].reshape(*out.shape[:2], H if i == 0 else Hkv, dh)).reshape(parts[i].shape)
             return torch.cat(parts, -1)
-        handles.append(module(hf, family, layer, "attn.c_attn").register_forward_hook(hook))
+        handles.append(module(hf, family, layer, p["fused"]).register_forward_hook(hook))
     else:
         i = "qkv".index(component)
 
@@ -118,7 +142,7 @@ def install(hf, family, component, layer, edit, cfg):
             parts = list(per_head.split(dh, -1))
             parts[i] = edit(parts[i])
             return torch.cat(parts, -1).reshape(out.shape)
-        handles.append(module(hf, family, layer, "attention.query_key_value").register_forward_hook(hook))
+        handles.append(module(hf, family, layer, p["fused"]).register_forward_hook(hook))
     return handles
 
 

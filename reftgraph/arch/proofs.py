@@ -140,6 +140,10 @@ def _first_tensor(value):
     return None
 
 
+def _copy(t):
+    return None if t is None else t.detach().clone()   # blocks may edit a sub-layer's output in place (Falcon)
+
+
 def _record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional[torch.Tensor], list]:
     """One forward with every module of block ``layer`` recorded (and ``edit`` applied).
 
@@ -155,7 +159,7 @@ def _record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional
                 t = kwargs.get("hidden_states", next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None))
             rec.calls[path] = rec.calls.get(path, 0) + 1
             if path not in rec.inputs:
-                rec.inputs[path] = t
+                rec.inputs[path] = _copy(t)
                 order.append((path, "input"))
         return hook
 
@@ -166,7 +170,7 @@ def _record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional
                 new = edit[1](t)
                 out = (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
             if path not in rec.outputs:
-                rec.outputs[path] = _first_tensor(out)
+                rec.outputs[path] = _copy(_first_tensor(out))
                 order.append((path, "output"))
             return out
         return hook
@@ -177,7 +181,7 @@ def _record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional
             handles.append(module.register_forward_hook(post_hook(path), with_kwargs=True))
         if layer + 1 < len(blocks):
             def next_input(module, args, kwargs):
-                nxt.setdefault("x", _first_tensor(args) if args else kwargs.get("hidden_states"))
+                nxt.setdefault("x", _copy(_first_tensor(args) if args else kwargs.get("hidden_states")))
 
             handles.append(blocks[layer + 1].register_forward_pre_hook(next_input, with_kwargs=True))
         with torch.no_grad():
@@ -283,6 +287,25 @@ def _locality(model, blocks, layer, ids, paths, heads, widths, layout) -> dict:
 
 
 def _prove_kind(model, blocks, layer, ids, paths: BlockPaths) -> Block:
+    try:
+        return _prove_block(model, blocks, layer, ids, paths)
+    except Exception as err:  # noqa: BLE001 - a block the checks cannot run on is refused, not trusted
+        why = f"the proofs could not run on this block ({type(err).__name__}: {err})"
+        return Block(paths, refused={c: why for c in COMPONENTS if c not in ("resid_pre", "resid_post")})
+
+
+def _widths_agree(widths: dict) -> dict:
+    """Reasons to refuse q/k/v whose per-head widths cannot be a query, key and value."""
+    out = {}
+    if "q" in widths and "k" in widths and widths["q"] != widths["k"]:
+        out["q"] = out["k"] = (f"q has {widths['q']} dims per head but k {widths['k']}: the projection carries "
+                               "more than the query (e.g. a gate)")
+    if "v" in widths and widths.get("head_out") not in (None, widths["v"]):
+        out["v"] = f"v has {widths['v']} dims per head but head_out {widths['head_out']}"
+    return out
+
+
+def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
     config = model.config
     heads, widths = dims_of(config, blocks[layer], paths)
     rec, nxt, order = _record(model, blocks, layer, ids)
@@ -291,8 +314,11 @@ def _prove_kind(model, blocks, layer, ids, paths: BlockPaths) -> Block:
     if nxt is not None and not Record.close(rec.post, nxt):
         refused["resid_post"] = f"check resid_post[{layer}] == resid_pre[{layer + 1}] failed ({Record.gap(rec.post, nxt)})"
     style, attn_out, mlp_out = None, None, None
-    found = _style(model, blocks, layer, ids, rec, paths)
-    if found[0] is None:
+    found = _style(model, blocks, layer, ids, rec, paths) if paths.attn or paths.mlp else (None, None)
+    if not paths.attn and not paths.mlp:
+        for c in ("resid_mid", "attn_out", "mlp_out"):
+            refused[c] = _no("attention or MLP", paths)
+    elif found[0] is None:
         why = f"no block style's identities hold ({found[1]})"
         for c in ("resid_mid", "attn_out", "mlp_out"):
             refused[c] = why
@@ -311,7 +337,7 @@ def _prove_kind(model, blocks, layer, ids, paths: BlockPaths) -> Block:
     elif not paths.attn_proj or "head_out" not in widths:
         refused["head_out"] = (f"no output projection from {heads[0]} heads back to the model width found "
                                f"in {paths.attn!r}")
-    elif not Record.close(rec.out(paths.attn_proj), rec.out(paths.attn)):
+    elif attn_out != paths.attn_proj and not Record.close(rec.out(paths.attn_proj), rec.out(paths.attn)):
         refused["head_out"] = (f"check head_out through {paths.attn_proj} == the output of {paths.attn} failed "
                                f"({Record.gap(rec.out(paths.attn_proj), rec.out(paths.attn))})")
     if not paths.mlp:
@@ -319,7 +345,7 @@ def _prove_kind(model, blocks, layer, ids, paths: BlockPaths) -> Block:
     elif not paths.mlp_down or "mlp_act" not in widths:
         refused["mlp_act"] = (f"no single down projection in {paths.mlp!r} (a mixture of experts has one per "
                               "expert); use mlp_out")
-    elif not Record.close(rec.out(paths.mlp_down), rec.out(paths.mlp)):
+    elif mlp_out != paths.mlp_down and not Record.close(rec.out(paths.mlp_down), rec.out(paths.mlp)):
         refused["mlp_act"] = (f"check {paths.mlp_down} output == the output of {paths.mlp} failed "
                               f"({Record.gap(rec.out(paths.mlp_down), rec.out(paths.mlp))})")
     # q / k / v
@@ -331,8 +357,11 @@ def _prove_kind(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         layouts = ["separate"] if isinstance(paths.qkv, tuple) else list(FUSED_LAYOUTS) if paths.qkv else []
         results = [(lay, _locality(model, blocks, layer, ids, paths, heads, widths, lay)) for lay in layouts]
         best = max(results, key=lambda r: sum(not v for v in r[1].values()), default=None)
+        mismatch = _widths_agree(widths)
         for c in "qkv":
-            if best is None or c not in best[1]:
+            if c in mismatch:
+                refused[c] = mismatch[c]
+            elif best is None or c not in best[1]:
                 refused[c] = (f"no {c} projection found in {paths.attn!r} (children: "
                               f"{', '.join(n for n, _ in _module(blocks[layer], paths.attn).named_children())})")
             elif best[1][c]:

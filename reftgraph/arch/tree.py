@@ -23,7 +23,7 @@ from ..errors import SiteError
 
 __all__ = ["BlockPaths", "linear_shape", "read_tree", "read_block", "find_blocks", "n_layers_of", "kind_of"]
 
-_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention", "attn_layer", "mixer")
+_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention", "attn_layer")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "ff", "feedforward", "mlp_block")
 _FUSED = re.compile(r"(qkv|query_key_value|c_attn|w_pack|in_proj)", re.I)
 _SEPARATE = {

@@ -1,0 +1,27 @@
+"""Sub-layers that add the residual themselves (Bloom): ``attn(x, residual)`` returns the stream.
+
+>>> STYLE.name, STYLE.has_mid
+('inner_residual', True)
+
+The attention module returns ``resid_pre + dense(...)`` and the MLP ``resid_mid + down(...)``,
+so ``attn_out`` / ``mlp_out`` are the outputs of the output and down projections (what is
+added), ``resid_mid`` is the attention module's output, and the sequential identities hold.
+"""
+
+from __future__ import annotations
+
+from .base import Record, Style
+from .sequential import check
+
+__all__ = ["STYLE"]
+
+
+def _find(rec: Record, paths):
+    if not (paths.attn_proj and paths.mlp_down and paths.attn and paths.mlp):
+        return "needs an output projection and a down projection"
+    if not rec.close(rec.out(paths.attn), rec.pre + rec.out(paths.attn_proj)):
+        return "the attention module does not return resid_pre + its output projection"
+    return check(rec, paths.attn_proj, paths.mlp_down, paths.mlp_in)
+
+
+STYLE = Style("inner_residual", __doc__.split("\n\n")[0], has_mid=True, attn_moves="mid", find=_find)

@@ -185,7 +185,7 @@ def _record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional
 
             handles.append(blocks[layer + 1].register_forward_pre_hook(next_input, with_kwargs=True))
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -309,6 +309,9 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
     config = model.config
     heads, widths = dims_of(config, blocks[layer], paths)
     rec, nxt, order = _record(model, blocks, layer, ids)
+    if rec.calls.get("", 0) != 1:
+        why = f"the block runs {rec.calls.get('', 0)} times per forward; an edit would reach its first run only"
+        return Block(paths, refused={c: why for c in COMPONENTS})
     refused = {}
     stages = {(p, io): i for i, (p, io) in enumerate(order)}
     if nxt is not None and not Record.close(rec.post, nxt):

@@ -82,7 +82,7 @@ def first(raw):
     >>> first((1, 2)), first(3)
     (1, 3)
     """
-    return raw[0] if isinstance(raw, tuple) else raw
+    return raw[0] if isinstance(raw, (tuple, list)) else raw
 
 
 def with_first(raw, new):
@@ -91,6 +91,8 @@ def with_first(raw, new):
     >>> with_first((1, 2), 9), with_first(3, 9)
     ((9, 2), 9)
     """
+    if isinstance(raw, list):   # (OpenAI GPT's blocks return lists)
+        return [new] + raw[1:]
     return (new,) + tuple(raw[1:]) if isinstance(raw, tuple) else new
 
 
@@ -204,7 +206,7 @@ class Arch:
         return out
 
     # -- dims --------------------------------------------------------------
-    def heads(self, component: str) -> int:
+    def heads(self, component: str, layer: Optional[int] = None) -> int:
         """How many heads ``component`` has: key-value heads for ``k`` and ``v``.
 
         >>> import reftgraph as rg
@@ -212,7 +214,9 @@ class Arch:
         >>> arch.heads("q"), arch.heads("k"), arch.heads("head_out")
         (4, 2, 4)
         """
-        return self.n_kv_heads if component in ("k", "v") else self.n_heads
+        nq, nkv = (self.blocks[layer].heads if layer is not None and self.blocks and self.blocks[layer].heads[0]
+                   else (self.n_heads, self.n_kv_heads))
+        return nkv if component in ("k", "v") else nq
 
     def width(self, component: str, layer: Optional[int] = None) -> int:
         """The last-dim width of ``component``: per head for head components.
@@ -304,13 +308,13 @@ class Arch:
                     lambda raw, new, pre: with_first(raw, new - pre))
         if component not in HEAD_COMPONENTS:
             return (lambda raw, pre: first(raw), lambda raw, new, pre: with_first(raw, new))
-        heads = self.heads(component)
+        heads = self.heads(component, layer)
         if component == "head_out":
             dh = self.width("head_out", layer)
             return (lambda raw, pre: raw.unflatten(-1, (heads, dh)),
                     lambda raw, new, pre: new.flatten(-2))
         b = self._block(layer)
-        get, put = slicer(b.qkv_layout or "separate", component, (self.n_heads, self.n_kv_heads),
+        get, put = slicer(b.qkv_layout or "separate", component, (self.heads("q", layer), self.heads("k", layer)),
                           (self.width("q", layer), self.width("k", layer) if "k" in b.widths else self.width("q", layer)))
         return (lambda raw, pre: get(first(raw)), lambda raw, new, pre: with_first(raw, put(first(raw), new)))
 

@@ -86,20 +86,32 @@ def n_layers_of(config) -> Optional[int]:
 
 
 def find_blocks(model) -> tuple[str, torch.nn.ModuleList]:
-    """The path and module list of the model's blocks (the shallowest list of ``n_layers``).
+    """The path and module list of the model's blocks: the shallowest list of ``n_layers``
+    blocks, in the language model (``get_decoder()``) when the model has other towers.
 
     >>> import reftgraph as rg
     >>> find_blocks(rg.models.tiny("llama").hf)[0]
     'model.layers'
+
+    When no list has the declared count, the shallowest list of alike blocks (one class,
+    each with linear maps) is taken, the largest first.
     """
     n = n_layers_of(model.config)
-    lists = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and (n is None or len(m) == n)]
-    if not lists:
-        found = [f"{name} ({len(m)})" for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)]
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
+    prefix = next((name for name, m in model.named_modules() if m is decoder and name), None)
+    if prefix:
+        inside = [(name, m) for name, m in lists if name.startswith(prefix + ".")]
+        lists = inside or lists
+    exact = [(name, m) for name, m in lists if n is None or len(m) == n]
+    alike = [(name, m) for name, m in lists if len({type(b) for b in m}) == 1
+             and any(linear_shape(x) for x in m[0].modules())]
+    chosen = exact or sorted(alike, key=lambda item: (item[0].count("."), -len(item[1])))
+    if not chosen:
+        found = [f"{name} ({len(m)})" for name, m in lists]
         raise SiteError(f"{type(model).__name__}: no list of {n} blocks in the module tree (module lists found: "
                         f"{', '.join(found) or 'none'}); register where they are: {_OVERRIDE_HINT}")
-    name, blocks = min(lists, key=lambda item: item[0].count("."))
+    name, blocks = min(chosen, key=lambda item: item[0].count(".")) if exact else chosen[0]
     return name, blocks
 
 

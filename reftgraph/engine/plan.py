@@ -98,9 +98,9 @@ def _check_site(node: Node, site: Site, arch: Arch, what: str = "") -> tuple[int
         raise SiteError(at + refused)
     heads = None
     if site.is_head:
-        n = arch.heads(site.component)
+        n = arch.heads(site.component, layer)
         kind = "key-value heads (grouped-query attention)" if (
-            site.component in ("k", "v") and arch.n_kv_heads != arch.n_heads) else "heads"
+            site.component in ("k", "v") and n != arch.heads("q", layer)) else "heads"
         if site.head is not None:
             bad = [h for h in site.head if not 0 <= h < n]
             if bad:

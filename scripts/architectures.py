@@ -1,0 +1,221 @@
+"""Every causal-LM type in the installed transformers: build a tiny instance, prove its
+components, check each accepted one against plain PyTorch hooks, and write
+docs/architectures.md.
+
+    .venv/bin/python scripts/architectures.py            # writes docs/architectures.md
+    .venv/bin/python scripts/architectures.py --types llama gpt2 --no-write
+
+For each accepted component the oracle adds a fixed random vector there (one head for head
+components) through a compiled graph, and the same addition through a plain forward hook on
+the module the resolver chose; the logits must agree (atol 1e-4). The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import reftgraph as rg  # noqa: E402
+from reftgraph.arch.shrink import causal_lm_types, tiny_config_of  # noqa: E402
+from reftgraph.arch import proofs  # noqa: E402
+from reftgraph.arch.structure import Hook  # noqa: E402
+
+BASIC = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+IDS = torch.tensor([[5, 17, 42, 99, 7, 250]])
+
+
+def _hook_edit(lm, component, layer, delta, head, positions):
+    """Plain hooks that add ``delta`` to ``component`` (independent of the compiled engine)."""
+    arch = lm.arch
+    hook = arch.hook(component, layer)
+    module = arch.envoy(lm.hf, hook)
+    get, put = arch.view(component, layer)
+    handles, seen = [], {}
+    block = arch.envoy(lm.hf, Hook(layer, 0, "", "input"))
+
+    def remember(m, args, kwargs):
+        seen["pre"] = args[0] if args else kwargs["hidden_states"]
+
+    handles.append(block.register_forward_pre_hook(remember, with_kwargs=True))
+
+    def change(raw):
+        value = get(raw, seen.get("pre")).clone()
+        at = slice(None) if positions == "all" else positions
+        if head is None:
+            value[:, at] = value[:, at] + delta
+        else:
+            value[:, at, head, :] = value[:, at, head, :] + delta
+        return put(raw, value, seen.get("pre"))
+
+    if hook.io == "output":
+        handles.append(module.register_forward_hook(lambda m, a, out: change(out)))
+    else:
+        def pre(m, args, kwargs):
+            if args:
+                return (change(args[0]),) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": change(kwargs["hidden_states"])}
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+    return handles
+
+
+def oracle(lm, component, layer) -> str:
+    """'' when a compiled Add at ``component`` equals the same plain-hook edit, else why not."""
+    head = 0 if component in ("head_out", "q", "k", "v") else None
+    positions = [0] if component == "k" else "all"   # one key moved: the same shift of every key cancels
+    delta = torch.randn(lm.arch.width(component, layer), generator=torch.Generator().manual_seed(7))
+    g = rg.Graph()
+    g.add(rg.Site(component, layer=layer, positions=positions, head=head), rg.Add(delta), name="n")
+    ours = g.run(lm, [PROMPT]).logits
+    # the reference runs the same inputs through an empty graph, with the edit as plain hooks
+    clean = rg.Graph().run(lm, [PROMPT]).logits
+    handles = _hook_edit(lm, component, layer, delta, head, positions)
+    try:
+        ref = rg.Graph().run(lm, [PROMPT]).logits
+    finally:
+        for h in handles:
+            h.remove()
+    if not torch.allclose(ours, ref, atol=1e-4, rtol=1e-4):
+        return f"compiled edit differs from the hook edit by {(ours - ref).abs().max().item():.2g}"
+    if torch.allclose(ref, clean, atol=0, rtol=0):
+        return "the edit changed nothing"
+    return ""
+
+
+def survey(model_type: str, with_oracle: bool = True) -> dict:
+    """One type's row: build time, proof time, and per component 'verified' or the reason."""
+    row = {"type": model_type}
+    try:
+        from transformers import AutoModelForCausalLM
+
+        config = tiny_config_of(model_type)
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except Exception as err:  # noqa: BLE001 - reported in the table
+        row["error"] = f"does not build from a small config: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        return row
+    proofs.forget()
+    start = time.perf_counter()
+    try:
+        lm = rg.wrap(hf, rg.models.tiny_tokenizer(), name=f"tiny-{model_type}")
+    except Exception as err:  # noqa: BLE001
+        row["error"] = f"wrap failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        return row
+    row["wrap_s"] = time.perf_counter() - start
+    try:
+        rg.Graph().run(lm, [PROMPT])
+    except Exception as err:  # noqa: BLE001 - the model cannot run through the engine's forward at all
+        row["error"] = f"proven, but its forward fails with reftgraph's inputs: {type(err).__name__}: " \
+                       f"{str(err).splitlines()[0][:160]}"
+        return row
+    row["style"] = sorted({b.style or "-" for b in lm.arch.blocks})
+    row["layout"] = sorted({b.qkv_layout or "-" for b in lm.arch.blocks if b.paths.attn})
+    table = lm.arch.table()
+    for component, verdict in table.items():
+        if verdict != "verified" and not verdict.startswith("on layers"):
+            row[component] = verdict.split(": ", 1)[-1]
+            continue
+        layer = next(i for i in range(lm.arch.n_layers) if lm.arch.refusal(component, i) is None)
+        bad = ""
+        if with_oracle:
+            try:
+                bad = oracle(lm, component, layer)
+            except Exception as err:  # noqa: BLE001
+                bad = f"the compiled edit raised {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        row[component] = f"ORACLE FAILED: {bad}" if bad else verdict
+    return row
+
+
+PROMPT = "the cat sat on"
+
+
+def _cell(value) -> str:
+    if value == "verified":
+        return "yes"
+    if isinstance(value, str) and value.startswith("on layers"):
+        return value.replace("on layers ", "layers ").replace(" only", "")
+    return "no"
+
+
+def write_markdown(rows: list, path: Path) -> dict:
+    from reftgraph.core.sites import COMPONENTS
+
+    built = [r for r in rows if "error" not in r]
+    ok = lambda r, cs: all(_cell(r.get(c)) != "no" for c in cs)  # noqa: E731
+    totals = {
+        "types": len(rows), "built": len(built),
+        "resid_attn_mlp": sum(ok(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built),
+        "all_resid": sum(ok(r, ("resid_pre", "resid_post")) for r in built),
+        "heads": sum(ok(r, ("head_out",)) for r in built),
+        "qkv": sum(ok(r, ("q", "k", "v")) for r in built),
+        "oracle_failures": sum(any(str(r.get(c, "")).startswith("ORACLE") for c in COMPONENTS) for r in built),
+    }
+    lines = [
+        "# Architectures",
+        "",
+        "Generated by `scripts/architectures.py` from the installed transformers: every causal-LM type is built",
+        "from a tiny config (`reftgraph.arch.shrink`), its components are found from the module tree and proven",
+        "on it (`reftgraph.arch.proofs`), and every accepted component is checked against a plain-hook edit.",
+        "See [concepts](concepts.md#components) for what each component means in each block style.",
+        "",
+        f"- types: {totals['types']}; build from a small config and run: {totals['built']}",
+        f"- `resid_pre`/`resid_post`/`attn_out`/`mlp_out` verified: {totals['resid_attn_mlp']}",
+        f"- `resid_pre`/`resid_post` verified: {totals['all_resid']}",
+        f"- `head_out` verified: {totals['heads']}; `q`/`k`/`v` verified: {totals['qkv']}",
+        f"- oracle failures: {totals['oracle_failures']}",
+        "",
+        "| type | style | q/k/v | " + " | ".join(COMPONENTS) + " |",
+        "|" + "---|" * (3 + len(COMPONENTS)),
+    ]
+    reasons = []
+    for r in rows:
+        if "error" in r:
+            reasons.append(f"- `{r['type']}`: {r['error']}")
+            continue
+        cells = [_cell(r.get(c)) for c in COMPONENTS]
+        lines.append(f"| {r['type']} | {', '.join(r['style'])} | {', '.join(r['layout'])} | " + " | ".join(cells) + " |")
+        for c in COMPONENTS:
+            if _cell(r.get(c)) == "no":
+                reasons.append(f"- `{r['type']}` {c}: {r.get(c)}")
+    lines += ["", "## Refusals and failures, with the check that failed", ""] + reasons + [""]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return totals
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--types", nargs="*", help="model types (default: all causal-LM types)")
+    parser.add_argument("--no-write", action="store_true", help="do not write docs/architectures.md")
+    parser.add_argument("--no-oracle", action="store_true", help="proofs only")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    types = args.types or causal_lm_types()
+    start = time.perf_counter()
+    rows = []
+    for t in types:
+        rows.append(survey(t, with_oracle=not args.no_oracle))
+        print(t, {k: v for k, v in rows[-1].items() if k in ("error", "style", "layout", "wrap_s")}, flush=True)
+    totals = {"seconds": round(time.perf_counter() - start, 1)}
+    if not args.no_write:
+        totals.update(write_markdown(rows, ROOT / "docs" / "architectures.md"))
+    wraps = sorted(r["wrap_s"] for r in rows if "wrap_s" in r)
+    totals["median_wrap_s"] = round(wraps[len(wraps) // 2], 3) if wraps else None
+    print(json.dumps(totals))
+    return {"rows": rows, **totals}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Every causal-LM type of the installed transformers, built tiny, resolved and proven.
+
+The same enumeration as ``scripts/architectures.py`` (which writes docs/architectures.md):
+proofs for every type, and the plain-hook oracle for every accepted component on a sample."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from reftgraph.core.sites import COMPONENTS
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "architectures.py"
+spec = importlib.util.spec_from_file_location("architectures", SCRIPT)
+architectures = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(architectures)
+
+ORACLE_EVERY = 6   # every 6th type (and the types below) also runs the oracle here; the script runs all
+ORACLE_TYPES = {"llama", "gemma3_text", "phi3", "gptj", "qwen2_moe", "falcon", "bloom", "olmo2", "jamba", "mamba"}
+
+
+@pytest.fixture(scope="module")
+def rows():
+    types = architectures.causal_lm_types()
+    return [architectures.survey(t, with_oracle=(i % ORACLE_EVERY == 0 or t in ORACLE_TYPES))
+            for i, t in enumerate(types)]
+
+
+def verified(row, components):
+    return all(architectures._cell(row.get(c)) != "no" for c in components)
+
+
+def test_most_types_build_and_their_stream_components_are_verified(rows):
+    built = [r for r in rows if "error" not in r]
+    assert len(rows) >= 150 and len(built) >= 0.9 * len(rows)
+    assert sum(verified(r, ("resid_pre", "resid_post")) for r in built) >= 0.9 * len(built)
+    assert sum(verified(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built) >= 120
+
+
+def test_no_accepted_component_fails_the_oracle(rows):
+    failures = [(r["type"], c, r[c]) for r in rows for c in COMPONENTS if str(r.get(c, "")).startswith("ORACLE")]
+    assert not failures
+
+
+def test_every_refusal_says_why(rows):
+    for r in rows:
+        for c in COMPONENTS:
+            if c in r and architectures._cell(r[c]) == "no":
+                assert len(r[c]) > 20, (r["type"], c, r[c])
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2", "mistral", "gemma2", "gemma3_text", "phi3",
+                                        "mixtral", "qwen2_moe", "gptj", "falcon", "olmo2", "cohere", "stablelm"])
+def test_common_families_keep_their_stream_components(rows, model_type):
+    row = next(r for r in rows if r["type"] == model_type)
+    assert verified(row, ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out")), row

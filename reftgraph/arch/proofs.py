@@ -85,6 +85,10 @@ def _n_kv_config(config) -> Optional[int]:
     return 1 if getattr(config, "multi_query", False) is True else None
 
 
+def _width(model) -> int:
+    return getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+
+
 def _module(root, path: Optional[str]):
     if not path:
         return root if path == "" else None
@@ -171,6 +175,8 @@ def _record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional
                 out = (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
             if path not in rec.outputs:
                 rec.outputs[path] = _copy(_first_tensor(out))
+                if path == "" and isinstance(out, tuple) and type(out) is not tuple:
+                    rec.outputs[path] = type(out).__name__   # a named output the engine cannot rebuild
                 order.append((path, "output"))
             return out
         return hook
@@ -313,6 +319,16 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         why = f"the block runs {rec.calls.get('', 0)} times per forward; an edit would reach its first run only"
         return Block(paths, refused={c: why for c in COMPONENTS})
     refused = {}
+    want = (ids.shape[0], ids.shape[1], _width(model))
+    for component, value in (("resid_pre", rec.pre), ("resid_post", rec.post)):
+        if isinstance(value, str):
+            why = f"the block returns a {value} (a named tuple), which an edit of its output cannot rebuild"
+            return Block(paths, refused={c: why for c in COMPONENTS})
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != want:
+            got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            why = (f"the block's {'input' if component == 'resid_pre' else 'output'} is {got}, not [batch, tokens, "
+                   f"width] = {list(want)} (the blocks do not see one vector per input token)")
+            return Block(paths, refused={c: why for c in COMPONENTS})
     stages = {(p, io): i for i, (p, io) in enumerate(order)}
     if nxt is not None and not Record.close(rec.post, nxt):
         refused["resid_post"] = f"check resid_post[{layer}] == resid_pre[{layer + 1}] failed ({Record.gap(rec.post, nxt)})"

@@ -116,7 +116,8 @@ def find_blocks(model) -> tuple[str, torch.nn.ModuleList]:
 
 
 def _is_norm(module) -> bool:
-    return "norm" in type(module).__name__.lower()
+    """A normalisation layer: 'norm' in its class name and no linear map inside."""
+    return "norm" in type(module).__name__.lower() and not any(linear_shape(m) for m in module.modules())
 
 
 def _pick(names, candidates):
@@ -141,7 +142,8 @@ def _attention_parts(attn_path: str, attn, d_model: int):
     linear map to the model width, and beside it the maps from the model width."""
     for prefix, parent in sorted(attn.named_modules(), key=lambda item: item[0].count(".") + bool(item[0])):
         linears = {n: linear_shape(m) for n, m in parent.named_children() if linear_shape(m)}
-        outs = [n for n, (i, o) in linears.items() if o == d_model]
+        outs = [n for n, (i, o) in linears.items()
+                if o == d_model and not any(rx.match(n) for rx in _SEPARATE.values()) and not _FUSED.search(n)]
         if not outs:
             continue
         out = _pick(outs, _OUT_NAMES) or outs[-1]

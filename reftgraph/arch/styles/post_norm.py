@@ -26,7 +26,9 @@ def after(rec: Record, path, paths) -> str:
     """
     out = rec.out(path)
     for child, value in rec.inputs.items():
-        if child != path and "." not in child and child and rec.close(value, out):
+        result = rec.outputs.get(child)
+        if (child != path and "." not in child and child and rec.close(value, out)
+                and result is not None and result.shape == value.shape):   # a norm keeps the shape
             return child
     return path
 

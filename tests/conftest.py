@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 def one_thread(request):
     """Tiny models run on one thread: with tiny tensors intra-op threads only spin (up to
     50x slower on a busy 2-core machine). Real-model tests keep every thread."""
-    if request.module.__name__.split(".")[-1] in ("test_smollm2", "test_hub"):
+    if request.module.__name__.split(".")[-1] in ("test_smollm2", "test_hub", "test_gemma3"):
         yield
         return
     n = torch.get_num_threads()

@@ -129,16 +129,19 @@ def is_default(name: str) -> bool:
 def config_of(name_or_path: str):
     """A model's config without loading its weights (for checks before a load).
 
-    >>> config_of("smollm2-135m-instruct").num_hidden_layers
-    30
+    >>> config_of("smollm2-135m-instruct").num_hidden_layers, config_of("google/gemma-3-270m").model_type
+    (30, 'gemma3_text')
 
-    Anything but the default model is read with ``AutoConfig.from_pretrained``.
+    The offline models (``hub.OFFLINE_MODELS``) come from their table, without reading the
+    GGUF file; anything else is read with ``AutoConfig.from_pretrained``.
     """
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import AutoConfig
 
-    if is_default(name_or_path):  # SmolLM2-135M-Instruct, without reading the GGUF file
-        return LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                           num_attention_heads=9, num_key_value_heads=3, vocab_size=49152)
+    from .hub import SMOLLM2, offline_model
+
+    offline = SMOLLM2 if is_default(name_or_path) else offline_model(name_or_path)
+    if offline is not None:
+        return AutoConfig.for_model(**offline.config)
     return AutoConfig.from_pretrained(name_or_path)
 
 
@@ -167,6 +170,9 @@ def tiny_config(family: str, **overrides):
     >>> cfg = tiny_config("llama", num_hidden_layers=3)
     >>> cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads
     (3, 32, 2)
+
+    Any other transformers causal-LM ``model_type`` gets a shrunk default config
+    (:func:`reftgraph.arch.shrink.tiny_config_of`).
     """
     from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
 
@@ -183,11 +189,19 @@ def tiny_config(family: str, **overrides):
         cfg = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                    max_position_embeddings=128, rotary_pct=0.5, use_parallel_residual=True)
         return GPTNeoXConfig(**{**common, **cfg, **overrides})
-    raise ValueError(f"tiny(): unknown family {family!r}; choose llama, gpt2 or gpt_neox")
+    from .shrink import causal_lm_types, tiny_config_of
+
+    if family not in causal_lm_types():
+        raise ValueError(f"tiny(): unknown model type {family!r}; choose a transformers causal-LM model_type "
+                         f"(e.g. llama, gpt2, gpt_neox, gemma3_text, phi3)")
+    config = tiny_config_of(family, n_layers=overrides.pop("num_hidden_layers", None))
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return config
 
 
 def tiny(family: str = "llama", seed: int = 0, **overrides) -> Model:
-    """A tiny random model of ``family`` (``"llama"``, ``"gpt2"``, ``"gpt_neox"``): no files, no network.
+    """A tiny random model of ``family`` (``"llama"``, ``"gpt2"``, ``"gpt_neox"`` or any causal-LM ``model_type``).
 
     >>> tiny("gpt_neox")
     Model(tiny-gpt_neox: gpt_neox, 2 layers, width 32, 4 heads, 4 kv heads)

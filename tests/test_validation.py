@@ -386,9 +386,8 @@ def test_unregistered_model_type_is_resolved_and_proven():
     lm = rg.wrap(tiny_opt(), rg.models.tiny_tokenizer())
     table = lm.arch.table()
     assert lm.arch.family.name == "opt" and lm.arch.blocks[0].style == "sequential"
-    assert all(table[c] == "verified" for c in ("resid_pre", "resid_mid", "resid_post", "attn_out", "head_out", "q"))
-    # OPT flattens tokens inside its MLP: refused, saying why, not silently reshaped
-    assert "flattens tokens before 'fc2'" in table["mlp_act"]
+    assert all(v == "verified" for v in table.values())
+    assert lm.arch.blocks[0].flat == {"mlp_out", "mlp_act"}   # OPT's MLP sees [batch * tokens, width]
 
 
 def test_not_a_transformers_model_is_refused():
@@ -453,8 +452,14 @@ def test_registered_family_validates(opt):
         g.run(opt, PROMPTS)
 
 
-def test_refused_component_names_architecture_and_check(opt):
-    g = graph(rg.Site("mlp_act", 0, positions="last"), rg.Add(torch.ones(48)), name="steer")
-    with pytest.raises(rg.SiteError) as err:
-        compile_graph(g, opt.arch)
-    assert_names(err, "node 'steer' at mlp_act[0]", "opt_by_hand refuses mlp_act at layer 0", "flattens tokens")
+def test_flattened_mlp_is_viewed_back_per_token(opt):
+    """OPT flattens tokens around fc1/fc2: mlp_act is fc2's input, one row per token."""
+    g = graph(rg.Site("mlp_act", 1, positions="last"), rg.Collect(), name="act")
+    out = g.run(opt, PROMPTS, padding_side="left")
+    seen, handle = capture(opt.hf.model.decoder.layers[1].fc2, "input")
+    try:
+        opt.hf(input_ids=out.input_ids, attention_mask=out.attention_mask)
+    finally:
+        handle.remove()
+    want = seen["value"].view(len(PROMPTS), out.input_ids.shape[1], -1)[:, -1]
+    torch.testing.assert_close(out["act"][:, 0], want, atol=1e-5, rtol=0)

@@ -53,7 +53,8 @@ class Block:
     ('sequential', 'self_attn', (4, 2), 8, {})
 
     ``refused`` maps a component to the reason it cannot be used on this block; ``stages``
-    orders the hook points as the block runs them.
+    orders the hook points as the block runs them; ``flat`` names components whose module
+    sees tokens flattened to ``[batch * tokens, width]`` (they are viewed back per token).
     """
 
     paths: BlockPaths
@@ -65,6 +66,7 @@ class Block:
     widths: dict = field(default_factory=dict)
     refused: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
+    flat: frozenset = frozenset()
 
 
 # -- dims ------------------------------------------------------------------
@@ -387,18 +389,23 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
                 refused[c] = f"locality check failed ({best[0]} layout): {best[1][c]}"
         if best is not None and any(not v for v in best[1].values()):
             layout = best[0]
+    flat = set()
     for c, path, io in (("attn_out", attn_out, "out"), ("mlp_out", mlp_out, "out"), ("mlp_act", paths.mlp_down, "inp"),
                         ("head_out", paths.attn_proj, "inp")):
         value = getattr(rec, io)(path)
-        if c not in refused and value is not None and value.dim() < rec.pre.dim():
-            refused[c] = (f"the block flattens tokens before {path!r} (it sees {list(value.shape)}, not "
+        if c in refused or value is None or value.dim() == rec.pre.dim():
+            continue
+        if c in ("mlp_out", "mlp_act") and value.dim() == 2 and value.shape[0] == rec.pre.shape[0] * rec.pre.shape[1]:
+            flat.add(c)   # the block flattens tokens around its MLP (OPT, Llama 4): viewed back per token
+        else:
+            refused[c] = (f"the block reshapes tokens before {path!r} (it sees {list(value.shape)}, not "
                           "[batch, tokens, width])")
     for c in COMPONENTS:
         if c not in refused and c in HEAD_COMPONENTS + ("mlp_act",) and c not in widths:
             refused[c] = f"its width could not be read off {paths}"
     component_stage = _component_stages(stages, paths, attn_out, mlp_out)
     return Block(paths, style.name if style else None, attn_out, mlp_out, layout, heads, widths, refused,
-                 component_stage)
+                 component_stage, frozenset(flat))
 
 
 def _component_stages(stages, paths, attn_out, mlp_out) -> dict:

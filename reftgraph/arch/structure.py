@@ -245,6 +245,16 @@ class Arch:
         resolved = layer + self.n_layers if layer < 0 else layer
         return resolved if 0 <= resolved < self.n_layers else None
 
+    def needs_pre(self, component: str, layer: int) -> bool:
+        """Whether ``component``'s view needs the block input (``resid_mid``, flattened tokens).
+
+        >>> import reftgraph as rg
+        >>> arch = rg.models.tiny("llama").arch
+        >>> arch.needs_pre("resid_mid", 0), arch.needs_pre("mlp_out", 0)
+        (True, False)
+        """
+        return component == "resid_mid" or bool(self.blocks) and component in self.blocks[layer].flat
+
     # -- modules -----------------------------------------------------------
     def _block(self, layer: int):
         from .proofs import Block
@@ -306,6 +316,9 @@ class Arch:
         if component == "resid_mid":
             return (lambda raw, pre: pre + first(raw),
                     lambda raw, new, pre: with_first(raw, new - pre))
+        if self.needs_pre(component, layer) and component != "resid_mid":   # tokens flattened: [B*S, w]
+            return (lambda raw, pre: first(raw).view(pre.shape[0], pre.shape[1], -1),
+                    lambda raw, new, pre: with_first(raw, new.reshape(first(raw).shape)))
         if component not in HEAD_COMPONENTS:
             return (lambda raw, pre: first(raw), lambda raw, new, pre: with_first(raw, new))
         heads = self.heads(component, layer)

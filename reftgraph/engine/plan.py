@@ -183,7 +183,7 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
     order = {n: i for i, n in enumerate(graph.dag)}
     steps.sort(key=lambda s: (s.hook.layer, s.hook.stage, order[s.node.name]))
     hooks = {s.hook for s in steps} | {s.source_hook for s in steps if s.source_hook}
-    hooks |= {Hook(s.hook.layer, 0, "", "input") for s in steps if s.node.site.component == "resid_mid"}
+    hooks |= {Hook(s.hook.layer, 0, "", "input") for s in steps if arch.needs_pre(s.node.site.component, s.hook.layer)}
     hooks |= {Hook(s.source_hook.layer, 0, "", "input") for s in steps
-              if s.source_hook and s.node.reads[1].component == "resid_mid"}
+              if s.source_hook and arch.needs_pre(s.node.reads[1].component, s.source_hook.layer)}
     return Plan(arch, steps, sorted(hooks, key=lambda h: (h.layer, h.stage)))

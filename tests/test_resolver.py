@@ -141,3 +141,19 @@ def test_registered_family_overrides_paths_and_is_still_proven(monkeypatch):
     rg.register_family(rg.Family(name="wrong_mlp", model_types=("llama",), mlp="input_layernorm"))
     table = build("llama").arch.table()
     assert "no block style's identities hold" in table["mlp_out"]
+
+
+def test_unreadable_module_tree_says_what_it_found_and_how_to_register(monkeypatch):
+    from reftgraph.arch import structure
+
+    monkeypatch.setattr(structure, "FAMILIES", {})
+    hf = rg.models.tiny("llama").hf
+    hf.model.layers = torch.nn.Sequential(*hf.model.layers)   # no ModuleList of blocks any more
+    calls = []
+    hf.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(rg.SiteError, match="no list of 2 blocks in the module tree") as err:
+        rg.wrap(hf, rg.models.tiny_tokenizer())
+    assert "rg.register_family(rg.Family(" in str(err.value) and not calls
+    rg.register_family(rg.Family(name="sequential_llama", model_types=("llama",), layers="model.layers"))
+    lm = rg.wrap(hf, rg.models.tiny_tokenizer())   # the example from the message works
+    assert lm.arch.family.name == "sequential_llama" and lm.arch.table()["attn_out"] == "verified"

@@ -178,7 +178,13 @@ class Arch:
             return None
         where = [i for i, b in enumerate(self.blocks) if component not in b.refused]
         there = f"; it exists on layers {_ranges(where)}" if where else ""
-        return f"{self.family.name} refuses {component} at layer {layer}: {why}{there}"
+        hint = ""
+        if "found" in why or "has no" in why:   # the resolver may have missed a module: say how to name it
+            hint = (f". If the module exists under another name, register it: rg.register_family(rg.Family("
+                    f"name='mine', model_types=({self.family.model_types[0]!r},), attn='self_attn', mlp='mlp', "
+                    "attn_proj='self_attn.o_proj', mlp_down='mlp.down_proj', qkv=('self_attn.q_proj', "
+                    "'self_attn.k_proj', 'self_attn.v_proj'))) with your paths")
+        return f"{self.family.name} refuses {component} at layer {layer}: {why}{there}{hint}"
 
     def check(self, component: str, layer: int) -> None:
         """Raise :class:`SiteError` when ``component`` is refused at ``layer``.

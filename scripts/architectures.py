@@ -124,7 +124,7 @@ def survey(model_type: str, with_oracle: bool = True) -> dict:
     table = lm.arch.table()
     for component, verdict in table.items():
         if verdict != "verified" and not verdict.startswith("on layers"):
-            row[component] = verdict.split(": ", 1)[-1]
+            row[component] = verdict.split(": ", 1)[-1].split(". If the module exists under another name")[0]
             continue
         layer = next(i for i in range(lm.arch.n_layers) if lm.arch.refusal(component, i) is None)
         bad = ""

@@ -237,10 +237,9 @@ def _edit_moves(model, blocks, layer, ids, rec, paths, style, attn_out, mlp_out)
     return ""
 
 
-def _head_changes(model, blocks, layer, ids, paths, proj_path, get_put, index, scale=1.0):
-    """Which (position, head) of head_out change when ``index`` of the q/k/v view is edited."""
+def _head_changes(model, blocks, layer, ids, base, paths, proj_path, get_put, index, scale=1.0):
+    """How head_out moves (and where) when ``index`` of the q/k/v view is edited; ``base`` is the clean record."""
     get, put = get_put
-    base, _, _ = _record(model, blocks, layer, ids)
     delta_gen = torch.Generator().manual_seed(2)
 
     def fn(t):
@@ -259,6 +258,7 @@ def _locality(model, blocks, layer, ids, paths, heads, widths, layout) -> dict:
     nq, nkv = heads
     dh = widths["head_out"]
     result = {}
+    base, _, _ = _record(model, blocks, layer, ids)
     for component in "qkv":
         if component not in widths:
             continue
@@ -270,9 +270,8 @@ def _locality(model, blocks, layer, ids, paths, heads, widths, layout) -> dict:
             continue
         n = nq if component == "q" else nkv
         head = n - 1
-        diff, changed = _head_changes(model, blocks, layer, ids, paths, proj, view, (0, POS, head))
-        per = diff.unflatten(-1, (nq, dh))
-        moved = {(p, h) for p, h in {(p, c // dh) for p, c in changed}}
+        diff, changed = _head_changes(model, blocks, layer, ids, base, paths, proj, view, (0, POS, head))
+        moved = {(p, c // dh) for p, c in changed}   # (position, head) of head_out that moved
         if component == "q":
             want = {(POS, head)}
             ok = moved == want
@@ -283,10 +282,10 @@ def _locality(model, blocks, layer, ids, paths, heads, widths, layout) -> dict:
                 p > POS for p, _ in moved)
             expect = f"heads {sorted(group)} at positions >= {POS}"
             if ok and component == "v":
-                twice, _ = _head_changes(model, blocks, layer, ids, paths, proj, view, (0, POS, head), scale=2.0)
+                twice, _ = _head_changes(model, blocks, layer, ids, base, paths, proj, view, (0, POS, head),
+                                         scale=2.0)
                 ok = Record.close(twice, 2 * diff)
                 expect += " (linearly)"
-        del per
         got = sorted({h for _, h in moved})
         result[component] = "" if ok else (f"editing {component} of {'head' if component == 'q' else 'key-value head'} "
                                            f"{head} at position {POS} should move head_out of {expect}; it moved heads "

@@ -1,13 +1,14 @@
 """The methods layer: what users do with graphs, each built on the engine and the training loop.
 
 ``reft`` (LoReFT graphs), ``das`` (distributed alignment search), ``memorisation``,
-``patching`` (sweeps, path patching), ``subspace`` and ``causal`` (high-level models).
+``patching`` (sweeps, path patching), ``subspace``, ``causal`` (high-level models) and
+``steering`` (DiffMean vectors from contrastive pairs).
 
 >>> from reftgraph.methods import patching
 >>> sorted(patching.METRICS)
 ['kl', 'logit_diff', 'loss', 'prob']
 """
 
-from . import causal, das, memorisation, patching, reft, subspace
+from . import causal, das, memorisation, patching, reft, steering, subspace
 
-__all__ = ["causal", "das", "memorisation", "patching", "reft", "subspace"]
+__all__ = ["causal", "das", "memorisation", "patching", "reft", "steering", "subspace"]

@@ -1,0 +1,143 @@
+"""Steering vectors from contrastive pairs: DiffMean (the strongest simple baseline in
+AxBench) and the first principal direction of the pairs' differences (as repeng does).
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> site = rg.Site("resid_post", layer=1, positions="last")
+>>> g = diffmean(lm, ["I love it", "so good"], ["I hate it", "so bad"], site)
+>>> g["steer"].site, g["steer"].op.vector.shape
+(Site(component='resid_post', layer=1, positions='all', head=None, subspace=None), torch.Size([32]))
+
+The vector is read at ``site`` (each prompt's mean over the site's positions, then the
+positive mean minus the negative mean) and returned as a one-node graph that adds it at the
+same component and layer on ``apply_positions`` (default ``"all"``: the prompt and every
+generated token). :func:`scale_sweep` generates at several scales and reports how often a
+behaviour appears and what it costs in fluency.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..core.graph import Graph
+from ..core.ops import Add, Collect
+from ..core.sites import Site
+from ..engine.run import run
+from ..errors import DataError
+
+__all__ = ["contrast", "diffmean", "scale_sweep"]
+
+METHODS = ("mean", "pca")
+
+
+def _prompts(name: str, prompts) -> list:
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p for p in prompts):
+        raise DataError(f"{name} must be a non-empty list of non-empty strings, got {prompts!r:.80}")
+    return list(prompts)
+
+
+def contrast(model, positive: Sequence[str], negative: Sequence[str], site: Site,
+             batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(positive, negative)``: each prompt's activation at ``site``, averaged over its positions.
+
+    >>> import reftgraph as rg
+    >>> pos, neg = contrast(rg.models.tiny("llama"), ["a", "b", "c"], ["d"], rg.Site("mlp_out", layer=0))
+    >>> pos.shape, neg.shape
+    (torch.Size([3, 32]), torch.Size([1, 32]))
+
+    Head components give ``[n, heads, head_dim]``.
+    """
+    positive, negative = _prompts("positive", positive), _prompts("negative", negative)
+    g = Graph()
+    g.add(site, Collect(), name="read")
+    means = []
+    for prompts in (positive, negative):
+        rows = []
+        for start in range(0, len(prompts), batch_size):
+            out = run(g, model, prompts[start:start + batch_size])
+            value, valid = out["read"], out.valid["read"].to(out["read"].device)
+            mask = valid.reshape(*valid.shape, *([1] * (value.dim() - 2))).to(value.dtype)
+            rows.append((value * mask).sum(1) / mask.sum(1))
+        means.append(torch.cat(rows))
+    return means[0], means[1]
+
+
+def diffmean(model, positive: Sequence[str], negative: Sequence[str], site: Site, *, method: str = "mean",
+             apply_positions="all", scale: float = 1.0, name: str = "steer") -> Graph:
+    """A one-node graph adding ``mean(positive) - mean(negative)`` read at ``site``.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> g = diffmean(lm, ["yes", "sure"], ["no", "never"], rg.Site("resid_post", layer=0), method="pca")
+    >>> out = g.generate(lm, ["Well,"], max_new_tokens=2)
+
+    ``method="pca"`` takes the first singular direction of the paired differences
+    ``positive[i] - negative[i]`` (equal counts; not centred, so a shared shift counts),
+    signed to agree with the mean difference and scaled to its length.
+    """
+    if method not in METHODS:
+        raise DataError(f"method must be one of {METHODS}, got {method!r}")
+    positive, negative = _prompts("positive", positive), _prompts("negative", negative)
+    if method == "pca" and len(positive) != len(negative):
+        raise DataError(f"method='pca' pairs prompts: {len(positive)} positive and {len(negative)} negative prompts")
+    pos, neg = contrast(model, positive, negative, site)
+    vector = pos.mean(0) - neg.mean(0)
+    if method == "pca":
+        diffs = (pos - neg).flatten(1)
+        direction = torch.linalg.svd(diffs, full_matrices=False).Vh[0].view_as(vector)
+        sign = 1.0 if float((direction * vector).sum()) >= 0 else -1.0
+        vector = sign * direction * vector.norm()
+    g = Graph()
+    g.add(site.replace(positions=apply_positions), Add(vector.detach(), scale=scale), name=name)
+    return g
+
+
+def _continuation_loss(model, prompt: str, text: str) -> float:
+    """Mean negative log-likelihood per token of ``text`` after ``prompt`` under the unedited model."""
+    tok = model.tokenizer
+    ids = tok(prompt + text, return_tensors="pt")["input_ids"].to(model.device)
+    start = len(tok(prompt)["input_ids"])
+    if ids.shape[1] <= start:
+        return float("nan")
+    with torch.no_grad():
+        logits = model.hf(input_ids=ids).logits[0, start - 1:-1]
+    return float(torch.nn.functional.cross_entropy(logits.float(), ids[0, start:]))
+
+
+def scale_sweep(model, graph: Graph, prompts: Sequence[str], scales: Sequence[float],
+                behaviour: Callable[[str], bool], *, node: str = "steer", max_new_tokens: int = 20):
+    """Generate at each scale: the behaviour's rate and the fluency cost, as a DataFrame.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> g = diffmean(lm, ["yes"], ["no"], rg.Site("resid_post", layer=0))
+    >>> df = scale_sweep(lm, g, ["Hi"], [0, 4], lambda text: "y" in text, max_new_tokens=3)
+    >>> list(df.columns), len(df)
+    (['scale', 'rate', 'loss', 'n'], 2)
+
+    ``rate`` is the fraction of generations for which ``behaviour(text)`` is true; ``loss``
+    is the unedited model's mean loss per token on the steered answers (fluency: the base
+    model's surprise at them). The node's scale is restored afterwards.
+    """
+    import pandas as pd
+
+    prompts = _prompts("prompts", prompts)
+    if not scales:
+        raise DataError("scales must be a non-empty list of numbers")
+    if node not in graph:
+        raise DataError(f"no node {node!r} in the graph; nodes: {sorted(n.name for n in graph)}")
+    op = graph[node].op
+    old, rows = op.scale, []
+    try:
+        for s in scales:
+            op.scale = float(s)
+            texts = graph.generate(model, prompts, max_new_tokens=max_new_tokens).texts
+            losses = [_continuation_loss(model, p, t) for p, t in zip(prompts, texts)]
+            finite = [x for x in losses if x == x]
+            rows.append({"scale": float(s), "rate": sum(map(bool, map(behaviour, texts))) / len(texts),
+                         "loss": sum(finite) / len(finite) if finite else float("nan"), "n": len(texts)})
+    finally:
+        op.scale = old
+    return pd.DataFrame(rows)

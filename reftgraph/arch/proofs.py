@@ -35,7 +35,7 @@ import torch
 from ..core.sites import COMPONENTS, HEAD_COMPONENTS
 from .qkv import FUSED_LAYOUTS, slicer
 from .styles import STYLES, Record
-from .tree import BlockPaths, find_blocks, kind_of, linear_shape, read_tree
+from .tree import BlockPaths, blocks_of, kind_of, linear_shape, read_tree
 
 __all__ = ["Block", "prove", "dims_of", "forget"]
 
@@ -146,6 +146,14 @@ def _first_tensor(value):
     return None
 
 
+def _hidden_in(args, kwargs):
+    """The hidden states a module is called with: its first positional tensor, else ``hidden_states=``."""
+    t = _first_tensor(args) if args else None
+    if t is None:
+        t = kwargs.get("hidden_states", next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None))
+    return t
+
+
 def _copy(t):
     return None if t is None else t.detach().clone()   # blocks may edit a sub-layer's output in place (Falcon)
 
@@ -160,9 +168,7 @@ def _record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional
 
     def pre_hook(path):
         def hook(module, args, kwargs):
-            t = _first_tensor(args) if args else None
-            if t is None:
-                t = kwargs.get("hidden_states", next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None))
+            t = _hidden_in(args, kwargs)
             rec.calls[path] = rec.calls.get(path, 0) + 1
             if path not in rec.inputs:
                 rec.inputs[path] = _copy(t)
@@ -189,7 +195,7 @@ def _record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional
             handles.append(module.register_forward_hook(post_hook(path), with_kwargs=True))
         if layer + 1 < len(blocks):
             def next_input(module, args, kwargs):
-                nxt.setdefault("x", _copy(_first_tensor(args) if args else kwargs.get("hidden_states")))
+                nxt.setdefault("x", _copy(_hidden_in(args, kwargs)))
 
             handles.append(blocks[layer + 1].register_forward_pre_hook(next_input, with_kwargs=True))
         with torch.no_grad():
@@ -232,8 +238,10 @@ def _edit_moves(model, blocks, layer, ids, rec, paths, style, attn_out, mlp_out)
         delta = torch.randn(rec.out(path).shape[-1], generator=torch.Generator().manual_seed(1))
         new, _, _ = _record(model, blocks, layer, ids, edit=(path, lambda t: t + delta))
         before, after = (rec.mid(paths.mlp_in), new.mid(paths.mlp_in)) if moves == "mid" else (rec.post, new.post)
-        if not Record.close(after, before + delta if before is not None else None):
-            return f"adding to {component} ({path}) does not move resid_{moves} by the same amount ({Record.gap(after, before + delta)})"
+        want = None if before is None else before + delta
+        if not Record.close(after, want):
+            return (f"adding to {component} ({path}) does not move resid_{moves} by the same amount "
+                    f"({Record.gap(after, want)})")
     return ""
 
 
@@ -442,17 +450,17 @@ def _key(model, family) -> str:
     return json.dumps([type(model).__name__, repr(family), config], sort_keys=True, default=str)
 
 
-def _tiny_instance(model):
+def _tiny_instance(model, family):
     from transformers import AutoModelForCausalLM
 
     from .shrink import shrink
 
-    n = len(find_blocks(model)[1])
-    kinds = {kind_of(b) for b in find_blocks(model)[1]}
-    for layers in (None, n):
+    blocks = blocks_of(model, family)[1]
+    kinds = {kind_of(b) for b in blocks}
+    for layers in (None, len(blocks)):   # more layers when the shrunk pattern lost a kind of block
         torch.manual_seed(0)
         tiny = AutoModelForCausalLM.from_config(shrink(model.config, n_layers=layers), dtype=torch.float32).eval()
-        if kinds <= {kind_of(b) for b in find_blocks(tiny)[1]}:
+        if kinds <= {kind_of(b) for b in blocks_of(tiny, family)[1]}:
             return tiny
     return tiny
 
@@ -469,7 +477,7 @@ def prove(model, d_model: int, family=None) -> tuple[str, list[Block]]:
     model itself) and are cached per config.
     """
     layers, paths = read_tree(model, d_model, family)
-    real = _module(model, layers)
+    real = blocks_of(model, family)[1]
     key = _key(model, family)
     if key not in _CACHE:
         _CACHE[key] = _prove_all(model, family)
@@ -488,14 +496,14 @@ def prove(model, d_model: int, family=None) -> tuple[str, list[Block]]:
 
 def _prove_all(model, family) -> dict:
     try:
-        tiny = _tiny_instance(model)
+        tiny = _tiny_instance(model, family)
     except Exception:  # noqa: BLE001 - any config the shrinker cannot build: prove on the model itself
         if any(p.is_meta for p in model.parameters()):
             return {}
         tiny = model
     d_model = getattr(tiny.config, "hidden_size", None) or tiny.get_input_embeddings().embedding_dim
     _, paths = read_tree(tiny, d_model, family)
-    _, blocks = find_blocks(tiny) if family is None or not family.layers else (None, _module(tiny, family.layers))
+    blocks = blocks_of(tiny, family)[1]
     vocab = tiny.get_input_embeddings().num_embeddings
     ids = torch.randint(3, max(4, min(vocab, 259)), (1, SEQ), generator=torch.Generator().manual_seed(0))
     proven = {}

@@ -322,7 +322,7 @@ class Arch:
         if component == "resid_mid":
             return (lambda raw, pre: pre + first(raw),
                     lambda raw, new, pre: with_first(raw, new - pre))
-        if self.needs_pre(component, layer) and component != "resid_mid":   # tokens flattened: [B*S, w]
+        if self.needs_pre(component, layer):   # tokens flattened: [B*S, w]
             return (lambda raw, pre: first(raw).view(pre.shape[0], pre.shape[1], -1),
                     lambda raw, new, pre: with_first(raw, new.reshape(first(raw).shape)))
         if component not in HEAD_COMPONENTS:

@@ -21,7 +21,8 @@ import torch
 
 from ..errors import SiteError
 
-__all__ = ["BlockPaths", "linear_shape", "read_tree", "read_block", "find_blocks", "n_layers_of", "kind_of"]
+__all__ = ["BlockPaths", "linear_shape", "read_tree", "read_block", "find_blocks", "blocks_of", "n_layers_of",
+           "kind_of"]
 
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention", "attn_layer")
 _MLP_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "ff", "feedforward", "mlp_block")
@@ -220,6 +221,21 @@ def kind_of(block) -> tuple:
     return (type(block).__name__,) + tuple((n, type(m).__name__) for n, m in block.named_children())
 
 
+def blocks_of(model, family=None) -> tuple[str, torch.nn.Module]:
+    """``(path, module list)`` of the blocks: a user family's ``layers`` path, else :func:`find_blocks`.
+
+    >>> import reftgraph as rg
+    >>> blocks_of(rg.models.tiny("gpt2").hf)[0]
+    'transformer.h'
+    """
+    if family is None or not family.layers:
+        return find_blocks(model)
+    blocks = model
+    for part in family.layers.split("."):
+        blocks = getattr(blocks, part)
+    return family.layers, blocks
+
+
 def read_tree(model, d_model: int, family=None) -> tuple[str, list[BlockPaths]]:
     """``(path of the block list, candidate paths per block)``; a user family's fields win.
 
@@ -227,13 +243,7 @@ def read_tree(model, d_model: int, family=None) -> tuple[str, list[BlockPaths]]:
     >>> read_tree(rg.models.tiny("gpt_neox").hf, 32)[1][1].qkv
     'attention.query_key_value'
     """
-    if family is not None and family.layers:
-        layers = family.layers
-        blocks = model
-        for part in layers.split("."):
-            blocks = getattr(blocks, part)
-    else:
-        layers, blocks = find_blocks(model)
+    layers, blocks = blocks_of(model, family)
     paths = [read_block(b, d_model) for b in blocks]
     if family is not None:
         paths = [with_override(p, family) for p in paths]

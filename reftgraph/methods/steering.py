@@ -26,6 +26,7 @@ from ..core.ops import Add, Collect
 from ..core.sites import Site
 from ..engine.run import run
 from ..errors import DataError
+from ..training.losses import lm_loss
 
 __all__ = ["contrast", "diffmean", "scale_sweep"]
 
@@ -101,9 +102,10 @@ def _continuation_loss(model, prompt: str, text: str) -> float:
     start = len(tok(prompt)["input_ids"])
     if ids.shape[1] <= start:
         return float("nan")
+    labels = ids.clone()
+    labels[:, :start] = -100   # score the continuation only
     with torch.no_grad():
-        logits = model.hf(input_ids=ids).logits[0, start - 1:-1]
-    return float(torch.nn.functional.cross_entropy(logits.float(), ids[0, start:]))
+        return float(lm_loss(model.hf(input_ids=ids).logits, labels))
 
 
 def scale_sweep(model, graph: Graph, prompts: Sequence[str], scales: Sequence[float],

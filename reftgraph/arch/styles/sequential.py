@@ -30,10 +30,12 @@ def check(rec: Record, attn, mlp, reads=None):
     for name, value in ((attn, a), (mlp, m)):
         if value is not None and value.shape[-1] != rec.pre.shape[-1]:
             return f"{name} gives width {value.shape[-1]}, not the model width {rec.pre.shape[-1]}"
-    if attn and not rec.close(rec.pre + a if a is not None else None, mid):
-        return f"resid_pre + {attn} != what the MLP reads ({rec.gap(rec.pre + a if a is not None else None, mid)})"
-    if mlp and not rec.close(mid + m if m is not None and mid is not None else None, rec.post):
-        return f"resid_mid + {mlp} != resid_post ({rec.gap(mid + m if m is not None and mid is not None else None, rec.post)})"
+    pre_a = None if a is None else rec.pre + a
+    mid_m = None if m is None or mid is None else mid + m
+    if attn and not rec.close(pre_a, mid):
+        return f"resid_pre + {attn} != what the MLP reads ({rec.gap(pre_a, mid)})"
+    if mlp and not rec.close(mid_m, rec.post):
+        return f"resid_mid + {mlp} != resid_post ({rec.gap(mid_m, rec.post)})"
     return attn, mlp
 
 

@@ -188,7 +188,8 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     )
 
 
-def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool = False, prefix=None, cache=None):
+def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool = False, prefix=None, cache=None,
+            stop: bool = False):
     """One traced forward of ``inputs`` with the plan's edits: ``(logits, {name: (value, valid)})``.
 
     >>> import reftgraph as rg
@@ -207,6 +208,8 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
     ``prefix=(layer, value)`` skips the blocks below ``layer``, feeding ``value`` (their
     output, computed earlier) to block ``layer``: see :mod:`reftgraph.engine.prefix`; with
     ``cache`` (a :class:`~reftgraph.engine.prefix.PrefixCache`) the cache supplies them.
+    With ``stop=True`` the model stops after the plan's last hook (the first value is None):
+    what a caller collects below the top layer then costs only the blocks up to it.
     Other entries of ``inputs`` (``logits_to_keep``, a key-value ``cache``) go to the model."""
     if cache is not None:
         return cache.forward(plan, inputs, batch, hidden=hidden, model=model)
@@ -217,15 +220,17 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
         inputs["logits_to_keep"] = 1
     trunk = getattr(model.nn, model.arch.family.layers.split(".")[0])
     collected, out = {}, {}
-    with model.nn.trace(inputs):
+    with model.nn.trace(inputs) as tracer:
         for layer in range(prefix[0] if prefix is not None else 0):
             model.arch.envoy(model.nn, Hook(layer, 0, "", "output")).skip(prefix[1])
         apply(plan, bound, model.nn, collected)
+        if stop:
+            tracer.stop()
         if hidden:
             out["value"] = trunk.output[0]
         else:
             out["value"] = model.nn.output.logits
-    return out["value"], collected
+    return out.get("value"), collected
 
 
 @contextlib.contextmanager

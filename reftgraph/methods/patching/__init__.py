@@ -5,10 +5,11 @@
 ['kl', 'logit_diff', 'loss', 'prob']
 """
 
+from .attribution import attribute
 from .data import Counterfactual
 from .metrics import METRICS, Reference, kl, logit_diff, loss, prob, restoration
 from .paths import path_graph, path_patch, path_sweep
 from ...viz.patching import heatmap
 from .sweeps import sweep
 
-__all__ = ["Counterfactual", "METRICS", "Reference", "kl", "logit_diff", "loss", "prob", "restoration", "sweep", "heatmap", "path_graph", "path_patch", "path_sweep"]
+__all__ = ["attribute", "Counterfactual", "METRICS", "Reference", "kl", "logit_diff", "loss", "prob", "restoration", "sweep", "heatmap", "path_graph", "path_patch", "path_sweep"]

@@ -26,7 +26,7 @@ from .errors import DataError, GraphFileError, ReftgraphError, SiteError, SpecEr
 from .files import from_pyreft, load_graph, save
 from .viz import plot
 from .training import data, train
-from .methods import causal, das, memorisation, patching, steering, subspace
+from .methods import causal, circuits, das, memorisation, patching, steering, subspace
 from .methods.reft import print_trainable_parameters, reft_graph
 
 # Module paths of the flat layout before the layers (documented, used in notebooks): each
@@ -52,6 +52,7 @@ __all__ = [
     "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DataError", "DiReFT", "Family", "Generation",
     "Graph", "GraphFileError", "LoBiReFT", "LoReFT", "Model", "NoDiReFT", "NoReFT", "Node", "Op", "Patch",
     "PrefixCache", "ReFT", "ReftgraphError", "Rotate", "RunResult", "Set", "Site", "SiteError", "SpecError", "causal",
+    "circuits",
     "das", "data", "datasets", "errors", "from_pyreft", "generate", "load", "load_graph", "memorisation", "models",
     "patching", "prefix", "print_trainable_parameters", "reft_graph", "register_family", "run", "save", "steering",
     "subspace", "train", "wrap",

@@ -1,7 +1,8 @@
 """The methods layer: what users do with graphs, each built on the engine and the training loop.
 
 ``reft`` (LoReFT graphs), ``das`` (distributed alignment search), ``memorisation``,
-``patching`` (sweeps, path patching), ``subspace``, ``causal`` (high-level models) and
+``patching`` (sweeps, attribution, path patching), ``circuits`` (circuits found by
+attribution, as graphs), ``subspace``, ``causal`` (high-level models) and
 ``steering`` (DiffMean vectors from contrastive pairs).
 
 >>> from reftgraph.methods import patching
@@ -9,6 +10,6 @@
 ['kl', 'logit_diff', 'loss', 'prob']
 """
 
-from . import causal, das, memorisation, patching, reft, steering, subspace
+from . import causal, circuits, das, memorisation, patching, reft, steering, subspace
 
-__all__ = ["causal", "das", "memorisation", "patching", "reft", "steering", "subspace"]
+__all__ = ["causal", "circuits", "das", "memorisation", "patching", "reft", "steering", "subspace"]

@@ -1,4 +1,4 @@
-"""The viz layer: matplotlib figures of graphs, training histories and patching results.
+"""The viz layer: matplotlib figures of graphs, training histories, patching results and circuits.
 
 >>> import reftgraph as rg
 >>> from reftgraph.viz import draw_graph
@@ -7,9 +7,10 @@
 """
 
 from ..core.graph import provide
+from .circuits import draw_circuit, plot_curve
 from .patching import heatmap
 from .plot import draw_graph, plot_history
 
 provide("draw", draw_graph)
 
-__all__ = ["draw_graph", "heatmap", "plot_history"]
+__all__ = ["draw_circuit", "draw_graph", "heatmap", "plot_curve", "plot_history"]

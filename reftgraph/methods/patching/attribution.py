@@ -90,8 +90,8 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
     >>> import reftgraph as rg
     >>> lm = rg.models.tiny("llama")
     >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
-    >>> est = attribute(lm, data, ["mlp_out", "q"], grad_drop=True)
-    >>> est.groupby("component").size().to_dict(), "grad_drop" in est
+    >>> est = attribute(lm, data, ["mlp_out", "q"], positions="all", grad_drop=True)
+    >>> est.groupby("component").size().to_dict(), "grad_drop" in est     # 2 MLPs, 2 x 4 query heads
     ({'mlp_out': 2, 'q': 8}, True)
 
     Takes the same arguments as :func:`~reftgraph.patching.sweep` and returns its columns

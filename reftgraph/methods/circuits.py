@@ -1,0 +1,295 @@
+"""Circuits as graphs: score heads and MLPs by attribution, keep the top ones, and return
+the circuit as an :class:`~reftgraph.Graph` that patches everything outside it.
+
+A circuit is run on the clean prompts (``data.source``, in the denoising convention of
+:class:`~reftgraph.patching.Counterfactual` where ``data.base`` holds the corrupted ones)
+with every head (and, if scored, every MLP) outside it taking its value from the corrupted
+run (stream ``"corrupt"``) or its mean over the corrupted prompts. Because it is a graph it
+runs, saves, loads, draws and combines like any other; :func:`faithfulness` runs it.
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
+>>> circuit = rg.circuits.discover(lm, data, size=2)
+>>> members(circuit, lm).values.tolist()          # the 2 heads kept (of 8)
+[['head', 1, 0], ['head', 1, 1]]
+>>> sorted(faithfulness(circuit, lm, data))
+['circuit', 'empty', 'faithfulness', 'full', 'normalised', 'size']
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import pandas as pd
+
+from ..core.graph import Graph
+from ..core.ops import Ablate, Collect, Patch
+from ..core.sites import Site
+from ..engine.run import as_model, run
+from ..errors import DataError
+from ..viz.circuits import draw_circuit, plot_curve
+from .patching.attribution import attribute
+from .patching.data import Counterfactual
+from .patching.metrics import Reference, get_metric
+
+__all__ = ["scores", "discover", "circuit_graph", "members", "faithfulness", "curve", "top_layers", "draw", "plot_curve"]
+
+NODES = ("heads", "heads+mlps")
+ABLATE = ("corrupt", "mean")
+STREAM = "corrupt"
+
+
+def scores(model, data: Counterfactual, nodes: str = "heads", method: str = "atp", ig_steps: int = 5,
+           metric="logit_diff") -> pd.DataFrame:
+    """Every head's (and MLP's) estimated effect of corrupting it in the clean run.
+
+    >>> import reftgraph as rg
+    >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
+    >>> table = scores(rg.models.tiny("llama"), data, nodes="heads+mlps")
+    >>> table.columns.tolist(), len(table)                  # 2 layers x (4 heads + 1 MLP)
+    (['kind', 'layer', 'head', 'estimate', 'score'], 10)
+
+    ``method``: ``"atp"`` (attribution patching, one backward) or ``"ig"`` (the gradient
+    averaged over ``ig_steps`` points between the clean and corrupted inputs, as EAP-IG
+    does). ``estimate`` is the estimated change of the metric when the node alone takes its
+    corrupted value; ``score`` is its magnitude, the ranking used by :func:`discover`.
+    """
+    model = as_model(model)
+    _check(data, nodes)
+    if method not in ("atp", "ig"):
+        raise DataError(f"method must be 'atp' or 'ig', got {method!r}")
+    components = ["head_out"] + (["mlp_out"] if nodes == "heads+mlps" else [])
+    df = attribute(model, data.swap(), components, positions="all", metric=metric,
+                   ig_steps=ig_steps if method == "ig" else 0)
+    out = pd.DataFrame({"kind": df["component"].map({"head_out": "head", "mlp_out": "mlp"}),
+                        "layer": df["layer"], "head": df["head"], "estimate": df["estimate"]})
+    out["score"] = out["estimate"].abs()
+    out.attrs.update(df.attrs, nodes=nodes, method=method)
+    return out
+
+
+def _check(data, nodes):
+    if not isinstance(data, Counterfactual):
+        raise DataError(f"circuits take a rg.patching.Counterfactual (base = corrupted, source = clean), "
+                        f"got {type(data).__name__}")
+    if nodes not in NODES:
+        raise DataError(f"nodes must be one of {NODES}, got {nodes!r}")
+
+
+def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes: str = "heads",
+             method: str = "atp", ig_steps: int = 5, ablate: str = "corrupt", metric="logit_diff",
+             table: Optional[pd.DataFrame] = None) -> Graph:
+    """The circuit of the ``size`` top-scoring nodes, as a graph that patches all the others.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
+    >>> print(discover(lm, data, size=0.25))                # 25% of 8 heads
+    Graph(2 nodes, 0 trainable parameters)
+      outside0: Patch head_out[0].h0+h1+h2+h3 pos=all
+      outside1: Patch head_out[1].h2+h3 pos=all
+
+    ``size``: a number of nodes (int) or a fraction of them (float in (0, 1]); ``nodes``:
+    ``"heads"`` (MLPs stay as they are) or ``"heads+mlps"`` (MLPs are scored and kept or
+    patched like heads); ``ablate``: ``"corrupt"`` (outside nodes read stream ``"corrupt"``,
+    the corrupted prompts) or ``"mean"`` (their mean over the corrupted prompts, stored in
+    the graph). ``table``: scores from :func:`scores`, to reuse them across sizes.
+    """
+    model = as_model(model)
+    _check(data, nodes)
+    if ablate not in ABLATE:
+        raise DataError(f"ablate must be one of {ABLATE}, got {ablate!r}")
+    table = scores(model, data, nodes, method, ig_steps, metric) if table is None else table
+    keep = _count(size, len(table))
+    kept = table.sort_values("score", ascending=False, kind="stable").head(keep)
+    return circuit_graph(model, data, kept, nodes, ablate)
+
+
+def _count(size, n: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise DataError(f"size must be a number of nodes (int) or a fraction (float), got {size!r}")
+    count = size if isinstance(size, int) else round(size * n)
+    if isinstance(size, float) and not 0 < size <= 1:
+        raise DataError(f"a circuit size given as a fraction must be in (0, 1], got {size}")
+    if not 1 <= count <= n:
+        raise DataError(f"circuit size {size} keeps {count} nodes; valid sizes: 1..{n} nodes "
+                        f"(or a fraction of the {n}, at least {1 / n:.3g})")
+    return count
+
+
+def circuit_graph(model, data: Optional[Counterfactual], kept: pd.DataFrame, nodes: str = "heads",
+                  ablate: str = "corrupt") -> Graph:
+    """The graph that keeps the nodes of ``kept`` (rows with ``kind``, ``layer``, ``head``)
+    and patches every other one (see :func:`discover`).
+
+    >>> import pandas as pd, reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> kept = pd.DataFrame({"kind": ["head", "head"], "layer": [0, 1], "head": [2, 3]})
+    >>> [n.site.head for n in circuit_graph(lm, None, kept).nodes]
+    [(0, 1, 3), (0, 1, 2)]
+    """
+    arch = model.arch
+    heads = {(int(r.layer), int(r.head)) for r in kept.itertuples() if r.kind == "head"}
+    mlps = {int(r.layer) for r in kept.itertuples() if r.kind == "mlp"}
+    g = Graph()
+    sites = []
+    for layer in range(arch.n_layers):
+        outside = tuple(h for h in range(arch.heads("head_out", layer)) if (layer, h) not in heads)
+        if outside:
+            sites.append((f"outside{layer}", Site("head_out", layer, positions="all", head=outside)))
+        if nodes == "heads+mlps" and layer not in mlps:
+            sites.append((f"outside_mlp{layer}", Site("mlp_out", layer, positions="all")))
+    means = _means(model, data, [s for _, s in sites]) if ablate == "mean" else {}
+    for name, site in sites:
+        op = Patch(STREAM) if ablate == "corrupt" else Ablate("mean", value=means[site])
+        g.add(site, op, name=name)
+    return g
+
+
+def _means(model, data, sites) -> dict:
+    """Each site's mean over every position of the corrupted prompts."""
+    if data is None:
+        raise DataError("ablate='mean' needs the data, whose corrupted prompts give the means")
+    g = Graph()
+    for i, site in enumerate(sites):
+        g.add(site, Collect(), name=str(i))
+    out = run(g, model, data.base, grad=False)
+    means = {}
+    for i, site in enumerate(sites):
+        value, valid = out[str(i)], out.valid[str(i)]
+        w = valid.to(value.dtype).reshape(*valid.shape, *([1] * (value.dim() - 2)))
+        means[site] = (value * w).sum((0, 1)) / w.sum()
+    return means
+
+
+def members(graph: Graph, model) -> pd.DataFrame:
+    """The nodes a circuit graph keeps: ``kind`` (``"head"``/``"mlp"``), ``layer``, ``head``.
+
+    >>> import pandas as pd, reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> kept = pd.DataFrame({"kind": ["head"], "layer": [1], "head": [2]})
+    >>> members(circuit_graph(lm, None, kept), lm).values.tolist()
+    [['head', 1, 2]]
+    """
+    model = as_model(model)
+    arch = model.arch
+    patched_heads, patched_mlps, scored_mlps = set(), set(), False
+    for node in graph.nodes:
+        site = node.site
+        layer = arch.layer_index(site.layer)
+        if site.component == "head_out":
+            heads = site.head if isinstance(site.head, tuple) else (site.head,)
+            patched_heads |= {(layer, h) for h in heads}
+        elif site.component == "mlp_out":
+            scored_mlps = True
+            patched_mlps.add(layer)
+    rows = [("head", layer, h) for layer in range(arch.n_layers) for h in range(arch.heads("head_out", layer))
+            if (layer, h) not in patched_heads]
+    if scored_mlps:
+        rows += [("mlp", layer, None) for layer in range(arch.n_layers) if layer not in patched_mlps]
+    return pd.DataFrame(rows, columns=["kind", "layer", "head"])
+
+
+def _metric_runs(model, data, graphs: Sequence[Graph], metric) -> tuple:
+    """The metric's mean for each graph on the clean prompts (outside nodes from the corrupted)."""
+    _, metric_fn = get_metric(metric)
+    correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
+    clean = run(Graph(), model, data.source, grad=False).next_token_logits
+    ref = Reference(correct, wrong, clean)
+    values = []
+    for g in graphs:
+        sources = {STREAM: data.base} if STREAM in g.streams else None
+        logits = run(g, model, data.source, sources=sources, grad=False).next_token_logits
+        values.append(metric_fn(logits, ref).mean().item())
+    return metric_fn(clean, ref).mean().item(), values
+
+
+def faithfulness(graph: Graph, model, data: Counterfactual, metric="logit_diff") -> dict:
+    """Run a circuit graph on the clean prompts and compare it with the full model.
+
+    >>> import pandas as pd, reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
+    >>> everything = pd.DataFrame({"kind": "head", "layer": [0] * 4 + [1] * 4, "head": list(range(4)) * 2})
+    >>> round(faithfulness(circuit_graph(lm, data, everything), lm, data)["faithfulness"], 6)    # nothing patched
+    1.0
+
+    Returns ``circuit`` (the metric with the graph), ``full`` (the clean run), ``empty``
+    (every node of the graph's kind patched), ``faithfulness = circuit / full`` and
+    ``normalised = (circuit - empty) / (full - empty)``, with ``size`` the nodes kept.
+    """
+    model = as_model(model)
+    _check(data, "heads")
+    kept = members(graph, model)
+    nodes = "heads+mlps" if (kept["kind"] == "mlp").any() or any(n.site.component == "mlp_out" for n in graph.nodes) \
+        else "heads"
+    ablate = "mean" if any(isinstance(n.op, Ablate) for n in graph.nodes) else "corrupt"
+    empty = circuit_graph(model, data, kept.iloc[:0], nodes, ablate)
+    full, (circuit, nothing) = _metric_runs(model, data, [graph, empty], metric)
+    return {"size": len(kept), "circuit": circuit, "full": full, "empty": nothing,
+            "faithfulness": circuit / full, "normalised": (circuit - nothing) / (full - nothing)}
+
+
+def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: str = "heads",
+          methods: Sequence[str] = ("atp",), ig_steps: int = 5, ablate: str = "corrupt",
+          metric="logit_diff") -> pd.DataFrame:
+    """Faithfulness against circuit size, one circuit per size and method, each one run.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
+    >>> df = curve(lm, data, sizes=[2, 8], methods=["atp", "ig"], ig_steps=2)
+    >>> df[["method", "size"]].values.tolist(), round(float(df["faithfulness"].iloc[-1]), 6)
+    ([['atp', 2], ['atp', 8], ['ig', 2], ['ig', 8]], 1.0)
+
+    Columns: ``method``, ``size`` (nodes kept), ``fraction`` (of all nodes), ``circuit``,
+    ``full``, ``empty``, ``faithfulness``, ``normalised``. Draw it with :func:`plot_curve`.
+    """
+    model = as_model(model)
+    _check(data, nodes)
+    rows = []
+    for method in methods:
+        table = scores(model, data, nodes, method, ig_steps, metric)
+        counts = [_count(s, len(table)) for s in sizes]
+        order = table.sort_values("score", ascending=False, kind="stable")
+        graphs = [circuit_graph(model, data, order.head(k), nodes, ablate) for k in counts]
+        empty = circuit_graph(model, data, order.head(0), nodes, ablate)
+        full, values = _metric_runs(model, data, graphs + [empty], metric)
+        nothing = values.pop()
+        for k, value in zip(counts, values):
+            rows.append({"method": method, "size": k, "fraction": k / len(table), "circuit": value, "full": full,
+                         "empty": nothing, "faithfulness": value / full,
+                         "normalised": (value - nothing) / (full - nothing)})
+    return pd.DataFrame(rows)
+
+
+def draw(graph: Graph, model, table: Optional[pd.DataFrame] = None, ax=None):
+    """Draw a circuit graph's kept nodes by layer (see :func:`reftgraph.viz.circuits.draw_circuit`).
+
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import pandas as pd, reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> kept = pd.DataFrame({"kind": ["head", "head"], "layer": [0, 1], "head": [2, 3]})
+    >>> draw(circuit_graph(lm, None, kept), lm).get_title()
+    'circuit: 2 heads'
+    """
+    model = as_model(model)
+    return draw_circuit(members(graph, model), model.arch.n_layers, model.arch.n_heads, table, ax)
+
+
+def top_layers(table: pd.DataFrame, k: int) -> list:
+    """The ``k`` layers with the largest summed attribution score, in layer order: sites for
+    :func:`reftgraph.reft_graph` chosen by attribution (an "automatic ReFT").
+
+    >>> import pandas as pd
+    >>> top_layers(pd.DataFrame({"layer": [0, 0, 1, 2], "score": [0.1, 0.2, 0.9, 0.05]}), 2)
+    [0, 1]
+    """
+    if "score" not in table:
+        table = table.assign(score=table["estimate"].abs())
+    per_layer = table.groupby("layer")["score"].sum().sort_values(ascending=False, kind="stable")
+    if not 1 <= k <= len(per_layer):
+        raise DataError(f"top_layers: k={k}; valid 1..{len(per_layer)} (the layers scored)")
+    return sorted(int(x) for x in per_layer.index[:k])
+

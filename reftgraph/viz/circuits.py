@@ -1,0 +1,82 @@
+"""Figures of circuits: the kept nodes by layer, and faithfulness against circuit size.
+
+>>> import matplotlib; matplotlib.use("Agg")
+>>> import pandas as pd
+>>> kept = pd.DataFrame({"kind": ["head", "head", "mlp"], "layer": [0, 2, 1], "head": [1, 3, None]})
+>>> ax = draw_circuit(kept, n_layers=3, n_heads=4)
+>>> ax.get_title()
+'circuit: 2 heads, 1 MLP'
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+
+def draw_circuit(kept: pd.DataFrame, n_layers: int, n_heads: int, scores: pd.DataFrame = None, ax=None):
+    """Every head as a grey dot (layer up the y axis, head along x, MLPs in a column at the
+    right); the kept ones filled, coloured by their score when ``scores`` (a table of
+    :func:`reftgraph.circuits.scores`) is given. Lines join each kept node to the kept nodes
+    of later layers, which read what it writes to the residual stream. Returns the axes.
+
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> kept = pd.DataFrame({"kind": ["head"], "layer": [1], "head": [0]})
+    >>> len(draw_circuit(kept, n_layers=2, n_heads=2).collections)      # all heads, kept heads
+    2
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(4, 0.45 * n_heads + 2), max(3, 0.22 * n_layers + 1.5)))
+    mlp_x = n_heads + 0.5
+    grid = [(h, layer) for layer in range(n_layers) for h in range(n_heads)]
+    ax.scatter([x for x, _ in grid], [y for _, y in grid], s=12, color="0.85", zorder=1)
+    xy = [(mlp_x if k == "mlp" else int(h), int(layer)) for k, layer, h in kept[["kind", "layer", "head"]].values]
+    for i, (x0, y0) in enumerate(xy):
+        for x1, y1 in xy:
+            if y1 > y0:
+                ax.plot([x0, x1], [y0, y1], color="0.6", lw=0.5, zorder=2)
+    colour = "tab:red"
+    if scores is not None and len(kept):
+        lookup = {(k, int(layer), None if pd.isna(h) else int(h)): s
+                  for k, layer, h, s in scores[["kind", "layer", "head", "score"]].values}
+        colour = [lookup.get((k, int(layer), None if pd.isna(h) else int(h)), 0.0)
+                  for k, layer, h in kept[["kind", "layer", "head"]].values]
+    style = {"c": colour, "cmap": "Reds"} if isinstance(colour, list) else {"color": colour}
+    markers = ax.scatter([x for x, _ in xy], [y for _, y in xy], s=60, zorder=3, edgecolors="black",
+                         linewidths=0.5, **style)
+    if scores is not None and len(kept):
+        ax.figure.colorbar(markers, ax=ax, label="score")
+    for (x, y), h in zip(xy, kept["head"]):
+        if not pd.isna(h):
+            ax.annotate(f"{y}.{int(h)}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ticks = list(range(n_heads)) + ([mlp_x] if (kept["kind"] == "mlp").any() else [])
+    ax.set_xticks(ticks, [str(t) for t in range(n_heads)] + (["MLP"] if len(ticks) > n_heads else []))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    n_kept = int((kept["kind"] == "head").sum())
+    n_mlp = int((kept["kind"] == "mlp").sum())
+    ax.set_title(f"circuit: {n_kept} heads" + (f", {n_mlp} MLP{'s' if n_mlp != 1 else ''}" if n_mlp else ""))
+    return ax
+
+
+def plot_curve(df: pd.DataFrame, value: str = "normalised", ax=None):
+    """Faithfulness (``value``: ``"normalised"`` or ``"faithfulness"``) against circuit size,
+    one line per method, from :func:`reftgraph.circuits.curve`. Returns the axes.
+
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> df = pd.DataFrame({"method": ["atp", "atp"], "size": [1, 4], "fraction": [0.1, 0.4], "normalised": [0.2, 0.9]})
+    >>> plot_curve(df).get_ylabel()
+    'normalised faithfulness'
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3.5))
+    for method, part in df.groupby("method", sort=False):
+        ax.plot(part["size"], part[value], marker="o", label=method)
+    ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+    ax.set_xlabel("nodes kept")
+    ax.set_ylabel(f"{value} faithfulness" if value == "normalised" else value)
+    ax.legend()
+    return ax

@@ -37,11 +37,12 @@ __all__ = ["scores", "discover", "circuit_graph", "members", "faithfulness", "cu
 
 NODES = ("heads", "heads+mlps")
 ABLATE = ("corrupt", "mean")
+RANKS = ("effect", "magnitude")
 STREAM = "corrupt"
 
 
 def scores(model, data: Counterfactual, nodes: str = "heads", method: str = "atp", ig_steps: int = 5,
-           metric="logit_diff") -> pd.DataFrame:
+           metric="logit_diff", rank: str = "effect") -> pd.DataFrame:
     """Every head's (and MLP's) estimated effect of corrupting it in the clean run.
 
     >>> import reftgraph as rg
@@ -53,19 +54,26 @@ def scores(model, data: Counterfactual, nodes: str = "heads", method: str = "atp
     ``method``: ``"atp"`` (attribution patching, one backward) or ``"ig"`` (the gradient
     averaged over ``ig_steps`` points between the clean and corrupted inputs, as EAP-IG
     does). ``estimate`` is the estimated change of the metric when the node alone takes its
-    corrupted value; ``score`` is its magnitude, the ranking used by :func:`discover`.
+    corrupted value. ``score`` ranks nodes for :func:`discover`: with ``rank="effect"`` it
+    is the estimate signed so that positive means "corrupting this node moves the metric
+    toward the corrupted run" (the node carries the behaviour); with ``rank="magnitude"``
+    it is ``|estimate|``, which also ranks high the nodes that work against the behaviour
+    (a complete circuit has both kinds; a faithful small one mostly the first).
     """
     model = as_model(model)
     _check(data, nodes)
     if method not in ("atp", "ig"):
         raise DataError(f"method must be 'atp' or 'ig', got {method!r}")
+    if rank not in RANKS:
+        raise DataError(f"rank must be one of {RANKS}, got {rank!r}")
     components = ["head_out"] + (["mlp_out"] if nodes == "heads+mlps" else [])
     df = attribute(model, data.swap(), components, positions="all", metric=metric,
                    ig_steps=ig_steps if method == "ig" else 0)
     out = pd.DataFrame({"kind": df["component"].map({"head_out": "head", "mlp_out": "mlp"}),
                         "layer": df["layer"], "head": df["head"], "estimate": df["estimate"]})
-    out["score"] = out["estimate"].abs()
-    out.attrs.update(df.attrs, nodes=nodes, method=method)
+    toward = 1.0 if df.attrs["source"] >= df.attrs["base"] else -1.0      # clean -> corrupted
+    out["score"] = out["estimate"].abs() if rank == "magnitude" else out["estimate"] * toward
+    out.attrs.update(df.attrs, nodes=nodes, method=method, rank=rank)
     return out
 
 
@@ -79,7 +87,7 @@ def _check(data, nodes):
 
 def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes: str = "heads",
              method: str = "atp", ig_steps: int = 5, ablate: str = "corrupt", metric="logit_diff",
-             table: Optional[pd.DataFrame] = None) -> Graph:
+             rank: str = "effect", table: Optional[pd.DataFrame] = None) -> Graph:
     """The circuit of the ``size`` top-scoring nodes, as a graph that patches all the others.
 
     >>> import reftgraph as rg
@@ -94,13 +102,14 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
     ``"heads"`` (MLPs stay as they are) or ``"heads+mlps"`` (MLPs are scored and kept or
     patched like heads); ``ablate``: ``"corrupt"`` (outside nodes read stream ``"corrupt"``,
     the corrupted prompts) or ``"mean"`` (their mean over the corrupted prompts, stored in
-    the graph). ``table``: scores from :func:`scores`, to reuse them across sizes.
+    the graph); ``rank``: see :func:`scores`. ``table``: scores from :func:`scores`, to
+    reuse them across sizes.
     """
     model = as_model(model)
     _check(data, nodes)
     if ablate not in ABLATE:
         raise DataError(f"ablate must be one of {ABLATE}, got {ablate!r}")
-    table = scores(model, data, nodes, method, ig_steps, metric) if table is None else table
+    table = scores(model, data, nodes, method, ig_steps, metric, rank) if table is None else table
     keep = _count(size, len(table))
     kept = table.sort_values("score", ascending=False, kind="stable").head(keep)
     return circuit_graph(model, data, kept, nodes, ablate)
@@ -233,7 +242,7 @@ def faithfulness(graph: Graph, model, data: Counterfactual, metric="logit_diff")
 
 def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: str = "heads",
           methods: Sequence[str] = ("atp",), ig_steps: int = 5, ablate: str = "corrupt",
-          metric="logit_diff") -> pd.DataFrame:
+          metric="logit_diff", rank: str = "effect") -> pd.DataFrame:
     """Faithfulness against circuit size, one circuit per size and method, each one run.
 
     >>> import reftgraph as rg
@@ -250,7 +259,7 @@ def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: st
     _check(data, nodes)
     rows = []
     for method in methods:
-        table = scores(model, data, nodes, method, ig_steps, metric)
+        table = scores(model, data, nodes, method, ig_steps, metric, rank)
         counts = [_count(s, len(table)) for s in sizes]
         order = table.sort_values("score", ascending=False, kind="stable")
         graphs = [circuit_graph(model, data, order.head(k), nodes, ablate) for k in counts]

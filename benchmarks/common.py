@@ -1,7 +1,9 @@
 """Shared helpers for the benchmark scripts (each prints its figures and a last line of JSON)."""
 
 import json
+import os
 import statistics
+import threading
 import time
 
 import torch
@@ -40,3 +42,29 @@ def report(figures: dict) -> None:
 
 def set_threads():
     torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+class PeakRSS:
+    """Peak resident memory (MB) while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.peak, self.stop = 0, False
+        self.start = self.rss()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def sample(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.005)
+
+    @staticmethod
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+        self.growth = self.peak - self.start

@@ -6,17 +6,13 @@ Both must give the same values; prints times, speedup, peak memory and a last li
 """
 
 import argparse
-import os
-import threading
-import time
-
 import torch
 
 import reftgraph as rg
 from reftgraph.datasets import ioi
 from reftgraph.patching import Reference, logit_diff
 
-from common import interleaved, report
+from common import PeakRSS, interleaved, report
 
 POSITIONS = list(range(-8, 0))
 
@@ -49,32 +45,6 @@ def naive(lm, data, ref, layers):
                 h.remove()
             values[(layer, pos)] = logit_diff(logits, ref).mean().item()
     return values
-
-
-class PeakRSS:
-    """Peak resident memory (MB) while the block runs, sampled every 5 ms."""
-
-    def __enter__(self):
-        self.peak, self.stop = 0, False
-        self.start = self.rss()
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def sample(self):
-        while not self.stop:
-            self.peak = max(self.peak, self.rss())
-            time.sleep(0.005)
-
-    @staticmethod
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.thread.join()
-        self.growth = self.peak - self.start
 
 
 def main():

@@ -186,3 +186,14 @@ def test_attribute_bad_input_fails_before_any_forward(monkeypatch):
     monkeypatch.setattr(parallel.hf, "forward", no_forward)
     with pytest.raises(SiteError, match="resid_mid"):
         rg.patching.attribute(parallel, DATA, "resid_mid", positions=[-1])
+
+
+def test_integrated_gradients_are_complete():
+    # IG at the block-0 input, all positions: the estimate sums to the metric's whole change
+    lm = rg.models.tiny("llama", num_hidden_layers=3)
+    data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["pq d c", "uv w z"], correct=["c", "z"], wrong=["d", "w"])
+    plain = rg.patching.attribute(lm, data, "resid_pre", layers=[0], positions="all")
+    ig = rg.patching.attribute(lm, data, "resid_pre", layers=[0], positions="all", ig_steps=40)
+    change = ig.attrs["source"] - ig.attrs["base"]
+    assert ig["estimate"].item() == pytest.approx(change, rel=2e-3)
+    assert abs(plain["estimate"].item() - change) > 0.1 * abs(change)     # the plain gradient is far off here

@@ -230,10 +230,11 @@ def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps):
     grads, values, logits = _gradients(model, data.base, probes, metric_fn, ref)
     base_m, source_m = metric_fn(logits, ref), metric_fn(src.next_token_logits, ref)
     deltas = {key: _delta(src[_name(key)], values[key]) for key in sites if key not in fixed}
+    hidden = _block_inputs(model, data.base) if fixed else None
     for c, layer in fixed:
         z, valid = values[("head_out", layer, "qk")]
         deltas[(c, layer)] = _qk_delta(model, data.base, c, layer, sites[(c, layer)], src[_name((c, layer))],
-                                       src.valid[_name((c, layer))], z, valid)
+                                       hidden, z, valid)
     if ig_steps:
         x0, valid = values[("resid_pre", 0, "ig")]
         x1 = src[_name(("resid_pre", 0, "ig"))]
@@ -309,10 +310,19 @@ def _estimate(delta, grads, key, selector, model) -> torch.Tensor:
     return prod.sum(1) if selector == "all" else prod
 
 
-def _qk_delta(model, prompts, component, layer, selector, source, source_valid, z, z_valid):
+def _block_inputs(model, prompts) -> tuple:
+    """Every block's input for ``prompts`` (right-padded), from one plain forward."""
+    inputs, _ = tokenize(model, {"base": prompts}, "right")
+    with torch.no_grad():
+        out = model.hf(**{k: v.to(model.device) for k, v in inputs.items()}, output_hidden_states=True)
+    return out.hidden_states
+
+
+def _qk_delta(model, prompts, component, layer, selector, source, hidden, z, z_valid):
     """``z' - z`` at ``layer`` for the QK fix: ``[m, B, S, H, dh]`` with m = 1 for queries
-    (every selected query patched at once) and one row block per key position for keys."""
-    inputs, batch = tokenize(model, {"base": prompts}, "right")
+    (every selected query patched at once) and one row block per key position for keys.
+    The runs start at ``layer`` from ``hidden[layer]`` and stop after it."""
+    _, batch = tokenize(model, {"base": prompts}, "right")
     length = batch.length
     B, S = z.shape[:2]
     if selector == "all":
@@ -333,9 +343,6 @@ def _qk_delta(model, prompts, component, layer, selector, source, source_valid, 
     per_chunk = max(1, int(4096 // max(1, B * S)))
     width = source.shape[2:]
     with torch.no_grad():
-        hidden = None
-        if layer:
-            hidden = model.hf(**{k: v.to(model.device) for k, v in inputs.items()}, output_hidden_states=True).hidden_states[layer]
         out = []
         for lo in range(0, len(groups), per_chunk):
             part = groups[lo:lo + per_chunk]
@@ -350,7 +357,7 @@ def _qk_delta(model, prompts, component, layer, selector, source, source_valid, 
             g.add(Site(component, layer, positions="all"), Set(value.flatten(0, 1), mask=where.flatten(0, 1)))
             g.add(Site("head_out", layer, positions="all"), Collect(), name="z")
             rep_inputs, rep_batch = tokenize(model, {"base": list(prompts) * m}, "right")
-            prefix = None if hidden is None else (layer, hidden.repeat(m, 1, 1))
+            prefix = (layer, hidden[layer].repeat(m, 1, 1)) if layer else None
             _, collected = forward(compile_graph(g, model.arch), model, rep_inputs, rep_batch, prefix=prefix, stop=True)
             out.append(collected["z"][0].view(m, B, *z.shape[1:]) - z[None])
     return (torch.cat(out), selector)

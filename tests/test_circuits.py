@@ -115,3 +115,32 @@ def test_bad_circuit_input():
         rg.circuits.scores(lm, pd.DataFrame())
     with pytest.raises(DataError, match="top_layers: k=5; valid 1..2"):
         rg.circuits.top_layers(rg.circuits.scores(lm, DATA), 5)
+
+
+def test_per_position_circuits():
+    lm = planted()
+    even = rg.patching.Counterfactual(["ab c d", "xy z w"], ["cd a b", "zw x y"], correct=["c", "z"], wrong=["d", "w"])
+    table = rg.circuits.scores(lm, even, per_position=True, rank="magnitude")
+    assert len(table) == 8 * 6 and table["position"].tolist()[:8] == [0] * 4 + [1] * 4
+    outside = table[~table.apply(lambda r: (r["layer"], r["head"]) in PLANTED, axis=1)]
+    assert (outside["score"] == 0).all()
+    # the planted heads at every position: the whole effect
+    kept = table[table.apply(lambda r: (r["layer"], r["head"]) in PLANTED, axis=1)]
+    circuit = rg.circuits.circuit_graph(lm, even, kept)
+    assert rg.circuits.faithfulness(circuit, lm, even)["faithfulness"] == pytest.approx(1.0, abs=1e-5)
+    members = rg.circuits.members(circuit, lm)
+    assert sorted(map(tuple, members[["layer", "head", "position"]].values.tolist())) == \
+        sorted(map(tuple, kept[["layer", "head", "position"]].values.tolist()))
+    # fewer positions: a smaller circuit, patched position by position, equal to the same edits by hand
+    small = rg.circuits.discover(lm, even, size=3, table=table)
+    assert len(rg.circuits.members(small, lm)) == 3
+    by_hand = rg.Graph()
+    for node in small.nodes:
+        by_hand.add(node.site, rg.Patch("corrupt"))
+    a = small.run(lm, even.source, sources={"corrupt": even.base}).next_token_logits
+    b = by_hand.run(lm, even.source, sources={"corrupt": even.base}).next_token_logits
+    assert torch.equal(a, b)
+    mean = rg.circuits.circuit_graph(lm, even, kept, ablate="mean")
+    assert all(n.op.value.shape[0] == len(n.site.positions) for n in mean.nodes)    # a mean per position
+    with pytest.raises(DataError, match="one length"):
+        rg.circuits.scores(lm, DATA, per_position=True)

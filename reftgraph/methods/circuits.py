@@ -42,7 +42,7 @@ STREAM = "corrupt"
 
 
 def scores(model, data: Counterfactual, nodes: str = "heads", method: str = "atp", ig_steps: int = 5,
-           metric="logit_diff", rank: str = "effect") -> pd.DataFrame:
+           metric="logit_diff", rank: str = "effect", per_position: bool = False) -> pd.DataFrame:
     """Every head's (and MLP's) estimated effect of corrupting it in the clean run.
 
     >>> import reftgraph as rg
@@ -59,18 +59,30 @@ def scores(model, data: Counterfactual, nodes: str = "heads", method: str = "atp
     toward the corrupted run" (the node carries the behaviour); with ``rank="magnitude"``
     it is ``|estimate|``, which also ranks high the nodes that work against the behaviour
     (a complete circuit has both kinds; a faithful small one mostly the first).
+    ``per_position=True`` scores every node at every token position (a ``position`` column):
+    a circuit may then keep a head at some positions only. It needs prompts of one length
+    (e.g. IOI prompts of one template, ``ioi(n, templates=(0,))``).
     """
     model = as_model(model)
     _check(data, nodes)
+    positions = "all"
+    if per_position:
+        lengths = {len(ids) for ids in model.tokenizer(data.base + data.source)["input_ids"]}
+        if len(lengths) > 1:
+            raise DataError(f"per_position=True needs every prompt of one length (positions are the same "
+                            f"tokens in every row); these prompts have {sorted(lengths)} tokens")
+        positions = tuple(range(lengths.pop()))
     if method not in ("atp", "ig"):
         raise DataError(f"method must be 'atp' or 'ig', got {method!r}")
     if rank not in RANKS:
         raise DataError(f"rank must be one of {RANKS}, got {rank!r}")
     components = ["head_out"] + (["mlp_out"] if nodes == "heads+mlps" else [])
-    df = attribute(model, data.swap(), components, positions="all", metric=metric,
+    df = attribute(model, data.swap(), components, positions=positions, metric=metric,
                    ig_steps=ig_steps if method == "ig" else 0)
     out = pd.DataFrame({"kind": df["component"].map({"head_out": "head", "mlp_out": "mlp"}),
                         "layer": df["layer"], "head": df["head"], "estimate": df["estimate"]})
+    if per_position:
+        out.insert(3, "position", df["position"].astype(int))
     toward = 1.0 if df.attrs["source"] >= df.attrs["base"] else -1.0      # clean -> corrupted
     out["score"] = out["estimate"].abs() if rank == "magnitude" else out["estimate"] * toward
     out.attrs.update(df.attrs, nodes=nodes, method=method, rank=rank)
@@ -87,7 +99,7 @@ def _check(data, nodes):
 
 def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes: str = "heads",
              method: str = "atp", ig_steps: int = 5, ablate: str = "corrupt", metric="logit_diff",
-             rank: str = "effect", table: Optional[pd.DataFrame] = None) -> Graph:
+             rank: str = "effect", per_position: bool = False, table: Optional[pd.DataFrame] = None) -> Graph:
     """The circuit of the ``size`` top-scoring nodes, as a graph that patches all the others.
 
     >>> import reftgraph as rg
@@ -102,14 +114,14 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
     ``"heads"`` (MLPs stay as they are) or ``"heads+mlps"`` (MLPs are scored and kept or
     patched like heads); ``ablate``: ``"corrupt"`` (outside nodes read stream ``"corrupt"``,
     the corrupted prompts) or ``"mean"`` (their mean over the corrupted prompts, stored in
-    the graph); ``rank``: see :func:`scores`. ``table``: scores from :func:`scores`, to
-    reuse them across sizes.
+    the graph); ``rank`` and ``per_position``: see :func:`scores`. ``table``: scores from
+    :func:`scores`, to reuse them across sizes.
     """
     model = as_model(model)
     _check(data, nodes)
     if ablate not in ABLATE:
         raise DataError(f"ablate must be one of {ABLATE}, got {ablate!r}")
-    table = scores(model, data, nodes, method, ig_steps, metric, rank) if table is None else table
+    table = scores(model, data, nodes, method, ig_steps, metric, rank, per_position) if table is None else table
     keep = _count(size, len(table))
     kept = table.sort_values("score", ascending=False, kind="stable").head(keep)
     return circuit_graph(model, data, kept, nodes, ablate)
@@ -139,9 +151,10 @@ def circuit_graph(model, data: Optional[Counterfactual], kept: pd.DataFrame, nod
     [(0, 1, 3), (0, 1, 2)]
     """
     arch = model.arch
+    if "position" in kept and len(kept):
+        return _per_position_graph(model, data, kept, nodes, ablate)
     heads = {(int(r.layer), int(r.head)) for r in kept.itertuples() if r.kind == "head"}
     mlps = {int(r.layer) for r in kept.itertuples() if r.kind == "mlp"}
-    g = Graph()
     sites = []
     for layer in range(arch.n_layers):
         outside = tuple(h for h in range(arch.heads("head_out", layer)) if (layer, h) not in heads)
@@ -149,6 +162,35 @@ def circuit_graph(model, data: Optional[Counterfactual], kept: pd.DataFrame, nod
             sites.append((f"outside{layer}", Site("head_out", layer, positions="all", head=outside)))
         if nodes == "heads+mlps" and layer not in mlps:
             sites.append((f"outside_mlp{layer}", Site("mlp_out", layer, positions="all")))
+    return _patch_graph(model, data, sites, ablate)
+
+
+def _per_position_graph(model, data, kept, nodes, ablate) -> Graph:
+    """Outside nodes per layer, grouped by the positions that keep the same heads."""
+    if data is None:
+        raise DataError("a per-position circuit needs the data: its prompts' length gives the positions")
+    arch = model.arch
+    n = len(model.tokenizer(data.source[0])["input_ids"])
+    heads = {(int(r.layer), int(r.head), int(r.position)) for r in kept.itertuples() if r.kind == "head"}
+    mlps = {(int(r.layer), int(r.position)) for r in kept.itertuples() if r.kind == "mlp"}
+    sites = []
+    for layer in range(arch.n_layers):
+        groups: dict = {}
+        for p in range(n):
+            outside = tuple(h for h in range(arch.heads("head_out", layer)) if (layer, h, p) not in heads)
+            if outside:
+                groups.setdefault(outside, []).append(p)
+        for i, (outside, ps) in enumerate(groups.items()):
+            sites.append((f"outside{layer}_{i}", Site("head_out", layer, positions=tuple(ps), head=outside)))
+        if nodes == "heads+mlps":
+            ps = tuple(p for p in range(n) if (layer, p) not in mlps)
+            if ps:
+                sites.append((f"outside_mlp{layer}", Site("mlp_out", layer, positions=ps)))
+    return _patch_graph(model, data, sites, ablate)
+
+
+def _patch_graph(model, data, sites, ablate) -> Graph:
+    g = Graph()
     means = _means(model, data, [s for _, s in sites]) if ablate == "mean" else {}
     for name, site in sites:
         op = Patch(STREAM) if ablate == "corrupt" else Ablate("mean", value=means[site])
@@ -157,7 +199,8 @@ def circuit_graph(model, data: Optional[Counterfactual], kept: pd.DataFrame, nod
 
 
 def _means(model, data, sites) -> dict:
-    """Each site's mean over every position of the corrupted prompts."""
+    """Each site's mean over the corrupted prompts: over rows and positions for a site at
+    all positions, per position for a site at listed positions."""
     if data is None:
         raise DataError("ablate='mean' needs the data, whose corrupted prompts give the means")
     g = Graph()
@@ -168,7 +211,8 @@ def _means(model, data, sites) -> dict:
     for i, site in enumerate(sites):
         value, valid = out[str(i)], out.valid[str(i)]
         w = valid.to(value.dtype).reshape(*valid.shape, *([1] * (value.dim() - 2)))
-        means[site] = (value * w).sum((0, 1)) / w.sum()
+        over = (0,) if isinstance(site.positions, tuple) else (0, 1)
+        means[site] = (value * w).sum(over) / w.sum(over)
     return means
 
 
@@ -183,21 +227,25 @@ def members(graph: Graph, model) -> pd.DataFrame:
     """
     model = as_model(model)
     arch = model.arch
-    patched_heads, patched_mlps, scored_mlps = set(), set(), False
+    per_position = any(isinstance(n.site.positions, tuple) for n in graph.nodes)
+    universe = sorted({p for n in graph.nodes for p in n.site.positions}) if per_position else [None]
+    patched, scored_mlps = set(), False
     for node in graph.nodes:
         site = node.site
         layer = arch.layer_index(site.layer)
+        positions = site.positions if per_position else [None]
         if site.component == "head_out":
             heads = site.head if isinstance(site.head, tuple) else (site.head,)
-            patched_heads |= {(layer, h) for h in heads}
+            patched |= {("head", layer, h, p) for h in heads for p in positions}
         elif site.component == "mlp_out":
             scored_mlps = True
-            patched_mlps.add(layer)
-    rows = [("head", layer, h) for layer in range(arch.n_layers) for h in range(arch.heads("head_out", layer))
-            if (layer, h) not in patched_heads]
+            patched |= {("mlp", layer, None, p) for p in positions}
+    rows = [("head", layer, h, p) for layer in range(arch.n_layers) for h in range(arch.heads("head_out", layer))
+            for p in universe]
     if scored_mlps:
-        rows += [("mlp", layer, None) for layer in range(arch.n_layers) if layer not in patched_mlps]
-    return pd.DataFrame(rows, columns=["kind", "layer", "head"])
+        rows += [("mlp", layer, None, p) for layer in range(arch.n_layers) for p in universe]
+    out = pd.DataFrame([r for r in rows if r not in patched], columns=["kind", "layer", "head", "position"])
+    return out if per_position else out.drop(columns="position")
 
 
 def _metric_runs(model, data, graphs: Sequence[Graph], metric) -> tuple:
@@ -242,7 +290,7 @@ def faithfulness(graph: Graph, model, data: Counterfactual, metric="logit_diff")
 
 def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: str = "heads",
           methods: Sequence[str] = ("atp",), ig_steps: int = 5, ablate: str = "corrupt",
-          metric="logit_diff", rank: str = "effect") -> pd.DataFrame:
+          metric="logit_diff", rank: str = "effect", per_position: bool = False) -> pd.DataFrame:
     """Faithfulness against circuit size, one circuit per size and method, each one run.
 
     >>> import reftgraph as rg
@@ -259,7 +307,7 @@ def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: st
     _check(data, nodes)
     rows = []
     for method in methods:
-        table = scores(model, data, nodes, method, ig_steps, metric, rank)
+        table = scores(model, data, nodes, method, ig_steps, metric, rank, per_position)
         counts = [_count(s, len(table)) for s in sizes]
         order = table.sort_values("score", ascending=False, kind="stable")
         graphs = [circuit_graph(model, data, order.head(k), nodes, ablate) for k in counts]

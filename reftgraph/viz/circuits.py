@@ -35,14 +35,14 @@ def draw_circuit(kept: pd.DataFrame, n_layers: int, n_heads: int, scores: pd.Dat
     for i, (x0, y0) in enumerate(xy):
         for x1, y1 in xy:
             if y1 > y0:
-                ax.plot([x0, x1], [y0, y1], color="0.6", lw=0.5, zorder=2)
+                ax.plot([x0, x1], [y0, y1], color="0.55", lw=0.5, alpha=0.3, zorder=2)
     colour = "tab:red"
     if scores is not None and len(kept):
         lookup = {(k, int(layer), None if pd.isna(h) else int(h)): s
                   for k, layer, h, s in scores[["kind", "layer", "head", "score"]].values}
         colour = [lookup.get((k, int(layer), None if pd.isna(h) else int(h)), 0.0)
                   for k, layer, h in kept[["kind", "layer", "head"]].values]
-    style = {"c": colour, "cmap": "Reds"} if isinstance(colour, list) else {"color": colour}
+    style = {"c": colour, "cmap": "YlOrRd", "vmin": 0} if isinstance(colour, list) else {"color": colour}
     markers = ax.scatter([x for x, _ in xy], [y for _, y in xy], s=60, zorder=3, edgecolors="black",
                          linewidths=0.5, **style)
     if scores is not None and len(kept):

@@ -135,7 +135,8 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
     for lo in range(0, len(data), rows):
         part = data.rows(slice(lo, lo + rows))
         ref = Reference(*(None if t is None else t[lo:lo + rows] for t in (correct, wrong)))
-        est, drop, base_m, source_m = _chunk(model, part, ref, sites, fixed, metric_fn, grad_drop, ig_steps)
+        est, drop, base_m, source_m = _chunk(model, part, ref, sites, fixed, metric_fn, grad_drop, ig_steps,
+                                             memory_mb)
         base_sum += float(base_m.sum())
         source_sum += float(source_m.sum())
         for key, value in est.items():
@@ -214,7 +215,7 @@ def _chunk_rows(model, data, sites, memory_mb) -> int:
     return max(1, int(memory_mb * 2**20 // per_row))
 
 
-def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps):
+def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps, memory_mb):
     """Per-row estimates ``{(component, layer): [B, (k,) (heads)]}`` for one chunk of rows."""
     n_layers = model.arch.n_layers
     probes = dict(sites)
@@ -234,7 +235,7 @@ def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps):
     for c, layer in fixed:
         z, valid = values[("head_out", layer, "qk")]
         deltas[(c, layer)] = _qk_delta(model, data.base, c, layer, sites[(c, layer)], src[_name((c, layer))],
-                                       hidden, z, valid)
+                                       hidden, z, valid, memory_mb)
     if ig_steps:
         x0, valid = values[("resid_pre", 0, "ig")]
         x1 = src[_name(("resid_pre", 0, "ig"))]
@@ -318,7 +319,7 @@ def _block_inputs(model, prompts) -> tuple:
     return out.hidden_states
 
 
-def _qk_delta(model, prompts, component, layer, selector, source, hidden, z, z_valid):
+def _qk_delta(model, prompts, component, layer, selector, source, hidden, z, z_valid, memory_mb):
     """``z' - z`` at ``layer`` for the QK fix: ``[m, B, S, H, dh]`` with m = 1 for queries
     (every selected query patched at once) and one row block per key position for keys.
     The runs start at ``layer`` from ``hidden[layer]`` and stop after it."""
@@ -340,7 +341,7 @@ def _qk_delta(model, prompts, component, layer, selector, source, hidden, z, z_v
         groups = [(col, src_cols, ok)]
     else:  # one replica of the batch per key position
         groups = [(col[:, i:i + 1], src_cols[:, i:i + 1], ok[:, i:i + 1]) for i in range(col.shape[1])]
-    per_chunk = max(1, int(4096 // max(1, B * S)))
+    per_chunk = max(1, int(memory_mb * 2**20 // (B * _row_bytes(model, S))))   # replicas per forward
     width = source.shape[2:]
     with torch.no_grad():
         out = []

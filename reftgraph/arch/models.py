@@ -93,7 +93,8 @@ def _contiguous_head_input(hf_model) -> None:
     head._reftgraph_contiguous = True
 
 
-def load(name_or_path: str = DEFAULT_MODEL, *, dtype=torch.float32, device="cpu", cache_dir=None) -> Model:
+def load(name_or_path: str = DEFAULT_MODEL, *, dtype=torch.float32, device="cpu", cache_dir=None,
+         dispatch: bool = True) -> Model:
     """Load a causal LM offline-first and wrap it.
 
     >>> import tempfile
@@ -109,12 +110,60 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype=torch.float32, device="cpu"
 
     >>> import reftgraph as rg
     >>> lm = rg.load()                     # doctest: +SKIP
+
+    ``dispatch=False`` builds the model on the meta device from its config and tokenizer
+    alone (see :func:`load_meta`): no weights are read, so a graph for a model of any size
+    compiles and is checked locally, and can be sent to a server that holds the weights.
     """
     from .hub import load_pretrained
+
+    if not dispatch:
+        return load_meta(name_or_path, dtype=dtype)
 
     hf_model, tokenizer = load_pretrained(name_or_path, dtype=dtype, device=device, cache_dir=cache_dir)
     tokenizer.padding_side = "left"
     return wrap(hf_model, tokenizer, name=name_or_path)
+
+
+def load_meta(name_or_path: str, dtype=torch.float32) -> Model:
+    """A model built on the meta device from its config and tokenizer: structure without weights.
+
+    >>> import tempfile
+    >>> path = tempfile.mkdtemp()
+    >>> tiny_config("llama", num_hidden_layers=6).save_pretrained(path); _ = tiny_tokenizer().save_pretrained(path)
+    >>> lm = load_meta(path)
+    >>> lm, lm.device
+    (Model(...: llama, 6 layers, width 32, 4 heads, 2 kv heads), device(type='meta'))
+
+    ``name_or_path``: a folder with ``config.json`` and the tokenizer's files, a Hugging Face
+    id, or an offline model's name (its config from the table, its tokenizer from the cache).
+    Components are proven on a tiny random instance of the same config, so everything
+    :func:`reftgraph.compile_graph` checks (layers, heads, widths, refusals) is checked
+    as for the real model; running it needs the weights (NDIF, or ``rg.load`` with them).
+    """
+    from nnsight import TransformersModel
+    from transformers import AutoTokenizer
+
+    from .hub import offline_model, offline_model_folder
+
+    name = str(name_or_path)
+    offline = offline_model(name)
+    kwargs = {"dtype": dtype}
+    source = name
+    if offline is not None:
+        kwargs["config"] = config_of(name)
+        source = str(offline_model_folder(offline, None))
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        envoy = TransformersModel(source, tokenizer=tokenizer, task="text-generation", **kwargs)
+    hf_model = envoy._module
+    arch = Arch.of(hf_model)
+    hf_model.eval().requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return Model(hf_model, tokenizer, envoy, arch, name)
 
 
 def is_default(name: str) -> bool:

@@ -117,8 +117,8 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
     conditions = {c: _conditions(model, data, c, layers, positions, heads) for c in components}
     sites = {(c, layer): _selector(conds) for c, conds in conditions.items() for layer in {x[0] for x in conds}}
     fixed = {key: sel for key, sel in sites.items() if qk_fix and key[0] in ("q", "k")}
-    if ig_steps or grad_drop:
-        _equal_lengths(model, data, "ig_steps" if ig_steps else "grad_drop")
+    if ig_steps:
+        _equal_lengths(model, data)
     if grad_drop:
         for layer in range(model.arch.n_layers):
             for c in ("attn_out", "mlp_out"):
@@ -179,11 +179,12 @@ def _cell(total: torch.Tensor, selector, pos, head) -> float:
     return float(value if head is None else value[head])
 
 
-def _equal_lengths(model, data, what: str) -> None:
+def _equal_lengths(model, data) -> None:
     tok = model.tokenizer
     for i, (a, b) in enumerate(zip(tok(data.base)["input_ids"], tok(data.source)["input_ids"])):
         if len(a) != len(b):
-            raise DataError(f"{what} needs base and source prompts of equal length (token for token), but "
+            raise DataError(f"ig_steps interpolates between the runs token for token: it needs base and source "
+                            f"prompts of equal length, but "
                             f"row {i} has {len(a)} and {len(b)} tokens")
 
 

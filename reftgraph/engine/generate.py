@@ -26,7 +26,7 @@ from .apply import apply
 from .plan import compile_graph
 from .prompts import Template, format_prompt
 from ..core.graph import Graph
-from .run import prompt_list, as_model, inference_mode, tokenize
+from .run import prompt_list, as_model, inference_mode, runnable, tokenize
 from ..errors import SiteError
 
 
@@ -98,7 +98,7 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     step_bound = bind(step_plan, Batch({"base": slice(0, n)}, torch.zeros(n, dtype=torch.long),
                                        torch.ones(n, dtype=torch.long), 1))
     tok = model.tokenizer
-    gen_inputs = {k: inputs[k].to(model.device) for k in ("input_ids", "attention_mask")}
+    gen_inputs = {k: inputs[k].to(runnable(model)) for k in ("input_ids", "attention_mask")}
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
     kwargs.update(generate_kwargs)
     out, scratch = {}, {}

@@ -214,7 +214,7 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
     if cache is not None:
         return cache.forward(plan, inputs, batch, hidden=hidden, model=model)
     bound = bind(plan, batch)
-    device = model.device
+    device = runnable(model)
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     if hidden:
         inputs["logits_to_keep"] = 1
@@ -254,6 +254,25 @@ def inference_mode(graph: Graph):
     finally:
         for m, mode in zip(graph.ops.modules(), modes):
             m.training = mode
+
+
+def runnable(model: Model) -> torch.device:
+    """The device ``model`` runs on, or a :class:`SiteError` when it has no weights (meta device).
+
+    >>> import tempfile, reftgraph as rg
+    >>> path = tempfile.mkdtemp()
+    >>> rg.models.tiny_config("llama").save_pretrained(path); _ = rg.models.tiny_tokenizer().save_pretrained(path)
+    >>> runnable(rg.load(path, dispatch=False))       # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.SiteError: model ... has no weights (built on the meta device, rg.load(..., dispatch=False)): ...
+    """
+    device = model.device
+    if device.type == "meta":
+        raise SiteError(f"model {model.name or type(model.hf).__name__} has no weights (built on the meta device, "
+                        "rg.load(..., dispatch=False)): graphs compile and are checked against it, but running "
+                        "one needs the weights: rg.load(name_or_path)")
+    return device
 
 
 def as_model(model) -> Model:

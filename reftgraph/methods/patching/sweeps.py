@@ -30,7 +30,7 @@ from ...core.ops import Collect, Set
 from ...core.sites import COMPONENTS, HEAD_COMPONENTS, Site, resolve_positions
 from ...engine.bind import Batch
 from ...engine.plan import compile_graph
-from ...engine.run import as_model, forward, tokenize
+from ...engine.run import as_model, forward, runnable, tokenize
 from ...errors import DataError, SiteError
 from .data import Counterfactual
 from .metrics import Reference, get_metric, restoration
@@ -146,7 +146,7 @@ def base_and_source_runs(model, data: Counterfactual, conditions: dict) -> Runs:
     activations every condition of ``{component: conditions}`` reads), both unpatched."""
     inputs, _ = tokenize(model, {"base": data.base}, "left")
     with torch.no_grad():
-        out = model.hf(**{k: v.to(model.device) for k, v in inputs.items()}, use_cache=True,
+        out = model.hf(**{k: v.to(runnable(model)) for k, v in inputs.items()}, use_cache=True,
                        output_hidden_states=True)
     g = Graph()
     for component, conds in conditions.items():

@@ -7,7 +7,8 @@ top-10 and top-20; last line JSON.
     python benchmarks/attribution.py [--prompts 16] [--repeats 3] [--quick]
 
 Effects are ``value - base`` (the metric's change, logit difference, denoising: clean
-activations patched into the corrupted run). ``head_out x positions`` is every head at
+activations patched into the corrupted run); GradDrop's score is a magnitude, compared with
+``|value - base|``. ``head_out x positions`` is every head at
 every position of the shortest prompt, counted from the end.
 """
 
@@ -27,6 +28,7 @@ CASES = [  # (label, component, positions, attribute options)
     ("head_out x positions", "head_out", "each", {}),
     ("head_out", "head_out", "all", {}),
     ("head_out IG5", "head_out", "all", {"ig_steps": 5}),
+    ("head_out GradDrop", "head_out", "all", {"grad_drop": True}),
     ("attn_out", "attn_out", "all", {}),
     ("mlp_out", "mlp_out", "all", {}),
     ("mlp_out IG5", "mlp_out", "all", {"ig_steps": 5}),
@@ -84,6 +86,8 @@ def main():
             est, t_est = timed(lambda: rg.patching.attribute(lm, data, component, positions=pos, **options), args.repeats)
         effect = (exact["value"] - exact.attrs["base"]).to_numpy()
         guess = est["estimate"].to_numpy()
+        if options.get("grad_drop"):  # a magnitude: compared with the exact effect's magnitude
+            effect, guess = np.abs(effect), est["grad_drop"].to_numpy()
         r = float(np.corrcoef(effect, guess)[0, 1])
         row = {"conditions": len(est), "pearson_r": round(r, 3), "exact_s": round(t_exact, 2),
                "attribute_s": round(t_est, 2), "speedup": round(t_exact / t_est, 1),

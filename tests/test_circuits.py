@@ -99,8 +99,13 @@ def test_top_layers_feed_reft_graph():
     assert sorted({n.site.layer for n in g.nodes}) == layers
 
 
-def test_bad_circuit_input():
+def test_bad_circuit_input(monkeypatch):
     lm = rg.models.tiny("llama")
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward ran")
+
+    monkeypatch.setattr(lm.hf, "forward", no_forward)
     for size, match in [(0, "valid sizes: 1..8"), (9, "valid sizes: 1..8"), (1.5, r"in \(0, 1\]"),
                         (0.01, "keeps 0 nodes"), ("3", "number of nodes")]:
         with pytest.raises(DataError, match=match):
@@ -113,8 +118,10 @@ def test_bad_circuit_input():
         rg.circuits.scores(lm, DATA, rank="abs")
     with pytest.raises(DataError, match="Counterfactual"):
         rg.circuits.scores(lm, pd.DataFrame())
+    with pytest.raises(DataError, match="valid sizes: 1..8"):
+        rg.circuits.curve(lm, DATA, sizes=[2, 20])
     with pytest.raises(DataError, match="top_layers: k=5; valid 1..2"):
-        rg.circuits.top_layers(rg.circuits.scores(lm, DATA), 5)
+        rg.circuits.top_layers(pd.DataFrame({"layer": [0, 1], "score": [1.0, 2.0]}), 5)
 
 
 def test_per_position_circuits():

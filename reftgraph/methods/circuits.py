@@ -121,10 +121,18 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
     _check(data, nodes)
     if ablate not in ABLATE:
         raise DataError(f"ablate must be one of {ABLATE}, got {ablate!r}")
-    table = scores(model, data, nodes, method, ig_steps, metric, rank, per_position) if table is None else table
-    keep = _count(size, len(table))
-    kept = table.sort_values("score", ascending=False, kind="stable").head(keep)
+    if table is None:
+        _count(size, _n_nodes(model, data, nodes, per_position))      # a bad size fails before any forward
+        table = scores(model, data, nodes, method, ig_steps, metric, rank, per_position)
+    kept = table.sort_values("score", ascending=False, kind="stable").head(_count(size, len(table)))
     return circuit_graph(model, data, kept, nodes, ablate)
+
+
+def _n_nodes(model, data, nodes, per_position) -> int:
+    arch = model.arch
+    n = sum(arch.heads("head_out", layer) for layer in range(arch.n_layers))
+    n += arch.n_layers if nodes == "heads+mlps" else 0
+    return n * (len(model.tokenizer(data.source[0])["input_ids"]) if per_position else 1)
 
 
 def _count(size, n: int) -> int:
@@ -306,6 +314,8 @@ def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: st
     model = as_model(model)
     _check(data, nodes)
     rows = []
+    for size in sizes:
+        _count(size, _n_nodes(model, data, nodes, per_position))
     for method in methods:
         table = scores(model, data, nodes, method, ig_steps, metric, rank, per_position)
         counts = [_count(s, len(table)) for s in sizes]

@@ -231,7 +231,7 @@ def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps, memor
     ref.source_logits = src.next_token_logits
     grads, values, logits = _gradients(model, data.base, probes, metric_fn, ref)
     base_m, source_m = metric_fn(logits, ref), metric_fn(src.next_token_logits, ref)
-    deltas = {key: _delta(src[_name(key)], values[key]) for key in sites if key not in fixed}
+    deltas = {key: src[_name(key)] - values[key][0] for key in sites if key not in fixed}
     hidden = _block_inputs(model, data.base) if fixed else None
     for c, layer in fixed:
         z, valid = values[("head_out", layer, "qk")]
@@ -294,11 +294,6 @@ def _valid_of(out, key, selector):
     mask = out.attention_mask[out.rows["base"]]
     start, length = mask.argmax(1), mask.sum(1)
     return resolve_positions(selector, start, length).valid
-
-
-def _delta(source: torch.Tensor, base) -> torch.Tensor:
-    value, _ = base
-    return source - value
 
 
 def _estimate(delta, grads, key, selector, model) -> torch.Tensor:

@@ -57,7 +57,8 @@ def _package_ops() -> set:
     found = set()
     for module in _modules():
         for obj in vars(module).values():
-            if inspect.isclass(obj) and issubclass(obj, Op) and obj.__module__.startswith("reftgraph"):
+            if inspect.isclass(obj) and issubclass(obj, Op) and obj.__module__.startswith("reftgraph") \
+                    and not obj.__name__.startswith("_"):  # internal ops of a method, never saved
                 found.add(obj)
     return found
 

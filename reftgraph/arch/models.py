@@ -138,7 +138,7 @@ def load_meta(name_or_path: str, dtype=torch.float32) -> Model:
     ``name_or_path``: a folder with ``config.json`` and the tokenizer's files, a Hugging Face
     id, or an offline model's name (its config from the table, its tokenizer from the cache).
     Components are proven on a tiny random instance of the same config, so everything
-    :func:`reftgraph.compile_graph` checks (layers, heads, widths, refusals) is checked
+    :func:`reftgraph.engine.compile_graph` checks (layers, heads, widths, refusals) is checked
     as for the real model; running it needs the weights (NDIF, or ``rg.load`` with them).
     """
     from nnsight import TransformersModel

@@ -12,7 +12,7 @@ runs, saves, loads, draws and combines like any other; :func:`faithfulness` runs
 >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
 >>> circuit = rg.circuits.discover(lm, data, size=2)
 >>> members(circuit, lm).values.tolist()          # the 2 heads kept (of 8)
-[['head', 1, 0], ['head', 1, 1]]
+[['head', 0, 0], ['head', 1, 1]]
 >>> sorted(faithfulness(circuit, lm, data))
 ['circuit', 'empty', 'faithfulness', 'full', 'normalised', 'size']
 """
@@ -107,8 +107,8 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
     >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
     >>> print(discover(lm, data, size=0.25))                # 25% of 8 heads
     Graph(2 nodes, 0 trainable parameters)
-      outside0: Patch head_out[0].h0+h1+h2+h3 pos=all
-      outside1: Patch head_out[1].h2+h3 pos=all
+      outside0: Patch head_out[0].h1+h2+h3 pos=all
+      outside1: Patch head_out[1].h0+h2+h3 pos=all
 
     ``size``: a number of nodes (int) or a fraction of them (float in (0, 1]); ``nodes``:
     ``"heads"`` (MLPs stay as they are) or ``"heads+mlps"`` (MLPs are scored and kept or

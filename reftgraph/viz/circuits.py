@@ -14,15 +14,17 @@ import pandas as pd
 
 
 def draw_circuit(kept: pd.DataFrame, n_layers: int, n_heads: int, scores: pd.DataFrame = None, ax=None):
-    """Every head as a grey dot (layer up the y axis, head along x, MLPs in a column at the
-    right); the kept ones filled, coloured by their score when ``scores`` (a table of
-    :func:`reftgraph.circuits.scores`) is given. Lines join each kept node to the kept nodes
-    of later layers, which read what it writes to the residual stream. Returns the axes.
+    """A circuit's kept nodes on the grid of every head (layer up, head across), MLPs in a
+    column at the right. Returns the axes.
 
     >>> import matplotlib; matplotlib.use("Agg")
     >>> kept = pd.DataFrame({"kind": ["head"], "layer": [1], "head": [0]})
     >>> len(draw_circuit(kept, n_layers=2, n_heads=2).collections)      # all heads, kept heads
     2
+
+    Kept nodes are filled, coloured by their score when ``scores`` (a table of
+    :func:`reftgraph.circuits.scores`) is given. Lines join each kept node to the kept nodes
+    of later layers, which read what it writes to the residual stream.
     """
     import matplotlib.pyplot as plt
 

@@ -45,17 +45,17 @@ from ...engine.run import as_model, forward, run, tokenize
 from ...errors import DataError, SiteError
 from .data import Counterfactual
 from .metrics import Reference, get_metric, restoration
-from .sweeps import _conditions, _row_bytes
+from .sweeps import row_bytes, sweep_conditions
 
 __all__ = ["attribute"]
 
 
-class Probe(Op):
+class _Probe(Op):
     """Adds a zero that requires grad, so that a backward pass leaves ``dM/d(slice)`` in
     ``probe.delta.grad``; records the slice it saw in ``probe.value``.
 
     >>> import torch
-    >>> p = Probe()
+    >>> p = _Probe()
     >>> out = p(torch.ones(1, 2, 3))
     >>> out.sum().backward()
     >>> p.delta.grad.tolist(), p.value.shape
@@ -68,12 +68,12 @@ class Probe(Op):
         return h + self.delta
 
 
-class StopGrad(Op):
+class _StopGrad(Op):
     """The slice unchanged going forward, with no gradient flowing back through it.
 
     >>> import torch
     >>> x = torch.ones(1, 1, 2, requires_grad=True)
-    >>> StopGrad()(x).requires_grad
+    >>> _StopGrad()(x).requires_grad
     False
     """
 
@@ -114,7 +114,7 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
         raise DataError(f"ig_steps must be an int >= 0 (0: plain gradients), got {ig_steps!r}")
     components = [component] if isinstance(component, str) else list(component)
     metric_name, metric_fn = get_metric(metric)
-    conditions = {c: _conditions(model, data, c, layers, positions, heads) for c in components}
+    conditions = {c: sweep_conditions(model, data, c, layers, positions, heads) for c in components}
     sites = {(c, layer): _selector(conds) for c, conds in conditions.items() for layer in {x[0] for x in conds}}
     fixed = {key: sel for key, sel in sites.items() if qk_fix and key[0] in ("q", "k")}
     if ig_steps:
@@ -212,7 +212,7 @@ def _chunk_rows(model, data, sites, memory_mb) -> int:
     arch = model.arch
     site_bytes = sum(4 * 4 * seq * arch.width(c, layer) * max(1, arch.heads(c, layer) if c in ("head_out", "q", "k", "v")
                                                                    else 1) for c, layer in sites)
-    per_row = 3 * _row_bytes(model, seq) + site_bytes
+    per_row = 3 * row_bytes(model, seq) + site_bytes
     return max(1, int(memory_mb * 2**20 // per_row))
 
 
@@ -251,7 +251,7 @@ def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps, memor
     drop = {}
     if grad_drop:
         for layer in range(n_layers):
-            stop = [(Site(c, layer), StopGrad()) for c in ("attn_out", "mlp_out")]
+            stop = [(Site(c, layer), _StopGrad()) for c in ("attn_out", "mlp_out")]
             g, _, _ = _gradients(model, data.base, probes, metric_fn, ref, stop, first=False)
             for key in sites:
                 drop[key] = drop.get(key, 0) + _estimate(deltas[key], g, key, sites[key], model).abs() / max(1, n_layers - 1)
@@ -272,7 +272,7 @@ def _gradients(model, prompts, probes, metric_fn, ref, extra=(), first: bool = T
         for site, op in extra:
             g.add(Site(site.component, site.layer, positions="all"), op)
     for key, sel in probes.items():
-        ops[key] = Probe()
+        ops[key] = _Probe()
         g.add(Site(key[0], key[1], positions=sel), ops[key], name=_name(key))
     if not first:
         for site, op in extra:
@@ -337,7 +337,7 @@ def _qk_delta(model, prompts, component, layer, selector, source, hidden, z, z_v
         groups = [(col, src_cols, ok)]
     else:  # one replica of the batch per key position
         groups = [(col[:, i:i + 1], src_cols[:, i:i + 1], ok[:, i:i + 1]) for i in range(col.shape[1])]
-    per_chunk = max(1, int(memory_mb * 2**20 // (B * _row_bytes(model, S))))   # replicas per forward
+    per_chunk = max(1, int(memory_mb * 2**20 // (B * row_bytes(model, S))))   # replicas per forward
     width = source.shape[2:]
     with torch.no_grad():
         out = []

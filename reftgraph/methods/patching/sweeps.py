@@ -78,7 +78,7 @@ def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "r
         raise DataError(f"sweep takes a rg.patching.Counterfactual, got {type(data).__name__}")
     components = [component] if isinstance(component, str) else list(component)
     metric_name, metric_fn = get_metric(metric)
-    conditions = {c: _conditions(model, data, c, layers, positions, heads) for c in components}
+    conditions = {c: sweep_conditions(model, data, c, layers, positions, heads) for c in components}
     runs = base_and_source_runs(model, data, conditions)
     base = metric_fn(runs.base_logits, runs.ref).mean().item()
     source = metric_fn(runs.source_logits, runs.ref).mean().item()
@@ -95,7 +95,9 @@ def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "r
     return out
 
 
-def _conditions(model, data, component, layers, positions, heads) -> list:
+def sweep_conditions(model, data, component, layers, positions, heads) -> list:
+    """``[(layer, position, token label, head)]`` of a sweep over ``component``, checked
+    against the model and the data (also what :func:`~reftgraph.patching.attribute` estimates)."""
     arch = model.arch
     if component not in COMPONENTS:
         raise SiteError(f"unknown component {component!r}; valid components: {', '.join(COMPONENTS)}")
@@ -173,7 +175,7 @@ def patched_values(model, runs: Runs, component: str, conditions: list, metric_f
     index = {p: (torch.arange(seq).expand(n_rows, -1) if p == "all"
                  else resolve_positions((p,), start, length).index[:, 0]) for p in positions}
     first = {p: 0 if p == "all" else int(index[p].min()) for p in positions}  # earliest padded index
-    per_row = _row_bytes(model, seq)
+    per_row = row_bytes(model, seq)
     max_rows = max(1, int(memory_mb * 2**20 // per_row))
     values = [None] * len(conditions)
     for layer in sorted({c[0] for c in conditions}):
@@ -219,7 +221,8 @@ def _groups(tokens: list, n_rows: int, max_rows: int, fixed: float) -> list:
     return out[::-1]
 
 
-def _row_bytes(model, seq: int) -> int:
+def row_bytes(model, seq: int) -> int:
+    """Bytes one row of ``seq`` tokens needs in a forward (cache, activations, logits), roughly."""
     a = model.arch
     size = next(model.hf.parameters()).element_size()
     cache = a.n_layers * 2 * a.n_kv_heads * a.head_dim * seq

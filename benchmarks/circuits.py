@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import matplotlib
+import pandas as pd
 
 import reftgraph as rg
 from reftgraph.datasets import ioi
@@ -35,18 +36,19 @@ def main():
     data, held_out = ioi(args.prompts, seed=0), ioi(args.prompts, seed=1)
     n_heads = lm.arch.n_layers * lm.arch.n_heads
     figures = {"prompts": len(data), "heads": n_heads}
+    tables = {}
+    for method in ("atp", "ig"):  # scored once, on `data`; run on both prompt sets
+        t = time.perf_counter()
+        tables[method] = rg.circuits.scores(lm, data, method=method, ig_steps=5)
+        figures[f"scores_s_{method}"] = round(time.perf_counter() - t, 2)
     curves = {}
     for name, part in (("same prompts", data), ("held-out prompts", held_out)):
         rows = []
-        for method in ("atp", "ig"):
-            t = time.perf_counter()
-            table = rg.circuits.scores(lm, data, method=method, ig_steps=5)
-            seconds = time.perf_counter() - t
+        for method, table in tables.items():
             order = table.sort_values("score", ascending=False, kind="stable")
             for k in SIZES:
                 f = rg.circuits.faithfulness(rg.circuits.circuit_graph(lm, part, order.head(k)), lm, part)
                 rows.append({"method": method, "size": k, "fraction": k / n_heads, **f})
-            figures[f"scores_s_{method}"] = round(seconds, 2)
         curves[name] = rows
         print(f"\n{name}: normalised faithfulness (circuit / full logit difference)")
         print(f"{'heads':>6} {'share':>6} " + " ".join(f"{m:>14}" for m in ("atp", "ig")))
@@ -57,8 +59,7 @@ def main():
     figures["curves"] = curves
     five = round(0.05 * n_heads)
     best = {}
-    for method in ("atp", "ig"):
-        table = rg.circuits.scores(lm, data, method=method, ig_steps=5)
+    for method, table in tables.items():
         circuit = rg.circuits.discover(lm, data, size=five, table=table)
         kept = rg.circuits.members(circuit, lm)
         best[method] = (circuit, table, [(int(r.layer), int(r.head)) for r in kept.itertuples()])
@@ -77,7 +78,6 @@ def main():
     print(f"\npath patching top {five}: {exact}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import pandas as pd
     curve = pd.DataFrame(curves["held-out prompts"])
     ax = rg.circuits.plot_curve(curve.assign(method=curve["method"].map({"atp": "AtP", "ig": "IG (5 steps)"})))
     ax.set_xscale("log")

@@ -68,10 +68,7 @@ def wrap(hf_model, tokenizer, name: str = "", freeze: bool = True) -> Model:
     if isinstance(hf_model, Model):
         return hf_model
     arch = Arch.of(hf_model)  # fails early, listing the supported families
-    if freeze:
-        hf_model.eval().requires_grad_(False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _prepare(hf_model, tokenizer, freeze)
     _contiguous_head_input(hf_model)
     padding_side = tokenizer.padding_side
     with warnings.catch_warnings():
@@ -79,6 +76,14 @@ def wrap(hf_model, tokenizer, name: str = "", freeze: bool = True) -> Model:
         envoy = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
     tokenizer.padding_side = padding_side  # nnsight forces left; the user's choice wins
     return Model(hf_model, tokenizer, envoy, arch, name or getattr(hf_model, "name_or_path", ""))
+
+
+def _prepare(hf_model, tokenizer, freeze: bool = True) -> None:
+    """Eval mode and frozen weights (with ``freeze``), and a pad token for the tokenizer."""
+    if freeze:
+        hf_model.eval().requires_grad_(False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
 
 def _contiguous_head_input(hf_model) -> None:
@@ -159,9 +164,7 @@ def load_meta(name_or_path: str, dtype=torch.float32) -> Model:
         envoy = TransformersModel(source, tokenizer=tokenizer, task="text-generation", **kwargs)
     hf_model = envoy._module
     arch = Arch.of(hf_model)
-    hf_model.eval().requires_grad_(False)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    _prepare(hf_model, tokenizer)
     tokenizer.padding_side = "left"
     return Model(hf_model, tokenizer, envoy, arch, name)
 

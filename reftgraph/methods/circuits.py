@@ -159,41 +159,27 @@ def circuit_graph(model, data: Optional[Counterfactual], kept: pd.DataFrame, nod
     [(0, 1, 3), (0, 1, 2)]
     """
     arch = model.arch
-    if "position" in kept and len(kept):
-        return _per_position_graph(model, data, kept, nodes, ablate)
-    heads = {(int(r.layer), int(r.head)) for r in kept.itertuples() if r.kind == "head"}
-    mlps = {int(r.layer) for r in kept.itertuples() if r.kind == "mlp"}
-    sites = []
-    for layer in range(arch.n_layers):
-        outside = tuple(h for h in range(arch.heads("head_out", layer)) if (layer, h) not in heads)
-        if outside:
-            sites.append((f"outside{layer}", Site("head_out", layer, positions="all", head=outside)))
-        if nodes == "heads+mlps" and layer not in mlps:
-            sites.append((f"outside_mlp{layer}", Site("mlp_out", layer, positions="all")))
-    return _patch_graph(model, data, sites, ablate)
-
-
-def _per_position_graph(model, data, kept, nodes, ablate) -> Graph:
-    """Outside nodes per layer, grouped by the positions that keep the same heads."""
-    if data is None:
+    per_position = "position" in kept and len(kept) > 0
+    if per_position and data is None:
         raise DataError("a per-position circuit needs the data: its prompts' length gives the positions")
-    arch = model.arch
-    n = len(model.tokenizer(data.source[0])["input_ids"])
-    heads = {(int(r.layer), int(r.head), int(r.position)) for r in kept.itertuples() if r.kind == "head"}
-    mlps = {(int(r.layer), int(r.position)) for r in kept.itertuples() if r.kind == "mlp"}
+    positions = range(len(model.tokenizer(data.source[0])["input_ids"])) if per_position else ["all"]
+    where = (lambda r: int(r.position)) if per_position else (lambda r: "all")
+    heads = {(int(r.layer), int(r.head), where(r)) for r in kept.itertuples() if r.kind == "head"}
+    mlps = {(int(r.layer), where(r)) for r in kept.itertuples() if r.kind == "mlp"}
+    as_site = (lambda ps: tuple(ps)) if per_position else (lambda ps: "all")
     sites = []
     for layer in range(arch.n_layers):
-        groups: dict = {}
-        for p in range(n):
+        groups: dict = {}  # the heads outside the circuit -> the positions where they are
+        for p in positions:
             outside = tuple(h for h in range(arch.heads("head_out", layer)) if (layer, h, p) not in heads)
             if outside:
                 groups.setdefault(outside, []).append(p)
         for i, (outside, ps) in enumerate(groups.items()):
-            sites.append((f"outside{layer}_{i}", Site("head_out", layer, positions=tuple(ps), head=outside)))
-        if nodes == "heads+mlps":
-            ps = tuple(p for p in range(n) if (layer, p) not in mlps)
-            if ps:
-                sites.append((f"outside_mlp{layer}", Site("mlp_out", layer, positions=ps)))
+            name = f"outside{layer}_{i}" if per_position else f"outside{layer}"
+            sites.append((name, Site("head_out", layer, positions=as_site(ps), head=outside)))
+        ps = [p for p in positions if (layer, p) not in mlps]
+        if nodes == "heads+mlps" and ps:
+            sites.append((f"outside_mlp{layer}", Site("mlp_out", layer, positions=as_site(ps))))
     return _patch_graph(model, data, sites, ablate)
 
 
@@ -292,8 +278,12 @@ def faithfulness(graph: Graph, model, data: Counterfactual, metric="logit_diff")
     ablate = "mean" if any(isinstance(n.op, Ablate) for n in graph.nodes) else "corrupt"
     empty = circuit_graph(model, data, kept.iloc[:0], nodes, ablate)
     full, (circuit, nothing) = _metric_runs(model, data, [graph, empty], metric)
-    return {"size": len(kept), "circuit": circuit, "full": full, "empty": nothing,
-            "faithfulness": circuit / full, "normalised": (circuit - nothing) / (full - nothing)}
+    return _summary(len(kept), circuit, full, nothing)
+
+
+def _summary(size: int, circuit: float, full: float, empty: float) -> dict:
+    return {"size": size, "circuit": circuit, "full": full, "empty": empty,
+            "faithfulness": circuit / full, "normalised": (circuit - empty) / (full - empty)}
 
 
 def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: str = "heads",
@@ -325,9 +315,7 @@ def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: st
         full, values = _metric_runs(model, data, graphs + [empty], metric)
         nothing = values.pop()
         for k, value in zip(counts, values):
-            rows.append({"method": method, "size": k, "fraction": k / len(table), "circuit": value, "full": full,
-                         "empty": nothing, "faithfulness": value / full,
-                         "normalised": (value - nothing) / (full - nothing)})
+            rows.append({"method": method, "size": k, "fraction": k / len(table), **_summary(k, value, full, nothing)})
     return pd.DataFrame(rows)
 
 

@@ -39,7 +39,7 @@ import torch
 from ...core.graph import Graph
 from ...core.ops import Collect, Set
 from ...core.ops.base import Op
-from ...core.sites import Site, resolve_positions
+from ...core.sites import HEAD_COMPONENTS, Site, resolve_positions
 from ...engine.plan import compile_graph
 from ...engine.run import as_model, forward, run, tokenize
 from ...errors import DataError, SiteError
@@ -210,8 +210,8 @@ def _check_metric(metric_fn, ref: Reference, model) -> None:
 def _chunk_rows(model, data, sites, memory_mb) -> int:
     seq = max(len(ids) for ids in model.tokenizer(data.base + data.source)["input_ids"])
     arch = model.arch
-    site_bytes = sum(4 * 4 * seq * arch.width(c, layer) * max(1, arch.heads(c, layer) if c in ("head_out", "q", "k", "v")
-                                                                   else 1) for c, layer in sites)
+    heads = (lambda c, layer: arch.heads(c, layer) if c in HEAD_COMPONENTS else 1)
+    site_bytes = sum(4 * 4 * seq * arch.width(c, layer) * heads(c, layer) for c, layer in sites)  # 4 tensors
     per_row = 3 * row_bytes(model, seq) + site_bytes
     return max(1, int(memory_mb * 2**20 // per_row))
 
@@ -247,14 +247,15 @@ def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps, memor
             g, _, _ = _gradients(model, data.base, probes, metric_fn, ref, [(Site("resid_pre", 0), at)])
             mean = {key: mean[key] + g[key][0] / ig_steps for key in probes}
         grads = {key: (mean[key], grads[key][1]) for key in probes}
-    est = {key: _estimate(deltas[key], grads, key, sites[key], model) for key in sites}
+    est = {key: _estimate(deltas[key], grads, key, sites[key], model, key in fixed) for key in sites}
     drop = {}
     if grad_drop:
         for layer in range(n_layers):
             stop = [(Site(c, layer), _StopGrad()) for c in ("attn_out", "mlp_out")]
             g, _, _ = _gradients(model, data.base, probes, metric_fn, ref, stop, first=False)
             for key in sites:
-                drop[key] = drop.get(key, 0) + _estimate(deltas[key], g, key, sites[key], model).abs() / max(1, n_layers - 1)
+                est_l = _estimate(deltas[key], g, key, sites[key], model, key in fixed)
+                drop[key] = drop.get(key, 0) + est_l.abs() / max(1, n_layers - 1)
     return est, drop, base_m.detach(), source_m.detach()
 
 
@@ -282,23 +283,23 @@ def _gradients(model, prompts, probes, metric_fn, ref, extra=(), first: bool = T
     total = metric_fn(logits, ref).sum()
     keys = list(ops)
     grads = torch.autograd.grad(total, [ops[k].delta for k in keys], allow_unused=True)
-    valid = {k: out.valid.get(_name(k)) for k in keys}
-    valid = {k: v if v is not None else _valid_of(out, k, probes[k]) for k, v in valid.items()}
+    valid = {k: _valid_of(out, probes[k]) for k in keys}
     result = {k: (torch.zeros_like(ops[k].value) if gr is None else gr, valid[k]) for k, gr in zip(keys, grads)}
     values = {k: (ops[k].value, valid[k]) for k in keys}
     return result, values, logits.detach()
 
 
-def _valid_of(out, key, selector):
-    """The valid mask of an edit node (the engine records it for collected nodes only)."""
+def _valid_of(out, selector):
+    """The valid mask of an edit node's positions (the engine records it for collectors only)."""
     mask = out.attention_mask[out.rows["base"]]
     start, length = mask.argmax(1), mask.sum(1)
     return resolve_positions(selector, start, length).valid
 
 
-def _estimate(delta, grads, key, selector, model) -> torch.Tensor:
-    """Per-row estimates ``[B, (k,) (heads)]`` from a site's difference and gradient."""
-    if key[0] in ("q", "k") and isinstance(delta, tuple):   # QK fix: (dz [m, B, S, H, dh], positions map)
+def _estimate(delta, grads, key, selector, model, qk: bool) -> torch.Tensor:
+    """Per-row estimates ``[B, (k,) (heads)]`` from a site's difference and gradient; with
+    ``qk`` (the QK fix) ``delta`` is ``z' - z`` ``[m, B, S, H, dh]`` and the gradient is z's."""
+    if qk:
         return _qk_estimate(delta, grads[("head_out", key[1], "qk")], key, selector, model)
     grad, valid = grads[key]
     prod = (delta * grad).sum(-1)                       # [B, k, (H)]
@@ -319,19 +320,14 @@ def _qk_delta(model, prompts, component, layer, selector, source, hidden, z, z_v
     """``z' - z`` at ``layer`` for the QK fix: ``[m, B, S, H, dh]`` with m = 1 for queries
     (every selected query patched at once) and one row block per key position for keys.
     The runs start at ``layer`` from ``hidden[layer]`` and stop after it."""
-    _, batch = tokenize(model, {"base": prompts}, "right")
-    length = batch.length
     B, S = z.shape[:2]
     if selector == "all":
-        cols = [torch.arange(S).expand(B, -1)]            # [B, S] prompt positions
-        src_cols = cols[0]
+        col = src_cols = torch.arange(S).expand(B, -1)    # [B, S] prompt positions
         ok = z_valid
     else:
-        rel = torch.tensor(selector).expand(B, -1)
-        cols = [torch.where(rel < 0, rel + length[:, None], rel)]
+        col = _prompt_index(selector, z_valid)
         src_cols = torch.arange(len(selector)).expand(B, -1)
         ok = torch.ones(B, len(selector), dtype=torch.bool)
-    col, = cols
     rows = torch.arange(B)[:, None].expand_as(col)
     if component == "q":
         groups = [(col, src_cols, ok)]
@@ -357,20 +353,24 @@ def _qk_delta(model, prompts, component, layer, selector, source, hidden, z, z_v
             prefix = (layer, hidden[layer].repeat(m, 1, 1)) if layer else None
             _, collected = forward(compile_graph(g, model.arch), model, rep_inputs, rep_batch, prefix=prefix, stop=True)
             out.append(collected["z"][0].view(m, B, *z.shape[1:]) - z[None])
-    return (torch.cat(out), selector)
+    return torch.cat(out)
 
 
-def _qk_estimate(delta, grad_z, key, selector, model) -> torch.Tensor:
-    dz, _ = delta
+def _prompt_index(selector: tuple, valid: torch.Tensor) -> torch.Tensor:
+    """``[B, k]`` prompt-relative indices of ``selector``'s positions in each row (``valid``: the
+    rows' ``[B, S]`` mask of real positions)."""
+    length = valid.sum(1)
+    return resolve_positions(selector, torch.zeros_like(length), length).index
+
+
+def _qk_estimate(dz, grad_z, key, selector, model) -> torch.Tensor:
     grad, valid = grad_z
     contrib = (dz * grad[None]).sum(-1) * valid[None, :, :, None].to(dz.dtype)   # [m, B, S, H]
     component, layer = key
     if component == "q":
         if selector == "all":
             return contrib[0].sum(1)
-        length = valid.sum(1)
-        rel = torch.tensor(selector).expand(len(length), -1)
-        col = torch.where(rel < 0, rel + length[:, None], rel)
+        col = _prompt_index(selector, valid)
         return contrib[0].gather(1, col[..., None].expand(-1, -1, contrib.shape[-1]))   # [B, k, H]
     per_query = contrib.sum(2)                            # [m, B, H]: each key position's effect
     n_q, n_kv = per_query.shape[-1], model.arch.heads("k", layer)

@@ -279,8 +279,8 @@ def default_model_folder(cache_dir=None) -> Path:
     return offline_model_folder(SMOLLM2, cache_dir)
 
 
-def load_pretrained(name_or_path: str, *, dtype=torch.float32, device="cpu",
-                    cache_dir=None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_pretrained(name_or_path: str, *, dtype=torch.float32, device="cpu", cache_dir=None,
+                    device_map=None, **placement) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load ``(model, tokenizer)``: eval mode, on ``device`` in ``dtype``, every parameter frozen.
 
     >>> import tempfile
@@ -302,6 +302,10 @@ def load_pretrained(name_or_path: str, *, dtype=torch.float32, device="cpu",
     or ``~/.cache/reftgraph``), built from their packages' GGUF file when missing or damaged.
     Any other string is a local folder or a Hugging Face id. The tokenizer always has a
     ``pad_token`` (its ``eos_token`` when it had none).
+
+    ``device_map`` (``"auto"``, a dict of module names to devices, ``"disk"`` included) and
+    ``placement`` (``max_memory``, ``offload_folder``, ...) go to transformers (accelerate
+    places the layers); ``device`` is then not used.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -310,7 +314,8 @@ def load_pretrained(name_or_path: str, *, dtype=torch.float32, device="cpu",
     source = offline_model_folder(offline, cache_dir) if offline else name
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        placed = {"device_map": device_map, **placement} if device_map is not None else {}
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placed)
     except OSError as e:
         if Path(source).exists():
             raise
@@ -319,7 +324,9 @@ def load_pretrained(name_or_path: str, *, dtype=torch.float32, device="cpu",
                       f"{', '.join(repr(m.cache_name) for m in OFFLINE_MODELS)}). {e}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device).eval().requires_grad_(False)
+    if device_map is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
     return model, tokenizer
 
 

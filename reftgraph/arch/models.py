@@ -99,7 +99,7 @@ def _contiguous_head_input(hf_model) -> None:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, *, dtype=torch.float32, device="cpu", cache_dir=None,
-         dispatch: bool = True) -> Model:
+         dispatch: bool = True, device_map=None, **placement) -> Model:
     """Load a causal LM offline-first and wrap it.
 
     >>> import tempfile
@@ -116,6 +116,12 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype=torch.float32, device="cpu"
     >>> import reftgraph as rg
     >>> lm = rg.load()                     # doctest: +SKIP
 
+    ``dtype=torch.bfloat16`` (or float16) loads in half precision: ops then compute in
+    float32 on the slice they edit and keep float32 weights (see :class:`reftgraph.Op`).
+    ``device_map="auto"`` (or a dict; with ``max_memory=``, ``offload_folder=``) lets
+    accelerate spread the layers over devices, the CPU and the disk; each op runs on the
+    device of the layer it edits.
+
     ``dispatch=False`` builds the model on the meta device from its config and tokenizer
     alone (see :func:`load_meta`): no weights are read, so a graph for a model of any size
     compiles and is checked locally, and can be sent to a server that holds the weights.
@@ -125,7 +131,8 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype=torch.float32, device="cpu"
     if not dispatch:
         return load_meta(name_or_path, dtype=dtype)
 
-    hf_model, tokenizer = load_pretrained(name_or_path, dtype=dtype, device=device, cache_dir=cache_dir)
+    hf_model, tokenizer = load_pretrained(name_or_path, dtype=dtype, device=device, cache_dir=cache_dir,
+                                          device_map=device_map, **placement)
     tokenizer.padding_side = "left"
     return wrap(hf_model, tokenizer, name=name_or_path)
 
@@ -252,17 +259,19 @@ def tiny_config(family: str, **overrides):
     return config
 
 
-def tiny(family: str = "llama", seed: int = 0, **overrides) -> Model:
+def tiny(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides) -> Model:
     """A tiny random model of ``family`` (``"llama"``, ``"gpt2"``, ``"gpt_neox"`` or any causal-LM ``model_type``).
 
     >>> tiny("gpt_neox")
     Model(tiny-gpt_neox: gpt_neox, 2 layers, width 32, 4 heads, 4 kv heads)
     >>> tiny("llama", num_hidden_layers=4).arch.n_layers     # overrides go to the config
     4
+    >>> tiny("llama", dtype=torch.bfloat16).hf.dtype         # the float32 weights, rounded
+    torch.bfloat16
     """
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
-    hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(dtype)
     return wrap(hf_model, tiny_tokenizer(), name=f"tiny-{family}")

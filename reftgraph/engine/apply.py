@@ -17,6 +17,9 @@ from .bind import Bound
 from .plan import Plan, Step, where
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def _gather(full: torch.Tensor, index: torch.Tensor, heads: Optional[torch.Tensor]) -> torch.Tensor:
     h = full.flatten(0, 1)[index]                    # [B, k, ...] (a copy)
     return h if heads is None else h.index_select(2, heads.to(h.device))
@@ -32,6 +35,9 @@ def _edit(step: Step, b: Bound, full: torch.Tensor, source_value, collected: dic
     src = source_value
     if src is not None and dims is not None:
         src = src.index_select(-1, dims)
+    if sub.dtype in _HALF and not op.half_precision:    # the edit in float32, rounded back below
+        sub = sub.float()
+        src = src.float() if src is not None else None
     if op.collects:
         collected[step.node.name] = (op(sub, source=src, valid=b.valid.to(h.device)), b.valid)
         return None

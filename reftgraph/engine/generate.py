@@ -26,7 +26,7 @@ from .apply import apply
 from .plan import compile_graph
 from .prompts import Template, format_prompt
 from ..core.graph import Graph
-from .run import prompt_list, as_model, inference_mode, runnable, tokenize
+from .run import prompt_list, as_model, inference_mode, place, runnable, tokenize
 from ..errors import SiteError
 
 
@@ -99,6 +99,8 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
                                        torch.ones(n, dtype=torch.long), 1))
     tok = model.tokenizer
     gen_inputs = {k: inputs[k].to(runnable(model)) for k in ("input_ids", "attention_mask")}
+    place(prompt_plan, model)
+    place(step_plan, model)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
     kwargs.update(generate_kwargs)
     out, scratch = {}, {}

@@ -215,6 +215,7 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
         return cache.forward(plan, inputs, batch, hidden=hidden, model=model)
     bound = bind(plan, batch)
     device = runnable(model)
+    place(plan, model)
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     if hidden:
         inputs["logits_to_keep"] = 1
@@ -273,6 +274,41 @@ def runnable(model: Model) -> torch.device:
                         "rg.load(..., dispatch=False)): graphs compile and are checked against it, but running "
                         "one needs the weights: rg.load(name_or_path)")
     return device
+
+
+def layer_device(model: Model, layer: int) -> torch.device:
+    """The device block ``layer`` computes on (under accelerate's device map: its execution device).
+
+    >>> import reftgraph as rg
+    >>> layer_device(rg.models.tiny("llama"), 1)
+    device(type='cpu')
+    """
+    block = model.arch.envoy(model.hf, Hook(layer, 0, "", "output"))
+    execution = getattr(getattr(block, "_hf_hook", None), "execution_device", None)
+    if execution is not None:
+        return torch.device(f"cuda:{execution}" if isinstance(execution, int) else execution)
+    weights = [p.device for p in block.parameters() if p.device.type != "meta"]
+    return weights[0] if weights else model.device
+
+
+def place(plan: Plan, model: Model) -> None:
+    """Move each op of ``plan`` to the device of the layer it edits (once; parameters keep their identity).
+
+    >>> import torch, reftgraph as rg
+    >>> lm, g = rg.models.tiny("llama"), rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=1), rg.Add(torch.zeros(32)), name="a")
+    >>> place(compile_graph(g, lm.arch), lm); g["a"].op.vector.device
+    device(type='cpu')
+    """
+    for step in plan.steps:
+        op = step.node.op
+        tensor = next(iter(op.parameters()), None)
+        if tensor is None:
+            tensor = next(iter(op.buffers()), None)
+        if tensor is not None:
+            device = layer_device(model, step.hook.layer)
+            if tensor.device != device:
+                op.to(device)
 
 
 def as_model(model) -> Model:

@@ -41,11 +41,18 @@ class Op(nn.Module):
     ``len(subspace)``; ops with a learned basis get the full slice and ``subspace=`` (the
     node's dims of their basis). ``config()`` returns the constructor kwargs that rebuild
     the op (tensors live in its state dict).
+
+    On a half-precision model (bfloat16, float16) the op computes in float32 (``h`` and
+    ``source`` arrive in float32, its parameters stay float32: master weights, as mixed
+    precision training keeps them) and the engine rounds the result to the activation's
+    dtype; set ``half_precision = True`` for an op that should see the activation's own
+    dtype (:class:`Collect` does: collected values keep the model's dtype).
     """
 
     learned_basis = False   # True: the op has its own basis; a site's subspace indexes its dims
     collects = False        # True: the op records a value instead of editing the stream
     reads_stream = False    # True: the op reads another stream (``source``, at ``site`` or its own)
+    half_precision = False  # True: the op sees half-precision slices as they are (else in float32)
     source: Optional[str] = None
 
     def check_selection(self, valid: torch.Tensor) -> Optional[str]:

@@ -175,6 +175,7 @@ class Collect(Op):
     """
 
     collects = True
+    half_precision = True
 
     def forward(self, h, source=None, valid=None):
         return h

@@ -51,6 +51,7 @@ def train_cmd(args) -> int:
 
     from ..viz.plot import plot_history
     from .spec import check_layers, read_spec
+    from ..training.distributed import init, is_main
     from ..training.supervised import latest_checkpoint
 
     spec = read_spec(args.spec)
@@ -63,9 +64,12 @@ def train_cmd(args) -> int:
     if isinstance(dataset, rg.data.Classification):
         g.add(rg.Site("resid_post", layer=-1, positions="last"),
               rg.Classify(lm.arch.d_model, max(dataset.labels) + 1), name="classify")
-    rg.print_trainable_parameters(g, lm)
+    init()
+    main_process = is_main()
+    if main_process:
+        rg.print_trainable_parameters(g, lm)
     checkpoints = out / "checkpoints"
-    if args.resume and latest_checkpoint(checkpoints) is None:
+    if args.resume and main_process and latest_checkpoint(checkpoints) is None:
         print(f"no checkpoint in {checkpoints}: starting from scratch")
     try:
         eval_fn = None
@@ -79,6 +83,8 @@ def train_cmd(args) -> int:
         where = f"the last complete checkpoint is {last}" if last else "no epoch finished, so no checkpoint"
         print(f"\ninterrupted: {where}. Resume with: reftgraph train {args.spec} --resume", file=sys.stderr)
         return 130
+    if not main_process:   # under torchrun / accelerate launch: process 0 writes the files
+        return 0
     g.save(out / "graph", model=lm)
     history.to_csv(out / "history.csv", index=False)
     plot_history(history).savefig(out / "curve.png", dpi=120)

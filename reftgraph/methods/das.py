@@ -30,6 +30,7 @@ from ..engine.plan import compile_graph
 from ..core.graph import Graph
 from ..core.ops.rotate import Rotate
 from ..engine.run import as_model, forward, inference_mode, tokenize
+from ..training.distributed import share, world
 from ..training.loop import Callback, fit, positive_ints
 
 
@@ -111,11 +112,16 @@ def train_das(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 1
         order = torch.randperm(n, generator=gen).tolist()
         return [order[b:b + batch_size] for b in range(0, n, batch_size)]
 
-    def loss(rows: list) -> torch.Tensor:
-        logits = _logits(plan, graph, model, data, rows)
-        value = torch.nn.functional.cross_entropy(logits.float(), target[rows].to(logits.device))
+    def loss(rows: list) -> torch.Tensor:   # this process's part (all of it on one process)
+        mine = share(rows)
+        value = torch.zeros(())
+        if mine:
+            logits = _logits(plan, graph, model, data, mine)
+            value = torch.nn.functional.cross_entropy(logits.float(), target[mine].to(logits.device))
+            value = value * (len(mine) / len(rows))
         if boundary_penalty and boundless:
-            value = value + boundary_penalty * torch.stack([op.boundary for op in boundless]).mean()
+            penalty = boundary_penalty * torch.stack([op.boundary for op in boundless]).mean()
+            value = value + penalty / world()[1]
         return value
 
     anneal = Anneal(boundless, total, temperature)

@@ -32,6 +32,7 @@ from ..core.graph import Graph
 from ..core.ops.reft import REFT_OPS
 from ..engine.prefix import PrefixCache
 from ..engine.run import as_model, forward
+from ..training.distributed import world
 from ..training.loop import Callback, fit
 from ..core.sites import Site
 
@@ -210,7 +211,8 @@ def memorise(model, target: Target, *, layer: int, rank: int = 1, n_tokens: Opti
     def loss(_) -> torch.Tensor:
         hidden, _ = forward(plan, model, inputs, batch, hidden=True, cache=cache)
         rule.scores = head(hidden[0, start:start + n]).float()
-        return torch.nn.functional.cross_entropy(rule.scores, targets)
+        # one text: every process computes it; each contributes its share of the loss
+        return torch.nn.functional.cross_entropy(rule.scores, targets) / world()[1]
 
     fit(graph, model, lambda epoch: itertools.repeat(None), loss, lr=lr, callbacks=[rule], total_steps=max_steps,
         progress=progress, desc=f"memorise L{layer} n={n}")
@@ -243,7 +245,8 @@ class StopRule(Callback):
         self.prefix, self.steps, self.loss = 0, 0, float("nan")
 
     def on_loss(self, state, loss, batch) -> None:
-        self.loss, self.steps = float(loss.detach()), state.step
+        self.loss = float(torch.nn.functional.cross_entropy(self.scores.detach(), self.targets))
+        self.steps = state.step
         self.prefix, gap = _fit(self.scores.detach(), self.targets)
         if (self.prefix == len(self.targets) and gap >= self.margin) or state.step >= self.max_steps:
             state.stop = True

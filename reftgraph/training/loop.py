@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import checkpoint_folder, load_checkpoint, save_checkpoint
+from .distributed import all_sum, barrier, broadcast, broadcast_json, init, is_main, sum_gradients
 
 __all__ = ["Callback", "NonFiniteLoss", "State", "fit", "linear_schedule", "positive_ints"]
 
@@ -179,6 +180,13 @@ def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object
     epoch ``eval_fn(graph, model, epoch) -> dict`` adds metrics to the last history row,
     and with ``checkpoint_dir`` a checkpoint ``epoch-N`` is written; ``resume=True`` (the
     newest) or a folder continues exactly, refusing other ``settings`` than the saved ones.
+
+    Under ``torchrun`` / ``accelerate launch`` (see :mod:`reftgraph.training.distributed`)
+    ``loss(batch)`` returns this process's part of the batch's loss (the parts add up to it;
+    :func:`~reftgraph.training.distributed.share` picks a process's rows): the gradients are
+    summed over processes before each step, the history holds the whole batch's loss on
+    every process, ``eval_fn`` runs on process 0 and its metrics reach every process, and
+    process 0 alone writes the checkpoints.
     """
     positive_ints(epochs=epochs, grad_accum=grad_accum)
     if not lr > 0:
@@ -188,6 +196,8 @@ def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object
         raise ValueError("the graph has no trainable parameters")
     if any(p.requires_grad for p in model.hf.parameters()):
         raise ValueError("the language model has trainable parameters; freeze it (rg.wrap freezes by default)")
+    init()
+    broadcast(params)   # every process starts from process 0's weights
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if schedule == "linear":
         if total_steps is None:
@@ -207,7 +217,8 @@ def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object
         if last_good is not None:
             saved = load_checkpoint(last_good, graph, optimizer, scheduler, settings or {})
             state.history, start_epoch, state.step = saved["history"], saved["epoch"] + 1, saved["step"]
-    bar = tqdm(total=total_steps, initial=state.step, disable=not progress, desc=desc, dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and is_main()), desc=desc,
+               dynamic_ncols=True)
     grad_before = torch.is_grad_enabled()
     torch.set_grad_enabled(True)  # also when called under torch.no_grad()
     try:
@@ -226,12 +237,15 @@ def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object
                     cb.on_loss(state, value, batch)
                 if state.stop:
                     break
-                _check_finite(value, "loss", state, batch, last_good)
+                whole = all_sum(float(value.detach()))     # the batch's loss (this process's part alone: 1 process)
+                _check_finite(torch.tensor(whole), "loss", state, batch, last_good)
                 group = 1 if n_batches is None else min(grad_accum, n_batches - (b // grad_accum) * grad_accum)
-                (value / group).backward()
-                running.append(float(value.detach()))
+                if value.requires_grad:                    # a process without rows in this batch has no graph
+                    (value / group).backward()
+                running.append(whole)
                 if n_batches is not None and not ((b + 1) % grad_accum == 0 or b + 1 == n_batches):
                     continue
+                sum_gradients(params)
                 grads = [p.grad for p in params if p.grad is not None]
                 norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm is not None
                         else torch.nn.utils.get_total_norm(grads))
@@ -253,12 +267,15 @@ def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object
             if eval_fn is not None and state.history:
                 graph.ops.eval()
                 with torch.no_grad():
-                    state.history[-1].update(eval_fn(graph, model, epoch) or {})
+                    metrics = (eval_fn(graph, model, epoch) or {}) if is_main() else None
+                state.history[-1].update(broadcast_json(metrics))
             if checkpoint_dir is not None:
                 last_good = Path(checkpoint_dir) / f"epoch-{epoch}"
-                save_checkpoint(last_good, graph, model, optimizer, scheduler,
-                                {"epoch": epoch, "step": state.step, "history": state.history,
-                                 "settings": settings or {}})
+                if is_main():
+                    save_checkpoint(last_good, graph, model, optimizer, scheduler,
+                                    {"epoch": epoch, "step": state.step, "history": state.history,
+                                     "settings": settings or {}})
+                barrier()
             if state.stop:
                 break
     finally:

@@ -30,22 +30,35 @@ from ..engine.prefix import PrefixCache
 from ..engine.run import as_model, forward, inference_mode
 from .checkpoints import latest_checkpoint
 from .data import Classification, PromptResponse, collate_lm
+from .distributed import all_sum, share
 from .loop import NonFiniteLoss, fit, positive_ints
 from .losses import lm_loss
 
 __all__ = ["NonFiniteLoss", "evaluate", "latest_checkpoint", "lm_loss", "train"]
 
 
-def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache=None):
-    """The mean loss of data rows ``rows`` (response tokens, or the Classify node's labels)."""
-    responses = None if classify else [data.responses[i] for i in rows]
-    inputs, batch, labels = collate_lm(model, [prompts[i] for i in rows], responses,
-                                       padding_side=padding_side, max_length=max_length)
+def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache=None, part=False):
+    """The mean loss of data rows ``rows`` (response tokens, or the Classify node's labels).
+
+    With ``part``, this process's part of it under torch.distributed (its rows, weighted by
+    its share of the batch's response tokens or rows; a zero without rows)."""
+    mine = share(rows) if part else rows
+    if mine:
+        responses = None if classify else [data.responses[i] for i in mine]
+        inputs, batch, labels = collate_lm(model, [prompts[i] for i in mine], responses,
+                                           padding_side=padding_side, max_length=max_length)
+    if classify:
+        weight = len(mine) / len(rows)
+    else:   # this process's response tokens over the whole batch's
+        tokens = int((labels[:, 1:] != -100).sum()) if mine else 0
+        weight = tokens / max(1.0, all_sum(tokens)) if part else 1.0
+    if not mine:
+        return torch.zeros(())
     value, collected = forward(plan, model, inputs, batch, hidden=True, cache=cache)
     if classify:
-        target = torch.tensor([data.labels[i] for i in rows], device=value.device)
-        return torch.nn.functional.cross_entropy(collected[classify][0].float(), target)
-    return lm_loss(value, labels, head=model.hf.get_output_embeddings())
+        target = torch.tensor([data.labels[i] for i in mine], device=value.device)
+        return weight * torch.nn.functional.cross_entropy(collected[classify][0].float(), target)
+    return weight * lm_loss(value, labels, head=model.hf.get_output_embeddings())
 
 
 def evaluate(graph: Graph, model, data, *, batch_size: int = 8, padding_side: str = "right",
@@ -135,7 +148,7 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
         return [sorted(order[b * batch_size:(b + 1) * batch_size]) for b in range(batches_per_epoch)]
 
     def loss(rows: list) -> torch.Tensor:
-        return _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache)
+        return _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache, part=True)
 
     torch.manual_seed(seed)
     return fit(graph, model, batches, loss, epochs=epochs, lr=lr, weight_decay=weight_decay, schedule="linear",

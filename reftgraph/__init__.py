@@ -22,7 +22,7 @@ from .core import COMPONENTS, Graph, Node, Site
 from .core.ops import (Ablate, Add, Classify, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op,
                        Patch, ReFT, Rotate, Set)
 from .engine import Generation, PrefixCache, RunResult, generate, prefix, run
-from .errors import DataError, GraphFileError, ReftgraphError, SiteError, SpecError
+from .errors import DataError, GraphFileError, ReftgraphError, RemoteError, SiteError, SpecError
 from .files import from_pyreft, load_graph, save
 from .viz import plot
 from .training import data, train
@@ -51,7 +51,7 @@ for _old, _new in _OLD_PATHS.items():
 __all__ = [
     "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DataError", "DiReFT", "Family", "Generation",
     "Graph", "GraphFileError", "LoBiReFT", "LoReFT", "Model", "NoDiReFT", "NoReFT", "Node", "Op", "Patch",
-    "PrefixCache", "ReFT", "ReftgraphError", "Rotate", "RunResult", "Set", "Site", "SiteError", "SpecError", "causal",
+    "PrefixCache", "ReFT", "ReftgraphError", "RemoteError", "Rotate", "RunResult", "Set", "Site", "SiteError", "SpecError", "causal",
     "circuits",
     "das", "data", "datasets", "errors", "from_pyreft", "generate", "load", "load_graph", "memorisation", "models",
     "patching", "prefix", "print_trainable_parameters", "reft_graph", "register_family", "run", "save", "steering",

@@ -13,7 +13,8 @@ so ``except ValueError`` keeps working:
 - :class:`SiteError`: a node, site, graph or input that does not fit the model;
 - :class:`GraphFileError`: a saved graph folder that cannot be read or does not fit;
 - :class:`DataError`: data, prompts or a metric a method cannot use;
-- :class:`SpecError`: a training spec file with a bad field.
+- :class:`SpecError`: a training spec file with a bad field;
+- :class:`RemoteError`: a remote call (NDIF) that cannot be made.
 
 All of them are raised before any forward pass.
 """
@@ -69,4 +70,16 @@ class SpecError(ReftgraphError):
     Traceback (most recent call last):
     ...
     reftgraph.errors.SpecError: spec file not found: /no/such/spec.json
+    """
+
+
+class RemoteError(ReftgraphError):
+    """A remote call (NDIF through nnsight) that cannot be made: no Hugging Face id for the
+    model, no API key, a server that does not answer; raised before anything is sent.
+
+    >>> import reftgraph as rg
+    >>> rg.Graph().run(rg.models.tiny("llama"), ["ab"], remote=True)    # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.RemoteError: remote execution on NDIF needs the model's Hugging Face id; ...
     """

@@ -51,3 +51,25 @@ def test_doctests_become_code_blocks():
     assert fence(text) == ("Make a `Graph`.\n\n```pycon\n>>> g = Graph()\n>>> len(g)\n0\n```\n\nThen ``run`` it."
                            "\n\n```\n>>> kept\n```")
     assert fence(">>> 1 + 1\n2") == "```pycon\n>>> 1 + 1\n2\n```"
+
+
+def python_blocks(page: str) -> list:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "docs" / page).read_text(), flags=re.S)
+
+
+def test_the_remote_page_runs(tmp_path):
+    script = tmp_path / "remote_example.py"   # from a file: nnsight reads a trace's source
+    script.write_text("\n".join(python_blocks("remote.md")))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "layer" in proc.stdout and "value" in proc.stdout
+
+
+def test_the_several_processes_page_runs(tmp_path):
+    (tmp_path / "train_two.py").write_text(python_blocks("distributed.md")[0])
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train_two.py"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("2 processes, final loss") == 1
+    assert (tmp_path / "trained" / "graph.json").is_file() and (tmp_path / "ckpt" / "epoch-2").is_dir()

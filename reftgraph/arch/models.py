@@ -126,7 +126,7 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype=torch.float32, device="cpu"
     alone (see :func:`load_meta`): no weights are read, so a graph for a model of any size
     compiles and is checked locally, and can be sent to a server that holds the weights.
     """
-    from .hub import load_pretrained
+    from .hub import load_pretrained, offline_model
 
     if not dispatch:
         return load_meta(name_or_path, dtype=dtype)
@@ -134,7 +134,11 @@ def load(name_or_path: str = DEFAULT_MODEL, *, dtype=torch.float32, device="cpu"
     hf_model, tokenizer = load_pretrained(name_or_path, dtype=dtype, device=device, cache_dir=cache_dir,
                                           device_map=device_map, **placement)
     tokenizer.padding_side = "left"
-    return wrap(hf_model, tokenizer, name=name_or_path)
+    model = wrap(hf_model, tokenizer, name=name_or_path)
+    offline = offline_model(str(name_or_path))
+    if offline is not None:   # read from a local cache; a server knows it by its hub id
+        model.nn.repo_id = offline.hub_id
+    return model
 
 
 def load_meta(name_or_path: str, dtype=torch.float32) -> Model:
@@ -173,6 +177,8 @@ def load_meta(name_or_path: str, dtype=torch.float32) -> Model:
     arch = Arch.of(hf_model)
     _prepare(hf_model, tokenizer)
     tokenizer.padding_side = "left"
+    if offline is not None:
+        envoy.repo_id = offline.hub_id
     return Model(hf_model, tokenizer, envoy, arch, name)
 
 

@@ -20,10 +20,10 @@ from .bind import Batch, Bound, bind
 from .generate import Generation, generate
 from .plan import Plan, Step, compile_graph
 from .prefix import PrefixCache
-from .run import RunResult, as_model, forward, inference_mode, layer_device, place, run, tokenize
+from .run import RunResult, as_model, forward, forwards, inference_mode, layer_device, place, run, tokenize
 
 provide("run", run)
 provide("generate", generate)
 
 __all__ = ["Batch", "Bound", "Generation", "Plan", "PrefixCache", "RunResult", "Step", "apply", "as_model", "bind",
-           "compile_graph", "forward", "generate", "inference_mode", "layer_device", "place", "run", "tokenize"]
+           "compile_graph", "forward", "forwards", "generate", "inference_mode", "layer_device", "place", "run", "tokenize"]

@@ -19,12 +19,14 @@ import dataclasses
 import warnings
 from dataclasses import dataclass
 
+import nnsight
 import torch
 
 from .bind import Batch, bind
 from .apply import apply
 from .plan import compile_graph
 from .prompts import Template, format_prompt
+from .remote import check as check_remote
 from ..core.graph import Graph
 from .run import prompt_list, as_model, inference_mode, place, runnable, tokenize
 from ..errors import SiteError
@@ -73,7 +75,8 @@ def _split(graph: Graph):
 
 
 def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: bool = False,
-             template: Template = None, skip_special_tokens: bool = True, **generate_kwargs) -> Generation:
+             template: Template = None, skip_special_tokens: bool = True, remote=None,
+             **generate_kwargs) -> Generation:
     """Generate from ``prompts`` (left-padded batch) with the graph's edits.
 
     >>> import reftgraph as rg
@@ -85,9 +88,11 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     (True, False)
 
     Greedy by default; ``template="chat"`` wraps each prompt in the tokenizer's chat
-    template; other keyword arguments go to transformers' ``generate``.
+    template; other keyword arguments go to transformers' ``generate``. ``remote`` as in
+    :func:`reftgraph.run`: the generation runs on the server, the token ids come back.
     """
     model = as_model(model)
+    remote = remote if check_remote(remote, model, graph) else None
     prompt_graph, step_graph = _split(graph)
     prompts = [format_prompt(model.tokenizer, p, template) for p in prompt_list(prompts, "prompts")]
     prompt_plan = compile_graph(prompt_graph, model.arch)
@@ -98,11 +103,15 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     step_bound = bind(step_plan, Batch({"base": slice(0, n)}, torch.zeros(n, dtype=torch.long),
                                        torch.ones(n, dtype=torch.long), 1))
     tok = model.tokenizer
-    gen_inputs = {k: inputs[k].to(runnable(model)) for k in ("input_ids", "attention_mask")}
-    place(prompt_plan, model)
-    place(step_plan, model)
+    device = runnable(model) if remote is None else torch.device("cpu")
+    gen_inputs = {k: inputs[k].to(device) for k in ("input_ids", "attention_mask")}
+    if remote is None:
+        place(prompt_plan, model)
+        place(step_plan, model)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
     kwargs.update(generate_kwargs)
+    if remote is not None:
+        kwargs["remote"] = remote
     out, scratch = {}, {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached.*")
@@ -114,6 +123,8 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
                         apply(step_plan, step_bound, model.nn, scratch)
             with tracer.invoke():
                 out["ids"] = tracer.result
+                if remote is not None:   # the token ids come back, nothing else
+                    nnsight.save(out)
     ids = out["ids"].cpu()
     width = batch.seq_len
     texts = tok.batch_decode(ids[:, width:], skip_special_tokens=skip_special_tokens)

@@ -16,17 +16,19 @@ import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
+import nnsight
 import torch
 
 from ..arch.structure import Hook
 from .bind import Batch, bind
 from .plan import Plan, compile_graph
 from .apply import apply
+from .remote import INSIDE, check as check_remote, is_remote, shipped
 from ..core.graph import Graph
 from ..arch.models import Model
-from ..errors import DataError, SiteError
+from ..errors import DataError, RemoteError, SiteError
 
 Prompts = Union[str, Sequence[str]]
 
@@ -138,7 +140,7 @@ def _encode(tok, texts: list, side: str):
 
 
 def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = None,
-        padding_side: Optional[str] = None, grad: Optional[bool] = None) -> RunResult:
+        padding_side: Optional[str] = None, grad: Optional[bool] = None, remote=None) -> RunResult:
     """Run ``graph`` on ``prompts`` with named ``sources`` (stream -> prompts) in one forward.
 
     >>> import reftgraph as rg
@@ -153,9 +155,14 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     streams the graph reads against ``sources``, and every position against every row.
     A source with one prompt is used for every base row. Gradients flow to the graph's
     parameters when any requires grad (``grad=`` forces it on or off).
+
+    ``remote=True`` runs the trace on NDIF (the model loaded by its Hugging Face id, e.g.
+    ``rg.load(id, dispatch=False)``), ``remote="local"`` in nnsight's local simulation of
+    it (see :mod:`reftgraph.engine.remote`); the logits and the collected values come back.
     """
     model = as_model(model)
     plan = compile_graph(graph, model.arch)
+    check_remote(remote, model, graph)
     base = prompt_list(prompts, "prompts")
     streams = {"base": base}
     if sources is not None and not isinstance(sources, dict):
@@ -171,10 +178,12 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
         raise SiteError(f"sources {sorted(unused)} are not read by any node of the graph "
                         f"(streams it uses: {sorted(graph.streams)})")
     inputs, batch = tokenize(model, streams, padding_side)
+    if grad and is_remote(remote):
+        raise RemoteError("gradients do not come back from a remote run; train locally (or pass grad=False)")
     if grad is None:
-        grad = any(p.requires_grad for p in graph.parameters())
+        grad = not is_remote(remote) and any(p.requires_grad for p in graph.parameters())
     with torch.set_grad_enabled(grad), inference_mode(graph):
-        logits, collected = forward(plan, model, inputs, batch)
+        logits, collected = forward(plan, model, inputs, batch, remote=remote)
     last = batch.start + batch.length - 1
     return RunResult(
         logits=logits[batch.rows["base"]],
@@ -189,7 +198,7 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
 
 
 def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool = False, prefix=None, cache=None,
-            stop: bool = False):
+            stop: bool = False, remote=None):
     """One traced forward of ``inputs`` with the plan's edits: ``(logits, {name: (value, valid)})``.
 
     >>> import reftgraph as rg
@@ -210,18 +219,25 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
     ``cache`` (a :class:`~reftgraph.engine.prefix.PrefixCache`) the cache supplies them.
     With ``stop=True`` the model stops after the plan's last hook (the first value is None):
     what a caller collects below the top layer then costs only the blocks up to it.
-    Other entries of ``inputs`` (``logits_to_keep``, a key-value ``cache``) go to the model."""
+    Other entries of ``inputs`` (``logits_to_keep``, a key-value ``cache``) go to the model.
+    With ``remote`` (checked by the caller: :func:`reftgraph.engine.remote.check`) the trace
+    runs remotely and only the first value and the collected values come back."""
     if cache is not None:
         return cache.forward(plan, inputs, batch, hidden=hidden, model=model)
     bound = bind(plan, batch)
-    device = runnable(model)
-    place(plan, model)
+    remote = remote if is_remote(remote) else None
+    sent = remote is not None and remote != INSIDE   # this trace is a request of its own
+    if remote is None:
+        device = runnable(model)
+        place(plan, model)
+    else:   # the server holds the weights; a model loaded without them works too
+        device = torch.device("cpu")
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     if hidden:
         inputs["logits_to_keep"] = 1
     trunk = getattr(model.nn, model.arch.family.layers.split(".")[0])
     collected, out = {}, {}
-    with model.nn.trace(inputs) as tracer:
+    with model.nn.trace(inputs, **({"remote": remote} if sent else {})) as tracer:
         for layer in range(prefix[0] if prefix is not None else 0):
             model.arch.envoy(model.nn, Hook(layer, 0, "", "output")).skip(prefix[1])
         apply(plan, bound, model.nn, collected)
@@ -231,7 +247,38 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
             out["value"] = trunk.output[0]
         else:
             out["value"] = model.nn.output.logits
+        if sent:   # what comes back from the server: the saved values only
+            nnsight.save(collected)
+            nnsight.save(out)
     return out.get("value"), collected
+
+
+def forwards(model: Model, jobs: Sequence[tuple], remote=None) -> list:
+    """Several traced forwards, ``jobs`` of ``(plan, inputs, batch, reduce)``: each job's
+    ``reduce(logits, collected)``, in order.
+
+    >>> import reftgraph as rg
+    >>> lm, g = rg.models.tiny("llama"), rg.Graph()
+    >>> inputs, batch = tokenize(lm, {"base": ["ab", "cde"]})
+    >>> job = (compile_graph(g, lm.arch), inputs, batch, lambda logits, collected: logits[:, -1].argmax(-1))
+    >>> torch.equal(*forwards(lm, [job, job])), torch.equal(*forwards(lm, [job, job], remote="local"))
+    (True, True)
+
+    With ``remote`` (checked by the caller) every forward runs in one nnsight session (one
+    request) and ``reduce`` runs on the server, so only its results come back: reduce
+    the logits to what the caller needs (a metric's value, the last position)."""
+    if not is_remote(remote):
+        return [reduce(*forward(plan, model, inputs, batch)) for plan, inputs, batch, reduce in jobs]
+    light = shipped(model)
+    with model.nn.session(remote=remote):
+        results = _reduced(light, jobs)
+        nnsight.save(results)
+    return results
+
+
+def _reduced(model: Model, jobs) -> list:
+    """The forwards of a remote session (run by the server)."""
+    return [reduce(*forward(plan, model, inputs, batch, remote=INSIDE)) for plan, inputs, batch, reduce in jobs]
 
 
 @contextlib.contextmanager

@@ -29,7 +29,8 @@ import torch
 from ..engine.plan import compile_graph
 from ..core.graph import Graph
 from ..core.ops.rotate import Rotate
-from ..engine.run import as_model, forward, inference_mode, tokenize
+from ..engine.remote import check as check_remote
+from ..engine.run import as_model, forward, forwards, inference_mode, tokenize
 from ..training.distributed import share, world
 from ..training.loop import Callback, fit, positive_ints
 
@@ -155,7 +156,7 @@ class Anneal(Callback):
         row["temperature"] = self.value
 
 
-def predict(graph: Graph, model, data, batch_size: int = 32) -> torch.Tensor:
+def predict(graph: Graph, model, data, batch_size: int = 32, remote=None) -> torch.Tensor:
     """The argmax next token after each base prompt, with the graph's interchanges ``[N]``.
 
     >>> import reftgraph as rg
@@ -164,9 +165,25 @@ def predict(graph: Graph, model, data, batch_size: int = 32) -> torch.Tensor:
     >>> data = rg.patching.Counterfactual(["ab", "cd"], ["ef", "gh"])
     >>> torch.equal(predict(g, lm, data), rg.Graph().run(lm, data.source).next_token_logits.argmax(-1))
     True
+
+    ``remote`` as in :func:`reftgraph.run`: every batch is a trace of one nnsight session
+    and only the predicted ids come back.
     """
     model = as_model(model)
     plan = compile_graph(graph, model.arch)
+    if check_remote(remote, model, graph):
+        jobs = []
+        for start in range(0, len(data), batch_size):
+            rows = list(range(start, min(start + batch_size, len(data))))
+            streams = {"base": [data.base[i] for i in rows]}
+            streams.update({k: [v[i] for i in rows] for k, v in data.sources.items() if k in graph.streams})
+            inputs, batch = tokenize(model, streams)
+            base = batch.rows["base"]
+            last = (batch.start + batch.length - 1)[base]
+            jobs.append((plan, inputs, batch, lambda logits, _, base=base, last=last:
+                         logits[base][torch.arange(len(last)), last].argmax(-1)))
+        with torch.no_grad(), inference_mode(graph):
+            return torch.cat([p.cpu() for p in forwards(model, jobs, remote)])
     preds = []
     with torch.no_grad(), inference_mode(graph):
         for start in range(0, len(data), batch_size):
@@ -189,7 +206,7 @@ def iia_table(hits: Sequence, row_types: Sequence) -> pd.DataFrame:
     return table
 
 
-def iia(graph: Graph, model, data, batch_size: int = 32) -> pd.DataFrame:
+def iia(graph: Graph, model, data, batch_size: int = 32, remote=None) -> pd.DataFrame:
     """Interchange-intervention accuracy: the share of rows whose predicted next token is
     ``data.correct``, per counterfactual type and overall.
 
@@ -200,7 +217,9 @@ def iia(graph: Graph, model, data, batch_size: int = 32) -> pd.DataFrame:
     ...                                   meta=[{"type": "x"}, {"type": "y"}])
     >>> iia(g, lm, data).values.tolist()     # an untrained random model gets none right
     [['x', 1, 0.0], ['y', 1, 0.0], ['all', 2, 0.0]]
+
+    ``remote`` as in :func:`predict`.
     """
     target, _ = data.answer_ids(as_model(model))
-    hits = predict(graph, model, data, batch_size) == target
+    hits = predict(graph, model, data, batch_size, remote=remote) == target
     return iia_table(hits.tolist(), types(data))

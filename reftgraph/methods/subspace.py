@@ -29,7 +29,9 @@ from ..core.graph import Graph, Node
 from ..core.ops import Add, Collect, Without
 from ..core.ops.reft import ReFT, orthonormal_columns
 from ..core.ops.rotate import Rotate
-from ..engine.run import run
+from ..engine.plan import compile_graph
+from ..engine.remote import check as check_remote
+from ..engine.run import forwards, inference_mode, prompt_list, run, tokenize
 
 
 def basis(node: Node, model=None) -> tuple[list, torch.Tensor]:
@@ -67,17 +69,30 @@ def _replace(graph: Graph, name: str, node: Optional[Node]) -> Graph:
     return Graph(node if n.name == name else n for n in graph.nodes if n.name != name or node is not None)
 
 
-def _score(graph, model, prompts, sources, metric) -> float:
-    """The metric's mean over rows, on the source streams the graph reads."""
-    sources = {k: v for k, v in (sources or {}).items() if k in graph.streams}
-    with torch.no_grad():
-        out = run(graph, model, prompts, sources=sources, grad=False)
-        return float(torch.as_tensor(metric(out.next_token_logits)).float().mean())
+def _scores(graphs: list, model, prompts, sources, metric, remote=None) -> list:
+    """The metric's mean over rows for each graph, on the source streams it reads (with
+    ``remote``: one nnsight session, the means computed on the server)."""
+    check_remote(remote, model, graphs[0])
+    prompts = prompt_list(prompts, "prompts")
+    jobs = []
+    for graph in graphs:
+        streams = {"base": prompts}
+        for name, src in (sources or {}).items():
+            if name in graph.streams:
+                src = prompt_list(src, f"sources[{name!r}]")
+                streams[name] = src * len(prompts) if len(src) == 1 < len(prompts) else src
+        inputs, batch = tokenize(model, streams)
+        base = batch.rows["base"]
+        last = (batch.start + batch.length - 1)[base]
+        jobs.append((compile_graph(graph, model.arch), inputs, batch, lambda logits, _, base=base, last=last: float(
+            torch.as_tensor(metric(logits[base][torch.arange(len(last)), last])).float().mean())))
+    with torch.no_grad(), inference_mode(graphs[0]):
+        return forwards(model, jobs, remote)
 
 
 def effects(graph: Graph, name: str, model, prompts, metric: Callable, sources: Optional[dict] = None,
             modes: Sequence[str] = ("ablate", "steer"), groups: Optional[Sequence] = None,
-            scale: float = 4.0) -> pd.DataFrame:
+            scale: float = 4.0, remote=None) -> pd.DataFrame:
     """Effect of each dim (and group of dims) of node ``name``'s subspace on ``metric``.
 
     >>> import reftgraph as rg
@@ -93,6 +108,8 @@ def effects(graph: Graph, name: str, model, prompts, metric: Callable, sources: 
     plus ``Add(scale * sum of the group's directions)`` at its site, against the graph
     without the node. ``groups`` are tuples of basis dims (default: each dim, then all).
     Returns columns ``node, mode, dims, metric, reference, effect`` (metric - reference).
+    ``remote`` as in :func:`reftgraph.patching.sweep`: every graph is a trace of one nnsight
+    session and only the metric's means come back.
     """
     node = graph[name]
     dims, B = basis(node, model)
@@ -106,21 +123,26 @@ def effects(graph: Graph, name: str, model, prompts, metric: Callable, sources: 
     unknown = set(modes) - {"ablate", "steer"}
     if unknown:
         raise ValueError(f"modes must be 'ablate' and/or 'steer', got {sorted(unknown)}")
-    rows = []
     steer_site = replace(node.site, subspace=None) if node.op.learned_basis else node.site
+    graphs, labels = [], []
     for mode in modes:
-        reference = _score(graph if mode == "ablate" else _replace(graph, name, None), model, prompts, sources,
-                           metric)
+        graphs.append(graph if mode == "ablate" else _replace(graph, name, None))
+        labels.append((mode, None))
         for grp in groups:
             directions = B[[index[d] for d in grp]]
             if mode == "ablate":
                 op, site = Without(node.op, orthonormal_rows(directions)), node.site
             else:
                 op, site = Add(scale * directions.sum(0)), steer_site
-            value = _score(_replace(graph, name, Node(name, site, op, node.stream)), model, prompts, sources,
-                           metric)
-            rows.append({"node": name, "mode": mode, "dims": ",".join(map(str, grp)), "metric": value,
-                         "reference": reference, "effect": value - reference})
+            graphs.append(_replace(graph, name, Node(name, site, op, node.stream)))
+            labels.append((mode, grp))
+    rows = []
+    for (mode, grp), value in zip(labels, _scores(graphs, model, prompts, sources, metric, remote)):
+        if grp is None:
+            reference = value
+            continue
+        rows.append({"node": name, "mode": mode, "dims": ",".join(map(str, grp)), "metric": value,
+                     "reference": reference, "effect": value - reference})
     return pd.DataFrame(rows, columns=["node", "mode", "dims", "metric", "reference", "effect"])
 
 
@@ -167,7 +189,7 @@ def plot_effects(table: pd.DataFrame, ax=None):
 
 
 def project(graph: Graph, name: str, model, prompts, labels: Optional[Sequence] = None,
-            dims: Optional[Sequence[int]] = None) -> pd.DataFrame:
+            dims: Optional[Sequence[int]] = None, remote=None) -> pd.DataFrame:
     """Clean activations at node ``name``'s site (no edits) projected onto its basis.
 
     >>> import reftgraph as rg
@@ -179,6 +201,7 @@ def project(graph: Graph, name: str, model, prompts, labels: Optional[Sequence] 
 
     One row per prompt, selected position (and head): ``row, slot, (head,) label`` and a
     column ``d{i}`` per basis dim (``dims`` picks some). ``labels`` gives one per prompt.
+    ``remote`` as in :func:`reftgraph.run` (the site's activations come back).
     """
     node = graph[name]
     all_dims, B = basis(node, model)
@@ -189,7 +212,7 @@ def project(graph: Graph, name: str, model, prompts, labels: Optional[Sequence] 
     probe.add(site, Collect(), name="x", stream="base")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     with torch.no_grad():
-        out = run(probe, model, prompts, grad=False)
+        out = run(probe, model, prompts, grad=False, remote=remote)
     x, valid = out["x"].float(), out.valid["x"]
     coords = x @ B.T.to(x.device)                       # [N, k, (H,) n]
     rows = []

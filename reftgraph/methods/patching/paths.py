@@ -25,7 +25,9 @@ import torch
 
 from ...core.graph import Graph
 from ...core.ops import Patch
-from ...engine.run import as_model, run
+from ...engine.plan import compile_graph
+from ...engine.remote import check as check_remote
+from ...engine.run import as_model, forwards, tokenize
 from ...core.sites import Site
 from ...errors import SiteError
 from .data import Counterfactual
@@ -98,7 +100,7 @@ def path_graph(model, senders: Sequence[tuple], receivers: Union[str, Sequence[S
 
 
 def path_patch(model, data: Counterfactual, senders: Sequence[tuple], receivers="logits",
-               positions="all", freeze: str = "heads", metric="logit_diff") -> dict:
+               positions="all", freeze: str = "heads", metric="logit_diff", remote=None) -> dict:
     """Run one path-patching experiment; returns the metric's mean for the base run, the
     source run, the path-patched run, and the normalised ``restoration``.
 
@@ -112,11 +114,13 @@ def path_patch(model, data: Counterfactual, senders: Sequence[tuple], receivers=
     the source prompts. (Wang et al. patch corrupted values into clean runs: pass
     ``data.swap()`` to go that way with a dataset made for denoising.)
     """
-    return path_sweep(model, data, [list(senders)], receivers, positions, freeze, metric).iloc[0].to_dict()
+    return path_sweep(model, data, [list(senders)], receivers, positions, freeze, metric,
+                      remote=remote).iloc[0].to_dict()
 
 
 def path_sweep(model, data: Counterfactual, sender_sets: Optional[Sequence] = None, receivers="logits",
-               positions="all", freeze: str = "heads", metric="logit_diff", per_forward: int = 8) -> pd.DataFrame:
+               positions="all", freeze: str = "heads", metric="logit_diff", per_forward: int = 8,
+               remote=None) -> pd.DataFrame:
     """Path patching for each set of senders (default: every single head below the receivers),
     ``per_forward`` sets batched as streams of one forward.
 
@@ -127,7 +131,8 @@ def path_sweep(model, data: Counterfactual, sender_sets: Optional[Sequence] = No
     (8, ['layer', 'head', 'senders', 'metric', 'value', 'restoration'])
 
     One row per set: ``layer`` and ``head`` (for single senders), ``senders``, ``value``
-    and ``restoration``.
+    and ``restoration``. ``remote`` as in :func:`reftgraph.patching.sweep`: every forward in
+    one nnsight session, the metric's means computed on the server.
     """
     model = as_model(model)
     arch = model.arch
@@ -136,15 +141,16 @@ def path_sweep(model, data: Counterfactual, sender_sets: Optional[Sequence] = No
         top = arch.n_layers if receivers == "logits" else min(arch.layer_index(s.layer) for s in receivers)
         sender_sets = [[(layer, h)] for layer in range(top) for h in range(arch.n_heads)]
     graphs = [path_graph(model, s, receivers, positions, freeze, path=f"path{i}") for i, s in enumerate(sender_sets)]
+    check_remote(remote, model, graphs[0] if graphs else None)
     correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
-    reference = run(Graph(), model, data.base, grad=False)
-    src = run(Graph(), model, data.source, grad=False).next_token_logits
-    ref = Reference(correct, wrong, src)
-    base, source = metric_fn(reference.next_token_logits, ref).mean().item(), metric_fn(src, ref).mean().item()
-    values = []
+    jobs = [_paths_job(model, data, Graph(), [], receivers, metric_fn, correct, wrong)]
     for lo in range(0, len(graphs), per_forward):
-        chunk = graphs[lo:lo + per_forward]
-        values += _run_paths(model, data, chunk, lo, receivers, metric_fn, ref)
+        jobs.append(_paths_job(model, data, graphs[lo:lo + per_forward], range(lo, lo + per_forward), receivers,
+                               metric_fn, correct, wrong))
+    results = forwards(model, [(compile_graph(g, model.arch), inputs, batch, reduce)
+                               for g, inputs, batch, reduce in jobs], remote)
+    base, source = results[0]
+    values = [v for chunk in results[1:] for v in chunk]
     df = pd.DataFrame({
         "layer": [s[0][0] if len(s) == 1 else None for s in sender_sets],
         "head": [s[0][1] if len(s) == 1 else None for s in sender_sets],
@@ -155,20 +161,27 @@ def path_sweep(model, data: Counterfactual, sender_sets: Optional[Sequence] = No
     return df
 
 
-def _run_paths(model, data, graphs, offset, receivers, metric_fn, ref) -> list:
-    """Several path graphs as one forward; each keeps its own path (and base) stream."""
-    combined, sources = Graph(), {"source": data.source}
-    for i, g in enumerate(graphs, offset):
-        sources[f"path{i}"] = data.base
+def _paths_job(model, data, graphs, numbers, receivers, metric_fn, correct, wrong) -> tuple:
+    """Several path graphs as one forward, each with its own path (and base) stream:
+    ``(graph, inputs, batch, reduce)``, ``reduce`` giving each graph's metric mean. Without
+    graphs: the clean run, ``reduce`` giving the base and source means."""
+    combined, streams = Graph(), {"base": data.base, "source": data.source}
+    for i, g in zip(numbers, graphs):
+        streams[f"path{i}"] = data.base
         for node in g.nodes:  # receivers write into a base stream of their own
             stream = f"base{i}" if node.stream == "base" else node.stream
-            sources.setdefault(stream, data.base)
+            streams.setdefault(stream, data.base)
             combined.add(node.site, node.op, name=f"{node.name}_{i}", stream=stream)
-    used = combined.streams
-    result = run(combined, model, data.base, sources={k: v for k, v in sources.items() if k in used}, grad=False)
-    out = []
-    for i in range(offset, offset + len(graphs)):
-        stream = f"path{i}" if receivers == "logits" else f"base{i}"
-        logits = result.stream_logits[stream][torch.arange(len(data)), result.last_index[result.rows[stream]]]
-        out.append(metric_fn(logits, ref).mean().item())
-    return out
+    inputs, batch = tokenize(model, streams)
+    last, n, rows = batch.start + batch.length - 1, len(data), batch.rows
+    read = [f"path{i}" if receivers == "logits" else f"base{i}" for i, _ in zip(numbers, graphs)]
+
+    def reduce(logits, collected):   # (on the server, for a remote call) next-token logits -> metric means
+        def at(stream):
+            return logits[rows[stream]][torch.arange(n), last[rows[stream]]]
+        ref = Reference(correct, wrong, at("source"))
+        if not read:
+            return float(metric_fn(at("base"), ref).mean()), float(metric_fn(at("source"), ref).mean())
+        return [float(metric_fn(at(stream), ref).mean()) for stream in read]
+
+    return combined, inputs, batch, reduce

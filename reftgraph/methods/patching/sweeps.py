@@ -26,11 +26,12 @@ import pandas as pd
 import torch
 
 from ...core.graph import Graph
-from ...core.ops import Collect, Set
+from ...core.ops import Collect, Patch, Set
 from ...core.sites import COMPONENTS, HEAD_COMPONENTS, Site, resolve_positions
 from ...engine.bind import Batch
 from ...engine.plan import compile_graph
-from ...engine.run import as_model, forward, runnable, tokenize
+from ...engine.remote import check as check_remote
+from ...engine.run import as_model, forward, forwards, runnable, tokenize
 from ...errors import DataError, SiteError
 from .data import Counterfactual
 from .metrics import Reference, get_metric, restoration
@@ -55,7 +56,7 @@ class Runs:
 
 def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "resid_pre",
           layers: Optional[Sequence[int]] = None, positions=None, heads=None,
-          metric="logit_diff", memory_mb: float = 1024) -> pd.DataFrame:
+          metric="logit_diff", memory_mb: float = 1024, remote=None) -> pd.DataFrame:
     """Patch every (layer x position x head) of ``component`` from the source into the base.
 
     >>> import reftgraph as rg
@@ -72,6 +73,10 @@ def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "r
     (default all). ``metric``: ``"logit_diff"``, ``"prob"``, ``"loss"``, ``"kl"`` or
     ``f(logits, ref) -> [B]``. Returns one row per condition with the metric's mean over
     the data (``value``) and the normalised ``restoration`` (0 = base run, 1 = source run).
+
+    ``remote`` (``True`` for NDIF, ``"local"`` for nnsight's simulation): every condition is
+    one Patch trace of the base and source prompts, all in one nnsight session, and only
+    the metric's means come back.
     """
     model = as_model(model)
     if not isinstance(data, Counterfactual):
@@ -79,12 +84,16 @@ def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "r
     components = [component] if isinstance(component, str) else list(component)
     metric_name, metric_fn = get_metric(metric)
     conditions = {c: sweep_conditions(model, data, c, layers, positions, heads) for c in components}
-    runs = base_and_source_runs(model, data, conditions)
-    base = metric_fn(runs.base_logits, runs.ref).mean().item()
-    source = metric_fn(runs.source_logits, runs.ref).mean().item()
+    if check_remote(remote, model):
+        base, source, patched = remote_values(model, data, conditions, metric_fn, remote)
+    else:
+        runs = base_and_source_runs(model, data, conditions)
+        base = metric_fn(runs.base_logits, runs.ref).mean().item()
+        source = metric_fn(runs.source_logits, runs.ref).mean().item()
+        patched = {c: patched_values(model, runs, c, conditions[c], metric_fn, memory_mb) for c in components}
     frames = []
     for c in components:
-        values = patched_values(model, runs, c, conditions[c], metric_fn, memory_mb)
+        values = patched[c]
         df = pd.DataFrame([{"component": c, "layer": layer, "position": pos, "token": tok, "head": head}
                            for layer, pos, tok, head in conditions[c]])
         df["metric"], df["value"] = metric_name, values
@@ -135,6 +144,46 @@ def sweep_conditions(model, data, component, layers, positions, heads) -> list:
         ids = model.tokenizer(data.base[0])["input_ids"]
         labels = [repr(model.tokenizer.decode([ids[p]])) for p in positions]
     return [(layer, pos, label, head) for layer in layers for pos, label in zip(positions, labels) for head in heads]
+
+
+def remote_values(model, data: Counterfactual, conditions: dict, metric_fn, remote) -> tuple:
+    """``(base, source, {component: [value per condition]})`` from a remote session: the clean
+    run and one Patch trace per condition, each of the base and source prompts, the metric's
+    mean computed on the server.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c"], ["ab d"], correct=["c"], wrong=["d"])
+    >>> base, source, values = remote_values(lm, data, {"mlp_out": [(1, "all", None, None)]},
+    ...                                      get_metric("logit_diff")[1], "local")
+    >>> len(values["mlp_out"]), base != source
+    (1, True)
+    """
+    inputs, batch = tokenize(model, {"base": data.base, "source": data.source}, "left")
+    last = batch.start + batch.length - 1
+    rows, n = batch.rows, len(data.base)
+    correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
+
+    def reduce(logits, collected):   # on the server: the metric's means over the rows
+        base = logits[rows["base"]][torch.arange(n), last[rows["base"]]]
+        source = logits[rows["source"]][torch.arange(n), last[rows["source"]]]
+        ref = Reference(correct, wrong, source)
+        return float(metric_fn(base, ref).mean()), float(metric_fn(source, ref).mean())
+
+    graphs, keys = [Graph()], [None]
+    for component, conds in conditions.items():
+        for layer, pos, _, head in conds:
+            g = Graph()
+            g.add(Site(component, layer, positions="all" if pos == "all" else (pos,),
+                       head=None if head is None else (head,)), Patch("source"), name="patch")
+            graphs.append(g)
+            keys.append(component)
+    jobs = [(compile_graph(g, model.arch), inputs, batch, reduce) for g in graphs]
+    results = forwards(model, jobs, remote)
+    values = {c: [] for c in conditions}
+    for key, (value, _) in zip(keys[1:], results[1:]):
+        values[key].append(value)
+    return results[0][0], results[0][1], values
 
 
 def _lengths(model, data) -> torch.Tensor:

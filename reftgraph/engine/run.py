@@ -16,7 +16,7 @@ import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import nnsight
 import torch

@@ -86,9 +86,7 @@ def _ship_reftgraph() -> None:
     """Serialise reftgraph by value, so that a server without it can run what it sends."""
     import nnsight
 
-    import reftgraph
-
-    nnsight.register(reftgraph)
+    nnsight.register(__name__.split(".")[0])   # the package, by name (no import of the layers above)
 
 
 def _check_ops(graph) -> None:

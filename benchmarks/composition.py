@@ -1,5 +1,11 @@
 """The ReFT composition experiment on the default model: two behaviours in two groups of
-dims of one rank-8 LoReFT per layer, trained one after the other, composed at inference.
+dims of one rank-8 LoReFT, composed at inference.
+
+``--method joint`` (the default; pyreft's composition notebook): one LoReFT at layer 15,
+last prompt token, trained in ONE run over a shuffled mix of both tasks, each row tagged
+with the dims it may use (per-row subspaces); at inference a call picks dims 0-3, 4-7 or
+0-7. ``--method two-runs`` (what the project did before): one LoReFT per layer, the
+groups trained one after the other:
 
 Behaviour A (dims 0-3): answer in CAPITALS (``reftgraph.datasets.caps``).
 Behaviour B (dims 4-7): start the answer with an emoji ("🙂 " + the model's own answer,
@@ -10,7 +16,7 @@ is zeroed, so A's directions (the QR of those columns alone) cannot move. Each b
 rate is measured on 30 held-out questions with no edit, A alone, B alone and A | B, and
 the principal angles between the two nodes' subspaces are reported.
 
-    .venv/bin/python benchmarks/composition.py
+    .venv/bin/python benchmarks/composition.py [--method joint|two-runs]
 """
 
 import argparse
@@ -55,10 +61,38 @@ def freeze_first_columns(graph, n):
     return [op.rotate.register_hook(hook) for op in {id(n.op): n.op for n in graph.nodes}.values()]
 
 
+def joint(lm, train, natural, questions, args) -> tuple[dict, dict]:
+    """One LoReFT, one run over both tasks with per-row dims; rates with each choice of dims."""
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=args.layer, positions="last"),
+          rg.LoReFT(width=lm.arch.width("resid_post"), rank=8, seed=0), name="both")
+    caps_dims, emoji_dims = [0, 1, 2, 3], [4, 5, 6, 7]
+    rows = list(train) + [(q, f"{EMOJI} {r}") for (q, _), r in zip(train, natural)]
+    dims = [caps_dims] * len(train) + [emoji_dims] * len(train)
+    t = time.perf_counter()
+    history = rg.train(g, lm, PromptResponse(rows, template="chat", subspaces=dims), epochs=args.epochs,
+                       batch_size=8, lr=args.lr, seed=0)
+    figures = {"train_seconds": round(time.perf_counter() - t, 1), "final_loss": float(history["loss"].iloc[-1])}
+    samples = {}
+    for label, choice in (("none", None), ("caps", caps_dims), ("emoji", emoji_dims), ("caps+emoji",
+                                                                                       caps_dims + emoji_dims)):
+        graph = rg.Graph() if choice is None else g
+        extra = {} if choice is None else {"subspaces": choice}
+        texts = graph.generate(lm, questions, max_new_tokens=args.max_new_tokens, template="chat", **extra).texts
+        samples[label] = texts[:3]
+        for key, value in rates(texts).items():
+            figures[f"{key}_rate[{label}]"] = value
+    for key in ("caps", "emoji"):
+        figures[f"{key}_kept_with_both"] = figures[f"{key}_rate[caps+emoji]"] / max(1e-9, figures[f"{key}_rate[{key}]"])
+    return figures, samples
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", choices=["joint", "two-runs"], default="joint")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=6e-3)
+    ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -70,6 +104,10 @@ def main():
     natural = [t.strip() for t in gen.texts]
     print(f"generated the model's own answers to {len(train_q)} training questions in "
           f"{time.perf_counter() - t0:.0f}s")
+    if args.method == "joint":
+        figures, samples = joint(lm, train, natural, questions, args)
+        figures["seconds"] = round(time.perf_counter() - t0, 1)
+        return show(figures, samples)
     a, b = build(lm)
     figures = {}
     t1 = time.perf_counter()
@@ -95,6 +133,10 @@ def main():
         figures[f"overlap[L{layer}]"] = subspace.overlap(a[f"caps{layer}"], b[f"emoji{layer}"])
         figures[f"min_angle_deg[L{layer}]"] = float(angles["degrees"].min())
     figures["seconds"] = round(time.perf_counter() - t0, 1)
+    show(figures, samples)
+
+
+def show(figures: dict, samples: dict) -> None:
     for label, texts in samples.items():
         print(f"[{label}]")
         for t in texts:

@@ -41,9 +41,12 @@ def _dataset(spec: dict, key: str = "path"):
 
     rows = read_rows(spec["data"][key])
     template = spec["data"].get("template")
+    subspaces = [r.get("subspace") for r in rows] if any("subspace" in r for r in rows) else None
     if "prompt" in rows[0]:
-        return data.PromptResponse([(r["prompt"], r["response"]) for r in rows], template=template)
-    return data.Classification([r["text"] for r in rows], [r["label"] for r in rows], template=template)
+        return data.PromptResponse([(r["prompt"], r["response"]) for r in rows], template=template,
+                                   subspaces=subspaces)
+    return data.Classification([r["text"] for r in rows], [r["label"] for r in rows], template=template,
+                               subspaces=subspaces)
 
 
 def train_cmd(args) -> int:

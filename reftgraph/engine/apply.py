@@ -42,6 +42,8 @@ def _edit(step: Step, b: Bound, full: torch.Tensor, source_value, collected: dic
         collected[step.node.name] = (op(sub, source=src, valid=b.valid.to(h.device)), b.valid)
         return None
     extra = {"subspace": step.node.site.subspace} if op.learned_basis else {}
+    if b.rows is not None:
+        extra["rows"] = b.rows.to(h.device)
     new = op(sub, source=src, valid=b.valid.to(h.device), **extra)
     if new.shape != sub.shape:
         raise SiteError(f"{where(step.node)}{type(op).__name__} returned shape {list(new.shape)} for a slice of "

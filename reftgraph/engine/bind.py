@@ -12,7 +12,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -60,6 +60,7 @@ class Bound:
     slot: torch.Tensor       # [N * S] which slot a flat position takes (where mask)
     mask: torch.Tensor       # [N * S]
     source_index: Optional[torch.Tensor] = None
+    rows: Optional[torch.Tensor] = None   # [B, basis]: the dims each row uses (per-row subspaces)
 
 
 def _flat(sel: Selection, rows: slice, seq_len: int) -> torch.Tensor:
@@ -129,3 +130,73 @@ def _bind(plan: Plan, batch: Batch) -> list:
             b.source_index = _flat(src, batch.rows[stream], batch.seq_len)
         bound.append(b)
     return bound
+
+
+def with_subspaces(plan: Plan, bound: list, batch: Batch, subspaces) -> list:
+    """``bound`` with per-row subspaces: for each row, the dims of a node's learned basis it uses.
+
+    >>> import reftgraph as rg
+    >>> from reftgraph.engine import compile_graph, tokenize
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), rg.LoReFT(width=32, rank=4), name="r")
+    >>> plan = compile_graph(g, rg.models.tiny("llama").arch)
+    >>> _, batch = tokenize(rg.models.tiny("llama"), {"base": ["ab", "cd"]})
+    >>> with_subspaces(plan, bind(plan, batch), batch, [[0, 1], [2, 3]])[0].rows.tolist()
+    [[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
+
+    ``subspaces``: dims for every row (``[0, 1]``), one entry per row (``[[0, 1], [2, 3]]``;
+    ``None`` for all of a row's dims; an entry may be a dict ``{node: dims}``), or a dict
+    ``{node: either of those}`` for some nodes. Without a dict, every node whose op takes
+    per-row subspaces (``Op.per_row_subspaces``: the ReFT family, ``Rotate``) gets them.
+    Dims are checked against each op's basis and the node's own ``subspace``."""
+    if subspaces is None:
+        return bound
+    names = {step.node.name for step in plan.steps}
+    per_node = isinstance(subspaces, dict) and all(isinstance(k, str) for k in subspaces)
+    if per_node:
+        unknown = sorted(set(subspaces) - names)
+        if unknown:
+            raise SiteError(f"subspaces name nodes {unknown} that are not in the graph (nodes: {sorted(names)})")
+    entries = subspaces.values() if per_node else [subspaces]
+    for entry in entries:   # per-row {node: dims} entries must name nodes of the graph
+        for row in entry if isinstance(entry, (list, tuple)) else ():
+            unknown = sorted(set(row) - names) if isinstance(row, dict) else []
+            if unknown:
+                raise SiteError(f"subspaces name nodes {unknown} that are not in the graph (nodes: {sorted(names)})")
+    out = list(bound)
+    for i, step in enumerate(plan.steps):
+        node = step.node
+        if per_node and node.name not in subspaces or node.op.collects:
+            continue
+        if not node.op.per_row_subspaces:
+            if per_node:
+                raise SiteError(f"{where(node)}{type(node.op).__name__} takes no per-row subspaces; they are dims of "
+                                "a learned basis (the ReFT family, Rotate)")
+            continue
+        spec = subspaces[node.name] if per_node else subspaces
+        out[i] = replace(bound[i], rows=_row_mask(node, spec, batch.rows[node.stream]))
+    return out
+
+
+def _row_mask(node: Node, spec, rows: slice) -> torch.Tensor:
+    n = rows.stop - rows.start
+    size = node.op.basis_size()
+    if hasattr(node.op, "dims"):   # an op that picks its dims itself (Rotate: its first k)
+        allowed = list(node.op.dims(node.site.subspace))
+    else:
+        allowed = list(node.site.subspace) if node.site.subspace is not None else list(range(size))
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(d, int) for d in spec):
+        spec = [spec] * n
+    if not isinstance(spec, (list, tuple)) or len(spec) != n:
+        raise SiteError(f"{where(node)}per-row subspaces need dims for every row or one entry per row "
+                        f"({n} rows), got {spec!r}")
+    mask = torch.zeros(n, size)
+    for r, dims in enumerate(spec):
+        if isinstance(dims, dict):
+            dims = dims.get(node.name)
+        dims = allowed if dims is None else dims
+        bad = [d for d in dims if not isinstance(d, int) or d not in allowed]
+        if bad:
+            raise SiteError(f"{where(node)}row {r} asks for dim {bad[0]!r}; the node's dims are {allowed}")
+        mask[r, list(dims)] = 1.0
+    return mask

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import nnsight
 import torch
 
-from .bind import Batch, bind
+from .bind import Batch, bind, with_subspaces
 from .apply import apply
 from .plan import compile_graph
 from .prompts import Template, format_prompt
@@ -75,7 +75,7 @@ def _split(graph: Graph):
 
 
 def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: bool = False,
-             template: Template = None, skip_special_tokens: bool = True, remote=None,
+             template: Template = None, skip_special_tokens: bool = True, remote=None, subspaces=None,
              **generate_kwargs) -> Generation:
     """Generate from ``prompts`` (left-padded batch) with the graph's edits.
 
@@ -90,6 +90,7 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     Greedy by default; ``template="chat"`` wraps each prompt in the tokenizer's chat
     template; other keyword arguments go to transformers' ``generate``. ``remote`` as in
     :func:`reftgraph.run`: the generation runs on the server, the token ids come back.
+    ``subspaces`` as in :func:`reftgraph.run` (per call or per prompt).
     """
     model = as_model(model)
     remote = remote if check_remote(remote, model, graph) else None
@@ -98,10 +99,10 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     prompt_plan = compile_graph(prompt_graph, model.arch)
     step_plan = compile_graph(step_graph, model.arch)
     inputs, batch = tokenize(model, {"base": prompts}, "left")
-    prompt_bound = bind(prompt_plan, batch)
+    prompt_bound = with_subspaces(prompt_plan, bind(prompt_plan, batch), batch, subspaces)
     n = len(prompts)
-    step_bound = bind(step_plan, Batch({"base": slice(0, n)}, torch.zeros(n, dtype=torch.long),
-                                       torch.ones(n, dtype=torch.long), 1))
+    step_batch = Batch({"base": slice(0, n)}, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long), 1)
+    step_bound = with_subspaces(step_plan, bind(step_plan, step_batch), step_batch, subspaces)
     tok = model.tokenizer
     device = runnable(model) if remote is None else torch.device("cpu")
     gen_inputs = {k: inputs[k].to(device) for k in ("input_ids", "attention_mask")}

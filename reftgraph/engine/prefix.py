@@ -170,7 +170,7 @@ class PrefixCache:
             self.entries.popitem(last=False)
         return value
 
-    def forward(self, plan: Plan, inputs: dict, batch: Batch, hidden: bool = False, model=None):
+    def forward(self, plan: Plan, inputs: dict, batch: Batch, hidden: bool = False, model=None, subspaces=None):
         """:func:`reftgraph.runtime.forward` with the blocks below ``first_layer(plan)`` served from the cache.
 
         >>> import torch, reftgraph as rg
@@ -190,6 +190,7 @@ class PrefixCache:
             raise ValueError("the plan was compiled for another model than this PrefixCache's")
         layer = first_layer(plan)
         if layer == 0:
-            return forward(plan, self.model, inputs, batch, hidden=hidden)
+            return forward(plan, self.model, inputs, batch, hidden=hidden, subspaces=subspaces)
         layer = min(layer, self.model.arch.n_layers)
-        return forward(plan, self.model, inputs, batch, hidden=hidden, prefix=(layer, self.value(inputs, layer)))
+        return forward(plan, self.model, inputs, batch, hidden=hidden, prefix=(layer, self.value(inputs, layer)),
+                       subspaces=subspaces)

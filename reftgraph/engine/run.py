@@ -22,7 +22,7 @@ import nnsight
 import torch
 
 from ..arch.structure import Hook
-from .bind import Batch, bind
+from .bind import Batch, bind, with_subspaces
 from .plan import Plan, compile_graph
 from .apply import apply
 from .remote import INSIDE, check as check_remote, is_remote, shipped
@@ -140,7 +140,8 @@ def _encode(tok, texts: list, side: str):
 
 
 def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = None,
-        padding_side: Optional[str] = None, grad: Optional[bool] = None, remote=None) -> RunResult:
+        padding_side: Optional[str] = None, grad: Optional[bool] = None, remote=None,
+        subspaces=None) -> RunResult:
     """Run ``graph`` on ``prompts`` with named ``sources`` (stream -> prompts) in one forward.
 
     >>> import reftgraph as rg
@@ -159,6 +160,10 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     ``remote=True`` runs the trace on NDIF (the model loaded by its Hugging Face id, e.g.
     ``rg.load(id, dispatch=False)``), ``remote="local"`` in nnsight's local simulation of
     it (see :mod:`reftgraph.engine.remote`); the logits and the collected values come back.
+
+    ``subspaces`` chooses, per call or per row, the dims of each learned basis (ReFT ops,
+    ``Rotate``) the edit uses: ``[0, 1, 2, 3]`` for every row, ``[[0, 1], [2, 3]]`` one per
+    row, ``{"node": ...}`` per node (see :func:`reftgraph.engine.bind.with_subspaces`).
     """
     model = as_model(model)
     plan = compile_graph(graph, model.arch)
@@ -183,7 +188,7 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     if grad is None:
         grad = not is_remote(remote) and any(p.requires_grad for p in graph.parameters())
     with torch.set_grad_enabled(grad), inference_mode(graph):
-        logits, collected = forward(plan, model, inputs, batch, remote=remote)
+        logits, collected = forward(plan, model, inputs, batch, remote=remote, subspaces=subspaces)
     last = batch.start + batch.length - 1
     return RunResult(
         logits=logits[batch.rows["base"]],
@@ -198,7 +203,7 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
 
 
 def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool = False, prefix=None, cache=None,
-            stop: bool = False, remote=None):
+            stop: bool = False, remote=None, subspaces=None):
     """One traced forward of ``inputs`` with the plan's edits: ``(logits, {name: (value, valid)})``.
 
     >>> import reftgraph as rg
@@ -221,10 +226,11 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
     what a caller collects below the top layer then costs only the blocks up to it.
     Other entries of ``inputs`` (``logits_to_keep``, a key-value ``cache``) go to the model.
     With ``remote`` (checked by the caller: :func:`reftgraph.engine.remote.check`) the trace
-    runs remotely and only the first value and the collected values come back."""
+    runs remotely and only the first value and the collected values come back. ``subspaces``:
+    per-row subspaces (see :func:`reftgraph.engine.bind.with_subspaces`)."""
     if cache is not None:
-        return cache.forward(plan, inputs, batch, hidden=hidden, model=model)
-    bound = bind(plan, batch)
+        return cache.forward(plan, inputs, batch, hidden=hidden, model=model, subspaces=subspaces)
+    bound = with_subspaces(plan, bind(plan, batch), batch, subspaces)
     remote = remote if is_remote(remote) else None
     sent = remote is not None and remote != INSIDE   # this trace is a request of its own
     if remote is None:

@@ -27,6 +27,31 @@ def _is_class_index(y) -> bool:
         return False
 
 
+def check_subspaces(subspaces, n: int, what: str) -> Optional[list]:
+    """Per-row subspaces as a list of ``n`` entries (dims, None or ``{node: dims}``), else a ValueError.
+
+    >>> check_subspaces([[0, 1], None], 2, "data")
+    [[0, 1], None]
+    >>> check_subspaces([[0, 1]], 2, "data")
+    Traceback (most recent call last):
+    ...
+    ValueError: data: subspaces needs one entry per row (2 rows), got 1
+    """
+    if subspaces is None:
+        return None
+    subspaces = list(subspaces)
+    if len(subspaces) != n:
+        raise ValueError(f"{what}: subspaces needs one entry per row ({n} rows), got {len(subspaces)}")
+    for i, entry in enumerate(subspaces):
+        values = entry.values() if isinstance(entry, dict) else [entry]
+        for dims in values:
+            if dims is not None and not (isinstance(dims, (list, tuple)) and all(
+                    isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims)):
+                raise ValueError(f"{what}: row {i}'s subspace must be a list of dims (ints >= 0), None or "
+                                 f"{{node: dims}}; got {entry!r}")
+    return subspaces
+
+
 @dataclass
 class PromptResponse:
     """Supervision pairs: the loss is on response tokens only.
@@ -34,10 +59,18 @@ class PromptResponse:
     >>> data = PromptResponse([("Sky?", "BLUE."), ("Grass?", "GREEN.")], template=lambda p: "Q: " + p)
     >>> len(data), data.responses
     (2, ['BLUE.', 'GREEN.'])
+
+    ``subspaces`` (one entry per pair) names the dims of the graph's learned bases each row
+    trains and uses: ``[0, 1, 2, 3]``, ``None`` (all), or ``{node: dims}`` (pyreft's
+    per-example subspaces: one joint run in which each task owns some dims).
+
+    >>> PromptResponse([("Sky?", "BLUE."), ("Ciel?", "Bleu.")], subspaces=[[0, 1], [2, 3]]).subspaces
+    [[0, 1], [2, 3]]
     """
 
     pairs: Sequence[tuple]
     template: Template = None
+    subspaces: Optional[Sequence] = None
 
     def __post_init__(self):
         bad = [i for i, pair in enumerate(self.pairs) if not (isinstance(pair, (tuple, list)) and len(pair) == 2)]
@@ -47,6 +80,7 @@ class PromptResponse:
         if not self.pairs:
             raise ValueError("PromptResponse needs at least one (prompt, response) pair")
         check_template(self.template)
+        self.subspaces = check_subspaces(self.subspaces, len(self.pairs), "PromptResponse")
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -85,6 +119,7 @@ class Classification:
     texts: Sequence[str]
     labels: Sequence[int]
     template: Template = None
+    subspaces: Optional[Sequence] = None   # per row, as for PromptResponse
 
     def __post_init__(self):
         if len(self.texts) != len(self.labels) or not self.texts:
@@ -94,6 +129,7 @@ class Classification:
             raise ValueError(f"Classification labels are class indices 0, 1, ...; label {bad[0]} is "
                              f"{self.labels[bad[0]]!r}")
         check_template(self.template)
+        self.subspaces = check_subspaces(self.subspaces, len(self.texts), "Classification")
 
     def __len__(self) -> int:
         return len(self.texts)

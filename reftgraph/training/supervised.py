@@ -54,7 +54,8 @@ def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_le
         weight = tokens / max(1.0, all_sum(tokens)) if part else 1.0
     if not mine:
         return torch.zeros(())
-    value, collected = forward(plan, model, inputs, batch, hidden=True, cache=cache)
+    subspaces = None if data.subspaces is None else [data.subspaces[i] for i in mine]
+    value, collected = forward(plan, model, inputs, batch, hidden=True, cache=cache, subspaces=subspaces)
     if classify:
         target = torch.tensor([data.labels[i] for i in mine], device=value.device)
         return weight * torch.nn.functional.cross_entropy(collected[classify][0].float(), target)

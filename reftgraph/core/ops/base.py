@@ -47,12 +47,18 @@ class Op(nn.Module):
     precision training keeps them) and the engine rounds the result to the activation's
     dtype; set ``half_precision = True`` for an op that should see the activation's own
     dtype (:class:`Collect` does: collected values keep the model's dtype).
+
+    An op with ``per_row_subspaces = True`` (the ReFT family and ``Rotate``) also takes
+    ``rows``, a ``[B, basis]`` mask: row ``b`` edits along the dims of its basis where
+    ``rows[b]`` is 1, as pyreft's per-example subspaces do (``subspaces=`` of ``run``,
+    ``generate`` and the training data).
     """
 
     learned_basis = False   # True: the op has its own basis; a site's subspace indexes its dims
     collects = False        # True: the op records a value instead of editing the stream
     reads_stream = False    # True: the op reads another stream (``source``, at ``site`` or its own)
     half_precision = False  # True: the op sees half-precision slices as they are (else in float32)
+    per_row_subspaces = False  # True: forward takes rows=[B, basis] (1 where a row uses a dim of its basis)
     source: Optional[str] = None
 
     def check_selection(self, valid: torch.Tensor) -> Optional[str]:

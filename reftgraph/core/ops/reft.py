@@ -60,6 +60,17 @@ def orthonormal_columns(a: torch.Tensor) -> torch.Tensor:
     return (q * signs.unsqueeze(-2)).to(a.dtype)
 
 
+def row_mask(rows: torch.Tensor, dims, h: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, (1,) len(dims)]``: the per-row mask ``rows[B, basis]`` restricted to ``dims`` (all
+    when None), shaped to scale the basis coordinates of a slice like ``h``.
+
+    >>> row_mask(torch.tensor([[1, 0, 1], [0, 1, 1]]), [0, 2], torch.zeros(2, 1, 4)).tolist()
+    [[[1.0, 1.0]], [[0.0, 1.0]]]
+    """
+    rows = rows if dims is None else rows[:, list(dims)]
+    return rows.to(h.dtype).reshape(rows.shape[0], *([1] * (h.dim() - 2)), rows.shape[-1])
+
+
 class ReFT(Op):
     """Shared machinery of the ReFT ops; a node's ``subspace`` picks rows of R, W and b.
 
@@ -72,6 +83,7 @@ class ReFT(Op):
     """
 
     learned_basis = True
+    per_row_subspaces = True
     orthogonal = True
     uses_w = True      # act(W h + b) (else the learned bias b alone)
     subtracts = True   # - R h
@@ -129,7 +141,7 @@ class ReFT(Op):
         """
         return self.Rt(dims).T
 
-    def forward(self, h, source=None, valid=None, subspace=None):
+    def forward(self, h, source=None, valid=None, subspace=None, rows=None):
         dims = None if subspace is None else list(subspace)
         rt = self.Rt(dims).to(h.dtype)
         b = (self.bias if dims is None else self.bias[dims]).to(h.dtype)
@@ -140,6 +152,8 @@ class ReFT(Op):
             target = b
         if self.subtracts:
             target = target - h @ rt
+        if rows is not None:   # each row edits along its own dims of the basis: the others' terms drop
+            target = target * row_mask(rows, dims, h)
         return h + self.dropout(target @ rt.T)
 
 

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..sites import Site
 from .base import Op, positive_int
-from .reft import orthonormal_columns
+from .reft import orthonormal_columns, row_mask
 
 
 class Rotate(Op):
@@ -53,6 +53,7 @@ class Rotate(Op):
     """
 
     learned_basis = True
+    per_row_subspaces = True
     reads_stream = True
 
     def __init__(self, width: int, k: int = 1, rank: Optional[int] = None, source: str = "source", site=None,
@@ -125,10 +126,12 @@ class Rotate(Op):
         i = torch.tensor(dims, dtype=self.boundary.dtype, device=self.boundary.device)
         return torch.sigmoid((self.boundary - i - 0.5) / self.temperature)
 
-    def forward(self, h, source=None, valid=None, subspace=None):
+    def forward(self, h, source=None, valid=None, subspace=None, rows=None):
         if source is None:
             raise ValueError("Rotate reads a source stream: call it with source= (a graph node passes it)")
         dims = self.dims(subspace)
         rt = self.Rt(dims).to(h.dtype)
-        diff = (source.to(h.dtype) - h) @ rt
-        return h + (diff * self.mask(dims).to(h.dtype)) @ rt.T
+        diff = (source.to(h.dtype) - h) @ rt * self.mask(dims).to(h.dtype)
+        if rows is not None:   # each row interchanges its own dims
+            diff = diff * row_mask(rows, dims, h)
+        return h + diff @ rt.T

@@ -32,10 +32,14 @@ LAYERS = (4, 10, 16, 22)
 POSITIONS = "f5+l5"
 
 
+SIGN_OFF = "Over and out!"
+
+
 def rates(texts):
     caps = sum(datasets.is_caps(t) for t in texts) / len(texts)
     emoji = sum(t.lstrip().startswith(EMOJI) for t in texts) / len(texts)
-    return {"caps": caps, "emoji": emoji}
+    sign_off = sum(SIGN_OFF.lower() in t.lower() for t in texts) / len(texts)
+    return {"caps": caps, "emoji": emoji, "signoff": sign_off}
 
 
 def build(lm, rank=8, seed=0):
@@ -67,23 +71,24 @@ def joint(lm, train, natural, questions, args) -> tuple[dict, dict]:
     g.add(rg.Site("resid_post", layer=args.layer, positions="last"),
           rg.LoReFT(width=lm.arch.width("resid_post"), rank=8, seed=0), name="both")
     caps_dims, emoji_dims = [0, 1, 2, 3], [4, 5, 6, 7]
-    rows = list(train) + [(q, f"{EMOJI} {r}") for (q, _), r in zip(train, natural)]
+    second = (lambda r: f"{EMOJI} {r}") if args.second == "emoji" else (lambda r: f"{r} {SIGN_OFF}")
+    rows = list(train) + [(q, second(r)) for (q, _), r in zip(train, natural)]
     dims = [caps_dims] * len(train) + [emoji_dims] * len(train)
     t = time.perf_counter()
     history = rg.train(g, lm, PromptResponse(rows, template="chat", subspaces=dims), epochs=args.epochs,
                        batch_size=8, lr=args.lr, seed=0)
     figures = {"train_seconds": round(time.perf_counter() - t, 1), "final_loss": float(history["loss"].iloc[-1])}
     samples = {}
-    for label, choice in (("none", None), ("caps", caps_dims), ("emoji", emoji_dims), ("caps+emoji",
-                                                                                       caps_dims + emoji_dims)):
+    for label, choice in (("none", None), ("dims0-3", caps_dims), ("dims4-7", emoji_dims),
+                          ("dims0-7", caps_dims + emoji_dims)):
         graph = rg.Graph() if choice is None else g
         extra = {} if choice is None else {"subspaces": choice}
         texts = graph.generate(lm, questions, max_new_tokens=args.max_new_tokens, template="chat", **extra).texts
         samples[label] = texts[:3]
         for key, value in rates(texts).items():
             figures[f"{key}_rate[{label}]"] = value
-    for key in ("caps", "emoji"):
-        figures[f"{key}_kept_with_both"] = figures[f"{key}_rate[caps+emoji]"] / max(1e-9, figures[f"{key}_rate[{key}]"])
+    for key, alone in (("caps", "dims0-3"), (args.second, "dims4-7")):
+        figures[f"{key}_kept_with_both"] = figures[f"{key}_rate[dims0-7]"] / max(1e-9, figures[f"{key}_rate[{alone}]"])
     return figures, samples
 
 
@@ -93,14 +98,17 @@ def main():
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--lr", type=float, default=6e-3)
     ap.add_argument("--layer", type=int, default=15)
+    ap.add_argument("--second", choices=["emoji", "signoff"], default="emoji",
+                    help="the second behaviour (joint method): start with an emoji, or end with a sign-off")
     ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--answer-tokens", type=int, default=24, help="tokens of the model's own answers to train on")
     args = ap.parse_args()
     t0 = time.perf_counter()
     lm = rg.load()
     train, held_out = datasets.caps()
     questions = [q for q, _ in held_out]
     train_q = [q for q, _ in train]
-    gen = rg.Graph().generate(lm, train_q, max_new_tokens=24, template="chat")
+    gen = rg.Graph().generate(lm, train_q, max_new_tokens=args.answer_tokens, template="chat")
     natural = [t.strip() for t in gen.texts]
     print(f"generated the model's own answers to {len(train_q)} training questions in "
           f"{time.perf_counter() - t0:.0f}s")

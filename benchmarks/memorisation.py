@@ -61,8 +61,9 @@ def sweep(args, lm, text):
                     continue
                 result = memorise(lm, target_for(lm, variant, text, n), layer=layer, rank=args.rank, lr=args.lr,
                                   max_steps=args.max_steps, margin=args.margin, greedy=not args.no_greedy,
-                                  progress=True)
-                row = {"variant": variant, **result.row(), "model": args.model}
+                                  schedule=args.schedule, progress=True)
+                row = {"variant": variant, **result.row(), "model": args.model, "lr": args.lr,
+                       "schedule": args.schedule}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 keep = done[~((done.variant == variant) & (done.layer == layer) & (done.n_tokens == n))]
@@ -170,6 +171,8 @@ def main():
     ap.add_argument("--variant", nargs="+", default=["text"], choices=["text", "shuffled", "random"])
     ap.add_argument("--rank", type=int, default=1)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--schedule", choices=["constant", "linear"], default="constant",
+                    help="learning rate: constant, or decaying linearly to zero over --max-steps")
     ap.add_argument("--max-steps", type=int, default=1000)
     ap.add_argument("--margin", type=float, default=0.5)
     ap.add_argument("--no-greedy", action="store_true", help="report the teacher-forced prefix (no decoding)")

@@ -76,3 +76,18 @@ def test_errors(lm):
         memorise(lm, "cat", layer=7)
     with pytest.raises(ValueError, match="no tokens"):
         memorise(lm, "cat", layer=0, prompt="")
+
+
+def test_the_authors_recovery_score_and_the_schedule():
+    lm = rg.models.tiny("llama", initializer_range=0.5)
+    constant = memorise(lm, "hello there", layer=1, lr=0.5, max_steps=40)
+    linear = memorise(lm, "hello there", layer=1, lr=0.5, max_steps=40, schedule="linear")
+    for result in (constant, linear):
+        text = lm.tokenizer.decode(target_ids(lm, "hello there"))
+        assert 0 <= result.char_rate <= 1 and "char_rate" in result.row()
+        if result.recovered == result.n_tokens:
+            assert result.char_rate == 1.0
+        # characters before the first wrong token are all matched
+        assert result.char_rate >= len(lm.tokenizer.decode(target_ids(lm, "hello there")[:result.recovered])) / len(text)
+    with pytest.raises(ValueError, match="schedule must be 'constant' or 'linear'"):
+        memorise(lm, "h", layer=1, schedule="cosine")

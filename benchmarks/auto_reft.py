@@ -63,7 +63,7 @@ def main():
     print("chosen layers:", layers)
     figures = {"attribution_s": round(seconds, 2), "chosen_layers": layers, "hand_picked_layers": HAND_PICKED}
     for name, picked in (("attribution", layers), ("hand-picked", HAND_PICKED)):
-        r = caps_experiment(lm, picked, epochs=args.epochs, progress=False)
+        r = caps_experiment(lm, picked, epochs=args.epochs, lr=2e-3, progress=False)   # the recipe it was measured with
         row = {"layers": list(picked), "final_loss": round(float(r["history"]["loss"].iloc[-1]), 3),
                "caps_rate_held_out": r["rate_after"], "train_s": round(r["train_seconds"], 1)}
         print(f"{name:>12}: {row}", flush=True)

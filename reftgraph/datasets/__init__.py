@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .ioi import ioi
 
-__all__ = ["caps", "ioi", "is_caps"]
+__all__ = ["answered", "capital_questions", "caps", "ioi", "is_caps"]
 
 HERE = Path(__file__).parent
 
@@ -41,3 +41,39 @@ def is_caps(text: str) -> bool:
     """
     letters = [c for c in text if c.isalpha()]
     return len(letters) >= 3 and all(c.isupper() for c in letters)
+
+
+CAPITALS = {
+    "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo", "Egypt": "Cairo",
+    "Canada": "Ottawa", "Russia": "Moscow", "China": "Beijing", "Greece": "Athens", "Portugal": "Lisbon",
+    "Austria": "Vienna", "Poland": "Warsaw", "Norway": "Oslo", "Sweden": "Stockholm", "Finland": "Helsinki",
+    "Denmark": "Copenhagen", "Kenya": "Nairobi", "Peru": "Lima", "Chile": "Santiago", "Argentina": "Buenos Aires",
+    "Cuba": "Havana", "Thailand": "Bangkok", "Vietnam": "Hanoi", "Hungary": "Budapest", "Belgium": "Brussels",
+    "the Netherlands": "Amsterdam", "Turkey": "Ankara", "Iran": "Tehran", "Iraq": "Baghdad",
+    "South Korea": "Seoul", "Indonesia": "Jakarta", "the Philippines": "Manila", "Mexico": "Mexico City",
+    "Colombia": "Bogot", "Switzerland": "Bern", "Ireland": "Dublin", "Scotland": "Edinburgh",
+    "Australia": "Canberra", "Brazil": "Bras", "Nigeria": "Abuja",
+}
+
+
+def capital_questions() -> list:
+    """Factual questions with a checkable answer, none about a country in :func:`caps`' training
+    rows: ``[(question, answer)]``, to measure what a trained graph keeps of the model's knowledge.
+
+    >>> qa = capital_questions()
+    >>> qa[0], len(qa) >= 30
+    (('What is the capital of Germany?', 'Berlin'), True)
+
+    Answers are stems where the spelling varies ("Bogot" for Bogotá); check with :func:`answered`.
+    """
+    seen = " ".join(p for p, _ in caps()[0])
+    return [(f"What is the capital of {c}?", a) for c, a in CAPITALS.items() if c not in seen]
+
+
+def answered(text: str, answer: str) -> bool:
+    """Whether ``text`` contains ``answer``, any case (an answer in capitals counts).
+
+    >>> answered("THE CAPITAL OF GERMANY IS BERLIN.", "Berlin"), answered("It is Munich.", "Berlin")
+    (True, False)
+    """
+    return answer.lower() in text.lower()

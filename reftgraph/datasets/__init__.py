@@ -62,7 +62,7 @@ def capital_questions() -> list:
 
     >>> qa = capital_questions()
     >>> qa[0], len(qa) >= 30
-    (('What is the capital of Germany?', 'Berlin'), True)
+    (('What is the capital of Russia?', 'Moscow'), True)
 
     Answers are stems where the spelling varies ("Bogot" for Bogotá); check with :func:`answered`.
     """

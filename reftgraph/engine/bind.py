@@ -157,12 +157,6 @@ def with_subspaces(plan: Plan, bound: list, batch: Batch, subspaces) -> list:
         unknown = sorted(set(subspaces) - names)
         if unknown:
             raise SiteError(f"subspaces name nodes {unknown} that are not in the graph (nodes: {sorted(names)})")
-    entries = subspaces.values() if per_node else [subspaces]
-    for entry in entries:   # per-row {node: dims} entries must name nodes of the graph
-        for row in entry if isinstance(entry, (list, tuple)) else ():
-            unknown = sorted(set(row) - names) if isinstance(row, dict) else []
-            if unknown:
-                raise SiteError(f"subspaces name nodes {unknown} that are not in the graph (nodes: {sorted(names)})")
     out = list(bound)
     for i, step in enumerate(plan.steps):
         node = step.node
@@ -174,11 +168,11 @@ def with_subspaces(plan: Plan, bound: list, batch: Batch, subspaces) -> list:
                                 "a learned basis (the ReFT family, Rotate)")
             continue
         spec = subspaces[node.name] if per_node else subspaces
-        out[i] = replace(bound[i], rows=_row_mask(node, spec, batch.rows[node.stream]))
+        out[i] = replace(bound[i], rows=_row_mask(node, spec, batch.rows[node.stream], names))
     return out
 
 
-def _row_mask(node: Node, spec, rows: slice) -> torch.Tensor:
+def _row_mask(node: Node, spec, rows: slice, names: set) -> torch.Tensor:
     n = rows.stop - rows.start
     size = node.op.basis_size()
     if hasattr(node.op, "dims"):   # an op that picks its dims itself (Rotate: its first k)
@@ -192,7 +186,10 @@ def _row_mask(node: Node, spec, rows: slice) -> torch.Tensor:
                         f"({n} rows), got {spec!r}")
     mask = torch.zeros(n, size)
     for r, dims in enumerate(spec):
-        if isinstance(dims, dict):
+        if isinstance(dims, dict):   # {node: dims} for this row
+            unknown = sorted(set(dims) - names)
+            if unknown:
+                raise SiteError(f"subspaces name nodes {unknown} that are not in the graph (nodes: {sorted(names)})")
             dims = dims.get(node.name)
         dims = allowed if dims is None else dims
         bad = [d for d in dims if not isinstance(d, int) or d not in allowed]

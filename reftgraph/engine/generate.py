@@ -28,7 +28,7 @@ from .plan import compile_graph
 from .prompts import Template, format_prompt
 from .remote import check as check_remote
 from ..core.graph import Graph
-from .run import prompt_list, as_model, inference_mode, place, runnable, tokenize
+from .run import prompt_list, as_model, inference_mode, input_device, tokenize
 from ..errors import SiteError
 
 
@@ -104,11 +104,8 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     step_batch = Batch({"base": slice(0, n)}, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long), 1)
     step_bound = with_subspaces(step_plan, bind(step_plan, step_batch), step_batch, subspaces)
     tok = model.tokenizer
-    device = runnable(model) if remote is None else torch.device("cpu")
+    device = input_device(model, [prompt_plan, step_plan], remote)
     gen_inputs = {k: inputs[k].to(device) for k in ("input_ids", "attention_mask")}
-    if remote is None:
-        place(prompt_plan, model)
-        place(step_plan, model)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
     kwargs.update(generate_kwargs)
     if remote is not None:

@@ -233,11 +233,7 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
     bound = with_subspaces(plan, bind(plan, batch), batch, subspaces)
     remote = remote if is_remote(remote) else None
     sent = remote is not None and remote != INSIDE   # this trace is a request of its own
-    if remote is None:
-        device = runnable(model)
-        place(plan, model)
-    else:   # the server holds the weights; a model loaded without them works too
-        device = torch.device("cpu")
+    device = input_device(model, [plan], remote)
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
     if hidden:
         inputs["logits_to_keep"] = 1
@@ -257,6 +253,19 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
             nnsight.save(collected)
             nnsight.save(out)
     return out.get("value"), collected
+
+
+def last_token(values: torch.Tensor, batch: Batch, stream: str = "base") -> torch.Tensor:
+    """``values[N, S, ...]`` at the last prompt token of each row of ``stream``: ``[rows, ...]``.
+
+    >>> import reftgraph as rg
+    >>> inputs, batch = tokenize(rg.models.tiny("llama"), {"base": ["ab", "cde"]}, "right")
+    >>> last_token(inputs["input_ids"][..., None], batch)[:, 0].tolist()    # "b" and "e"
+    [68, 71]
+    """
+    rows = batch.rows[stream]
+    last = (batch.start + batch.length - 1)[rows]
+    return values[rows][torch.arange(len(last)), last.to(values.device)]
 
 
 def forwards(model: Model, jobs: Sequence[tuple], remote=None) -> list:
@@ -329,6 +338,23 @@ def runnable(model: Model) -> torch.device:
     return device
 
 
+def input_device(model: Model, plans: Sequence[Plan], remote=None) -> torch.device:
+    """Where a forward's inputs go: the model's device, with the plans' ops placed on their
+    layers' devices; the CPU for a remote call (the server holds the weights, so a model
+    loaded without them works too).
+
+    >>> import reftgraph as rg
+    >>> input_device(rg.models.tiny("llama"), []), input_device(rg.models.tiny("llama"), [], remote="local")
+    (device(type='cpu'), device(type='cpu'))
+    """
+    if remote is not None:
+        return torch.device("cpu")
+    device = runnable(model)
+    for plan in plans:
+        place(plan, model)
+    return device
+
+
 def layer_device(model: Model, layer: int) -> torch.device:
     """The device block ``layer`` computes on (under accelerate's device map: its execution device).
 
@@ -336,6 +362,8 @@ def layer_device(model: Model, layer: int) -> torch.device:
     >>> layer_device(rg.models.tiny("llama"), 1)
     device(type='cpu')
     """
+    if not getattr(model.hf, "hf_device_map", None):   # one device: no need to look at the block
+        return model.device
     block = model.arch.envoy(model.hf, Hook(layer, 0, "", "output"))
     execution = getattr(getattr(block, "_hf_hook", None), "execution_device", None)
     if execution is not None:

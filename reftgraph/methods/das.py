@@ -30,7 +30,7 @@ from ..engine.plan import compile_graph
 from ..core.graph import Graph
 from ..core.ops.rotate import Rotate
 from ..engine.remote import check as check_remote
-from ..engine.run import as_model, forward, forwards, inference_mode, tokenize
+from ..engine.run import as_model, forward, forwards, inference_mode, last_token, tokenize
 from ..training.distributed import share, world
 from ..training.loop import Callback, fit, positive_ints
 
@@ -68,17 +68,19 @@ def types(data) -> list:
     return [m.get("type", "all") if isinstance(m, dict) else str(m) for m in meta]
 
 
+def _tokenized(graph, model, data, rows) -> tuple:
+    """``(inputs, batch)`` of data rows ``rows``: the base prompts and the sources the graph reads."""
+    streams = {"base": [data.base[i] for i in rows]}
+    streams.update({k: [v[i] for i in rows] for k, v in data.sources.items() if k in graph.streams})
+    return tokenize(model, streams)
+
+
 def _logits(plan, graph, model, data, rows) -> torch.Tensor:
     """Next-token logits ``[B, vocab]`` after each base prompt; the language-model head runs
     on those positions only (as in :func:`reftgraph.train`)."""
-    streams = {"base": [data.base[i] for i in rows]}
-    streams.update({k: [v[i] for i in rows] for k, v in data.sources.items() if k in graph.streams})
-    inputs, batch = tokenize(model, streams)
+    inputs, batch = _tokenized(graph, model, data, rows)
     hidden, _ = forward(plan, model, inputs, batch, hidden=True)
-    base = batch.rows["base"]
-    last = (batch.start + batch.length - 1)[base]
-    h = hidden[torch.arange(base.start, base.stop), last.to(hidden.device)]
-    return model.hf.get_output_embeddings()(h)
+    return model.hf.get_output_embeddings()(last_token(hidden, batch))
 
 
 def train_das(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 16, lr: float = 1e-3,
@@ -174,14 +176,8 @@ def predict(graph: Graph, model, data, batch_size: int = 32, remote=None) -> tor
     if check_remote(remote, model, graph):
         jobs = []
         for start in range(0, len(data), batch_size):
-            rows = list(range(start, min(start + batch_size, len(data))))
-            streams = {"base": [data.base[i] for i in rows]}
-            streams.update({k: [v[i] for i in rows] for k, v in data.sources.items() if k in graph.streams})
-            inputs, batch = tokenize(model, streams)
-            base = batch.rows["base"]
-            last = (batch.start + batch.length - 1)[base]
-            jobs.append((plan, inputs, batch, lambda logits, _, base=base, last=last:
-                         logits[base][torch.arange(len(last)), last].argmax(-1)))
+            inputs, batch = _tokenized(graph, model, data, range(start, min(start + batch_size, len(data))))
+            jobs.append((plan, inputs, batch, lambda logits, _, batch=batch: last_token(logits, batch).argmax(-1)))
         with torch.no_grad(), inference_mode(graph):
             return torch.cat([p.cpu() for p in forwards(model, jobs, remote)])
     preds = []

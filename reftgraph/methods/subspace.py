@@ -31,7 +31,7 @@ from ..core.ops.reft import ReFT, orthonormal_columns
 from ..core.ops.rotate import Rotate
 from ..engine.plan import compile_graph
 from ..engine.remote import check as check_remote
-from ..engine.run import forwards, inference_mode, prompt_list, run, tokenize
+from ..engine.run import forwards, inference_mode, last_token, prompt_list, run, tokenize
 
 
 def basis(node: Node, model=None) -> tuple[list, torch.Tensor]:
@@ -82,10 +82,8 @@ def _scores(graphs: list, model, prompts, sources, metric, remote=None) -> list:
                 src = prompt_list(src, f"sources[{name!r}]")
                 streams[name] = src * len(prompts) if len(src) == 1 < len(prompts) else src
         inputs, batch = tokenize(model, streams)
-        base = batch.rows["base"]
-        last = (batch.start + batch.length - 1)[base]
-        jobs.append((compile_graph(graph, model.arch), inputs, batch, lambda logits, _, base=base, last=last: float(
-            torch.as_tensor(metric(logits[base][torch.arange(len(last)), last])).float().mean())))
+        jobs.append((compile_graph(graph, model.arch), inputs, batch, lambda logits, _, batch=batch: float(
+            torch.as_tensor(metric(last_token(logits, batch))).float().mean())))
     with torch.no_grad(), inference_mode(graphs[0]):
         return forwards(model, jobs, remote)
 

@@ -21,13 +21,12 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import pandas as pd
-import torch
 
 from ...core.graph import Graph
 from ...core.ops import Patch
 from ...engine.plan import compile_graph
 from ...engine.remote import check as check_remote
-from ...engine.run import as_model, forwards, tokenize
+from ...engine.run import as_model, forwards, last_token, tokenize
 from ...core.sites import Site
 from ...errors import SiteError
 from .data import Counterfactual
@@ -173,15 +172,13 @@ def _paths_job(model, data, graphs, numbers, receivers, metric_fn, correct, wron
             streams.setdefault(stream, data.base)
             combined.add(node.site, node.op, name=f"{node.name}_{i}", stream=stream)
     inputs, batch = tokenize(model, streams)
-    last, n, rows = batch.start + batch.length - 1, len(data), batch.rows
     read = [f"path{i}" if receivers == "logits" else f"base{i}" for i, _ in zip(numbers, graphs)]
 
     def reduce(logits, collected):   # (on the server, for a remote call) next-token logits -> metric means
-        def at(stream):
-            return logits[rows[stream]][torch.arange(n), last[rows[stream]]]
-        ref = Reference(correct, wrong, at("source"))
+        ref = Reference(correct, wrong, last_token(logits, batch, "source"))
         if not read:
-            return float(metric_fn(at("base"), ref).mean()), float(metric_fn(at("source"), ref).mean())
-        return [float(metric_fn(at(stream), ref).mean()) for stream in read]
+            return (float(metric_fn(last_token(logits, batch), ref).mean()),
+                    float(metric_fn(ref.source_logits, ref).mean()))
+        return [float(metric_fn(last_token(logits, batch, stream), ref).mean()) for stream in read]
 
     return combined, inputs, batch, reduce

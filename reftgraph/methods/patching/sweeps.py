@@ -31,7 +31,7 @@ from ...core.sites import COMPONENTS, HEAD_COMPONENTS, Site, resolve_positions
 from ...engine.bind import Batch
 from ...engine.plan import compile_graph
 from ...engine.remote import check as check_remote
-from ...engine.run import as_model, forward, forwards, runnable, tokenize
+from ...engine.run import as_model, forward, forwards, last_token, runnable, tokenize
 from ...errors import DataError, SiteError
 from .data import Counterfactual
 from .metrics import Reference, get_metric, restoration
@@ -160,13 +160,10 @@ def remote_values(model, data: Counterfactual, conditions: dict, metric_fn, remo
     (1, True)
     """
     inputs, batch = tokenize(model, {"base": data.base, "source": data.source}, "left")
-    last = batch.start + batch.length - 1
-    rows, n = batch.rows, len(data.base)
     correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
 
     def reduce(logits, collected):   # on the server: the metric's means over the rows
-        base = logits[rows["base"]][torch.arange(n), last[rows["base"]]]
-        source = logits[rows["source"]][torch.arange(n), last[rows["source"]]]
+        base, source = last_token(logits, batch), last_token(logits, batch, "source")
         ref = Reference(correct, wrong, source)
         return float(metric_fn(base, ref).mean()), float(metric_fn(source, ref).mean())
 

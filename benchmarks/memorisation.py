@@ -61,7 +61,7 @@ def sweep(args, lm, text):
                     continue
                 result = memorise(lm, target_for(lm, variant, text, n), layer=layer, rank=args.rank, lr=args.lr,
                                   max_steps=args.max_steps, margin=args.margin, greedy=not args.no_greedy,
-                                  schedule=args.schedule, progress=True)
+                                  schedule=args.schedule, max_seconds=args.max_seconds, progress=True)
                 row = {"variant": variant, **result.row(), "model": args.model, "lr": args.lr,
                        "schedule": args.schedule}
                 print(json.dumps(row), flush=True)
@@ -174,6 +174,8 @@ def main():
     ap.add_argument("--schedule", choices=["constant", "linear"], default="constant",
                     help="learning rate: constant, or decaying linearly to zero over --max-steps")
     ap.add_argument("--max-steps", type=int, default=1000)
+    ap.add_argument("--max-seconds", type=float, default=None,
+                    help="stop training a cell after this many seconds (the step count is in the CSV)")
     ap.add_argument("--margin", type=float, default=0.5)
     ap.add_argument("--no-greedy", action="store_true", help="report the teacher-forced prefix (no decoding)")
     ap.add_argument("--redo", action="store_true", help="rerun cells already in the CSV")

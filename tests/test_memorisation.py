@@ -91,3 +91,10 @@ def test_the_authors_recovery_score_and_the_schedule():
         assert result.char_rate >= len(lm.tokenizer.decode(target_ids(lm, "hello there")[:result.recovered])) / len(text)
     with pytest.raises(ValueError, match="schedule must be 'constant' or 'linear'"):
         memorise(lm, "h", layer=1, schedule="cosine")
+
+
+def test_a_time_budget_stops_training():
+    lm = rg.models.tiny("llama")
+    result = memorise(lm, [5, 6, 7, 8], layer=1, lr=1e-6, max_steps=1000, max_seconds=0, greedy=False)
+    assert result.steps == 0  # checked before the first step, already past the deadline
+    assert memorise(lm, [5, 6, 7, 8], layer=1, lr=1e-6, max_steps=3, max_seconds=3600, greedy=False).steps == 3

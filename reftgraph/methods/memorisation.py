@@ -191,7 +191,7 @@ def memorise(model, target: Target, *, layer: int, rank: int = 1, n_tokens: Opti
              prompt: str = DEFAULT_PROMPT, op: str = "ConsReFT", component: str = "resid_post",
              lr: float = 0.05, max_steps: int = 1000, margin: float = 0.5, cache_prefix: bool = True,
              greedy: bool = True, seed: int = 0, progress: bool = False,
-             schedule: str = "constant") -> Memorisation:
+             schedule: str = "constant", max_seconds: Optional[float] = None) -> Memorisation:
     """Train a ``rank`` ``op`` at ``component[layer]``, last token of ``prompt``, to make the
     model continue with ``target`` (its first ``n_tokens`` tokens), then decode greedily.
 
@@ -203,7 +203,8 @@ def memorise(model, target: Target, *, layer: int, rank: int = 1, n_tokens: Opti
 
     Adam at ``lr`` (``schedule="constant"``, or ``"linear"``: decaying to zero over
     ``max_steps``), full-sequence teacher forcing (batch size 1), until every target token
-    is the argmax by at least ``margin`` logits or ``max_steps`` steps. (The ReFT authors
+    is the argmax by at least ``margin`` logits, ``max_steps`` steps, or (when given)
+    ``max_seconds`` of training, whichever comes first. (The ReFT authors
     use lr 2e-3 to 8e-3 and up to 1,000 epochs on LLaMA-1 7B.) ``cache_prefix`` runs the
     blocks below ``layer`` once (:mod:`reftgraph.prefix`); ``greedy=False`` skips the final
     decoding and reports the teacher-forced prefix (equal to greedy decoding's, up to
@@ -229,7 +230,7 @@ def memorise(model, target: Target, *, layer: int, rank: int = 1, n_tokens: Opti
     targets = torch.tensor(ids, device=model.device)
     start = len(prompt_ids) - 1  # the hidden state there predicts the first target token
     clock = time.perf_counter()
-    rule = StopRule(targets, margin, max_steps)
+    rule = StopRule(targets, margin, max_steps, max_seconds)
 
     def loss(_) -> torch.Tensor:
         hidden, _ = forward(plan, model, inputs, batch, hidden=True, cache=cache)
@@ -254,7 +255,8 @@ def memorise(model, target: Target, *, layer: int, rank: int = 1, n_tokens: Opti
 
 class StopRule(Callback):
     """The memorisation stop rule: stop once every target token is the argmax by at least
-    ``margin`` logits (checked on each forward, before its step), or after ``max_steps``.
+    ``margin`` logits (checked on each forward, before its step), after ``max_steps``, or
+    once ``max_seconds`` (when given) have passed since the rule was made.
 
     >>> import torch
     >>> rule = StopRule(torch.tensor([1, 0]), margin=0.5, max_steps=10)
@@ -265,8 +267,9 @@ class StopRule(Callback):
     (True, 2)
     """
 
-    def __init__(self, targets: torch.Tensor, margin: float, max_steps: int):
+    def __init__(self, targets: torch.Tensor, margin: float, max_steps: int, max_seconds: Optional[float] = None):
         self.targets, self.margin, self.max_steps = targets, margin, max_steps
+        self.deadline = None if max_seconds is None else time.perf_counter() + max_seconds
         self.scores = None
         self.prefix, self.steps, self.loss = 0, 0, float("nan")
 
@@ -274,7 +277,8 @@ class StopRule(Callback):
         self.loss = float(torch.nn.functional.cross_entropy(self.scores.detach(), self.targets))
         self.steps = state.step
         self.prefix, gap = _fit(self.scores.detach(), self.targets)
-        if (self.prefix == len(self.targets) and gap >= self.margin) or state.step >= self.max_steps:
+        late = self.deadline is not None and time.perf_counter() >= self.deadline
+        if (self.prefix == len(self.targets) and gap >= self.margin) or state.step >= self.max_steps or late:
             state.stop = True
 
 

@@ -4,7 +4,8 @@ dims of one rank-8 LoReFT, composed at inference.
 ``--method joint`` (the default; pyreft's composition notebook): one LoReFT at layer 15,
 last prompt token, trained in ONE run over a shuffled mix of both tasks, each row tagged
 with the dims it may use (per-row subspaces); at inference a call picks dims 0-3, 4-7 or
-0-7. ``--method two-runs`` (what the project did before): one LoReFT per layer, the
+0-7; ``--both-rows K`` adds K rows showing both behaviours, tagged with dims 0-7.
+``--method two-runs`` (what the project did before): one LoReFT per layer, the
 groups trained one after the other:
 
 Behaviour A (dims 0-3): answer in CAPITALS (``reftgraph.datasets.caps``).
@@ -74,6 +75,9 @@ def joint(lm, train, natural, questions, args) -> tuple[dict, dict]:
     second = (lambda r: f"{EMOJI} {r}") if args.second == "emoji" else (lambda r: f"{r} {SIGN_OFF}")
     rows = list(train) + [(q, second(r)) for (q, _), r in zip(train, natural)]
     dims = [caps_dims] * len(train) + [emoji_dims] * len(train)
+    # --both-rows K: K more rows showing both behaviours at once, with dims 0-7 (not pyreft's recipe)
+    rows += [(q, second(r).upper()) for (q, _), r in zip(train[:args.both_rows], natural)]
+    dims += [caps_dims + emoji_dims] * min(args.both_rows, len(train))
     t = time.perf_counter()
     history = rg.train(g, lm, PromptResponse(rows, template="chat", subspaces=dims), epochs=args.epochs,
                        batch_size=8, lr=args.lr, seed=0)
@@ -100,6 +104,8 @@ def main():
     ap.add_argument("--layer", type=int, default=15)
     ap.add_argument("--second", choices=["emoji", "signoff"], default="emoji",
                     help="the second behaviour (joint method): start with an emoji, or end with a sign-off")
+    ap.add_argument("--both-rows", type=int, default=0,
+                    help="joint method: also train this many rows with both behaviours and dims 0-7")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--answer-tokens", type=int, default=24, help="tokens of the model's own answers to train on")
     args = ap.parse_args()

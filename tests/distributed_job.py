@@ -4,7 +4,8 @@ with 2 processes, or imported and run in one process for the reference.
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_job.py OUT JOB
 
 JOB: ``train`` (rg.train, 7 rows, batch 3: batches of 3, 3 and 1 rows), ``das`` (DAS on a
-tiny model) or ``kill`` (``train`` that kills process 0 while it writes the epoch-2
+tiny model), ``memorise`` (a memorisation run whose time budget has passed on process 0
+only; each process writes ``OUT/steps-R.json``) or ``kill`` (``train`` that kills process 0 while it writes the epoch-2
 checkpoint). Each process writes ``OUT/rank-R.safetensors`` (the graph's weights) and
 ``OUT/history-R.json``.
 """
@@ -59,9 +60,18 @@ def das(out: Path):
     return g, history
 
 
+def memorise(out: Path, rank: int):
+    from reftgraph.memorisation import memorise
+    result = memorise(rg.models.tiny("llama"), [5, 6, 7, 8], layer=1, lr=1e-6, max_steps=50,
+                      max_seconds=0 if rank == 0 else 3600, greedy=False)
+    (out / f"steps-{rank}.json").write_text(json.dumps(result.steps))
+
+
 def main(out: Path, job: str):
     distributed.init()
     rank, size = distributed.world()
+    if job == "memorise":
+        return memorise(out, rank)
     g, history = das(out) if job == "das" else reft(out, kill_at=2 if job == "kill" else -1)
     save_file({k: v.detach().contiguous() for k, v in g.ops.state_dict().items()}, str(out / f"rank-{rank}.safetensors"))
     (out / f"history-{rank}.json").write_text(history.to_json(orient="records"))

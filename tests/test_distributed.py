@@ -83,6 +83,14 @@ def test_das_on_two_processes_learns_the_same_rotation(tmp_path):
         same_history(history(tmp_path, rank), json.loads(h.to_json(orient="records")))
 
 
+def test_a_time_budget_stops_every_process_at_the_same_step(tmp_path):
+    # process 0 is past its deadline at once, process 1 is not: stopping alone would leave
+    # process 1 waiting in the loss's all-reduce
+    code, log = launch(TORCHRUN + [str(JOB), str(tmp_path), "memorise"], tmp_path, timeout=120)
+    assert code == 0, log[-3000:]
+    assert [json.loads((tmp_path / f"steps-{r}.json").read_text()) for r in (0, 1)] == [0, 0]
+
+
 def test_a_killed_process_leaves_the_last_checkpoint_which_resumes_in_one_process(tmp_path, single):
     code, log = launch(TORCHRUN + [str(JOB), str(tmp_path), "kill"], tmp_path)
     assert code != 0   # process 0 died writing epoch-2; torchrun stopped the other one

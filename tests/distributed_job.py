@@ -4,10 +4,10 @@ with 2 processes, or imported and run in one process for the reference.
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/distributed_job.py OUT JOB
 
 JOB: ``train`` (rg.train, 7 rows, batch 3: batches of 3, 3 and 1 rows), ``das`` (DAS on a
-tiny model), ``memorise`` (a memorisation run whose time budget has passed on process 0
-only; each process writes ``OUT/steps-R.json``) or ``kill`` (``train`` that kills process 0 while it writes the epoch-2
-checkpoint). Each process writes ``OUT/rank-R.safetensors`` (the graph's weights) and
-``OUT/history-R.json``.
+tiny model) or ``kill`` (``train`` that kills process 0 while it writes the epoch-2
+checkpoint): each process writes ``OUT/rank-R.safetensors`` (the graph's weights) and
+``OUT/history-R.json``. ``memorise``: a memorisation run whose time budget has passed on
+process 0 only; each process writes ``OUT/steps-R.json``.
 """
 
 import json

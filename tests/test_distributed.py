@@ -73,14 +73,15 @@ def test_das_on_two_processes_learns_the_same_rotation(tmp_path):
     assert code == 0, log[-3000:]
     g, h = job.das(tmp_path / "single")
     op = g["r"].op
+    # the same function h + Rt diag(m) Rt^T (s - h): compare Rt diag(m) Rt^T, which does not
+    # see a column's sign (a near-unused column of the full rotation can come out flipped:
+    # the raw entries the loss does not see differ, Adam scaling float noise in ~0 gradients)
+    def projector(r):
+        return r.Rt(r.dims()) * r.mask() @ r.Rt(r.dims()).T
+
     for rank in (0, 1):
         other = rg.Rotate(**op.config())
         other.load_state_dict({k[len("r."):]: v for k, v in weights(tmp_path, rank).items()})
-        # the same function h + Rt diag(m) Rt^T (s - h): compare Rt diag(m) Rt^T, which does not
-        # see a column's sign (a near-unused column of the full rotation can come out flipped:
-        # the raw entries the loss does not see differ, Adam scaling float noise in ~0 gradients)
-        def projector(r):
-            return r.Rt(r.dims()) * r.mask() @ r.Rt(r.dims()).T
         torch.testing.assert_close(projector(other), projector(op), atol=1e-4, rtol=0)
         x, s = torch.randn(4, 1, 32), torch.randn(4, 1, 32)
         torch.testing.assert_close(other(x, source=s), op(x, source=s), atol=1e-5, rtol=0)

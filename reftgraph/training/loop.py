@@ -59,6 +59,12 @@ class NonFiniteLoss(FloatingPointError):
         self.checkpoint = checkpoint
 
 
+def _any_process(stop: bool) -> bool:
+    """True on every process when a callback on any of them set ``stop`` (a callback may
+    decide from what only its process sees, e.g. its clock), so all stop at the same step."""
+    return all_sum(float(stop)) > 0
+
+
 class State:
     """What callbacks see: the epoch, the optimizer steps taken, the history rows, ``stop``.
 
@@ -67,7 +73,7 @@ class State:
     (0, 0, [], False)
 
     A callback sets ``stop = True`` to end training (before the backward pass when set
-    in :meth:`Callback.on_loss`)."""
+    in :meth:`Callback.on_loss`); with several processes, all stop when any sets it."""
 
     def __init__(self, graph, model, optimizer):
         self.graph, self.model, self.optimizer = graph, model, optimizer
@@ -235,7 +241,7 @@ def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object
                 value = loss(batch)
                 for cb in callbacks:
                     cb.on_loss(state, value, batch)
-                if state.stop:
+                if _any_process(state.stop):
                     break
                 whole = all_sum(float(value.detach()))     # the batch's loss (this process's part alone: 1 process)
                 _check_finite(torch.tensor(whole), "loss", state, batch, last_good)
@@ -262,7 +268,7 @@ def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object
                 running = []
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{row['loss']:.4f}")
-                if state.stop:
+                if _any_process(state.stop):
                     break
             if eval_fn is not None and state.history:
                 graph.ops.eval()

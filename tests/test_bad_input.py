@@ -342,3 +342,236 @@ def test_bad_cli_arguments_exit_2_without_loading_a_model(tmp_path, capsys, monk
         code = e.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+# -- Reliability (issue 29): silently wrong results, stale plans, limits, threads --------------------
+
+def _own_rows(lm, prompts):
+    """The model's own forward on each prompt alone (no padding): [n, S_i, vocab] per row."""
+    return [lm.hf(**lm.tokenizer(p, return_tensors="pt")).logits[0] for p in prompts]
+
+
+@pytest.mark.parametrize("model_type", ["roberta", "roberta-prelayernorm", "camembert", "data2vec-text",
+                                        "llama", "gpt2"])
+def test_an_empty_graph_runs_the_model_as_the_model_runs_itself(model_type):
+    lm = rg.models.tiny(model_type)
+    prompts = ["hello world", "hi", "abc"]
+    own = _own_rows(lm, prompts)
+    for side in ("left", "right"):
+        out = rg.Graph().run(lm, prompts, padding_side=side)
+        for row, ref in enumerate(own):
+            real = out.attention_mask[row].bool()
+            torch.testing.assert_close(out.logits[row][real], ref, atol=1e-5, rtol=1e-5)
+    # generation (left-padded batch) gives each prompt what the model's own generate gives it alone
+    got = rg.Graph().generate(lm, prompts, max_new_tokens=4)
+    for row, p in enumerate(prompts):
+        enc = lm.tokenizer(p, return_tensors="pt")
+        ref = lm.hf.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+        assert got.new_ids[row].tolist() == ref[0, enc["input_ids"].shape[1]:].tolist()
+
+
+def test_models_that_number_positions_themselves_are_proven_so():
+    assert rg.models.tiny("roberta").arch.positions == "model"      # positions from padding_idx + 1
+    assert rg.models.tiny("llama").arch.positions == "explicit"
+    assert rg.models.tiny("roberta").arch.padding == {}              # both padding sides proven
+
+
+def _patch_graph():
+    g = rg.Graph()
+    g.add(S("resid_pre", 1, positions="last"), rg.Patch("s1"), name="p")
+    g.add(S("resid_pre", 1, positions="last"), rg.Collect(), name="c")
+    return g
+
+
+def test_setting_patch_source_after_a_run_reads_the_new_stream(lm):
+    def graph(source):
+        g = _patch_graph()
+        g["p"].op.source = source
+        g.add(S("resid_pre", 0, positions=[0]), rg.Patch("s1"), name="q")   # both streams stay read
+        g.add(S("resid_pre", 0, positions=[1]), rg.Patch("s2"), name="r")
+        return g
+
+    sources = {"s1": ["xyz"], "s2": ["qqq"]}
+    g = graph("s1")
+    before = g.run(lm, ["abc"], sources=sources)["c"]
+    g["p"].op.source = "s2"
+    after = g.run(lm, ["abc"], sources=sources)["c"]
+    assert not torch.equal(before, after)
+    assert torch.equal(after, graph("s2").run(lm, ["abc"], sources=sources)["c"])
+    g["p"].op.source = "s3"
+    with pytest.raises(rg.SiteError, match="node 'p'.*stream 's3' was not given"):
+        g.run(lm, ["abc"], sources=sources)
+
+
+def test_setting_patch_site_after_a_run_reads_the_new_site(lm):
+    g = _patch_graph()
+    before = g.run(lm, ["abc"], sources={"s1": ["xyz"]})["c"]
+    g["p"].op.site = S("resid_pre", 0, positions="last")
+    after = g.run(lm, ["abc"], sources={"s1": ["xyz"]})["c"]
+    ref = rg.Graph()
+    ref.add(S("resid_pre", 0, positions="last"), rg.Collect(), name="src")
+    assert not torch.equal(before, after)
+    assert torch.equal(after, ref.run(lm, ["xyz"])["src"])
+
+
+def test_a_changed_op_is_checked_again_before_the_next_run(lm):
+    g = one(S("resid_pre", 1), rg.Add(torch.ones(32)), name="a")
+    g.run(lm, ["ab"])
+    g["a"].op.vector = torch.ones(16)
+    with pytest.raises(rg.SiteError, match="node 'a' at resid_pre.*Add has width 16, the site needs 32"):
+        g.run(lm, ["ab"])
+    g = one(S("resid_pre", 1), rg.Ablate(), name="a")
+    g.run(lm, ["ab"])
+    g["a"].op.mode = "resample"
+    with pytest.raises(rg.SiteError, match="node 'a'.*Ablate\\('resample'\\) .* at least 2 rows"):
+        g.run(lm, ["ab"])
+    g["a"].op.mode = "sideways"
+    with pytest.raises(rg.SiteError, match="node 'a'.*mode must be one of"):
+        g.run(lm, ["ab", "cd"])
+
+
+def test_an_edit_at_resid_mid_does_not_show_in_attn_out(lm):
+    plain = one(S("attn_out", 0), rg.Collect(), name="a")
+    g = rg.Graph()
+    g.add(S("resid_mid", 0), rg.Add(torch.ones(32)), name="push")
+    g.add(S("attn_out", 0), rg.Collect(), name="a")
+    g.add(S("resid_mid", 0), rg.Collect(), name="m")
+    out = g.run(lm, ["abc"])
+    assert torch.equal(out["a"], plain.run(lm, ["abc"])["a"])
+    mid = one(S("resid_mid", 0), rg.Collect(), name="m").run(lm, ["abc"])["m"]
+    torch.testing.assert_close(out["m"], mid + 1)
+    # an edit at attn_out does show in resid_mid (it is written through it)
+    g = rg.Graph()
+    g.add(S("resid_mid", 0), rg.Collect(), name="m")
+    g.add(S("attn_out", 0), rg.Add(torch.ones(32)), name="push")
+    torch.testing.assert_close(g.run(lm, ["abc"])["m"], mid + 1)
+
+
+def test_editing_a_result_in_place_does_not_change_later_runs(lm):
+    first = rg.Graph().run(lm, PROMPTS)
+    ids = first.input_ids.clone()
+    first.input_ids[:] = 7
+    first.attention_mask[:] = 0
+    again = rg.Graph().run(lm, PROMPTS)
+    assert torch.equal(again.input_ids, ids) and bool(again.attention_mask.any())
+
+
+def test_tokens_added_to_the_tokenizer_reach_later_runs():
+    lm = rg.models.tiny("llama")
+    before = rg.Graph().run(lm, ["a <mark> b"]).input_ids
+    lm.tokenizer.add_tokens(["<mark>"])
+    lm.hf.resize_token_embeddings(len(lm.tokenizer))
+    after = rg.Graph().run(lm, ["a <mark> b"]).input_ids
+    assert after.shape[1] < before.shape[1]
+    assert after.tolist() == [lm.tokenizer("a <mark> b")["input_ids"]]
+
+
+def _handles(tmp_path):
+    import socket
+    import threading
+
+    path = tmp_path / "secret.txt"
+    path.write_text("a secret")
+    return {"file_read": lambda: open(path), "file_write": lambda: open(tmp_path / "out.bin", "wb"),
+            "lock": threading.Lock, "rlock": threading.RLock, "generator": lambda: (i for i in range(3)),
+            "socket": socket.socket}
+
+
+@pytest.mark.parametrize("kind", ["file_read", "file_write", "lock", "rlock", "generator", "socket"])
+def test_an_op_holding_a_live_handle_is_refused_before_a_remote_call(lm, tmp_path, kind, monkeypatch):
+    import nnsight.intervention.serialization as serialization
+
+    handle = _handles(tmp_path)[kind]()
+    op = rg.Add(torch.ones(32))
+    op.extra = {"kept": [handle]}
+    sent = []
+    monkeypatch.setattr(serialization, "dumps", lambda *a, **k: sent.append(a) or b"")
+    with pytest.raises(rg.SiteError, match=r"node 'n' at resid_pre\[0\].*holds a live handle, .extra"):
+        one(S("resid_pre", 0), op).run(lm, ["ab"], remote="local")
+    assert sent == []
+    if hasattr(handle, "close"):
+        handle.close()
+
+
+def test_a_file_an_op_reads_through_its_code_is_refused(lm, tmp_path):
+    f = open(_write(tmp_path / "secret.txt", "a secret"))
+
+    class Reader(rg.Add):
+        def forward(self, h, source=None, valid=None):
+            f.read()
+            return h
+
+    with pytest.raises(rg.SiteError, match="node 'n'.*live handle.*an open file"):
+        one(S("resid_pre", 0), Reader(torch.ones(32))).run(lm, ["ab"], remote="local")
+    f.close()
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_first_last_selectors_allocate_in_proportion_to_the_prompt(lm):
+    g = one(S("resid_pre", 0, positions="f30000000+l1"), rg.Collect(), name="c")
+    out = g.run(lm, ["abc", "a"])
+    assert out["c"].shape == (2, 4, 32)       # first 3 and last 1 slot of a batch 3 tokens wide
+    assert out.valid["c"].sum(1).tolist() == [3, 1]
+
+
+def test_building_a_large_graph_computes_no_edges(lm, monkeypatch):
+    calls = []
+    real = rg.Graph._feeds
+    monkeypatch.setattr(rg.Graph, "_feeds", staticmethod(lambda *a, **k: calls.append(1) or real(*a, **k)))
+    g = rg.Graph()
+    for i in range(2000):
+        g.add(S("resid_pre", 0, positions="last"), rg.Collect(), name=f"c{i}")
+    h = rg.Graph()
+    for i in range(2000):
+        h.add(S("resid_pre", 1, positions="last"), rg.Add(torch.zeros(32)), name=f"a{i}")
+    both = g | h
+    out = both.run(lm, ["ab"])
+    assert calls == [] and len(out.collected) == 2000
+    chain = rg.Graph()
+    for i in range(4):
+        chain.add(S("resid_pre", 0), rg.Add(torch.zeros(32)), name=f"a{i}")
+    assert set(chain.edges) == {(f"a{i}", f"a{j}") for i in range(4) for j in range(i + 1, 4)}
+
+
+def test_two_threads_on_one_model_get_what_each_gets_alone(lm):
+    import threading
+
+    g = one(S("resid_post", 0, positions="last"), rg.Add(torch.ones(32)))
+    jobs = [lambda: g.run(lm, ["hello there", "x"], padding_side="right").logits,
+            lambda: g.run(lm, ["hello there", "x"], padding_side="left").logits,
+            lambda: g.generate(lm, ["ab", "abcd"], max_new_tokens=3).ids]
+    alone = [job() for job in jobs]
+    failures = []
+
+    def work(k):
+        for i in range(12):
+            j = (i + k) % len(jobs)
+            try:
+                if not torch.equal(jobs[j](), alone[j]):
+                    failures.append(f"job {j}: another result")
+            except Exception as e:  # noqa: BLE001 - every failure is reported below
+                failures.append(f"job {j}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+
+
+def test_prompts_longer_than_learned_positions_are_refused_before_any_forward():
+    lm = rg.models.tiny("gpt2")     # 128 learned positions
+    with pytest.raises(rg.DataError, match="prompt 1 is 200 tokens; .* learned position embeddings for 128"):
+        rg.Graph().run(lm, ["ab", "a" * 200])
+    with pytest.raises(rg.DataError, match="100 prompt tokens \\+ max_new_tokens=40 pass the 128 positions"):
+        rg.Graph().generate(lm, ["a" * 100], max_new_tokens=40)
+
+
+def test_a_prompt_with_a_lone_surrogate_is_refused(lm):
+    with pytest.raises(rg.DataError, match=r"prompts\[1\] is not valid text: .* lone surrogate"):
+        rg.Graph().run(lm, ["ab", "a\ud800b"])

@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -40,9 +42,9 @@ output: {tmp_path / 'out'}
 def test_train_generate_show(spec, tmp_path, capsys):
     assert main(["train", str(spec)]) == 0
     out = tmp_path / "out"
-    for name in ("graph/graph.json", "graph/weights.safetensors", "history.csv", "curve.png", "graph.png",
-                 "checkpoints/epoch-1/state.json"):
+    for name in ("history.csv", "curve.png", "graph.png", "checkpoints/epoch-1/state.json"):
         assert (out / name).is_file(), name
+    assert len(rg.load_graph(out / "graph")) == 4
     assert "trainable intervention params: 520" in capsys.readouterr().out  # 4 ops x (2*2*32 + 2)
 
     assert main(["generate", str(out / "graph"), "--prompt", "ab", "--prompt", "b", "--no-template",
@@ -146,3 +148,164 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_says_how_to_resume(spec, tmp_path,
     monkeypatch.setattr(training, "_batch_loss", real)
     assert main(["train", str(spec), "--resume"]) == 0
     assert (tmp_path / "out" / "checkpoints" / "epoch-1" / "state.json").is_file()
+
+
+def one_line_error(capsys) -> str:
+    """What the command printed on stderr, besides progress bars: one line."""
+    err = capsys.readouterr().err
+    lines = [line for line in err.replace("\r", "\n").split("\n") if line.strip() and "%|" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# -- resume checks the graph and the settings ---------------------------------------------------
+
+@pytest.mark.parametrize("graph, message", [
+    ("{layers: [1], positions: f1+l1, rank: 2}", "node 'L0_first' (LoReFT at resid_post[0] pos=f1+l0) is in the "
+                                                 "checkpoint, not in this graph"),
+    ("{layers: [0, 1], positions: f1+l1, rank: 2, component: resid_pre}",
+     "node 'L0_first': site resid_post[0] pos=f1+l0, now resid_pre[0] pos=f1+l0"),
+    ("{layers: [0, 1], positions: f1+l1, rank: 2, op: DiReFT}", "node 'L0_first': op LoReFT, now DiReFT"),
+    ("{layers: [0, 1], positions: f1+l1, rank: 4}", "node 'L0_first': LoReFT rank=2, now 4"),
+], ids=["layer", "component", "op", "rank"])
+def test_resume_with_another_graph_exits_2(spec, tmp_path, capsys, graph, message):
+    assert main(["train", str(spec)]) == 0
+    capsys.readouterr()
+    write(spec, spec.read_text().replace("{layers: [0, 1], positions: f1+l1, rank: 2}", graph))
+    assert main(["train", str(spec), "--resume"]) == 2
+    err = one_line_error(capsys)
+    assert "it was trained with another graph" in err and message in err
+
+
+def test_resume_with_other_settings_exits_2(spec, capsys):
+    assert main(["train", str(spec)]) == 0
+    capsys.readouterr()
+    write(spec, spec.read_text().replace("batch_size: 2", "batch_size: 4"))
+    assert main(["train", str(spec), "--resume"]) == 2
+    assert "other settings (batch_size=2, now 4)" in one_line_error(capsys)
+
+
+# -- training that turns non-finite -------------------------------------------------------------
+
+@pytest.mark.parametrize("train, message", [
+    ("{epochs: 1, lr: 3.0e+37, weight_decay: 100}", "became NaN or infinite in the optimizer step"),
+    ("{epochs: 1, lr: 1.0e+38}", "the optimizer step overflowed"),
+], ids=["weights_infinite", "adamw_overflow"])
+def test_non_finite_training_exits_1_and_writes_nothing(spec, tmp_path, capsys, train, message):
+    write(spec, spec.read_text().replace("{epochs: 2, batch_size: 2, lr: 0.01}", train))
+    assert main(["train", str(spec)]) == 1
+    err = one_line_error(capsys)
+    assert err.startswith("reftgraph train: training stopped: ") and message in err
+    assert not (tmp_path / "out" / "graph").exists()
+    assert not list((tmp_path / "out" / "checkpoints").iterdir())
+
+
+# -- everything that can be checked before training is, and is one line, exit 2 ------------------
+
+def no_model_load(monkeypatch):
+    import reftgraph.models
+
+    monkeypatch.setattr(reftgraph.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": None, "response": "x"}, "train.jsonl:2: 'prompt' must be a string, got null"),
+    ({"prompt": ["a", "b"], "response": "x"}, "train.jsonl:2: 'prompt' must be a string, got [\"a\", \"b\"]"),
+    ({"prompt": "a", "response": 0}, "train.jsonl:2: 'response' must be a string, got 0"),
+    ({"text": None, "label": 0}, "train.jsonl:2: 'text' must be a string, got null"),
+    ({"text": "a", "label": True}, "train.jsonl:2: a classification row needs an integer 'label'"),
+    ({"text": "a", "label": -1}, "class index in 0..9999 (at most 10,000 classes); got -1"),
+    ({"text": "a", "label": 10**9}, "class index in 0..9999 (at most 10,000 classes); got 1000000000"),
+], ids=["prompt_null", "prompt_list", "response_int", "text_null", "label_true", "label_negative", "label_huge"])
+def test_rows_that_are_not_text_exit_2(spec, tmp_path, capsys, monkeypatch, row, message):
+    first = {"text": "ab", "label": 0} if "text" in row else {"prompt": "ab", "response": "cd"}
+    write(tmp_path / "train.jsonl", json.dumps(first) + "\n" + json.dumps(row) + "\n")
+    no_model_load(monkeypatch)
+    assert main(["train", str(spec)]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_a_data_file_that_is_not_utf8_exits_2(spec, tmp_path, capsys, monkeypatch):
+    latin1 = '{"prompt": "ab", "response": "cd"}\n{"prompt": "été", "response": "x"}'.encode("latin-1")
+    (tmp_path / "train.jsonl").write_bytes(latin1)
+    no_model_load(monkeypatch)
+    assert main(["train", str(spec)]) == 2
+    assert "train.jsonl:2: not UTF-8 text (byte 0xe9 at offset 47)" in one_line_error(capsys)
+
+
+def test_a_spec_that_is_not_utf8_exits_2(spec, capsys, monkeypatch):
+    spec.write_bytes(spec.read_text().replace("graph:", "# réglages\ngraph:").encode("latin-1"))
+    no_model_load(monkeypatch)
+    assert main(["train", str(spec)]) == 2
+    assert "spec.yaml:3: not UTF-8 text (byte 0xe9" in one_line_error(capsys)
+
+
+def test_unicode_line_separators_inside_strings_are_text():
+    from reftgraph.cli.spec import read_rows
+
+    rows = [{"prompt": "one\u2028two\u2029three\x85four", "response": "x"}, {"prompt": "b", "response": "y"}]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "t.jsonl"
+        path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\r\n{bad\n", encoding="utf-8",
+                        newline="")
+        with pytest.raises(rg.DataError, match="t.jsonl:3: not valid JSON"):
+            read_rows(path)
+        path.write_text("\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8", newline="")
+        assert read_rows(path) == rows
+
+
+@pytest.mark.parametrize("case, message", [
+    ("model_missing", "model '/no/such/model' does not exist"),
+    ("output_under_a_file", "cannot be created or written"),
+    ("graph_is_a_file", "exists and is not a saved graph"),
+    ("lr_inf", "train.lr must be a finite number, got inf"),
+    ("chat_template", "has none; pass template=None"),
+], ids=["model_missing", "output_under_a_file", "graph_is_a_file", "lr_inf", "chat_template"])
+def test_problems_found_before_training_exit_2(spec, tmp_path, capsys, monkeypatch, case, message):
+    import reftgraph.training.supervised as training
+
+    text = spec.read_text()
+    if case == "model_missing":
+        text = text.replace(text.split("model: ")[1].split()[0], "/no/such/model")
+    elif case == "output_under_a_file":
+        write(tmp_path / "plain-file", "x")
+        text = text.replace(f"output: {tmp_path / 'out'}", f"output: {tmp_path / 'plain-file' / 'out'}")
+    elif case == "graph_is_a_file":
+        (tmp_path / "out").mkdir()
+        write(tmp_path / "out" / "graph", "notes")
+    elif case == "lr_inf":
+        text = text.replace("lr: 0.01", "lr: .inf")
+    else:
+        text = text.replace("data: {path: train.jsonl}", "data: {path: train.jsonl, template: chat}")
+    write(spec, text)
+    monkeypatch.setattr(training, "fit", lambda *a, **k: pytest.fail("training started"))
+    assert main(["train", str(spec)]) == 2
+    assert message in one_line_error(capsys)
+
+
+def test_generate_with_the_chat_template_on_a_model_without_one_exits_2(spec, tmp_path, tiny_path, capsys,
+                                                                        monkeypatch):
+    assert main(["train", str(spec)]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(rg.Graph, "generate", lambda *a, **k: pytest.fail("generation started"))
+    assert main(["generate", str(tmp_path / "out" / "graph"), "--prompt", "ab"]) == 2
+    err = one_line_error(capsys)
+    assert f"the tokenizer of '{tiny_path}' has none" in err and "--no-template" in err
+
+
+def test_show_escapes_control_characters_in_names(tmp_path, capsys):
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=1, positions="last"), rg.Collect(), name="\x1b[2J\x1b[31mred\u202e")
+    folder = g.save(tmp_path / "g")
+    assert main(["show", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\u202e" not in out
+    assert "\\x1b[2J\\x1b[31mred\\u202e" in out
+
+
+def test_generate_with_a_model_path_that_does_not_exist_exits_2(tmp_path, capsys):
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=1, positions="last"), rg.Collect(), name="c")
+    folder = g.save(tmp_path / "g")
+    assert main(["generate", str(folder), "--prompt", "ab", "--model", str(tmp_path / "no-such-model")]) == 2
+    assert "no-such-model' does not exist" in one_line_error(capsys)

@@ -147,7 +147,26 @@ def test_prompt_has_one_column_per_token_of_the_longest_row():
 def test_first_last_on_short_prompts_never_repeats(length, expected):
     sel = resolve_positions("f3+l3", torch.tensor([0]), torch.tensor([length]))
     assert picked(sel) == [expected]
-    assert sel.index.shape[1] == 6
+    assert sel.index.shape[1] == 2 * min(3, length)   # no slot beyond the prompt is allocated
+    wide = resolve_positions("f3+l3", torch.tensor([0]), torch.tensor([length]), cap=8)
+    assert picked(wide) == [expected] and wide.index.shape[1] == 6   # in a batch 8 tokens wide
+
+
+def test_first_last_allocates_in_proportion_to_the_prompt_not_to_n():
+    sel = resolve_positions("f3000000000+l2000000000", torch.tensor([0, 1]), torch.tensor([3, 2]))
+    assert sel.index.shape == (2, 6)
+    assert picked(sel) == [[0, 1, 2], [1, 2]]
+
+
+def test_a_huge_slice_step_reaches_one_position_without_overflow():
+    sel = resolve_positions(slice(1, None, 2**62), torch.tensor([0]), torch.tensor([4]))
+    assert picked(sel) == [[1]]
+
+
+@pytest.mark.parametrize("positions", [[2**63], [-(2**70)], slice(0, 2**64), "f99999999999+l1"])
+def test_positions_beyond_any_prompt_are_refused_when_the_site_is_made(positions):
+    with pytest.raises(rg.SiteError, match="2147483647"):
+        rg.Site("resid_pre", layer=0, positions=positions)
 
 
 def test_first_last_rows_of_different_lengths_in_one_batch():

@@ -274,7 +274,7 @@ def test_resume_from_any_checkpoint_is_exact(lm, tmp_path):
         for k, v in params(straight).items():
             assert torch.equal(params(resumed)[k], v), (epoch, k)
         assert sorted(os.listdir(tmp_path / f"again{epoch}")) == [f"epoch-{e}" for e in range(epoch + 1, 3)]
-    with pytest.raises(ValueError, match=r"other settings \(batch_size=2, now 4"):
+    with pytest.raises(rg.GraphFileError, match=r"other settings \(batch_size=2, now 4"):
         rg.train(build(), lm, data, resume=ckpt / "epoch-0", **dict(kw, batch_size=4))
     with pytest.raises(ValueError, match=r"not a checkpoint folder .*epoch-0"):
         rg.train(build(), lm, data, resume=ckpt / "epoch-7", **kw)
@@ -332,9 +332,146 @@ def test_nan_gradient_with_a_finite_loss_stops_too(lm):
     (dict(epochs=0), "epochs must be a positive int, got 0"),
     (dict(batch_size=0), "batch_size must be a positive int, got 0"),
     (dict(grad_accum=0), "grad_accum must be a positive int, got 0"),
-    (dict(lr=0.0), "lr must be > 0, got 0.0"),
+    (dict(lr=0.0), "lr must be > 0 and finite, got 0.0"),
+    (dict(lr=float("inf")), "lr must be > 0 and finite, got inf"),
+    (dict(lr=float("nan")), "lr must be > 0 and finite, got nan"),
+    (dict(weight_decay=float("inf")), "weight_decay must be >= 0 and finite, got inf"),
 ])
 def test_bad_training_arguments_fail_before_any_step(lm, bad, message):
     g = rg.reft_graph(lm, layers=[0], positions="last", rank=2)
     with pytest.raises(ValueError, match=message):
         rg.train(g, lm, rg.data.PromptResponse([("ab", "cd")]), progress=False, **bad)
+
+
+# -- (10) resume checks the graph; stray names in the checkpoint folder -------------------------
+
+@pytest.fixture(scope="module")
+def checkpoint(lm, tmp_path_factory):
+    """A checkpoint of a LoReFT at resid_post[0], last position, rank 2 (one epoch)."""
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    g = rg.reft_graph(lm, layers=[0], positions="last", rank=2, seed=0)
+    rg.train(g, lm, rg.data.PromptResponse(PAIRS), epochs=1, batch_size=4, checkpoint_dir=ckpt, progress=False)
+    return ckpt / "epoch-0"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(layers=[1]), "node 'L0' (LoReFT at resid_post[0] pos=last) is in the checkpoint, not in this graph; "
+                       "node 'L1' (LoReFT at resid_post[1] pos=last) is in this graph"),
+    (dict(component="resid_pre"), "node 'L0': site resid_post[0] pos=last, now resid_pre[0] pos=last"),
+    (dict(op="DiReFT"), "node 'L0': op LoReFT, now DiReFT"),
+    (dict(rank=4), "node 'L0': LoReFT rank=2, now 4"),
+    (dict(positions="f1+l1"), "node 'L0_first' (LoReFT at resid_post[0] pos=f1+l0) is in this graph"),
+    (dict(layers=[0, 1]), "node 'L1' (LoReFT at resid_post[1] pos=last) is in this graph, not in the checkpoint"),
+], ids=["layer", "component", "op", "rank", "positions", "more_nodes"])
+def test_resume_refuses_a_checkpoint_of_another_graph(lm, checkpoint, change, message):
+    kw = dict(layers=[0], positions="last", rank=2, seed=0)
+    g = rg.reft_graph(lm, **dict(kw, **change))
+    before = params(g)
+    with pytest.raises(rg.GraphFileError) as err:
+        rg.train(g, lm, rg.data.PromptResponse(PAIRS), epochs=2, batch_size=4, resume=checkpoint, progress=False)
+    assert f"cannot resume from {checkpoint}: it was trained with another graph (" in str(err.value)
+    assert message in str(err.value) and "\n" not in str(err.value)
+    for k, v in params(g).items():  # nothing was loaded
+        assert torch.equal(v, before[k]), k
+
+
+def test_resume_refuses_other_trainable_nodes(lm, checkpoint):
+    g = rg.reft_graph(lm, layers=[0], positions="last", rank=2, seed=0)
+    g.add(rg.Site("resid_post", layer=1), rg.Add(torch.zeros(32), trainable=False), name="steer")
+    g.add(rg.Site("resid_post", layer=1), rg.Collect(), name="c")
+    with pytest.raises(rg.GraphFileError, match="node 'steer' .Add at resid_post.1. pos=all. is in this graph"):
+        rg.train(g, lm, rg.data.PromptResponse(PAIRS), epochs=2, batch_size=4, resume=checkpoint, progress=False)
+
+
+def test_stray_names_in_the_checkpoint_folder_are_ignored(lm, checkpoint, tmp_path):
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt / "epoch-0")
+    (ckpt / "epoch-best").mkdir()
+    (ckpt / "epoch-3.log").write_text("notes")
+    (ckpt / "epoch-07").mkdir()
+    (ckpt / "epoch-x9").mkdir()
+    assert rg.training.latest_checkpoint(ckpt) == ckpt / "epoch-0"
+    g = rg.reft_graph(lm, layers=[0], positions="last", rank=2, seed=0)
+    h = rg.train(g, lm, rg.data.PromptResponse(PAIRS), epochs=1, batch_size=4, checkpoint_dir=ckpt, resume=True,
+                 progress=False)
+    assert h["epoch"].tolist() == [0]  # resumed from epoch-0: nothing left to train
+    assert sorted(p.name for p in ckpt.iterdir()) == ["epoch-0", "epoch-07", "epoch-3.log", "epoch-best", "epoch-x9"]
+
+
+def test_resume_from_a_folder_without_state_is_a_file_error(lm, checkpoint, tmp_path):
+    import shutil
+
+    shutil.copytree(checkpoint, tmp_path / "epoch-0")
+    (tmp_path / "epoch-0" / "state.json").write_text("[1, 2")
+    g = rg.reft_graph(lm, layers=[0], positions="last", rank=2, seed=0)
+    with pytest.raises(rg.GraphFileError, match="state.json cannot be read"):
+        rg.train(g, lm, rg.data.PromptResponse(PAIRS), epochs=2, batch_size=4, resume=tmp_path / "epoch-0",
+                 progress=False)
+
+
+# -- (11) a step that makes the weights non-finite is undone ----------------------------------
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_a_step_that_makes_the_weights_non_finite_is_undone(lm, tmp_path, epochs):
+    """lr 3e37 with weight decay 100 turns the weights infinite in the first step: training
+    stops there, the weights from before the step are put back, no checkpoint is written."""
+    g = rg.reft_graph(lm, layers=[0], positions="last", rank=2, seed=0)
+    before = params(g)
+    with pytest.raises(rg.training.NonFiniteLoss, match=r"the weights of node\(s\) 'L0' became NaN or infinite in "
+                       r"the optimizer step \(lr 3e\+37\) at epoch 0, step 0; the graph was rolled back") as err:
+        rg.train(g, lm, rg.data.PromptResponse(PAIRS), epochs=epochs, batch_size=4, lr=3e37, weight_decay=100.0,
+                 checkpoint_dir=tmp_path, progress=False)
+    assert err.value.history.empty and err.value.checkpoint is None
+    assert not list(tmp_path.iterdir())  # no checkpoint, finite or not
+    for k, v in params(g).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_an_lr_that_overflows_adamw_stops_cleanly(lm, tmp_path):
+    g = rg.reft_graph(lm, layers=[0], positions="last", rank=2, seed=0)
+    before = params(g)
+    with pytest.raises(rg.training.NonFiniteLoss, match=r"the optimizer step overflowed \(lr 1e\+38"):
+        rg.train(g, lm, rg.data.PromptResponse(PAIRS), epochs=1, batch_size=4, lr=1e38, checkpoint_dir=tmp_path,
+                 progress=False)
+    assert not list(tmp_path.iterdir())
+    for k, v in params(g).items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_non_finite_weights_after_good_steps_keep_the_last_good_ones(lm):
+    """Steps 0 and 1 are fine; step 2 would make the weights infinite: the graph keeps the
+    weights after step 1 (the message says so, truthfully)."""
+    g = rg.Graph()
+    _ = g.add(rg.Site("resid_post", layer=0), rg.Add(torch.zeros(32), trainable=True), name="v")
+    vector = g["v"].op.vector
+    seen = []
+
+    def loss(step):
+        seen.append(vector.detach().clone())
+        if step == 2:
+            with torch.no_grad():
+                vector[0] = 3.4e38      # finite, but the next step pushes it past float32's max
+        return -vector[0]
+
+    with pytest.raises(rg.training.NonFiniteLoss, match="became NaN or infinite .* at epoch 0, step 2") as err:
+        rg.training.fit(g, lm, lambda epoch: [0, 1, 2, 3], loss, epochs=1, lr=1e37, progress=False)
+    assert len(err.value.history) == 2
+    assert torch.isfinite(vector).all() and float(vector[0].detach()) == pytest.approx(3.4e38)
+
+
+# -- (12) data must be text --------------------------------------------------------------------
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: rg.data.PromptResponse([("a", "b"), (None, "x")]), "row 1's prompt must be a string, got None"),
+    (lambda: rg.data.PromptResponse([(["a", "b"], "x")]), "row 0's prompt must be a string, got ['a', 'b']"),
+    (lambda: rg.data.PromptResponse([("a", 0)]), "row 0's response must be a string, got 0"),
+    (lambda: rg.data.Classification(["a", None], [0, 1]), "row 1's text must be a string, got None"),
+    (lambda: rg.data.Classification(["a", "b"], [0, 10**9]), "at most 10,000 classes); label 1 is 1000000000"),
+    (lambda: rg.data.Classification(["a", "b"], [True, 0]), "label 0 is True"),
+], ids=["prompt_none", "prompt_list", "response_int", "text_none", "label_huge", "label_bool"])
+def test_data_that_is_not_text_is_refused(build, message):
+    with pytest.raises(rg.DataError) as err:
+        build()
+    assert message in str(err.value)

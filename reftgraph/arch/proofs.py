@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from ..core.sites import COMPONENTS, HEAD_COMPONENTS
+from .positions import prove_positions
 from .qkv import FUSED_LAYOUTS, slicer
 from .styles import STYLES, Record
 from .tree import BlockPaths, blocks_of, kind_of, linear_shape, read_tree
@@ -465,13 +466,14 @@ def _tiny_instance(model, family):
     return tiny
 
 
-def prove(model, d_model: int, family=None) -> tuple[str, list[Block]]:
-    """``(path of the block list, a proven Block per layer)`` for a transformers model.
+def prove(model, d_model: int, family=None) -> tuple[str, list[Block], tuple]:
+    """``(path of the block list, a proven Block per layer, (position mode, padding
+    failures))`` for a transformers model (positions: :mod:`reftgraph.arch.positions`).
 
     >>> import reftgraph as rg
-    >>> layers, blocks = prove(rg.models.tiny("gpt2").hf, 32)
-    >>> layers, blocks[1].style, blocks[1].qkv_layout
-    ('transformer.h', 'sequential', 'concat')
+    >>> layers, blocks, positions = prove(rg.models.tiny("gpt2").hf, 32)
+    >>> layers, blocks[1].style, blocks[1].qkv_layout, positions
+    ('transformer.h', 'sequential', 'concat', ('explicit', {}))
 
     Proofs run on a tiny instance of the config (or, when none can be built, on the
     model itself) and are cached per config.
@@ -481,7 +483,7 @@ def prove(model, d_model: int, family=None) -> tuple[str, list[Block]]:
     key = _key(model, family)
     if key not in _CACHE:
         _CACHE[key] = _prove_all(model, family)
-    proven = _CACHE[key]
+    proven, positions = _CACHE[key]
     blocks = []
     for i, block in enumerate(real):
         kind = kind_of(block)
@@ -491,7 +493,7 @@ def prove(model, d_model: int, family=None) -> tuple[str, list[Block]]:
             continue
         heads, widths = dims_of(model.config, block, paths[i])
         blocks.append(replace(proven[kind], paths=paths[i], heads=heads, widths=widths))
-    return layers, blocks
+    return layers, blocks, positions
 
 
 def _prove_all(model, family) -> dict:
@@ -499,7 +501,7 @@ def _prove_all(model, family) -> dict:
         tiny = _tiny_instance(model, family)
     except Exception:  # noqa: BLE001 - any config the shrinker cannot build: prove on the model itself
         if any(p.is_meta for p in model.parameters()):
-            return {}
+            return {}, ("explicit", {})
         tiny = model
     d_model = getattr(tiny.config, "hidden_size", None) or tiny.get_input_embeddings().embedding_dim
     _, paths = read_tree(tiny, d_model, family)
@@ -514,6 +516,7 @@ def _prove_all(model, family) -> dict:
             kind = kind_of(block)
             if kind not in proven:
                 proven[kind] = _prove_kind(tiny, blocks, i, ids, paths[i])
+        positions = prove_positions(tiny, ids)
     finally:
         tiny.train(was_training)
-    return proven
+    return proven, positions

@@ -19,6 +19,7 @@ from typing import Callable, Optional, Union
 
 from ..core.sites import COMPONENTS, HEAD_COMPONENTS, STAGES
 from ..errors import SiteError
+from .positions import learned_limit, model_inputs
 from .qkv import slicer
 
 @dataclass(frozen=True)
@@ -132,6 +133,18 @@ class Arch:
     head_dim: int
     d_mlp: int
     blocks: tuple = field(default=(), repr=False)
+    positions: str = "explicit"   # how the engine numbers positions (see reftgraph.arch.positions)
+    padding: dict = field(default_factory=dict, repr=False)   # padding side -> why its proof failed
+    max_tokens: Optional[int] = None   # the longest input learned position embeddings allow
+
+    def inputs(self, input_ids, attention_mask) -> dict:
+        """The model inputs for a padded batch: ids, mask, and position ids where the model takes them.
+
+        >>> import torch, reftgraph as rg
+        >>> sorted(rg.models.tiny("llama").arch.inputs(torch.tensor([[3, 4]]), torch.ones(1, 2, dtype=torch.long)))
+        ['attention_mask', 'input_ids', 'position_ids']
+        """
+        return model_inputs(self.positions, input_ids, attention_mask)
 
     @classmethod
     def of(cls, model) -> "Arch":
@@ -151,7 +164,7 @@ class Arch:
         user = family_for(config)
         embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         d_model = getattr(config, "hidden_size", None) or getattr(embed, "embedding_dim", None)
-        layers, blocks = prove(model, d_model, user)
+        layers, blocks, (positions, padding) = prove(model, d_model, user)
         first_attn = next((b for b in blocks if b.paths.attn), blocks[0])
         p = first_attn.paths
         family = Family(user.name if user else getattr(config, "model_type", type(model).__name__),
@@ -160,7 +173,8 @@ class Arch:
         nq, nkv = first_attn.heads
         w = first_attn.widths
         d_mlp = next((b.widths["mlp_act"] for b in blocks if "mlp_act" in b.widths), 0)
-        return cls(family, len(blocks), d_model, nq, nkv, w.get("head_out", 0), d_mlp, tuple(blocks))
+        return cls(family, len(blocks), d_model, nq, nkv, w.get("head_out", 0), d_mlp, tuple(blocks), positions,
+                   padding, learned_limit(model, positions))
 
     # -- what exists where ---------------------------------------------------
     def refusal(self, component: str, layer: int) -> Optional[str]:

@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,10 +29,68 @@ def _top(lm, logits) -> str:
     return lm.tokenizer.decode(int(logits.argmax()))
 
 
+def printable(text) -> str:
+    """``text`` with control and other non-printable characters escaped, so that a name read
+    from a file cannot move the cursor, recolour or rewrite the terminal.
+
+    >>> printable("red\\x1b[31m node\\u202e\\n")
+    'red\\\\x1b[31m node\\\\u202e\\\\n'
+    """
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _model_error(name: str, e: Exception) -> SpecError:
+    if _looks_like_path(name) and not Path(name).expanduser().exists():
+        return SpecError(f"model {name!r} does not exist (not a folder, and not a model name or a Hugging Face id)")
+    return SpecError(f"model {name!r} cannot be read: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
+
+
 def _n_layers(name: str) -> int:
+    """The model's number of layers, read from its config; a model that cannot be found is a SpecError."""
     from ..arch.models import config_of
 
-    return config_of(name).num_hidden_layers
+    try:
+        return config_of(name).num_hidden_layers
+    except (OSError, ValueError) as e:
+        if isinstance(e, ReftgraphError):
+            raise
+        raise _model_error(name, e) from None
+
+
+def _load(name: str):
+    """``rg.load(name)``; a model that cannot be found is a SpecError."""
+    import reftgraph as rg
+
+    try:
+        return rg.load(name)
+    except OSError as e:
+        raise _model_error(name, e) from None
+
+
+def _check_output(out: Path) -> None:
+    """Create the output folder (and its checkpoints/) and write a file there before any
+    training, so that a folder that cannot be written fails now, not after an epoch."""
+    from ..files import load_graph
+
+    try:
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise SpecError(f"output folder {out} cannot be created or written ({e.strerror or e}); "
+                        "set 'output' to a folder you can write") from None
+    graph = out / "graph"
+    if not (graph.exists() or graph.is_symlink()) or graph.is_dir() and not any(graph.iterdir()):
+        return
+    try:
+        load_graph(graph)   # a saved graph is replaced by the new one; anything else would be refused
+    except ReftgraphError as e:
+        raise SpecError(f"{graph} exists and is not a saved graph ({printable(e)[:200]}): the trained graph would "
+                        "not be saved there; remove it or set another 'output'") from None
 
 
 # -- train ---------------------------------------------------------------------
@@ -62,7 +122,8 @@ def train_cmd(args) -> int:
     held_out = _dataset(spec, "eval_path") if spec["data"].get("eval_path") else None  # read before the model loads
     check_layers(spec, _n_layers(spec["model"]))
     out = Path(spec["output"])
-    lm = rg.load(spec["model"])
+    _check_output(out)
+    lm = _load(spec["model"])
     g = rg.reft_graph(lm, **spec["graph"])
     if isinstance(dataset, rg.data.Classification):
         g.add(rg.Site("resid_post", layer=-1, positions="last"),
@@ -81,6 +142,9 @@ def train_cmd(args) -> int:
             eval_fn = (lambda graph, model, epoch: {"eval_loss": rg.training.evaluate(graph, model, held_out, **keep)})
         history = rg.train(g, lm, dataset, checkpoint_dir=checkpoints, resume=args.resume, eval_fn=eval_fn,
                            **spec["train"])
+    except rg.training.NonFiniteLoss as e:
+        print(f"reftgraph train: {printable(e)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         last = latest_checkpoint(checkpoints)
         where = f"the last complete checkpoint is {last}" if last else "no epoch finished, so no checkpoint"
@@ -104,34 +168,39 @@ def _saved_model_name(folder: Path) -> str:
     for a folder that is not a valid saved graph)."""
     import json
 
-    from ..files.io import load_graph
+    from ..files import current_folder, load_graph
 
     load_graph(folder)
-    info = json.loads((folder / "graph.json").read_text())["model"] or {}
+    info = json.loads((current_folder(folder) / "graph.json").read_text(encoding="utf-8"))["model"] or {}
     return info.get("name") or "smollm2-135m-instruct"
 
 
 def generate_cmd(args) -> int:
     import reftgraph as rg
 
+    from ..engine.prompts import check_chat_template
+    from .spec import read_lines
+
     folder = Path(args.dir)
     if args.prompts:
         p = Path(args.prompts)
         if not p.is_file():
             raise SpecError(f"prompts file not found: {p}")
-        prompts = [line for line in p.read_text().splitlines() if line.strip()]
+        prompts = [line for line in read_lines(p) if line.strip()]
     else:
         prompts = args.prompt
     if not prompts:
         raise SpecError("give --prompt TEXT (repeatable) or --prompts FILE")
     name = args.model or _saved_model_name(folder)
-    lm = rg.load(name)
+    lm = _load(name)
     g = rg.load_graph(folder, model=lm)
+    if not args.no_template:
+        check_chat_template(lm.tokenizer, name)
     kw = dict(max_new_tokens=args.max_new_tokens, template=None if args.no_template else "chat")
     plain = rg.Graph().generate(lm, prompts, **kw).texts
     steered = g.generate(lm, prompts, **kw).texts
     for p, a, b in zip(prompts, plain, steered):
-        print(f"prompt: {p}\n  without graph: {a.strip()!r}\n  with graph:    {b.strip()!r}\n")
+        print(f"prompt: {printable(p)}\n  without graph: {a.strip()!r}\n  with graph:    {b.strip()!r}\n")
     return 0
 
 
@@ -140,12 +209,13 @@ def show_cmd(args) -> int:
 
     folder = Path(args.dir)
     g = rg.load_graph(folder)
-    print(g.summary().to_string(index=False))
+    table = g.summary().map(lambda v: printable(v) if isinstance(v, str) else v)
+    print(table.to_string(index=False))
     print(f"\n{len(g)} nodes, {g.num_parameters():,d} trainable parameters "
           f"({g.num_parameters(trainable_only=False):,d} in all)")
     png = Path(args.png) if args.png else folder / "graph.png"
     g.draw().savefig(png, dpi=120)
-    print(f"picture: {png}")
+    print(f"picture: {printable(png)}")
     return 0
 
 
@@ -314,7 +384,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except ReftgraphError as e:
-        print(f"reftgraph {args.command}: error: {e}", file=sys.stderr)
+        print(f"reftgraph {args.command}: error: {printable(e)}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from pathlib import Path
 
 from dataclasses import dataclass, field, fields
@@ -21,9 +22,20 @@ from typing import Optional
 
 from ..core.ops.reft import ACTIVATIONS, REFT_OPS
 from ..core.sites import COMPONENTS, normalise_positions
-from ..errors import SiteError, SpecError
+from ..errors import DataError, SiteError, SpecError
+from ..training.data import MAX_CLASSES
 
-__all__ = ["DataSpec", "GraphSpec", "Section", "TrainSpec", "check_layers", "read_rows", "read_spec"]
+__all__ = ["DataFileError", "DataSpec", "GraphSpec", "Section", "TrainSpec", "check_layers", "read_lines",
+           "read_rows", "read_spec"]
+
+
+class DataFileError(SpecError, DataError):
+    """A data file named by a spec that cannot be used: both a :class:`SpecError` (the spec
+    points at it) and a :class:`DataError` (what is wrong is the data); it names the line.
+
+    >>> issubclass(DataFileError, SpecError) and issubclass(DataFileError, DataError)
+    True
+    """
 
 def _number(low=None, high=None, integer=False, none_ok=False, low_open=False):
     """A check of one value: an int (or a number) in a range; returns the error text or None."""
@@ -36,6 +48,8 @@ def _number(low=None, high=None, integer=False, none_ok=False, low_open=False):
         if v is None and none_ok:
             return None
         ok = isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
+        if ok and not math.isfinite(v):
+            return f"must be a finite number, got {v!r}"
         ok = ok and (low is None or (v > low if low_open else v >= low)) and (high is None or v < high)
         return None if ok else f"must be {wanted}, got {v!r}"
 
@@ -177,7 +191,7 @@ def read_spec(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
-    text = path.read_text()
+    text = read_text(path, SpecError)
     try:
         if path.suffix in (".yaml", ".yml"):
             import yaml
@@ -222,41 +236,107 @@ def read_spec(path) -> dict:
     return spec
 
 
+def read_text(path, error=DataFileError) -> str:
+    r"""The text of a UTF-8 file (a leading byte-order mark is dropped); other bytes are
+    ``error``, naming the line.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "t.jsonl"
+    >>> _ = path.write_bytes(b'{"prompt": "a"}\n{"prompt": "\xe9"}\n')
+    >>> read_text(path)                   # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.cli.spec.DataFileError: .../t.jsonl:2: not UTF-8 text (byte 0xe9 at offset 28); save the file as UTF-8
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); "
+                    "save the file as UTF-8") from None
+
+
+def read_lines(path) -> list:
+    r"""The lines of a UTF-8 text file, split on newlines only ("\n", or "\r\n"): other
+    Unicode line separators (U+2028, U+2029, U+0085) are text, as JSON allows in strings.
+
+    >>> import tempfile
+    >>> path = Path(tempfile.mkdtemp()) / "prompts.txt"
+    >>> _ = path.write_text("Why\u2028not?\r\nHi\n", encoding="utf-8", newline="")
+    >>> read_lines(path)
+    ['Why\u2028not?', 'Hi', '']
+    """
+    return [line[:-1] if line.endswith("\r") else line for line in read_text(path).split("\n")]
+
+
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False)[:60]
+
+
+def _check_row(row, where: str) -> None:
+    if not isinstance(row, dict):
+        raise DataFileError(f"{where}: each line must be a JSON object")
+    if "prompt" in row:
+        if not isinstance(row["prompt"], str):
+            raise DataFileError(f"{where}: 'prompt' must be a string, got {_json(row['prompt'])}")
+        response = row.get("response", "")
+        if not isinstance(response, str):
+            raise DataFileError(f"{where}: 'response' must be a string, got {_json(response)}")
+        if not response.strip():
+            raise DataFileError(f"{where}: the row has a prompt but no response")
+    elif "text" in row:
+        if not isinstance(row["text"], str):
+            raise DataFileError(f"{where}: 'text' must be a string, got {_json(row['text'])}")
+        label = row.get("label")
+        if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < MAX_CLASSES:
+            raise DataFileError(f"{where}: a classification row needs an integer 'label', a class index in "
+                                f"0..{MAX_CLASSES - 1} (at most {MAX_CLASSES:,d} classes); got {_json(label)}")
+    else:
+        raise DataFileError(f"{where}: a row needs 'prompt' and 'response' (or 'text' and 'label')")
+
+
 def read_rows(path) -> list:
-    """Rows of a JSONL file: ``{"prompt", "response"}`` or ``{"text", "label"}``, all of one kind.
+    r"""Rows of a JSONL file: ``{"prompt", "response"}`` or ``{"text", "label"}``, all of one kind.
 
     >>> import tempfile
     >>> path = Path(tempfile.mkdtemp()) / "train.jsonl"
-    >>> _ = path.write_text('{"prompt": "Hi?", "response": "HELLO."}\\n\\n{"prompt": "Sky?", "response": "BLUE."}\\n')
+    >>> _ = path.write_text('{"prompt": "Hi?", "response": "HELLO."}\n\n{"prompt": "Sky?", "response": "BLUE."}\n')
     >>> read_rows(path)
     [{'prompt': 'Hi?', 'response': 'HELLO.'}, {'prompt': 'Sky?', 'response': 'BLUE.'}]
+
+    Prompts, responses and texts must be strings and labels class indices (ints in
+    0..9999); every problem is a :class:`DataFileError` naming the file, line and field.
+
+    >>> _ = path.write_text('{"prompt": "Hi?", "response": "HELLO."}\n{"prompt": null, "response": "X"}\n')
+    >>> read_rows(path)                   # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.cli.spec.DataFileError: .../train.jsonl:2: 'prompt' must be a string, got null
     """
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"data file not found: {path}")
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SpecError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise SpecError(f"{path}:{i}: each line must be a JSON object")
-        if "prompt" in row:
-            if not str(row.get("response", "")).strip():
-                raise SpecError(f"{path}:{i}: the row has a prompt but no response")
-        elif "text" in row:
-            if not isinstance(row.get("label"), int):
-                raise SpecError(f"{path}:{i}: a classification row needs an integer 'label'")
-        else:
-            raise SpecError(f"{path}:{i}: a row needs 'prompt' and 'response' (or 'text' and 'label')")
+            raise DataFileError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataFileError(f"{path}:{i}: not valid JSON (nested too deeply)") from None
+        _check_row(row, f"{path}:{i}")
         rows.append(row)
     if not rows:
-        raise SpecError(f"{path}: the dataset is empty")
+        raise DataFileError(f"{path}: the dataset is empty")
     if len({"prompt" in r for r in rows}) > 1:
-        raise SpecError(f"{path}: mixes prompt/response rows with text/label rows")
+        raise DataFileError(f"{path}: mixes prompt/response rows with text/label rows")
     return rows
 
 

@@ -84,6 +84,31 @@ def site_order(site: Site) -> tuple:
     return (layer, STAGES[site.component])
 
 
+def check_node(node: Node) -> None:
+    """Raise :class:`SiteError` when ``node``'s stream or what its op reads is not well formed.
+
+    >>> import reftgraph as rg
+    >>> check_node(Node("p", rg.Site("resid_pre", layer=0), rg.Patch(source=None)))
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.SiteError: node 'p' at resid_pre[0] pos=all: Patch reads another stream: source= must be a stream name such as 'source', got None
+    """
+    where = f"node {node.name!r} at {node.site}: "
+    if not (isinstance(node.stream, str) and node.stream):
+        raise SiteError(f"{where}stream must be a non-empty string such as 'base' or 'source', got {node.stream!r}")
+    problem = node.op.check_config()
+    if problem:
+        raise SiteError(f"{where}{type(node.op).__name__}: {problem}")
+    if node.op.reads_stream:
+        if not (isinstance(node.op.source, str) and node.op.source):
+            raise SiteError(f"{where}{type(node.op).__name__} reads another stream: source= must be a stream "
+                            f"name such as 'source', got {node.op.source!r}")
+        site = getattr(node.op, "site", None)
+        if site is not None and not isinstance(site, Site):
+            raise SiteError(f"{where}{type(node.op).__name__}(site=...) must be a reftgraph.Site, "
+                            f"got {type(site).__name__}")
+
+
 def _positions_overlap(a, b) -> bool:
     """False only when both are explicit ints of one sign with no common entry."""
     if isinstance(a, tuple) and isinstance(b, tuple):
@@ -113,9 +138,10 @@ class Graph:
     """
 
     def __init__(self, nodes: Iterable[Node] = ()):
-        self.dag = nx.DiGraph()
+        self._nodes: dict[str, Node] = {}
         self.ops = nn.ModuleDict()
-        self.version = 0  # counts changes: compiled plans are cached per version
+        self.version = 0  # counts added nodes; with the ops' revisions it keys compiled plans (see state)
+        self._dag = None  # the edges, built when first asked for (see dag)
         for node in nodes:
             self._insert(node)
 
@@ -135,7 +161,7 @@ class Graph:
         if name is None:
             base = f"{type(op).__name__.lower()}_{site.component}{site.layer}"
             name, i = base, 1
-            while name in self.dag:
+            while name in self._nodes:
                 i += 1
                 name = f"{base}_{i}"
         self._insert(Node(name, site, op, stream))
@@ -144,31 +170,51 @@ class Graph:
     def _insert(self, node: Node) -> None:
         if not isinstance(node.name, str) or not node.name or "." in node.name:
             raise SiteError(f"node name {node.name!r} (at {node.site}): a name is a non-empty string without '.'")
-        if node.name in self.dag:
+        if node.name in self._nodes:
             raise SiteError(
                 f"duplicate node name {node.name!r} (at {node.site}); "
-                f"existing node: {self.dag.nodes[node.name]['node']}. Pick another name="
+                f"existing node: {self._nodes[node.name]}. Pick another name="
             )
-        where = f"node {node.name!r} at {node.site}: "
-        if not (isinstance(node.stream, str) and node.stream):
-            raise SiteError(f"{where}stream must be a non-empty string such as 'base' or 'source', "
-                            f"got {node.stream!r}")
-        if node.op.reads_stream:
-            if not (isinstance(node.op.source, str) and node.op.source):
-                raise SiteError(f"{where}{type(node.op).__name__} reads another stream: source= must be a stream "
-                                f"name such as 'source', got {node.op.source!r}")
-            if node.op.site is not None and not isinstance(node.op.site, Site):
-                raise SiteError(f"{where}{type(node.op).__name__}(site=...) must be a reftgraph.Site, "
-                                f"got {type(node.op.site).__name__}")
-        self.dag.add_node(node.name, node=node)
+        check_node(node)
+        self._nodes[node.name] = node
         self.ops[node.name] = node.op
         self.version += 1
-        for other in self.nodes[:-1]:
-            # an earlier node at the same place is applied first, so it feeds the new one
-            if self._feeds(other, node, same_place_ok=True):
-                self.dag.add_edge(other.name, node.name)
-            if self._feeds(node, other, same_place_ok=False):
-                self.dag.add_edge(node.name, other.name)
+        self._dag = None
+
+    def state(self) -> tuple:
+        """What compiled plans depend on: the nodes added and every op's configuration.
+
+        >>> import torch, reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_post", layer=0), rg.Add(torch.ones(4)), name="a")
+        >>> before = g.state()
+        >>> g["a"].op.scale = 3.0            # any change to an op's settings or tensors ...
+        >>> g.state() != before              # ... makes plans compiled before it stale
+        True
+
+        Ops stay mutable after being added (e.g. a steering sweep sets ``Add.scale``);
+        setting any attribute of an op (``scale``, ``source``, ``site``, ``mode``, a new
+        ``vector``) changes its :attr:`~reftgraph.core.ops.base.Op.revision`, so the next
+        run checks the graph again and compiles a new plan. Editing a tensor in place
+        (``op.vector.data[0] = 1``) keeps its shape and needs no new plan.
+        """
+        return self.version, tuple(op.revision for op in self.ops.values())
+
+    def check(self) -> None:
+        """Check every node again (after its op's settings changed); raises :class:`SiteError`.
+
+        >>> import reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_pre", layer=1), rg.Patch("source"), name="p")
+        >>> g["p"].op.source = ""
+        >>> g.check()
+        Traceback (most recent call last):
+        ...
+        reftgraph.errors.SiteError: node 'p' at resid_pre[1] pos=all: Patch reads another stream: source= must be a stream name such as 'source', got ''
+        """
+        for node in self._nodes.values():
+            check_node(node)
+        self._dag = None
 
     @staticmethod
     def _feeds(a: Node, b: Node, same_place_ok: bool) -> bool:
@@ -179,6 +225,48 @@ class Graph:
         same_place_ok = same_place_ok or (b.op.source is not None and site_order(site) != site_order(b.site))
         return site_order(a.site) < site_order(site) or (same_place_ok and site_order(a.site) == site_order(site))
 
+    @property
+    def dag(self) -> nx.DiGraph:
+        """The graph as a ``networkx.DiGraph``: nodes in insertion order (attribute ``node``)
+        and the "reads from" edges.
+
+        >>> import reftgraph as rg
+        >>> g = Graph()
+        >>> _ = g.add(rg.Site("resid_pre", layer=0), rg.Ablate(), name="knock")
+        >>> _ = g.add(rg.Site("resid_pre", layer=1), rg.Collect(), name="look")
+        >>> list(g.dag.predecessors("look"))
+        ['knock']
+
+        Edges are built when first asked for (adding, loading, compiling and running a
+        graph never build them): a chain of n nodes on one stream has n(n-1)/2 edges.
+        """
+        key = self.state()
+        if self._dag is None or self._dag[0] != key:
+            self._dag = (key, self._build_dag())
+        return self._dag[1]
+
+    def _build_dag(self) -> nx.DiGraph:
+        dag = nx.DiGraph()
+        dag.add_nodes_from((name, {"node": node}) for name, node in self._nodes.items())
+        order = {name: i for i, name in enumerate(self._nodes)}
+        writers: dict[str, list] = {}   # stream -> [(site order, insertion order, node)], sorted
+        for node in self._nodes.values():
+            if not node.op.collects:
+                writers.setdefault(node.stream, []).append((site_order(node.site), order[node.name], node))
+        for entries in writers.values():
+            entries.sort(key=lambda e: (e[0], e[1]))
+        for b in self._nodes.values():
+            stream, site = b.reads
+            at = site_order(site)
+            for where, i, a in writers.get(stream, ()):
+                if where > at:
+                    break
+                if a is b:
+                    continue
+                earlier = i < order[b.name]
+                if self._feeds(a, b, same_place_ok=earlier):
+                    dag.add_edge(a.name, b.name)
+        return dag
     # -- access --------------------------------------------------------------
     @property
     def nodes(self) -> list[Node]:
@@ -191,7 +279,7 @@ class Graph:
         >>> [n.name for n in g.nodes]
         ['late', 'early']
         """
-        return [data["node"] for _, data in self.dag.nodes(data=True)]
+        return list(self._nodes.values())
 
     @property
     def edges(self):
@@ -219,15 +307,15 @@ class Graph:
         return {n.stream for n in self.nodes} | {n.reads[0] for n in self.nodes}
 
     def __getitem__(self, name: str) -> Node:
-        if name not in self.dag:
-            raise KeyError(f"no node {name!r}; nodes: {list(self.dag)}")
-        return self.dag.nodes[name]["node"]
+        if name not in self._nodes:
+            raise KeyError(f"no node {name!r}; nodes: {list(self._nodes)}")
+        return self._nodes[name]
 
     def __contains__(self, name: str) -> bool:
-        return name in self.dag
+        return name in self._nodes
 
     def __len__(self) -> int:
-        return len(self.dag)
+        return len(self._nodes)
 
     def __iter__(self):
         return iter(self.nodes)
@@ -237,16 +325,20 @@ class Graph:
         """Both graphs' nodes; refuses clashing names and overlapping subspaces."""
         if not isinstance(other, Graph):
             raise SiteError(f"cannot compose a Graph with {type(other).__name__}; use g1 | g2 with two graphs")
+        places: dict[tuple, list] = {}   # (stream, component, layer) -> this graph's editing nodes there
+        for b in self.nodes:
+            if not b.op.collects:
+                places.setdefault((b.stream, b.site.component, b.site.layer), []).append(b)
         for a in other.nodes:
-            if a.name in self.dag:
+            if a.name in self._nodes:
                 raise SiteError(
                     f"cannot compose: both graphs have a node named {a.name!r} "
                     f"({self[a.name].site} and {a.site}); rename one"
                 )
-            for b in self.nodes:
-                same_place = (a.stream, a.site.component, a.site.layer) == (
-                    b.stream, b.site.component, b.site.layer) and _positions_overlap(a.site.positions, b.site.positions)
-                if (same_place and not (a.op.collects or b.op.collects)
+            if a.op.collects:
+                continue
+            for b in places.get((a.stream, a.site.component, a.site.layer), ()):
+                if (_positions_overlap(a.site.positions, b.site.positions)
                         and _overlap(a.site.head, b.site.head) and _overlap(a.site.subspace, b.site.subspace)):
                     raise SiteError(
                         f"cannot compose: nodes {b.name!r} ({b.site}) and {a.name!r} ({a.site}) edit "

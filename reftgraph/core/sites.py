@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -44,15 +44,24 @@ STAGES = {
     "v": 3,
     "head_out": 4,
     "attn_out": 5,
-    "resid_mid": 5,
-    "mlp_act": 6,
-    "mlp_out": 7,
-    "resid_post": 8,
+    "resid_mid": 6,   # read through the attention output, after attn_out's edits
+    "mlp_act": 7,
+    "mlp_out": 8,
+    "resid_post": 9,
 }
+
+
+# no prompt, layer, head or dim comes near this: larger numbers in a site are refused
+# (they would overflow int64 index arithmetic, or ask for memory in proportion to them)
+MAX_INDEX = 2**31 - 1
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _in_range(x) -> bool:
+    return _is_int(x) and -MAX_INDEX <= x <= MAX_INDEX
 
 
 def normalise_positions(positions: Any) -> Positions:
@@ -68,12 +77,16 @@ def normalise_positions(positions: Any) -> Positions:
     if isinstance(positions, (list, tuple)):
         if not positions or not all(map(_is_int, positions)):
             raise SiteError(f"a position list must be a non-empty list of ints, got {positions!r}")
+        if not all(map(_in_range, positions)):
+            raise SiteError(f"positions must lie in -{MAX_INDEX}..{MAX_INDEX}, got {_short(positions)}")
         if len(set(positions)) != len(positions):
             raise SiteError(f"positions {list(positions)} repeat an entry")
         return tuple(positions)
     if isinstance(positions, slice):
         if not all(v is None or _is_int(v) for v in (positions.start, positions.stop, positions.step)):
             raise SiteError(f"a position slice takes ints or None, got {positions!r}")
+        if not all(v is None or _in_range(v) for v in (positions.start, positions.stop, positions.step)):
+            raise SiteError(f"a position slice takes ints in -{MAX_INDEX}..{MAX_INDEX}, got {positions!r}")
         if positions.step is not None and positions.step <= 0:
             raise SiteError(f"position slices need a positive step, got {positions!r}")
         return positions
@@ -83,13 +96,21 @@ def normalise_positions(positions: Any) -> Positions:
         first_last = _FIRST_LAST.match(positions)
         if first_last and first_last.groups() == ("0", "0"):
             raise SiteError("positions 'f0+l0' select no token; use N >= 1 or M >= 1 in 'fN+lM'")
+        if first_last and not all(int(n) <= MAX_INDEX for n in first_last.groups()):
+            raise SiteError(f"positions {_short(positions)}: N and M of 'fN+lM' must be at most {MAX_INDEX}")
         if first_last:
             return positions
         raise SiteError(
-            f"unknown position selector {positions!r}; use ints, a slice, "
+            f"unknown position selector {_short(positions)}; use ints, a slice, "
             f"{', '.join(map(repr, NAMED_POSITIONS))} or 'fN+lM' (first N and last M prompt tokens)"
         )
     raise SiteError(f"positions must be ints, a slice or a string, got {type(positions).__name__}")
+
+
+def _short(value, n: int = 80) -> str:
+    """``repr(value)``, cut to ``n`` characters (a crafted file may hold huge values)."""
+    text = repr(value)
+    return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
 
 
 def _positions_str(p: Positions) -> str:
@@ -123,8 +144,8 @@ class Site:
     def __post_init__(self):
         if self.component not in COMPONENTS:
             raise SiteError(f"unknown component {self.component!r}; valid components: {', '.join(COMPONENTS)}")
-        if not _is_int(self.layer):
-            raise SiteError(f"layer must be an int, got {self.layer!r}")
+        if not _in_range(self.layer):
+            raise SiteError(f"layer must be an int in -{MAX_INDEX}..{MAX_INDEX}, got {_short(self.layer)}")
         object.__setattr__(self, "positions", normalise_positions(self.positions))
         head = self.head
         if head is not None:
@@ -133,14 +154,14 @@ class Site:
                     f"{self.component} has no heads; head= is only for {', '.join(HEAD_COMPONENTS)}"
                 )
             head = (head,) if isinstance(head, int) else tuple(head) if isinstance(head, (tuple, list)) else None
-            if not head or len(set(head)) != len(head) or not all(map(_is_int, head)):
-                raise SiteError(f"head must be an int or a tuple of distinct ints, got {self.head!r}")
+            if not head or len(set(head)) != len(head) or not all(map(_in_range, head)):
+                raise SiteError(f"head must be an int or a tuple of distinct ints, got {_short(self.head)}")
             object.__setattr__(self, "head", head)
         if self.subspace is not None:
             dims = self.subspace
             dims = (dims,) if isinstance(dims, int) else tuple(dims) if isinstance(dims, (tuple, list)) else None
-            if not dims or len(set(dims)) != len(dims) or any(not _is_int(d) or d < 0 for d in dims):
-                raise SiteError(f"subspace must be distinct non-negative dims, got {self.subspace!r}")
+            if not dims or len(set(dims)) != len(dims) or any(not _in_range(d) or d < 0 for d in dims):
+                raise SiteError(f"subspace must be distinct non-negative dims, got {_short(self.subspace)}")
             object.__setattr__(self, "subspace", dims)
 
     def __hash__(self) -> int:  # slices are unhashable before Python 3.12
@@ -232,7 +253,8 @@ class Selection:
     valid: torch.Tensor
 
 
-def resolve_positions(positions: Positions, start: torch.Tensor, length: torch.Tensor, where: str = "") -> Selection:
+def resolve_positions(positions: Positions, start: torch.Tensor, length: torch.Tensor, where: str = "",
+                      cap: Optional[int] = None) -> Selection:
     """Resolve a selector per row, without Python loops over the batch.
 
     >>> import torch
@@ -242,10 +264,17 @@ def resolve_positions(positions: Positions, start: torch.Tensor, length: torch.T
 
     ``start[b]`` is the padded index of row b's first prompt token, ``length[b]`` its
     number of prompt tokens. Explicit ints outside a row's prompt raise :class:`SiteError`.
+    What a selector allocates is bounded by the prompt, never by its numbers: ``N`` and
+    ``M`` of ``"fN+lM"`` count at most ``cap`` positions each (default: the longest row;
+    streams bound together pass the batch width, so their selections have one shape).
+
+    >>> resolve_positions("f30000000+l1", torch.tensor([0]), torch.tensor([3])).index.shape
+    torch.Size([1, 6])
     """
     start = start.long()
     length = length.long()
     longest = int(length.max()) if length.numel() else 0
+    cap = max(longest, 1) if cap is None else max(cap, longest, 1)
     if isinstance(positions, tuple):
         rel = torch.tensor(positions, dtype=torch.long).expand(len(length), -1)
         rel = torch.where(rel < 0, rel + length[:, None], rel)
@@ -259,7 +288,7 @@ def resolve_positions(positions: Positions, start: torch.Tensor, length: torch.T
             )
         valid = ok
     elif isinstance(positions, slice):
-        step = positions.step or 1
+        step = min(positions.step or 1, cap)   # a longer step reaches one position either way
 
         def bound(v, default):
             if v is None:
@@ -281,7 +310,7 @@ def resolve_positions(positions: Positions, start: torch.Tensor, length: torch.T
     elif positions == "generated":
         raise SiteError(f"{where}positions='generated' only applies during generation")
     else:
-        n_first, n_last = map(int, _FIRST_LAST.match(positions).groups())
+        n_first, n_last = (min(int(n), cap) for n in _FIRST_LAST.match(positions).groups())
         first = torch.arange(n_first).expand(len(length), -1)
         first_ok = first < length[:, None]
         last = (length[:, None] - n_last) + torch.arange(n_last)[None, :]

@@ -73,7 +73,8 @@ def _select(node: Node, site: Site, stream: str, batch: Batch, what: str = "") -
         raise SiteError(f"{where(node)}{what}stream {stream!r} was not given; "
                         f"pass sources={{{stream!r}: [...]}} (given: {sorted(batch.rows)})")
     rows = batch.rows[stream]
-    return resolve_positions(site.positions, batch.start[rows], batch.length[rows], where(node) + what)
+    return resolve_positions(site.positions, batch.start[rows], batch.length[rows], where(node) + what,
+                             cap=batch.seq_len)
 
 
 def bind(plan: Plan, batch: Batch) -> list[Bound]:

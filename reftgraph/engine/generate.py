@@ -28,8 +28,8 @@ from .plan import compile_graph
 from .prompts import Template, format_prompt
 from .remote import check as check_remote
 from ..core.graph import Graph
-from .run import prompt_list, as_model, inference_mode, input_device, tokenize
-from ..errors import SiteError
+from .run import prompt_list, as_model, inference_mode, input_device, serial, tokenize
+from ..errors import DataError, SiteError
 
 
 @dataclass
@@ -99,6 +99,11 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     prompt_plan = compile_graph(prompt_graph, model.arch)
     step_plan = compile_graph(step_graph, model.arch)
     inputs, batch = tokenize(model, {"base": prompts}, "left")
+    limit = model.arch.max_tokens
+    if isinstance(max_new_tokens, int) and limit is not None and batch.seq_len + max_new_tokens > limit:
+        raise DataError(f"{batch.seq_len} prompt tokens + max_new_tokens={max_new_tokens} pass the "
+                        f"{limit} positions that {model.name or model.arch.family.name} has learned embeddings "
+                        f"for; generate at most {max(limit - batch.seq_len, 0)} new tokens")
     prompt_bound = with_subspaces(prompt_plan, bind(prompt_plan, batch), batch, subspaces)
     n = len(prompts)
     step_batch = Batch({"base": slice(0, n)}, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long), 1)
@@ -113,7 +118,7 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     out, scratch = {}, {}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached.*")
-        with torch.no_grad(), inference_mode(graph), model.nn.generate(**kwargs) as tracer:
+        with serial(model), torch.no_grad(), inference_mode(graph), model.nn.generate(**kwargs) as tracer:
             with tracer.invoke(gen_inputs):
                 apply(prompt_plan, prompt_bound, model.nn, scratch)
                 if step_plan.steps:

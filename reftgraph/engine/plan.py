@@ -23,7 +23,7 @@ import torch
 
 from ..arch.structure import Arch, Hook
 from ..core.graph import Graph, Node
-from ..core.sites import Site
+from ..core.sites import STAGES, Site
 from ..errors import SiteError
 
 
@@ -139,14 +139,17 @@ def compile_graph(graph: Graph, arch: Arch) -> Plan:
     ...
     reftgraph.errors.SiteError: node 'h' at head_out[0].h4 pos=all: head 4 out of range; ... valid heads 0..3
 
-    Plans are cached per graph, graph version (adding a node makes a new one) and
-    architecture: compiling an unchanged graph again returns the same plan.
+    Plans are cached per graph, graph state (adding a node or setting an attribute of an
+    op makes a new one: :meth:`~reftgraph.Graph.state`) and architecture: compiling an
+    unchanged graph again returns the same plan; a changed one is checked again.
     """
+    state = graph.state()
     cached = _PLANS.get(graph)
-    if cached is not None and cached[0] is arch and cached[1] == graph.version:
+    if cached is not None and cached[0] is arch and cached[1] == state:
         return cached[2]
+    graph.check()   # an op's settings may have changed since it was added
     plan = _compile(graph, arch)
-    _PLANS[graph] = (arch, graph.version, plan)
+    _PLANS[graph] = (arch, state, plan)
     return plan
 
 
@@ -180,8 +183,10 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
                 raise SiteError(f"{where(node)}source site {src_site} comes after the site in the forward "
                                 "pass; a patch can only read a place the model reaches first")
         steps.append(step)
-    order = {n: i for i, n in enumerate(graph.dag)}
-    steps.sort(key=lambda s: (s.hook.layer, s.hook.stage, order[s.node.name]))
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
+    # at one hook, components in forward order (attn_out before resid_mid, which is written
+    # through it: an edit at resid_mid never shows in attn_out), then insertion order
+    steps.sort(key=lambda s: (s.hook.layer, s.hook.stage, STAGES[s.node.site.component], order[s.node.name]))
     hooks = {s.hook for s in steps} | {s.source_hook for s in steps if s.source_hook}
     hooks |= {Hook(s.hook.layer, 0, "", "input") for s in steps if arch.needs_pre(s.node.site.component, s.hook.layer)}
     hooks |= {Hook(s.source_hook.layer, 0, "", "input") for s in steps

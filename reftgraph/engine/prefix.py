@@ -36,7 +36,7 @@ import torch
 from ..arch.structure import Hook
 from .bind import Batch
 from .plan import Plan
-from .run import as_model, forward
+from .run import as_model, forward, serial
 
 
 def first_layer(plan: Plan) -> int:
@@ -96,14 +96,15 @@ def prefix_state(model, inputs: dict, layer: int) -> torch.Tensor:
         got["value"] = output
         raise _Stop
 
-    handle = model.arch.envoy(model.hf, Hook(layer - 1, 0, "", "output")).register_forward_hook(stop)
-    try:
-        with torch.no_grad():
-            model.hf(**{k: v.to(model.device) for k, v in inputs.items()})
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
+    with serial(model):   # the hook must not catch another thread's forward
+        handle = model.arch.envoy(model.hf, Hook(layer - 1, 0, "", "output")).register_forward_hook(stop)
+        try:
+            with torch.no_grad():
+                model.hf(**{k: v.to(model.device) for k, v in inputs.items()})
+        except _Stop:
+            pass
+        finally:
+            handle.remove()
     return got["value"]
 
 

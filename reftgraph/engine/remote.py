@@ -89,10 +89,102 @@ def _ship_reftgraph() -> None:
     nnsight.register(__name__.split(".")[0])   # the package, by name (no import of the layers above)
 
 
+def _live_types() -> tuple:
+    import io
+    import mmap
+    import select
+    import subprocess
+    import threading
+    import types
+
+    kinds = [io.IOBase, socket.socket, mmap.mmap, types.GeneratorType, types.AsyncGeneratorType, types.CoroutineType,
+             type(threading.Lock()), type(threading.RLock()), threading.Condition, threading.Semaphore,
+             threading.Event, threading.Thread, subprocess.Popen]
+    kinds += [getattr(select, name) for name in ("epoll", "poll", "kqueue") if hasattr(select, name)]
+    return tuple(k for k in kinds if isinstance(k, type))
+
+
+# modules whose classes and functions are known not to hold a user's live handles
+_LIBRARIES = ("builtins", "torch", "nnsight", "transformers", "reftgraph", "typing", "collections", "abc",
+              "functools", "numpy", "enum", "dataclasses")
+
+
+def live_handle(value, limit: int = 100_000) -> Optional[str]:
+    """The path to a live handle (open file, socket, lock, generator, thread ...) inside
+    ``value``, or None: what a remote request must not carry (nnsight's serialiser would
+    embed a file's contents, or fail on the server).
+
+    >>> import threading, torch, reftgraph as rg
+    >>> op = rg.Add(torch.ones(2))
+    >>> live_handle(op) is None
+    True
+    >>> op.guard = threading.Lock()
+    >>> live_handle(op)
+    '.guard (a lock)'
+
+    Follows attributes, containers, submodules, closures, default arguments and the
+    globals a function names, up to ``limit`` objects; tensors are data, never handles.
+    """
+    import torch
+
+    kinds = _live_types()
+    seen, stack = set(), [(value, "")]
+    while stack and len(seen) < limit:
+        obj, path = stack.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), torch.Tensor)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, kinds):
+            name = type(obj).__name__.lower()
+            what = ("an open file" if "io" in type(obj).__module__ or "file" in name else
+                    "a lock" if "lock" in name else "a generator" if "generator" in name or "coroutine" in name
+                    else f"a {type(obj).__name__}")
+            return f"{path or 'the op'} ({what})"
+        if isinstance(obj, dict):
+            stack += [(v, f"{path}[{k!r}]") for k, v in obj.items()] + [(k, f"{path} key") for k in obj]
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack += [(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+        elif isinstance(obj, type):
+            if not str(obj.__module__).startswith(_LIBRARIES):
+                stack += [(v, f"{obj.__name__}.{k}") for k, v in vars(obj).items() if not k.startswith("__")]
+                stack += [(base, path) for base in obj.__mro__[1:]]
+        elif callable(obj) and hasattr(obj, "__code__"):   # a function: what it closes over and names
+            if str(getattr(obj, "__module__", "")).startswith(_LIBRARIES):
+                continue
+            cells = [c.cell_contents for c in (obj.__closure__ or ()) if _filled(c)]
+            named = [obj.__globals__[n] for n in obj.__code__.co_names if n in obj.__globals__]
+            stack += [(v, f"{path} (in {obj.__name__})") for v in cells + named + list(obj.__defaults__ or ())]
+            stack += [(v, f"{path} (in {obj.__name__})") for v in (obj.__kwdefaults__ or {}).values()]
+        elif hasattr(obj, "__self__") and hasattr(obj, "__func__"):   # a bound method
+            stack += [(obj.__self__, path), (obj.__func__, path)]
+        elif not isinstance(obj, type(os)):   # modules are imported on the server, not shipped
+            state = getattr(obj, "__dict__", None)
+            if isinstance(state, dict):
+                stack += [(v, f"{path}.{k}") for k, v in state.items() if k not in ("_forward_hooks",)]
+                stack.append((type(obj), path))
+            for slot in getattr(type(obj), "__slots__", ()):
+                if isinstance(slot, str) and hasattr(obj, slot):
+                    stack.append((getattr(obj, slot), f"{path}.{slot}"))
+    return None
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:
+        return False
+    return True
+
+
 def _check_ops(graph) -> None:
     from nnsight.intervention.serialization import dumps
 
     for node in graph.nodes:
+        handle = live_handle(node.op)
+        if handle is not None:
+            raise SiteError(f"node {node.name!r} at {node.site}: its op {type(node.op).__name__} holds a live handle, "
+                            f"{handle}, which cannot be sent to a remote server; nothing was sent. Keep files, "
+                            "sockets, locks and generators out of ops (read what they hold into tensors first)")
         try:
             dumps(node.op)
         except Exception as e:

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -89,6 +90,12 @@ def prompt_list(prompts: Prompts, what: str) -> list:
         bad = [type(p).__name__ for p in prompts if not isinstance(p, str)][:1]
         raise DataError(f"{what} must be a non-empty list of strings, got {given}"
                         + (f" holding a {bad[0]}" if bad else " (empty)" if given in ("list", "tuple") else ""))
+    for i, p in enumerate(prompts):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(f"{what}[{i}] is not valid text: {e.reason} at character {e.start} "
+                            f"({p[e.start]!r}); a lone surrogate cannot be tokenized") from None
     return prompts
 
 
@@ -114,29 +121,51 @@ def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):
         memo[key] = _encode(tok, texts, side)
         if len(memo) > MAX_TOKENIZED:
             memo.popitem(last=False)
-    inputs, start, length, seq_len = memo[key]
-    return dict(inputs), Batch(rows, start, length, seq_len)
+    ids, mask, start, length, seq_len = memo[key]
+    if len(model.tokenizer) != vocab_seen(tok):   # tokens were added since: encode again
+        memo.clear()
+        return tokenize(model, streams, padding_side)
+    limit = model.arch.max_tokens
+    if limit is not None and seq_len > limit:
+        row = int(length.argmax())
+        raise DataError(f"prompt {row} is {int(length[row])} tokens; {model.name or model.arch.family.name} has "
+                        f"learned position embeddings for {limit} tokens at most: shorten it")
+    side_failed = model.arch.padding.get(side) if bool((length != seq_len).any()) else None
+    if side_failed:
+        raise DataError(f"{model.name or model.arch.family.name} cannot run prompts of different lengths "
+                        f"padded on the {side}: {side_failed}; use padding_side="
+                        f"{'right' if side == 'left' else 'left'!r} or prompts of one length")
+    # copies: a caller editing a result in place never changes what later runs get
+    inputs = model.arch.inputs(ids.clone(), mask.clone())
+    return inputs, Batch(rows, start.clone(), length.clone(), seq_len)
 
 
 # the last tokenized batches per tokenizer: a graph run again on the same prompts skips the tokenizer
 _TOKENIZED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_VOCAB: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 MAX_TOKENIZED = 32
 
 
 def _encode(tok, texts: list, side: str):
-    old = tok.padding_side
-    tok.padding_side = side
-    try:
-        enc = tok(texts, return_tensors="pt", padding=True)
-    finally:
-        tok.padding_side = old
-    mask = enc["attention_mask"]
-    length = mask.sum(1)
+    # padded here, not by the tokenizer: setting its padding_side would race with other threads
+    rows = tok(texts, padding=False)["input_ids"]
+    length = torch.tensor([len(r) for r in rows], dtype=torch.long)
     if bool((length == 0).any()):
         raise DataError("an empty prompt tokenizes to no tokens; every prompt needs at least one")
-    position_ids = (mask.cumsum(1) - 1).clamp(min=0)
-    inputs = {"input_ids": enc["input_ids"], "attention_mask": mask, "position_ids": position_ids}
-    return inputs, mask.argmax(1), length, mask.shape[1]
+    width = int(length.max())
+    ids = torch.full((len(rows), width), tok.pad_token_id if tok.pad_token_id is not None else 0, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        at = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, at] = torch.tensor(r, dtype=torch.long)
+        mask[i, at] = 1
+    _VOCAB[tok] = len(tok)
+    return ids, mask, mask.argmax(1), length, width
+
+
+def vocab_seen(tok) -> int:
+    """The tokenizer's size when its memo was last filled (added tokens change it)."""
+    return _VOCAB.get(tok, -1)
 
 
 def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = None,
@@ -239,7 +268,8 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
         inputs["logits_to_keep"] = 1
     trunk = getattr(model.nn, model.arch.family.layers.split(".")[0])
     collected, out = {}, {}
-    with model.nn.trace(inputs, **({"remote": remote} if sent else {})) as tracer:
+    lock = contextlib.nullcontext() if remote == INSIDE else serial(model)
+    with lock, model.nn.trace(inputs, **({"remote": remote} if sent else {})) as tracer:
         for layer in range(prefix[0] if prefix is not None else 0):
             model.arch.envoy(model.nn, Hook(layer, 0, "", "output")).skip(prefix[1])
         apply(plan, bound, model.nn, collected)
@@ -285,7 +315,7 @@ def forwards(model: Model, jobs: Sequence[tuple], remote=None) -> list:
     if not is_remote(remote):
         return [reduce(*forward(plan, model, inputs, batch)) for plan, inputs, batch, reduce in jobs]
     light = shipped(model)
-    with model.nn.session(remote=remote):
+    with serial(model), model.nn.session(remote=remote):
         results = _reduced(light, jobs)
         nnsight.save(results)
     return results
@@ -294,6 +324,31 @@ def forwards(model: Model, jobs: Sequence[tuple], remote=None) -> list:
 def _reduced(model: Model, jobs) -> list:
     """The forwards of a remote session (run by the server)."""
     return [reduce(*forward(plan, model, inputs, batch, remote=INSIDE)) for plan, inputs, batch, reduce in jobs]
+
+
+def serial(model: Model):
+    """The lock that runs on ``model`` take, one at a time: a re-entrant lock per
+    transformers model (shared by every wrapper of it).
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> serial(lm) is serial(rg.wrap(lm.hf, lm.tokenizer))
+    True
+
+    nnsight traces and forward hooks are not safe to run on one model from two threads
+    at once; reftgraph serialises them, so threads sharing a model wait for each other
+    (and get the results they would get alone). For parallel work, give each thread or
+    process its own model.
+    """
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(model.hf)
+        if lock is None:
+            lock = _LOCKS[model.hf] = threading.RLock()
+    return lock
+
+
+_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager

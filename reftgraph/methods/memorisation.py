@@ -223,7 +223,7 @@ def memorise(model, target: Target, *, layer: int, rank: int = 1, n_tokens: Opti
         raise ValueError("the prompt tokenizes to no tokens; give at least one")
     seq = torch.tensor([prompt_ids + ids])
     width = seq.shape[1]
-    inputs = {"input_ids": seq, "attention_mask": torch.ones_like(seq), "position_ids": torch.arange(width)[None]}
+    inputs = model.arch.inputs(seq, torch.ones_like(seq))
     batch = Batch({"base": slice(0, 1)}, torch.zeros(1, dtype=torch.long), torch.tensor([len(prompt_ids)]), width)
     cache = PrefixCache(model) if cache_prefix else None
     head = model.hf.get_output_embeddings()

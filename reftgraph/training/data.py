@@ -18,13 +18,32 @@ import torch
 
 from ..engine.bind import Batch
 from ..engine.prompts import Template, check_template, format_prompt
+from ..errors import DataError
 
 IGNORE = -100
+MAX_CLASSES = 10_000   # a Classify head of n classes has width * n weights
+
+
 def _is_class_index(y) -> bool:
     try:
-        return not isinstance(y, bool) and operator.index(y) >= 0
+        return not isinstance(y, bool) and 0 <= operator.index(y) < MAX_CLASSES
     except TypeError:
         return False
+
+
+def check_text(value, where: str) -> str:
+    """``value`` if it is a string, else a DataError naming ``where`` (nothing becomes text by accident).
+
+    >>> check_text("Sky?", "row 0's prompt")
+    'Sky?'
+    >>> check_text(None, "row 3's prompt")
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.DataError: row 3's prompt must be a string, got None
+    """
+    if not isinstance(value, str):
+        raise DataError(f"{where} must be a string, got {repr(value)[:60]}")
+    return value
 
 
 def check_subspaces(subspaces, n: int, what: str) -> Optional[list]:
@@ -75,10 +94,11 @@ class PromptResponse:
     def __post_init__(self):
         bad = [i for i, pair in enumerate(self.pairs) if not (isinstance(pair, (tuple, list)) and len(pair) == 2)]
         if bad:
-            raise ValueError(f"PromptResponse takes (prompt, response) pairs; row {bad[0]} is {self.pairs[bad[0]]!r}")
-        self.pairs = [(str(p), str(r)) for p, r in self.pairs]
+            raise DataError(f"PromptResponse takes (prompt, response) pairs; row {bad[0]} is {self.pairs[bad[0]]!r}")
+        self.pairs = [(check_text(p, f"PromptResponse: row {i}'s prompt"),
+                       check_text(r, f"PromptResponse: row {i}'s response")) for i, (p, r) in enumerate(self.pairs)]
         if not self.pairs:
-            raise ValueError("PromptResponse needs at least one (prompt, response) pair")
+            raise DataError("PromptResponse needs at least one (prompt, response) pair")
         check_template(self.template)
         self.subspaces = check_subspaces(self.subspaces, len(self.pairs), "PromptResponse")
 
@@ -123,11 +143,12 @@ class Classification:
 
     def __post_init__(self):
         if len(self.texts) != len(self.labels) or not self.texts:
-            raise ValueError("Classification needs as many labels as texts, and at least one")
+            raise DataError("Classification needs as many labels as texts, and at least one")
+        self.texts = [check_text(t, f"Classification: row {i}'s text") for i, t in enumerate(self.texts)]
         bad = [i for i, y in enumerate(self.labels) if not _is_class_index(y)]
         if bad:
-            raise ValueError(f"Classification labels are class indices 0, 1, ...; label {bad[0]} is "
-                             f"{self.labels[bad[0]]!r}")
+            raise DataError(f"Classification labels are class indices 0, 1, ... {MAX_CLASSES - 1} (at most "
+                            f"{MAX_CLASSES:,d} classes); label {bad[0]} is {repr(self.labels[bad[0]])[:60]}")
         check_template(self.template)
         self.subspaces = check_subspaces(self.subspaces, len(self.texts), "Classification")
 
@@ -178,10 +199,14 @@ def collate_lm(model, prompts: Sequence[str], responses: Optional[Sequence[str]]
     cut = slice(0, max_length)
     rows = [(p + r)[cut] for p, r in zip(p_ids, r_ids)]
     width = max(len(r) for r in rows)
+    limit = model.arch.max_tokens
+    if limit is not None and width > limit:
+        raise DataError(f"a training row is {width} tokens; {model.name or model.arch.family.name} has learned "
+                        f"position embeddings for {limit} tokens at most: pass max_length={limit} or shorten it")
     ids = _pad(rows, tok.pad_token_id, padding_side, width)
     mask = _pad([[1] * len(r) for r in rows], 0, padding_side, width)
     labels = _pad([([IGNORE] * len(p) + r)[cut] for p, r in zip(p_ids, r_ids)], IGNORE, padding_side, width)
     start = mask.argmax(1)
     length = torch.tensor([min(len(p), len(r)) for p, r in zip(p_ids, rows)])
-    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": (mask.cumsum(1) - 1).clamp(min=0)}
+    inputs = model.arch.inputs(ids, mask)
     return inputs, Batch({"base": slice(0, len(rows))}, start, length, width), labels

@@ -25,6 +25,7 @@ exact resume, a progress bar and the history (one row per optimizer step).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable, Iterable, Optional, Sequence, Union
 
@@ -32,14 +33,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoints import checkpoint_folder, load_checkpoint, save_checkpoint
+from .checkpoints import checkpoint_folder, load_checkpoint, save_checkpoint, trainable_nodes
 from .distributed import all_sum, barrier, broadcast, broadcast_json, init, is_main, sum_gradients
 
 __all__ = ["Callback", "NonFiniteLoss", "State", "fit", "linear_schedule", "positive_ints"]
 
 
 class NonFiniteLoss(FloatingPointError):
-    """Training met a NaN or infinite loss and stopped before the optimizer step.
+    """Training met a NaN or infinite loss, gradient or weight and stopped.
 
     >>> import torch, reftgraph as rg
     >>> g = rg.Graph()
@@ -51,7 +52,8 @@ class NonFiniteLoss(FloatingPointError):
     0 None
 
     ``history`` holds the rows of the good steps; ``checkpoint`` the newest good checkpoint
-    folder (None without one). The graph keeps the weights of the last good step."""
+    folder (None without one). The graph keeps the weights of the last good step: a step
+    that makes a weight NaN or infinite (or overflows) is undone before this is raised."""
 
     def __init__(self, message: str, history: pd.DataFrame, checkpoint: Optional[Path]):
         super().__init__(message)
@@ -150,17 +152,59 @@ def _constant(step: int) -> float:
     return 1.0
 
 
+def _stopped(what: str, state: State, last_good, kept: str, rows: str = "") -> NonFiniteLoss:
+    where = (f"the last good checkpoint is {last_good}" if last_good is not None
+             else "no checkpoint was written (pass checkpoint_dir= to keep one per epoch)")
+    return NonFiniteLoss(
+        f"training stopped: {what} at epoch {state.epoch}, step {state.step}{rows}; {kept}; {where}. "
+        "Lower lr, clip gradients (max_grad_norm) or check the graph's ops and the data.",
+        pd.DataFrame(state.history), last_good)
+
+
 def _check_finite(value: torch.Tensor, what: str, state: State, batch, last_good) -> None:
     if bool(torch.isfinite(value.detach()).all()):
         return
-    where = (f"the last good checkpoint is {last_good}" if last_good is not None
-             else "no checkpoint was written (pass checkpoint_dir= to keep one per epoch)")
     rows = f" (data rows {batch})" if isinstance(batch, (list, tuple)) else ""
-    raise NonFiniteLoss(
-        f"training stopped: the {what} is {float(value.detach())} at epoch {state.epoch}, step {state.step}{rows}; "
-        f"the optimizer step was not taken, so the graph keeps its weights from the last good step; {where}. "
-        "Lower lr, clip gradients (max_grad_norm) or check the graph's ops and the data.",
-        pd.DataFrame(state.history), last_good)
+    raise _stopped(f"the {what} is {float(value.detach())}", state, last_good,
+                   "the optimizer step was not taken, so the graph keeps its weights from the last good step", rows)
+
+
+def _nonfinite_nodes(graph) -> list:
+    return [n.name for n in graph.nodes if not all(bool(torch.isfinite(p).all()) for p in n.op.parameters())]
+
+
+def _checked_step(optimizer, params: list, state: State, last_good) -> None:
+    """One optimizer step that never leaves non-finite weights: when the step overflows or
+    makes a weight NaN or infinite, the weights from before it (the last finite ones, as
+    each step is checked) are put back and :class:`NonFiniteLoss` is raised."""
+    before = [p.detach().clone() for p in params]   # the graph's weights are small
+    lr = float(optimizer.param_groups[0]["lr"])
+    try:
+        optimizer.step()
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        problem = None if finite else (f"the weights of node(s) {', '.join(map(repr, _nonfinite_nodes(state.graph)))} "
+                                       f"became NaN or infinite in the optimizer step (lr {lr:g})")
+    except RuntimeError as e:   # AdamW refuses a step size that does not fit the weights' dtype
+        if "overflow" not in str(e):
+            raise
+        problem = f"the optimizer step overflowed (lr {lr:g}: {str(e).splitlines()[0]})"
+    if problem is None:
+        return
+    with torch.no_grad():
+        for p, old in zip(params, before):
+            p.copy_(old)
+    raise _stopped(problem, state, last_good,
+                   "the graph was rolled back to its weights before that step (the last finite ones)")
+
+
+def _check_rates(lr, weight_decay) -> None:
+    for name, value, low in (("lr", lr, "> 0"), ("weight_decay", weight_decay, ">= 0")):
+        try:
+            ok = math.isfinite(value) and (value > 0 if low == "> 0" else value >= 0)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be {low} and finite, got {value!r}")
 
 
 def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object], torch.Tensor], *,
@@ -185,7 +229,10 @@ def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object
     (a partial group at an epoch's end steps too); ``max_grad_norm`` clips. After each
     epoch ``eval_fn(graph, model, epoch) -> dict`` adds metrics to the last history row,
     and with ``checkpoint_dir`` a checkpoint ``epoch-N`` is written; ``resume=True`` (the
-    newest) or a folder continues exactly, refusing other ``settings`` than the saved ones.
+    newest) or a folder continues exactly, refusing (``GraphFileError``) a checkpoint of
+    another graph or other ``settings`` than the saved ones. ``lr`` must be finite and > 0;
+    after every optimizer step the weights are checked, and a step that makes one NaN or
+    infinite is undone before :class:`NonFiniteLoss` is raised.
 
     Under ``torchrun`` / ``accelerate launch`` (see :mod:`reftgraph.training.distributed`)
     ``loss(batch)`` returns this process's part of the batch's loss (the parts add up to it;
@@ -195,8 +242,7 @@ def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object
     process 0 alone writes the checkpoints.
     """
     positive_ints(epochs=epochs, grad_accum=grad_accum)
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
+    _check_rates(lr, weight_decay)
     params = [p for p in graph.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the graph has no trainable parameters")
@@ -256,7 +302,7 @@ def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object
                 norm = (torch.nn.utils.clip_grad_norm_(params, max_grad_norm) if max_grad_norm is not None
                         else torch.nn.utils.get_total_norm(grads))
                 _check_finite(norm, "gradient norm", state, batch, last_good)
-                optimizer.step()
+                _checked_step(optimizer, params, state, last_good)
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 row = {"epoch": epoch, "step": state.step, "loss": sum(running) / len(running),
@@ -280,7 +326,7 @@ def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object
                 if is_main():
                     save_checkpoint(last_good, graph, model, optimizer, scheduler,
                                     {"epoch": epoch, "step": state.step, "history": state.history,
-                                     "settings": settings or {}})
+                                     "settings": settings or {}, "trainable": trainable_nodes(graph)})
                 barrier()
             if state.stop:
                 break

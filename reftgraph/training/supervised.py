@@ -121,8 +121,13 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
     batches that repeat every epoch: ``shuffle=False`` or one batch per epoch.
 
     A NaN or infinite loss (or gradient) stops training before the optimizer step with
-    :class:`NonFiniteLoss`; the graph keeps its last good weights and checkpoints stay as
-    they were.
+    :class:`NonFiniteLoss`; so does a step that makes a weight NaN or infinite (a huge
+    ``lr``), after putting back the weights from before it. Either way the graph keeps its
+    last finite weights and checkpoints stay as they were (none is written non-finite).
+
+    Resuming refuses, with :class:`~reftgraph.errors.GraphFileError` listing the
+    differences, a checkpoint of another graph (node names and order, sites, streams, op
+    types and configs, shared ops, trainable nodes) or of other settings.
     """
     model = as_model(model)
     plan = compile_graph(graph, model.arch)

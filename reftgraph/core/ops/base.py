@@ -59,7 +59,40 @@ class Op(nn.Module):
     reads_stream = False    # True: the op reads another stream (``source``, at ``site`` or its own)
     half_precision = False  # True: the op sees half-precision slices as they are (else in float32)
     per_row_subspaces = False  # True: forward takes rows=[B, basis] (1 where a row uses a dim of its basis)
-    source: Optional[str] = None
+    source: Optional[str] = None  # the stream it reads (ops with ``reads_stream``)
+    site = None                   # the Site of that stream it reads, when not its own
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name != "training" and not name.startswith("_"):
+            self.__dict__["_revision"] = self.__dict__.get("_revision", 0) + 1
+
+    @property
+    def revision(self) -> tuple:
+        """Changes each time an attribute of the op (or of an op inside it) is set: a graph
+        compiles a new plan for the new settings (see :meth:`reftgraph.Graph.state`).
+
+        >>> import torch, reftgraph as rg
+        >>> op = rg.Add(torch.ones(4))
+        >>> before = op.revision
+        >>> op.scale = 2.0
+        >>> op.revision != before
+        True
+        """
+        inner = tuple(m.revision for m in self.children() if isinstance(m, Op))
+        return (self.__dict__.get("_revision", 0),) + inner
+
+    def check_config(self) -> Optional[str]:
+        """A problem with the op's settings, or None; checked when the op joins a graph and
+        again before a run when its settings changed.
+
+        >>> import reftgraph as rg
+        >>> op = rg.Ablate("zero")
+        >>> op.mode = "sideways"
+        >>> op.check_config()
+        "mode must be one of ('zero', 'mean', 'resample'), got 'sideways'"
+        """
+        return None
 
     def check_selection(self, valid: torch.Tensor) -> Optional[str]:
         """A problem with the positions bound in one batch (``valid[B, k]``), or None.

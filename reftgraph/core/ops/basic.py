@@ -123,9 +123,9 @@ class Ablate(Op):
 
     def __init__(self, mode: str = "zero", value=None, seed: int = 0):
         super().__init__()
-        if mode not in self.MODES:
-            raise ValueError(f"Ablate mode must be one of {self.MODES}, got {mode!r}")
         self.mode, self.seed = mode, seed
+        if self.check_config():
+            raise ValueError(f"Ablate {self.check_config()}")
         if value is not None:
             _tensor(value, "value", False, self)
         else:
@@ -133,6 +133,11 @@ class Ablate(Op):
 
     def config(self) -> dict:
         return {"mode": self.mode, "seed": self.seed}
+
+    def check_config(self):
+        if self.mode not in self.MODES:
+            return f"mode must be one of {self.MODES}, got {self.mode!r}"
+        return None
 
     def check_selection(self, valid):
         if self.mode == "resample" and (valid.shape[0] < 2 or not bool((valid == valid[:1]).all())):
@@ -231,11 +236,21 @@ class Without(Op):
         self.inner = inner
         self.register_buffer("directions", torch.as_tensor(directions, dtype=torch.float32).detach().clone())
         self.learned_basis, self.collects = inner.learned_basis, inner.collects
-        self.reads_stream, self.source = inner.reads_stream, inner.source
-        self.site = getattr(inner, "site", None)
+        self.reads_stream = inner.reads_stream
+
+    @property
+    def source(self):
+        return self.inner.source
+
+    @property
+    def site(self):
+        return self.inner.site
 
     def config(self) -> dict:
         return {"inner": {"type": type(self.inner).__name__, "config": self.inner.config()}}
+
+    def check_config(self):
+        return self.inner.check_config()
 
     def check_selection(self, valid):
         return self.inner.check_selection(valid)

@@ -281,11 +281,14 @@ def _run_chunk(model, runs: Runs, component: str, conds: list, index: dict, keep
     Tokens before ``keep`` come from the base cache; layers below the patched one are skipped."""
     arch, layer = model.arch, conds[0][0]
     n_cond = len(conds)
-    ids, mask, pos_ids = (runs.inputs[k] for k in ("input_ids", "attention_mask", "position_ids"))
+    ids, mask, pos_ids = (runs.inputs.get(k) for k in ("input_ids", "attention_mask", "position_ids"))
+    if pos_ids is None:   # the model numbers positions itself, from the ids it sees: no cached prefix
+        keep = 0
     n_rows, seq = ids.shape
     rep = (lambda t: t.repeat_interleave(n_cond, 0).to(model.device))
-    inputs = {"input_ids": rep(ids[:, keep:]), "attention_mask": rep(mask), "position_ids": rep(pos_ids[:, keep:]),
-              "logits_to_keep": 1}
+    inputs = {"input_ids": rep(ids[:, keep:]), "attention_mask": rep(mask), "logits_to_keep": 1}
+    if pos_ids is not None:
+        inputs["position_ids"] = rep(pos_ids[:, keep:])
     if keep:
         cache = copy.deepcopy(runs.cache)
         cache.crop(keep - seq)

@@ -20,7 +20,7 @@ from . import datasets, errors
 from .arch import Family, Model, load, models, register_family, wrap
 from .core import COMPONENTS, Graph, Node, Site
 from .core.ops import (Ablate, Add, Classify, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op,
-                       Patch, ReFT, Rotate, Set)
+                       Patch, ReFT, Rotate, Set, register_op)
 from .engine import Generation, PrefixCache, RunResult, generate, prefix, run
 from .errors import DataError, GraphFileError, ReftgraphError, RemoteError, SiteError, SpecError
 from .files import from_pyreft, load_graph, save
@@ -54,6 +54,6 @@ __all__ = [
     "PrefixCache", "ReFT", "ReftgraphError", "RemoteError", "Rotate", "RunResult", "Set", "Site", "SiteError", "SpecError", "causal",
     "circuits",
     "das", "data", "datasets", "errors", "from_pyreft", "generate", "load", "load_graph", "memorisation", "models",
-    "patching", "prefix", "print_trainable_parameters", "reft_graph", "register_family", "run", "save", "steering",
+    "patching", "prefix", "print_trainable_parameters", "reft_graph", "register_family", "register_op", "run", "save", "steering",
     "subspace", "train", "wrap",
 ]

@@ -126,8 +126,10 @@ def test_the_train_command_under_torchrun(tmp_path):
     assert code == 0, log[-3000:]
     assert log.count("trainable intervention params") == 1   # printed by process 0 only
     assert main(["train", str(tmp_path / "one.yaml")]) == 0
-    one = load_file(str(tmp_path / "one" / "graph" / "weights.safetensors"))
-    two = load_file(str(tmp_path / "two" / "graph" / "weights.safetensors"))
+    from reftgraph.files import current_folder
+
+    one = load_file(str(current_folder(tmp_path / "one" / "graph") / "weights.safetensors"))
+    two = load_file(str(current_folder(tmp_path / "two" / "graph") / "weights.safetensors"))
     assert one.keys() == two.keys()
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=0)

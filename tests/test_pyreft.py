@@ -327,3 +327,16 @@ def test_bfloat16_learned_source(tmp_path):
     with torch.no_grad():
         expected = loreft_formula({k: v.float() for k, v in sd.items()})(h)
         torch.testing.assert_close(node.op(h), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_infinite_weights_are_refused(tmp_path, value):
+    """load_graph refuses them; from_pyreft did not, and the graph gave NaN logits."""
+    keys = save_like_pyreft(tmp_path, [trained("LoreftIntervention", 0)], layers=[0])
+    f = tmp_path / f"intkey_{keys[0]}.bin"
+    sd = dict(torch.load(f, weights_only=True))
+    sd["bias"][1] = value
+    torch.save(sd, f)
+    with pytest.raises(rg.GraphFileError) as err:
+        from_pyreft(tmp_path, positions="last")
+    assert str(f) in str(err.value) and "tensor 'bias' holds NaN or infinite values" in str(err.value)

@@ -444,13 +444,15 @@ class Graph:
         return ACTIONS["draw"](self, ax=ax)
 
     def save(self, path, model=None):
-        """Write ``graph.json`` + ``weights.safetensors`` to ``path`` (see :mod:`reftgraph.files.io`).
+        """Save to the folder ``path``: ``graph.json`` + ``weights.safetensors`` in a new version
+        beside the old one, switched to atomically (see :mod:`reftgraph.files.io`).
 
         >>> import os, tempfile, reftgraph as rg
         >>> g = Graph()
         >>> _ = g.add(rg.Site("resid_post", layer=0), rg.LoReFT(width=32, rank=2))
-        >>> sorted(os.listdir(g.save(tempfile.mkdtemp() + "/g")))
-        ['graph.json', 'weights.safetensors']
+        >>> folder = g.save(tempfile.mkdtemp() + "/g")
+        >>> sorted(os.listdir(rg.files.current_folder(folder))), len(rg.load_graph(folder))
+        (['graph.json', 'weights.safetensors'], 1)
         """
         return ACTIONS["save"](self, path, model)
 

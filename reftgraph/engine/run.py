@@ -122,7 +122,7 @@ def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):
         if len(memo) > MAX_TOKENIZED:
             memo.popitem(last=False)
     ids, mask, start, length, seq_len = memo[key]
-    if len(model.tokenizer) != vocab_seen(tok):   # tokens were added since: encode again
+    if len(model.tokenizer) != _vocab_seen(tok):   # tokens were added since: encode again
         memo.clear()
         return tokenize(model, streams, padding_side)
     limit = model.arch.max_tokens
@@ -163,7 +163,7 @@ def _encode(tok, texts: list, side: str):
     return ids, mask, mask.argmax(1), length, width
 
 
-def vocab_seen(tok) -> int:
+def _vocab_seen(tok) -> int:
     """The tokenizer's size when its memo was last filled (added tokens change it)."""
     return _VOCAB.get(tok, -1)
 
@@ -327,7 +327,7 @@ def _reduced(model: Model, jobs) -> list:
 
 
 def serial(model: Model):
-    """The lock that runs on ``model`` take, one at a time: a re-entrant lock per
+    """The lock that runs on ``model`` take, one at a time: a re-entrant lock kept on the
     transformers model (shared by every wrapper of it).
 
     >>> import reftgraph as rg
@@ -340,15 +340,9 @@ def serial(model: Model):
     (and get the results they would get alone). For parallel work, give each thread or
     process its own model.
     """
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model.hf)
-        if lock is None:
-            lock = _LOCKS[model.hf] = threading.RLock()
-    return lock
-
-
-_LOCKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
+    # dict.setdefault is atomic: two threads asking first get the same lock (no global
+    # registry, which would travel with every remote request that ships this module)
+    return model.hf.__dict__.setdefault("_reftgraph_lock", threading.RLock())
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""Save and load graphs as a directory: ``graph.json`` + ``weights.safetensors``. No pickle.
+"""Save and load graphs: ``graph.json`` + ``weights.safetensors``, in versions of a folder. No pickle.
 
 >>> import tempfile, torch, reftgraph as rg
 >>> g = rg.Graph()
@@ -8,34 +8,40 @@
 >>> rg.load_graph(d)["r"].op.rank
 2
 
-Writes are atomic: everything goes to a temporary folder that is renamed into place, so
-an interrupted save leaves the previous graph (or nothing), never half a graph.
+``save`` refuses, before it writes anything, every graph that ``load_graph`` would refuse.
+Replacing a saved graph is atomic for readers: they see the previous graph or the new
+one, whole (:mod:`reftgraph.files.versions`). ``load_graph`` checks graph.json and the
+names, dtypes and shapes in the weights' header before it reads any tensor. What is
+accepted and refused: docs/loading.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import inspect
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..core.graph import Graph, Node
-from ..core.ops import OPS
+from ..core.ops import OPS, Op
 from ..core.sites import Site
-from ..errors import GraphFileError, SiteError
+from ..errors import GraphFileError
+from .header import MAX_TENSORS, parse_json, read_header, read_tensors
+from .versions import atomic_dir, current_folder, write_version
 
-__all__ = ["save", "load_graph", "graph_state", "build_graph", "load_weights", "unique_ops"]
+__all__ = ["save", "load_graph", "graph_state", "build_graph", "load_weights", "unique_ops", "write_graph",
+           "atomic_dir", "current_folder"]
 
 FORMAT = "reftgraph-graph"
 VERSION = 1
+MAX_JSON_BYTES = 64 * 2**20   # graph.json
+MAX_NODES = 10_000            # nodes of a saved graph (and so ops: each is used by a node)
+MAX_OP_DEPTH = 8              # ops inside ops' configs (Without(Without(op)) is depth 2)
+MAX_TRIES = 10                # reads of a graph replaced meanwhile, before giving up
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _model_info(model) -> dict:
@@ -96,7 +102,6 @@ SPEC_KEYS = ("format", "version", "model", "ops", "nodes")
 MODEL_KEYS = {"name": str, "family": str, "d_model": int, "n_layers": int}
 NODE_KEYS = ("name", "site", "stream", "op")
 SCALARS = (type(None), bool, int, float, str)
-MAX_JSON_BYTES = 64 * 2**20
 
 
 def _keys(d, keys, where: str) -> None:
@@ -127,6 +132,21 @@ def _check_spec(spec) -> None:
     for key in ("ops", "nodes"):
         if not isinstance(spec[key], list):
             raise GraphFileError(f"graph.json '{key}' must be a list, got {type(spec[key]).__name__}")
+    if len(spec["nodes"]) > MAX_NODES:
+        raise GraphFileError(f"graph.json has {len(spec['nodes'])} nodes; a saved graph holds at most {MAX_NODES}")
+    if len(spec["ops"]) > len(spec["nodes"]):
+        raise GraphFileError(f"graph.json has {len(spec['ops'])} ops for {len(spec['nodes'])} nodes; every op "
+                             "is used by a node")
+
+
+def _users(spec: dict, i: int) -> str:
+    """`` of node 'a'`` (the nodes that use op ``i``, for messages), or ''."""
+    names = [n["name"] for n in spec["nodes"] if isinstance(n, dict) and type(n.get("op")) is int
+             and n["op"] == i and isinstance(n.get("name"), str)]
+    if not names:
+        return ""
+    shown = ", ".join(repr(name[:50]) for name in names[:3]) + (", ..." if len(names) > 3 else "")
+    return f" of node{'s' if len(names) > 1 else ''} {shown}"
 
 
 def _op_tensors(tensors: dict, n_ops: int) -> list:
@@ -136,33 +156,33 @@ def _op_tensors(tensors: dict, n_ops: int) -> list:
         index, _, name = key.partition(".")
         i = index[2:]
         if not (index.startswith("op") and i.isdigit() and str(int(i)) == i and int(i) < n_ops and name):
-            raise GraphFileError(f"unexpected tensor {key!r} in weights.safetensors: tensors are named op<i>.<name> "
-                            f"for the graph's {n_ops} ops (op0..op{n_ops - 1})")
+            raise GraphFileError(f"unexpected tensor {key[:50]!r} in weights.safetensors: tensors are named "
+                                 f"op<i>.<name> for the graph's {n_ops} ops (op0..op{n_ops - 1})")
         state[int(i)][name] = value
     return state
 
 
-def _config(cls, entry: dict, state: dict, where: str) -> dict:
-    """Constructor kwargs: JSON scalars (a site for ``site``) for known parameters, plus the
-    tensors that are constructor arguments (e.g. ``Add``'s vector)."""
+def _config(cls, entry: dict, state: dict, where: str, label: str, users: str, depth: int) -> dict:
+    """Constructor kwargs: JSON scalars (a site for ``site``, an op for an op entry) for known
+    parameters, plus the tensors that are constructor arguments (e.g. ``Add``'s vector)."""
     params = {k: p for k, p in inspect.signature(cls).parameters.items()
               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}  # Collect(*args, **kwargs) takes none
     kwargs = {}
     for key, value in entry["config"].items():
         if key not in params:
             raise GraphFileError(f"{where}: unknown config key {str(key)[:50]!r}; {cls.__name__} takes "
-                            f"{[k for k in params if k not in state]}")
+                                 f"{[k for k in params if k not in state]}")
         if key == "site" and isinstance(value, dict):
             try:
                 value = Site.from_dict(value)
-            except SiteError as e:
+            except Exception as e:  # noqa: BLE001 - whatever the site's checks raise: the file's fault
                 raise GraphFileError(f"{where}: config 'site': {e}") from None
         elif isinstance(value, dict) and set(value) == {"type", "config"}:  # an op inside the op
-            value = _build_op(f"{where}.{key}", value, {k[len(key) + 1:]: v for k, v in state.items()
-                                                       if k.startswith(key + ".")})
+            value = _build_op(f"{label}.{key}", value, {k[len(key) + 1:]: v for k, v in state.items()
+                                                        if k.startswith(key + ".")}, users, depth + 1)
         elif not isinstance(value, SCALARS):
             raise GraphFileError(f"{where}: config {key!r} must be a number, string, bool or null, "
-                            f"got {type(value).__name__}")
+                                 f"got {type(value).__name__}")
         if isinstance(value, bool) != isinstance(params[key].default, bool):
             raise GraphFileError(f"{where}: config {key!r} = {value!r} has the wrong type")
         if isinstance(value, float) and not math.isfinite(value) or isinstance(value, int) and abs(value) >= 2**63:
@@ -175,22 +195,28 @@ def _config(cls, entry: dict, state: dict, where: str) -> dict:
     return kwargs
 
 
-def _build_op(i, entry, state: dict):
-    _keys(entry, ("type", "config"), f"graph.json op {i}")
+def _build_op(label: str, entry, state: dict, users: str = "", depth: int = 0):
+    """The op ``label`` ('op 0', 'op 0.inner') of graph.json from its entry and tensors
+    (keys without the ``op0.`` prefix); ``users`` names its nodes in messages."""
+    prefix = label.replace(" ", "", 1) + "."  # 'op 0.inner' -> tensors 'op0.inner.*'
+    _keys(entry, ("type", "config"), f"graph.json {label}{users}")
+    where = f"{label} ({str(entry['type'])[:50]}){users}"
+    if depth > MAX_OP_DEPTH:
+        raise GraphFileError(f"{where}: ops nested more than {MAX_OP_DEPTH} deep (an op inside an op's config)")
     cls = OPS.get(entry["type"]) if isinstance(entry["type"], str) else None
     if cls is None or not isinstance(entry["config"], dict):
-        raise GraphFileError(f"op {i}: unknown op type {str(entry['type'])[:50]!r} or config not a mapping; "
-                        f"registered op types: {sorted(OPS)}")
-    where = f"op {i} ({entry['type']})"
+        raise GraphFileError(f"{where}: unknown op type {str(entry['type'])[:50]!r} or config not a mapping; "
+                             f"registered op types: {sorted(OPS)} (reftgraph.register_op adds one)")
     for name, t in state.items():
-        if not t.is_floating_point():
-            raise GraphFileError(f"{where}: tensor op{i}.{name} has dtype {t.dtype}; ops hold floating-point tensors")
-        if not bool(torch.isfinite(t).all()):
-            raise GraphFileError(f"{where}: tensor op{i}.{name} holds NaN or infinite values")
+        if t.dtype not in FLOATS:
+            raise GraphFileError(f"{where}: tensor {prefix}{name} has dtype {t.dtype}; ops hold floating-point "
+                                 "tensors (float16, bfloat16, float32, float64)")
+        if not t.is_meta and not bool(torch.isfinite(t).all()):
+            raise GraphFileError(f"{where}: tensor {prefix}{name} holds NaN or infinite values")
     dtypes = {t.dtype for t in state.values()}
     if len(dtypes) > 1:
         raise GraphFileError(f"{where}: tensors of several dtypes {sorted(map(str, dtypes))}; one op has one dtype")
-    kwargs = _config(cls, entry, state, where)
+    kwargs = _config(cls, entry, state, where, label, users, depth)
     try:
         with torch.device("meta"):  # shapes only: a crafted size allocates nothing
             expected = {k: tuple(v.shape) for k, v in cls(**kwargs).state_dict().items()}
@@ -198,12 +224,12 @@ def _build_op(i, entry, state: dict):
         raise GraphFileError(f"{where}: cannot build from config {entry['config']}: {e}") from None
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise GraphFileError(f"{where}: weights missing {[f'op{i}.{k}' for k in missing]}, "
-                        f"unexpected {[f'op{i}.{k}' for k in unexpected]}")
+        raise GraphFileError(f"{where}: weights missing {[prefix + k for k in missing]}, "
+                             f"unexpected {[prefix + k for k in unexpected]}")
     for name, shape in expected.items():
         if tuple(state[name].shape) != shape:
-            raise GraphFileError(f"{where}: tensor op{i}.{name} has shape {list(state[name].shape)}, "
-                            f"config {entry['config']} needs {list(shape)}")
+            raise GraphFileError(f"{where}: tensor {prefix}{name} has shape {list(state[name].shape)}, "
+                                 f"config {entry['config']} needs {list(shape)}")
     op = cls(**kwargs)
     if dtypes:
         op.to(dtypes.pop())
@@ -221,138 +247,54 @@ def build_graph(spec: dict, tensors: dict) -> Graph:
     Graph(1 nodes, 0 trainable parameters)
       p: Patch head_out[1].h2 pos=all
 
-    Only registered op types are built, from JSON scalars and tensors of the shapes they need.
+    Only registered op types are built, from JSON scalars and tensors of the shapes they
+    need. With tensors on the ``meta`` device (under ``torch.device("meta")``) it checks
+    everything but the values and allocates nothing: :func:`load_graph` does this first.
     """
     _check_spec(spec)
     state = _op_tensors(tensors, len(spec["ops"]))
-    ops = [_build_op(i, entry, s) for i, (entry, s) in enumerate(zip(spec["ops"], state))]
+    ops = [_build_op(f"op {i}", entry, s, _users(spec, i)) for i, (entry, s) in enumerate(zip(spec["ops"], state))]
     nodes = []
-    try:  # a node that does not make a valid site or graph is a fault of the file
-        for j, n in enumerate(spec["nodes"]):
-            _keys(n, NODE_KEYS, f"graph.json node {j}")
-            i = _int(n["op"], f"node {str(n['name'])[:50]!r}: op index", 0, len(ops) - 1)
+    for j, n in enumerate(spec["nodes"]):
+        _keys(n, NODE_KEYS, f"graph.json node {j}")
+        where = f"node {str(n['name'])[:50]!r}"
+        i = _int(n["op"], f"{where}: op index", 0, len(ops) - 1)
+        try:  # whatever the site's and node's checks raise is a fault of the file
             nodes.append(Node(n["name"], Site.from_dict(n["site"]), ops[i], n["stream"]))
-        unused = sorted(set(range(len(ops))) - {spec["nodes"][j]["op"] for j in range(len(nodes))})
-        if unused:
-            raise GraphFileError(f"graph.json: ops {unused} are not used by any node")
+        except Exception as e:  # noqa: BLE001
+            raise GraphFileError(f"graph.json {where}: {e}") from None
+    unused = sorted(set(range(len(ops))) - {n["op"] for n in spec["nodes"]})
+    if unused:
+        raise GraphFileError(f"graph.json: ops {unused} are not used by any node")
+    try:
         return Graph(nodes)
-    except SiteError as e:
-        raise GraphFileError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - e.g. two nodes of one name
+        raise GraphFileError(f"graph.json: {e}") from None
 
 
-# -- writing: a temporary folder renamed into place -----------------------------------------
-
-def _alive(pid: int) -> bool:
+def _read(folder: Path) -> tuple[dict, Graph]:
+    """graph.json and the weights of one folder: both opened first (a later save may remove
+    them), then graph.json and the header checked on ``meta``, then the tensors read."""
+    files = folder / "graph.json", folder / "weights.safetensors"
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _leftovers(path: Path, kind: str) -> list:
-    """``kind`` ('tmp' or 'old') folders beside ``path`` left by processes that no longer run."""
-    if os.name != "posix" or not path.parent.is_dir():
-        return []
-    prefix = f".{path.name}.{kind}-"
-    found = [d for d in path.parent.glob(glob.escape(prefix) + "*")
-             if d.name[len(prefix):].split("-")[0].isdigit() and not _alive(int(d.name[len(prefix):].split("-")[0]))]
-    return sorted(found, key=lambda d: d.stat().st_mtime)
-
-
-def _recover(path) -> None:
-    """Clean up after a save that was killed: if it had moved the previous graph aside but
-    not yet renamed the new one into place, the previous one is put back; temporary
-    folders of dead processes are removed. Called by :func:`save` and :func:`load_graph`."""
-    path = Path(path)
-    old = _leftovers(path, "old")
-    if not path.exists() and old and (old[-1] / "g").exists():
-        os.replace(old[-1] / "g", path)
-    for d in old + _leftovers(path, "tmp"):
-        shutil.rmtree(d, ignore_errors=True)
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
-        os.replace(path, old / "g")
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            os.replace(old / "g", path)  # put the previous graph back
-            shutil.rmtree(old, ignore_errors=True)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def atomic_dir(path):
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` by renames,
-    on any failure it is removed and ``path`` is left as it was.
-
-    >>> import tempfile
-    >>> target = Path(tempfile.mkdtemp()) / "out"
-    >>> with atomic_dir(target) as tmp:
-    ...     _ = (tmp / "a.txt").write_text("done")
-    >>> (target / "a.txt").read_text()
-    'done'
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _recover(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
-    try:
-        yield tmp
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with open(files[0], "rb") as text, open(files[1], "rb") as weights:
+            size = text.seek(0, 2)
+            if size > MAX_JSON_BYTES:
+                raise GraphFileError(f"{files[0]} is {size} bytes; a graph description is at most {MAX_JSON_BYTES}")
+            text.seek(0)
+            spec = parse_json(text.read(), str(files[0]))
+            header = read_header(weights, str(files[1]))
+            try:
+                with torch.device("meta"):  # names, dtypes, shapes and configs: nothing read or allocated
+                    build_graph(spec, {k: torch.empty(e.shape, dtype=e.dtype) for k, e in header.items()})
+                graph = build_graph(spec, read_tensors(weights, header, header))
+            except GraphFileError as e:
+                raise GraphFileError(f"{folder}: {e}") from None
+    except FileNotFoundError:
         raise
-
-
-def write_graph(folder: Path, graph: Graph, model=None) -> None:
-    """``graph.json`` and ``weights.safetensors`` into an existing folder.
-
-    >>> import os, tempfile, reftgraph as rg
-    >>> folder = Path(tempfile.mkdtemp())
-    >>> write_graph(folder, rg.Graph())
-    >>> sorted(os.listdir(folder))
-    ['graph.json', 'weights.safetensors']
-    """
-    spec, tensors = graph_state(graph, model)
-    (folder / "graph.json").write_text(json.dumps(spec, indent=1))
-    save_file(tensors, str(folder / "weights.safetensors"), metadata={"format": FORMAT})
-
-
-def save(graph: Graph, path, model=None) -> Path:
-    """Write ``graph`` to the directory ``path`` (``graph.json`` + ``weights.safetensors``).
-
-    >>> import json, tempfile, reftgraph as rg
-    >>> g = rg.Graph()
-    >>> _ = g.add(rg.Site("resid_post", layer=1), rg.Add(torch.ones(32), scale=2.0), name="steer")
-    >>> path = save(g, tempfile.mkdtemp() + "/steer", model=rg.models.tiny("llama"))
-    >>> json.loads((path / "graph.json").read_text())["model"]
-    {'name': 'tiny-llama', 'family': 'llama', 'd_model': 32, 'n_layers': 2}
-
-    A saved graph already at ``path`` is replaced atomically; any other file or non-empty
-    folder at ``path`` is refused, never overwritten.
-    """
-    path = Path(path)
-    _recover(path)
-    if path.is_symlink() or path.exists() and not (
-            path.is_dir() and ((path / "graph.json").is_file() or not any(path.iterdir()))):
-        raise GraphFileError(f"{path} exists and is not a saved graph (no graph.json): not replacing it; "
-                        "pick another path or remove it")
-    with atomic_dir(path) as tmp:
-        write_graph(tmp, graph, model)
-    return path
-
-
-def _no_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
+    except OSError as e:
+        raise GraphFileError(f"{folder} cannot be read ({e.strerror}: {e.filename})") from None
+    return spec, graph
 
 
 def load_graph(path, model=None) -> Graph:
@@ -368,24 +310,19 @@ def load_graph(path, model=None) -> Graph:
     What it accepts and refuses: docs/loading.md.
     """
     path = Path(path)
-    _recover(path)
-    for name in ("graph.json", "weights.safetensors"):
-        if not (path / name).is_file():
-            raise GraphFileError(f"{path} is not a saved graph: {name} is missing")
-    size = (path / "graph.json").stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise GraphFileError(f"{path / 'graph.json'} is {size} bytes; a graph description is at most {MAX_JSON_BYTES}")
-    try:
-        spec = json.loads((path / "graph.json").read_text(encoding="utf-8"), parse_constant=_no_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        raise GraphFileError(f"{path / 'graph.json'} is not valid JSON ({str(e)[:200]})") from None
-    try:
-        tensors = load_file(str(path / "weights.safetensors"))
-    except Exception as e:  # noqa: BLE001 - truncated or not a safetensors file
-        raise GraphFileError(f"{path / 'weights.safetensors'} cannot be read ({type(e).__name__}: {e})") from None
-    graph = build_graph(spec, tensors)
+    for _ in range(MAX_TRIES):
+        folder = current_folder(path)
+        try:
+            spec, graph = _read(folder)
+            break
+        except FileNotFoundError as e:
+            if current_folder(path) == folder:  # not replaced meanwhile: the folder is damaged
+                raise GraphFileError(f"{folder} is not a saved graph: {Path(str(e.filename)).name} is missing") \
+                    from None
+    else:
+        raise GraphFileError(f"{path} was replaced {MAX_TRIES} times while being read; try again")
     if model is not None:
-        check_fits(graph, spec.get("model"), model)
+        check_fits(graph, spec["model"], model)
     return graph
 
 
@@ -398,5 +335,116 @@ def check_fits(graph: Graph, saved: dict, model) -> None:
         for key in ("family", "d_model"):
             if saved[key] != now[key]:
                 raise GraphFileError(f"the graph was saved for {saved['name']!r} ({key} {saved[key]}), "
-                                f"not {now['name']!r} ({key} {now[key]})")
+                                     f"not {now['name']!r} ({key} {now[key]})")
     compile_graph(graph, model.arch)
+
+
+# -- writing: only what loads --------------------------------------------------------------
+
+def _not_json(value, key: str = ""):
+    """``(key, value)`` of the first value in a config that is not standard JSON, or None."""
+    if isinstance(value, float) and not math.isfinite(value) or not isinstance(value, (*SCALARS, dict, list)):
+        return key, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = _not_json(v, f"{key}.{k}" if key else str(k))
+        if found:
+            return found
+    return None
+
+
+def _op_modules(op: Op) -> list:
+    return [(name, type(m)) for name, m in op.named_modules() if isinstance(m, Op)]
+
+
+def savable_json(graph: Graph, spec: dict, tensors: dict) -> str:
+    """graph.json's text for :func:`graph_state`'s output, once it is checked that
+    :func:`load_graph` loads it as ``graph``; else a :class:`GraphFileError` naming the node.
+
+    >>> import math, reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=0), rg.Add(torch.ones(4), scale=math.inf), name="steer")
+    >>> savable_json(g, *graph_state(g))        # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.GraphFileError: cannot save op 0 (Add) of node 'steer': config scale = inf is not a finite ...
+    """
+    if len(spec["nodes"]) > MAX_NODES:
+        raise GraphFileError(f"cannot save a graph of {len(spec['nodes'])} nodes; a saved graph holds at most "
+                             f"{MAX_NODES}")
+    for i, entry in enumerate(spec["ops"]):
+        bad = _not_json(entry["config"])
+        if bad:
+            what = "is not a finite JSON number" if isinstance(bad[1], float) else \
+                f"is a {type(bad[1]).__name__}, not a JSON number, string, bool, null, list or mapping"
+            raise GraphFileError(f"cannot save op {i} ({entry['type']}){_users(spec, i)}: config {bad[0]} = "
+                                 f"{str(bad[1])[:50]} {what}")
+    if len(tensors) > MAX_TENSORS or any(t.dim() > 32 for t in tensors.values()):
+        raise GraphFileError(f"cannot save: weights.safetensors holds at most {MAX_TENSORS} tensors of at most 32 "
+                             f"dims; the graph has {len(tensors)}, of up to {max(t.dim() for t in tensors.values())}")
+    text = json.dumps(spec, indent=1, allow_nan=False)
+    if len(text.encode()) > MAX_JSON_BYTES:
+        raise GraphFileError(f"cannot save: graph.json would be {len(text.encode())} bytes; at most {MAX_JSON_BYTES}")
+    try:
+        with torch.device("meta"):  # the loader's checks, on shapes only
+            loaded = build_graph(parse_json(text, "graph.json"), {k: t.to("meta") for k, t in tensors.items()})
+        for i, s in enumerate(_op_tensors(tensors, len(spec["ops"]))):
+            for name, t in s.items():
+                if not bool(torch.isfinite(t).all()):
+                    raise GraphFileError(f"op {i} ({spec['ops'][i]['type']}){_users(spec, i)}: tensor "
+                                         f"op{i}.{name} holds NaN or infinite values")
+    except GraphFileError as e:
+        raise GraphFileError(f"cannot save {e}") from None
+    for node in graph.nodes:  # a subclass named as a registered op would load as that op
+        ours, back = _op_modules(node.op), _op_modules(loaded[node.name].op)
+        for (name, cls), (_, loads_as) in zip(ours, back):
+            if cls is not loads_as:
+                raise GraphFileError(
+                    f"cannot save node {node.name!r}: its op{' ' + name if name else ''} is "
+                    f"{cls.__module__}.{cls.__qualname__}, which is not registered: it would load as "
+                    f"{loads_as.__module__}.{loads_as.__qualname__}; give it a name of its own and register it "
+                    "with reftgraph.register_op")
+        if len(ours) != len(back):
+            raise GraphFileError(f"cannot save node {node.name!r}: its op holds ops {[n for n, _ in ours]}, "
+                                 f"its config() rebuilds {[n for n, _ in back]}")
+    return text
+
+
+def _write(folder: Path, text: str, tensors: dict) -> None:
+    (folder / "graph.json").write_text(text, encoding="utf-8")
+    save_file(tensors, str(folder / "weights.safetensors"), metadata={"format": FORMAT})
+
+
+def write_graph(folder: Path, graph: Graph, model=None) -> None:
+    """``graph.json`` and ``weights.safetensors`` into an existing folder (checked as :func:`save` does).
+
+    >>> import os, tempfile, reftgraph as rg
+    >>> folder = Path(tempfile.mkdtemp())
+    >>> write_graph(folder, rg.Graph())
+    >>> sorted(os.listdir(folder))
+    ['graph.json', 'weights.safetensors']
+    """
+    spec, tensors = graph_state(graph, model)
+    _write(Path(folder), savable_json(graph, spec, tensors), tensors)
+
+
+def save(graph: Graph, path, model=None) -> Path:
+    """Write ``graph`` to the folder ``path`` as a new version (``graph.json`` + ``weights.safetensors``).
+
+    >>> import json, tempfile, reftgraph as rg
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_post", layer=1), rg.Add(torch.ones(32), scale=2.0), name="steer")
+    >>> path = save(g, tempfile.mkdtemp() + "/steer", model=rg.models.tiny("llama"))
+    >>> json.loads((current_folder(path) / "graph.json").read_text())["model"]
+    {'name': 'tiny-llama', 'family': 'llama', 'd_model': 32, 'n_layers': 2}
+
+    A graph that :func:`load_graph` would refuse (NaN weights, an infinite config value,
+    an op that is not registered, ...) is refused before anything is written. A saved graph
+    already at ``path`` is replaced atomically for readers; any other file or non-empty
+    folder at ``path`` is refused, never overwritten.
+    """
+    path = Path(path)
+    spec, tensors = graph_state(graph, model)
+    text = savable_json(graph, spec, tensors)
+    write_version(path, lambda folder: _write(folder, text, tensors))
+    return path

@@ -13,8 +13,9 @@
 >>> _ = g.run(rg.models.tiny("llama"), ["hello there"])
 
 pyvene's ``IntervenableModel.save`` writes ``config.json`` and one ``intkey_{key}.bin`` per intervention,
-read here only with ``torch.load(weights_only=True)``. pyreft saves neither the positions nor
-``act_fn``/dropout: pass ``positions`` and ``act`` (pyreft's own ``load`` uses linear); dropout is 0.
+read here only with ``torch.load(weights_only=True)``; NaN or infinite weights are refused. pyreft
+saves neither the positions nor ``act_fn``/dropout: pass ``positions`` and ``act`` (pyreft's own
+``load`` uses linear); dropout is 0.
 """
 
 from __future__ import annotations
@@ -49,7 +50,11 @@ def _load(f: Path) -> dict:
                         f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise GraphFileError(f"{f.name}: expected a dict of tensors, got {type(state).__name__}")
-    return {k: v.float() for k, v in state.items() if k not in ("embed_dim", "interchange_dim")}
+    state = {k: v.float() for k, v in state.items() if k not in ("embed_dim", "interchange_dim")}
+    bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if bad:  # load_graph refuses such weights too: they would give NaN logits
+        raise GraphFileError(f"{f}: tensor {bad[0]!r} holds NaN or infinite values")
+    return state
 
 
 def _tensor(t: dict, f: Path, names: tuple, shape: tuple) -> torch.Tensor:

@@ -240,10 +240,22 @@ class Without(Op):
 
     @property
     def source(self):
+        """The stream the inner op reads (followed live: setting it on the inner op shows here).
+
+        >>> import torch
+        >>> Without(Patch("s1"), torch.eye(2)[:1]).source
+        's1'
+        """
         return self.inner.source
 
     @property
     def site(self):
+        """The site of that stream the inner op reads, or None for its own.
+
+        >>> import torch
+        >>> Without(Patch("s1"), torch.eye(2)[:1]).site is None
+        True
+        """
         return self.inner.site
 
     def config(self) -> dict:

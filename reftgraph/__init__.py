@@ -16,13 +16,19 @@ The package is layered (docs/architecture.md): ``core`` (sites, graph, ops), ``a
 import importlib as _importlib
 import sys as _sys
 
+import warnings as _warnings
+
+with _warnings.catch_warnings():   # transformers imports tqdm.auto, which warns in Jupyter without ipywidgets
+    _warnings.filterwarnings("ignore", message="IProgress not found")
+    import tqdm.auto  # noqa: F401
+
 from . import datasets, errors
 from .arch import Family, Model, load, models, register_family, wrap
 from .core import COMPONENTS, Graph, Node, Site
 from .core.ops import (Ablate, Add, Classify, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op,
                        Patch, ReFT, Rotate, Set, register_op)
 from .engine import Generation, PrefixCache, RunResult, generate, prefix, run
-from .errors import DataError, GraphFileError, ReftgraphError, RemoteError, SiteError, SpecError
+from .errors import DataError, GraphFileError, ModelNotFound, ReftgraphError, RemoteError, SiteError, SpecError
 from .files import from_pyreft, load_graph, save
 from .viz import plot
 from .training import data, train
@@ -50,7 +56,7 @@ for _old, _new in _OLD_PATHS.items():
 
 __all__ = [
     "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DataError", "DiReFT", "Family", "Generation",
-    "Graph", "GraphFileError", "LoBiReFT", "LoReFT", "Model", "NoDiReFT", "NoReFT", "Node", "Op", "Patch",
+    "Graph", "GraphFileError", "LoBiReFT", "ModelNotFound", "LoReFT", "Model", "NoDiReFT", "NoReFT", "Node", "Op", "Patch",
     "PrefixCache", "ReFT", "ReftgraphError", "RemoteError", "Rotate", "RunResult", "Set", "Site", "SiteError", "SpecError", "causal",
     "circuits",
     "das", "data", "datasets", "errors", "from_pyreft", "generate", "load", "load_graph", "memorisation", "models",

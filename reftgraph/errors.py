@@ -14,7 +14,8 @@ so ``except ValueError`` keeps working:
 - :class:`GraphFileError`: a saved graph folder that cannot be read or does not fit;
 - :class:`DataError`: data, prompts or a metric a method cannot use;
 - :class:`SpecError`: a training spec file with a bad field;
-- :class:`RemoteError`: a remote call (NDIF) that cannot be made.
+- :class:`RemoteError`: a remote call (NDIF) that cannot be made;
+- :class:`ModelNotFound`: a model name or path that nothing can be loaded from (also an ``OSError``).
 
 All of them are raised before any forward pass.
 """
@@ -82,4 +83,20 @@ class RemoteError(ReftgraphError):
     Traceback (most recent call last):
     ...
     reftgraph.errors.RemoteError: remote execution on NDIF needs the model's Hugging Face id; ...
+    """
+
+
+class ModelNotFound(ReftgraphError, OSError):
+    """A model name or path that no model can be loaded from: not a folder, not an offline
+    model, and not a Hugging Face id that the Hub (or the local Hugging Face cache) provides.
+
+    >>> import reftgraph as rg
+    >>> try:
+    ...     rg.load("/no/such/model")
+    ... except ModelNotFound as e:
+    ...     print(e)
+    model '/no/such/model' does not exist (not a folder here, and not a Hugging Face id)
+
+    It is a :class:`ReftgraphError` (a ``ValueError``) and an ``OSError`` (what the loaders
+    raised before it), so either ``except`` clause catches it.
     """

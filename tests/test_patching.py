@@ -106,6 +106,29 @@ def test_memory_budget_chunks_give_the_same_table(lm):
     assert torch.allclose(torch.tensor(whole["value"].values), torch.tensor(tiny["value"].values), atol=1e-6)
 
 
+@pytest.mark.parametrize("component, positions", [("resid_pre", [-3, -1]), ("head_out", [-1])])
+def test_remote_sweep_runs_conditions_as_streams_of_few_traces(component, positions):
+    lm = rg.models.tiny("llama")
+    traces = []
+    handle = lm.hf.model.register_forward_pre_hook(lambda module, args: traces.append(1))   # one per forward
+    try:
+        here = sweep(lm, DATA, component, positions=positions, progress=False)
+        traces.clear()
+        there = sweep(lm, DATA, component, positions=positions, remote="local", progress=False)
+        assert len(traces) == 1                                 # every condition beside base and source
+        traces.clear()
+        small = sweep(lm, DATA, component, positions=positions, remote="local", progress=False, memory_mb=0.05)
+        assert 1 < len(traces) <= len(here)                     # the memory budget splits them
+    finally:
+        handle.remove()
+    for df in (there, small):
+        torch.testing.assert_close(torch.tensor(df["value"].values), torch.tensor(here["value"].values),
+                                   atol=1e-5, rtol=0)
+        assert df.attrs["base"] == pytest.approx(here.attrs["base"], abs=1e-5)
+        assert df.attrs["source"] == pytest.approx(here.attrs["source"], abs=1e-5)
+    assert here["value"].nunique() > 1
+
+
 def test_metrics_and_restoration():
     logits = torch.tensor([[2.0, 0.0, 1.0], [0.0, 3.0, 0.0]])
     ref = Reference(torch.tensor([0, 1]), torch.tensor([2, 0]), source_logits=logits)
@@ -121,11 +144,13 @@ def test_table_and_heatmap_label_tokens():
     df = sweep(lm, SAME, "resid_pre")
     assert list(df.columns) == ["component", "layer", "position", "token", "head", "metric", "value", "restoration"]
     assert df["token"].tolist()[:6] == ["'a'", "'b'", "' '", "'c'", "' '", "'d'"]
-    ax = rg.patching.heatmap(df)
+    ax = rg.patching.heatmap(df).axes[0]
     assert ax.get_xticklabels()[3].get_text() == "-3\n'c'"
+    assert ax.get_xlabel() == "position (token of base prompt 0)"
     assert len(ax.get_yticklabels()) == lm.arch.n_layers
-    heads = rg.patching.heatmap(sweep(lm, SAME, "head_out"), value="value")
+    heads = rg.patching.heatmap(sweep(lm, SAME, "head_out"), value="value").axes[0]
     assert [t.get_text() for t in heads.get_xticklabels()] == ["h0", "h1", "h2", "h3"]
+    assert heads.get_xlabel() == "head"
 
 
 @pytest.mark.parametrize("bad,message", [

@@ -93,6 +93,21 @@ def test_malformed_fields_raise(kwargs, message):
         rg.Site(**kwargs)
 
 
+@pytest.mark.parametrize("component, hint", [
+    ("resid_psot", "did you mean 'resid_post'? "),
+    ("Resid_Post", "did you mean 'resid_post'? "),
+    ("mlp", "did you mean 'mlp_out' or 'mlp_act'? "),
+    ("resid", "did you mean 'resid_pre', 'resid_mid' or 'resid_post'? "),
+    ("logits", ""),
+    (3, ""),
+])
+def test_an_unknown_component_names_the_nearest(component, hint):
+    with pytest.raises(rg.SiteError) as err:
+        rg.Site(component, layer=0)
+    assert str(err.value) == (f"unknown component {component!r}; {hint}valid components: resid_pre, resid_mid, "
+                              "resid_post, attn_out, mlp_out, mlp_act, head_out, q, k, v")
+
+
 # -- resolve_positions --------------------------------------------------------
 
 @pytest.mark.parametrize("positions, left, right", [

@@ -62,6 +62,7 @@ def test_scale_sweep_reports_rate_and_fluency_and_restores_the_scale(lm):
     assert list(df["scale"]) == [0.0, 30.0] and df["rate"].between(0, 1).all() and (df["n"] == 2).all()
     plain = rg.Graph().generate(lm, ["Today", "It"], max_new_tokens=3).texts
     assert df["rate"][0] == sum(len(t) > 0 for t in plain) / 2
+    assert df["texts"][0] == plain                    # the texts beside the rates: scale 0 generates as plain
     assert df["loss"][1] != df["loss"][0]       # steering this hard changes what the base model sees
     assert g["steer"].op.scale == 1.0
 

@@ -1,6 +1,7 @@
 """The tutorials run top to bottom: each notebook is executed in quick mode (REFTGRAPH_QUICK=1:
 a few prompts, layers and training steps) in a temporary copy; any cell error fails the test.
-The committed notebooks must carry the outputs of a full run, every code cell executed in order."""
+The committed notebooks must carry the outputs of a full run, every code cell executed in order.
+What the cells show is checked too: no figure shown twice, results as HTML views, no raw tensors."""
 
 import json
 import sys
@@ -11,6 +12,28 @@ import pytest
 from nbclient import NotebookClient
 
 TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("*.ipynb"))
+VIEWS = ("RunResult(", "Generation(", "Circuit:")          # results with an HTML view, as text/plain begins
+SHOWN = {"02_sites_positions_heads": "RunResult(", "08_attribution_and_circuits": "Circuit:"}   # must appear
+
+
+def check_views(nb, name: str) -> None:
+    """Each figure shown once; reftgraph results shown as HTML; no tensor printed raw."""
+    seen = set()
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        shown = [o for o in cell.outputs if o.output_type in ("display_data", "execute_result")]
+        images = [o for o in shown if "image/png" in o.get("data", {})]
+        pngs = [o.data["image/png"] for o in images]
+        assert len(pngs) == len(set(pngs)), f"code cell {i} shows a figure twice"
+        assert not ({o.output_type for o in images} >= {"display_data", "execute_result"}), \
+            f"code cell {i} shows a figure as its value and again from pyplot"
+        for o in shown:
+            text = o.get("data", {}).get("text/plain", "")
+            assert "tensor([" not in text, f"code cell {i} prints a raw tensor: {text[:200]}"
+            if text.startswith(VIEWS):
+                assert "<table" in o.data.get("text/html", ""), f"code cell {i}: {text[:40]} has no HTML view"
+                seen.add(text.split(":")[0].split("(")[0])
+    if name in SHOWN:
+        assert SHOWN[name].rstrip("(:") in seen, f"{name} shows no {SHOWN[name]} view"
 
 
 def test_there_are_tutorials():
@@ -26,6 +49,7 @@ def test_committed_with_full_run_outputs(path):
     assert not errors, errors[0].ename if errors else ""
     first = "".join(o.get("text", "") for o in code[0].outputs)
     assert "full run" in first, "the committed outputs must come from a full run (REFTGRAPH_QUICK unset)"
+    check_views(nb, path.stem)
 
 
 @pytest.mark.parametrize("path", TUTORIALS, ids=lambda p: p.stem)
@@ -50,3 +74,4 @@ def test_runs_in_quick_mode(path, tmp_path, monkeypatch):
     client.execute()  # raises CellExecutionError, naming the cell, on the first error
     first = next(c for c in nb.cells if c.cell_type == "code")
     assert "quick mode" in "".join(o.get("text", "") for o in first.outputs)
+    check_views(nb, path.stem)

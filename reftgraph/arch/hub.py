@@ -14,18 +14,30 @@ package is an error that names the pip command. Anything else is a Hugging Face 
 local path.
 
 :func:`build_caches` builds the caches ahead of time (``make setup`` does, for both models).
+
+The network is only needed for a Hugging Face id that is not in the local Hugging Face
+cache (docs/network.md). Before asking the Hub, :func:`hub_unreachable` checks
+``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` and whether the Hub's host answers a TCP
+connection within :data:`HUB_TIMEOUT` seconds; when it does not, only local files are read,
+and a name found nowhere is one :class:`ModelNotFound` within seconds, with the nearest
+offline model names.
 """
 
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
+import urllib.parse
+import urllib.request
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,10 +45,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import ModelNotFound, ReftgraphError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["load_pretrained", "cache_root", "build_caches", "offline_model", "OfflineModel", "OFFLINE_MODELS"]
+__all__ = ["load_pretrained", "cache_root", "build_caches", "offline_model", "OfflineModel", "OFFLINE_MODELS",
+           "ModelNotFound", "hub_unreachable", "hub_options", "hub_errors"]
 
 MANIFEST = "manifest.json"
 
@@ -124,6 +139,192 @@ def cache_root(cache_dir=None) -> Path:
     '/data/models'
     """
     return Path(cache_dir or os.environ.get("REFTGRAPH_CACHE") or Path.home() / ".cache" / "reftgraph")
+
+
+# -- names that load from nowhere: refused within seconds -------------------------------------
+
+HUB_TIMEOUT = 2.5      # seconds the Hub's host has to answer a TCP connection
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+_PROBE_TTL = 60.0      # a probe's answer is reused for this long
+_probes: dict = {}     # (host, port) -> (time, reason)
+
+
+def _is_true(value) -> bool:
+    return str(value).strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_address() -> tuple[str, int]:
+    """The host and port a connection to the Hub goes to: its proxy's, where one is set."""
+    try:
+        from huggingface_hub import constants
+        endpoint = constants.ENDPOINT
+    except ImportError:
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    url = urllib.parse.urlsplit(endpoint)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+
+
+def _probe(host: str, port: int, timeout: float) -> str:
+    """'' when ``host:port`` accepts a TCP connection within ``timeout`` seconds, else why not.
+    Runs in a thread, so a name lookup that hangs is cut off too."""
+    answer = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            answer.append("")
+        except OSError as e:
+            answer.append(f"{host}:{port}: {e.strerror or str(e) or type(e).__name__}")
+
+    thread = threading.Thread(target=connect, daemon=True, name="reftgraph-hub-probe")
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else f"{host}:{port} did not answer within {timeout:g} s"
+
+
+def hub_unreachable(timeout: float = HUB_TIMEOUT) -> str:
+    """Why the Hugging Face Hub cannot be used now ('' when it can): an offline variable is
+    set, or its host (its proxy, where one is set) did not answer a TCP connection.
+
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):
+    ...     hub_unreachable()
+    'HF_HUB_OFFLINE=1 is set'
+
+    The answer of a probe is reused for a minute. Tests replace this function.
+    """
+    for variable in OFFLINE_VARIABLES:
+        if _is_true(os.environ.get(variable, "")):
+            return f"{variable}={os.environ[variable]} is set"
+    address = _hub_address()
+    seen = _probes.get(address)
+    if seen is None or time.monotonic() - seen[0] > _PROBE_TTL:
+        seen = _probes[address] = (time.monotonic(), _probe(*address, timeout))
+    return seen[1]
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a local path (never a Hugging Face id).
+
+    >>> looks_like_path("./my-model"), looks_like_path("/models/x"), looks_like_path("google/gemma-3-270m")
+    (True, True, False)
+    """
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _is_hub_id(name: str) -> bool:
+    try:
+        from huggingface_hub.utils import validate_repo_id
+        validate_repo_id(name)
+    except ImportError:
+        return True
+    except ValueError:   # HFValidationError
+        return False
+    return not looks_like_path(name)
+
+
+def _in_hub_cache(name: str) -> bool:
+    """Whether the local Hugging Face cache holds ``name``'s config (so it loads offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - an unreadable cache holds nothing
+        return False
+
+
+def did_you_mean(name: str) -> str:
+    """A hint naming the offline models closest to ``name`` (and all of them).
+
+    >>> did_you_mean("gemma-3-270")
+    "did you mean 'gemma-3-270m'? (offline models: 'smollm2-135m-instruct', 'gemma-3-270m')"
+    >>> did_you_mean("gpt2")
+    "offline models: 'smollm2-135m-instruct', 'gemma-3-270m'"
+
+    A name is also compared with the start of each alias (``"smolm2"`` is near ``"smollm2-..."``).
+    """
+    every = ", ".join(repr(m.cache_name) for m in OFFLINE_MODELS)
+    key = str(name).lower()[:100]
+    scores = {}
+    for m in OFFLINE_MODELS:
+        for alias in (*m.aliases, m.cache_name):
+            for text in (key, key.split("/")[-1]):
+                start = alias[:len(text)] if len(text) >= 4 else alias
+                score = max(difflib.SequenceMatcher(None, text, alias).ratio(),
+                            difflib.SequenceMatcher(None, text, start).ratio())
+                scores[m.cache_name] = max(scores.get(m.cache_name, 0.0), score)
+    near = [n for n, score in sorted(scores.items(), key=lambda kv: -kv[1]) if score >= 0.75]
+    if not near:
+        return f"offline models: {every}"
+    return f"did you mean {' or '.join(map(repr, near))}? (offline models: {every})"
+
+
+def not_found(name: str, why: str) -> ModelNotFound:
+    """The one error for a model name that cannot be loaded: why, the nearest offline models,
+    and where to read what needs the network."""
+    return ModelNotFound(f"model {name!r} cannot be loaded: {why}; {did_you_mean(name)}; docs/network.md "
+                         "says what needs the network")
+
+
+def hub_options(name: str) -> dict:
+    """The keyword arguments ``from_pretrained`` needs for ``name`` (a local folder or a Hugging
+    Face id), checked first: a name that cannot load is a :class:`ModelNotFound` at once.
+
+    >>> hub_options(".")                      # a local folder
+    {}
+    >>> from unittest import mock
+    >>> with mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):
+    ...     try:
+    ...         hub_options("gemma-3-270")
+    ...     except ModelNotFound as e:
+    ...         print(e)                      # doctest: +NORMALIZE_WHITESPACE
+    model 'gemma-3-270' cannot be loaded: it is not a folder here, the Hugging Face Hub cannot be reached
+    (HF_HUB_OFFLINE=1 is set), and the local Hugging Face cache does not hold it; did you mean
+    'gemma-3-270m'? (offline models: 'smollm2-135m-instruct', 'gemma-3-270m'); docs/network.md says what
+    needs the network
+
+    With the Hub unreachable (:func:`hub_unreachable`), a Hugging Face id is read from the
+    local Hugging Face cache only (``local_files_only=True``), without network retries.
+    """
+    name = str(name)
+    if Path(name).expanduser().exists():
+        return {}
+    if not _is_hub_id(name):
+        raise ModelNotFound(f"model {name!r} does not exist (not a folder here, and not a Hugging Face id)")
+    why = hub_unreachable()
+    if not why:
+        return {}
+    if _in_hub_cache(name):
+        return {"local_files_only": True}
+    raise not_found(name, f"it is not a folder here, the Hugging Face Hub cannot be reached ({why}), and "
+                          "the local Hugging Face cache does not hold it")
+
+
+@contextlib.contextmanager
+def hub_errors(name: str):
+    """Turn the ``OSError`` of ``from_pretrained`` for a name that is not a local folder
+    (the Hub does not know it, refuses access, ...) into :class:`ModelNotFound`.
+
+    >>> try:
+    ...     with hub_errors("smollm-135m"):
+    ...         raise OSError("smollm-135m is not a valid model identifier\\n(more lines)")
+    ... except ModelNotFound as e:
+    ...     print(e)                          # doctest: +NORMALIZE_WHITESPACE
+    model 'smollm-135m' cannot be loaded: the Hugging Face Hub did not provide it (smollm-135m is not a
+    valid model identifier); did you mean 'smollm2-135m-instruct'? (offline models: 'smollm2-135m-instruct',
+    'gemma-3-270m'); docs/network.md says what needs the network
+    """
+    try:
+        yield
+    except ModelNotFound:
+        raise
+    except OSError as e:
+        if Path(str(name)).expanduser().exists():
+            raise
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise not_found(name, f"the Hugging Face Hub did not provide it ({first})") from e
 
 
 def _args(offline: OfflineModel, *args):
@@ -303,8 +504,9 @@ def load_pretrained(name_or_path: str, *, dtype=torch.float32, device="cpu", cac
     ``"HuggingFaceTB/SmolLM2-135M-Instruct"``, ``"gemma-3-270m"``, ``"google/gemma-3-270m"`` or
     ``"gemma3-270m"``) are read from the cache in ``cache_dir`` (default ``$REFTGRAPH_CACHE``
     or ``~/.cache/reftgraph``), built from their packages' GGUF file when missing or damaged.
-    Any other string is a local folder or a Hugging Face id. The tokenizer always has a
-    ``pad_token`` (its ``eos_token`` when it had none).
+    Any other string is a local folder or a Hugging Face id (checked by :func:`hub_options`: a
+    name that cannot be loaded is a :class:`ModelNotFound` within seconds, also offline). The
+    tokenizer always has a ``pad_token`` (its ``eos_token`` when it had none).
 
     ``device_map`` (``"auto"``, a dict of module names to devices, ``"disk"`` included) and
     ``placement`` (``max_memory``, ``offload_folder``, ...) go to transformers (accelerate
@@ -315,16 +517,11 @@ def load_pretrained(name_or_path: str, *, dtype=torch.float32, device="cpu", cac
     name = str(name_or_path)
     offline = offline_model(name)
     source = offline_model_folder(offline, cache_dir) if offline else name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+    options = {} if offline else hub_options(name)
+    with hub_errors(source):
+        tokenizer = AutoTokenizer.from_pretrained(source, **options)
         placed = {"device_map": device_map, **placement} if device_map is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placed)
-    except OSError as e:
-        if Path(source).exists():
-            raise
-        raise OSError(f"could not load {name!r}: it is not a local folder and the Hugging Face hub did not "
-                      f"provide it (no network? pass a local path, or one of the offline models "
-                      f"{', '.join(repr(m.cache_name) for m in OFFLINE_MODELS)}). {e}") from e
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options, **placed)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device_map is None:

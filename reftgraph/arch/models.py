@@ -25,7 +25,7 @@ class Model:
 
     >>> lm = tiny("llama")
     >>> lm
-    Model(tiny-llama: llama, 2 layers, width 32, 4 heads, 2 kv heads)
+    Model(tiny-llama: llama, 2 layers, width 32, 4 heads, 2 kv heads, float32)
     >>> type(lm.hf).__name__, type(lm.nn).__name__
     ('LlamaForCausalLM', 'TransformersModel')
 
@@ -48,10 +48,20 @@ class Model:
         """
         return next(self.hf.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's weights.
+
+        >>> tiny("llama", dtype=torch.bfloat16).dtype
+        torch.bfloat16
+        """
+        return getattr(self.hf, "dtype", None) or next(self.hf.parameters()).dtype
+
     def __repr__(self) -> str:
         a = self.arch
         return (f"Model({self.name or type(self.hf).__name__}: {a.family.name}, {a.n_layers} layers, "
-                f"width {a.d_model}, {a.n_heads} heads, {a.n_kv_heads} kv heads)")
+                f"width {a.d_model}, {a.n_heads} heads, {a.n_kv_heads} kv heads, "
+                f"{str(self.dtype).removeprefix('torch.')})")
 
 
 def wrap(hf_model, tokenizer, name: str = "", freeze: bool = True) -> Model:
@@ -61,7 +71,7 @@ def wrap(hf_model, tokenizer, name: str = "", freeze: bool = True) -> Model:
     >>> hf = GPTNeoXForCausalLM(tiny_config("gpt_neox"))
     >>> lm = wrap(hf, tiny_tokenizer(), name="mine")
     >>> lm, hf.training, any(p.requires_grad for p in hf.parameters())
-    (Model(mine: gpt_neox, 2 layers, width 32, 4 heads, 4 kv heads), False, False)
+    (Model(mine: gpt_neox, 2 layers, width 32, 4 heads, 4 kv heads, float32), False, False)
     """
     from nnsight import TransformersModel
 
@@ -149,7 +159,7 @@ def load_meta(name_or_path: str, dtype=torch.float32) -> Model:
     >>> tiny_config("llama", num_hidden_layers=6).save_pretrained(path); _ = tiny_tokenizer().save_pretrained(path)
     >>> lm = load_meta(path)
     >>> lm, lm.device
-    (Model(...: llama, 6 layers, width 32, 4 heads, 2 kv heads), device(type='meta'))
+    (Model(...: llama, 6 layers, width 32, 4 heads, 2 kv heads, float32), device(type='meta'))
 
     ``name_or_path``: a folder with ``config.json`` and the tokenizer's files, a Hugging Face
     id, or an offline model's name (its config from the table, its tokenizer from the cache).
@@ -160,16 +170,14 @@ def load_meta(name_or_path: str, dtype=torch.float32) -> Model:
     from nnsight import TransformersModel
     from transformers import AutoTokenizer
 
-    from .hub import offline_model, offline_model_folder
+    from .hub import hub_errors, offline_model, offline_model_folder
 
     name = str(name_or_path)
     offline = offline_model(name)
-    kwargs = {"dtype": dtype}
-    source = name
-    if offline is not None:
-        kwargs["config"] = config_of(name)
-        source = str(offline_model_folder(offline, None))
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    kwargs = {"dtype": dtype, "config": config_of(name)}   # checks the name first (ModelNotFound)
+    source = str(offline_model_folder(offline, None)) if offline is not None else name
+    with hub_errors(source):
+        tokenizer = AutoTokenizer.from_pretrained(source, **_options(name))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         envoy = TransformersModel(source, tokenizer=tokenizer, task="text-generation", **kwargs)
@@ -198,16 +206,26 @@ def config_of(name_or_path: str):
     (30, 'gemma3_text')
 
     The offline models (``hub.OFFLINE_MODELS``) come from their table, without reading the
-    GGUF file; anything else is read with ``AutoConfig.from_pretrained``.
+    GGUF file; anything else is read with ``AutoConfig.from_pretrained``. A name that cannot
+    be loaded is a :class:`~reftgraph.arch.hub.ModelNotFound` within seconds, also offline.
     """
     from transformers import AutoConfig
 
-    from .hub import SMOLLM2, offline_model
+    from .hub import SMOLLM2, hub_errors, offline_model
 
     offline = SMOLLM2 if is_default(name_or_path) else offline_model(name_or_path)
     if offline is not None:
         return AutoConfig.for_model(**offline.config)
-    return AutoConfig.from_pretrained(name_or_path)
+    options = _options(name_or_path)
+    with hub_errors(name_or_path):
+        return AutoConfig.from_pretrained(name_or_path, **options)
+
+
+def _options(name: str) -> dict:
+    """``from_pretrained`` options for ``name``: none for an offline model (its cache is a folder)."""
+    from .hub import hub_options, offline_model
+
+    return {} if offline_model(str(name)) is not None else hub_options(str(name))
 
 
 def tiny_tokenizer():
@@ -269,7 +287,7 @@ def tiny(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides)
     """A tiny random model of ``family`` (``"llama"``, ``"gpt2"``, ``"gpt_neox"`` or any causal-LM ``model_type``).
 
     >>> tiny("gpt_neox")
-    Model(tiny-gpt_neox: gpt_neox, 2 layers, width 32, 4 heads, 4 kv heads)
+    Model(tiny-gpt_neox: gpt_neox, 2 layers, width 32, 4 heads, 4 kv heads, float32)
     >>> tiny("llama", num_hidden_layers=4).arch.n_layers     # overrides go to the config
     4
     >>> tiny("llama", dtype=torch.bfloat16).hf.dtype         # the float32 weights, rounded

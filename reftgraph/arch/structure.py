@@ -216,6 +216,8 @@ class Arch:
         >>> import reftgraph as rg
         >>> rg.models.tiny("llama").arch.table()["head_out"]
         'verified'
+
+        :meth:`summary` gives the same as a DataFrame, one row per component and layer range.
         """
         out = {}
         for c in COMPONENTS:
@@ -224,6 +226,33 @@ class Arch:
             out[c] = "verified" if not bad else bad[0] if len(bad) == len(reasons) else \
                 f"on layers {_ranges([i for i, r in enumerate(reasons) if not r])} only"
         return out
+
+    def summary(self):
+        """A pandas DataFrame of what each component is on which layers: one row per component
+        and range of layers with the same status, ``"verified"`` or why it is refused.
+
+        >>> import reftgraph as rg
+        >>> table = rg.models.tiny("gpt_neox").arch.summary()      # parallel attention and MLP
+        >>> print(table.head(3).to_string(index=False, max_colwidth=40))
+         component layers                                   status
+         resid_pre    0-1                                 verified
+         resid_mid    0-1 parallel block: attention and MLP bot...
+        resid_post    0-1                                 verified
+
+        :meth:`table` gives ``{component: status}`` over all layers.
+        """
+        import pandas as pd
+
+        rows = []
+        for c in COMPONENTS:
+            status = [(self.blocks[i].refused.get(c) if self.blocks else None) or "verified"
+                      for i in range(self.n_layers)]
+            start = 0
+            for i in range(1, self.n_layers + 1):
+                if i == self.n_layers or status[i] != status[start]:
+                    rows.append((c, _ranges(list(range(start, i))), status[start]))
+                    start = i
+        return pd.DataFrame(rows, columns=["component", "layers", "status"])
 
     # -- dims --------------------------------------------------------------
     def heads(self, component: str, layer: Optional[int] = None) -> int:

@@ -4,12 +4,18 @@
     reftgraph train spec.yaml            # train a graph from a spec (see reftgraph.spec)
     reftgraph generate DIR --prompt "Why is the sky blue?"
     reftgraph show DIR
+
+``DIR`` is a saved graph folder, or the ``output`` folder of ``reftgraph train`` (its graph is
+in ``graph/``).
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
+import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -17,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ReftgraphError, SpecError
+from ..errors import GraphFileError, ReftgraphError, SpecError
 
 __all__ = ["main", "parser"]
 
@@ -39,12 +45,40 @@ def printable(text) -> str:
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+def command() -> str:
+    """How to run ``reftgraph`` from the user's shell, for the hints the commands print:
+    ``reftgraph`` when that is on PATH, else this environment's script (``.venv/bin/reftgraph``
+    after ``make setup``), else ``python -m reftgraph``.
+
+    >>> from unittest import mock
+    >>> with mock.patch("shutil.which", return_value=None), mock.patch("sys.executable", "/nowhere/bin/python"):
+    ...     command()
+    '/nowhere/bin/python -m reftgraph'
+    """
+    here = Path(sys.executable).parent / ("reftgraph.exe" if os.name == "nt" else "reftgraph")
+    on_path = shutil.which("reftgraph")
+    if on_path and (not here.is_file() or os.path.samefile(on_path, here)):
+        return "reftgraph"
+    if here.is_file():
+        return shlex.quote(_relative(here))
+    return f"{shlex.quote(_relative(Path(sys.executable)))} -m reftgraph"
+
+
+def _relative(path: Path) -> str:
+    """``path`` relative to the working folder when it is inside it (with a ``/``), else as it is."""
+    try:
+        inside = Path(os.path.relpath(path))
+    except ValueError:   # another drive
+        return str(path)
+    if inside.parts and inside.parts[0] == "..":
+        return str(path)
+    return str(inside) if len(inside.parts) > 1 else f".{os.sep}{inside}"
 
 
 def _model_error(name: str, e: Exception) -> SpecError:
-    if _looks_like_path(name) and not Path(name).expanduser().exists():
+    from ..arch.hub import looks_like_path
+
+    if looks_like_path(name) and not Path(name).expanduser().exists():
         return SpecError(f"model {name!r} does not exist (not a folder, and not a model name or a Hugging Face id)")
     return SpecError(f"model {name!r} cannot be read: {str(e).splitlines()[0][:200] if str(e) else type(e).__name__}")
 
@@ -68,6 +102,8 @@ def _load(name: str):
     try:
         return rg.load(name)
     except OSError as e:
+        if isinstance(e, ReftgraphError):   # ModelNotFound says it all
+            raise
         raise _model_error(name, e) from None
 
 
@@ -148,7 +184,7 @@ def train_cmd(args) -> int:
     except KeyboardInterrupt:
         last = latest_checkpoint(checkpoints)
         where = f"the last complete checkpoint is {last}" if last else "no epoch finished, so no checkpoint"
-        print(f"\ninterrupted: {where}. Resume with: reftgraph train {args.spec} --resume", file=sys.stderr)
+        print(f"\ninterrupted: {where}. Resume with: {command()} train {args.spec} --resume", file=sys.stderr)
         return 130
     if not main_process:   # under torchrun / accelerate launch: process 0 writes the files
         return 0
@@ -156,12 +192,78 @@ def train_cmd(args) -> int:
     history.to_csv(out / "history.csv", index=False)
     plot_history(history).savefig(out / "curve.png", dpi=120)
     g.draw().savefig(out / "graph.png", dpi=120)
-    print(f"saved {out / 'graph'} (graph.json + weights.safetensors), {out / 'history.csv'}, "
-          f"{out / 'curve.png'}, {out / 'graph.png'}")
+    print(f"saved the trained graph in {printable(out / 'graph')}/ and history.csv, curve.png, graph.png "
+          f"in {printable(out)}/")
+    print(f"try it: {command()} generate {shlex.quote(str(out))} --prompt 'Why is the sky blue?'")
     return 0
 
 
 # -- generate / show -----------------------------------------------------------
+
+def graph_folder(path) -> Path:
+    """The saved graph that ``path`` names: the folder itself, or its ``graph/`` (the
+    ``output`` folder of ``reftgraph train``). Anything else is a :class:`GraphFileError`
+    that says what is there.
+
+    >>> import tempfile, reftgraph as rg
+    >>> out = Path(tempfile.mkdtemp())
+    >>> _ = rg.Graph().save(out / "graph")
+    >>> graph_folder(out) == out / "graph"
+    True
+    >>> (out / "notes").mkdir()
+    >>> graph_folder(out / "notes")           # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.GraphFileError: .../notes is not a saved graph: it is an empty folder; ...
+    """
+    from ..files import current_folder
+
+    path = Path(path)
+    try:
+        current_folder(path)   # the checks load_graph makes first, for either layout
+        return path
+    except GraphFileError as e:
+        error = e
+    if not path.exists():
+        raise GraphFileError(f"{printable(path)} does not exist{_nearest(path)}") from None
+    if not path.is_dir():
+        raise GraphFileError(f"{printable(path)} is a file, not a saved graph folder") from None
+    if _holds_a_graph(path):
+        raise error from None   # load_graph's own reason (a damaged CURRENT, a missing graph.json, ...)
+    inner = path / "graph"
+    if inner.is_dir():
+        current_folder(inner)   # its own error, naming graph/, when that is not a saved graph
+        return inner
+    raise GraphFileError(f"{printable(path)} is not a saved graph: it is {_contents(path)}; a saved graph folder "
+                         "holds CURRENT and versions/ (or graph.json), and the output folder of 'reftgraph train' "
+                         "holds one in graph/") from None
+
+
+def _holds_a_graph(path: Path) -> bool:
+    """Whether ``path`` has any file of a saved graph (of either layout), so its own error is the one to show."""
+    from ..files.versions import OLD_LAYOUT, POINTER, VERSIONS
+
+    return any((path / name).exists() for name in (POINTER, VERSIONS, *OLD_LAYOUT))
+
+
+def _contents(path: Path, most: int = 8) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in path.iterdir())
+    if not names:
+        return "an empty folder"
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return f"a folder containing {', '.join(printable(n) for n in names[:most])}{more}"
+
+
+def _nearest(path: Path) -> str:
+    """``"; did you mean out/pirate-graph?"`` when the parent folder holds a near name."""
+    parent = path.parent
+    try:
+        names = [p.name for p in parent.iterdir()] if parent.is_dir() else []
+    except OSError:
+        return ""
+    near = difflib.get_close_matches(path.name, names, n=1, cutoff=0.75)
+    return f"; did you mean {printable(parent / near[0])}?" if near else ""
+
 
 def _saved_model_name(folder: Path) -> str:
     """The model a graph was saved for; the whole folder is checked first (no model loads
@@ -181,7 +283,7 @@ def generate_cmd(args) -> int:
     from ..engine.prompts import check_chat_template
     from .spec import read_lines
 
-    folder = Path(args.dir)
+    folder = graph_folder(args.dir)
     if args.prompts:
         p = Path(args.prompts)
         if not p.is_file():
@@ -207,7 +309,7 @@ def generate_cmd(args) -> int:
 def show_cmd(args) -> int:
     import reftgraph as rg
 
-    folder = Path(args.dir)
+    folder = graph_folder(args.dir)
     g = rg.load_graph(folder)
     table = g.summary().map(lambda v: printable(v) if isinstance(v, str) else v)
     print(table.to_string(index=False))
@@ -348,7 +450,7 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=train_cmd)
 
     gn = sub.add_parser("generate", help="generate with a saved graph, side by side with the plain model")
-    gn.add_argument("dir", help="a saved graph folder")
+    gn.add_argument("dir", help="a saved graph folder, or the output folder of 'reftgraph train'")
     gn.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     gn.add_argument("--prompts", help="a file with one prompt per line")
     gn.add_argument("--model", help="model name or path (default: the one the graph was saved for)")
@@ -357,7 +459,7 @@ def parser() -> argparse.ArgumentParser:
     gn.set_defaults(func=generate_cmd)
 
     s = sub.add_parser("show", help="the node table, parameter counts and a picture of a saved graph")
-    s.add_argument("dir", help="a saved graph folder")
+    s.add_argument("dir", help="a saved graph folder, or the output folder of 'reftgraph train'")
     s.add_argument("--png", help="where to write the picture (default: DIR/graph.png)")
     s.set_defaults(func=show_cmd)
     return p

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from pathlib import Path
 
 from dataclasses import dataclass, field, fields
@@ -172,6 +173,39 @@ def _value_checks() -> dict:
             for name, cls in SPEC_SECTIONS.items()}
 
 
+_FLOAT_FIELDS = {name: {f.name for f in fields(cls) if f.type in ("float", "Optional[float]")}
+                 for name, cls in SPEC_SECTIONS.items()}
+_DECIMAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def as_number(value):
+    """A number written as text (``"6e-3"``: PyYAML reads ``lr: 6e-3`` as a string, YAML 1.1
+    wants ``6.0e-3``) as a float; anything else unchanged.
+
+    >>> as_number("6e-3"), as_number("1E+2"), as_number("fast"), as_number("inf"), as_number(0.5)
+    (0.006, 100.0, 'fast', 'inf', 0.5)
+    """
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+        return float(value)
+    return value
+
+
+def _parse_error(path: Path, e: Exception) -> SpecError:
+    """One line naming the file, the line and column and what the parser found."""
+    mark = getattr(e, "problem_mark", None)   # PyYAML (0-based)
+    if mark is not None:
+        what, start = e.problem or "", getattr(e, "context_mark", None)
+        if e.context:   # "while parsing a flow sequence" -> "in the flow sequence from line 1, column 8"
+            thing = re.sub(r"^while (parsing|scanning) an? ", "", e.context)
+            where = f" from line {start.line + 1}, column {start.column + 1}" if start is not None else ""
+            what += f" (in the {thing}{where})"
+        return SpecError(f"{path}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {what}")
+    if isinstance(e, json.JSONDecodeError):
+        return SpecError(f"{path}:{e.lineno}:{e.colno}: not valid JSON: {e.msg}")
+    kind = "YAML" if path.suffix in (".yaml", ".yml") else "JSON"
+    return SpecError(f"{path}: not valid {kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+
+
 def _unknown(key: str, valid, where: str) -> SpecError:
     near = difflib.get_close_matches(key, sorted(valid), n=1)
     hint = f"; did you mean {near[0]!r}?" if near else f"; valid keys: {', '.join(sorted(valid))}"
@@ -200,8 +234,7 @@ def read_spec(path) -> dict:
         else:
             spec = json.loads(text)
     except Exception as e:  # noqa: BLE001 - any parse error is one line
-        raise SpecError(f"{path}: not valid {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'}: "
-                        f"{str(e).splitlines()[0]}") from None
+        raise _parse_error(path, e) from None
     if not isinstance(spec, dict):
         raise SpecError(f"{path}: the spec must be a mapping with keys {', '.join(SECTIONS)}")
     for key, value in spec.items():
@@ -220,6 +253,8 @@ def read_spec(path) -> dict:
         raise SpecError("'data' needs a 'path' to a JSONL file")
     for section, checks in _value_checks().items():
         for key, value in spec.get(section, {}).items():
+            if key in _FLOAT_FIELDS[section]:
+                value = spec[section][key] = as_number(value)
             problem = checks[key](value) if key in checks else None
             if problem:
                 raise SpecError(f"{section}.{key} {problem}")

@@ -10,6 +10,7 @@ resid_post[9] pos=f5+l5 dims=[0,1]
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import re
 from dataclasses import dataclass
 from typing import Any, Optional, Union
@@ -113,6 +114,23 @@ def _short(value, n: int = 80) -> str:
     return text if len(text) <= n else text[:n] + f"... ({len(text)} characters)"
 
 
+def _did_you_mean(component) -> str:
+    """``"did you mean 'resid_post'? "`` for a near miss of a component name, else ``""``.
+
+    >>> _did_you_mean("resid_psot"), _did_you_mean("Q"), _did_you_mean("logits")
+    ("did you mean 'resid_post'? ", "did you mean 'q'? ", '')
+    """
+    if not isinstance(component, str) or len(component) > 40:
+        return ""
+    key = component.lower()
+    score = {c: difflib.SequenceMatcher(None, key, c).ratio() for c in COMPONENTS}
+    best = max(score.values())
+    near = [c for c in COMPONENTS if score[c] >= 0.6 and score[c] > best - 0.05]   # the nearest, ties kept
+    if not near:
+        return ""
+    return f"did you mean {', '.join(map(repr, near[:-1])) + ' or ' if len(near) > 1 else ''}{near[-1]!r}? "
+
+
 def _positions_str(p: Positions) -> str:
     if isinstance(p, tuple):
         return "[" + ",".join(map(str, p)) + "]"
@@ -143,7 +161,8 @@ class Site:
 
     def __post_init__(self):
         if self.component not in COMPONENTS:
-            raise SiteError(f"unknown component {self.component!r}; valid components: {', '.join(COMPONENTS)}")
+            raise SiteError(f"unknown component {_short(self.component)}; {_did_you_mean(self.component)}"
+                            f"valid components: {', '.join(COMPONENTS)}")
         if not _in_range(self.layer):
             raise SiteError(f"layer must be an int in -{MAX_INDEX}..{MAX_INDEX}, got {_short(self.layer)}")
         object.__setattr__(self, "positions", normalise_positions(self.positions))
@@ -269,7 +288,7 @@ def resolve_positions(positions: Positions, start: torch.Tensor, length: torch.T
     streams bound together pass the batch width, so their selections have one shape).
 
     >>> resolve_positions("f30000000+l1", torch.tensor([0]), torch.tensor([3])).index.shape
-    torch.Size([1, 6])
+    torch.Size([1, 4])
     """
     start = start.long()
     length = length.long()

@@ -60,6 +60,23 @@ class Generation:
         """
         return self.ids[:, self.prompt_length:]
 
+    def __repr__(self) -> str:
+        short = (lambda t: repr(t if len(t) <= 40 else t[:37] + "..."))
+        texts = ", ".join(short(t) for t in self.texts[:3]) + (", ..." if len(self.texts) > 3 else "")
+        return (f"Generation({len(self.texts)} texts, up to {self.ids.shape[1] - self.prompt_length} new tokens; "
+                f"texts=[{texts}])")
+
+    def _repr_html_(self) -> str:
+        import html
+
+        cut = (lambda t: html.escape(t if len(t) <= 300 else t[:297] + "..."))
+        rows = "".join(f"<tr><td>{i}</td><td style='text-align:left'>{cut(t)}</td></tr>"
+                       for i, t in enumerate(self.texts[:20]))
+        more = f"<p>... and {len(self.texts) - 20} more (.texts)</p>" if len(self.texts) > 20 else ""
+        return (f"<p><b>Generation</b>: {len(self.texts)} texts, up to {self.ids.shape[1] - self.prompt_length} "
+                f"new tokens each (.texts, .new_ids)</p><table><tr><th>row</th><th>new text</th></tr>{rows}</table>"
+                + more)
+
 
 def _split(graph: Graph):
     prompt, steps = [], []

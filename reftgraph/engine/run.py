@@ -75,6 +75,30 @@ class RunResult:
         rows = self.rows["base"]
         return self.logits[torch.arange(self.logits.shape[0]), self.last_index[rows]]
 
+    def __repr__(self) -> str:
+        shape = (lambda t: "[" + ", ".join(map(str, t.shape)) + "]")
+        collected = ", ".join(f"{name} {shape(value)}" for name, value in self.collected.items()) or "nothing"
+        streams = ", ".join(f"{name} {len(range(*rows.indices(len(self.input_ids))))}"
+                            for name, rows in self.rows.items())
+        return f"RunResult(logits {shape(self.logits)}; collected: {collected}; rows per stream: {streams})"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        shape = (lambda t: " x ".join(map(str, t.shape)))
+        cells = [("logits (base stream)", shape(self.logits), "[rows, positions, vocab]")]
+        for name, value in self.collected.items():
+            short = int((~self.valid[name]).any(-1).sum()) if name in self.valid else 0
+            cells.append((f"[{name!r}]", shape(value), f"{short} rows with fewer positions (see .valid)" if short
+                          else "[rows, positions, ...]"))
+        top = self.next_token_logits.argmax(-1)[:8].tolist()
+        streams = ", ".join(f"{name}: {len(range(*rows.indices(len(self.input_ids))))} rows"
+                            for name, rows in self.rows.items())
+        body = "".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td><td>{html.escape(c)}</td></tr>" for a, b, c in cells)
+        return (f"<p><b>RunResult</b> ({html.escape(streams)}); next token ids (argmax) of the base rows: "
+                f"{top}{' ...' if len(self.next_token_logits) > 8 else ''}</p>"
+                f"<table><tr><th>value</th><th>shape</th><th></th></tr>{body}</table>")
+
 
 def prompt_list(prompts: Prompts, what: str) -> list:
     """``prompts`` as a list of strings (one string is a list of one), else a DataError.

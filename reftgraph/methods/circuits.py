@@ -19,6 +19,7 @@ runs, saves, loads, draws and combines like any other; :func:`faithfulness` runs
 
 from __future__ import annotations
 
+import html
 from typing import Optional, Sequence, Union
 
 import pandas as pd
@@ -29,11 +30,13 @@ from ..core.sites import Site
 from ..engine.run import as_model, run
 from ..errors import DataError
 from ..viz.circuits import draw_circuit, plot_curve
+from ..viz.progress import progress_bar
 from .patching.attribution import attribute
 from .patching.data import Counterfactual
 from .patching.metrics import Reference, get_metric
 
-__all__ = ["scores", "discover", "circuit_graph", "members", "faithfulness", "curve", "top_layers", "draw", "plot_curve"]
+__all__ = ["Circuit", "scores", "discover", "circuit_graph", "members", "faithfulness", "curve", "top_layers", "draw",
+           "plot_curve"]
 
 NODES = ("heads", "heads+mlps")
 ABLATE = ("corrupt", "mean")
@@ -42,7 +45,8 @@ STREAM = "corrupt"
 
 
 def scores(model, data: Counterfactual, nodes: str = "heads", method: str = "atp", ig_steps: int = 5,
-           metric="logit_diff", rank: str = "effect", per_position: bool = False) -> pd.DataFrame:
+           metric="logit_diff", rank: str = "effect", per_position: bool = False,
+           progress: bool = True) -> pd.DataFrame:
     """Every head's (and MLP's) estimated effect of corrupting it in the clean run.
 
     >>> import reftgraph as rg
@@ -61,7 +65,8 @@ def scores(model, data: Counterfactual, nodes: str = "heads", method: str = "atp
     (a complete circuit has both kinds; a faithful small one mostly the first).
     ``per_position=True`` scores every node at every token position (a ``position`` column):
     a circuit may then keep a head at some positions only. It needs prompts of one length
-    (e.g. IOI prompts of one template, ``ioi(n, templates=(0,))``).
+    (e.g. IOI prompts of one template, ``ioi(n, templates=(0,))``). ``progress=False`` hides
+    the progress bar of the attribution passes.
     """
     model = as_model(model)
     _check(data, nodes)
@@ -78,7 +83,7 @@ def scores(model, data: Counterfactual, nodes: str = "heads", method: str = "atp
         raise DataError(f"rank must be one of {RANKS}, got {rank!r}")
     components = ["head_out"] + (["mlp_out"] if nodes == "heads+mlps" else [])
     df = attribute(model, data.swap(), components, positions=positions, metric=metric,
-                   ig_steps=ig_steps if method == "ig" else 0)
+                   ig_steps=ig_steps if method == "ig" else 0, progress=progress)
     out = pd.DataFrame({"kind": df["component"].map({"head_out": "head", "mlp_out": "mlp"}),
                         "layer": df["layer"], "head": df["head"], "estimate": df["estimate"]})
     if per_position:
@@ -99,14 +104,16 @@ def _check(data, nodes):
 
 def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes: str = "heads",
              method: str = "atp", ig_steps: int = 5, ablate: str = "corrupt", metric="logit_diff",
-             rank: str = "effect", per_position: bool = False, table: Optional[pd.DataFrame] = None) -> Graph:
+             rank: str = "effect", per_position: bool = False, table: Optional[pd.DataFrame] = None,
+             progress: bool = True) -> "Circuit":
     """The circuit of the ``size`` top-scoring nodes, as a graph that patches all the others.
 
     >>> import reftgraph as rg
     >>> lm = rg.models.tiny("llama")
     >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
     >>> print(discover(lm, data, size=0.25))                # 25% of 8 heads
-    Graph(2 nodes, 0 trainable parameters)
+    Circuit: keeps 2 of 8 heads, best first: L1H1, L0H0
+      runs as 2 patch nodes; the heads outside read the corrupted run (stream 'corrupt')
       outside0: Patch head_out[0].h1+h2+h3 pos=all
       outside1: Patch head_out[1].h0+h2+h3 pos=all
 
@@ -115,17 +122,23 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
     patched like heads); ``ablate``: ``"corrupt"`` (outside nodes read stream ``"corrupt"``,
     the corrupted prompts) or ``"mean"`` (their mean over the corrupted prompts, stored in
     the graph); ``rank`` and ``per_position``: see :func:`scores`. ``table``: scores from
-    :func:`scores`, to reuse them across sizes.
+    :func:`scores`, to reuse them across sizes. Returns a :class:`Circuit`: the graph, with
+    the nodes it keeps (``circuit.kept``, their scores included) and these settings.
     """
     model = as_model(model)
     _check(data, nodes)
     if ablate not in ABLATE:
         raise DataError(f"ablate must be one of {ABLATE}, got {ablate!r}")
+    settings = dict(size=size, nodes=nodes, ablate=ablate, per_position=per_position)
     if table is None:
         _count(size, _n_nodes(model, data, nodes, per_position))      # a bad size fails before any forward
-        table = scores(model, data, nodes, method, ig_steps, metric, rank, per_position)
+        table = scores(model, data, nodes, method, ig_steps, metric, rank, per_position, progress)
+        settings.update(method=method, ig_steps=ig_steps if method == "ig" else None, rank=rank,
+                        metric=metric if isinstance(metric, str) else getattr(metric, "__name__", "custom"))
     kept = table.sort_values("score", ascending=False, kind="stable").head(_count(size, len(table)))
-    return circuit_graph(model, data, kept, nodes, ablate)
+    circuit = circuit_graph(model, data, kept, nodes, ablate)
+    circuit.settings.update(settings)
+    return circuit
 
 
 def _n_nodes(model, data, nodes, per_position) -> int:
@@ -148,9 +161,9 @@ def _count(size, n: int) -> int:
 
 
 def circuit_graph(model, data: Optional[Counterfactual], kept: pd.DataFrame, nodes: str = "heads",
-                  ablate: str = "corrupt") -> Graph:
+                  ablate: str = "corrupt") -> "Circuit":
     """The graph that keeps the nodes of ``kept`` (rows with ``kind``, ``layer``, ``head``)
-    and patches every other one (see :func:`discover`).
+    and patches every other one (see :func:`discover`), as a :class:`Circuit`.
 
     >>> import pandas as pd, reftgraph as rg
     >>> lm = rg.models.tiny("llama")
@@ -180,16 +193,77 @@ def circuit_graph(model, data: Optional[Counterfactual], kept: pd.DataFrame, nod
         ps = [p for p in positions if (layer, p) not in mlps]
         if nodes == "heads+mlps" and ps:
             sites.append((f"outside_mlp{layer}", Site("mlp_out", layer, positions=as_site(ps))))
-    return _patch_graph(model, data, sites, ablate)
-
-
-def _patch_graph(model, data, sites, ablate) -> Graph:
-    g = Graph()
+    units = sum(arch.heads("head_out", layer) for layer in range(arch.n_layers))
+    units = (units + (arch.n_layers if nodes == "heads+mlps" else 0)) * len(positions)
+    kept = kept.reset_index(drop=True)
+    circuit = Circuit(kept=kept, settings=dict(nodes=nodes, ablate=ablate, per_position=per_position), total=units)
     means = _means(model, data, [s for _, s in sites]) if ablate == "mean" else {}
     for name, site in sites:
         op = Patch(STREAM) if ablate == "corrupt" else Ablate("mean", value=means[site])
-        g.add(site, op, name=name)
-    return g
+        circuit.add(site, op, name=name)
+    return circuit
+
+
+class Circuit(Graph):
+    """A circuit as a graph: the nodes it keeps (``kept``), the settings that found it, and
+    the patch nodes that run it (every node outside the circuit patched).
+
+    >>> import pandas as pd, reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> circuit = circuit_graph(lm, None, pd.DataFrame({"kind": ["head"], "layer": [1], "head": [2]}))
+    >>> circuit.kept.values.tolist(), circuit.total, circuit.settings["ablate"]
+    ([['head', 1, 2]], 8, 'corrupt')
+    >>> print(circuit)
+    Circuit: keeps 1 of 8 heads: L1H2
+      runs as 2 patch nodes; the heads outside read the corrupted run (stream 'corrupt')
+      outside0: Patch head_out[0].h0+h1+h2+h3 pos=all
+      outside1: Patch head_out[1].h0+h1+h3 pos=all
+
+    It runs, saves, draws and composes like any :class:`~reftgraph.Graph` (a saved circuit
+    loads as a plain Graph: :func:`members` reads the kept nodes back from its nodes).
+    In a notebook it shows the kept nodes as a table, scores included.
+    """
+
+    def __init__(self, nodes=(), kept: Optional[pd.DataFrame] = None, settings: Optional[dict] = None,
+                 total: int = 0):
+        super().__init__(nodes)
+        self.kept = pd.DataFrame(columns=["kind", "layer", "head"]) if kept is None else kept
+        self.settings = dict(settings or {})
+        self.total = total
+
+    def _headline(self) -> str:
+        what = "heads" if self.settings.get("nodes", "heads") == "heads" else "heads and MLPs"
+        per_position = "position" in self.kept
+        names = [(f"L{int(r.layer)}H{int(r.head)}" if r.kind == "head" else f"MLP{int(r.layer)}")
+                 + (f"@{int(r.position)}" if per_position else "") for r in self.kept.itertuples()]
+        shown = ", ".join(names[:12]) + (f", ... ({len(names) - 12} more)" if len(names) > 12 else "")
+        counted = f"{len(self.kept)} of {self.total} {what}" if self.total else f"{len(self.kept)} {what}"
+        if per_position:
+            counted += " (at positions)"
+        if "score" in self.kept and len(self.kept) > 1:
+            counted += ", best first"
+        return f"Circuit: keeps {counted}" + (f": {shown}" if shown else "")
+
+    def _outside(self) -> str:
+        how = ("take their mean over the corrupted prompts" if self.settings.get("ablate") == "mean"
+               else f"read the corrupted run (stream {STREAM!r})")
+        what = "heads" if self.settings.get("nodes", "heads") == "heads" else "heads and MLPs"
+        return f"runs as {len(self)} patch nodes; the {what} outside {how}"
+
+    def __repr__(self) -> str:
+        return "\n".join([self._headline(), f"  {self._outside()}"] + [f"  {n}" for n in self.nodes])
+
+    def _repr_html_(self) -> str:
+        found = ", ".join(f"{k}={v}" for k, v in self.settings.items() if v is not None)
+        kept = self.kept.copy()
+        for column in ("estimate", "score"):
+            if column in kept:
+                kept[column] = kept[column].astype(float).round(4)
+        return (f"<p><b>{html.escape(self._headline())}</b><br>{html.escape(self._outside())}"
+                + (f"<br><small>{html.escape(found)}</small>" if found else "") + "</p>"
+                + kept.to_html(index=False, na_rep="", max_rows=40)
+                + f"<details><summary>{len(self)} patch nodes</summary>"
+                + self.summary().to_html(index=False, na_rep="", max_rows=60) + "</details>")
 
 
 def _means(model, data, sites) -> dict:
@@ -242,21 +316,24 @@ def members(graph: Graph, model) -> pd.DataFrame:
     return out if per_position else out.drop(columns="position")
 
 
-def _metric_runs(model, data, graphs: Sequence[Graph], metric) -> tuple:
+def _metric_runs(model, data, graphs: Sequence[Graph], metric, progress: bool = True) -> tuple:
     """The metric's mean for each graph on the clean prompts (outside nodes from the corrupted)."""
     _, metric_fn = get_metric(metric)
     correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
-    clean = run(Graph(), model, data.source, grad=False).next_token_logits
-    ref = Reference(correct, wrong, clean)
-    values = []
-    for g in graphs:
-        sources = {STREAM: data.base} if STREAM in g.streams else None
-        logits = run(g, model, data.source, sources=sources, grad=False).next_token_logits
-        values.append(metric_fn(logits, ref).mean().item())
+    with progress_bar(total=len(graphs) + 1, desc="circuit runs", progress=progress, unit="run") as bar:
+        clean = run(Graph(), model, data.source, grad=False).next_token_logits
+        bar.update(1)
+        ref = Reference(correct, wrong, clean)
+        values = []
+        for g in graphs:
+            sources = {STREAM: data.base} if STREAM in g.streams else None
+            logits = run(g, model, data.source, sources=sources, grad=False).next_token_logits
+            values.append(metric_fn(logits, ref).mean().item())
+            bar.update(1)
     return metric_fn(clean, ref).mean().item(), values
 
 
-def faithfulness(graph: Graph, model, data: Counterfactual, metric="logit_diff") -> dict:
+def faithfulness(graph: Graph, model, data: Counterfactual, metric="logit_diff", progress: bool = True) -> dict:
     """Run a circuit graph on the clean prompts and compare it with the full model.
 
     >>> import pandas as pd, reftgraph as rg
@@ -269,6 +346,7 @@ def faithfulness(graph: Graph, model, data: Counterfactual, metric="logit_diff")
     Returns ``circuit`` (the metric with the graph), ``full`` (the clean run), ``empty``
     (every node of the graph's kind patched), ``faithfulness = circuit / full`` and
     ``normalised = (circuit - empty) / (full - empty)``, with ``size`` the nodes kept.
+    ``progress=False`` hides the progress bar of the three runs.
     """
     model = as_model(model)
     _check(data, "heads")
@@ -277,7 +355,7 @@ def faithfulness(graph: Graph, model, data: Counterfactual, metric="logit_diff")
         else "heads"
     ablate = "mean" if any(isinstance(n.op, Ablate) for n in graph.nodes) else "corrupt"
     empty = circuit_graph(model, data, kept.iloc[:0], nodes, ablate)
-    full, (circuit, nothing) = _metric_runs(model, data, [graph, empty], metric)
+    full, (circuit, nothing) = _metric_runs(model, data, [graph, empty], metric, progress)
     return _summary(len(kept), circuit, full, nothing)
 
 
@@ -288,7 +366,8 @@ def _summary(size: int, circuit: float, full: float, empty: float) -> dict:
 
 def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: str = "heads",
           methods: Sequence[str] = ("atp",), ig_steps: int = 5, ablate: str = "corrupt",
-          metric="logit_diff", rank: str = "effect", per_position: bool = False) -> pd.DataFrame:
+          metric="logit_diff", rank: str = "effect", per_position: bool = False,
+          progress: bool = True) -> pd.DataFrame:
     """Faithfulness against circuit size, one circuit per size and method, each one run.
 
     >>> import reftgraph as rg
@@ -300,6 +379,7 @@ def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: st
 
     Columns: ``method``, ``size`` (nodes kept), ``fraction`` (of all nodes), ``circuit``,
     ``full``, ``empty``, ``faithfulness``, ``normalised``. Draw it with :func:`plot_curve`.
+    Progress bars count the attribution passes and the runs (``progress=False`` hides them).
     """
     model = as_model(model)
     _check(data, nodes)
@@ -307,12 +387,12 @@ def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: st
     for size in sizes:
         _count(size, _n_nodes(model, data, nodes, per_position))
     for method in methods:
-        table = scores(model, data, nodes, method, ig_steps, metric, rank, per_position)
+        table = scores(model, data, nodes, method, ig_steps, metric, rank, per_position, progress)
         counts = [_count(s, len(table)) for s in sizes]
         order = table.sort_values("score", ascending=False, kind="stable")
         graphs = [circuit_graph(model, data, order.head(k), nodes, ablate) for k in counts]
         empty = circuit_graph(model, data, order.head(0), nodes, ablate)
-        full, values = _metric_runs(model, data, graphs + [empty], metric)
+        full, values = _metric_runs(model, data, graphs + [empty], metric, progress)
         nothing = values.pop()
         for k, value in zip(counts, values):
             rows.append({"method": method, "size": k, "fraction": k / len(table), **_summary(k, value, full, nothing)})
@@ -320,16 +400,19 @@ def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: st
 
 
 def draw(graph: Graph, model, table: Optional[pd.DataFrame] = None, ax=None):
-    """Draw a circuit graph's kept nodes by layer (see :func:`reftgraph.viz.circuits.draw_circuit`).
+    """Draw a circuit graph's kept nodes by layer (see :func:`reftgraph.viz.circuits.draw_circuit`);
+    returns the figure. A :class:`Circuit` found by :func:`discover` colours them by score.
 
     >>> import matplotlib; matplotlib.use("Agg")
     >>> import pandas as pd, reftgraph as rg
     >>> lm = rg.models.tiny("llama")
     >>> kept = pd.DataFrame({"kind": ["head", "head"], "layer": [0, 1], "head": [2, 3]})
-    >>> draw(circuit_graph(lm, None, kept), lm).get_title()
+    >>> draw(circuit_graph(lm, None, kept), lm).axes[0].get_title()
     'circuit: 2 heads'
     """
     model = as_model(model)
+    if table is None and isinstance(graph, Circuit) and "score" in graph.kept:
+        table = graph.kept
     return draw_circuit(members(graph, model), model.arch.n_layers, model.arch.n_heads, table, ax)
 
 

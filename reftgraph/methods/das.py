@@ -30,9 +30,11 @@ from ..engine.plan import compile_graph
 from ..core.graph import Graph
 from ..core.ops.rotate import Rotate
 from ..engine.remote import check as check_remote
-from ..engine.run import as_model, forward, forwards, inference_mode, last_token, tokenize
+from ..engine.run import as_model, forward, inference_mode, last_token, tokenize
 from ..training.distributed import share, world
 from ..training.loop import Callback, fit, positive_ints
+from ..viz.progress import progress_bar
+from .forwards import run_forwards
 
 
 def boundless_ops(graph) -> list:
@@ -101,6 +103,7 @@ def train_das(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 1
     to ``temperature[1]``; ``boundary_penalty`` adds that weight times the mean boundary
     (the soft subspace size), pushing towards small subspaces. Returns the history (one
     row per step), with ``eval_fn(graph, model, epoch) -> dict`` metrics after each epoch.
+    A progress bar counts the steps (``progress=False`` hides it).
     """
     model = as_model(model)
     target, _ = data.answer_ids(model)
@@ -158,7 +161,7 @@ class Anneal(Callback):
         row["temperature"] = self.value
 
 
-def predict(graph: Graph, model, data, batch_size: int = 32, remote=None) -> torch.Tensor:
+def predict(graph: Graph, model, data, batch_size: int = 32, remote=None, progress: bool = True) -> torch.Tensor:
     """The argmax next token after each base prompt, with the graph's interchanges ``[N]``.
 
     >>> import reftgraph as rg
@@ -169,7 +172,8 @@ def predict(graph: Graph, model, data, batch_size: int = 32, remote=None) -> tor
     True
 
     ``remote`` as in :func:`reftgraph.run`: every batch is a trace of one nnsight session
-    and only the predicted ids come back.
+    and only the predicted ids come back. A progress bar counts the batches
+    (``progress=False`` hides it).
     """
     model = as_model(model)
     plan = compile_graph(graph, model.arch)
@@ -179,10 +183,10 @@ def predict(graph: Graph, model, data, batch_size: int = 32, remote=None) -> tor
             inputs, batch = _tokenized(graph, model, data, range(start, min(start + batch_size, len(data))))
             jobs.append((plan, inputs, batch, lambda logits, _, batch=batch: last_token(logits, batch).argmax(-1)))
         with torch.no_grad(), inference_mode(graph):
-            return torch.cat([p.cpu() for p in forwards(model, jobs, remote)])
+            return torch.cat([p.cpu() for p in run_forwards(model, jobs, remote, progress=progress, desc="predict")])
     preds = []
     with torch.no_grad(), inference_mode(graph):
-        for start in range(0, len(data), batch_size):
+        for start in progress_bar(range(0, len(data), batch_size), desc="predict", progress=progress, unit="batch"):
             rows = list(range(start, min(start + batch_size, len(data))))
             preds.append(_logits(plan, graph, model, data, rows).argmax(-1).cpu())
     return torch.cat(preds)
@@ -202,7 +206,7 @@ def iia_table(hits: Sequence, row_types: Sequence) -> pd.DataFrame:
     return table
 
 
-def iia(graph: Graph, model, data, batch_size: int = 32, remote=None) -> pd.DataFrame:
+def iia(graph: Graph, model, data, batch_size: int = 32, remote=None, progress: bool = True) -> pd.DataFrame:
     """Interchange-intervention accuracy: the share of rows whose predicted next token is
     ``data.correct``, per counterfactual type and overall.
 
@@ -214,8 +218,8 @@ def iia(graph: Graph, model, data, batch_size: int = 32, remote=None) -> pd.Data
     >>> iia(g, lm, data).values.tolist()     # an untrained random model gets none right
     [['x', 1, 0.0], ['y', 1, 0.0], ['all', 2, 0.0]]
 
-    ``remote`` as in :func:`predict`.
+    ``remote`` and ``progress`` as in :func:`predict`.
     """
     target, _ = data.answer_ids(as_model(model))
-    hits = predict(graph, model, data, batch_size, remote=remote) == target
+    hits = predict(graph, model, data, batch_size, remote=remote, progress=progress) == target
     return iia_table(hits.tolist(), types(data))

@@ -31,6 +31,7 @@ from ..engine.plan import compile_graph
 from ..core.graph import Graph
 from ..core.ops.reft import REFT_OPS
 from ..engine.prefix import PrefixCache
+from ..engine.prompts import Template, format_prompt
 from ..engine.run import as_model, forward
 from ..training.distributed import world
 from ..training.loop import Callback, fit
@@ -190,8 +191,8 @@ def exact_prefix(predicted: Sequence[int], target: Sequence[int]) -> int:
 def memorise(model, target: Target, *, layer: int, rank: int = 1, n_tokens: Optional[int] = None,
              prompt: str = DEFAULT_PROMPT, op: str = "ConsReFT", component: str = "resid_post",
              lr: float = 0.05, max_steps: int = 1000, margin: float = 0.5, cache_prefix: bool = True,
-             greedy: bool = True, seed: int = 0, progress: bool = False,
-             schedule: str = "constant", max_seconds: Optional[float] = None) -> Memorisation:
+             greedy: bool = True, seed: int = 0, progress: bool = True, schedule: str = "constant",
+             max_seconds: Optional[float] = None, template: Template = None) -> Memorisation:
     """Train a ``rank`` ``op`` at ``component[layer]``, last token of ``prompt``, to make the
     model continue with ``target`` (its first ``n_tokens`` tokens), then decode greedily.
 
@@ -208,14 +209,17 @@ def memorise(model, target: Target, *, layer: int, rank: int = 1, n_tokens: Opti
     use lr 2e-3 to 8e-3 and up to 1,000 epochs on LLaMA-1 7B.) ``cache_prefix`` runs the
     blocks below ``layer`` once (:mod:`reftgraph.prefix`); ``greedy=False`` skips the final
     decoding and reports the teacher-forced prefix (equal to greedy decoding's, up to
-    ties), which costs one forward instead of ``n_tokens``. ``progress`` shows a bar with
-    the loss and the teacher-forced prefix.
+    ties), which costs one forward instead of ``n_tokens``. A progress bar shows the steps
+    and the loss (``progress=False`` hides it). ``template`` as in :func:`reftgraph.generate`
+    (``"chat"``: the prompt as the user's turn of the tokenizer's chat template), applied to
+    ``prompt`` for training and decoding alike.
     """
     model = as_model(model)
     if schedule not in ("constant", "linear"):
         raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
     ids = target_ids(model, target, n_tokens)
     n = len(ids)
+    prompt = format_prompt(model.tokenizer, prompt, template)
     graph = memorisation_graph(model, layer, rank, op, component, seed)
     plan = compile_graph(graph, model.arch)
     prompt_ids = model.tokenizer(prompt)["input_ids"]

@@ -31,7 +31,9 @@ from ..core.ops.reft import ReFT, orthonormal_columns
 from ..core.ops.rotate import Rotate
 from ..engine.plan import compile_graph
 from ..engine.remote import check as check_remote
-from ..engine.run import forwards, inference_mode, last_token, prompt_list, run, tokenize
+from ..engine.run import inference_mode, last_token, prompt_list, run, tokenize
+from ..viz.figure import new_figure
+from .forwards import run_forwards
 
 
 def basis(node: Node, model=None) -> tuple[list, torch.Tensor]:
@@ -69,7 +71,7 @@ def _replace(graph: Graph, name: str, node: Optional[Node]) -> Graph:
     return Graph(node if n.name == name else n for n in graph.nodes if n.name != name or node is not None)
 
 
-def _scores(graphs: list, model, prompts, sources, metric, remote=None) -> list:
+def _scores(graphs: list, model, prompts, sources, metric, remote=None, progress: bool = True) -> list:
     """The metric's mean over rows for each graph, on the source streams it reads (with
     ``remote``: one nnsight session, the means computed on the server)."""
     check_remote(remote, model, graphs[0])
@@ -85,12 +87,12 @@ def _scores(graphs: list, model, prompts, sources, metric, remote=None) -> list:
         jobs.append((compile_graph(graph, model.arch), inputs, batch, lambda logits, _, batch=batch: float(
             torch.as_tensor(metric(last_token(logits, batch))).float().mean())))
     with torch.no_grad(), inference_mode(graphs[0]):
-        return forwards(model, jobs, remote)
+        return run_forwards(model, jobs, remote, progress=progress, desc="subspace effects")
 
 
 def effects(graph: Graph, name: str, model, prompts, metric: Callable, sources: Optional[dict] = None,
             modes: Sequence[str] = ("ablate", "steer"), groups: Optional[Sequence] = None,
-            scale: float = 4.0, remote=None) -> pd.DataFrame:
+            scale: float = 4.0, remote=None, progress: bool = True) -> pd.DataFrame:
     """Effect of each dim (and group of dims) of node ``name``'s subspace on ``metric``.
 
     >>> import reftgraph as rg
@@ -107,7 +109,7 @@ def effects(graph: Graph, name: str, model, prompts, metric: Callable, sources: 
     without the node. ``groups`` are tuples of basis dims (default: each dim, then all).
     Returns columns ``node, mode, dims, metric, reference, effect`` (metric - reference).
     ``remote`` as in :func:`reftgraph.patching.sweep`: every graph is a trace of one nnsight
-    session and only the metric's means come back.
+    session and only the metric's means come back. ``progress=False`` hides the progress bar.
     """
     node = graph[name]
     dims, B = basis(node, model)
@@ -135,7 +137,7 @@ def effects(graph: Graph, name: str, model, prompts, metric: Callable, sources: 
             graphs.append(_replace(graph, name, Node(name, site, op, node.stream)))
             labels.append((mode, grp))
     rows = []
-    for (mode, grp), value in zip(labels, _scores(graphs, model, prompts, sources, metric, remote)):
+    for (mode, grp), value in zip(labels, _scores(graphs, model, prompts, sources, metric, remote, progress)):
         if grp is None:
             reference = value
             continue
@@ -163,27 +165,23 @@ def plot_effects(table: pd.DataFrame, ax=None):
     >>> [t.get_text() for t in plot_effects(table).axes[0].get_xticklabels()]
     ['0', '1']
     """
-    import matplotlib.pyplot as plt
-
     nodes = list(dict.fromkeys(table["node"]))
     if len(nodes) == 1:
         wide = table.pivot_table(index="dims", columns="mode", values="effect", sort=False)
-        if ax is None:
-            _, ax = plt.subplots(figsize=(max(4, 0.6 * len(wide) + 2), 3))
+        fig, ax = new_figure(ax, figsize=(max(4, 0.6 * len(wide) + 2), 3))
         wide.plot.bar(ax=ax)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(xlabel=f"dims of {nodes[0]!r}", ylabel="effect on metric")
-        return ax.figure
+        return fig
     wide = table.assign(row=table["node"] + "/" + table["mode"]).pivot_table(
         index="row", columns="dims", values="effect", sort=False)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(max(4, 0.6 * wide.shape[1] + 2), 0.5 * len(wide) + 1.5))
+    fig, ax = new_figure(ax, figsize=(max(4, 0.6 * wide.shape[1] + 2), 0.5 * len(wide) + 1.5))
     lim = float(wide.abs().max().max()) or 1.0
     im = ax.imshow(wide.values, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
     ax.set_xticks(range(wide.shape[1]), wide.columns)
     ax.set_yticks(range(len(wide)), wide.index)
-    ax.figure.colorbar(im, ax=ax, label="effect on metric")
-    return ax.figure
+    fig.colorbar(im, ax=ax, label="effect on metric")
+    return fig
 
 
 def project(graph: Graph, name: str, model, prompts, labels: Optional[Sequence] = None,
@@ -236,19 +234,16 @@ def plot_projection(table: pd.DataFrame, x: Optional[str] = None, y: Optional[st
 
     :func:`project` makes such tables.
     """
-    import matplotlib.pyplot as plt
-
     cols = [c for c in table.columns if c.startswith("d") and c[1:].isdigit()]
     x = x or cols[0]
     y = y or (cols[1] if len(cols) > 1 else None)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(4.5, 4))
+    fig, ax = new_figure(ax, figsize=(4.5, 4))
     for label, part in table.groupby(table["label"].astype(str), sort=True):
         ax.scatter(part[x], part[y] if y else [0.0] * len(part), s=14, alpha=0.7, label=label)
     ax.set(xlabel=x, ylabel=y or "")
     if table["label"].notna().any():
         ax.legend(title="label", fontsize=7)
-    return ax.figure
+    return fig
 
 
 def _full_basis(item, model) -> torch.Tensor:

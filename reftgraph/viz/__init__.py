@@ -1,4 +1,6 @@
-"""The viz layer: matplotlib figures of graphs, training histories, patching results and circuits.
+"""The viz layer: matplotlib figures of graphs, training histories, patching results and
+circuits (each a :class:`~reftgraph.viz.figure.Figure`, shown once in a notebook), and the
+progress bars long calls show.
 
 >>> import reftgraph as rg
 >>> from reftgraph.viz import draw_graph
@@ -8,9 +10,11 @@
 
 from ..core.graph import provide
 from .circuits import draw_circuit, plot_curve
+from .figure import Figure, new_figure
 from .patching import heatmap
 from .plot import draw_graph, plot_history
+from .progress import progress_bar
 
 provide("draw", draw_graph)
 
-__all__ = ["draw_circuit", "draw_graph", "heatmap", "plot_curve", "plot_history"]
+__all__ = ["draw_circuit", "draw_graph", "heatmap", "new_figure", "plot_curve", "plot_history", "progress_bar"]

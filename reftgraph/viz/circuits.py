@@ -3,8 +3,7 @@
 >>> import matplotlib; matplotlib.use("Agg")
 >>> import pandas as pd
 >>> kept = pd.DataFrame({"kind": ["head", "head", "mlp"], "layer": [0, 2, 1], "head": [1, 3, None]})
->>> ax = draw_circuit(kept, n_layers=3, n_heads=4)
->>> ax.get_title()
+>>> draw_circuit(kept, n_layers=3, n_heads=4).axes[0].get_title()
 'circuit: 2 heads, 1 MLP'
 """
 
@@ -12,24 +11,24 @@ from __future__ import annotations
 
 import pandas as pd
 
+from .figure import new_figure
+
 
 def draw_circuit(kept: pd.DataFrame, n_layers: int, n_heads: int, scores: pd.DataFrame = None, ax=None):
     """A circuit's kept nodes on the grid of every head (layer up, head across), MLPs in a
-    column at the right. Returns the axes.
+    column at the right. Returns the figure.
 
     >>> import matplotlib; matplotlib.use("Agg")
     >>> kept = pd.DataFrame({"kind": ["head"], "layer": [1], "head": [0]})
-    >>> len(draw_circuit(kept, n_layers=2, n_heads=2).collections)      # all heads, kept heads
+    >>> len(draw_circuit(kept, n_layers=2, n_heads=2).axes[0].collections)      # all heads, kept heads
     2
 
     Kept nodes are filled, coloured by their score when ``scores`` (a table of
     :func:`reftgraph.circuits.scores`) is given. Lines join each kept node to the kept nodes
     of later layers, which read what it writes to the residual stream.
     """
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(max(4, 0.45 * n_heads + 2), max(3, 0.22 * n_layers + 1.5)))
+    fig, ax = new_figure(ax, figsize=(max(4, 0.45 * n_heads + 2), max(3, 0.22 * n_layers + 1.5)),
+                         was_axes="draw_circuit")
     mlp_x = n_heads + 0.5
     grid = [(h, layer) for layer in range(n_layers) for h in range(n_heads)]
     ax.scatter([x for x, _ in grid], [y for _, y in grid], s=12, color="0.85", zorder=1)
@@ -48,7 +47,7 @@ def draw_circuit(kept: pd.DataFrame, n_layers: int, n_heads: int, scores: pd.Dat
     markers = ax.scatter([x for x, _ in xy], [y for _, y in xy], s=60, zorder=3, edgecolors="black",
                          linewidths=0.5, **style)
     if scores is not None and len(kept):
-        ax.figure.colorbar(markers, ax=ax, label="score")
+        fig.colorbar(markers, ax=ax, label="score")
     for (x, y), h in zip(xy, kept["head"]):
         if not pd.isna(h):
             ax.annotate(f"{y}.{int(h)}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -59,26 +58,23 @@ def draw_circuit(kept: pd.DataFrame, n_layers: int, n_heads: int, scores: pd.Dat
     n_kept = int((kept["kind"] == "head").sum())
     n_mlp = int((kept["kind"] == "mlp").sum())
     ax.set_title(f"circuit: {n_kept} heads" + (f", {n_mlp} MLP{'s' if n_mlp != 1 else ''}" if n_mlp else ""))
-    return ax
+    return fig
 
 
 def plot_curve(df: pd.DataFrame, value: str = "normalised", ax=None):
     """Faithfulness (``value``: ``"normalised"`` or ``"faithfulness"``) against circuit size,
-    one line per method, from :func:`reftgraph.circuits.curve`. Returns the axes.
+    one line per method, from :func:`reftgraph.circuits.curve`. Returns the figure.
 
     >>> import matplotlib; matplotlib.use("Agg")
     >>> df = pd.DataFrame({"method": ["atp", "atp"], "size": [1, 4], "fraction": [0.1, 0.4], "normalised": [0.2, 0.9]})
-    >>> plot_curve(df).get_ylabel()
+    >>> plot_curve(df).axes[0].get_ylabel()
     'normalised faithfulness'
     """
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = new_figure(ax, figsize=(5, 3.5), was_axes="plot_curve")
     for method, part in df.groupby("method", sort=False):
         ax.plot(part["size"], part[value], marker="o", label=method)
     ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
     ax.set_xlabel("nodes kept")
     ax.set_ylabel(f"{value} faithfulness" if value == "normalised" else value)
     ax.legend()
-    return ax
+    return fig

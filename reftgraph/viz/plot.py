@@ -1,4 +1,5 @@
-"""Matplotlib figures.
+"""Matplotlib figures of graphs and training histories (each a :class:`~reftgraph.viz.figure.Figure`,
+shown once in a notebook).
 
 >>> import reftgraph as rg
 >>> g = rg.Graph()
@@ -9,6 +10,8 @@
 from __future__ import annotations
 
 import matplotlib
+
+from .figure import new_figure
 
 
 def draw_graph(graph, ax=None):
@@ -22,17 +25,13 @@ def draw_graph(graph, ax=None):
     >>> [t.get_text() for t in ax.get_xticklabels()], [t.get_text() for t in ax.get_yticklabels()]
     (['3'], ['base', 'source'])
     """
-    import matplotlib.pyplot as plt
     import networkx as nx
 
     from ..core.graph import site_order
 
     nodes = graph.nodes
     columns = sorted({site_order(n.site) for n in nodes})
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(max(5, 1.5 * len(columns) + 2), 1.6 + 1.4 * len(graph.streams)))
-    else:
-        fig = ax.figure
+    fig, ax = new_figure(ax, figsize=(max(5, 1.5 * len(columns) + 2), 1.6 + 1.4 * len(graph.streams)))
     streams = sorted(graph.streams, key=lambda s: (s != "base", s))
     colours = matplotlib.colormaps["tab10"]
     pos, seen = {}, {}
@@ -71,12 +70,7 @@ def plot_history(history, ax=None):
     >>> [ax.get_ylabel() for ax in plot_history(history).axes]
     ['loss', 'accuracy']
     """
-    import matplotlib.pyplot as plt
-
-    if ax is None:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-    else:
-        fig = ax.figure
+    fig, ax = new_figure(ax, figsize=(6, 3.5))
     ax.plot(history["step"], history["loss"], label="train loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")

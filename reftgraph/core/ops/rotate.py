@@ -70,10 +70,14 @@ class Rotate(Op):
         self.source = source
         self.site = Site.from_dict(site) if isinstance(site, dict) else site
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        self.rotate = nn.Parameter(nn.init.orthogonal_(torch.empty(width, rank), generator=g))
+        weight = torch.empty(width, rank)
+        if not weight.is_meta:   # (a loader checks shapes on the meta device: nothing to draw there)
+            nn.init.orthogonal_(weight, generator=g)
+        self.rotate = nn.Parameter(weight)
         if boundless:
             self.boundary = nn.Parameter(torch.tensor(float(k)))
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        self.register_buffer("temperature", temperature.detach().clone().float() if torch.is_tensor(temperature)
+                             else torch.tensor(float(temperature)))
 
     def config(self) -> dict:
         return {"width": self.width, "k": self.k, "rank": self.rank, "source": self.source,

@@ -43,6 +43,7 @@ from ...core.sites import HEAD_COMPONENTS, Site, resolve_positions
 from ...engine.plan import compile_graph
 from ...engine.run import as_model, forward, run, tokenize
 from ...errors import DataError, SiteError
+from ...viz.progress import progress_bar
 from .data import Counterfactual
 from .metrics import Reference, get_metric, restoration
 from .sweeps import row_bytes, sweep_conditions
@@ -84,7 +85,7 @@ class _StopGrad(Op):
 def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] = "resid_pre",
               layers: Optional[Sequence[int]] = None, positions=None, heads=None, metric="logit_diff",
               qk_fix: bool = True, grad_drop: bool = False, ig_steps: int = 0,
-              memory_mb: float = 1024) -> pd.DataFrame:
+              memory_mb: float = 1024, progress: bool = True) -> pd.DataFrame:
     """Estimate :func:`~reftgraph.patching.sweep` for every site from gradients (AtP / AtP*).
 
     >>> import reftgraph as rg
@@ -100,7 +101,8 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
     component works (``resid_*``, ``attn_out``, ``mlp_out``, ``mlp_act``, ``head_out``,
     ``q``/``k``/``v`` per head), at chosen positions or at all positions summed.
     ``qk_fix``, ``grad_drop`` and ``ig_steps`` are described in the module docstring.
-    Rows run in chunks sized to ``memory_mb``. Plain AtP is known to miss sites in two
+    Rows run in chunks sized to ``memory_mb``; a progress bar counts the passes
+    (``progress=False`` hides it). Plain AtP is known to miss sites in two
     ways: saturated attention (a near-zero softmax gradient; the QK fix handles q/k) and
     cancelling paths (GradDrop); the residual stream at early layers, where the patched
     run differs most from the base run, is where the linear estimate is least accurate.
@@ -132,17 +134,20 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
     totals: dict = {}
     drops: dict = {}
     base_sum = source_sum = 0.0
-    for lo in range(0, len(data), rows):
-        part = data.rows(slice(lo, lo + rows))
-        ref = Reference(*(None if t is None else t[lo:lo + rows] for t in (correct, wrong)))
-        est, drop, base_m, source_m = _chunk(model, part, ref, sites, fixed, metric_fn, grad_drop, ig_steps,
-                                             memory_mb)
-        base_sum += float(base_m.sum())
-        source_sum += float(source_m.sum())
-        for key, value in est.items():
-            totals[key] = totals.get(key, 0) + value.sum(0)
-        for key, value in drop.items():
-            drops[key] = drops.get(key, 0) + value.sum(0)
+    passes = 2 + len(fixed) + ig_steps + (model.arch.n_layers if grad_drop else 0)   # per chunk of rows
+    with progress_bar(total=passes * -(-len(data) // rows), desc="attribute", progress=progress,
+                      unit="pass") as bar:
+        for lo in range(0, len(data), rows):
+            part = data.rows(slice(lo, lo + rows))
+            ref = Reference(*(None if t is None else t[lo:lo + rows] for t in (correct, wrong)))
+            est, drop, base_m, source_m = _chunk(model, part, ref, sites, fixed, metric_fn, grad_drop, ig_steps,
+                                                 memory_mb, bar)
+            base_sum += float(base_m.sum())
+            source_sum += float(source_m.sum())
+            for key, value in est.items():
+                totals[key] = totals.get(key, 0) + value.sum(0)
+            for key, value in drop.items():
+                drops[key] = drops.get(key, 0) + value.sum(0)
     n = len(data)
     base, source = base_sum / n, source_sum / n
     frames = []
@@ -216,8 +221,9 @@ def _chunk_rows(model, data, sites, memory_mb) -> int:
     return max(1, int(memory_mb * 2**20 // per_row))
 
 
-def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps, memory_mb):
-    """Per-row estimates ``{(component, layer): [B, (k,) (heads)]}`` for one chunk of rows."""
+def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps, memory_mb, bar):
+    """Per-row estimates ``{(component, layer): [B, (k,) (heads)]}`` for one chunk of rows;
+    ``bar`` advances by one for each pass."""
     n_layers = model.arch.n_layers
     probes = dict(sites)
     for c, layer in fixed:
@@ -229,7 +235,9 @@ def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps, memor
         collect.add(Site(key[0], key[1], positions=sel), Collect(), name=_name(key))
     src = run(collect, model, data.source, grad=False)
     ref.source_logits = src.next_token_logits
+    bar.update(1)
     grads, values, logits = _gradients(model, data.base, probes, metric_fn, ref)
+    bar.update(1)
     base_m, source_m = metric_fn(logits, ref), metric_fn(src.next_token_logits, ref)
     deltas = {key: src[_name(key)] - values[key][0] for key in sites if key not in fixed}
     hidden = _block_inputs(model, data.base) if fixed else None
@@ -237,6 +245,7 @@ def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps, memor
         z, valid = values[("head_out", layer, "qk")]
         deltas[(c, layer)] = _qk_delta(model, data.base, c, layer, sites[(c, layer)], src[_name((c, layer))],
                                        hidden, z, valid, memory_mb)
+        bar.update(1)
     if ig_steps:
         x0, valid = values[("resid_pre", 0, "ig")]
         x1 = src[_name(("resid_pre", 0, "ig"))]
@@ -246,6 +255,7 @@ def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps, memor
             at = Set(x0 + alpha * (x1 - x0), mask=valid[..., None])
             g, _, _ = _gradients(model, data.base, probes, metric_fn, ref, [(Site("resid_pre", 0), at)])
             mean = {key: mean[key] + g[key][0] / ig_steps for key in probes}
+            bar.update(1)
         grads = {key: (mean[key], grads[key][1]) for key in probes}
     est = {key: _estimate(deltas[key], grads, key, sites[key], model, key in fixed) for key in sites}
     drop = {}
@@ -256,6 +266,7 @@ def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps, memor
             for key in sites:
                 est_l = _estimate(deltas[key], g, key, sites[key], model, key in fixed)
                 drop[key] = drop.get(key, 0) + est_l.abs() / max(1, n_layers - 1)
+            bar.update(1)
     return est, drop, base_m.detach(), source_m.detach()
 
 

@@ -26,9 +26,10 @@ from ...core.graph import Graph
 from ...core.ops import Patch
 from ...engine.plan import compile_graph
 from ...engine.remote import check as check_remote
-from ...engine.run import as_model, forwards, last_token, tokenize
+from ...engine.run import as_model, last_token, tokenize
 from ...core.sites import Site
 from ...errors import SiteError
+from ..forwards import run_forwards
 from .data import Counterfactual
 from .metrics import Reference, get_metric, restoration
 
@@ -114,12 +115,12 @@ def path_patch(model, data: Counterfactual, senders: Sequence[tuple], receivers=
     ``data.swap()`` to go that way with a dataset made for denoising.)
     """
     return path_sweep(model, data, [list(senders)], receivers, positions, freeze, metric,
-                      remote=remote).iloc[0].to_dict()
+                      remote=remote, progress=False).iloc[0].to_dict()
 
 
 def path_sweep(model, data: Counterfactual, sender_sets: Optional[Sequence] = None, receivers="logits",
                positions="all", freeze: str = "heads", metric="logit_diff", per_forward: int = 8,
-               remote=None) -> pd.DataFrame:
+               remote=None, progress: bool = True) -> pd.DataFrame:
     """Path patching for each set of senders (default: every single head below the receivers),
     ``per_forward`` sets batched as streams of one forward.
 
@@ -131,7 +132,8 @@ def path_sweep(model, data: Counterfactual, sender_sets: Optional[Sequence] = No
 
     One row per set: ``layer`` and ``head`` (for single senders), ``senders``, ``value``
     and ``restoration``. ``remote`` as in :func:`reftgraph.patching.sweep`: every forward in
-    one nnsight session, the metric's means computed on the server.
+    one nnsight session, the metric's means computed on the server. A progress bar counts
+    the forwards; ``progress=False`` hides it.
     """
     model = as_model(model)
     arch = model.arch
@@ -146,8 +148,8 @@ def path_sweep(model, data: Counterfactual, sender_sets: Optional[Sequence] = No
     for lo in range(0, len(graphs), per_forward):
         jobs.append(_paths_job(model, data, graphs[lo:lo + per_forward], range(lo, lo + per_forward), receivers,
                                metric_fn, correct, wrong))
-    results = forwards(model, [(compile_graph(g, model.arch), inputs, batch, reduce)
-                               for g, inputs, batch, reduce in jobs], remote)
+    jobs = [(compile_graph(g, model.arch), inputs, batch, reduce) for g, inputs, batch, reduce in jobs]
+    results = run_forwards(model, jobs, remote, progress=progress, desc="path sweep")
     base, source = results[0]
     values = [v for chunk in results[1:] for v in chunk]
     df = pd.DataFrame({

@@ -31,8 +31,10 @@ from ...core.sites import COMPONENTS, HEAD_COMPONENTS, Site, resolve_positions
 from ...engine.bind import Batch
 from ...engine.plan import compile_graph
 from ...engine.remote import check as check_remote
-from ...engine.run import as_model, forward, forwards, last_token, runnable, tokenize
+from ...engine.run import as_model, forward, last_token, runnable, tokenize
 from ...errors import DataError, SiteError
+from ...viz.progress import progress_bar
+from ..forwards import run_forwards
 from .data import Counterfactual
 from .metrics import Reference, get_metric, restoration
 
@@ -56,7 +58,7 @@ class Runs:
 
 def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "resid_pre",
           layers: Optional[Sequence[int]] = None, positions=None, heads=None,
-          metric="logit_diff", memory_mb: float = 1024, remote=None) -> pd.DataFrame:
+          metric="logit_diff", memory_mb: float = 1024, remote=None, progress: bool = True) -> pd.DataFrame:
     """Patch every (layer x position x head) of ``component`` from the source into the base.
 
     >>> import reftgraph as rg
@@ -74,9 +76,10 @@ def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "r
     ``f(logits, ref) -> [B]``. Returns one row per condition with the metric's mean over
     the data (``value``) and the normalised ``restoration`` (0 = base run, 1 = source run).
 
-    ``remote`` (``True`` for NDIF, ``"local"`` for nnsight's simulation): every condition is
-    one Patch trace of the base and source prompts, all in one nnsight session, and only
-    the metric's means come back.
+    ``remote`` (``True`` for NDIF, ``"local"`` for nnsight's simulation): one nnsight session
+    (one request) of a few traces, each running many conditions as streams beside the base
+    and source prompts (as many as ``memory_mb`` allows); only the metric's means come back.
+    A progress bar counts the conditions (remotely: the traces); ``progress=False`` hides it.
     """
     model = as_model(model)
     if not isinstance(data, Counterfactual):
@@ -85,12 +88,15 @@ def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "r
     metric_name, metric_fn = get_metric(metric)
     conditions = {c: sweep_conditions(model, data, c, layers, positions, heads) for c in components}
     if check_remote(remote, model):
-        base, source, patched = remote_values(model, data, conditions, metric_fn, remote)
+        base, source, patched = remote_values(model, data, conditions, metric_fn, remote, memory_mb, progress)
     else:
         runs = base_and_source_runs(model, data, conditions)
         base = metric_fn(runs.base_logits, runs.ref).mean().item()
         source = metric_fn(runs.source_logits, runs.ref).mean().item()
-        patched = {c: patched_values(model, runs, c, conditions[c], metric_fn, memory_mb) for c in components}
+        with progress_bar(total=sum(map(len, conditions.values())), desc="sweep", progress=progress,
+                          unit="condition") as bar:
+            patched = {c: patched_values(model, runs, c, conditions[c], metric_fn, memory_mb, bar)
+                       for c in components}
     frames = []
     for c in components:
         values = patched[c]
@@ -146,10 +152,12 @@ def sweep_conditions(model, data, component, layers, positions, heads) -> list:
     return [(layer, pos, label, head) for layer in layers for pos, label in zip(positions, labels) for head in heads]
 
 
-def remote_values(model, data: Counterfactual, conditions: dict, metric_fn, remote) -> tuple:
-    """``(base, source, {component: [value per condition]})`` from a remote session: the clean
-    run and one Patch trace per condition, each of the base and source prompts, the metric's
-    mean computed on the server.
+def remote_values(model, data: Counterfactual, conditions: dict, metric_fn, remote, memory_mb: float = 1024,
+                  progress: bool = False) -> tuple:
+    """``(base, source, {component: [value per condition]})`` from one remote session. The
+    conditions run as streams of a few traces, as many per trace as ``memory_mb`` allows:
+    each condition is a stream of the base prompts whose site reads the source stream, and
+    the metric's means over the rows are computed on the server.
 
     >>> import reftgraph as rg
     >>> lm = rg.models.tiny("llama")
@@ -159,28 +167,38 @@ def remote_values(model, data: Counterfactual, conditions: dict, metric_fn, remo
     >>> len(values["mlp_out"]), base != source
     (1, True)
     """
-    inputs, batch = tokenize(model, {"base": data.base, "source": data.source}, "left")
+    items = [(component, cond) for component, conds in conditions.items() for cond in conds]
+    rows = int(memory_mb * 2**20 // row_bytes(model, int(_lengths(model, data).max())))
+    per_trace = max(1, rows // len(data) - 2)      # the base and source streams come in every trace
+    chunks = [items[lo:lo + per_trace] for lo in range(0, len(items), per_trace)] or [[]]
     correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
+    jobs = [_conditions_job(model, data, chunk, metric_fn, correct, wrong) for chunk in chunks]
+    results = run_forwards(model, jobs, remote, progress=progress, desc="sweep (remote traces)")
+    values = {c: [] for c in conditions}
+    for chunk, (_, _, chunk_values) in zip(chunks, results):
+        for (component, _), value in zip(chunk, chunk_values):
+            values[component].append(value)
+    return results[0][0], results[0][1], values
+
+
+def _conditions_job(model, data: Counterfactual, chunk: list, metric_fn, correct, wrong) -> tuple:
+    """One trace of several conditions, each on a stream of its own: ``(plan, inputs, batch,
+    reduce)``, ``reduce`` giving the base and source means and each condition's mean."""
+    g, streams = Graph(), {"base": data.base, "source": data.source}
+    for i, (component, (layer, pos, _, head)) in enumerate(chunk):
+        streams[f"c{i}"] = data.base
+        site = Site(component, layer, positions="all" if pos == "all" else (pos,),
+                    head=None if head is None else (head,))
+        g.add(site, Patch("source"), name=f"c{i}", stream=f"c{i}")
+    inputs, batch = tokenize(model, streams, "left")
+    names = [f"c{i}" for i in range(len(chunk))]
 
     def reduce(logits, collected):   # on the server: the metric's means over the rows
-        base, source = last_token(logits, batch), last_token(logits, batch, "source")
-        ref = Reference(correct, wrong, source)
-        return float(metric_fn(base, ref).mean()), float(metric_fn(source, ref).mean())
+        ref = Reference(correct, wrong, last_token(logits, batch, "source"))
+        mean = (lambda stream: float(metric_fn(last_token(logits, batch, stream), ref).mean()))
+        return mean("base"), mean("source"), [mean(name) for name in names]
 
-    graphs, keys = [Graph()], [None]
-    for component, conds in conditions.items():
-        for layer, pos, _, head in conds:
-            g = Graph()
-            g.add(Site(component, layer, positions="all" if pos == "all" else (pos,),
-                       head=None if head is None else (head,)), Patch("source"), name="patch")
-            graphs.append(g)
-            keys.append(component)
-    jobs = [(compile_graph(g, model.arch), inputs, batch, reduce) for g in graphs]
-    results = forwards(model, jobs, remote)
-    values = {c: [] for c in conditions}
-    for key, (value, _) in zip(keys[1:], results[1:]):
-        values[key].append(value)
-    return results[0][0], results[0][1], values
+    return compile_graph(g, model.arch), inputs, batch, reduce
 
 
 def _lengths(model, data) -> torch.Tensor:
@@ -211,8 +229,10 @@ def base_and_source_runs(model, data: Counterfactual, conditions: dict) -> Runs:
     return Runs(inputs, cache, out.hidden_states, out.logits[:, -1], src_logits[:, -1], ref, values)
 
 
-def patched_values(model, runs: Runs, component: str, conditions: list, metric_fn, memory_mb: float) -> list:
-    """The metric's mean over rows for each condition, in order (see :func:`sweep`)."""
+def patched_values(model, runs: Runs, component: str, conditions: list, metric_fn, memory_mb: float,
+                   bar=None) -> list:
+    """The metric's mean over rows for each condition, in order (see :func:`sweep`); ``bar``
+    (a progress bar) advances by the conditions of each forward."""
     positions = list(dict.fromkeys(c[1] for c in conditions))
     mask = runs.inputs["attention_mask"]
     n_rows, seq = mask.shape
@@ -235,6 +255,8 @@ def patched_values(model, runs: Runs, component: str, conditions: list, metric_f
             scores = metric_fn(logits, runs.ref.repeat(len(conds))).view(n_rows, len(conds)).mean(0)
             for j, v in zip(chunk, scores.tolist()):
                 values[j] = v
+            if bar is not None:
+                bar.update(len(chunk))
     return values
 
 

@@ -79,14 +79,14 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curve = pd.DataFrame(curves["held-out prompts"])
-    ax = rg.circuits.plot_curve(curve.assign(method=curve["method"].map({"atp": "AtP", "ig": "IG (5 steps)"})))
-    ax.set_xscale("log")
-    ax.set_title("IOI, SmolLM2-135M: circuits run on held-out prompts")
-    ax.figure.savefig(out / "ioi_circuit_curve.png", dpi=120, bbox_inches="tight")
+    fig = rg.circuits.plot_curve(curve.assign(method=curve["method"].map({"atp": "AtP", "ig": "IG (5 steps)"})))
+    fig.axes[0].set_xscale("log")
+    fig.axes[0].set_title("IOI, SmolLM2-135M: circuits run on held-out prompts")
+    fig.savefig(out / "ioi_circuit_curve.png", dpi=120, bbox_inches="tight")
     circuit, table, _ = best["ig"]
-    ax = rg.circuits.draw(circuit, lm, table)
-    ax.set_title(f"IOI circuit: {five} heads by integrated-gradient attribution")
-    ax.figure.savefig(out / "ioi_circuit.png", dpi=120, bbox_inches="tight")
+    fig = rg.circuits.draw(circuit, lm, table)
+    fig.axes[0].set_title(f"IOI circuit: {five} heads by integrated-gradient attribution")
+    fig.savefig(out / "ioi_circuit.png", dpi=120, bbox_inches="tight")
     print(json.dumps(figures, default=float))
 
 

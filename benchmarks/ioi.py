@@ -53,21 +53,21 @@ def main():
     print(f"clean logit diff {resid.attrs['source']:.3f}, corrupted (ABC) {resid.attrs['base']:.3f}")
     grid = resid.pivot(index="layer", columns="position", values="restoration")
     print(grid.round(2).to_string())
-    ax = rg.patching.heatmap(resid, title="IOI: resid_pre patching (clean -> ABC)")
-    ax.figure.savefig(out / "ioi_resid_pre.png", dpi=120, bbox_inches="tight")
+    fig = rg.patching.heatmap(resid, title="IOI: resid_pre patching (clean -> ABC)")
+    fig.savefig(out / "ioi_resid_pre.png", dpi=120, bbox_inches="tight")
     t0 = time.perf_counter()
     heads = rg.patching.sweep(lm, data, "head_out")
     figures["head_out_sweep_s"] = round(time.perf_counter() - t0, 1)
     figures["top_heads_activation_patching"] = top(heads)
-    ax = rg.patching.heatmap(heads, title="IOI: head_out patching, all positions")
-    ax.figure.savefig(out / "ioi_heads.png", dpi=120, bbox_inches="tight")
+    fig = rg.patching.heatmap(heads, title="IOI: head_out patching, all positions")
+    fig.savefig(out / "ioi_heads.png", dpi=120, bbox_inches="tight")
     t0 = time.perf_counter()
     paths = rg.patching.path_sweep(lm, data.rows(slice(0, args.path_prompts)))
     figures["path_sweep_s"] = round(time.perf_counter() - t0, 1)
     figures["top_heads_path_patching_to_logits"] = top(paths)
-    ax = rg.patching.heatmap(paths.assign(component="head_out", position="all", token="all"),
+    fig = rg.patching.heatmap(paths.assign(component="head_out", position="all", token="all"),
                              title="IOI: path patching, head -> logits")
-    ax.figure.savefig(out / "ioi_paths.png", dpi=120, bbox_inches="tight")
+    fig.savefig(out / "ioi_paths.png", dpi=120, bbox_inches="tight")
     figures.update(clean_logit_diff=round(resid.attrs["source"], 3), corrupted_logit_diff=round(resid.attrs["base"], 3),
                    prompts=len(data))
     for k in ("top_heads_activation_patching", "top_heads_path_patching_to_logits"):

@@ -318,7 +318,7 @@ def test_bad_spec_through_the_cli_is_one_line_and_no_model_loads(tmp_path, capsy
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "{none}", "--prompt", "hi"], "is not a saved graph: graph.json is missing"),
+    (["generate", "{none}", "--prompt", "hi"], "none does not exist"),
     (["generate", "{fake}", "--prompt", "hi"], "graph.json is not valid JSON"),
     (["generate", "{none}", "--prompt", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: must be > 0, got 0"),
     (["generate", "{none}"], "give --prompt TEXT (repeatable) or --prompts FILE"),

@@ -283,6 +283,8 @@ def generate_cmd(args) -> int:
     from ..engine.prompts import check_chat_template
     from .spec import read_lines
 
+    if not (args.prompts or args.prompt):   # the arguments first, then the files they name
+        raise SpecError("give --prompt TEXT (repeatable) or --prompts FILE")
     folder = graph_folder(args.dir)
     if args.prompts:
         p = Path(args.prompts)
@@ -292,7 +294,7 @@ def generate_cmd(args) -> int:
     else:
         prompts = args.prompt
     if not prompts:
-        raise SpecError("give --prompt TEXT (repeatable) or --prompts FILE")
+        raise SpecError(f"the prompts file {args.prompts} holds no prompt")
     name = args.model or _saved_model_name(folder)
     lm = _load(name)
     g = rg.load_graph(folder, model=lm)

@@ -31,8 +31,8 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
+from ..viz.progress import progress_bar
 from .checkpoints import checkpoint_folder, load_checkpoint, save_checkpoint, trainable_nodes
 from .distributed import all_sum, barrier, broadcast, broadcast_json, init, is_main, sum_gradients
 
@@ -269,8 +269,8 @@ def fit(graph, model, batches: Callable[[int], Iterable], loss: Callable[[object
         if last_good is not None:
             saved = load_checkpoint(last_good, graph, optimizer, scheduler, settings or {})
             state.history, start_epoch, state.step = saved["history"], saved["epoch"] + 1, saved["step"]
-    bar = tqdm(total=total_steps, initial=state.step, disable=not (progress and is_main()), desc=desc,
-               dynamic_ncols=True)
+    bar = progress_bar(total=total_steps, initial=state.step, progress=progress and is_main(), desc=desc,
+                       delay=0)
     grad_before = torch.is_grad_enabled()
     torch.set_grad_enabled(True)  # also when called under torch.no_grad()
     try:

@@ -406,7 +406,7 @@ def demo(args) -> int:
     plot_history(r["history"]).savefig(out / "curve.png", dpi=120)
     r["graph"].draw().savefig(out / "graph.png", dpi=120)
     print(f"\nsaved the graph, history, curve and picture in {out.resolve()}/ "
-          f"(try: reftgraph generate {out / 'caps-graph'} --prompt 'Why do we dream?')")
+          f"(try: {command()} generate {shlex.quote(str(out / 'caps-graph'))} --prompt 'Why do we dream?')")
     print(f"done in {time.time() - t0:.0f}s")
     return 0
 

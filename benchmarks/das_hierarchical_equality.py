@@ -19,7 +19,7 @@ from torch import nn
 
 from reftgraph.causal import CausalModel
 from reftgraph.das import iia_table
-from reftgraph.ops import Rotate
+from reftgraph.core.ops import Rotate
 
 DIM = 4
 MODEL = CausalModel({"a": None, "b": None, "c": None, "d": None,

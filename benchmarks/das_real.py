@@ -19,7 +19,7 @@ import time
 
 import reftgraph as rg
 from reftgraph.das import iia, train_das
-from reftgraph.ops import Rotate
+from reftgraph.core.ops import Rotate
 from reftgraph.patching import Counterfactual
 
 CAPITALS = dict(

@@ -29,6 +29,7 @@ import reftgraph as rg  # noqa: E402
 from reftgraph.arch.shrink import causal_lm_types, tiny_config_of  # noqa: E402
 from reftgraph.arch import proofs  # noqa: E402
 from reftgraph.arch.structure import Hook  # noqa: E402
+from reftgraph.core.sites import KEY_COMPONENTS  # noqa: E402
 
 BASIC = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250]])
@@ -68,8 +69,67 @@ def _hook_edit(lm, component, layer, delta, head, positions):
     return handles
 
 
+class Sharpen(rg.Op):
+    """An edit of an attention pattern that keeps it a distribution: p^2, renormalised over the keys."""
+
+    def forward(self, h, source=None, valid=None):
+        squared = h * h
+        return squared / squared.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def _softmax_edit(lm, layer, head, fn):
+    """Plain PyTorch for an edit of head ``head``'s attention probabilities at ``layer``:
+    torch's softmax, wrapped while that layer's attention module runs. Returns an undo."""
+    attn = lm.arch.envoy(lm.hf, Hook(layer, 0, lm.arch.blocks[layer].paths.attn, "output"))
+    inside = {"on": False}
+    real = (torch.nn.functional.softmax, torch.softmax)
+
+    def wrap(original):
+        def softmax(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if inside["on"] and out.dim() == 4:
+                out = out.clone()
+                out[:, head] = fn(out[:, head])
+            return out
+        return softmax
+
+    handles = [attn.register_forward_pre_hook(lambda m, a: inside.update(on=True)),
+               attn.register_forward_hook(lambda m, a, o: inside.update(on=False))]
+    torch.nn.functional.softmax, torch.softmax = (wrap(f) for f in real)
+
+    def undo():
+        torch.nn.functional.softmax, torch.softmax = real
+        for h in handles:
+            h.remove()
+    return undo
+
+
+def pattern_oracle(lm, layer) -> str:
+    """'' when a compiled edit of head 0's attention pattern equals the same edit made by
+    plain PyTorch inside the eager attention, else why not."""
+    from reftgraph.arch.components.pattern import eager
+
+    g = rg.Graph()
+    g.add(rg.Site("attn_pattern", layer=layer, head=0), Sharpen(), name="n")
+    ours = g.run(lm, [PROMPT]).logits
+    with eager(lm.hf):
+        clean = rg.Graph().run(lm, [PROMPT]).logits
+        undo = _softmax_edit(lm, layer, 0, Sharpen())
+        try:
+            ref = rg.Graph().run(lm, [PROMPT]).logits
+        finally:
+            undo()
+    if not torch.allclose(ours, ref, atol=1e-4, rtol=1e-4):
+        return f"compiled edit differs from the plain edit by {(ours - ref).abs().max().item():.2g}"
+    if torch.allclose(ref, clean, atol=0, rtol=0):
+        return "the edit changed nothing"
+    return ""
+
+
 def oracle(lm, component, layer) -> str:
     """'' when a compiled Add at ``component`` equals the same plain-hook edit, else why not."""
+    if component in KEY_COMPONENTS:
+        return pattern_oracle(lm, layer)
     head = 0 if component in ("head_out", "q", "k", "v") else None
     positions = [0] if component == "k" else "all"   # one key moved: the same shift of every key cancels
     delta = torch.randn(lm.arch.width(component, layer), generator=torch.Generator().manual_seed(7))
@@ -159,6 +219,7 @@ def write_markdown(rows: list, path: Path) -> dict:
         "all_resid": sum(ok(r, ("resid_pre", "resid_post")) for r in built),
         "heads": sum(ok(r, ("head_out",)) for r in built),
         "qkv": sum(ok(r, ("q", "k", "v")) for r in built),
+        "pattern": sum(ok(r, ("attn_pattern",)) for r in built),
         "oracle_failures": sum(any(str(r.get(c, "")).startswith("ORACLE") for c in COMPONENTS) for r in built),
     }
     lines = [
@@ -172,7 +233,8 @@ def write_markdown(rows: list, path: Path) -> dict:
         f"- types: {totals['types']}; build from a small config and run: {totals['built']}",
         f"- `resid_pre`/`resid_post`/`attn_out`/`mlp_out` verified: {totals['resid_attn_mlp']}",
         f"- `resid_pre`/`resid_post` verified: {totals['all_resid']}",
-        f"- `head_out` verified: {totals['heads']}; `q`/`k`/`v` verified: {totals['qkv']}",
+        f"- `head_out` verified: {totals['heads']}; `q`/`k`/`v` verified: {totals['qkv']}; "
+        f"`attn_pattern` verified: {totals['pattern']}",
         f"- oracle failures: {totals['oracle_failures']}",
         "",
         "| type | style | q/k/v | " + " | ".join(COMPONENTS) + " |",

@@ -72,8 +72,8 @@ EXAMPLES = {
     "Collect": lambda: rg.Collect(),
     "Classify": lambda: rg.Classify(width=32, n_classes=3),
     "Rotate": lambda: rg.Rotate(width=32, k=4, source="source", seed=1),
-    "Without": lambda: rg.ops.Without(rg.Add(torch.randn(32)), directions=torch.eye(32)[:2]),
-    **{name: (lambda cls=cls: cls(width=32, rank=3, seed=2)) for name, cls in rg.ops.REFT_OPS.items()},
+    "Without": lambda: rg.core.ops.Without(rg.Add(torch.randn(32)), directions=torch.eye(32)[:2]),
+    **{name: (lambda cls=cls: cls(width=32, rank=3, seed=2)) for name, cls in rg.core.ops.REFT_OPS.items()},
 }
 
 

@@ -11,8 +11,8 @@ import torch
 
 import reftgraph as rg
 from reftgraph.data import Classification, PromptResponse, collate_lm
-from reftgraph.ops.rotate import Rotate
-from reftgraph.spec import SpecError, read_rows, read_spec
+from reftgraph.core.ops.rotate import Rotate
+from reftgraph.cli.spec import SpecError, read_rows, read_spec
 
 PROMPTS = ["hello", "hi"]  # 5 and 2 tokens with the tiny byte-level tokenizer
 S = rg.Site
@@ -325,8 +325,11 @@ def test_bad_spec_through_the_cli_is_one_line_and_no_model_loads(tmp_path, capsy
     (["show", "{fake}"], "graph.json is not valid JSON"),
     (["demo", "--rank", "-1"], "argument --rank: must be > 0, got -1"),
     (["demo", "--lr", "fast"], "argument --lr: invalid float value: 'fast'"),
+    (["demo", "--kl-weight", "-1"], "argument --kl-weight: must be a finite number >= 0, got -1"),
+    (["demo", "--kl-weight", "inf"], "argument --kl-weight: must be a finite number >= 0, got inf"),
+    (["demo", "--style", "bold"], "argument --style: invalid choice: 'bold'"),
 ], ids=["generate_no_graph", "generate_bad_json", "generate_zero_tokens", "generate_no_prompt", "show_bad_json",
-        "demo_rank", "demo_lr"])
+        "demo_rank", "demo_lr", "demo_kl_weight", "demo_kl_inf", "demo_style"])
 def test_bad_cli_arguments_exit_2_without_loading_a_model(tmp_path, capsys, monkeypatch, argv, message):
     import reftgraph.models
     from reftgraph.cli import main

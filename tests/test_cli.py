@@ -80,6 +80,58 @@ def test_eval_path_is_scored_after_every_epoch(spec, tmp_path, capsys):
     assert abs(rg.training.evaluate(g, lm, held_out, batch_size=2) - scored.iloc[-1]) < 1e-5
 
 
+def test_kl_term_from_the_spec(spec, tmp_path):
+    """train.kl_weight / kl_groups and data.kl_path reach rg.train: the history has the KL
+    columns and equals the same training called from Python."""
+    import pandas as pd
+
+    write(tmp_path / "facts.jsonl", "\n".join(json.dumps({"prompt": p, "response": r})
+                                              for p, r in [("Sky?", "Blue."), ("Snow?", "White.")]))
+    text = spec.read_text().replace("data: {path: train.jsonl}", "data: {path: train.jsonl, kl_path: facts.jsonl}")
+    write(spec, text.replace("lr: 0.01}", "lr: 0.01, kl_weight: 2e-1, kl_groups: case}"))
+    assert main(["train", str(spec)]) == 0
+    history = pd.read_csv(tmp_path / "out" / "history.csv")
+    assert list(history.columns) == ["epoch", "step", "loss", "lr", "ce", "kl"]
+    lm = rg.load(str(spec.read_text().split("model: ")[1].split()[0]))
+    g = rg.reft_graph(lm, layers=[0, 1], positions="f1+l1", rank=2)
+    pairs = [("ab", "cd"), ("abc", "de"), ("b", "xy"), ("ca", "a")]
+    direct = rg.train(g, lm, rg.data.PromptResponse(pairs), epochs=2, batch_size=2, lr=0.01, kl_weight=0.2,
+                      kl_data=[("Sky?", "Blue."), ("Snow?", "White.")], kl_groups="case", progress=False)
+    assert history["loss"].tolist() == pytest.approx(direct["loss"].tolist(), abs=1e-6)
+    assert history["kl"].tolist() == pytest.approx(direct["kl"].tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("lr: 0.01}", "lr: 0.01, kl_weight: -1}"), "train.kl_weight must be a number >= 0, got -1"),
+    (("lr: 0.01}", "lr: 0.01, kl_groups: lower}"), "train.kl_groups must be null or 'case', got 'lower'"),
+    (("{path: train.jsonl}", "{path: train.jsonl, kl_path: none.jsonl}"), "none.jsonl"),
+])
+def test_bad_kl_settings_in_a_spec_exit_2(spec, capsys, edit, message):
+    write(spec, spec.read_text().replace(*edit))
+    assert main(["train", str(spec)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_kl_rows_must_be_prompt_response_rows(spec, tmp_path, capsys):
+    write(tmp_path / "labels.jsonl", json.dumps({"text": "ab", "label": 0}))
+    write(spec, spec.read_text().replace("{path: train.jsonl}", "{path: train.jsonl, kl_path: labels.jsonl}"))
+    assert main(["train", str(spec)]) == 2
+    assert "the KL rows must be {prompt, response} rows" in capsys.readouterr().err
+
+
+def test_caps_experiment_is_the_first_demo(monkeypatch):
+    """reftgraph.cli.caps_experiment (public since the first demo) runs the library's style
+    experiment in CAPITALS without the KL term."""
+    import reftgraph.experiments
+    from reftgraph.cli import caps_experiment
+
+    seen = {}
+    monkeypatch.setattr(reftgraph.experiments, "style_experiment", lambda *a, **k: seen.update(args=a, kw=k))
+    caps_experiment("lm", layers=[3], epochs=2, progress=False)
+    assert seen["args"] == ("lm", [3], 4, 2, 6e-3, 90, 24, False)
+    assert seen["kw"] == {"style": "caps", "kl_weight": 0}
+
+
 def test_spec_sections_are_the_arguments_of_reft_graph_and_train():
     import inspect
 

@@ -6,7 +6,7 @@ import torch
 import reftgraph as rg
 from oracle import capture, encode, positions_of, real_positions, run_with
 from reftgraph.das import iia, predict, temperature_at, train_das, types
-from reftgraph.ops import Rotate
+from reftgraph.core.ops import Rotate
 from reftgraph.patching import Counterfactual
 
 BASE = ["the cat sat on it", "a dog"]

@@ -12,7 +12,7 @@ The rule, checked on every module of the ``reftgraph`` package (``__main__`` asi
 - So do the public methods and properties of a public class (names in the class's own
   ``__dict__`` not starting with ``_``), except one that overrides a method or property of
   a base class whose docstring follows the rule (e.g. each op's ``forward`` or ``config``
-  overriding :class:`reftgraph.ops.Op`'s). Dunder methods, dataclass-generated ones
+  overriding :class:`reftgraph.core.ops.Op`'s). Dunder methods, dataclass-generated ones
   included, are not checked.
 
 The examples themselves run as doctests (``--doctest-modules`` in pyproject.toml), on tiny

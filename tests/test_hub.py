@@ -1,4 +1,4 @@
-"""reftgraph.hub.load_pretrained: offline default model, verified atomic cache, local paths.
+"""reftgraph.arch.hub.load_pretrained: offline default model, verified atomic cache, local paths.
 
 The default-model tests share one GGUF build (module fixture, ~20-30 s); rebuilds of damaged
 caches are checked with a builder that copies that build instead of dequantising again.
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import reftgraph as rg
-from reftgraph import hub
-from reftgraph.hub import load_pretrained
+from reftgraph.arch import hub
+from reftgraph.arch.hub import load_pretrained
 
 from no_network import forbid_network
 

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import reftgraph as rg
-import reftgraph.io
+import reftgraph.files.io
 from reftgraph.files import current_folder
 
 PROMPTS = ["hello world", "a cat", "the dog sat on it"]
@@ -240,7 +240,7 @@ def test_interrupted_save_keeps_the_old_graph(tmp_path, lm, monkeypatch):
         Path(filename).write_bytes(b"\0" * 100)
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(reftgraph.io, "save_file", crash)
+    monkeypatch.setattr(reftgraph.files.io, "save_file", crash)
     other = rg.Graph()
     other.add(S("resid_post", 0, positions="last"), rg.LoReFT(width=32, rank=2, seed=0), name="new")
     with pytest.raises(OSError, match="No space"):
@@ -405,7 +405,7 @@ def test_a_reader_whose_version_was_removed_reads_the_pointer_again(tmp_path, mo
     a, b = two_graphs()
     path = tmp_path / "g"
     rg.save(a, path)
-    real, folders = reftgraph.io._read, []
+    real, folders = reftgraph.files.io._read, []
 
     def two_saves_first(folder):
         folders.append(folder)
@@ -414,7 +414,7 @@ def test_a_reader_whose_version_was_removed_reads_the_pointer_again(tmp_path, mo
             rg.save(b, path)
         return real(folder)
 
-    monkeypatch.setattr(reftgraph.io, "_read", two_saves_first)
+    monkeypatch.setattr(reftgraph.files.io, "_read", two_saves_first)
     assert names(path) == ("b",)
     assert len(folders) == 2 and not folders[0].exists() and folders[1] == current_folder(path)
 
@@ -557,7 +557,7 @@ def nan_weight():
 def nested(depth: int):
     op = rg.Add(torch.ones(32))
     for _ in range(depth):
-        op = rg.ops.Without(op, directions=torch.eye(32)[:1])
+        op = rg.core.ops.Without(op, directions=torch.eye(32)[:1])
     return one_node(op)
 
 
@@ -578,9 +578,9 @@ SAVE_CASES = [
      [f"node 'x': its op is {__name__}.LoReFT, which is not registered: it would load as "
       "reftgraph.core.ops.reft.LoReFT", "register_op"]),
     ("subclass_unregistered", lambda: one_node(MyAdd(torch.ones(32))), ["unknown op type 'MyAdd'"]),
-    ("subclass_inside_an_op", lambda: one_node(rg.ops.Without(LoReFT(width=32, rank=2), torch.eye(32)[:1])),
+    ("subclass_inside_an_op", lambda: one_node(rg.core.ops.Without(LoReFT(width=32, rank=2), torch.eye(32)[:1])),
      [f"node 'x': its op inner is {__name__}.LoReFT"]),
-    ("unregistered_inside_an_op", lambda: one_node(rg.ops.Without(Double(), torch.eye(32)[:1])),
+    ("unregistered_inside_an_op", lambda: one_node(rg.core.ops.Without(Double(), torch.eye(32)[:1])),
      ["op 0.inner (Double) of node 'x': unknown op type 'Double'"]),
     ("nested_too_deep", lambda: nested(9), ["of node 'x': ops nested more than 8 deep"]),
 ]
@@ -602,7 +602,7 @@ def test_save_refuses_what_would_not_load(tmp_path, make, parts):
 
 
 def test_save_refuses_more_nodes_than_a_file_may_hold(tmp_path, monkeypatch):
-    monkeypatch.setattr(reftgraph.io, "MAX_NODES", 2)
+    monkeypatch.setattr(reftgraph.files.io, "MAX_NODES", 2)
     g = rg.reft_graph(rg.models.tiny("llama"), layers=[0, 1], positions="f1+l1", rank=2)
     with pytest.raises(rg.GraphFileError, match="cannot save a graph of 4 nodes; a saved graph holds at most 2"):
         rg.save(g, tmp_path / "g")
@@ -635,8 +635,8 @@ class Scale(rg.Op):
 
 @pytest.fixture
 def registered():
-    yield rg.ops.register_op(Scale)
-    rg.ops.OPS.pop("Scale", None)
+    yield rg.core.ops.register_op(Scale)
+    rg.core.ops.OPS.pop("Scale", None)
 
 
 def test_a_registered_op_saves_and_loads(lm, tmp_path, registered):
@@ -648,7 +648,7 @@ def test_a_registered_op_saves_and_loads(lm, tmp_path, registered):
     g2 = rg.load_graph(tmp_path / "g", model=lm)
     assert type(g2["x"].op) is Scale and g2["x"].op.factor == 1.5
     assert torch.equal(g.run(lm, PROMPTS).logits, g2.run(lm, PROMPTS).logits)
-    assert rg.ops.register_op(Scale) is Scale  # registering it again does nothing
+    assert rg.core.ops.register_op(Scale) is Scale  # registering it again does nothing
 
 
 def test_register_op_refuses_clashes_and_other_classes(registered):
@@ -657,19 +657,19 @@ def test_register_op_refuses_clashes_and_other_classes(registered):
 
     Other.__name__ = Other.__qualname__ = "Scale"
     with pytest.raises(rg.ReftgraphError, match="an op named 'Scale' is registered already .*test_io.Scale"):
-        rg.ops.register_op(Other)
+        rg.core.ops.register_op(Other)
     with pytest.raises(rg.ReftgraphError, match="an op named 'LoReFT' is registered already"):
-        rg.ops.register_op(LoReFT)
+        rg.core.ops.register_op(LoReFT)
     for cls in (torch.nn.Linear, rg.Op, "Scale", Scale(4)):
         with pytest.raises(rg.ReftgraphError, match="register_op takes a subclass of reftgraph.Op"):
-            rg.ops.register_op(cls)
-    assert rg.ops.OPS["Scale"] is Scale and rg.ops.OPS["LoReFT"] is rg.LoReFT
+            rg.core.ops.register_op(cls)
+    assert rg.core.ops.OPS["Scale"] is Scale and rg.core.ops.OPS["LoReFT"] is rg.LoReFT
 
 
 # -- no pickle: the source checks are in test_safe_loading.py ----------------------------------
 
 def test_io_text_has_no_pickle():
-    text = Path(reftgraph.io.__file__).read_text()
+    text = Path(reftgraph.files.io.__file__).read_text()
     assert "torch.load(" not in text and "torch.save(" not in text and "import pickle" not in text
 
 

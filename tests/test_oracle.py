@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import reftgraph as rg
+from reftgraph.core.sites import KEY_COMPONENTS
 from oracle import ABSENT, capture, encode, positions_of, real_positions, run_with
 
 FAMILIES = ("llama", "gpt2", "gpt_neox")
 MORE = ("gemma3_text", "phi3", "gptj", "qwen2_moe")
-COMPONENTS = rg.COMPONENTS
+COMPONENTS = [c for c in rg.COMPONENTS if c not in KEY_COMPONENTS]   # attn_pattern: test_pattern.py
 OPS = ("patch", "add", "set", "zero", "mean", "resample", "collect")
 SELECTORS = ([0], [-2, 1], "last", "f2+l2", slice(1, None, 2), "all")
 BASE = ["the cat sat on it", "a dog"]

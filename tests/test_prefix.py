@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import reftgraph as rg
-from reftgraph.compile import compile_graph
+from reftgraph.engine import compile_graph
 from reftgraph.prefix import PrefixCache, first_layer
-from reftgraph.runtime import forward, tokenize
+from reftgraph.engine.run import forward, tokenize
 
 PROMPTS = ["a cat sat", "the dog", "x"]
 SOURCES = ["one two", "three", "four five six"]

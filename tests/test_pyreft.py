@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import reftgraph as rg
-from reftgraph.pyreft import from_pyreft
+from reftgraph.files.pyreft import from_pyreft
 
 D, RANK = 32, 4
 PROMPTS = ["hello world", "a cat sat on it", "hi there you"]

@@ -10,7 +10,7 @@ import torch
 
 import reftgraph as rg
 from reftgraph.arch import Arch
-from reftgraph.ops.reft import REFT_OPS
+from reftgraph.core.ops.reft import REFT_OPS
 
 ORTHONORMAL = ("LoReFT", "DiReFT", "ConsReFT", "LoBiReFT")
 FREE = ("NoReFT", "NoDiReFT")
@@ -110,6 +110,29 @@ def test_bad_arguments(lm):
         rg.reft_graph(lm, layers=[0], op="NotAReFT")
     with pytest.raises(ValueError, match="rank"):
         rg.reft_graph(lm, layers=[0], rank=33)
+
+
+@pytest.mark.parametrize("layers, message", [
+    ([0, 32], r"layer 32 is out of range; tiny-llama has 2 layers: valid layers 0\.\.1 \(or -2\.\.-1\)"),
+    ([-3], r"layer -3 is out of range; .* valid layers 0\.\.1"),
+    ([1.0], r"layers are a list of ints .* got 1\.0"),
+    ([True], r"got True"),
+    ("10", r"got '10'"),
+    (5, r"got 5"),
+])
+def test_layers_outside_the_model_are_refused_at_build(lm, layers, message):
+    """A 30-layer model given layers=[10, 32] fails when the graph is built, naming the layer
+    and the valid range, not at the first run."""
+    with pytest.raises(rg.SiteError, match=message):
+        rg.reft_graph(lm, layers=layers)
+
+
+def test_negative_and_numpy_layers_are_accepted(lm):
+    import numpy as np
+
+    g = rg.reft_graph(lm, layers=[np.int64(0), -1], positions="last", rank=2)
+    assert [n.name for n in g.nodes] == ["L0", "L-1"]
+    g.run(lm, ["abc"])
 
 
 # -- parameter counts: the paper's formula ------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import reftgraph as rg
+from reftgraph.core.sites import KEY_COMPONENTS
 from nnsight.intervention.backends.local import LocalSimulationBackend
 from test_oracle import BASE, SOURCE, op_for, site_for
 
@@ -83,17 +84,20 @@ def check(lm, component, kind, side, requests):
     assert len(requests) == 1
 
 
+COMPONENTS = [c for c in rg.COMPONENTS if c not in KEY_COMPONENTS]   # attn_pattern is refused remotely (below)
+
+
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("component", rg.COMPONENTS)
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_every_op_and_component_remote_local(lm, component, kind, server_without_reftgraph):
-    side = ("left", "right")[(KINDS.index(kind) + rg.COMPONENTS.index(component)) % 2]   # each side half the time
+    side = ("left", "right")[(KINDS.index(kind) + COMPONENTS.index(component)) % 2]   # each side half the time
     check(lm, component, kind, side, server_without_reftgraph)
 
 
 @pytest.mark.parametrize("kind", ["patch", "LoReFT", "collect", "boundless"])
-@pytest.mark.parametrize("component", rg.COMPONENTS)
+@pytest.mark.parametrize("component", COMPONENTS)
 def test_more_families_remote_local(other, component, kind, server_without_reftgraph):
-    check(other, component, kind, ("left", "right")[rg.COMPONENTS.index(component) % 2], server_without_reftgraph)
+    check(other, component, kind, ("left", "right")[COMPONENTS.index(component) % 2], server_without_reftgraph)
 
 
 def test_a_trained_graph_runs_remotely_as_here():

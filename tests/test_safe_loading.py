@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import reftgraph as rg
+import reftgraph.files.io
 import reftgraph.files.versions
-import reftgraph.io
 
 PROMPTS = ["hello world", "a cat"]
 SOURCES = {"source": ["one two", "three"]}
@@ -102,7 +102,7 @@ SPEC_CASES = [
     ("type_unknown", edit("ops/0/type", "Evil"), ["unknown op type 'Evil'", "registered op types", "LoReFT"]),
     ("type_dunder", edit("ops/0/type", "__class__"), ["unknown op type '__class__'"]),
     ("type_module_path", edit("ops/0/type", "os.system"), ["unknown op type 'os.system'"]),
-    ("type_qualified_op", edit("ops/0/type", "reftgraph.ops.basic.Patch"), ["unknown op type"]),
+    ("type_qualified_op", edit("ops/0/type", "reftgraph.core.ops.basic.Patch"), ["unknown op type"]),
     ("type_builtin", edit("ops/0/type", "builtins.eval"), ["unknown op type 'builtins.eval'"]),
     ("type_base_class", edit("ops/0/type", "Op"), ["unknown op type 'Op'"]),
     ("type_list", edit("ops/0/type", ["LoReFT"]), ["unknown op type"]),
@@ -316,7 +316,7 @@ def test_a_huge_extra_tensor_is_refused_from_the_header_alone(saved, tmp_path, m
     with open(path / "weights.safetensors", "r+b") as f:
         f.truncate(f.seek(0, 2) + 2**30)  # a hole: nothing on disk, zeros when read
     reads = []
-    monkeypatch.setattr(reftgraph.io, "read_tensors", lambda *a: reads.append(a))
+    monkeypatch.setattr(reftgraph.files.io, "read_tensors", lambda *a: reads.append(a))
     peak, start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
     with pytest.raises(rg.GraphFileError, match=r"op 0 \(LoReFT\).*: weights missing \[\], unexpected \['op0.evil'\]"):
         rg.load_graph(path)
@@ -326,8 +326,8 @@ def test_a_huge_extra_tensor_is_refused_from_the_header_alone(saved, tmp_path, m
 
 
 def test_only_the_expected_tensors_are_read(saved, tmp_path, monkeypatch):
-    names, real = [], reftgraph.io.read_tensors
-    monkeypatch.setattr(reftgraph.io, "read_tensors", lambda f, header, wanted: (names.extend(wanted),
+    names, real = [], reftgraph.files.io.read_tensors
+    monkeypatch.setattr(reftgraph.files.io, "read_tensors", lambda f, header, wanted: (names.extend(wanted),
                                                                                  real(f, header, wanted))[1])
     rg.load_graph(saved)
     assert sorted(names) == sorted(entries(saved)[0])
@@ -408,7 +408,7 @@ def killed_save(path: Path, when: str) -> None:
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
         try:
-            real_save_file, real_replace = reftgraph.io.save_file, os.replace
+            real_save_file, real_replace = reftgraph.files.io.save_file, os.replace
 
             def half_then_wait(tensors, filename, metadata=None):
                 real_save_file(tensors, filename, metadata=metadata)
@@ -423,7 +423,7 @@ def killed_save(path: Path, when: str) -> None:
                 return real_replace(src, dst)
 
             if when == "writing":
-                reftgraph.io.save_file = half_then_wait
+                reftgraph.files.io.save_file = half_then_wait
             else:
                 os.replace = replace
             g = rg.Graph()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import reftgraph as rg
-from reftgraph.sites import resolve_positions
+from reftgraph.core.sites import resolve_positions
 
 # Three rows with prompts of 5, 2 and 3 tokens in a batch padded to 5 tokens.
 LENGTH = torch.tensor([5, 2, 3])
@@ -105,7 +105,7 @@ def test_an_unknown_component_names_the_nearest(component, hint):
     with pytest.raises(rg.SiteError) as err:
         rg.Site(component, layer=0)
     assert str(err.value) == (f"unknown component {component!r}; {hint}valid components: resid_pre, resid_mid, "
-                              "resid_post, attn_out, mlp_out, mlp_act, head_out, q, k, v")
+                              "resid_post, attn_out, mlp_out, mlp_act, head_out, q, k, v, attn_pattern")
 
 
 # -- resolve_positions --------------------------------------------------------

@@ -82,19 +82,22 @@ def test_multi_path_graph_runs_in_one_pass(lm):
         bad.run(lm, "x")
 
 
-def test_loreft_teaches_a_new_behaviour(lm):
-    """A rank-4 LoReFT at 2 layers (the demo's recipe), trained on 90 self-made examples, makes
-    the model answer in capitals on held-out questions (the base model never does). Takes a
-    few minutes."""
-    from reftgraph.cli import caps_experiment
+def test_loreft_teaches_a_style_and_keeps_the_facts(lm):
+    """The demo's recipe: a rank-4 LoReFT at 2 layers, trained on 90 of the model's own answers
+    in Title Case with a case-folded KL to the unedited model on 40 neutral facts, answers in
+    Title Case on held-out questions (the base model never does) and keeps most capital-city
+    facts the base model knew (the old recipe, capitals without the KL term, kept 17%).
+    Takes a few minutes."""
+    from reftgraph.experiments import style_experiment
 
-    r = caps_experiment(lm, progress=False)
-    print(f"capitals: before {r['rate_before']:.0%}, after {r['rate_after']:.0%}, "
+    r = style_experiment(lm, progress=False)
+    print(f"title case: before {r['rate_before']:.0%}, after {r['rate_after']:.0%}, "
           f"{r['train_seconds']:.0f}s training; content kept {r['kept']:.0%} of {r['known']}")
     assert r["rate_before"] <= 0.05
     assert r["rate_after"] >= 0.8
-    assert r["known"] >= 15 and 0 <= r["kept"] <= 1   # capital questions the base model gets right
+    assert r["known"] >= 15 and r["kept"] >= 0.7   # capital questions the base model gets right
     assert r["graph"].num_parameters() == 2 * 2 * (2 * 4 * 576 + 4)
+    assert list(r["history"].columns[-2:]) == ["ce", "kl"]
 
 
 def test_ioi_sweep_finds_the_name_and_the_end_position(lm):

@@ -6,7 +6,7 @@ import torch
 
 import reftgraph as rg
 from reftgraph import subspace
-from reftgraph.ops import Rotate
+from reftgraph.core.ops import Rotate
 
 PROMPTS = ["the cat sat on it", "a dog", "hello there", "abc"]
 TARGET = 42  # the token whose logit the planted direction raises

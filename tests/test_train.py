@@ -475,3 +475,187 @@ def test_data_that_is_not_text_is_refused(build, message):
     with pytest.raises(rg.DataError) as err:
         build()
     assert message in str(err.value)
+
+
+# -- (12) the KL to the unedited model: kl_weight, kl_data, kl_groups ------------------------------
+
+FACTS = [("Sky?", "Blue it is."), ("Grass?", "Green, mostly."), ("Snow?", "White.")]
+
+
+def kl_graph(model, seed=0):
+    return rg.reft_graph(model, layers=[0, 1], positions="f1+l1", rank=2, seed=seed)
+
+
+def test_kl_weight_zero_changes_nothing(lm):
+    runs = []
+    for kw in ({}, dict(kl_weight=0.0), dict(kl_weight=0.0, kl_data=FACTS, kl_groups="case")):
+        g = kl_graph(lm)
+        h = rg.train(g, lm, rg.data.PromptResponse(PAIRS), epochs=2, batch_size=2, lr=1e-2, progress=False, **kw)
+        runs.append((h, params(g)))
+    for h, weights in runs[1:]:
+        pd.testing.assert_frame_equal(h, runs[0][0])      # no "ce" / "kl" columns, the same losses
+        for k, v in weights.items():
+            assert torch.equal(v, runs[0][1][k]), k
+
+
+@pytest.mark.parametrize("kl_data", [None, FACTS], ids=["training_rows", "kl_data"])
+def test_kl_is_zero_for_an_identity_graph(lm, kl_data):
+    """A graph that edits nothing (a zero steering vector) has the unedited model's distributions:
+    the KL term is 0 and the loss is the plain cross-entropy."""
+    def run(**kw):
+        g = rg.Graph()
+        g.add(rg.Site("resid_post", layer=0), rg.Add(torch.zeros(32), trainable=True), name="v")
+        return rg.train(g, lm, rg.data.PromptResponse(PAIRS), epochs=1, batch_size=4, progress=False, **kw)
+
+    h = run(kl_weight=3.0, kl_data=kl_data, kl_groups="case")
+    assert abs(h["kl"].iloc[0]) < 1e-6
+    assert h["loss"].iloc[0] == pytest.approx(run()["loss"].iloc[0], abs=1e-6)
+    assert h["ce"].iloc[0] == pytest.approx(h["loss"].iloc[0], abs=1e-6)
+
+
+def reference_loss(model, v, rows, kl_rows, weight, groups, layer=1):
+    """Cross-entropy on ``rows`` plus ``weight`` x KL(unedited || edited) on the response tokens of
+    ``kl_rows``, one row at a time, with a plain forward hook adding ``v`` at the last prompt token
+    of ``resid_post[layer]`` (no reftgraph code: tokens by hand, losses with torch functions)."""
+    tok, hf = model.tokenizer, model.hf
+
+    def encode(prompt, response):
+        p = tok(prompt)["input_ids"]
+        return torch.tensor([p + tok(response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]), len(p)
+
+    def logits(ids, n_prompt, edit):
+        def hook(module, args, output):
+            h = (output[0] if isinstance(output, tuple) else output).clone()
+            h[0, n_prompt - 1] = h[0, n_prompt - 1] + v
+            return (h,) + tuple(output[1:]) if isinstance(output, tuple) else h
+        handle = hf.model.layers[layer].register_forward_hook(hook) if edit else None
+        try:
+            return hf(input_ids=ids).logits[0].float()
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def folded(log_p):
+        if groups is None:
+            return log_p
+        return torch.zeros(int(groups.max()) + 1).index_add(0, groups, log_p.exp()).log()
+
+    ce, n_ce = 0.0, 0
+    for prompt, response in rows:
+        ids, n = encode(prompt, response)
+        out = logits(ids, n, edit=True)
+        ce = ce + torch.nn.functional.cross_entropy(out[n - 1:-1], ids[0, n:], reduction="sum")
+        n_ce += ids.shape[1] - n
+    kl, n_kl = 0.0, 0
+    for prompt, response in kl_rows:
+        ids, n = encode(prompt, response)
+        edited = logits(ids, n, edit=True).log_softmax(-1)
+        with torch.no_grad():
+            base = logits(ids, n, edit=False).log_softmax(-1)
+        for t in range(n - 1, ids.shape[1] - 1):
+            b, e = folded(base[t]), folded(edited[t])
+            kl = kl + (b.exp() * (b - e)).sum()
+            n_kl += 1
+    return ce / n_ce + weight * kl / n_kl
+
+
+@pytest.mark.parametrize("on_rows", [False, True], ids=["kl_data", "training_rows"])
+@pytest.mark.parametrize("groups", [None, "case"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_kl_loss_and_gradient_match_plain_pytorch(tiny, on_rows, groups, side):
+    from reftgraph.engine.plan import compile_graph
+    from reftgraph.training.losses import case_groups
+    from reftgraph.training.supervised import _KL, _batch_loss
+
+    model = tiny("llama", initializer_range=0.5)     # peaked distributions: a KL well above zero
+    v0 = 20 * torch.randn(32, generator=torch.Generator().manual_seed(1))
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=1, positions="last"), rg.Add(v0.clone(), trainable=True), name="v")
+    data = rg.data.PromptResponse(PAIRS[:3])
+    plan = compile_graph(g, model.arch)
+    kl = _KL(plan, model, 0.7, None if on_rows else FACTS, groups, None, seed=0)
+    rows, kl_rows = [0, 1, 2], [0, 2]
+    loss = _batch_loss(plan, model, data, data.prompts(model), rows if on_rows else (rows, kl_rows), None, side,
+                       None, kl=kl)
+    loss.backward()
+
+    v = v0.clone().requires_grad_(True)
+    reference = reference_loss(model, v, [data.pairs[i] for i in rows],
+                               [data.pairs[i] for i in rows] if on_rows else [FACTS[i] for i in kl_rows], 0.7,
+                               None if groups is None else case_groups(model.tokenizer))
+    reference.backward()
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), abs=1e-5)
+    assert float(kl.parts[-1]) > 0.01
+    torch.testing.assert_close(g["v"].op.vector.grad, v.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_kl_keeps_the_edited_model_near_the_unedited_one(tiny):
+    """Trained hard on one row, the graph moves the model's answers to other prompts; with a
+    KL on those prompts it moves them much less."""
+    model = tiny("llama", initializer_range=0.5)
+    data = rg.data.PromptResponse([("ab", "zzzz")] * 4)
+
+    def divergence(**kw):
+        g = kl_graph(model)
+        h = rg.train(g, model, data, epochs=6, batch_size=4, lr=5e-2, progress=False, **kw)
+        kl = reftgraph.training.supervised._KL(compile_graph(g, model.arch), model, 1.0, FACTS, None, None, 0)
+        with torch.no_grad():
+            return float(kl.rows_loss(model, [0, 1, 2], "right", None, False)), h
+
+    from reftgraph.engine.plan import compile_graph
+
+    free, _ = divergence()
+    kept, h = divergence(kl_weight=5.0, kl_data=FACTS)
+    assert kept < 0.5 * free
+    np.testing.assert_allclose(h["ce"] + h["kl"], h["loss"], atol=1e-6)
+
+
+def test_kl_rows_cover_every_row_once_an_epoch(lm):
+    from reftgraph.engine.plan import compile_graph
+    from reftgraph.training.supervised import _KL
+
+    kl = _KL(compile_graph(kl_graph(lm), lm.arch), lm, 1.0, FACTS * 3, None, None, seed=0)   # 9 rows
+    for epoch in range(3):
+        batches = kl.rows(epoch, 4)                  # 4 batches of 3 (the last wraps around)
+        assert [len(b) for b in batches] == [3, 3, 3, 3]
+        assert set(sum(batches, [])) == set(range(9))
+    assert kl.rows(0, 4) != kl.rows(1, 4)            # a new order every epoch
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(kl_weight=-1.0), "kl_weight must be a finite number >= 0, got -1.0"),
+    (dict(kl_weight=float("nan")), "kl_weight must be a finite number >= 0, got nan"),
+    (dict(kl_weight=1.0, kl_groups="lower"), "kl_groups must be None, 'case' or a tensor of group ids, got 'lower'"),
+    (dict(kl_weight=1.0, kl_groups=torch.zeros(5, dtype=torch.long)),
+     r"kl_groups must give one group id \(an int >= 0\) per token of the model's 259, got a tensor of shape \(5,\)"),
+    (dict(kl_weight=1.0, kl_data=[("ab",)]), "PromptResponse takes \\(prompt, response\\) pairs"),
+])
+def test_bad_kl_arguments_fail_before_any_step(lm, bad, message):
+    g = kl_graph(lm)
+    before = params(g)
+    with pytest.raises(ValueError, match=message):
+        rg.train(g, lm, rg.data.PromptResponse(PAIRS), progress=False, **bad)
+    assert all(torch.equal(v, before[k]) for k, v in params(g).items())
+
+
+def test_kl_on_classification_needs_kl_data(lm):
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=1, positions="last"), rg.Classify(32, 2), name="cls")
+    data = rg.data.Classification(["ab", "cd"], [0, 1])
+    with pytest.raises(ValueError, match="kl_weight on Classification data needs kl_data"):
+        rg.train(g, lm, data, kl_weight=1.0, progress=False)
+    h = rg.train(g, lm, data, kl_weight=1.0, kl_data=FACTS, epochs=1, progress=False)
+    assert h["kl"].iloc[0] >= 0
+
+
+def test_resume_with_kl_is_exact_and_refuses_another_kl_setting(lm, tmp_path):
+    data = rg.data.PromptResponse(PAIRS)
+    kw = dict(epochs=2, batch_size=2, kl_weight=1.0, kl_data=FACTS, kl_groups="case", checkpoint_dir=tmp_path,
+              progress=False)
+    straight = rg.train(kl_graph(lm), lm, data, **kw)
+    for change in (dict(kl_weight=2.0), dict(kl_data=FACTS[:2]), dict(kl_groups=None)):
+        with pytest.raises(rg.GraphFileError, match="kl_"):
+            rg.train(kl_graph(lm), lm, data, **dict(kw, **change), resume=tmp_path / "epoch-0")
+    resumed = rg.train(kl_graph(lm), lm, data, **kw, resume=tmp_path / "epoch-0")
+    assert list(resumed.columns) == ["epoch", "step", "loss", "lr", "ce", "kl"]
+    pd.testing.assert_frame_equal(resumed, straight)

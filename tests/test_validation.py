@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import reftgraph as rg
-from reftgraph.compile import compile_graph
+from reftgraph.engine import compile_graph
 from reftgraph import arch
 
 PROMPTS = ["hello", "hi"]  # 5 and 2 tokens with the tiny byte-level tokenizer

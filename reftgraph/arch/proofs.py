@@ -32,16 +32,17 @@ from typing import Optional
 
 import torch
 
-from ..core.sites import COMPONENTS, HEAD_COMPONENTS
+from ..core.sites import COMPONENTS
+from .components import COMPONENT_TYPES, Context, component
+from .components.base import no_module
 from .positions import prove_positions
-from .qkv import FUSED_LAYOUTS, slicer
+from .recording import record
 from .styles import STYLES, Record
 from .tree import BlockPaths, blocks_of, kind_of, linear_shape, read_tree
 
 __all__ = ["Block", "prove", "dims_of", "forget"]
 
 SEQ = 6          # tokens in the proof forward
-POS = 2          # the position that locality checks edit
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class Block:
     refused: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
     flat: frozenset = frozenset()
+    inner: dict = field(default_factory=dict)   # component -> operations inside a module (attn_pattern)
 
 
 # -- dims ------------------------------------------------------------------
@@ -137,77 +139,6 @@ def dims_of(config, block, paths: BlockPaths) -> tuple[tuple, dict]:
     return (nq, nkv or nq), widths
 
 
-# -- recording ---------------------------------------------------------------
-
-def _first_tensor(value):
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, (tuple, list)) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
-    return None
-
-
-def _hidden_in(args, kwargs):
-    """The hidden states a module is called with: its first positional tensor, else ``hidden_states=``."""
-    t = _first_tensor(args) if args else None
-    if t is None:
-        t = kwargs.get("hidden_states", next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None))
-    return t
-
-
-def _copy(t):
-    return None if t is None else t.detach().clone()   # blocks may edit a sub-layer's output in place (Falcon)
-
-
-def _record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional[torch.Tensor], list]:
-    """One forward with every module of block ``layer`` recorded (and ``edit`` applied).
-
-    ``edit = (path, fn)`` replaces the first tensor of that module's output by ``fn(t)``."""
-    block = blocks[layer]
-    rec = Record(pre=None, post=None)
-    order, handles, nxt = [], [], {}
-
-    def pre_hook(path):
-        def hook(module, args, kwargs):
-            t = _hidden_in(args, kwargs)
-            rec.calls[path] = rec.calls.get(path, 0) + 1
-            if path not in rec.inputs:
-                rec.inputs[path] = _copy(t)
-                order.append((path, "input"))
-        return hook
-
-    def post_hook(path):
-        def hook(module, args, kwargs, out):
-            if edit is not None and edit[0] == path and rec.calls.get(path) == 1:
-                t = _first_tensor(out)
-                new = edit[1](t)
-                out = (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
-            if path not in rec.outputs:
-                rec.outputs[path] = _copy(_first_tensor(out))
-                if path == "" and isinstance(out, tuple) and type(out) is not tuple:
-                    rec.outputs[path] = type(out).__name__   # a named output the engine cannot rebuild
-                order.append((path, "output"))
-            return out
-        return hook
-
-    try:
-        for path, module in block.named_modules():
-            handles.append(module.register_forward_pre_hook(pre_hook(path), with_kwargs=True))
-            handles.append(module.register_forward_hook(post_hook(path), with_kwargs=True))
-        if layer + 1 < len(blocks):
-            def next_input(module, args, kwargs):
-                nxt.setdefault("x", _copy(_hidden_in(args, kwargs)))
-
-            handles.append(blocks[layer + 1].register_forward_pre_hook(next_input, with_kwargs=True))
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    rec.pre, rec.post = rec.inputs.get(""), rec.outputs.get("")
-    return rec, nxt.get("x"), order
-
-
 # -- the checks --------------------------------------------------------------
 
 def _style(model, blocks, layer, ids, rec, paths):
@@ -237,69 +168,13 @@ def _edit_moves(model, blocks, layer, ids, rec, paths, style, attn_out, mlp_out)
         if moves == "mid" and not paths.mlp:
             moves = "post"
         delta = torch.randn(rec.out(path).shape[-1], generator=torch.Generator().manual_seed(1))
-        new, _, _ = _record(model, blocks, layer, ids, edit=(path, lambda t: t + delta))
+        new, _, _ = record(model, blocks, layer, ids, edit=(path, lambda t: t + delta))
         before, after = (rec.mid(paths.mlp_in), new.mid(paths.mlp_in)) if moves == "mid" else (rec.post, new.post)
         want = None if before is None else before + delta
         if not Record.close(after, want):
             return (f"adding to {component} ({path}) does not move resid_{moves} by the same amount "
                     f"({Record.gap(after, want)})")
     return ""
-
-
-def _head_changes(model, blocks, layer, ids, base, paths, proj_path, get_put, index, scale=1.0):
-    """How head_out moves (and where) when ``index`` of the q/k/v view is edited; ``base`` is the clean record."""
-    get, put = get_put
-    delta_gen = torch.Generator().manual_seed(2)
-
-    def fn(t):
-        view = get(t).clone()
-        view[index] = view[index] + scale * torch.randn(view[index].shape, generator=delta_gen) * (1 + t.std())
-        return put(t, view)
-
-    new, _, _ = _record(model, blocks, layer, ids, edit=(proj_path, fn))
-    b, n = base.inp(paths.attn_proj), new.inp(paths.attn_proj)
-    diff = (n - b)[0]
-    return diff, (diff.abs() > 1e-5 * (1 + b.abs().max())).nonzero().tolist()
-
-
-def _locality(model, blocks, layer, ids, paths, heads, widths, layout) -> dict:
-    """component -> failure ('' when its locality checks pass) for one q/k/v layout."""
-    nq, nkv = heads
-    dh = widths["head_out"]
-    result = {}
-    base, _, _ = _record(model, blocks, layer, ids)
-    for component in "qkv":
-        if component not in widths:
-            continue
-        proj = paths.qkv if isinstance(paths.qkv, str) else paths.qkv["qkv".index(component)]
-        try:
-            view = slicer(layout, component, heads, (widths["q"], widths.get("k", widths["q"])))
-        except ValueError as err:
-            result[component] = str(err)
-            continue
-        n = nq if component == "q" else nkv
-        head = n - 1
-        diff, changed = _head_changes(model, blocks, layer, ids, base, paths, proj, view, (0, POS, head))
-        moved = {(p, c // dh) for p, c in changed}   # (position, head) of head_out that moved
-        if component == "q":
-            want = {(POS, head)}
-            ok = moved == want
-            expect = f"only head {head} at position {POS}"
-        else:
-            group = {h for h in range(nq) if h // (nq // nkv) == head}
-            ok = bool(moved) and {h for _, h in moved} == group and all(p >= POS for p, _ in moved) and any(
-                p > POS for p, _ in moved)
-            expect = f"heads {sorted(group)} at positions >= {POS}"
-            if ok and component == "v":
-                twice, _ = _head_changes(model, blocks, layer, ids, base, paths, proj, view, (0, POS, head),
-                                         scale=2.0)
-                ok = Record.close(twice, 2 * diff)
-                expect += " (linearly)"
-        got = sorted({h for _, h in moved})
-        result[component] = "" if ok else (f"editing {component} of {'head' if component == 'q' else 'key-value head'} "
-                                           f"{head} at position {POS} should move head_out of {expect}; it moved heads "
-                                           f"{got} at positions {sorted({p for p, _ in moved})}")
-    return result
 
 
 def _prove_kind(model, blocks, layer, ids, paths: BlockPaths) -> Block:
@@ -310,125 +185,50 @@ def _prove_kind(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         return Block(paths, refused={c: why for c in COMPONENTS if c not in ("resid_pre", "resid_post")})
 
 
-def _widths_agree(widths: dict) -> dict:
-    """Reasons to refuse q/k/v whose per-head widths cannot be a query, key and value."""
-    out = {}
-    if "q" in widths and "k" in widths and widths["q"] != widths["k"]:
-        out["q"] = out["k"] = (f"q has {widths['q']} dims per head but k {widths['k']}: the projection carries "
-                               "more than the query (e.g. a gate)")
-    if "v" in widths and widths.get("head_out") not in (None, widths["v"]):
-        out["v"] = f"v has {widths['v']} dims per head but head_out {widths['head_out']}"
-    return out
-
-
 def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
     config = model.config
     heads, widths = dims_of(config, blocks[layer], paths)
-    rec, nxt, order = _record(model, blocks, layer, ids)
+    rec, nxt, order = record(model, blocks, layer, ids)
     if rec.calls.get("", 0) != 1:
         why = f"the block runs {rec.calls.get('', 0)} times per forward; an edit would reach its first run only"
         return Block(paths, refused={c: why for c in COMPONENTS})
-    refused = {}
     want = (ids.shape[0], ids.shape[1], _width(model))
-    for component, value in (("resid_pre", rec.pre), ("resid_post", rec.post)):
+    for component_name, value in (("resid_pre", rec.pre), ("resid_post", rec.post)):
         if isinstance(value, str):
             why = f"the block returns a {value} (a named tuple), which an edit of its output cannot rebuild"
             return Block(paths, refused={c: why for c in COMPONENTS})
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != want:
             got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
-            why = (f"the block's {'input' if component == 'resid_pre' else 'output'} is {got}, not [batch, tokens, "
-                   f"width] = {list(want)} (the blocks do not see one vector per input token)")
+            why = (f"the block's {'input' if component_name == 'resid_pre' else 'output'} is {got}, not [batch, "
+                   f"tokens, width] = {list(want)} (the blocks do not see one vector per input token)")
             return Block(paths, refused={c: why for c in COMPONENTS})
-    stages = {(p, io): i for i, (p, io) in enumerate(order)}
-    if nxt is not None and not Record.close(rec.post, nxt):
-        refused["resid_post"] = f"check resid_post[{layer}] == resid_pre[{layer + 1}] failed ({Record.gap(rec.post, nxt)})"
-    style, attn_out, mlp_out = None, None, None
-    found = _style(model, blocks, layer, ids, rec, paths) if paths.attn or paths.mlp else (None, None)
+    ctx = Context(model, blocks, layer, ids, paths, rec, heads, widths, next_input=nxt)
     if not paths.attn and not paths.mlp:
-        for c in ("resid_mid", "attn_out", "mlp_out"):
-            refused[c] = _no("attention or MLP", paths)
-    elif found[0] is None:
-        why = f"no block style's identities hold ({found[1]})"
-        for c in ("resid_mid", "attn_out", "mlp_out"):
-            refused[c] = why
+        ctx.style_problem = no_module("attention or MLP", paths)
     else:
-        style, attn_out, mlp_out = found[0], found[1], found[2]
-        if not attn_out:
-            refused["attn_out"] = refused["resid_mid"] = _no("attention", paths)
-        elif not style.has_mid:
-            refused["resid_mid"] = ("parallel block: attention and MLP both read resid_pre, so no stream lies "
-                                    "between them (use resid_pre or resid_post)")
-        if not mlp_out:
-            refused["mlp_out"] = _no("MLP", paths)
-    # head_out and mlp_act
-    if not paths.attn:
-        refused["head_out"] = _no("attention", paths)
-    elif not paths.attn_proj or "head_out" not in widths:
-        refused["head_out"] = (f"no output projection from {heads[0]} heads back to the model width found "
-                               f"in {paths.attn!r}")
-    elif attn_out != paths.attn_proj and not Record.close(rec.out(paths.attn_proj), rec.out(paths.attn)):
-        refused["head_out"] = (f"check head_out through {paths.attn_proj} == the output of {paths.attn} failed "
-                               f"({Record.gap(rec.out(paths.attn_proj), rec.out(paths.attn))})")
-    if not paths.mlp:
-        refused["mlp_act"] = _no("MLP", paths)
-    elif not paths.mlp_down or "mlp_act" not in widths:
-        refused["mlp_act"] = (f"no single down projection in {paths.mlp!r} (a mixture of experts has one per "
-                              "expert); use mlp_out")
-    elif mlp_out != paths.mlp_down and not Record.close(rec.out(paths.mlp_down), rec.out(paths.mlp)):
-        refused["mlp_act"] = (f"check {paths.mlp_down} output == the output of {paths.mlp} failed "
-                              f"({Record.gap(rec.out(paths.mlp_down), rec.out(paths.mlp))})")
-    # q / k / v
-    layout = None
-    if "head_out" in refused:
-        for c in "qkv":
-            refused[c] = f"needs head_out, which is refused: {refused['head_out']}"
-    else:
-        layouts = ["separate"] if isinstance(paths.qkv, tuple) else list(FUSED_LAYOUTS) if paths.qkv else []
-        results = [(lay, _locality(model, blocks, layer, ids, paths, heads, widths, lay)) for lay in layouts]
-        best = max(results, key=lambda r: sum(not v for v in r[1].values()), default=None)
-        mismatch = _widths_agree(widths)
-        for c in "qkv":
-            if c in mismatch:
-                refused[c] = mismatch[c]
-            elif best is None or c not in best[1]:
-                refused[c] = (f"no {c} projection found in {paths.attn!r} (children: "
-                              f"{', '.join(n for n, _ in _module(blocks[layer], paths.attn).named_children())})")
-            elif best[1][c]:
-                refused[c] = f"locality check failed ({best[0]} layout): {best[1][c]}"
-        if best is not None and any(not v for v in best[1].values()):
-            layout = best[0]
+        found = _style(model, blocks, layer, ids, rec, paths)
+        if found[0] is None:
+            ctx.style_problem = f"no block style's identities hold ({found[1]})"
+        else:
+            ctx.style, ctx.attn_out, ctx.mlp_out = found
+    for family in COMPONENT_TYPES:
+        family.prove(ctx)
+    refused = ctx.refused
     flat = set()
-    for c, path, io in (("attn_out", attn_out, "out"), ("mlp_out", mlp_out, "out"), ("mlp_act", paths.mlp_down, "inp"),
-                        ("head_out", paths.attn_proj, "inp")):
-        value = getattr(rec, io)(path)
+    for c in ("attn_out", "mlp_out", "mlp_act", "head_out"):
+        where = component(c).address(c, ctx)
+        value = rec.out(where.path) if where.io == "output" else rec.inp(where.path)
         if c in refused or value is None or value.dim() == rec.pre.dim():
             continue
         if c in ("mlp_out", "mlp_act") and value.dim() == 2 and value.shape[0] == rec.pre.shape[0] * rec.pre.shape[1]:
             flat.add(c)   # the block flattens tokens around its MLP (OPT, Llama 4): viewed back per token
         else:
-            refused[c] = (f"the block reshapes tokens before {path!r} (it sees {list(value.shape)}, not "
+            refused[c] = (f"the block reshapes tokens before {where.path!r} (it sees {list(value.shape)}, not "
                           "[batch, tokens, width])")
-    for c in COMPONENTS:
-        if c not in refused and c in HEAD_COMPONENTS + ("mlp_act",) and c not in widths:
-            refused[c] = f"its width could not be read off {paths}"
-    component_stage = _component_stages(stages, paths, attn_out, mlp_out)
-    return Block(paths, style.name if style else None, attn_out, mlp_out, layout, heads, widths, refused,
-                 component_stage, frozenset(flat))
-
-
-def _component_stages(stages, paths, attn_out, mlp_out) -> dict:
-    hooks = {"resid_pre": ("", "input"), "resid_post": ("", "output"), "attn_out": (attn_out, "output"),
-             "resid_mid": (attn_out, "output"), "mlp_out": (mlp_out, "output"),
-             "mlp_act": (paths.mlp_down, "input"), "head_out": (paths.attn_proj, "input")}
-    if isinstance(paths.qkv, tuple):
-        hooks.update({c: (p, "output") for c, p in zip("qkv", paths.qkv)})
-    elif paths.qkv:
-        hooks.update({c: (paths.qkv, "output") for c in "qkv"})
-    return {c: stages[h] for c, h in hooks.items() if h in stages}
-
-
-def _no(what: str, paths: BlockPaths) -> str:
-    return f"this block has no {what} (its modules: {', '.join(paths.children)})"
+    stages = {(p, io): i for i, (p, io) in enumerate(order)}
+    component_stages = {c: component(c).stage(c, ctx, stages) for c in COMPONENTS}
+    return Block(paths, ctx.style.name if ctx.style else None, ctx.attn_out, ctx.mlp_out, ctx.layout, heads, widths,
+                 refused, {c: v for c, v in component_stages.items() if v is not None}, frozenset(flat), ctx.inner)
 
 
 # -- driving it: tiny instance, cache -----------------------------------------

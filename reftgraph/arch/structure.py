@@ -17,10 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
-from ..core.sites import COMPONENTS, HEAD_COMPONENTS, STAGES
+from ..core.sites import COMPONENTS, STAGES
 from ..errors import SiteError
+from .components import component as component_of, first, with_first
 from .positions import learned_limit, model_inputs
-from .qkv import slicer
+
+__all__ = ["Arch", "FAMILIES", "Family", "Hook", "Location", "family_for", "first", "register_family", "with_first"]
 
 @dataclass(frozen=True)
 class Family:
@@ -77,29 +79,11 @@ def family_for(config) -> Optional[Family]:
     return None
 
 
-def first(raw):
-    """The tensor of a hook value: the first item of a tuple, else the value itself.
-
-    >>> first((1, 2)), first(3)
-    (1, 3)
-    """
-    return raw[0] if isinstance(raw, (tuple, list)) else raw
-
-
-def with_first(raw, new):
-    """``raw`` with its tensor (see :func:`first`) replaced by ``new``.
-
-    >>> with_first((1, 2), 9), with_first(3, 9)
-    ((9, 2), 9)
-    """
-    if isinstance(raw, list):   # (OpenAI GPT's blocks return lists)
-        return [new] + raw[1:]
-    return (new,) + tuple(raw[1:]) if isinstance(raw, tuple) else new
-
-
 @dataclass(frozen=True)
 class Hook:
-    """One module access in a layer: ``path`` ('' = the block), ``io`` input/output.
+    """One access in a layer: module ``path`` ('' = the block), its ``input`` or ``output``
+    (``io``), and ``inner``: operations inside that module's forward, one name per level
+    (nnsight's ``.source``), for a value that is no module's input or output.
 
     >>> import reftgraph as rg
     >>> rg.models.tiny("gpt2").arch.hook("mlp_act", 1)     # the input of GPT-2's MLP down projection
@@ -107,9 +91,31 @@ class Hook:
     """
 
     layer: int
-    stage: int
+    stage: float
     path: str
     io: str
+    inner: tuple = ()
+
+    def __repr__(self) -> str:
+        inner = f", inner={self.inner!r}" if self.inner else ""
+        return f"Hook(layer={self.layer}, stage={self.stage}, path={self.path!r}, io={self.io!r}{inner})"
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a component is at one layer and how to read it: see :meth:`Arch.locate`.
+
+    >>> import reftgraph as rg
+    >>> rg.models.tiny("gpt2").arch.locate("mlp_out", 0).hook.path
+    'mlp'
+    """
+
+    hook: Hook
+    get: Callable
+    put: Callable
+    width: int
+    heads: int
+    needs_pre: bool
 
 
 @dataclass
@@ -136,6 +142,7 @@ class Arch:
     positions: str = "explicit"   # how the engine numbers positions (see reftgraph.arch.positions)
     padding: dict = field(default_factory=dict, repr=False)   # padding side -> why its proof failed
     max_tokens: Optional[int] = None   # the longest input learned position embeddings allow
+    _located: dict = field(default_factory=dict, repr=False, compare=False)   # (component, layer) -> Location
 
     def inputs(self, input_ids, attention_mask) -> dict:
         """The model inputs for a padded batch: ids, mask, and position ids where the model takes them.
@@ -151,7 +158,7 @@ class Arch:
         """The architecture of a transformers model, found from its module tree and proven.
 
         >>> from transformers import GPT2LMHeadModel
-        >>> from reftgraph.models import tiny_config
+        >>> from reftgraph.arch.models import tiny_config
         >>> Arch.of(GPT2LMHeadModel(tiny_config("gpt2"))).d_mlp
         48
         """
@@ -186,7 +193,8 @@ class Arch:
         ('gpt_neox refuse', None)
         """
         if not self.blocks:
-            return None
+            return (f"{component} is found by the proofs, and this architecture was built by hand without them"
+                    if component_of(component).needs_proof else None)
         why = self.blocks[layer].refused.get(component)
         if why is None:
             return None
@@ -256,16 +264,15 @@ class Arch:
 
     # -- dims --------------------------------------------------------------
     def heads(self, component: str, layer: Optional[int] = None) -> int:
-        """How many heads ``component`` has: key-value heads for ``k`` and ``v``.
+        """How many heads ``component`` has: key-value heads for ``k`` and ``v`` (0 without heads).
 
         >>> import reftgraph as rg
         >>> arch = rg.models.tiny("llama").arch     # grouped-query: 4 query heads, 2 key-value heads
         >>> arch.heads("q"), arch.heads("k"), arch.heads("head_out")
         (4, 2, 4)
         """
-        nq, nkv = (self.blocks[layer].heads if layer is not None and self.blocks and self.blocks[layer].heads[0]
-                   else (self.n_heads, self.n_kv_heads))
-        return nkv if component in ("k", "v") else nq
+        block = self.blocks[layer] if layer is not None and self.blocks else None
+        return component_of(component).heads(component, self, block)
 
     def width(self, component: str, layer: Optional[int] = None) -> int:
         """The last-dim width of ``component``: per head for head components.
@@ -275,13 +282,13 @@ class Arch:
         >>> arch.width("resid_post"), arch.width("mlp_act"), arch.width("head_out")
         (32, 48, 8)
         """
-        if component not in HEAD_COMPONENTS and component != "mlp_act":
-            return self.d_model
+        kind = component_of(component)
         blocks = [self.blocks[layer]] if layer is not None and self.blocks else self.blocks
         for b in blocks:
-            if component in b.widths:
-                return b.widths[component]
-        return self.d_mlp if component == "mlp_act" else self.head_dim
+            width = kind.width(component, self, b)
+            if width:
+                return width
+        return kind.fallback_width(component, self)
 
     def layer_index(self, layer: int) -> Optional[int]:
         """Non-negative layer index, or None when out of range.
@@ -302,7 +309,7 @@ class Arch:
         >>> arch.needs_pre("resid_mid", 0), arch.needs_pre("mlp_out", 0)
         (True, False)
         """
-        return component == "resid_mid" or bool(self.blocks) and component in self.blocks[layer].flat
+        return component_of(component).needs_pre(component, self._block(layer))
 
     # -- modules -----------------------------------------------------------
     def _block(self, layer: int):
@@ -315,6 +322,23 @@ class Arch:
         return Block(BlockPaths(f.attn, f.attn_proj, f.qkv, f.mlp, f.mlp_down), "sequential", f.attn, f.mlp,
                      f.qkv_layout or "separate", (self.n_heads, self.n_kv_heads))
 
+    def locate(self, component: str, layer: int) -> "Location":
+        """Everything the compiler needs of ``component`` at ``layer`` (non-negative), in one
+        call: its hook, view, width, heads and whether the view needs the block's input.
+        Refused components raise :class:`SiteError` with the reason. Cached per (component, layer).
+
+        >>> import reftgraph as rg
+        >>> where = rg.models.tiny("llama").arch.locate("k", 1)
+        >>> where.hook.path, where.heads, where.width, where.needs_pre
+        ('self_attn.k_proj', 2, 8, False)
+        """
+        key = (component, layer)
+        if key not in self._located:
+            get, put = self.view(component, layer)
+            self._located[key] = Location(self.hook(component, layer), get, put, self.width(component, layer),
+                                          self.heads(component, layer), self.needs_pre(component, layer))
+        return self._located[key]
+
     def hook(self, component: str, layer: int) -> Hook:
         """Which module, input or output, holds ``component`` at ``layer`` (non-negative).
 
@@ -324,22 +348,12 @@ class Arch:
         """
         b = self._block(layer)
         self.check(component, layer)
-        stage = b.stages.get(component, STAGES[component])
-        if component in ("resid_pre", "resid_post"):
-            return Hook(layer, stage, "", "input" if component == "resid_pre" else "output")
-        if component in ("attn_out", "resid_mid"):
-            return Hook(layer, stage, b.attn_out, "output")
-        if component == "mlp_out":
-            return Hook(layer, stage, b.mlp_out, "output")
-        if component == "mlp_act":
-            return Hook(layer, stage, b.paths.mlp_down, "input")
-        if component == "head_out":
-            return Hook(layer, stage, b.paths.attn_proj, "input")
-        qkv = b.paths.qkv
-        return Hook(layer, stage, qkv if isinstance(qkv, str) else qkv["qkv".index(component)], "output")
+        where = component_of(component).address(component, b)
+        return Hook(layer, b.stages.get(component, STAGES[component]), where.path, where.io, where.inner)
 
     def envoy(self, root, hook: Hook):
-        """The nnsight envoy (or torch module) of a hook, from the model root.
+        """The nnsight envoy (or torch module) of a hook, from the model root; for a hook with
+        ``inner`` operations, the envoy of the innermost one (inside a trace only).
 
         >>> import reftgraph as rg
         >>> lm = rg.models.tiny("llama")
@@ -350,6 +364,8 @@ class Arch:
         path = f"{self.family.layers}.{hook.layer}" + (f".{hook.path}" if hook.path else "")
         for part in path.split("."):
             module = module[int(part)] if part.isdigit() else getattr(module, part)
+        for name in hook.inner:
+            module = getattr(module.source, name)
         return module
 
     def view(self, component: str, layer: int = 0) -> tuple[Callable, Callable]:
@@ -362,23 +378,7 @@ class Arch:
         >>> get(raw, None).shape, torch.equal(put(raw, get(raw, None), None), raw)
         (torch.Size([1, 3, 4, 8]), True)
         """
-        if component == "resid_mid":
-            return (lambda raw, pre: pre + first(raw),
-                    lambda raw, new, pre: with_first(raw, new - pre))
-        if self.needs_pre(component, layer):   # tokens flattened: [B*S, w]
-            return (lambda raw, pre: first(raw).view(pre.shape[0], pre.shape[1], -1),
-                    lambda raw, new, pre: with_first(raw, new.reshape(first(raw).shape)))
-        if component not in HEAD_COMPONENTS:
-            return (lambda raw, pre: first(raw), lambda raw, new, pre: with_first(raw, new))
-        heads = self.heads(component, layer)
-        if component == "head_out":
-            dh = self.width("head_out", layer)
-            return (lambda raw, pre: raw.unflatten(-1, (heads, dh)),
-                    lambda raw, new, pre: new.flatten(-2))
-        b = self._block(layer)
-        get, put = slicer(b.qkv_layout or "separate", component, (self.heads("q", layer), self.heads("k", layer)),
-                          (self.width("q", layer), self.width("k", layer) if "k" in b.widths else self.width("q", layer)))
-        return (lambda raw, pre: get(first(raw)), lambda raw, new, pre: with_first(raw, put(first(raw), new)))
+        return component_of(component).view(component, self, self._block(layer), layer)
 
 
 def _ranges(layers: list) -> str:

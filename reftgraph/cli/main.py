@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..arch.models import DEFAULT_MODEL
 from ..errors import GraphFileError, ReftgraphError, SpecError
 
 __all__ = ["main", "parser"]
@@ -156,6 +157,9 @@ def train_cmd(args) -> int:
     spec = read_spec(args.spec)
     dataset = _dataset(spec)
     held_out = _dataset(spec, "eval_path") if spec["data"].get("eval_path") else None  # read before the model loads
+    kl_data = _dataset(spec, "kl_path") if spec["data"].get("kl_path") else None
+    if kl_data is not None and not isinstance(kl_data, rg.data.PromptResponse):
+        raise SpecError(f"data.kl_path {spec['data']['kl_path']}: the KL rows must be {{prompt, response}} rows")
     check_layers(spec, _n_layers(spec["model"]))
     out = Path(spec["output"])
     _check_output(out)
@@ -177,7 +181,7 @@ def train_cmd(args) -> int:
             keep = {k: v for k, v in spec["train"].items() if k in ("batch_size", "padding_side", "max_length")}
             eval_fn = (lambda graph, model, epoch: {"eval_loss": rg.training.evaluate(graph, model, held_out, **keep)})
         history = rg.train(g, lm, dataset, checkpoint_dir=checkpoints, resume=args.resume, eval_fn=eval_fn,
-                           **spec["train"])
+                           kl_data=kl_data, **spec["train"])
     except rg.training.NonFiniteLoss as e:
         print(f"reftgraph train: {printable(e)}", file=sys.stderr)
         return 1
@@ -274,7 +278,7 @@ def _saved_model_name(folder: Path) -> str:
 
     load_graph(folder)
     info = json.loads((current_folder(folder) / "graph.json").read_text(encoding="utf-8"))["model"] or {}
-    return info.get("name") or "smollm2-135m-instruct"
+    return info.get("name") or DEFAULT_MODEL
 
 
 def generate_cmd(args) -> int:
@@ -346,40 +350,25 @@ def _patching_table(lm) -> None:
 
 def caps_experiment(lm, layers=(10, 16), rank=4, epochs=6, lr=6e-3, examples=90, new_tokens=24,
                     progress=True) -> dict:
-    """Train a LoReFT graph on the shipped capitals data; measure the share of held-out answers
-    in capitals before and after, and the share of capital-city questions the model answered
-    right before that it still answers right (``kept`` of ``known``). Returns the graph,
-    history, texts, rates and seconds."""
-    import reftgraph as rg
-    from reftgraph import datasets
+    """The first demo: answers in CAPITALS, no KL term (the hard case of ``docs/reft.md``).
+    :func:`reftgraph.experiments.style_experiment` with ``style="caps", kl_weight=0``."""
+    from ..experiments import style_experiment
 
-    train_pairs, held_out = datasets.caps()
-    prompts = [p for p, _ in held_out]
-    gen = dict(max_new_tokens=new_tokens, template="chat")
-    before = rg.Graph().generate(lm, prompts, **gen).texts
-    facts = datasets.capital_questions()
-    known = [(q, a) for (q, a), t in zip(facts, rg.Graph().generate(lm, [q for q, _ in facts], **gen).texts)
-             if datasets.answered(t, a)]
-    g = rg.reft_graph(lm, layers=list(layers), positions="f5+l5", rank=rank)
-    data = rg.data.PromptResponse(train_pairs[:examples], template="chat")
-    t = time.time()
-    history = rg.train(g, lm, data, epochs=epochs, batch_size=8, lr=lr, seed=0, progress=progress)
-    seconds = time.time() - t
-    after = g.generate(lm, prompts, **gen).texts
-    kept = sum(datasets.answered(t, a) for (_, a), t in zip(known, g.generate(lm, [q for q, _ in known], **gen).texts))
-    return {"graph": g, "history": history, "prompts": prompts, "before": before, "after": after,
-            "known": len(known), "kept": kept / max(1, len(known)),
-            "rate_before": sum(map(datasets.is_caps, before)) / len(prompts),
-            "rate_after": sum(map(datasets.is_caps, after)) / len(prompts),
-            "train_seconds": seconds, "examples": len(data)}
+    return style_experiment(lm, layers, rank, epochs, lr, examples, new_tokens, progress, style="caps",
+                            kl_weight=0)
+
+
+STYLE_NAMES = {"title": "Title Case", "caps": "CAPITALS"}
 
 
 def demo(args) -> int:
     """The main job on the default model: a patching table (where does the model keep the
-    answer?), then a LoReFT graph trained to answer in capitals, with success rates on
-    held-out questions before and after; saves the graph, history, curve and picture."""
+    answer?), then a LoReFT graph trained to answer in Title Case (or CAPITALS) with a KL term
+    that keeps what the model knew, with the style's rate on held-out questions before and
+    after and the share of facts kept; saves the graph, history, curve and picture."""
     import reftgraph as rg
 
+    from ..experiments import style_experiment
     from ..viz.plot import plot_history
 
     t0 = time.time()
@@ -388,25 +377,31 @@ def demo(args) -> int:
     print(f"loaded {lm} in {time.time() - t0:.1f}s")
     with torch.no_grad():
         _patching_table(lm)
-    print(f"\n2. Teach a behaviour the model lacks: answer in CAPITALS. LoReFT, rank {args.rank}, "
+    style = STYLE_NAMES[args.style]
+    kl = (f"; KL to the unedited model on 40 neutral facts (weight {args.kl_weight:g}, case-folded)"
+          if args.kl_weight else "; no KL term")
+    print(f"\n2. Teach a behaviour the model lacks: answer in {style}. LoReFT, rank {args.rank}, "
           f"layers {args.layers}, positions f5+l5, {min(args.examples, 90)} training examples, "
-          f"30 held-out questions.")
+          f"30 held-out questions{kl}.")
     rg.print_trainable_parameters(rg.reft_graph(lm, layers=args.layers, positions="f5+l5", rank=args.rank), lm)
-    r = caps_experiment(lm, args.layers, args.rank, args.epochs, args.lr, args.examples, args.new_tokens)
+    r = style_experiment(lm, args.layers, args.rank, args.epochs, args.lr, args.examples, args.new_tokens,
+                         style=args.style, kl_weight=args.kl_weight)
     for p, a, b in list(zip(r["prompts"], r["before"], r["after"]))[:4]:
         print(f"\n   Q: {p}\n   before: {a.strip()[:90]!r}\n   after:  {b.strip()[:90]!r}")
-    print(f"\n   answers in capitals on held-out questions: before {r['rate_before']:.0%}, "
-          f"after {r['rate_after']:.0%} (trained in {r['train_seconds']:.0f}s, "
-          f"final loss {r['history']['loss'].iloc[-1]:.3f})")
+    h = r["history"]
+    loss = f"final loss {h['loss'].iloc[-1]:.3f}" + (f", KL term {h['kl'].iloc[-1]:.3f}" if "kl" in h else "")
+    print(f"\n   answers in {style} on held-out questions: before {r['rate_before']:.0%}, "
+          f"after {r['rate_after']:.0%} (trained in {r['train_seconds']:.0f}s, {loss})")
     print(f"   content kept: of the {r['known']} capital-city questions the model answered right before, "
           f"{r['kept']:.0%} are still right after")
     out.mkdir(parents=True, exist_ok=True)
-    r["graph"].save(out / "caps-graph", model=lm)
-    r["history"].to_csv(out / "history.csv", index=False)
-    plot_history(r["history"]).savefig(out / "curve.png", dpi=120)
+    name = f"{args.style}-graph"
+    r["graph"].save(out / name, model=lm)
+    h.to_csv(out / "history.csv", index=False)
+    plot_history(h).savefig(out / "curve.png", dpi=120)
     r["graph"].draw().savefig(out / "graph.png", dpi=120)
     print(f"\nsaved the graph, history, curve and picture in {out.resolve()}/ "
-          f"(try: {command()} generate {shlex.quote(str(out / 'caps-graph'))} --prompt 'Why do we dream?')")
+          f"(try: {command()} generate {shlex.quote(str(out / name))} --prompt 'Why do we dream?')")
     print(f"done in {time.time() - t0:.0f}s")
     return 0
 
@@ -424,6 +419,14 @@ def _positive(kind):
     return parse
 
 
+def _weight(text: str) -> float:
+    """A finite number >= 0 (argparse type of ``--kl-weight``)."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of the ``reftgraph`` command (subcommands demo, train, generate, show).
 
@@ -435,8 +438,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="the main job on the default model: patching, then a LoReFT trained to "
-                                    "answer in capitals", description=demo.__doc__)
-    d.add_argument("--model", default="smollm2-135m-instruct")
+                                    "answer in Title Case, keeping what the model knew", description=demo.__doc__)
+    d.add_argument("--model", default=DEFAULT_MODEL)
     d.add_argument("--output", default="reftgraph-demo", help="folder for the results (default: %(default)s)")
     d.add_argument("--layers", type=int, nargs="+", default=[10, 16])
     d.add_argument("--rank", type=_positive(int), default=4)
@@ -444,6 +447,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--lr", type=_positive(float), default=6e-3)
     d.add_argument("--examples", type=_positive(int), default=90, help="training examples (at most 90)")
     d.add_argument("--new-tokens", type=_positive(int), default=24)
+    d.add_argument("--style", choices=sorted(STYLE_NAMES), default="title",
+                   help="title: Title Case (default); caps: CAPITALS, the hard case (docs/reft.md)")
+    d.add_argument("--kl-weight", type=_weight, default=1.0,
+                   help="weight of the KL to the unedited model on neutral facts (0: none; default %(default)s)")
     d.set_defaults(func=demo)
 
     t = sub.add_parser("train", help="train a graph from a YAML/JSON spec")

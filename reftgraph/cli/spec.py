@@ -21,6 +21,7 @@ from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from ..arch.models import DEFAULT_MODEL
 from ..core.ops.reft import ACTIVATIONS, REFT_OPS
 from ..core.sites import COMPONENTS, normalise_positions
 from ..errors import DataError, SiteError, SpecError
@@ -136,6 +137,8 @@ class DataSpec(Section):
                                       lambda v: None if v in (None, "chat") else f"must be null or 'chat', got {v!r}")
     eval_path: Optional[str] = _option(None, "a JSONL file of the same kind, scored after every epoch (the "
                                        "history's eval_loss column)", _path)
+    kl_path: Optional[str] = _option(None, "a JSONL file of neutral {prompt, response} rows for the KL term "
+                                     "(train.kl_weight; default: the training rows' own responses)", _path)
 
 
 
@@ -160,6 +163,11 @@ class TrainSpec(Section):
     max_length: Optional[int] = _option(None, "truncate rows to this many tokens (null: no limit)",
                                         _number(1, integer=True, none_ok=True))
     padding_side: str = _option("right", "where batches are padded", _one_of("left", "right"))
+    kl_weight: float = _option(0.0, "weight of the KL to the unedited model on response tokens (0: none): keeps "
+                               "what the graph should not change", _number(0))
+    kl_groups: Optional[str] = _option(None, "null, or 'case': tokens that differ only in case are one outcome "
+                                       "in the KL", lambda v: None if v in (None, "case") else
+                                       f"must be null or 'case', got {v!r}")
 
 
 
@@ -261,11 +269,11 @@ def read_spec(path) -> dict:
     for key in ("model", "output"):
         if key in spec and not isinstance(spec[key], str):
             raise SpecError(f"'{key}' must be a string (a model name or path, a folder), got {spec[key]!r}")
-    for key in ("path", "eval_path"):
+    for key in ("path", "eval_path", "kl_path"):
         if key in spec["data"]:
             p = Path(spec["data"][key])
             spec["data"][key] = str(p if p.is_absolute() else path.parent / p)
-    spec.setdefault("model", "smollm2-135m-instruct")
+    spec.setdefault("model", DEFAULT_MODEL)
     spec.setdefault("output", str(path.parent / (path.stem + "-out")))
     spec.setdefault("train", {})
     return spec

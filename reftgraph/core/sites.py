@@ -30,8 +30,10 @@ COMPONENTS = (
     "q",
     "k",
     "v",
+    "attn_pattern",
 )
-HEAD_COMPONENTS = ("head_out", "q", "k", "v")
+HEAD_COMPONENTS = ("head_out", "q", "k", "v", "attn_pattern")
+KEY_COMPONENTS = ("attn_pattern",)   # the last axis is the key tokens: no fixed width
 NAMED_POSITIONS = ("last", "prompt", "all", "generated")
 _FIRST_LAST = re.compile(r"^f(\d+)\+l(\d+)$")
 
@@ -43,12 +45,13 @@ STAGES = {
     "q": 1,
     "k": 2,
     "v": 3,
-    "head_out": 4,
-    "attn_out": 5,
-    "resid_mid": 6,   # read through the attention output, after attn_out's edits
-    "mlp_act": 7,
-    "mlp_out": 8,
-    "resid_post": 9,
+    "attn_pattern": 4,
+    "head_out": 5,
+    "attn_out": 6,
+    "resid_mid": 7,   # read through the attention output, after attn_out's edits
+    "mlp_act": 8,
+    "mlp_out": 9,
+    "resid_post": 10,
 }
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .ioi import ioi
 
-__all__ = ["answered", "capital_questions", "caps", "ioi", "is_caps"]
+__all__ = ["answered", "answers", "capital_questions", "caps", "facts", "ioi", "is_caps", "is_title", "title_case"]
 
 HERE = Path(__file__).parent
 
@@ -26,11 +26,64 @@ def caps(n_train: int = 90) -> tuple[list, list]:
     >>> len(train), len(held_out), is_caps(train[0][1])
     (100, 20, True)
 
-    Made by scripts/make_caps_data.py.
+    Made by scripts/make_style_data.py.
     """
     rows = [json.loads(line) for line in (HERE / "caps.jsonl").read_text().splitlines() if line.strip()]
     pairs = [(r["prompt"], r["response"]) for r in rows]
     return pairs[:n_train], pairs[n_train:]
+
+
+def _pairs(name: str) -> list:
+    rows = [json.loads(line) for line in (HERE / name).read_text().splitlines() if line.strip()]
+    return [(r["prompt"], r["response"]) for r in rows]
+
+
+def answers() -> list:
+    """The default model's own answers to the shipped questions, as it wrote them: the 120
+    ``(prompt, response)`` pairs :func:`caps` upper-cases (same order).
+
+    >>> answers()[0]
+    ('What is the capital of France?', 'The capital of France is Paris.')
+
+    Made by scripts/make_style_data.py.
+    """
+    return _pairs("answers.jsonl")
+
+
+def facts() -> list:
+    """40 general-knowledge questions (no capital cities) with the default model's own answers,
+    right or wrong: neutral rows for ``rg.train(..., kl_data=facts())``.
+
+    >>> qa = facts()
+    >>> len(qa), qa[2]
+    (40, ('What is the chemical symbol for gold?', 'The chemical symbol for gold is Au.'))
+    """
+    return _pairs("facts.jsonl")
+
+
+def title_case(text: str) -> str:
+    """Every word's first letter in upper case, the rest as written ("iPhone" -> "IPhone").
+
+    >>> title_case("the capital of the U.S. is Washington, D.C. (not 'new york').")
+    "The Capital Of The U.S. Is Washington, D.C. (Not 'New York')."
+    """
+    words = text.split(" ")
+    out = []
+    for w in words:
+        i = next((k for k, c in enumerate(w) if c.isalpha()), None)
+        out.append(w if i is None else w[:i] + w[i].upper() + w[i + 1:])
+    return " ".join(out)
+
+
+def is_title(text: str) -> bool:
+    """True when the text has at least three words and every word's first letter is upper case.
+
+    >>> is_title("The Sky Is Blue, 42 Times!"), is_title("The sky is blue"), is_title("Hi There")
+    (True, False, False)
+    """
+    firsts = [next((c for c in w if c.isalpha()), None) for w in text.split()]
+    firsts = [c for c in firsts if c is not None]
+    return len(firsts) >= 3 and all(c.isupper() for c in firsts)
 
 
 def is_caps(text: str) -> bool:

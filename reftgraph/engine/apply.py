@@ -1,8 +1,13 @@
 """Apply a bound plan: the nnsight edits, hook by hook in forward order.
 
-Each hook point is read once; every step at it gathers its slice (rows x positions, heads,
-subspace dims), runs its op and scatters the result back out of place (autograd-safe), and
-source values are read where the model first reaches them. See :func:`apply`.
+Each hook point is read once. Consecutive steps at a hook that share a view (one
+component's get and put) and the same slots (stream and positions) form a run: the run
+gathers its slice (rows x positions) once, each step edits it in plan order (heads and
+subspace dims taken from the slice and put back), and the result is written back once, out
+of place (autograd-safe). Each step sees exactly what it would see if every step gathered
+and wrote back on its own: after an edit, a slot whose position another slot of the run
+writes takes that slot's new value (see :class:`~reftgraph.engine.bind.Layout`). Source
+values are read where the model first reaches them. See :func:`apply`.
 """
 
 from __future__ import annotations
@@ -18,44 +23,86 @@ from .plan import Plan, Step, where
 
 
 _HALF = (torch.bfloat16, torch.float16)
+FUSE = True   # False: every step gathers and writes back on its own (a reference for the tests)
 
 
-def _gather(full: torch.Tensor, index: torch.Tensor, heads: Optional[torch.Tensor]) -> torch.Tensor:
-    h = full.flatten(0, 1)[index]                    # [B, k, ...] (a copy)
-    return h if heads is None else h.index_select(2, heads.to(h.device))
+def _gather(full: torch.Tensor, at: tuple, heads: Optional[torch.Tensor]) -> torch.Tensor:
+    """``full[N, S, ...]`` at ``(row, pos)`` index tensors ``[B, k]``: ``[B, k, ...]`` (a copy), ``heads`` selected."""
+    h = full[at]
+    return h if heads is None else h.index_select(2, heads)
 
 
-def _edit(step: Step, b: Bound, full: torch.Tensor, source_value, collected: dict) -> Optional[torch.Tensor]:
-    """The full ``[N, S, ...]`` tensor after ``step``'s edit (None when it only collects)."""
+def _joins(plan: Plan, bound: list, hook, i: int, j: int) -> bool:
+    """Whether step ``j`` can edit the slice that step ``i`` gathered: one view, one layout
+    (so one stream), and no source read at this hook from that stream (a source here is read
+    before the run's edits: rows of another stream, which the run does not touch)."""
+    a, b = plan.steps[i], plan.steps[j]
+    return (FUSE and a.get is b.get and a.put is b.put and bound[i].layout is bound[j].layout
+            and (b.source_hook != hook or b.node.reads[0] != a.node.stream))
+
+
+def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict) -> Optional[torch.Tensor]:
+    """``whole`` (the run's slice ``[B, k, (H,) w]``) after ``step``'s edit (None when it only collects)."""
     op = step.node.op
-    whole = _gather(full, b.index, None)             # [B, k, (H,) w]
-    h = whole if step.heads is None else _gather(full, b.index, step.heads)
-    dims = None if step.dims is None else step.dims.to(h.device)
-    sub = h if dims is None else h.index_select(-1, dims)
-    src = source_value
-    if src is not None and dims is not None:
-        src = src.index_select(-1, dims)
+    h = whole if m.heads is None else whole.index_select(2, m.heads)
+    sub = h if m.dims is None else h.index_select(-1, m.dims)
+    if src is not None and m.dims is not None:
+        src = src.index_select(-1, m.dims)
+    if b.keys is not None:    # a key axis (attn_pattern): keys in each row's prompt order
+        sub = b.keys.to_prompt(sub)
+        src = src if src is None else b.source_keys.to_prompt(src)
     if sub.dtype in _HALF and not op.half_precision:    # the edit in float32, rounded back below
         sub = sub.float()
         src = src.float() if src is not None else None
+    new = op.edit(sub, source=src, valid=m.valid, subspace=step.node.site.subspace if op.learned_basis else None,
+                  rows=None if b.rows is None else b.rows.to(sub.device))
     if op.collects:
-        collected[step.node.name] = (op(sub, source=src, valid=b.valid.to(h.device)), b.valid)
+        collected[step.node.name] = (new, b.valid)
         return None
-    extra = {"subspace": step.node.site.subspace} if op.learned_basis else {}
-    if b.rows is not None:
-        extra["rows"] = b.rows.to(h.device)
-    new = op(sub, source=src, valid=b.valid.to(h.device), **extra)
     if new.shape != sub.shape:
         raise SiteError(f"{where(step.node)}{type(op).__name__} returned shape {list(new.shape)} for a slice of "
                         f"shape {list(sub.shape)}; it must keep the shape (check the shape of its tensors)")
-    if dims is not None:
-        new = h.index_copy(-1, dims, new.to(h.dtype))
-    if step.heads is not None:
-        new = whole.index_copy(2, step.heads.to(h.device), new.to(h.dtype))
-    flat = full.flatten(0, 1)
-    mask = b.mask.to(flat.device).reshape(-1, *([1] * (flat.dim() - 1)))
-    out = torch.where(mask, new.flatten(0, 1).to(flat.dtype)[b.slot.to(flat.device)], flat)
-    return out.view_as(full)
+    if b.keys is not None:
+        new = b.keys.from_prompt(new, h.to(new.dtype))
+    if m.dims is not None:
+        new = h.index_copy(-1, m.dims, new.to(h.dtype))
+    if m.heads is not None:
+        new = whole.index_copy(2, m.heads, new.to(h.dtype))
+    return new if new.dtype == whole.dtype else new.to(whole.dtype)
+
+
+def _run(plan: Plan, bound: list, steps: list, hook, raw, pre, sources: dict, collected: dict):
+    """Gather the slice of the steps ``steps`` (indices into the plan) once, edit it step by
+    step, write it back once: the new raw hook value, or None when every step only collects."""
+    first_step = plan.steps[steps[0]]
+    full = first_step.get(raw, pre)
+    m = bound[steps[0]].on(first_step, full.device)
+    whole = _gather(full, m.at, None)     # [B, k, (H,) w]
+    edited = False
+    for i in steps:
+        step, b = plan.steps[i], bound[i]
+        src = sources.pop(step.node.name, None)
+        if step.source_hook == hook:   # the raw value before the run's edits (see _joins)
+            value = step.source_get(raw, pre)
+            ms = b.on(step, value.device)
+            src = _gather(value, ms.source_at, ms.source_heads)
+        new = _step(step, b, b.on(step, full.device), whole, src, collected)
+        if new is None:
+            continue
+        if m.follow is not None:   # slots reading a position another slot writes
+            keep = m.keep.view(*m.shape, *([1] * (new.dim() - 2)))
+            new = torch.where(keep, new.flatten(0, 1)[m.follow].view_as(new), whole)
+        elif whole.requires_grad:  # (every slot valid) earlier edits stay in the autograd graph even
+            # when this one overwrites them, with a zero gradient: as when each step wrote back alone
+            new = torch.where(m.valid.view(*m.shape, *([1] * (new.dim() - 2))), new, whole)
+        whole, edited = new, True
+    if not edited:
+        return None
+    if m.written is None:    # every slot writes its own position
+        out = full.index_put(m.at, whole)
+    else:
+        out = full.index_put(m.written, whole.flatten(0, 1)[m.taken])
+    return first_step.put(raw, out, pre)
 
 
 def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
@@ -81,21 +128,22 @@ def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
         envoy = plan.arch.envoy(root, hook)
         raw = getattr(envoy, hook.io)
         changed = False
-        for i in plan.edits.get(hook, ()):
-            step, b = plan.steps[i], bound[i]
-            full = step.get(raw, pre.get(hook.layer))
-            src = sources.pop(step.node.name, None)
-            if step.source_hook == hook:
-                src = _gather(step.source_get(raw, pre.get(hook.layer)), b.source_index, step.source_heads)
-            new = _edit(step, b, full, src, collected)
+        todo = plan.edits.get(hook, ())
+        start = 0
+        while start < len(todo):
+            end = start + 1
+            while end < len(todo) and _joins(plan, bound, hook, todo[start], todo[end]):
+                end += 1
+            new = _run(plan, bound, todo[start:end], hook, raw, pre.get(hook.layer), sources, collected)
             if new is not None:
-                raw = step.put(raw, new, pre.get(hook.layer))
-                changed = True
+                raw, changed = new, True
+            start = end
         if hook.stage == 0 and hook.path == "":
             pre[hook.layer] = first(raw)
         for i in plan.reads.get(hook, ()):
             step, b = plan.steps[i], bound[i]
-            sources[step.node.name] = _gather(step.source_get(raw, pre.get(hook.layer)), b.source_index,
-                                              step.source_heads)
+            value = step.source_get(raw, pre.get(hook.layer))
+            m = b.on(step, value.device)
+            sources[step.node.name] = _gather(value, m.source_at, m.source_heads)
         if changed:
             setattr(envoy, hook.io, raw)

@@ -12,14 +12,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 import torch
 
 from ..core.graph import Node
-from ..core.sites import Selection, Site, resolve_positions
+from ..core.sites import KEY_COMPONENTS, Selection, Site, resolve_positions
 from ..errors import SiteError
+from .keys import KeyOrder
 from .plan import Plan, where
 
 
@@ -53,6 +54,9 @@ class Bound:
     >>> batch = Batch({"base": slice(0, 2)}, start=torch.tensor([0, 1]), length=torch.tensor([3, 2]), seq_len=3)
     >>> bind(plan, batch)[0].index.tolist()      # row 0 at 0 * 3 + 2, row 1 at 1 * 3 + 2
     [[2], [5]]
+
+    Steps of one stream with the same positions share one :class:`Layout` (``layout``):
+    the engine edits them on one gathered slice (see :mod:`reftgraph.engine.apply`).
     """
 
     index: torch.Tensor      # [B, k] flat index of the written (or collected) slots
@@ -61,6 +65,98 @@ class Bound:
     mask: torch.Tensor       # [N * S]
     source_index: Optional[torch.Tensor] = None
     rows: Optional[torch.Tensor] = None   # [B, basis]: the dims each row uses (per-row subspaces)
+    keys: Optional[KeyOrder] = None        # a key axis (attn_pattern): each row's keys in prompt order
+    source_keys: Optional[KeyOrder] = None
+    layout: Optional["Layout"] = field(default=None, repr=False)
+    moved: dict = field(default_factory=dict, repr=False)   # device -> _Moved (kept across calls)
+
+    def on(self, step, device: torch.device) -> "_Moved":
+        """The index tensors :func:`~reftgraph.engine.apply.apply` needs for ``step`` on
+        ``device``, moved once per device and kept (bound plans are cached per batch layout).
+
+        >>> import reftgraph as rg
+        >>> from reftgraph.engine import compile_graph
+        >>> g = rg.Graph()
+        >>> _ = g.add(rg.Site("resid_pre", layer=0, positions="last"), rg.Collect())
+        >>> plan = compile_graph(g, rg.models.tiny("llama").arch)
+        >>> batch = Batch({"base": slice(0, 2)}, start=torch.tensor([0, 1]), length=torch.tensor([3, 2]), seq_len=3)
+        >>> b = bind(plan, batch)[0]
+        >>> [t.tolist() for t in b.on(plan.steps[0], torch.device("cpu")).at]    # (rows, positions)
+        [[[0], [1]], [[2], [2]]]
+        """
+        moved = self.moved.get(device)
+        if moved is None:
+            moved = self.moved[device] = _Moved(self, step, device)
+        return moved
+
+    def __getstate__(self):   # a remote request carries no tensors moved here
+        return {**self.__dict__, "moved": {}}
+
+
+@dataclass
+class Layout:
+    """Where one selection sits in the padded batch, for edits done on the gathered slice
+    ``full[row, pos]`` (``[B, k, ...]``) and written back once.
+
+    >>> lay = Layout.of(torch.tensor([[0, 1], [5, 3]]), torch.tensor([[True, True], [True, False]]), 6, 3)
+    >>> lay.written.tolist(), lay.taken.tolist()      # flat positions written back, from which slots
+    ([0, 1, 5], [0, 1, 2])
+    >>> lay.follow.tolist(), lay.keep.tolist()        # slot 3 (invalid) reads position 3: unwritten
+    ([0, 1, 2, 0], [True, True, True, False])
+
+    After an edit, slot ``j`` holds what the full tensor now has at ``index[j]``: the new
+    value of slot ``follow[j]`` where ``keep[j]``, else its own value (a position no valid
+    slot writes). ``follow``, ``keep``, ``written`` and ``taken`` are None when every slot
+    is valid and writes a position of its own (the common case): the slice is then written
+    back where it was gathered.
+    """
+
+    index: torch.Tensor      # [B, k] flat index (row * seq_len + position)
+    valid: torch.Tensor      # [B, k]
+    slot: torch.Tensor       # [N * S] which slot a flat position takes (where mask)
+    mask: torch.Tensor       # [N * S]
+    seq_len: int
+    written: Optional[torch.Tensor] = None   # [W] the flat positions the slots write (each once)
+    taken: Optional[torch.Tensor] = None     # [W] the slot each takes its value from
+    follow: Optional[torch.Tensor] = None    # [B * k]
+    keep: Optional[torch.Tensor] = None      # [B * k]
+
+    @classmethod
+    def of(cls, index: torch.Tensor, valid: torch.Tensor, n_flat: int, seq_len: int) -> "Layout":
+        """The layout of flat ``index`` / ``valid`` ``[B, k]`` in a batch of ``n_flat`` positions.
+
+        >>> Layout.of(torch.tensor([[2], [5]]), torch.tensor([[True], [True]]), 6, 3).written is None
+        True
+        """
+        target = torch.where(valid, index, torch.full_like(index, n_flat))  # invalid -> a spare slot
+        slot = torch.zeros(n_flat + 1, dtype=torch.long).scatter_(
+            0, target.flatten(), torch.arange(index.numel()))[:n_flat]
+        mask = torch.zeros(n_flat + 1, dtype=torch.bool).scatter_(0, target.flatten(), valid.flatten())[:n_flat]
+        lay = cls(index, valid, slot, mask, seq_len)
+        follow, keep = slot[index.flatten()], mask[index.flatten()]
+        if not (bool(keep.all()) and torch.equal(follow, torch.arange(index.numel()))):
+            lay.written = mask.nonzero().flatten()
+            lay.taken, lay.follow, lay.keep = slot[lay.written], follow, keep
+        return lay
+
+
+class _Moved:
+    """A bound step's index tensors on one device (see :meth:`Bound.on`)."""
+
+    def __init__(self, b: Bound, step, device: torch.device):
+        lay = b.layout
+        to = (lambda t: None if t is None else t.to(device))
+        self.shape = tuple(lay.index.shape)
+        self.valid = to(lay.valid)
+        seq_len = lay.seq_len
+        self.at = (to(lay.index // seq_len), to(lay.index % seq_len))     # the slice: full[row, pos]
+        self.written = None if lay.written is None else (to(lay.written // seq_len), to(lay.written % seq_len))
+        self.taken, self.follow = to(lay.taken), to(lay.follow)
+        self.keep = None if lay.keep is None else to(lay.keep).view(self.shape)
+        self.heads, self.dims = to(step.heads), to(step.dims)
+        self.source_at = None if b.source_index is None else (to(b.source_index // seq_len),
+                                                              to(b.source_index % seq_len))
+        self.source_heads = to(step.source_heads)
 
 
 def _flat(sel: Selection, rows: slice, seq_len: int) -> torch.Tensor:
@@ -104,33 +200,42 @@ MAX_BOUND = 64  # batch layouts remembered per plan
 
 def _bind(plan: Plan, batch: Batch) -> list:
     n_flat = (max(r.stop for r in batch.rows.values())) * batch.seq_len
+    layouts = {}   # (stream, positions) -> Layout: steps selecting the same slots share one
     bound = []
     for step in plan.steps:
         node = step.node
-        sel = _select(node, node.site, node.stream, batch)
-        problem = node.op.check_selection(sel.valid)
+        key = (node.stream, repr(node.site.positions))
+        lay = layouts.get(key)
+        if lay is None:
+            sel = _select(node, node.site, node.stream, batch)
+            lay = layouts[key] = Layout.of(_flat(sel, batch.rows[node.stream], batch.seq_len), sel.valid, n_flat,
+                                            batch.seq_len)
+        problem = node.op.check_selection(lay.valid)
         if problem:
             raise SiteError(f"{where(node)}{problem}")
-        index = _flat(sel, batch.rows[node.stream], batch.seq_len)
-        target = torch.where(sel.valid, index, torch.full_like(index, n_flat))  # invalid -> a spare slot
-        k = index.shape[1]
-        slot = torch.zeros(n_flat + 1, dtype=torch.long).scatter_(
-            0, target.flatten(), torch.arange(index.numel()))[:n_flat]
-        mask = torch.zeros(n_flat + 1, dtype=torch.bool).scatter_(0, target.flatten(), sel.valid.flatten())[:n_flat]
-        b = Bound(index, sel.valid, slot, mask)
+        b = Bound(lay.index, lay.valid, lay.slot, lay.mask, layout=lay, keys=_keys(node.site, node.stream, batch))
         if step.source_hook is not None:
             stream, site = node.reads
             src = _select(node, site, stream, batch, f"source {stream!r} ")
-            if src.valid.shape[0] != sel.valid.shape[0]:
+            if src.valid.shape[0] != lay.valid.shape[0]:
                 raise SiteError(f"{where(node)}the source stream {stream!r} has {src.valid.shape[0]} rows, "
-                                f"the {node.stream!r} stream {sel.valid.shape[0]}: give one source per row")
-            if src.valid.shape[1] != k or not torch.equal(src.valid, sel.valid):
-                counts = (sel.valid.sum(1).tolist(), src.valid.sum(1).tolist())
+                                f"the {node.stream!r} stream {lay.valid.shape[0]}: give one source per row")
+            if src.valid.shape[1] != lay.index.shape[1] or not torch.equal(src.valid, lay.valid):
+                counts = (lay.valid.sum(1).tolist(), src.valid.sum(1).tolist())
                 raise SiteError(f"{where(node)}selects {counts[0]} positions per row in {node.stream!r} but "
                                 f"{counts[1]} in source {stream!r}; patches need the same count per row")
             b.source_index = _flat(src, batch.rows[stream], batch.seq_len)
+            b.source_keys = _keys(site, stream, batch)
         bound.append(b)
     return bound
+
+
+def _keys(site: Site, stream: str, batch: Batch) -> Optional[KeyOrder]:
+    """The key order of a site whose last axis is the key tokens, else None."""
+    if site.component not in KEY_COMPONENTS:
+        return None
+    rows = batch.rows[stream]
+    return KeyOrder(batch.start[rows], batch.length[rows], batch.seq_len)
 
 
 def with_subspaces(plan: Plan, bound: list, batch: Batch, subspaces) -> list:

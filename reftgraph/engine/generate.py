@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import nnsight
@@ -28,7 +29,7 @@ from .plan import compile_graph
 from .prompts import Template, format_prompt
 from .remote import check as check_remote
 from ..core.graph import Graph
-from .run import prompt_list, as_model, inference_mode, input_device, serial, tokenize
+from .run import as_model, attention_for, inference_mode, input_device, prompt_list, serial, tokenize
 from ..errors import DataError, SiteError
 
 
@@ -79,6 +80,12 @@ class Generation:
 
 
 def _split(graph: Graph):
+    """``graph`` as two graphs: the edits on the prompt pass, and those on each new token
+    (positions ``"last"`` of a one-token step); kept per graph until the graph changes."""
+    state = graph.state()
+    cached = _SPLITS.get(graph)
+    if cached is not None and cached[0] == state:
+        return cached[1]
     prompt, steps = [], []
     for node in graph.nodes:
         if node.stream != "base" or node.reads[0] != "base":
@@ -88,7 +95,12 @@ def _split(graph: Graph):
             prompt.append(node)
         if node.site.positions in ("generated", "all"):
             steps.append(dataclasses.replace(node, site=dataclasses.replace(node.site, positions="last")))
-    return Graph(prompt), Graph(steps)
+    split = Graph(prompt), Graph(steps)
+    _SPLITS[graph] = (state, split)
+    return split
+
+
+_SPLITS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: bool = False,
@@ -122,9 +134,11 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
                         f"{limit} positions that {model.name or model.arch.family.name} has learned embeddings "
                         f"for; generate at most {max(limit - batch.seq_len, 0)} new tokens")
     prompt_bound = with_subspaces(prompt_plan, bind(prompt_plan, batch), batch, subspaces)
-    n = len(prompts)
-    step_batch = Batch({"base": slice(0, n)}, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long), 1)
-    step_bound = with_subspaces(step_plan, bind(step_plan, step_batch), step_batch, subspaces)
+    step_bound = []
+    if step_plan.steps:   # each new token: one position per row
+        n = len(prompts)
+        step_batch = Batch({"base": slice(0, n)}, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long), 1)
+        step_bound = with_subspaces(step_plan, bind(step_plan, step_batch), step_batch, subspaces)
     tok = model.tokenizer
     device = input_device(model, [prompt_plan, step_plan], remote)
     gen_inputs = {k: inputs[k].to(device) for k in ("input_ids", "attention_mask")}
@@ -133,18 +147,25 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     if remote is not None:
         kwargs["remote"] = remote
     out, scratch = {}, {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*was never reached.*")
-        with serial(model), torch.no_grad(), inference_mode(graph), model.nn.generate(**kwargs) as tracer:
-            with tracer.invoke(gen_inputs):
+    with serial(model), attention_for(model, prompt_plan, step_plan), torch.no_grad(), inference_mode(graph):
+        if not step_plan.steps:   # edits on the prompt pass only: one invoke
+            with model.nn.generate(gen_inputs, **kwargs) as tracer:
                 apply(prompt_plan, prompt_bound, model.nn, scratch)
-                if step_plan.steps:
-                    for _ in tracer.iter[1:]:
-                        apply(step_plan, step_bound, model.nn, scratch)
-            with tracer.invoke():
                 out["ids"] = tracer.result
                 if remote is not None:   # the token ids come back, nothing else
                     nnsight.save(out)
+        else:   # the result is read in an invoke of its own, after the unbounded iteration
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*was never reached.*")
+                with model.nn.generate(**kwargs) as tracer:
+                    with tracer.invoke(gen_inputs):
+                        apply(prompt_plan, prompt_bound, model.nn, scratch)
+                        for _ in tracer.iter[1:]:
+                            apply(step_plan, step_bound, model.nn, scratch)
+                    with tracer.invoke():
+                        out["ids"] = tracer.result
+                        if remote is not None:
+                            nnsight.save(out)
     ids = out["ids"].cpu()
     width = batch.seq_len
     texts = tok.batch_decode(ids[:, width:], skip_special_tokens=skip_special_tokens)

@@ -23,7 +23,7 @@ import torch
 
 from ..arch.structure import Arch, Hook
 from ..core.graph import Graph, Node
-from ..core.sites import STAGES, Site
+from ..core.sites import KEY_COMPONENTS, STAGES, Site
 from ..errors import SiteError
 
 
@@ -70,6 +70,20 @@ class Plan:
     edits: dict = field(default_factory=dict, repr=False)  # hook -> indices of the steps editing there
     reads: dict = field(default_factory=dict, repr=False)  # hook -> indices of the steps reading a source there
 
+    @property
+    def eager(self) -> bool:
+        """Whether a step reads or edits a value that only eager attention computes
+        (``attn_pattern``): the engine then runs the model with eager attention.
+
+        >>> import reftgraph as rg
+        >>> g = rg.Graph()
+        >>> _ = g.add(rg.Site("attn_pattern", layer=0, head=1), rg.Collect(), name="p")
+        >>> compile_graph(g, rg.models.tiny("llama").arch).eager
+        True
+        """
+        return any(s.node.site.component in KEY_COMPONENTS or
+                   (s.source_hook is not None and s.node.reads[1].component in KEY_COMPONENTS) for s in self.steps)
+
     def __post_init__(self):
         for i, step in enumerate(self.steps):
             self.edits.setdefault(step.hook, []).append(i)
@@ -110,8 +124,14 @@ def _check_site(node: Node, site: Site, arch: Arch, what: str = "") -> tuple[int
     return layer, heads
 
 
-def _slice_width(node: Node, site: Site, arch: Arch, layer: int) -> int:
+def _slice_width(node: Node, site: Site, arch: Arch, layer: int) -> Optional[int]:
     width = arch.width(site.component, layer)
+    if width is None:   # one entry per token (attn_pattern's keys): no fixed width
+        if site.subspace is not None or node.op.learned_basis or node.op.expected_width() is not None:
+            raise SiteError(f"{where(node)}{site.component} has one entry per key token, not a fixed width: "
+                            f"{type(node.op).__name__}{' with subspace=' if site.subspace else ''} cannot edit it "
+                            "(use Patch, Set, Ablate, Collect or an op without a width)")
+        return None
     if site.subspace is None:
         return width
     if node.op.learned_basis:
@@ -166,19 +186,19 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
         if need is not None and need != width:
             raise SiteError(f"{where(node)}{type(node.op).__name__} has width {need}, the site needs {width} "
                             + ("(the subspace's dims)" if site.subspace else f"({site.component} width)"))
-        hook = arch.hook(site.component, layer)
-        get, put = arch.view(site.component, layer)
-        step = Step(node, hook, get, put, heads,
+        at = arch.locate(site.component, layer)
+        hook = at.hook
+        step = Step(node, hook, at.get, at.put, heads,
                     None if site.subspace is None or node.op.learned_basis else torch.tensor(site.subspace))
         if node.op.source is not None:
             src_site = node.reads[1]
             src_layer, step.source_heads = _check_site(node, src_site, arch, f"source site {src_site}: ")
-            if arch.width(src_site.component, src_layer) != arch.width(site.component, layer) or (
-                    (src_site.head is None) != (site.head is None)) or (
+            src = arch.locate(src_site.component, src_layer)
+            if src.width != at.width or ((src_site.head is None) != (site.head is None)) or (
                     src_site.head is not None and len(src_site.head) != len(site.head)):
                 raise SiteError(f"{where(node)}source site {src_site} has another shape than the site")
-            step.source_hook = arch.hook(src_site.component, src_layer)
-            step.source_get = arch.view(src_site.component, src_layer)[0]
+            step.source_hook = src.hook
+            step.source_get = src.get
             if (step.source_hook.layer, step.source_hook.stage) > (hook.layer, hook.stage):
                 raise SiteError(f"{where(node)}source site {src_site} comes after the site in the forward "
                                 "pass; a patch can only read a place the model reaches first")
@@ -188,7 +208,8 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
     # through it: an edit at resid_mid never shows in attn_out), then insertion order
     steps.sort(key=lambda s: (s.hook.layer, s.hook.stage, STAGES[s.node.site.component], order[s.node.name]))
     hooks = {s.hook for s in steps} | {s.source_hook for s in steps if s.source_hook}
-    hooks |= {Hook(s.hook.layer, 0, "", "input") for s in steps if arch.needs_pre(s.node.site.component, s.hook.layer)}
+    hooks |= {Hook(s.hook.layer, 0, "", "input") for s in steps
+              if arch.locate(s.node.site.component, s.hook.layer).needs_pre}
     hooks |= {Hook(s.source_hook.layer, 0, "", "input") for s in steps
-              if s.source_hook and arch.needs_pre(s.node.reads[1].component, s.source_hook.layer)}
+              if s.source_hook and arch.locate(s.node.reads[1].component, s.source_hook.layer).needs_pre}
     return Plan(arch, steps, sorted(hooks, key=lambda h: (h.layer, h.stage)))

@@ -7,8 +7,8 @@ batch content and later forwards skip the blocks below ``L`` (nnsight's module `
 feeding the stored value to block ``L``.
 
 >>> import torch, reftgraph as rg
->>> from reftgraph.compile import compile_graph
->>> from reftgraph.runtime import forward, tokenize
+>>> from reftgraph.engine.plan import compile_graph
+>>> from reftgraph.engine.run import forward, tokenize
 >>> lm = rg.models.tiny("llama")
 >>> g = rg.Graph()
 >>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), rg.ConsReFT(width=32, rank=1))
@@ -43,7 +43,7 @@ def first_layer(plan: Plan) -> int:
     """The lowest layer any edit or source read of ``plan`` touches (``n_layers`` if none).
 
     >>> import reftgraph as rg
-    >>> from reftgraph.compile import compile_graph
+    >>> from reftgraph.engine.plan import compile_graph
     >>> lm = rg.models.tiny("llama")
     >>> g = rg.Graph()
     >>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), rg.ConsReFT(width=32, rank=1))
@@ -81,7 +81,7 @@ def prefix_state(model, inputs: dict, layer: int) -> torch.Tensor:
     """The output of block ``layer - 1`` for ``inputs``, without running the blocks above it.
 
     >>> import reftgraph as rg
-    >>> from reftgraph.runtime import tokenize
+    >>> from reftgraph.engine.run import tokenize
     >>> lm = rg.models.tiny("llama")
     >>> inputs, _ = tokenize(lm, {"base": ["hello"]})
     >>> prefix_state(lm, inputs, 1).shape
@@ -117,7 +117,7 @@ class PrefixCache:
     (0, 0, 0)
 
     ``cache.forward(plan, inputs, batch, hidden=...)`` is a drop-in for
-    :func:`reftgraph.runtime.forward`; it equals the uncached forward (values and gradients)
+    :func:`reftgraph.engine.run.forward`; it equals the uncached forward (values and gradients)
     and runs only the blocks from the graph's lowest edited layer on. A plan that edits
     layer 0 has nothing to skip and runs uncached.
     """
@@ -150,7 +150,7 @@ class PrefixCache:
         """The stored block ``layer - 1`` output for ``inputs``, computed on a miss.
 
         >>> import reftgraph as rg
-        >>> from reftgraph.runtime import tokenize
+        >>> from reftgraph.engine.run import tokenize
         >>> cache = PrefixCache(rg.models.tiny("llama"))
         >>> inputs, _ = tokenize(cache.model, {"base": ["hello"]})
         >>> cache.value(inputs, 1).shape, cache.value(inputs, 1) is cache.value(inputs, 1), cache.misses
@@ -172,11 +172,11 @@ class PrefixCache:
         return value
 
     def forward(self, plan: Plan, inputs: dict, batch: Batch, hidden: bool = False, model=None, subspaces=None):
-        """:func:`reftgraph.runtime.forward` with the blocks below ``first_layer(plan)`` served from the cache.
+        """:func:`reftgraph.engine.run.forward` with the blocks below ``first_layer(plan)`` served from the cache.
 
         >>> import torch, reftgraph as rg
-        >>> from reftgraph.compile import compile_graph
-        >>> from reftgraph.runtime import tokenize
+        >>> from reftgraph.engine.plan import compile_graph
+        >>> from reftgraph.engine.run import tokenize
         >>> lm = rg.models.tiny("llama")
         >>> g = rg.Graph()
         >>> _ = g.add(rg.Site("resid_pre", layer=1, positions="last"), rg.ConsReFT(width=32, rank=1))

@@ -23,6 +23,7 @@ import socket
 from typing import Optional, Union
 from urllib.parse import urlparse
 
+from ..core.sites import KEY_COMPONENTS
 from ..errors import RemoteError, SiteError
 
 Remote = Union[None, bool, str]
@@ -180,6 +181,10 @@ def _check_ops(graph) -> None:
     from nnsight.intervention.serialization import dumps
 
     for node in graph.nodes:
+        if node.site.component in KEY_COMPONENTS:
+            raise RemoteError(f"node {node.name!r} at {node.site}: {node.site.component} needs eager attention, "
+                              "which the engine switches on for the call, and a remote model's attention "
+                              "implementation is the server's; nothing was sent. Run it locally")
         handle = live_handle(node.op)
         if handle is not None:
             raise SiteError(f"node {node.name!r} at {node.site}: its op {type(node.op).__name__} holds a live handle, "

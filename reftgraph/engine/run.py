@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Union
 import nnsight
 import torch
 
+from ..arch.components.pattern import eager
 from ..arch.structure import Hook
 from .bind import Batch, bind, with_subspaces
 from .plan import Plan, compile_graph
@@ -139,22 +140,24 @@ def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):
         texts += prompts
     tok = model.tokenizer
     side = padding_side or tok.padding_side
-    memo = _TOKENIZED.setdefault(tok, OrderedDict())
+    memo = _TOKENIZED.get(tok)
+    if memo is None:
+        memo = _TOKENIZED[tok] = OrderedDict()
     key = (side, tuple(texts))
-    if key not in memo:
-        memo[key] = _encode(tok, texts, side)
+    entry = memo.get(key)
+    if entry is None or entry[-1] != len(tok):   # new prompts, or tokens were added since: encode
+        if entry is not None:
+            memo.clear()
+        entry = memo[key] = _encode(tok, texts, side)
         if len(memo) > MAX_TOKENIZED:
             memo.popitem(last=False)
-    ids, mask, start, length, seq_len = memo[key]
-    if len(model.tokenizer) != _vocab_seen(tok):   # tokens were added since: encode again
-        memo.clear()
-        return tokenize(model, streams, padding_side)
+    ids, mask, start, length, seq_len, ragged, _ = entry
     limit = model.arch.max_tokens
     if limit is not None and seq_len > limit:
         row = int(length.argmax())
         raise DataError(f"prompt {row} is {int(length[row])} tokens; {model.name or model.arch.family.name} has "
                         f"learned position embeddings for {limit} tokens at most: shorten it")
-    side_failed = model.arch.padding.get(side) if bool((length != seq_len).any()) else None
+    side_failed = model.arch.padding.get(side) if ragged else None
     if side_failed:
         raise DataError(f"{model.name or model.arch.family.name} cannot run prompts of different lengths "
                         f"padded on the {side}: {side_failed}; use padding_side="
@@ -166,7 +169,6 @@ def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):
 
 # the last tokenized batches per tokenizer: a graph run again on the same prompts skips the tokenizer
 _TOKENIZED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-_VOCAB: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 MAX_TOKENIZED = 32
 
 
@@ -183,13 +185,8 @@ def _encode(tok, texts: list, side: str):
         at = slice(width - len(r), width) if side == "left" else slice(0, len(r))
         ids[i, at] = torch.tensor(r, dtype=torch.long)
         mask[i, at] = 1
-    _VOCAB[tok] = len(tok)
-    return ids, mask, mask.argmax(1), length, width
-
-
-def _vocab_seen(tok) -> int:
-    """The tokenizer's size when its memo was last filled (added tokens change it)."""
-    return _VOCAB.get(tok, -1)
+    # the tokenizer's size comes last: tokens added later make the entry stale
+    return ids, mask, mask.argmax(1), length, width, bool((length != width).any()), len(tok)
 
 
 def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = None,
@@ -260,7 +257,7 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
     """One traced forward of ``inputs`` with the plan's edits: ``(logits, {name: (value, valid)})``.
 
     >>> import reftgraph as rg
-    >>> from reftgraph.compile import compile_graph
+    >>> from reftgraph.engine.plan import compile_graph
     >>> lm, g = rg.models.tiny("llama"), rg.Graph()
     >>> _ = g.add(rg.Site("mlp_out", layer=1, positions="last"), rg.Collect(), name="m")
     >>> inputs, batch = tokenize(lm, {"base": ["ab", "cde"]})
@@ -293,7 +290,7 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
     trunk = getattr(model.nn, model.arch.family.layers.split(".")[0])
     collected, out = {}, {}
     lock = contextlib.nullcontext() if remote == INSIDE else serial(model)
-    with lock, model.nn.trace(inputs, **({"remote": remote} if sent else {})) as tracer:
+    with lock, attention_for(model, plan), model.nn.trace(inputs, **({"remote": remote} if sent else {})) as tracer:
         for layer in range(prefix[0] if prefix is not None else 0):
             model.arch.envoy(model.nn, Hook(layer, 0, "", "output")).skip(prefix[1])
         apply(plan, bound, model.nn, collected)
@@ -350,6 +347,26 @@ def _reduced(model: Model, jobs) -> list:
     return [reduce(*forward(plan, model, inputs, batch, remote=INSIDE)) for plan, inputs, batch, reduce in jobs]
 
 
+def attention_for(model: Model, *plans):
+    """The attention implementation the plans need while they run: eager when one touches
+    ``attn_pattern`` (only eager attention computes the probabilities), put back after;
+    else the model's own.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("attn_pattern", layer=0, head=0), rg.Collect(), name="p")
+    >>> with attention_for(lm, compile_graph(g, lm.arch)):
+    ...     lm.hf.config._attn_implementation
+    'eager'
+    >>> lm.hf.config._attn_implementation
+    'sdpa'
+    """
+    if model.hf is None or not any(plan.eager for plan in plans):
+        return contextlib.nullcontext()
+    return eager(model.hf)
+
+
 def serial(model: Model):
     """The lock that runs on ``model`` take, one at a time: a re-entrant lock kept on the
     transformers model (shared by every wrapper of it).
@@ -366,7 +383,8 @@ def serial(model: Model):
     """
     # dict.setdefault is atomic: two threads asking first get the same lock (no global
     # registry, which would travel with every remote request that ships this module)
-    return model.hf.__dict__.setdefault("_reftgraph_lock", threading.RLock())
+    lock = model.hf.__dict__.get("_reftgraph_lock")
+    return lock if lock is not None else model.hf.__dict__.setdefault("_reftgraph_lock", threading.RLock())
 
 
 @contextlib.contextmanager
@@ -383,13 +401,14 @@ def inference_mode(graph: Graph):
     >>> g["r"].op.training
     True
     """
-    modes = [m.training for m in graph.ops.modules()]
-    graph.ops.eval()
+    training = [m for m in graph.ops.modules() if m.training]
+    for m in training:   # eval(), without a walk per module (and without bumping an op's revision)
+        object.__setattr__(m, "training", False)
     try:
         yield
     finally:
-        for m, mode in zip(graph.ops.modules(), modes):
-            m.training = mode
+        for m in training:
+            object.__setattr__(m, "training", True)
 
 
 def runnable(model: Model) -> torch.device:
@@ -424,7 +443,7 @@ def input_device(model: Model, plans: Sequence[Plan], remote=None) -> torch.devi
         return torch.device("cpu")
     device = runnable(model)
     for plan in plans:
-        place(plan, model)
+        place(plan, model, device)
     return device
 
 
@@ -445,7 +464,7 @@ def layer_device(model: Model, layer: int) -> torch.device:
     return weights[0] if weights else model.device
 
 
-def place(plan: Plan, model: Model) -> None:
+def place(plan: Plan, model: Model, device: Optional[torch.device] = None) -> None:
     """Move each op of ``plan`` to the device of the layer it edits (once; parameters keep their identity).
 
     >>> import torch, reftgraph as rg
@@ -453,16 +472,25 @@ def place(plan: Plan, model: Model) -> None:
     >>> _ = g.add(rg.Site("resid_post", layer=1), rg.Add(torch.zeros(32)), name="a")
     >>> place(compile_graph(g, lm.arch), lm); g["a"].op.vector.device
     device(type='cpu')
+
+    ``device``: the model's device when the caller has it (a model on one device).
     """
+    mapped = None
     for step in plan.steps:
         op = step.node.op
-        tensor = next(iter(op.parameters()), None)
+        # the op's own first tensor, else the first of its submodules'
+        tensor = next((t for t in (*op._parameters.values(), *op._buffers.values()) if t is not None), None)
+        if tensor is None:
+            tensor = next(iter(op.parameters()), None)
         if tensor is None:
             tensor = next(iter(op.buffers()), None)
         if tensor is not None:
-            device = layer_device(model, step.hook.layer)
-            if tensor.device != device:
-                op.to(device)
+            if mapped is None:
+                mapped = bool(getattr(model.hf, "hf_device_map", None))
+                device = model.device if device is None and not mapped else device
+            wanted = layer_device(model, step.hook.layer) if mapped else device
+            if tensor.device != wanted:
+                op.to(wanted)
 
 
 def as_model(model) -> Model:

@@ -1,7 +1,7 @@
 """Import a pyreft checkpoint (the directory ``ReftModel.save(d)`` writes) as a :class:`Graph`.
 
 >>> import json, os, tempfile, torch, reftgraph as rg
->>> from reftgraph.pyreft import from_pyreft
+>>> from reftgraph.files.pyreft import from_pyreft
 >>> d, key = tempfile.mkdtemp(), "layer_1_comp_block_output_unit_pos_nunit_1#0"
 >>> json.dump({"representations": [[1, "block_output", "pos", 1, 4]], "intervention_types":
 ...            ["<class 'pyreft.interventions.LoreftIntervention'>"]}, open(os.path.join(d, "config.json"), "w"))

@@ -3,7 +3,7 @@ pairs made by interchanging a variable.
 
 State the hypothesis once; get training and evaluation data for DAS from it.
 
->>> from reftgraph.causal import CausalModel
+>>> from reftgraph.methods.causal import CausalModel
 >>> m = CausalModel({"a": None, "b": None, "c": None, "d": None,
 ...                  "wx": lambda a, b: a == b, "yz": lambda c, d: c == d,
 ...                  "out": lambda wx, yz: wx == yz})
@@ -164,7 +164,7 @@ class CausalModel:
         ``prompt(inputs)`` makes each text, ``answer(label)`` the expected next token
         (``correct``; ``wrong`` is the base's own answer); ``meta`` rows hold the pair's ``type``.
         """
-        from .patching import Counterfactual
+        from ..training.counterfactual import Counterfactual
 
         return Counterfactual([prompt(p.base) for p in pairs], [prompt(p.source) for p in pairs],
                               correct=[answer(p.label) for p in pairs],

@@ -25,14 +25,15 @@ from typing import Optional, Sequence, Union
 import pandas as pd
 
 from ..core.graph import Graph
+from ..core.masks import masked_mean
 from ..core.ops import Ablate, Collect, Patch
 from ..core.sites import Site
 from ..engine.run import as_model, run
 from ..errors import DataError
+from ..training.counterfactual import Counterfactual
 from ..viz.circuits import draw_circuit, plot_curve
 from ..viz.progress import progress_bar
 from .patching.attribution import attribute
-from .patching.data import Counterfactual
 from .patching.metrics import Reference, get_metric
 
 __all__ = ["Circuit", "scores", "discover", "circuit_graph", "members", "faithfulness", "curve", "top_layers", "draw",
@@ -277,10 +278,8 @@ def _means(model, data, sites) -> dict:
     out = run(g, model, data.base, grad=False)
     means = {}
     for i, site in enumerate(sites):
-        value, valid = out[str(i)], out.valid[str(i)]
-        w = valid.to(value.dtype).reshape(*valid.shape, *([1] * (value.dim() - 2)))
         over = (0,) if isinstance(site.positions, tuple) else (0, 1)
-        means[site] = (value * w).sum(over) / w.sum(over)
+        means[site] = masked_mean(out[str(i)], out.valid[str(i)], over)
     return means
 
 
@@ -319,7 +318,7 @@ def members(graph: Graph, model) -> pd.DataFrame:
 def _metric_runs(model, data, graphs: Sequence[Graph], metric, progress: bool = True) -> tuple:
     """The metric's mean for each graph on the clean prompts (outside nodes from the corrupted)."""
     _, metric_fn = get_metric(metric)
-    correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
+    correct, wrong = data.answer_ids(model, required=False)
     with progress_bar(total=len(graphs) + 1, desc="circuit runs", progress=progress, unit="run") as bar:
         clean = run(Graph(), model, data.source, grad=False).next_token_logits
         bar.update(1)

@@ -2,8 +2,8 @@
 measure interchange-intervention accuracy (IIA) per counterfactual type.
 
 >>> import reftgraph as rg
->>> from reftgraph.ops import Rotate
->>> from reftgraph.das import iia, train_das
+>>> from reftgraph.core.ops import Rotate
+>>> from reftgraph.methods.das import iia, train_das
 >>> lm = rg.models.tiny("llama")
 >>> g = rg.Graph()
 >>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), Rotate(width=32, k=4, seed=0), name="das")
@@ -138,7 +138,7 @@ def train_das(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 1
 class Anneal(Callback):
     """The training callback that sets each boundless Rotate's temperature before a step.
 
-    >>> from reftgraph.ops import Rotate
+    >>> from reftgraph.core.ops import Rotate
     >>> op = Rotate(width=8, k=2, boundless=True)
     >>> cb = Anneal([op], total=3, schedule=(10.0, 0.1))
     >>> from reftgraph.training import State

@@ -11,12 +11,14 @@ True
 
 from __future__ import annotations
 
+import operator
 import re
-from typing import Sequence, Union
+from typing import Iterable, Sequence, Union
 
 from ..core.graph import Graph
 from ..core.ops.reft import REFT_OPS
 from ..core.sites import Site
+from ..errors import SiteError
 
 
 def reft_graph(model, layers: Union[str, Sequence[int]] = "all", positions: str = "f5+l5", rank: int = 4,
@@ -33,12 +35,22 @@ def reft_graph(model, layers: Union[str, Sequence[int]] = "all", positions: str 
     nodes per layer, the first N and the last M prompt tokens, each with its own op;
     ``share_layers=True`` uses one op for all layers. Node names: ``L{layer}_first``,
     ``L{layer}_last`` (or ``L{layer}`` for one group).
+
+    Layers are checked against the model here, not at the first run:
+
+    >>> reft_graph(rg.models.tiny("llama"), layers=[0, 32])
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.SiteError: reft_graph: layer 32 is out of range; tiny-llama has 2 layers: valid layers 0..1 (or -2..-1)
     """
     if op not in REFT_OPS:
         raise ValueError(f"unknown ReFT op {op!r}; choose one of {sorted(REFT_OPS)}")
     arch = model.arch
-    layers = list(range(arch.n_layers)) if layers == "all" else list(layers)
+    layers = _check_layers(model, layers)
     width = arch.width(component)
+    if width is None:
+        raise SiteError(f"reft_graph: {component} has one entry per key token, not a fixed width; a ReFT op "
+                        "edits a fixed-width representation (resid_post, head_out, ...)")
     match = re.fullmatch(r"f(\d+)\+l(\d+)", positions) if isinstance(positions, str) else None
     if match and not share_positions and all(int(x) > 0 for x in match.groups()):
         n_first, n_last = match.groups()
@@ -55,6 +67,31 @@ def reft_graph(model, layers: Union[str, Sequence[int]] = "all", positions: str 
             name = f"L{layer}_{suffix}" if suffix else f"L{layer}"
             g.add(Site(component, layer=layer, positions=pos), ops[key], name=name)
     return g
+
+
+def _check_layers(model, layers) -> list:
+    """The layers as a list of ints, or a SiteError naming the first bad one and the valid range."""
+    n = model.arch.n_layers
+    if isinstance(layers, str) and layers == "all":
+        return list(range(n))
+    if isinstance(layers, str) or not isinstance(layers, Iterable):
+        raise SiteError(f"reft_graph: layers are a list of ints (negative from the end) or 'all'; got {layers!r}")
+    checked = []
+    for layer in layers:
+        try:
+            index = None if isinstance(layer, bool) else operator.index(layer)
+        except TypeError:
+            index = None
+        if index is None:
+            raise SiteError(f"reft_graph: layers are a list of ints (negative from the end) or 'all'; "
+                            f"got {layer!r} in {layers!r}")
+        layer = index
+        if model.arch.layer_index(layer) is None:
+            name = getattr(model, "name", None) or "the model"
+            raise SiteError(f"reft_graph: layer {layer} is out of range; {name} has {n} layers: valid layers "
+                            f"0..{n - 1} (or -{n}..-1)")
+        checked.append(layer)
+    return checked
 
 
 def print_trainable_parameters(graph: Graph, model) -> str:

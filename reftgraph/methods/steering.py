@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..core.graph import Graph
+from ..core.masks import masked_mean
 from ..core.ops import Add, Collect
 from ..core.sites import Site
 from ..engine.prompts import Template, format_prompt
@@ -62,9 +63,7 @@ def contrast(model, positive: Sequence[str], negative: Sequence[str], site: Site
             rows = []
             for start in range(0, len(prompts), batch_size):
                 out = run(g, model, prompts[start:start + batch_size])
-                value, valid = out["read"], out.valid["read"].to(out["read"].device)
-                mask = valid.reshape(*valid.shape, *([1] * (value.dim() - 2))).to(value.dtype)
-                rows.append((value * mask).sum(1) / mask.sum(1))
+                rows.append(masked_mean(out["read"], out.valid["read"], 1))
                 bar.update(len(prompts[start:start + batch_size]))
             means.append(torch.cat(rows))
     return means[0], means[1]

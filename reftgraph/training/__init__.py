@@ -10,6 +10,8 @@
 
 from . import data
 from .loop import Callback, State, fit
+from .losses import case_groups, kl_to_base
 from .supervised import NonFiniteLoss, evaluate, latest_checkpoint, lm_loss, train
 
-__all__ = ["Callback", "NonFiniteLoss", "State", "data", "evaluate", "fit", "latest_checkpoint", "lm_loss", "train"]
+__all__ = ["Callback", "NonFiniteLoss", "State", "case_groups", "data", "evaluate", "fit", "kl_to_base",
+           "latest_checkpoint", "lm_loss", "train"]

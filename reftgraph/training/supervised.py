@@ -31,17 +31,20 @@ from ..engine.run import as_model, forward, inference_mode
 from .checkpoints import latest_checkpoint
 from .data import Classification, PromptResponse, collate_lm
 from .distributed import all_sum, share
-from .loop import NonFiniteLoss, fit, positive_ints
-from .losses import lm_loss
+from .loop import Callback, NonFiniteLoss, fit, positive_ints
+from .losses import case_groups, kl_to_base, lm_loss
 
 __all__ = ["NonFiniteLoss", "evaluate", "latest_checkpoint", "lm_loss", "train"]
 
 
-def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache=None, part=False):
+def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache=None, part=False,
+                kl=None):
     """The mean loss of data rows ``rows`` (response tokens, or the Classify node's labels).
 
     With ``part``, this process's part of it under torch.distributed (its rows, weighted by
-    its share of the batch's response tokens or rows; a zero without rows)."""
+    its share of the batch's response tokens or rows; a zero without rows). With ``kl`` (a
+    :class:`_KL`) its term is added; ``rows`` is then ``(rows, kl_rows)``."""
+    rows, kl_rows = rows if isinstance(rows, tuple) else (rows, None)
     mine = share(rows) if part else rows
     if mine:
         responses = None if classify else [data.responses[i] for i in mine]
@@ -52,14 +55,104 @@ def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_le
     else:   # this process's response tokens over the whole batch's
         tokens = int((labels[:, 1:] != -100).sum()) if mine else 0
         weight = tokens / max(1.0, all_sum(tokens)) if part else 1.0
+    extra = kl.rows_loss(model, kl_rows, padding_side, max_length, part) if kl is not None and kl.data else 0.0
     if not mine:
-        return torch.zeros(())
+        if kl is not None and not kl.data and part:
+            all_sum(0)   # the other processes count their KL tokens
+        return torch.zeros(()) + extra
     subspaces = None if data.subspaces is None else [data.subspaces[i] for i in mine]
     value, collected = forward(plan, model, inputs, batch, hidden=True, cache=cache, subspaces=subspaces)
     if classify:
         target = torch.tensor([data.labels[i] for i in mine], device=value.device)
-        return weight * torch.nn.functional.cross_entropy(collected[classify][0].float(), target)
-    return weight * lm_loss(value, labels, head=model.hf.get_output_embeddings())
+        return weight * torch.nn.functional.cross_entropy(collected[classify][0].float(), target) + extra
+    loss = weight * lm_loss(value, labels, head=model.hf.get_output_embeddings())
+    if kl is not None and not kl.data:
+        loss = loss + kl.term(model, value, inputs, batch, labels, part)
+    return loss + extra
+
+
+def kl_batches(n: int, n_batches: int, seed: int, epoch: int) -> list:
+    """Which of ``n`` KL rows go with each of an epoch's ``n_batches`` training batches: a
+    seeded order per epoch cut into equal parts (the last wraps around), so every row is
+    used once an epoch or more.
+
+    >>> kl_batches(5, 2, seed=0, epoch=0)
+    [[0, 2, 4], [0, 1, 3]]
+    """
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch + 1)).tolist()
+    size = -(-n // n_batches)
+    order = order + order[:size]
+    return [sorted(order[(b * size) % n:(b * size) % n + size]) for b in range(n_batches)]
+
+
+class _KL(Callback):
+    """``weight`` x KL(unedited || edited) of the next-token distributions at response tokens,
+    of the training rows themselves (``data`` None) or of KL rows of their own (``data``).
+    As a callback it adds ``ce`` and ``kl`` (the weighted term) to each history row."""
+
+    def __init__(self, plan, model, weight: float, data, groups, template, seed: int):
+        if not (isinstance(weight, (int, float)) and not isinstance(weight, bool) and math.isfinite(weight)
+                and weight >= 0):
+            raise ValueError(f"kl_weight must be a finite number >= 0, got {weight!r}")
+        self.plan, self.weight, self.seed = plan, float(weight), seed
+        if data is not None and not isinstance(data, PromptResponse):
+            data = PromptResponse(list(data), template=template)
+        self.data = data
+        self.prompts = data.prompts(model) if data is not None else None
+        vocab = model.hf.get_output_embeddings().weight.shape[0]
+        self.groups_name = None if groups is None else groups if isinstance(groups, str) else "given"
+        if isinstance(groups, str):
+            if groups != "case":
+                raise ValueError(f"kl_groups must be None, 'case' or a tensor of group ids, got {groups!r}")
+            groups = case_groups(model.tokenizer, vocab)
+        elif groups is not None:
+            groups = torch.as_tensor(groups)
+            if groups.shape != (vocab,) or groups.dtype != torch.long or bool((groups < 0).any()):
+                raise ValueError(f"kl_groups must give one group id (an int >= 0) per token of the model's "
+                                 f"{vocab:,d}, got a tensor of shape {tuple(groups.shape)} and dtype {groups.dtype}")
+        self.groups = groups
+        self.empty = compile_graph(Graph(), model.arch)
+        self.parts: list = []   # this step's terms, one per batch (this process's part)
+
+    def on_step(self, state, row: dict) -> None:
+        value = all_sum(sum(self.parts)) / max(1, len(self.parts))
+        self.parts = []
+        row["ce"], row["kl"] = row["loss"] - value, value
+
+    def settings(self) -> dict:
+        """What a resume must match."""
+        return {"kl_weight": self.weight, "kl_rows": len(self.data) if self.data is not None else 0,
+                "kl_groups": self.groups_name}
+
+    def rows(self, epoch: int, n_batches: int) -> list:
+        """The KL rows of each of an epoch's ``n_batches`` batches: :func:`kl_batches`."""
+        return kl_batches(len(self.data), n_batches, self.seed, epoch)
+
+    def term(self, model, hidden, inputs, batch, labels, part) -> torch.Tensor:
+        """The term on the response tokens of a batch whose edited final hidden states are ``hidden``."""
+        keep = labels[:, 1:].to(hidden.device) != -100
+        count = int(keep.sum())
+        head = model.hf.get_output_embeddings()
+        with torch.no_grad():
+            base, _ = forward(self.empty, model, inputs, batch, hidden=True)
+            base = head(base[:, :-1][keep])
+        total = kl_to_base(head(hidden[:, :-1][keep]), base, self.groups, reduction="sum")
+        value = self.weight * total / max(1.0, all_sum(count) if part else count)
+        self.parts.append(float(value.detach()))
+        return value
+
+    def rows_loss(self, model, rows, padding_side, max_length, part) -> torch.Tensor:
+        """The term on KL rows ``rows`` (this process's share of them)."""
+        mine = share(rows) if part else rows
+        if not mine:
+            if part:
+                all_sum(0)   # the other processes count their KL tokens
+            return torch.zeros(())
+        inputs, batch, labels = collate_lm(model, [self.prompts[i] for i in mine],
+                                           [self.data.responses[i] for i in mine],
+                                           padding_side=padding_side, max_length=max_length)
+        hidden, _ = forward(self.plan, model, inputs, batch, hidden=True)
+        return self.term(model, hidden, inputs, batch, labels, part)
 
 
 def evaluate(graph: Graph, model, data, *, batch_size: int = 8, padding_side: str = "right",
@@ -100,7 +193,8 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
           max_grad_norm: Optional[float] = 1.0, eval_fn: Optional[Callable] = None,
           checkpoint_dir=None, resume: Union[bool, str, Path] = False, progress: bool = True,
           padding_side: str = "right", max_length: Optional[int] = None, shuffle: bool = True,
-          cache_prefix: bool = False) -> pd.DataFrame:
+          cache_prefix: bool = False, kl_weight: float = 0.0, kl_data=None,
+          kl_groups: Union[None, str, torch.Tensor] = None) -> pd.DataFrame:
     """Train ``graph`` on ``data`` (:class:`PromptResponse` or :class:`Classification`).
 
     >>> import reftgraph as rg
@@ -119,6 +213,27 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
     ``shuffle=False`` keeps the data order fixed. ``cache_prefix=True`` computes the blocks
     below the graph's lowest edited layer once per batch (:mod:`reftgraph.prefix`); it needs
     batches that repeat every epoch: ``shuffle=False`` or one batch per epoch.
+
+    ``kl_weight > 0`` adds ``kl_weight`` x KL(unedited || edited), the mean over response
+    tokens of the divergence of the edited model's next-token distribution from the frozen
+    model's (run without edits, without gradients, on the same tokens): it keeps what the
+    graph should not change. The tokens are those of ``kl_data`` when given (neutral prompt ->
+    response rows, e.g. questions with the model's own answers: a
+    :class:`~reftgraph.training.data.PromptResponse` or pairs, templated like ``data``; each
+    step takes its share, every row once an epoch), else the training rows' own responses.
+    ``kl_groups="case"`` sums the probabilities of tokens that differ only in case before
+    the KL (:func:`~reftgraph.training.losses.case_groups`; or pass one group id per token),
+    so a change of case is free and a change of content is not:
+
+    >>> facts = [("Sky colour?", "Blue."), ("Grass colour?", "Green.")]
+    >>> g = rg.reft_graph(lm, layers=[1], positions="last", rank=2)
+    >>> h = train(g, lm, rg.data.PromptResponse([("ab", "CD")]), epochs=2, progress=False,
+    ...           kl_weight=1.0, kl_data=facts, kl_groups="case")
+    >>> list(h.columns)
+    ['epoch', 'step', 'loss', 'lr', 'ce', 'kl']
+
+    The history then splits the loss into ``ce`` and ``kl`` (its weighted term). The
+    recipe measured on SmolLM2: :mod:`reftgraph.experiments.style`.
 
     A NaN or infinite loss (or gradient) stops training before the optimizer step with
     :class:`NonFiniteLoss`; so does a step that makes a weight NaN or infinite (a huge
@@ -147,17 +262,31 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
     settings = {"rows": n, "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                 "warmup": warmup, "grad_accum": grad_accum, "seed": seed, "max_grad_norm": max_grad_norm,
                 "shuffle": shuffle, "padding_side": padding_side, "max_length": max_length}
+    kl = None
+    if kl_weight != 0 or kl_data is not None or kl_groups is not None:
+        kl = _KL(plan, model, kl_weight, kl_data, kl_groups, data.template, seed)
+        if classify and kl.data is None:
+            raise ValueError("kl_weight on Classification data needs kl_data (prompt -> response rows): "
+                             "the training rows have no response tokens")
+        settings.update(kl.settings())
+        if kl.weight == 0:
+            kl = None
 
     def batches(epoch: int) -> list:
         order = list(range(n)) if not shuffle else torch.randperm(
             n, generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
-        return [sorted(order[b * batch_size:(b + 1) * batch_size]) for b in range(batches_per_epoch)]
+        rows = [sorted(order[b * batch_size:(b + 1) * batch_size]) for b in range(batches_per_epoch)]
+        if kl is not None and kl.data is not None:
+            return list(zip(rows, kl.rows(epoch, batches_per_epoch)))
+        return rows
 
-    def loss(rows: list) -> torch.Tensor:
-        return _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache, part=True)
+    def loss(rows) -> torch.Tensor:
+        return _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache, part=True,
+                           kl=kl)
 
     torch.manual_seed(seed)
     return fit(graph, model, batches, loss, epochs=epochs, lr=lr, weight_decay=weight_decay, schedule="linear",
                warmup=warmup, total_steps=steps_per_epoch * epochs,
                grad_accum=grad_accum, max_grad_norm=max_grad_norm, eval_fn=eval_fn, checkpoint_dir=checkpoint_dir,
-               resume=resume, settings=settings, progress=progress, desc="train")
+               resume=resume, settings=settings, progress=progress, desc="train",
+               callbacks=[kl] if kl is not None else ())

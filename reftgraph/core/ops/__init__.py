@@ -1,7 +1,7 @@
 """Node ops. Each is a ``torch.nn.Module`` acting on the selected slice of a site.
 
 >>> import reftgraph as rg
->>> sorted(rg.ops.OPS)[:3]
+>>> sorted(rg.core.ops.OPS)[:3]
 ['Ablate', 'Add', 'Classify']
 
 ``OPS`` maps the name a saved graph writes (the class name) to the class that

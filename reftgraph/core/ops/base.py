@@ -142,6 +142,24 @@ class Op(nn.Module):
         """
         raise NotImplementedError
 
+    def edit(self, h: torch.Tensor, *, source: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None,
+             subspace: Optional[tuple] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The one way the engine calls an op: every op is handed the same inputs and its
+        ``forward`` receives those it names (all of them with ``**kwargs``).
+
+        >>> import torch, reftgraph as rg
+        >>> rg.Add(torch.ones(2)).edit(torch.zeros(1, 1, 2), valid=None, subspace=(0,), rows=None).tolist()
+        [[[1.0, 1.0]]]
+
+        ``source``: the source stream's slice (ops that read one); ``valid[B, k]``: False
+        where a row has fewer positions; ``subspace``: the site's dims of the op's own basis
+        (ops with ``learned_basis``); ``rows[B, basis]``: per-row subspaces (ops with
+        ``per_row_subspaces``). A wrapper (``Without``) passes them all to the op it wraps.
+        """
+        given = {"source": source, "valid": valid, "subspace": subspace, "rows": rows}
+        takes = _accepted(type(self))
+        return self(h, **(given if takes is None else {k: v for k, v in given.items() if k in takes}))
+
     def extra_repr(self) -> str:
         """The op's :meth:`config`, as ``torch.nn.Module`` prints it.
 
@@ -150,3 +168,15 @@ class Op(nn.Module):
         Add(scale=2.0, trainable=False)
         """
         return ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+
+
+def _accepted(cls) -> Optional[frozenset]:
+    """The keyword inputs ``cls.forward`` names, or None when it takes ``**kwargs`` (all);
+    kept on the class (not in a module-level table, which a remote request would carry)."""
+    if "_forward_inputs" not in cls.__dict__:
+        import inspect
+
+        params = inspect.signature(cls.forward).parameters.values()
+        cls._forward_inputs = (None if any(p.kind is p.VAR_KEYWORD for p in params)
+                               else frozenset(p.name for p in params))
+    return cls._forward_inputs

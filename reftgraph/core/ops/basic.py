@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..masks import masked_mean
 from ..sites import Site
 from .base import Op, positive_int
 
@@ -155,9 +156,7 @@ class Ablate(Op):
         if self.mode == "mean":
             if self.value is not None:
                 return self.value.to(h).expand_as(h)
-            w = valid.to(h.dtype).reshape(*valid.shape, *([1] * (h.dim() - 2)))
-            mean = (h * w).sum((0, 1)) / w.sum().clamp(min=1)
-            return mean.expand_as(h)
+            return masked_mean(h, valid, (0, 1)).expand_as(h)
         n = h.shape[0]
         if n < 2:
             raise ValueError("Ablate('resample') needs a batch of at least 2 rows")
@@ -214,9 +213,17 @@ class Classify(Op):
         return self.width
 
     def forward(self, h, source=None, valid=None):
-        w = valid.to(h.dtype)[..., None]
-        pooled = (h * w).sum(1) / w.sum(1).clamp(min=1)
+        pooled = masked_mean(h, valid, 1)
         return self.head(pooled.to(self.head.weight.dtype))
+
+
+def _inner_trait(name: str, example: str, value: bool) -> property:
+    """A trait of :class:`Without` that is its inner op's (read live)."""
+    made = {"LoReFT": "rg.LoReFT(width=2, rank=1)", "Collect": "rg.Collect()", "Patch": "rg.Patch('s')"}[example]
+    doc = (f"The wrapped op's ``{name}``.\n\n"
+           f">>> import torch, reftgraph as rg\n"
+           f">>> Without({made}, torch.eye(2)[:1]).{name}\n{value}\n")
+    return property(lambda self: getattr(self.inner, name), doc=doc)
 
 
 class Without(Op):
@@ -235,8 +242,13 @@ class Without(Op):
             raise ValueError(f"Without: inner must be a reftgraph op, got {type(inner).__name__}")
         self.inner = inner
         self.register_buffer("directions", torch.as_tensor(directions, dtype=torch.float32).detach().clone())
-        self.learned_basis, self.collects = inner.learned_basis, inner.collects
-        self.reads_stream = inner.reads_stream
+
+    # what the engine asks of an op is what the inner op says (followed live)
+    learned_basis = _inner_trait("learned_basis", "LoReFT", True)
+    collects = _inner_trait("collects", "Collect", True)
+    reads_stream = _inner_trait("reads_stream", "Patch", True)
+    per_row_subspaces = _inner_trait("per_row_subspaces", "LoReFT", True)
+    half_precision = _inner_trait("half_precision", "Collect", True)
 
     @property
     def source(self):
@@ -273,7 +285,9 @@ class Without(Op):
     def expected_width(self):
         return self.inner.expected_width()
 
-    def forward(self, h, source=None, valid=None, **kwargs):
-        out = self.inner(h, source=source, valid=valid, **kwargs)
+    def forward(self, h, source=None, valid=None, subspace=None, rows=None):
+        out = self.inner.edit(h, source=source, valid=valid, subspace=subspace, rows=rows)
+        if self.collects:      # a collecting op records; nothing to take out of an edit
+            return out
         d = self.directions.to(h.dtype)
         return out - ((out - h) @ d.T) @ d

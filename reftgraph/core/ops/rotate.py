@@ -11,7 +11,7 @@ with ``M`` a 0/1 mask on the interchanged dims (the first ``k``, or the node's
 training (see :func:`reftgraph.das.train_das`).
 
 >>> import torch, reftgraph as rg
->>> from reftgraph.ops.rotate import Rotate
+>>> from reftgraph.core.ops.rotate import Rotate
 >>> op = Rotate(width=8, k=2, seed=0)
 >>> h, s = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
 >>> out = op(h, source=s)

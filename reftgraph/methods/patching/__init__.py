@@ -6,7 +6,7 @@
 """
 
 from .attribution import attribute
-from .data import Counterfactual
+from ...training.counterfactual import Counterfactual
 from .metrics import METRICS, Reference, kl, logit_diff, loss, prob, restoration
 from .paths import path_graph, path_patch, path_sweep
 from ...viz.patching import heatmap

@@ -44,7 +44,7 @@ from ...engine.plan import compile_graph
 from ...engine.run import as_model, forward, run, tokenize
 from ...errors import DataError, SiteError
 from ...viz.progress import progress_bar
-from .data import Counterfactual
+from ...training.counterfactual import Counterfactual
 from .metrics import Reference, get_metric, restoration
 from .sweeps import row_bytes, sweep_conditions
 
@@ -127,7 +127,7 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
                 if model.arch.refusal(c, layer):
                     raise SiteError(f"grad_drop drops the gradient through attn_out and mlp_out, but {c} "
                                     f"[{layer}] is refused for this model: {model.arch.refusal(c, layer)}")
-    correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
+    correct, wrong = data.answer_ids(model, required=False)
     _check_metric(metric_fn, Reference(correct, wrong), model)
 
     rows = _chunk_rows(model, data, sites, memory_mb)

@@ -30,7 +30,7 @@ from ...engine.run import as_model, last_token, tokenize
 from ...core.sites import Site
 from ...errors import SiteError
 from ..forwards import run_forwards
-from .data import Counterfactual
+from ...training.counterfactual import Counterfactual
 from .metrics import Reference, get_metric, restoration
 
 FREEZE = ("heads", "heads+mlp")
@@ -143,7 +143,7 @@ def path_sweep(model, data: Counterfactual, sender_sets: Optional[Sequence] = No
         sender_sets = [[(layer, h)] for layer in range(top) for h in range(arch.n_heads)]
     graphs = [path_graph(model, s, receivers, positions, freeze, path=f"path{i}") for i, s in enumerate(sender_sets)]
     check_remote(remote, model, graphs[0] if graphs else None)
-    correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
+    correct, wrong = data.answer_ids(model, required=False)
     jobs = [_paths_job(model, data, Graph(), [], receivers, metric_fn, correct, wrong)]
     for lo in range(0, len(graphs), per_forward):
         jobs.append(_paths_job(model, data, graphs[lo:lo + per_forward], range(lo, lo + per_forward), receivers,

@@ -35,7 +35,7 @@ from ...engine.run import as_model, forward, last_token, runnable, tokenize
 from ...errors import DataError, SiteError
 from ...viz.progress import progress_bar
 from ..forwards import run_forwards
-from .data import Counterfactual
+from ...training.counterfactual import Counterfactual
 from .metrics import Reference, get_metric, restoration
 
 __all__ = ["sweep"]
@@ -171,7 +171,7 @@ def remote_values(model, data: Counterfactual, conditions: dict, metric_fn, remo
     rows = int(memory_mb * 2**20 // row_bytes(model, int(_lengths(model, data).max())))
     per_trace = max(1, rows // len(data) - 2)      # the base and source streams come in every trace
     chunks = [items[lo:lo + per_trace] for lo in range(0, len(items), per_trace)] or [[]]
-    correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
+    correct, wrong = data.answer_ids(model, required=False)
     jobs = [_conditions_job(model, data, chunk, metric_fn, correct, wrong) for chunk in chunks]
     results = run_forwards(model, jobs, remote, progress=progress, desc="sweep (remote traces)")
     values = {c: [] for c in conditions}
@@ -222,7 +222,7 @@ def base_and_source_runs(model, data: Counterfactual, conditions: dict) -> Runs:
     src_inputs, batch = tokenize(model, {"base": data.source}, "left")
     with torch.no_grad():
         src_logits, collected = forward(compile_graph(g, model.arch), model, src_inputs, batch)
-    correct, wrong = data.answer_ids(model) if data.correct is not None else (None, None)
+    correct, wrong = data.answer_ids(model, required=False)
     ref = Reference(correct, wrong, src_logits[:, -1])
     values = {tuple(k.split("/")): v for k, v in collected.items()}
     cache = getattr(out, "cache", None) or out.past_key_values

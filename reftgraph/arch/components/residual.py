@@ -1,0 +1,53 @@
+"""The residual stream: ``resid_pre`` (the block's input), ``resid_mid`` (after attention,
+before the MLP) and ``resid_post`` (the block's output).
+
+>>> import reftgraph as rg
+>>> arch = rg.models.tiny("llama").arch
+>>> arch.hook("resid_pre", 1).path, arch.hook("resid_post", 1).io, arch.hook("resid_mid", 1).path
+('', 'output', 'self_attn')
+
+``resid_mid`` is read through the attention output: ``resid_pre + attn_out``; a block
+style without a stream between attention and MLP (parallel blocks) refuses it.
+Proof: ``resid_post[L] == resid_pre[L+1]``; ``resid_mid`` exists when the block style's
+identities hold (:mod:`reftgraph.arch.styles`).
+"""
+
+from __future__ import annotations
+
+from .base import Address, Component, Context, first, no_module, with_first
+
+__all__ = ["Residual"]
+
+
+class Residual(Component):
+    """The residual stream: ``resid_pre``, ``resid_mid`` and ``resid_post``.
+
+    >>> Residual().address("resid_post", None)
+    Address(path='', io='output', inner=())
+    """
+    names = ("resid_pre", "resid_mid", "resid_post")
+
+    def address(self, name, block) -> Address:
+        if name == "resid_mid":
+            return Address(block.attn_out, "output")
+        return Address("", "input" if name == "resid_pre" else "output")
+
+    def view(self, name, arch, block, layer):
+        if name != "resid_mid":
+            return super().view(name, arch, block, layer)
+        return (lambda raw, pre: pre + first(raw), lambda raw, new, pre: with_first(raw, new - pre))
+
+    def needs_pre(self, name, block) -> bool:
+        return name == "resid_mid"
+
+    def prove(self, ctx: Context) -> None:
+        if ctx.next_input is not None and not ctx.rec.close(ctx.rec.post, ctx.next_input):
+            ctx.refused["resid_post"] = (f"check resid_post[{ctx.layer}] == resid_pre[{ctx.layer + 1}] failed "
+                                         f"({ctx.rec.gap(ctx.rec.post, ctx.next_input)})")
+        if ctx.style_problem:
+            ctx.refused["resid_mid"] = ctx.style_problem
+        elif not ctx.attn_out:
+            ctx.refused["resid_mid"] = no_module("attention", ctx.paths)
+        elif not ctx.style.has_mid:
+            ctx.refused["resid_mid"] = ("parallel block: attention and MLP both read resid_pre, so no stream lies "
+                                        "between them (use resid_pre or resid_post)")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-__all__ = ["Address", "Component", "Context", "first", "no_module", "with_first"]
+__all__ = ["Address", "Component", "Context", "first", "no_module", "walk", "with_first"]
 
 
 def first(raw):
@@ -38,6 +38,18 @@ def with_first(raw, new):
     if isinstance(raw, list):   # (OpenAI GPT's blocks return lists)
         return [new] + raw[1:]
     return (new,) + tuple(raw[1:]) if isinstance(raw, tuple) else new
+
+
+def walk(root, path: str):
+    """The module (or nnsight envoy) at a dotted ``path`` below ``root``.
+
+    >>> import torch
+    >>> walk(torch.nn.Sequential(torch.nn.Sequential(torch.nn.ReLU())), "0.0")
+    ReLU()
+    """
+    for part in path.split("."):
+        root = root[int(part)] if part.isdigit() else getattr(root, part)
+    return root
 
 
 def no_module(what: str, paths) -> str:

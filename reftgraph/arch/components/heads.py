@@ -20,7 +20,7 @@ import torch
 
 from ..qkv import FUSED_LAYOUTS, slicer
 from ..recording import record
-from .base import Address, Component, Context, first, no_module, with_first
+from .base import Address, Component, Context, first, no_module, walk, with_first
 
 __all__ = ["Heads", "POS"]
 
@@ -153,7 +153,7 @@ class Heads(Component):
                 if c in mismatch:
                     refused[c] = mismatch[c]
                 elif best is None or c not in best[1]:
-                    children = ", ".join(n for n, _ in _child(ctx.blocks[ctx.layer], paths.attn).named_children())
+                    children = ", ".join(n for n, _ in walk(ctx.blocks[ctx.layer], paths.attn).named_children())
                     refused[c] = f"no {c} projection found in {paths.attn!r} (children: {children})"
                 elif best[1][c]:
                     refused[c] = f"locality check failed ({best[0]} layout): {best[1][c]}"
@@ -162,9 +162,3 @@ class Heads(Component):
         for c in self.names:
             if c not in refused and c not in widths:
                 refused[c] = f"its width could not be read off {paths}"
-
-
-def _child(root, path: str):
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root

@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .base import Address, Component, Context, no_module
+from .base import Address, Component, Context, no_module, walk
 
 __all__ = ["Pattern", "eager"]
 
@@ -55,12 +55,6 @@ def eager(hf):
         hf.set_attn_implementation(before)
 
 
-def _walk(root, path: str):
-    for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
-    return root
-
-
 def _prove(ctx: Context) -> tuple[str, Optional[tuple]]:
     """``(why it is refused or '', the inner operation names)``, on the tiny model in eager attention."""
     from nnsight import NNsight
@@ -69,7 +63,7 @@ def _prove(ctx: Context) -> tuple[str, Optional[tuple]]:
     block = {m: n for n, m in model.named_modules()}[ctx.blocks[ctx.layer]]
     with eager(model):
         lm = NNsight(model)
-        attn, proj = _walk(lm, f"{block}.{paths.attn}"), _walk(lm, f"{block}.{paths.attn_proj}")
+        attn, proj = walk(lm, f"{block}.{paths.attn}"), walk(lm, f"{block}.{paths.attn_proj}")
         names = attn.source.names
         inner = next(((n,) for n in names if "softmax" in n), None)
         calls = [n for n in names if n.startswith("attention_interface")]

@@ -244,3 +244,49 @@ def test_generation_edits_the_pattern_of_every_new_token(lm):
     assert ours.tolist() == ref.tolist()
     assert ours.tolist() != plain.tolist(), "the edit changed nothing: the check compared no-ops"
     assert lm.hf.config._attn_implementation == "sdpa"
+
+
+# -- keys=: key tokens selected beside the query positions ----------------------------------------
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_keys_select_key_tokens_counted_in_each_prompt(lm, side):
+    g = rg.Graph()
+    g.add(rg.Site("attn_pattern", layer=1, head=0, positions="last", keys=[0, -1]), rg.Collect(), name="p")
+    g.add(rg.Site("attn_pattern", layer=1, head=0, positions="last"), rg.Collect(), name="all")
+    out = g.run(lm, BASE, padding_side=side)
+    for b, prompt in enumerate(BASE):
+        n = len(lm.tokenizer(prompt)["input_ids"])
+        row = out["all"][b, 0, 0]
+        torch.testing.assert_close(out["p"][b, 0, 0], row[[0, n - 1]], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_an_edit_of_selected_keys_equals_plain_pytorch(lm, side):
+    """Ablate("zero") on key 0 of head 1 at the last query: that probability alone is 0."""
+    g = rg.Graph()
+    g.add(rg.Site("attn_pattern", layer=1, head=1, positions="last", keys=[0]), rg.Ablate("zero"), name="z")
+    out = g.run(lm, BASE, padding_side=side)
+    mask = out.attention_mask[out.rows["base"]]
+    for b, prompt in enumerate(BASE):
+        def fn(p):
+            p = p.clone()
+            p[:, 1, -1, 0] = 0
+            return p
+
+        torch.testing.assert_close(out.logits[b, real_positions(mask)[b]], alone(lm, prompt, 1, fn), atol=ATOL,
+                                   rtol=0)
+
+
+def test_keys_are_checked_and_saved():
+    site = rg.Site("attn_pattern", layer=1, head=0, positions="last", keys="f1+l1")
+    assert str(site) == "attn_pattern[1].h0 pos=last keys=f1+l1"
+    assert rg.Site.from_dict(site.to_dict()) == site and "keys" not in rg.Site("q", layer=0).to_dict()
+    with pytest.raises(rg.SiteError, match="resid_post has no key axis; keys= is only for attn_pattern"):
+        rg.Site("resid_post", layer=0, keys=[0])
+    with pytest.raises(rg.SiteError, match="key tokens are selected by ints"):
+        rg.Site("attn_pattern", layer=0, keys="generated")
+    g = rg.Graph()
+    g.add(rg.Site("attn_pattern", layer=0, head=0, keys=[7]), rg.Collect(), name="far")
+    with pytest.raises(rg.SiteError, match=r"node 'far' .*key selection: positions \[7\] are beyond the prompt of "
+                                           r"row 1 \(5 tokens: valid positions 0\.\.4"):
+        g.run(rg.models.tiny("llama"), BASE)

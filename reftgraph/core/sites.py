@@ -134,6 +134,15 @@ def _did_you_mean(component) -> str:
     return f"did you mean {', '.join(map(repr, near[:-1])) + ' or ' if len(near) > 1 else ''}{near[-1]!r}? "
 
 
+def _positions_json(p: Positions):
+    """A selector as a saved graph stores it (lists, ``{"slice": [start, stop, step]}``)."""
+    if isinstance(p, tuple):
+        return list(p)
+    if isinstance(p, slice):
+        return {"slice": [p.start, p.stop, p.step]}
+    return p
+
+
 def _positions_str(p: Positions) -> str:
     if isinstance(p, tuple):
         return "[" + ",".join(map(str, p)) + "]"
@@ -154,6 +163,9 @@ class Site:
     whatever the padding side. ``head`` is only for ``head_out``, ``q``, ``k``, ``v``
     (for grouped-query models ``k`` and ``v`` index key-value heads). ``subspace`` is a
     tuple of dims in the op's basis (the neuron basis for ops without a learned one).
+    ``keys`` selects key tokens of ``attn_pattern`` (positions select its queries), with
+    the same selectors as ``positions``: ``Site("attn_pattern", 3, positions="last",
+    keys=[0])`` is the last token's attention to the first.
     """
 
     component: str
@@ -161,6 +173,7 @@ class Site:
     positions: Positions = "all"
     head: Union[int, tuple, None] = None
     subspace: Union[tuple, None] = None
+    keys: Positions = "all"
 
     def __post_init__(self):
         if self.component not in COMPONENTS:
@@ -185,11 +198,15 @@ class Site:
             if not dims or len(set(dims)) != len(dims) or any(not _in_range(d) or d < 0 for d in dims):
                 raise SiteError(f"subspace must be distinct non-negative dims, got {_short(self.subspace)}")
             object.__setattr__(self, "subspace", dims)
+        object.__setattr__(self, "keys", normalise_positions(self.keys))
+        if self.keys != "all" and self.component not in KEY_COMPONENTS:
+            raise SiteError(f"{self.component} has no key axis; keys= is only for {', '.join(KEY_COMPONENTS)}")
+        if self.keys in ("generated", "prompt"):
+            raise SiteError(f"keys={self.keys!r}: key tokens are selected by ints, a slice, 'last', 'all' or 'fN+lM'")
 
     def __hash__(self) -> int:  # slices are unhashable before Python 3.12
-        p = self.positions
-        key = ("slice", p.start, p.stop, p.step) if isinstance(p, slice) else p
-        return hash((self.component, self.layer, key, self.head, self.subspace))
+        key = [("slice", p.start, p.stop, p.step) if isinstance(p, slice) else p for p in (self.positions, self.keys)]
+        return hash((self.component, self.layer, *key, self.head, self.subspace))
 
     @property
     def is_head(self) -> bool:
@@ -215,6 +232,8 @@ class Site:
         s += f" pos={_positions_str(self.positions)}"
         if self.subspace is not None:
             s += " dims=[" + ",".join(map(str, self.subspace)) + "]"
+        if self.keys != "all":
+            s += f" keys={_positions_str(self.keys)}"
         return s
 
     def to_dict(self) -> dict:
@@ -223,18 +242,16 @@ class Site:
         >>> Site("head_out", layer=7, head=8, positions=slice(0, 2)).to_dict()
         {'component': 'head_out', 'layer': 7, 'positions': {'slice': [0, 2, None]}, 'head': [8], 'subspace': None}
         """
-        p = self.positions
-        if isinstance(p, tuple):
-            p = list(p)
-        elif isinstance(p, slice):
-            p = {"slice": [p.start, p.stop, p.step]}
-        return {
+        out = {
             "component": self.component,
             "layer": self.layer,
-            "positions": p,
+            "positions": _positions_json(self.positions),
             "head": None if self.head is None else list(self.head),
             "subspace": None if self.subspace is None else list(self.subspace),
         }
+        if self.keys != "all":   # (written only when set: files without it read as before)
+            out["keys"] = _positions_json(self.keys)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Site":
@@ -243,18 +260,22 @@ class Site:
         >>> site = Site("q", layer=1, head=(0, 2), positions=[0, -1], subspace=(3,))
         >>> Site.from_dict(site.to_dict()) == site
         True
+        >>> pattern = Site("attn_pattern", layer=1, positions="last", keys=slice(0, 2))
+        >>> Site.from_dict(pattern.to_dict()) == pattern
+        True
         """
         fields = [f.name for f in dataclasses.fields(cls)]
         if not isinstance(d, dict) or not {"component", "layer"} <= set(d) or not set(d) <= set(fields):
             raise SiteError(f"a site must be a mapping with 'component' and 'layer' and optionally "
                             f"{', '.join(map(repr, fields[2:]))}; got {str(d)[:200]}")
         d = dict(d)
-        p = d.get("positions", "all")
-        if isinstance(p, dict):
-            bounds = p.get("slice") if set(p) == {"slice"} else None
-            if not isinstance(bounds, list) or len(bounds) != 3:
-                raise SiteError(f"a slice of positions is saved as {{'slice': [start, stop, step]}}, got {p!r}")
-            d["positions"] = slice(*bounds)
+        for key in ("positions", "keys"):
+            p = d.get(key, "all")
+            if isinstance(p, dict):
+                bounds = p.get("slice") if set(p) == {"slice"} else None
+                if not isinstance(bounds, list) or len(bounds) != 3:
+                    raise SiteError(f"a slice of {key} is saved as {{'slice': [start, stop, step]}}, got {p!r}")
+                d[key] = slice(*bounds)
         for key in ("head", "subspace"):
             if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])

@@ -48,9 +48,10 @@ def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict) ->
     sub = h if m.dims is None else h.index_select(-1, m.dims)
     if src is not None and m.dims is not None:
         src = src.index_select(-1, m.dims)
-    if b.keys is not None:    # a key axis (attn_pattern): keys in each row's prompt order
-        sub = b.keys.to_prompt(sub)
-        src = src if src is None else b.source_keys.to_prompt(src)
+    if b.keys is not None:    # a key axis (attn_pattern): keys in each row's prompt order, those selected
+        keys = b.keys.to_prompt(sub)
+        sub = b.keys.pick(keys)
+        src = src if src is None else b.source_keys.pick(b.source_keys.to_prompt(src))
     if sub.dtype in _HALF and not op.half_precision:    # the edit in float32, rounded back below
         sub = sub.float()
         src = src.float() if src is not None else None
@@ -63,7 +64,7 @@ def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict) ->
         raise SiteError(f"{where(step.node)}{type(op).__name__} returned shape {list(new.shape)} for a slice of "
                         f"shape {list(sub.shape)}; it must keep the shape (check the shape of its tensors)")
     if b.keys is not None:
-        new = b.keys.from_prompt(new, h.to(new.dtype))
+        new = b.keys.from_prompt(b.keys.unpick(new, keys.to(new.dtype)), h.to(new.dtype))
     if m.dims is not None:
         new = h.index_copy(-1, m.dims, new.to(h.dtype))
     if m.heads is not None:

@@ -213,7 +213,7 @@ def _bind(plan: Plan, batch: Batch) -> list:
         problem = node.op.check_selection(lay.valid)
         if problem:
             raise SiteError(f"{where(node)}{problem}")
-        b = Bound(lay.index, lay.valid, lay.slot, lay.mask, layout=lay, keys=_keys(node.site, node.stream, batch))
+        b = Bound(lay.index, lay.valid, lay.slot, lay.mask, layout=lay, keys=_keys(node, node.site, node.stream, batch))
         if step.source_hook is not None:
             stream, site = node.reads
             src = _select(node, site, stream, batch, f"source {stream!r} ")
@@ -225,17 +225,26 @@ def _bind(plan: Plan, batch: Batch) -> list:
                 raise SiteError(f"{where(node)}selects {counts[0]} positions per row in {node.stream!r} but "
                                 f"{counts[1]} in source {stream!r}; patches need the same count per row")
             b.source_index = _flat(src, batch.rows[stream], batch.seq_len)
-            b.source_keys = _keys(site, stream, batch)
+            b.source_keys = _keys(node, site, stream, batch)
+            if b.keys is not None and b.keys.picked is not None and (
+                    b.source_keys.picked.shape[1] != b.keys.picked.shape[1]):
+                raise SiteError(f"{where(node)}selects {b.keys.picked.shape[1]} keys per row but "
+                                f"{b.source_keys.picked.shape[1]} in source {stream!r}; patches need the same count")
         bound.append(b)
     return bound
 
 
-def _keys(site: Site, stream: str, batch: Batch) -> Optional[KeyOrder]:
-    """The key order of a site whose last axis is the key tokens, else None."""
+def _keys(node: Node, site: Site, stream: str, batch: Batch) -> Optional[KeyOrder]:
+    """The key order of a site whose last axis is the key tokens (and the keys its ``keys=``
+    selects, counted in each row's prompt), else None."""
     if site.component not in KEY_COMPONENTS:
         return None
     rows = batch.rows[stream]
-    return KeyOrder(batch.start[rows], batch.length[rows], batch.seq_len)
+    length = batch.length[rows]
+    if site.keys == "all":
+        return KeyOrder(batch.start[rows], length, batch.seq_len)
+    sel = resolve_positions(site.keys, torch.zeros_like(length), length, f"{where(node)}key selection: ", cap=batch.seq_len)
+    return KeyOrder(batch.start[rows], length, batch.seq_len, sel.index, sel.valid)
 
 
 def with_subspaces(plan: Plan, bound: list, batch: Batch, subspaces) -> list:

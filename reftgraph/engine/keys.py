@@ -20,6 +20,7 @@ it writes there is dropped.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -39,6 +40,8 @@ class KeyOrder:
     start: torch.Tensor
     length: torch.Tensor
     width: int
+    picked: Optional[torch.Tensor] = None        # [B, m]: the keys a site's ``keys=`` selects (prompt order)
+    picked_valid: Optional[torch.Tensor] = None  # [B, m]: False where a row has fewer
 
     def _index(self, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(index, valid)`` shaped like ``value`` ``[B, ..., K]``."""
@@ -69,3 +72,39 @@ class KeyOrder:
         index, valid = self._index(new)
         kept = torch.where(valid, new, before.gather(-1, index))
         return torch.empty_like(kept).scatter(-1, index, kept)
+
+    def pick(self, value: torch.Tensor) -> torch.Tensor:
+        """The selected keys of ``value[B, ..., K]`` (prompt order): ``[B, ..., m]``, zero
+        where a row has fewer; the whole axis without a selection.
+
+        >>> order = KeyOrder(torch.tensor([0]), torch.tensor([3]), 3, torch.tensor([[2, 0]]), torch.ones(1, 2).bool())
+        >>> order.pick(torch.tensor([[5.0, 6.0, 7.0]]))
+        tensor([[7., 5.]])
+        """
+        if self.picked is None:
+            return value
+        return value.gather(-1, self._expand(self.picked, value)) * self._expand(self.picked_valid, value)
+
+    def unpick(self, new: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """``value`` (prompt order) with its selected keys replaced by ``new`` (:meth:`pick`'s shape).
+
+        >>> order = KeyOrder(torch.tensor([0]), torch.tensor([3]), 3, torch.tensor([[2, 0]]), torch.ones(1, 2).bool())
+        >>> order.unpick(torch.tensor([[1.0, 2.0]]), torch.tensor([[5.0, 6.0, 7.0]]))
+        tensor([[2., 6., 1.]])
+        """
+        if self.picked is None:
+            return new
+        n_keys = value.shape[-1]
+        onehot = torch.nn.functional.one_hot(self.picked.to(value.device), n_keys).to(value.dtype)
+        onehot = onehot * self.picked_valid.to(device=value.device, dtype=value.dtype)[..., None]   # [B, m, K]
+        shape = (value.shape[0],) + (1,) * (value.dim() - 2) + tuple(onehot.shape[1:])
+        onehot = onehot.view(shape)
+        written = (new.unsqueeze(-1) * onehot).sum(-2)
+        return value * (1 - onehot.sum(-2)) + written
+
+    @staticmethod
+    def _expand(index: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        index = index.to(value.device)
+        shape = (value.shape[0],) + (1,) * (value.dim() - 2) + (index.shape[-1],)
+        return index.view(shape).expand(*value.shape[:-1], index.shape[-1]).to(
+            value.dtype if index.dtype == torch.bool else index.dtype)

@@ -81,4 +81,8 @@ def main(out: Path, job: str):
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2])
     if torch.distributed.is_initialized():
+        # every process done with its collectives before any tears the group down: a process
+        # that destroys it (and exits) while its peer's gloo threads still talk to it makes
+        # the peer abort ("terminate called without an active exception")
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -204,6 +204,11 @@ class Site:
         if self.keys in ("generated", "prompt"):
             raise SiteError(f"keys={self.keys!r}: key tokens are selected by ints, a slice, 'last', 'all' or 'fN+lM'")
 
+    def __repr__(self) -> str:   # keys only when set, as the site reprs before it were
+        keys = f", keys={self.keys!r}" if self.keys != "all" else ""
+        return (f"Site(component={self.component!r}, layer={self.layer!r}, positions={self.positions!r}, "
+                f"head={self.head!r}, subspace={self.subspace!r}{keys})")
+
     def __hash__(self) -> int:  # slices are unhashable before Python 3.12
         key = [("slice", p.start, p.stop, p.step) if isinstance(p, slice) else p for p in (self.positions, self.keys)]
         return hash((self.component, self.layer, *key, self.head, self.subspace))

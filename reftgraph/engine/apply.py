@@ -64,7 +64,8 @@ def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict) ->
         raise SiteError(f"{where(step.node)}{type(op).__name__} returned shape {list(new.shape)} for a slice of "
                         f"shape {list(sub.shape)}; it must keep the shape (check the shape of its tensors)")
     if b.keys is not None:
-        new = b.keys.from_prompt(b.keys.unpick(new, keys.to(new.dtype)), h.to(new.dtype))
+        keys = keys.to(new.dtype)
+        new = b.keys.from_prompt(b.keys.unpick(new, keys), keys)
     if m.dims is not None:
         new = h.index_copy(-1, m.dims, new.to(h.dtype))
     if m.heads is not None:

@@ -5,7 +5,7 @@
 >>> p = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])    # row 1 is left-padded by two tokens
 >>> order.to_prompt(p).tolist()                              # its one real key comes first
 [[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]
->>> torch.equal(order.from_prompt(order.to_prompt(p), p), p)
+>>> torch.equal(order.from_prompt(order.to_prompt(p), order.to_prompt(p)), p)
 True
 
 In the model a key's index is its padded position, so the same prompt token sits at
@@ -63,14 +63,14 @@ class KeyOrder:
 
     def from_prompt(self, new: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
         """``new`` (prompt order) back in padded order; keys that are no token of the row keep
-        ``before``'s value (padded order).
+        their value in ``before`` (the value before the edit, in prompt order too).
 
-        >>> order, before = KeyOrder(torch.tensor([2]), torch.tensor([1]), width=3), torch.tensor([[5.0, 6.0, 7.0]])
+        >>> order, before = KeyOrder(torch.tensor([2]), torch.tensor([1]), width=3), torch.tensor([[7.0, 5.0, 6.0]])
         >>> order.from_prompt(torch.tensor([[9.0, 9.0, 9.0]]), before)      # only the row's one token changes
         tensor([[5., 6., 9.]])
         """
         index, valid = self._index(new)
-        kept = torch.where(valid, new, before.gather(-1, index))
+        kept = torch.where(valid, new, before)
         return torch.empty_like(kept).scatter(-1, index, kept)
 
     def pick(self, value: torch.Tensor) -> torch.Tensor:

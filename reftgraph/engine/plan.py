@@ -69,22 +69,14 @@ class Plan:
     bound: dict = field(default_factory=dict, repr=False)  # bind()'s results per batch layout
     edits: dict = field(default_factory=dict, repr=False)  # hook -> indices of the steps editing there
     reads: dict = field(default_factory=dict, repr=False)  # hook -> indices of the steps reading a source there
-
-    @property
-    def eager(self) -> bool:
-        """Whether a step reads or edits a value that only eager attention computes
-        (``attn_pattern``): the engine then runs the model with eager attention.
-
-        >>> import reftgraph as rg
-        >>> g = rg.Graph()
-        >>> _ = g.add(rg.Site("attn_pattern", layer=0, head=1), rg.Collect(), name="p")
-        >>> compile_graph(g, rg.models.tiny("llama").arch).eager
-        True
-        """
-        return any(s.node.site.component in KEY_COMPONENTS or
-                   (s.source_hook is not None and s.node.reads[1].component in KEY_COMPONENTS) for s in self.steps)
+    eager: bool = field(default=False, init=False)  # a step touches attn_pattern: run in eager attention
 
     def __post_init__(self):
+        # whether a step reads or edits a value only eager attention computes (attn_pattern):
+        # the engine then runs the model with eager attention (decided once, not per call)
+        self.eager = any(s.node.site.component in KEY_COMPONENTS or
+                         (s.source_hook is not None and s.node.reads[1].component in KEY_COMPONENTS)
+                         for s in self.steps)
         for i, step in enumerate(self.steps):
             self.edits.setdefault(step.hook, []).append(i)
             if step.source_hook is not None and step.source_hook != step.hook:

@@ -26,10 +26,9 @@ from typing import Optional
 import torch
 
 from .base import Address, Component, Context, no_module, walk
+from .heads import POS   # the position locality checks edit
 
 __all__ = ["Pattern", "eager"]
-
-POS = 2          # the query position the locality check edits
 
 
 @contextmanager

@@ -32,6 +32,7 @@ from reftgraph.arch.structure import Hook  # noqa: E402
 from reftgraph.core.sites import KEY_COMPONENTS  # noqa: E402
 
 BASIC = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+HEAD_INPUTS = ("q_in", "k_in", "v_in")
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250]])
 
 
@@ -48,6 +49,21 @@ def _hook_edit(lm, component, layer, delta, head, positions):
         seen["pre"] = args[0] if args else kwargs["hidden_states"]
 
     handles.append(block.register_forward_pre_hook(remember, with_kwargs=True))
+
+    if component in HEAD_INPUTS:   # head `head`'s q/k/v recomputed from its own moved copy of the block input
+        reader = component[0]
+        q_get, q_put = arch.view(reader, layer)
+        norm_path = arch.blocks[layer].reads[component]
+        norm = arch.envoy(lm.hf, Hook(layer, 0, norm_path, "output")) if norm_path else None
+
+        def recompute(m, args, out):
+            x = seen["pre"] + delta
+            fresh = q_get(module.forward(norm.forward(x) if norm is not None else x), None)
+            value = q_get(out, None).clone()
+            value[:, :, head] = fresh[:, :, head]
+            return q_put(out, value, None)
+        handles.append(module.register_forward_hook(recompute))
+        return handles
 
     def change(raw):
         value = get(raw, seen.get("pre")).clone()
@@ -130,7 +146,7 @@ def oracle(lm, component, layer) -> str:
     """'' when a compiled Add at ``component`` equals the same plain-hook edit, else why not."""
     if component in KEY_COMPONENTS:
         return pattern_oracle(lm, layer)
-    head = 0 if component in ("head_out", "q", "k", "v") else None
+    head = 0 if component in ("head_out", "q", "k", "v") + HEAD_INPUTS else None
     positions = [0] if component == "k" else "all"   # one key moved: the same shift of every key cancels
     delta = torch.randn(lm.arch.width(component, layer), generator=torch.Generator().manual_seed(7))
     g = rg.Graph()

@@ -44,24 +44,29 @@ def real_positions(mask: torch.Tensor) -> list:
 # Written by hand from each architecture's transformers source, independently of the resolver.
 # attn_add / mlp_add: the module whose output the block adds to the stream; qkv: "q_proj"-style
 # separate projections (a format string) or a fused projection with its layout.
+# norm: the norm before attention; mlp_norm: the norm only the MLP reads.
 PATHS = {
     "llama": dict(layers="model.layers", attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj",
-                  qkv="self_attn.{}_proj"),
+                  qkv="self_attn.{}_proj", norm="input_layernorm", mlp_norm="post_attention_layernorm"),
     "gpt2": dict(layers="transformer.h", attn="attn", mlp="mlp", down="mlp.c_proj", o="attn.c_proj",
-                 fused="attn.c_attn", layout="concat"),
+                 fused="attn.c_attn", layout="concat", norm="ln_1", mlp_norm="ln_2"),
     "gpt_neox": dict(layers="gpt_neox.layers", attn="attention", mlp="mlp", down="mlp.dense_4h_to_h",
-                     o="attention.dense", fused="attention.query_key_value", layout="per_head", parallel=True),
+                     o="attention.dense", fused="attention.query_key_value", layout="per_head", parallel=True,
+                     norm="input_layernorm", mlp_norm="post_attention_layernorm"),
     "gemma3_text": dict(layers="model.layers", attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj",
                         qkv="self_attn.{}_proj", attn_add="post_attention_layernorm",
-                        mlp_add="post_feedforward_layernorm"),
+                        mlp_add="post_feedforward_layernorm", norm="input_layernorm",
+                        mlp_norm="pre_feedforward_layernorm"),
     "phi3": dict(layers="model.layers", attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj",
-                 fused="self_attn.qkv_proj", layout="concat"),
+                 fused="self_attn.qkv_proj", layout="concat", norm="input_layernorm",
+                 mlp_norm="post_attention_layernorm"),
     "gptj": dict(layers="transformer.h", attn="attn", mlp="mlp", down="mlp.fc_out", o="attn.out_proj",
-                 qkv="attn.{}_proj", parallel=True),
-    "qwen2_moe": dict(layers="model.layers", attn="self_attn", mlp="mlp", o="self_attn.o_proj", qkv="self_attn.{}_proj"),
+                 qkv="attn.{}_proj", parallel=True, norm="ln_1"),
+    "qwen2_moe": dict(layers="model.layers", attn="self_attn", mlp="mlp", o="self_attn.o_proj", qkv="self_attn.{}_proj",
+                      norm="input_layernorm", mlp_norm="post_attention_layernorm"),
 }
 # what each architecture has no definition for (the library must refuse these)
-ABSENT = {"gpt_neox": {"resid_mid"}, "gptj": {"resid_mid"}, "qwen2_moe": {"mlp_act"}}
+ABSENT = {"gpt_neox": {"resid_mid"}, "gptj": {"resid_mid", "mlp_in"}, "qwen2_moe": {"mlp_act"}}
 
 
 def module(hf, family: str, layer: int, path: str):
@@ -72,6 +77,9 @@ def module(hf, family: str, layer: int, path: str):
     for part in filter(None, path.split(".")):
         root = getattr(root, part)
     return root
+
+
+COPIES: dict = {}   # (block, receiver input) -> the block input and the heads' copies, in one forward
 
 
 def install(hf, family, component, layer, edit, cfg):
@@ -99,6 +107,60 @@ def install(hf, family, component, layer, edit, cfg):
             return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
         return hook
 
+    def proj_of(c):   # (projection module, its part for c: [B, S, heads, dh], and the inverse)
+        if "qkv" in p:
+            n = H if c == "q" else Hkv
+            return (module(hf, family, layer, p["qkv"].format(c)),
+                    lambda out: out.reshape(*out.shape[:-1], n, dh), lambda out, new: new.reshape(out.shape))
+        i = "qkv".index(c)
+        if p["layout"] == "concat":
+            sizes = [H * dh, Hkv * dh, Hkv * dh]
+
+            def part(out):
+                return out.split(sizes, -1)[i].reshape(*out.shape[:-1], H if i == 0 else Hkv, dh)
+
+            def put(out, new):
+                parts = list(out.split(sizes, -1))
+                parts[i] = new.reshape(parts[i].shape)
+                return torch.cat(parts, -1)
+        else:
+            def part(out):
+                return out.reshape(*out.shape[:-1], H, 3 * dh).split(dh, -1)[i]
+
+            def put(out, new):
+                parts = list(out.reshape(*out.shape[:-1], H, 3 * dh).split(dh, -1))
+                parts[i] = new
+                return torch.cat(parts, -1).reshape(out.shape)
+        return module(hf, family, layer, p["fused"]), part, put
+
+    if component in ("q_in", "k_in", "v_in"):
+        # each head's query/key/value recomputed from its own copy of the block input, by its
+        # norm; the copies are shared by every node on this input (each edits what the last wrote)
+        c = component[0]
+        proj, part, put = proj_of(c)
+        norm = module(hf, family, layer, p["norm"])
+        key = (id(block), component)
+
+        def start(x):
+            COPIES[key] = {"x": x}
+            return x
+
+        def hook(m, a, out):
+            state = COPIES[key]
+            x = state["x"]
+            n = part(out).shape[2]
+            copies = edit(state.get("copies", x.unsqueeze(2).expand(*x.shape[:2], n, x.shape[-1])))
+            state["copies"] = copies
+            # .forward: the modules' own computation, without the hooks installed on them
+            heads = [part(proj.forward(norm.forward(copies[:, :, h])))[:, :, h] for h in range(n)]
+            return put(out, torch.stack(heads, 2))
+        handles.append(block.register_forward_pre_hook(first_in(start), with_kwargs=True))
+        handles.append(proj.register_forward_hook(hook))
+        return handles
+    if component == "mlp_in":
+        handles.append(module(hf, family, layer, p["mlp_norm"]).register_forward_pre_hook(first_in(edit),
+                                                                                           with_kwargs=True))
+        return handles
     if component == "resid_pre":
         handles.append(block.register_forward_pre_hook(first_in(edit), with_kwargs=True))
     elif component == "resid_post":

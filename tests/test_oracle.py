@@ -43,7 +43,7 @@ def present(lm, component):
 
 def site_for(lm, component, selector, subspace):
     head = None
-    if component in ("head_out", "q", "k", "v"):
+    if component in rg.core.sites.HEAD_COMPONENTS:
         head = (1, 0) if lm.arch.heads(component) > 1 else 0
     return rg.Site(component, layer=1, positions=selector, head=head, subspace=subspace)
 

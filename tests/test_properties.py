@@ -86,13 +86,11 @@ def graphs(draw, arch):
 
 
 def forward_order(g: rg.Graph, lm) -> list:
-    """Nodes in the order the model reaches them; fused q/k/v projections are one place."""
-    fused = lm.arch.family.qkv_layout != "separate"
-
+    """Nodes in the order the model reaches them (in a fused q/k/v projection: q_in, q, k_in,
+    k, v_in, v, each head input before what its reader computes from it)."""
     def key(item):
         i, node = item
-        stage = STAGES["q"] if fused and node.site.component in "qkv" else STAGES[node.site.component]
-        return node.site.layer % lm.arch.n_layers, stage, i
+        return node.site.layer % lm.arch.n_layers, STAGES[node.site.component], i
 
     return [node for _, node in sorted(enumerate(g.nodes), key=key)]
 

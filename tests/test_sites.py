@@ -96,7 +96,7 @@ def test_malformed_fields_raise(kwargs, message):
 @pytest.mark.parametrize("component, hint", [
     ("resid_psot", "did you mean 'resid_post'? "),
     ("Resid_Post", "did you mean 'resid_post'? "),
-    ("mlp", "did you mean 'mlp_out' or 'mlp_act'? "),
+    ("mlp", "did you mean 'mlp_out', 'mlp_act' or 'mlp_in'? "),
     ("resid", "did you mean 'resid_pre', 'resid_mid' or 'resid_post'? "),
     ("logits", ""),
     (3, ""),
@@ -105,7 +105,7 @@ def test_an_unknown_component_names_the_nearest(component, hint):
     with pytest.raises(rg.SiteError) as err:
         rg.Site(component, layer=0)
     assert str(err.value) == (f"unknown component {component!r}; {hint}valid components: resid_pre, resid_mid, "
-                              "resid_post, attn_out, mlp_out, mlp_act, head_out, q, k, v, attn_pattern")
+                              "resid_post, attn_out, mlp_out, mlp_act, head_out, q, k, v, attn_pattern, q_in, k_in, v_in, mlp_in")
 
 
 # -- resolve_positions --------------------------------------------------------

@@ -70,6 +70,7 @@ class Block:
     stages: dict = field(default_factory=dict)
     flat: frozenset = frozenset()
     inner: dict = field(default_factory=dict)   # component -> operations inside a module (attn_pattern)
+    reads: dict = field(default_factory=dict)   # receiver input -> the norm its reader applies ('' none)
 
 
 # -- dims ------------------------------------------------------------------
@@ -215,12 +216,14 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         family.prove(ctx)
     refused = ctx.refused
     flat = set()
-    for c in ("attn_out", "mlp_out", "mlp_act", "head_out"):
+    for c in ("attn_out", "mlp_out", "mlp_act", "head_out", "mlp_in"):
+        if c in refused:
+            continue
         where = component(c).address(c, ctx)
         value = rec.out(where.path) if where.io == "output" else rec.inp(where.path)
-        if c in refused or value is None or value.dim() == rec.pre.dim():
+        if value is None or value.dim() == rec.pre.dim():
             continue
-        if c in ("mlp_out", "mlp_act") and value.dim() == 2 and value.shape[0] == rec.pre.shape[0] * rec.pre.shape[1]:
+        if c in ("mlp_out", "mlp_act", "mlp_in") and value.dim() == 2 and value.shape[0] == rec.pre.shape[0] * rec.pre.shape[1]:
             flat.add(c)   # the block flattens tokens around its MLP (OPT, Llama 4): viewed back per token
         else:
             refused[c] = (f"the block reshapes tokens before {where.path!r} (it sees {list(value.shape)}, not "
@@ -228,7 +231,8 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
     stages = {(p, io): i for i, (p, io) in enumerate(order)}
     component_stages = {c: component(c).stage(c, ctx, stages) for c in COMPONENTS}
     return Block(paths, ctx.style.name if ctx.style else None, ctx.attn_out, ctx.mlp_out, ctx.layout, heads, widths,
-                 refused, {c: v for c, v in component_stages.items() if v is not None}, frozenset(flat), ctx.inner)
+                 refused, {c: v for c, v in component_stages.items() if v is not None}, frozenset(flat), ctx.inner,
+                 ctx.reads)
 
 
 # -- driving it: tiny instance, cache -----------------------------------------
@@ -262,8 +266,22 @@ def _tiny_instance(model, family):
         torch.manual_seed(0)
         tiny = AutoModelForCausalLM.from_config(shrink(model.config, n_layers=layers), dtype=torch.float32).eval()
         if kinds <= {kind_of(b) for b in blocks_of(tiny, family)[1]}:
-            return tiny
+            break
+    _distinct_norms(tiny)
     return tiny
+
+
+def _distinct_norms(model) -> None:
+    """Give every norm its own weights: freshly built norms are all alike (ones, zeros), and a
+    proof that tells two norms apart by their outputs needs them to differ."""
+    from .tree import is_norm
+
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for module in model.modules():
+            if is_norm(module):
+                for p in module.parameters(recurse=False):
+                    p.add_(0.1 * torch.randn(p.shape, generator=gen).to(p.dtype))
 
 
 def prove(model, d_model: int, family=None) -> tuple[str, list[Block], tuple]:

@@ -116,6 +116,7 @@ class Location:
     width: int
     heads: int
     needs_pre: bool
+    modules: tuple = ()   # block paths (None: none) that ``put`` calls after (raw, new, pre)
 
 
 @dataclass
@@ -335,8 +336,10 @@ class Arch:
         key = (component, layer)
         if key not in self._located:
             get, put = self.view(component, layer)
+            kind = component_of(component)
             self._located[key] = Location(self.hook(component, layer), get, put, self.width(component, layer),
-                                          self.heads(component, layer), self.needs_pre(component, layer))
+                                          self.heads(component, layer), self.needs_pre(component, layer),
+                                          kind.modules(component, self._block(layer)))
         return self._located[key]
 
     def hook(self, component: str, layer: int) -> Hook:

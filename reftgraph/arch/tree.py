@@ -21,7 +21,7 @@ import torch
 
 from ..errors import SiteError
 
-__all__ = ["BlockPaths", "linear_shape", "read_tree", "read_block", "find_blocks", "blocks_of", "n_layers_of",
+__all__ = ["BlockPaths", "is_norm", "linear_shape", "read_tree", "read_block", "find_blocks", "blocks_of", "n_layers_of",
            "kind_of"]
 
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention", "attn_layer")
@@ -116,8 +116,13 @@ def find_blocks(model) -> tuple[str, torch.nn.ModuleList]:
     return name, blocks
 
 
-def _is_norm(module) -> bool:
-    """A normalisation layer: 'norm' in its class name and no linear map inside."""
+def is_norm(module) -> bool:
+    """A normalisation layer: 'norm' in its class name and no linear map inside.
+
+    >>> import torch
+    >>> is_norm(torch.nn.LayerNorm(4)), is_norm(torch.nn.Linear(4, 4))
+    (True, False)
+    """
     return "norm" in type(module).__name__.lower() and not any(linear_shape(m) for m in module.modules())
 
 
@@ -129,7 +134,7 @@ def _pick(names, candidates):
 
 
 def _child_attn(block) -> Optional[str]:
-    children = {name: m for name, m in block.named_children() if not _is_norm(m)}
+    children = {name: m for name, m in block.named_children() if not is_norm(m)}
     choice = _pick(children, _ATTN_NAMES)
     if choice is None:
         choice = next((n for n in children if "attn" in n.lower() or "attention" in n.lower()), None)
@@ -168,7 +173,7 @@ def _child_mlp(block, attn: Optional[str], d_model: int) -> tuple:
     children = dict(block.named_children())
     name = _pick(children, _MLP_NAMES)
     if name is None:
-        name = next((n for n, m in children.items() if n != attn and not _is_norm(m)
+        name = next((n for n, m in children.items() if n != attn and not is_norm(m)
                      and ("mlp" in n.lower() or "moe" in n.lower() or "ff" in n.lower())), None)
     if name is None:  # no MLP module (OPT, XGLM ...): the last linear map back to the width
         outs = [n for n, m in children.items() if n != attn and (linear_shape(m) or (0, 0))[1] == d_model]

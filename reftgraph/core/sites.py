@@ -31,8 +31,12 @@ COMPONENTS = (
     "k",
     "v",
     "attn_pattern",
+    "q_in",
+    "k_in",
+    "v_in",
+    "mlp_in",
 )
-HEAD_COMPONENTS = ("head_out", "q", "k", "v", "attn_pattern")
+HEAD_COMPONENTS = ("head_out", "q", "k", "v", "attn_pattern", "q_in", "k_in", "v_in")
 KEY_COMPONENTS = ("attn_pattern",)   # the last axis is the key tokens: no fixed width
 NAMED_POSITIONS = ("last", "prompt", "all", "generated")
 _FIRST_LAST = re.compile(r"^f(\d+)\+l(\d+)$")
@@ -42,16 +46,20 @@ Positions = Union[str, int, slice, tuple]
 # forward order of the hook points inside one block
 STAGES = {
     "resid_pre": 0,
-    "q": 1,
-    "k": 2,
-    "v": 3,
-    "attn_pattern": 4,
-    "head_out": 5,
-    "attn_out": 6,
-    "resid_mid": 7,   # read through the attention output, after attn_out's edits
-    "mlp_act": 8,
-    "mlp_out": 9,
-    "resid_post": 10,
+    "q_in": 1,        # a receiver input comes before what its reader computes from it
+    "q": 2,
+    "k_in": 3,
+    "k": 4,
+    "v_in": 5,
+    "v": 6,
+    "attn_pattern": 7,
+    "head_out": 8,
+    "attn_out": 9,
+    "resid_mid": 10,   # read through the attention output, after attn_out's edits
+    "mlp_in": 11,
+    "mlp_act": 12,
+    "mlp_out": 13,
+    "resid_post": 14,
 }
 
 
@@ -120,15 +128,16 @@ def _short(value, n: int = 80) -> str:
 def _did_you_mean(component) -> str:
     """``"did you mean 'resid_post'? "`` for a near miss of a component name, else ``""``.
 
-    >>> _did_you_mean("resid_psot"), _did_you_mean("Q"), _did_you_mean("logits")
-    ("did you mean 'resid_post'? ", "did you mean 'q'? ", '')
+    >>> _did_you_mean("resid_psot"), _did_you_mean("Q"), _did_you_mean("attention")
+    ("did you mean 'resid_post'? ", "did you mean 'q' or 'q_in'? ", '')
     """
     if not isinstance(component, str) or len(component) > 40:
         return ""
     key = component.lower()
     score = {c: difflib.SequenceMatcher(None, key, c).ratio() for c in COMPONENTS}
     best = max(score.values())
-    near = [c for c in COMPONENTS if score[c] >= 0.6 and score[c] > best - 0.05]   # the nearest, ties kept
+    near = [c for c in COMPONENTS if score[c] >= 0.6 and score[c] > best - 0.05   # the nearest, ties kept
+            or c.startswith(key + "_")]                                          # and a family's names
     if not near:
         return ""
     return f"did you mean {', '.join(map(repr, near[:-1])) + ' or ' if len(near) > 1 else ''}{near[-1]!r}? "

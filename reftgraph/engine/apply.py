@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..arch.structure import first
+from ..arch.structure import Hook, first
 from ..errors import SiteError
 from .bind import Bound
 from .plan import Plan, Step, where
@@ -73,11 +73,22 @@ def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict) ->
     return new if new.dtype == whole.dtype else new.to(whole.dtype)
 
 
-def _run(plan: Plan, bound: list, steps: list, hook, raw, pre, sources: dict, collected: dict):
+def _modules(plan: Plan, root, hook, paths: tuple) -> tuple:
+    """The envoys of a step's ``modules`` (block paths; None stays None) at ``hook``'s layer."""
+    return tuple(None if p is None else plan.arch.envoy(root, Hook(hook.layer, 0, p, "output")) for p in paths)
+
+
+def _run(plan: Plan, bound: list, steps: list, hook, raw, pre, sources: dict, collected: dict, root=None,
+         copies: Optional[dict] = None):
     """Gather the slice of the steps ``steps`` (indices into the plan) once, edit it step by
-    step, write it back once: the new raw hook value, or None when every step only collects."""
+    step, write it back once: the new raw hook value, or None when every step only collects.
+
+    A receiver input (a step with ``modules``) is a copy of the stream that the raw value
+    cannot give back: ``copies`` keeps what its last edit wrote, for the next edit to start from."""
     first_step = plan.steps[steps[0]]
-    full = first_step.get(raw, pre)
+    key = (hook, first_step.get)
+    recomputed = bool(first_step.modules)
+    full = copies[key] if recomputed and key in copies else first_step.get(raw, pre)
     m = bound[steps[0]].on(first_step, full.device)
     whole = _gather(full, m.at, None)     # [B, k, (H,) w]
     edited = False
@@ -104,6 +115,9 @@ def _run(plan: Plan, bound: list, steps: list, hook, raw, pre, sources: dict, co
         out = full.index_put(m.at, whole)
     else:
         out = full.index_put(m.written, whole.flatten(0, 1)[m.taken])
+    if recomputed:
+        copies[key] = out
+        return first_step.put(raw, out, full, *_modules(plan, root, hook, first_step.modules))
     return first_step.put(raw, out, pre)
 
 
@@ -124,8 +138,7 @@ def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
 
     Collected values land in ``collected[name] = (value, valid)``.
     """
-    pre = {}
-    sources = {}
+    pre, sources, copies = {}, {}, {}
     for hook in plan.hooks:
         envoy = plan.arch.envoy(root, hook)
         raw = getattr(envoy, hook.io)
@@ -136,7 +149,7 @@ def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
             end = start + 1
             while end < len(todo) and _joins(plan, bound, hook, todo[start], todo[end]):
                 end += 1
-            new = _run(plan, bound, todo[start:end], hook, raw, pre.get(hook.layer), sources, collected)
+            new = _run(plan, bound, todo[start:end], hook, raw, pre.get(hook.layer), sources, collected, root, copies)
             if new is not None:
                 raw, changed = new, True
             start = end

@@ -48,6 +48,7 @@ class Step:
     source_hook: Optional[Hook] = None
     source_get: Optional[Callable] = None
     source_heads: Optional[torch.Tensor] = None
+    modules: tuple = ()   # block paths whose modules ``put`` calls (a receiver input recomputes its reader)
 
 
 @dataclass
@@ -181,7 +182,8 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
         at = arch.locate(site.component, layer)
         hook = at.hook
         step = Step(node, hook, at.get, at.put, heads,
-                    None if site.subspace is None or node.op.learned_basis else torch.tensor(site.subspace))
+                    None if site.subspace is None or node.op.learned_basis else torch.tensor(site.subspace),
+                    modules=at.modules)
         if node.op.source is not None:
             src_site = node.reads[1]
             src_layer, step.source_heads = _check_site(node, src_site, arch, f"source site {src_site}: ")

@@ -2,7 +2,7 @@
 
 >>> from reftgraph.arch.components import COMPONENT_TYPES, component
 >>> [type(c).__name__ for c in COMPONENT_TYPES], component("mlp_act").names
-(['Residual', 'SublayerOutputs', 'MLPActivations', 'Heads', 'Pattern'], ('mlp_act',))
+(['Residual', 'SublayerOutputs', 'MLPActivations', 'Heads', 'Pattern', 'HeadInputs', 'MLPInput'], ('mlp_act',))
 
 A :class:`~reftgraph.arch.components.base.Component` says where its components' hooks
 are in a block, how to view them, their widths and heads, and proves them on a tiny
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from .base import Address, Component, Context, first, with_first
 from .heads import Heads
+from .inputs import HeadInputs, MLPInput
 from .mlp import MLPActivations
 from .outputs import SublayerOutputs
 from .pattern import Pattern
@@ -26,7 +27,7 @@ from .residual import Residual
 
 __all__ = ["COMPONENT_TYPES", "Address", "Component", "Context", "component", "first", "with_first"]
 
-COMPONENT_TYPES = (Residual(), SublayerOutputs(), MLPActivations(), Heads(), Pattern())
+COMPONENT_TYPES = (Residual(), SublayerOutputs(), MLPActivations(), Heads(), Pattern(), HeadInputs(), MLPInput())
 _BY_NAME = {name: c for c in COMPONENT_TYPES for name in c.names}
 
 

@@ -107,6 +107,7 @@ class Context:
     mlp_out: Optional[str] = None
     layout: Optional[str] = None
     inner: dict = field(default_factory=dict)   # component -> operations inside a module
+    reads: dict = field(default_factory=dict)   # receiver input -> the norm its reader applies ('' none)
     next_input: object = None         # the next block's input (None for the last block)
     style_problem: str = ""           # why no block style holds ('' when one does)
 
@@ -182,6 +183,18 @@ class Component:
         (2, 0)
         """
         return 0
+
+    def modules(self, name: str, block) -> tuple:
+        """Paths of the block's modules (None for none) that :meth:`view`'s ``put`` calls
+        after ``(raw, new, pre)``: a receiver input recomputes its reader from them.
+
+        >>> import reftgraph as rg
+        >>> from reftgraph.arch.components import component
+        >>> block = rg.models.tiny("llama").arch.blocks[0]
+        >>> component("mlp_out").modules("mlp_out", block), component("q_in").modules("q_in", block)
+        ((), ('input_layernorm', 'self_attn.q_proj'))
+        """
+        return ()
 
     def needs_pre(self, name: str, block) -> bool:
         """Whether :meth:`view` needs the block's input (``resid_pre``).

@@ -1,0 +1,268 @@
+"""Receiver inputs: the copy of the residual stream that one reader reads, before its norm.
+
+>>> import reftgraph as rg
+>>> arch = rg.models.tiny("llama").arch      # 4 query heads, 2 key-value heads
+>>> arch.heads("q_in"), arch.heads("k_in"), arch.width("q_in"), arch.hook("mlp_in", 0).path
+(4, 2, 32, 'post_attention_layernorm')
+
+``q_in``, ``k_in`` and ``v_in`` are, per head (key-value heads for ``k_in``/``v_in``), the
+stream that head's query, key or value reads: ``resid_pre``, before the block's input
+norm. Each head gets its own copy, so one head can read a different stream than its
+neighbours (what edge circuits need). Editing the copy of head h recomputes head h's
+slice of the projection from the norm of the new copy: the projection output becomes
+``raw + proj_h(norm(new)) - proj_h(norm(resid_pre))``, exact when nothing changed, and
+the other heads keep theirs. ``mlp_in`` is the stream the MLP reads before its norm
+(``resid_mid`` in sequential blocks, ``resid_pre`` in parallel ones).
+
+Proofs, on a tiny instance: the projection (or MLP) reads ``norm(stream)`` for one norm of
+the block (or the stream itself); moving every head's copy by d gives the projection output
+the model gives when its block input moves by d; moving head h's copy moves head h's slice
+alone. For ``mlp_in``: moving it moves the block output only through the MLP.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..qkv import slicer
+from ..tree import is_norm
+from .base import Address, Component, Context, first, no_module, walk, with_first
+from .heads import POS
+from .outputs import per_token
+
+__all__ = ["HeadInputs", "MLPInput"]
+
+_READS = {"q_in": "q", "k_in": "k", "v_in": "v"}
+
+
+def _reader_norm(ctx: Context, reader: str, stream) -> tuple[Optional[str], str]:
+    """``(norm path or '' for none, '')`` when the input of the module ``reader`` is
+    ``norm(stream)`` for one norm of the block run before it (or ``stream`` itself);
+    ``(None, why)`` otherwise."""
+    rec = ctx.rec
+    fed = rec.inp(reader)
+    if fed is None or stream is None:
+        return None, "its input was not recorded"
+    if rec.close(fed, stream):
+        return "", ""
+    block, found = ctx.blocks[ctx.layer], None
+    norms = {path for path, module in block.named_modules() if path and is_norm(module)}
+    for path in rec.inputs:          # in call order: the last norm of the stream before the reader
+        if path == reader:
+            break
+        if path in norms and rec.calls.get(path) == 1 and rec.close(rec.out(path), fed) \
+                and rec.close(rec.inp(path), stream):
+            found = path
+    if found is not None:
+        return found, ""
+    return None, f"it reads neither the stream nor one norm of it ({rec.gap(fed, stream)} from the stream)"
+
+
+def _with_input(ctx: Context, fn, path: str):
+    """The first output of ``path`` in a forward whose block input is replaced by ``fn(input)``."""
+    block, seen = ctx.blocks[ctx.layer], {}
+
+    def pre_hook(module, args, kwargs):
+        if args:
+            return (fn(args[0]),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+    def grab(module, args, out):
+        seen.setdefault("out", first(out).detach().clone())
+
+    handles = [block.register_forward_pre_hook(pre_hook, with_kwargs=True),
+               walk(block, path).register_forward_hook(grab)]
+    try:
+        with torch.no_grad():
+            ctx.model(input_ids=ctx.ids, attention_mask=torch.ones_like(ctx.ids), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen.get("out")
+
+
+def head_input_view(heads: int, head_get, head_put):
+    """``(get, put)`` of one head input: ``get(raw, pre)`` -> ``[B, S, heads, d_model]``
+    (the stream, once per head); ``put(raw, new, old, norm, proj)`` moves each head's slice
+    of the projection output ``raw`` from what its copy ``old`` gives to what ``new`` gives
+    (``norm`` may be None). The engine keeps the copies between edits (``old`` is what the
+    previous edit wrote, or ``get``'s value), so edits of one head input compose.
+
+    >>> import torch
+    >>> proj = torch.nn.Linear(4, 6)
+    >>> get, put = head_input_view(2, lambda t: t.unflatten(-1, (2, 3)), lambda t, new: new.flatten(-2))
+    >>> pre = torch.randn(1, 5, 4)
+    >>> raw = proj(pre)
+    >>> new = get(raw, pre).clone(); new[:, :, 1] += 1          # head 1 reads another stream
+    >>> out = put(raw, new, get(raw, pre), None, proj).unflatten(-1, (2, 3))
+    >>> torch.equal(out[:, :, 0], raw.unflatten(-1, (2, 3))[:, :, 0]), torch.allclose(out[:, :, 1], proj(pre + 1)[..., 3:])
+    (True, True)
+    """
+    def get(raw, pre):
+        return pre.unsqueeze(2).expand(-1, -1, heads, -1)
+
+    def put(raw, new, old, norm, proj):
+        t = first(raw)
+        x = torch.cat([new.to(old.dtype), old], 0)
+        y = head_get(proj(norm(x) if norm is not None else x))          # [2B, S, copy, head, dh]
+        own = y.diagonal(dim1=2, dim2=3).movedim(-1, 2)                   # [2B, S, head, dh]
+        delta = own[: new.shape[0]] - own[new.shape[0]:]
+        return with_first(raw, head_put(t, head_get(t) + delta.to(t.dtype)))
+
+    return get, put
+
+
+class HeadInputs(Component):
+    """``q_in``, ``k_in``, ``v_in``: per head, the stream its query, key or value reads.
+
+    >>> import reftgraph as rg
+    >>> HeadInputs().address("k_in", rg.models.tiny("llama").arch.blocks[0]).path
+    'self_attn.k_proj'
+    """
+    names = ("q_in", "k_in", "v_in")
+    has_heads = True
+    needs_proof = True
+
+    def address(self, name, block) -> Address:
+        qkv = block.paths.qkv
+        path = qkv if isinstance(qkv, str) else qkv["qkv".index(_READS[name])] if qkv else None
+        return Address(path, "output")
+
+    def modules(self, name, block) -> tuple:
+        norm = block.reads.get(name, "")
+        return (norm or None, self.address(name, block).path)
+
+    def heads(self, name, arch, block) -> int:
+        nq, nkv = block.heads if block is not None and block.heads[0] else (arch.n_heads, arch.n_kv_heads)
+        return nq if name == "q_in" else nkv
+
+    def needs_pre(self, name, block) -> bool:
+        return True
+
+    def view(self, name, arch, block, layer):
+        c = _READS[name]
+        heads = (arch.heads("q", layer), arch.heads("k", layer))
+        widths = (arch.width("q", layer), arch.width("k", layer) if "k" in block.widths else arch.width("q", layer))
+        head_get, head_put = slicer(block.qkv_layout or "separate", c, heads, widths)
+        return head_input_view(arch.heads(name, layer), head_get, head_put)
+
+    def prove(self, ctx: Context) -> None:
+        for name, c in _READS.items():
+            if c in ctx.refused:
+                ctx.refused[name] = f"needs {c}, which is refused: {ctx.refused[c]}"
+                continue
+            why = self._prove(ctx, name, c)
+            if why:
+                ctx.refused[name] = why
+
+    def _prove(self, ctx: Context, name: str, c: str) -> str:
+        rec, paths, block = ctx.rec, ctx.paths, ctx.blocks[ctx.layer]
+        proj = paths.qkv if isinstance(paths.qkv, str) else paths.qkv["qkv".index(c)]
+        if rec.calls.get(proj) != 1:
+            return f"{proj!r} runs {rec.calls.get(proj, 0)} times per block"
+        norm, why = _reader_norm(ctx, proj, rec.pre)
+        if norm is None:
+            return f"{proj!r} does not read resid_pre through a norm: {why}"
+        ctx.reads[name] = norm
+        nq, nkv = ctx.heads
+        heads = nq if c == "q" else nkv
+        dims = (ctx.widths["q"], ctx.widths.get("k", ctx.widths["q"]))
+        head_get, head_put = slicer(ctx.layout or "separate", c, ctx.heads, dims)
+        get, put = head_input_view(heads, head_get, head_put)
+        norm_module, proj_module = (walk(block, norm) if norm else None), walk(block, proj)
+        raw, pre = rec.out(proj), rec.pre
+        gen = torch.Generator().manual_seed(3)
+        delta = torch.randn(pre.shape, generator=gen) * (1 + pre.std())
+        copies = get(raw, pre)
+        with torch.no_grad():
+            same = put(raw, copies.clone(), copies, norm_module, proj_module)
+            moved_all = put(raw, copies + delta.unsqueeze(2), copies, norm_module, proj_module)
+            one = copies.clone()
+            one[0, POS, heads - 1] += delta[0, POS]
+            moved_one = put(raw, one, copies, norm_module, proj_module)
+        if not torch.equal(first(same), raw):
+            return f"recomputing {c} from unchanged copies changed it ({rec.gap(first(same), raw)})"
+        got, want = head_get(first(moved_all)), head_get(_with_input(ctx, lambda x: x + delta, proj))
+        if not rec.close(got, want):
+            return (f"moving every head's copy by d should give the {c} the model computes from resid_pre + d "
+                    f"({rec.gap(got, want)})")
+        changed = (head_get(first(moved_one)) - head_get(raw)).abs().amax(-1)[0]     # [S, heads]
+        moved = {tuple(x) for x in (changed > 1e-6).nonzero().tolist()}
+        if moved != {(POS, heads - 1)}:
+            return (f"moving the copy of head {heads - 1} at position {POS} should move that head's {c} alone; it "
+                    f"moved (position, head) {sorted(moved)}")
+        return ""
+
+
+class MLPInput(Component):
+    """``mlp_in``: the stream the MLP reads, before its norm.
+
+    >>> import reftgraph as rg
+    >>> MLPInput().address("mlp_in", rg.models.tiny("gpt2").arch.blocks[0])
+    Address(path='ln_2', io='input', inner=())
+    """
+    names = ("mlp_in",)
+    needs_proof = True
+
+    def address(self, name, block) -> Address:
+        norm = block.reads.get("mlp_in")
+        if norm is None:
+            return Address(None, "input")
+        return Address(norm or block.paths.mlp_in, "input")
+
+    def view(self, name, arch, block, layer):
+        return per_token() if name in block.flat else super().view(name, arch, block, layer)
+
+    def needs_pre(self, name, block) -> bool:
+        return name in block.flat
+
+    def prove(self, ctx: Context) -> None:
+        why = self._prove(ctx)
+        if why:
+            ctx.refused["mlp_in"] = why
+            ctx.reads.pop("mlp_in", None)
+
+    def _prove(self, ctx: Context) -> str:
+        rec, paths = ctx.rec, ctx.paths
+        if not paths.mlp:
+            return no_module("MLP", paths)
+        if "mlp_out" in ctx.refused:
+            return f"needs mlp_out, which is refused: {ctx.refused['mlp_out']}"
+        stream = rec.pre if not ctx.style.has_mid else rec.mid(paths.mlp_in)
+        norm, why = _reader_norm(ctx, paths.mlp_in, stream)
+        if norm is None:
+            return f"{paths.mlp_in!r} does not read the stream through a norm: {why}"
+        if norm and rec.calls.get(norm) != 1:
+            return f"its norm {norm!r} runs {rec.calls.get(norm)} times per block"
+        ctx.reads["mlp_in"] = norm
+        at = norm or paths.mlp_in
+        delta = torch.randn(stream.shape[-1], generator=torch.Generator().manual_seed(4)) * (1 + stream.std())
+        new, _, _ = _record_input_edit(ctx, at, lambda t: t + delta)
+        post_gap = (new.post - new.out(ctx.mlp_out).reshape(new.post.shape)) - \
+            (rec.post - rec.out(ctx.mlp_out).reshape(rec.post.shape))
+        if not rec.close(post_gap, torch.zeros_like(post_gap)) or rec.close(new.out(ctx.mlp_out), rec.out(ctx.mlp_out)):
+            where = "attention also reads it (a norm shared by attention and MLP)" if not ctx.style.has_mid else \
+                "the stream moved outside the MLP"
+            return (f"moving the input of {at!r} should move the block output through the MLP alone; {where} "
+                    f"({rec.gap(post_gap, torch.zeros_like(post_gap))})")
+        return ""
+
+
+def _record_input_edit(ctx: Context, path: str, fn):
+    """The block recorded with the input of ``path`` replaced by ``fn(input)``."""
+    from ..recording import record
+
+    module = walk(ctx.blocks[ctx.layer], path)
+
+    def pre_hook(m, args, kwargs):
+        if args:
+            return (fn(args[0]),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+
+    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        return record(ctx.model, ctx.blocks, ctx.layer, ctx.ids)
+    finally:
+        handle.remove()

@@ -5,7 +5,7 @@
 ...     rg.Site("resid_post", layer=0, head=1)
 ... except rg.ReftgraphError as e:
 ...     print(type(e).__name__, "|", e)
-SiteError | resid_post has no heads; head= is only for head_out, q, k, v, attn_pattern
+SiteError | resid_post has no heads; head= is only for head_out, q, k, v, attn_pattern, q_in, k_in, v_in
 
 Every error is a :class:`ReftgraphError` and a ``ValueError`` (as before the hierarchy),
 so ``except ValueError`` keeps working:
@@ -36,7 +36,7 @@ class SiteError(ReftgraphError):
     >>> rg.Site("resid_post", layer=0, head=1)
     Traceback (most recent call last):
     ...
-    reftgraph.errors.SiteError: resid_post has no heads; head= is only for head_out, q, k, v, attn_pattern
+    reftgraph.errors.SiteError: resid_post has no heads; head= is only for head_out, q, k, v, attn_pattern, q_in, k_in, v_in
     """
 
 

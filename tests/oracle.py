@@ -46,23 +46,24 @@ def real_positions(mask: torch.Tensor) -> list:
 # separate projections (a format string) or a fused projection with its layout.
 # norm: the norm before attention; mlp_norm: the norm only the MLP reads.
 PATHS = {
-    "llama": dict(layers="model.layers", attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj",
+    "llama": dict(embed="model.embed_tokens", final_norm="model.norm", layers="model.layers", attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj",
                   qkv="self_attn.{}_proj", norm="input_layernorm", mlp_norm="post_attention_layernorm"),
-    "gpt2": dict(layers="transformer.h", attn="attn", mlp="mlp", down="mlp.c_proj", o="attn.c_proj",
+    "gpt2": dict(embed="transformer.wte", final_norm="transformer.ln_f", layers="transformer.h", attn="attn", mlp="mlp", down="mlp.c_proj", o="attn.c_proj",
                  fused="attn.c_attn", layout="concat", norm="ln_1", mlp_norm="ln_2"),
-    "gpt_neox": dict(layers="gpt_neox.layers", attn="attention", mlp="mlp", down="mlp.dense_4h_to_h",
+    "gpt_neox": dict(embed="gpt_neox.embed_in", final_norm="gpt_neox.final_layer_norm",
+                     layers="gpt_neox.layers", attn="attention", mlp="mlp", down="mlp.dense_4h_to_h",
                      o="attention.dense", fused="attention.query_key_value", layout="per_head", parallel=True,
                      norm="input_layernorm", mlp_norm="post_attention_layernorm"),
-    "gemma3_text": dict(layers="model.layers", attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj",
+    "gemma3_text": dict(embed="model.embed_tokens", final_norm="model.norm", layers="model.layers", attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj",
                         qkv="self_attn.{}_proj", attn_add="post_attention_layernorm",
                         mlp_add="post_feedforward_layernorm", norm="input_layernorm",
                         mlp_norm="pre_feedforward_layernorm"),
-    "phi3": dict(layers="model.layers", attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj",
+    "phi3": dict(embed="model.embed_tokens", final_norm="model.norm", layers="model.layers", attn="self_attn", mlp="mlp", down="mlp.down_proj", o="self_attn.o_proj",
                  fused="self_attn.qkv_proj", layout="concat", norm="input_layernorm",
                  mlp_norm="post_attention_layernorm"),
-    "gptj": dict(layers="transformer.h", attn="attn", mlp="mlp", down="mlp.fc_out", o="attn.out_proj",
+    "gptj": dict(embed="transformer.wte", final_norm="transformer.ln_f", layers="transformer.h", attn="attn", mlp="mlp", down="mlp.fc_out", o="attn.out_proj",
                  qkv="attn.{}_proj", parallel=True, norm="ln_1"),
-    "qwen2_moe": dict(layers="model.layers", attn="self_attn", mlp="mlp", o="self_attn.o_proj", qkv="self_attn.{}_proj",
+    "qwen2_moe": dict(embed="model.embed_tokens", final_norm="model.norm", layers="model.layers", attn="self_attn", mlp="mlp", o="self_attn.o_proj", qkv="self_attn.{}_proj",
                       norm="input_layernorm", mlp_norm="post_attention_layernorm"),
 }
 # what each architecture has no definition for (the library must refuse these)
@@ -133,6 +134,16 @@ def install(hf, family, component, layer, edit, cfg):
                 return torch.cat(parts, -1).reshape(out.shape)
         return module(hf, family, layer, p["fused"]), part, put
 
+    if component in ("embed", "logits_in", "logits"):   # outside the blocks: paths from the root
+        path = {"embed": p["embed"], "logits_in": p["final_norm"], "logits": p.get("head", "lm_head")}[component]
+        target = hf
+        for part in path.split("."):
+            target = getattr(target, part)
+        if component == "logits_in":
+            handles.append(target.register_forward_pre_hook(first_in(edit), with_kwargs=True))
+        else:
+            handles.append(target.register_forward_hook(first_out(edit)))
+        return handles
     if component in ("q_in", "k_in", "v_in"):
         # each head's query/key/value recomputed from its own copy of the block input, by its
         # norm; the copies are shared by every node on this input (each edits what the last wrote)

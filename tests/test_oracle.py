@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import reftgraph as rg
-from reftgraph.core.sites import KEY_COMPONENTS
+from reftgraph.core.sites import END_COMPONENTS, KEY_COMPONENTS
 from oracle import ABSENT, capture, encode, positions_of, real_positions, run_with
 
 FAMILIES = ("llama", "gpt2", "gpt_neox")
@@ -45,7 +45,8 @@ def site_for(lm, component, selector, subspace):
     head = None
     if component in rg.core.sites.HEAD_COMPONENTS:
         head = (1, 0) if lm.arch.heads(component) > 1 else 0
-    return rg.Site(component, layer=1, positions=selector, head=head, subspace=subspace)
+    layer = None if component in END_COMPONENTS else 1     # the stream's ends have one layer each
+    return rg.Site(component, layer=layer, positions=selector, head=head, subspace=subspace)
 
 
 REFT = ("LoReFT", "NoReFT", "DiReFT", "NoDiReFT", "ConsReFT", "LoBiReFT")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import reftgraph as rg
-from reftgraph.core.sites import KEY_COMPONENTS
+from reftgraph.core.sites import END_COMPONENTS, KEY_COMPONENTS
 from nnsight.intervention.backends.local import LocalSimulationBackend
 from test_oracle import BASE, SOURCE, op_for, site_for
 
@@ -72,7 +72,7 @@ def same(a, b):
 
 
 def check(lm, component, kind, side, requests):
-    if lm.arch.refusal(component, 1):
+    if lm.arch.refusal(component, lm.arch.layer_index(END_COMPONENTS.get(component, 1))):
         pytest.skip(f"{lm.arch.family.name} has no {component}")
     g = rg.Graph()
     g.add(site_for(lm, component, "f2+l2", None), op_of(kind, lm.arch.width(component)), name="n")

@@ -98,14 +98,15 @@ def test_malformed_fields_raise(kwargs, message):
     ("Resid_Post", "did you mean 'resid_post'? "),
     ("mlp", "did you mean 'mlp_out', 'mlp_act' or 'mlp_in'? "),
     ("resid", "did you mean 'resid_pre', 'resid_mid' or 'resid_post'? "),
-    ("logits", ""),
+    ("logit", "did you mean 'logits'? "),
     (3, ""),
 ])
 def test_an_unknown_component_names_the_nearest(component, hint):
     with pytest.raises(rg.SiteError) as err:
         rg.Site(component, layer=0)
     assert str(err.value) == (f"unknown component {component!r}; {hint}valid components: resid_pre, resid_mid, "
-                              "resid_post, attn_out, mlp_out, mlp_act, head_out, q, k, v, attn_pattern, q_in, k_in, v_in, mlp_in")
+                              "resid_post, attn_out, mlp_out, mlp_act, head_out, q, k, v, attn_pattern, q_in, k_in, v_in, mlp_in, "
+                                  "embed, logits_in, logits")
 
 
 # -- resolve_positions --------------------------------------------------------

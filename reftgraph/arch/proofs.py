@@ -3,7 +3,7 @@
 >>> import reftgraph as rg
 >>> block = rg.models.tiny("gpt_neox").arch.blocks[0]
 >>> block.style, block.qkv_layout, sorted(block.refused)
-('parallel', 'per_head', ['resid_mid'])
+('parallel', 'per_head', ['logits', 'logits_in', 'resid_mid'])
 >>> print(block.refused["resid_mid"])
 parallel block: attention and MLP both read resid_pre, so no stream lies between them (use resid_pre or resid_post)
 
@@ -32,9 +32,10 @@ from typing import Optional
 
 import torch
 
-from ..core.sites import COMPONENTS
+from ..core.sites import COMPONENTS, END_COMPONENTS, STAGES
 from .components import COMPONENT_TYPES, Context, component
 from .components.base import no_module
+from .components.ends import prove_ends
 from .positions import prove_positions
 from .recording import record
 from .styles import STYLES, Record
@@ -51,8 +52,8 @@ class Block:
 
     >>> import reftgraph as rg
     >>> b = rg.models.tiny("llama").arch.blocks[0]
-    >>> b.style, b.attn_out, b.heads, b.widths["head_out"], b.refused
-    ('sequential', 'self_attn', (4, 2), 8, {})
+    >>> b.style, b.attn_out, b.heads, b.widths["head_out"], sorted(b.refused)   # the stream's ends: last block
+    ('sequential', 'self_attn', (4, 2), 8, ['logits', 'logits_in'])
 
     ``refused`` maps a component to the reason it cannot be used on this block; ``stages``
     orders the hook points as the block runs them; ``flat`` names components whose module
@@ -70,6 +71,7 @@ class Block:
     stages: dict = field(default_factory=dict)
     flat: frozenset = frozenset()
     inner: dict = field(default_factory=dict)   # component -> operations inside a module (attn_pattern)
+    ends: dict = field(default_factory=dict)    # embed / logits_in / logits -> (Address, scale or vocab) here
     reads: dict = field(default_factory=dict)   # receiver input -> the norm its reader applies ('' none)
 
 
@@ -231,8 +233,8 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
     stages = {(p, io): i for i, (p, io) in enumerate(order)}
     component_stages = {c: component(c).stage(c, ctx, stages) for c in COMPONENTS}
     return Block(paths, ctx.style.name if ctx.style else None, ctx.attn_out, ctx.mlp_out, ctx.layout, heads, widths,
-                 refused, {c: v for c, v in component_stages.items() if v is not None}, frozenset(flat), ctx.inner,
-                 ctx.reads)
+                 refused, {c: v for c, v in component_stages.items() if v is not None}, frozenset(flat), inner=ctx.inner,
+                 reads=ctx.reads)
 
 
 # -- driving it: tiny instance, cache -----------------------------------------
@@ -301,7 +303,7 @@ def prove(model, d_model: int, family=None) -> tuple[str, list[Block], tuple]:
     key = _key(model, family)
     if key not in _CACHE:
         _CACHE[key] = _prove_all(model, family)
-    proven, positions = _CACHE[key]
+    proven, positions, ends = _CACHE[key]
     blocks = []
     for i, block in enumerate(real):
         kind = kind_of(block)
@@ -310,8 +312,26 @@ def prove(model, d_model: int, family=None) -> tuple[str, list[Block], tuple]:
                                                    for c in COMPONENTS if c != "resid_pre"}))
             continue
         heads, widths = dims_of(model.config, block, paths[i])
-        blocks.append(replace(proven[kind], paths=paths[i], heads=heads, widths=widths))
+        blocks.append(_with_ends(replace(proven[kind], paths=paths[i], heads=heads, widths=widths), ends, i,
+                                 len(real)))
     return layers, blocks, positions
+
+
+def _with_ends(block: Block, ends: dict, layer: int, n_layers: int) -> Block:
+    """``block`` with the stream's ends it holds (``embed`` on the first, ``logits_in`` and
+    ``logits`` on the last) and the refusal of the others."""
+    refused, here, stages = dict(block.refused), {}, dict(block.stages)
+    for name, at in END_COMPONENTS.items():
+        where = at % n_layers
+        if isinstance(ends.get(name), str) or name not in ends:    # refused on the model: on every layer
+            refused[name] = ends.get(name, "not proven on this model")
+        elif layer != where:
+            refused[name] = (f"{name} is {'before the first' if at == 0 else 'after the last'} block: "
+                             f"layer {where} (or leave the layer out)")
+        else:
+            here[name] = ends[name]
+            stages[name] = -1 if at == 0 else 1e6 + STAGES[name]   # before the block's input, after its output
+    return replace(block, refused=refused, ends=here, stages=stages)
 
 
 def _prove_all(model, family) -> dict:
@@ -319,7 +339,7 @@ def _prove_all(model, family) -> dict:
         tiny = _tiny_instance(model, family)
     except Exception:  # noqa: BLE001 - any config the shrinker cannot build: prove on the model itself
         if any(p.is_meta for p in model.parameters()):
-            return {}, ("explicit", {})
+            return {}, ("explicit", {}), {}
         tiny = model
     d_model = getattr(tiny.config, "hidden_size", None) or tiny.get_input_embeddings().embedding_dim
     _, paths = read_tree(tiny, d_model, family)
@@ -335,6 +355,10 @@ def _prove_all(model, family) -> dict:
             if kind not in proven:
                 proven[kind] = _prove_kind(tiny, blocks, i, ids, paths[i])
         positions = prove_positions(tiny, ids)
+        try:
+            ends = prove_ends(tiny, blocks, ids)
+        except Exception as err:  # noqa: BLE001 - ends the checks cannot run on are refused, not trusted
+            ends = {name: f"the proofs could not run ({type(err).__name__}: {err})" for name in END_COMPONENTS}
     finally:
         tiny.train(was_training)
-    return proven, positions
+    return proven, positions, ends

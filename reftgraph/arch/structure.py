@@ -95,10 +95,12 @@ class Hook:
     path: str
     io: str
     inner: tuple = ()
+    root: bool = False     # ``path`` is from the model's root (embed, logits_in, logits), not from the block
 
     def __repr__(self) -> str:
         inner = f", inner={self.inner!r}" if self.inner else ""
-        return f"Hook(layer={self.layer}, stage={self.stage}, path={self.path!r}, io={self.io!r}{inner})"
+        root = ", root=True" if self.root else ""
+        return f"Hook(layer={self.layer}, stage={self.stage}, path={self.path!r}, io={self.io!r}{inner}{root})"
 
 
 @dataclass(frozen=True)
@@ -352,7 +354,7 @@ class Arch:
         b = self._block(layer)
         self.check(component, layer)
         where = component_of(component).address(component, b)
-        return Hook(layer, b.stages.get(component, STAGES[component]), where.path, where.io, where.inner)
+        return Hook(layer, b.stages.get(component, STAGES[component]), where.path, where.io, where.inner, where.root)
 
     def envoy(self, root, hook: Hook):
         """The nnsight envoy (or torch module) of a hook, from the model root; for a hook with
@@ -364,7 +366,7 @@ class Arch:
         True
         """
         module = root
-        path = f"{self.family.layers}.{hook.layer}" + (f".{hook.path}" if hook.path else "")
+        path = hook.path if hook.root else f"{self.family.layers}.{hook.layer}" + (f".{hook.path}" if hook.path else "")
         for part in path.split("."):
             module = module[int(part)] if part.isdigit() else getattr(module, part)
         for name in hook.inner:

@@ -35,7 +35,11 @@ COMPONENTS = (
     "k_in",
     "v_in",
     "mlp_in",
+    "embed",
+    "logits_in",
+    "logits",
 )
+END_COMPONENTS = {"embed": 0, "logits_in": -1, "logits": -1}   # outside the blocks: their only layer
 HEAD_COMPONENTS = ("head_out", "q", "k", "v", "attn_pattern", "q_in", "k_in", "v_in")
 KEY_COMPONENTS = ("attn_pattern",)   # the last axis is the key tokens: no fixed width
 NAMED_POSITIONS = ("last", "prompt", "all", "generated")
@@ -45,6 +49,7 @@ Positions = Union[str, int, slice, tuple]
 
 # forward order of the hook points inside one block
 STAGES = {
+    "embed": -1,
     "resid_pre": 0,
     "q_in": 1,        # a receiver input comes before what its reader computes from it
     "q": 2,
@@ -60,6 +65,8 @@ STAGES = {
     "mlp_act": 12,
     "mlp_out": 13,
     "resid_post": 14,
+    "logits_in": 15,
+    "logits": 16,
 }
 
 
@@ -178,7 +185,7 @@ class Site:
     """
 
     component: str
-    layer: int
+    layer: Optional[int] = None
     positions: Positions = "all"
     head: Union[int, tuple, None] = None
     subspace: Union[tuple, None] = None
@@ -188,6 +195,10 @@ class Site:
         if self.component not in COMPONENTS:
             raise SiteError(f"unknown component {_short(self.component)}; {_did_you_mean(self.component)}"
                             f"valid components: {', '.join(COMPONENTS)}")
+        if self.layer is None and self.component in END_COMPONENTS:
+            object.__setattr__(self, "layer", END_COMPONENTS[self.component])
+        if self.layer is None:
+            raise SiteError(f"{self.component} needs a layer, e.g. Site({self.component!r}, layer=0)")
         if not _in_range(self.layer):
             raise SiteError(f"layer must be an int in -{MAX_INDEX}..{MAX_INDEX}, got {_short(self.layer)}")
         object.__setattr__(self, "positions", normalise_positions(self.positions))

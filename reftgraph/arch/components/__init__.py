@@ -2,7 +2,7 @@
 
 >>> from reftgraph.arch.components import COMPONENT_TYPES, component
 >>> [type(c).__name__ for c in COMPONENT_TYPES], component("mlp_act").names
-(['Residual', 'SublayerOutputs', 'MLPActivations', 'Heads', 'Pattern', 'HeadInputs', 'MLPInput'], ('mlp_act',))
+(['Residual', 'SublayerOutputs', 'MLPActivations', 'Heads', 'Pattern', 'HeadInputs', 'MLPInput', 'Ends'], ('mlp_act',))
 
 A :class:`~reftgraph.arch.components.base.Component` says where its components' hooks
 are in a block, how to view them, their widths and heads, and proves them on a tiny
@@ -18,6 +18,7 @@ tests (docs/architecture.md, *Adding a component*).
 from __future__ import annotations
 
 from .base import Address, Component, Context, first, with_first
+from .ends import Ends
 from .heads import Heads
 from .inputs import HeadInputs, MLPInput
 from .mlp import MLPActivations
@@ -27,7 +28,7 @@ from .residual import Residual
 
 __all__ = ["COMPONENT_TYPES", "Address", "Component", "Context", "component", "first", "with_first"]
 
-COMPONENT_TYPES = (Residual(), SublayerOutputs(), MLPActivations(), Heads(), Pattern(), HeadInputs(), MLPInput())
+COMPONENT_TYPES = (Residual(), SublayerOutputs(), MLPActivations(), Heads(), Pattern(), HeadInputs(), MLPInput(), Ends())
 _BY_NAME = {name: c for c in COMPONENT_TYPES for name in c.names}
 
 

@@ -77,6 +77,11 @@ class Address:
     path: Optional[str]
     io: str
     inner: tuple = ()
+    root: bool = False      # True: ``path`` is from the model's root, not from the block (the stream's ends)
+
+    def __repr__(self) -> str:
+        root = ", root=True" if self.root else ""
+        return f"Address(path={self.path!r}, io={self.io!r}, inner={self.inner!r}{root})"
 
 
 @dataclass

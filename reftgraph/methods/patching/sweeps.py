@@ -27,7 +27,7 @@ import torch
 
 from ...core.graph import Graph
 from ...core.ops import Collect, Patch, Set
-from ...core.sites import COMPONENTS, HEAD_COMPONENTS, Site, resolve_positions
+from ...core.sites import COMPONENTS, END_COMPONENTS, HEAD_COMPONENTS, Site, resolve_positions
 from ...engine.bind import Batch
 from ...engine.plan import compile_graph
 from ...engine.remote import check as check_remote
@@ -116,7 +116,7 @@ def sweep_conditions(model, data, component, layers, positions, heads) -> list:
     arch = model.arch
     if component not in COMPONENTS:
         raise SiteError(f"unknown component {component!r}; valid components: {', '.join(COMPONENTS)}")
-    all_layers = list(range(arch.n_layers))
+    all_layers = [END_COMPONENTS[component]] if component in END_COMPONENTS else list(range(arch.n_layers))
     layers = all_layers if layers is None else [int(x) for x in layers]
     for layer in layers:
         if arch.layer_index(layer) is None:

@@ -50,6 +50,12 @@ def _hook_edit(lm, component, layer, delta, head, positions):
 
     handles.append(block.register_forward_pre_hook(remember, with_kwargs=True))
 
+    if component == "mlp_in" and "mlp_in_shared" in arch.blocks[layer].reads:
+        # one norm for attention and MLP: the MLP alone reads the norm of the moved block input
+        norm = arch.envoy(lm.hf, Hook(layer, 0, arch.blocks[layer].reads["mlp_in"], "output"))
+        handles.append(module.register_forward_pre_hook(
+            lambda m, args: (norm.forward(seen["pre"] + delta),) + tuple(args[1:])))
+        return handles
     if component in HEAD_INPUTS:   # head `head`'s q/k/v recomputed from its own moved copy of the block input
         reader = component[0]
         q_get, q_put = arch.view(reader, layer)

@@ -67,7 +67,7 @@ PATHS = {
                       norm="input_layernorm", mlp_norm="post_attention_layernorm"),
 }
 # what each architecture has no definition for (the library must refuse these)
-ABSENT = {"gpt_neox": {"resid_mid"}, "gptj": {"resid_mid", "mlp_in"}, "qwen2_moe": {"mlp_act"}}
+ABSENT = {"gpt_neox": {"resid_mid"}, "gptj": {"resid_mid"}, "qwen2_moe": {"mlp_act"}}
 
 
 def module(hf, family: str, layer: int, path: str):
@@ -167,6 +167,22 @@ def install(hf, family, component, layer, edit, cfg):
             return put(out, torch.stack(heads, 2))
         handles.append(block.register_forward_pre_hook(first_in(start), with_kwargs=True))
         handles.append(proj.register_forward_hook(hook))
+        return handles
+    if component == "mlp_in" and "mlp_norm" not in p:
+        # attention and the MLP read one norm: the MLP reads the norm of its own copy of the block
+        # input (shared by every node on it, each editing what the last wrote)
+        norm, key = module(hf, family, layer, p["norm"]), (id(block), component)
+
+        def start_mlp(x):
+            COPIES[key] = {"x": x}
+            return x
+
+        def read(m, a):
+            state = COPIES[key]
+            state["copies"] = edit(state.get("copies", state["x"]))
+            return (norm.forward(state["copies"]),) + a[1:]
+        handles.append(block.register_forward_pre_hook(first_in(start_mlp), with_kwargs=True))
+        handles.append(module(hf, family, layer, p["mlp"]).register_forward_pre_hook(read))
         return handles
     if component == "mlp_in":
         handles.append(module(hf, family, layer, p["mlp_norm"]).register_forward_pre_hook(first_in(edit),

@@ -60,6 +60,15 @@ def test_patching_the_mlps_input_is_patching_its_output(lm, side):
     same(ours, run(lm, [(rg.Site("mlp_out", 0), rg.Patch("source"))], side))
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_an_mlp_sharing_attentions_norm_reads_its_own_copy(side):
+    """GPT-J: attention and the MLP read one norm; patching the MLP's copy leaves attention's."""
+    lm = rg.models.tiny("gptj")
+    assert "mlp_in_shared" in lm.arch.blocks[0].reads
+    same(run(lm, [(rg.Site("mlp_in", 0), rg.Patch("source"))], side),
+         run(lm, [(rg.Site("mlp_out", 0), rg.Patch("source"))], side))
+
+
 @pytest.mark.parametrize("component", ["q_in", "k_in", "v_in", "mlp_in", "embed", "logits_in", "logits"])
 def test_an_edit_that_changes_nothing_changes_nothing_exactly(lm, component):
     width = lm.arch.width(component)
@@ -148,7 +157,6 @@ def test_bad_sites_are_refused_before_the_forward(site, message):
 
 
 @pytest.mark.parametrize("family, component, reason", [
-    ("gptj", "mlp_in", "attention also reads it"),           # one norm for attention and the MLP
     ("bloom", "embed", "transforms the embeddings before the first block"),   # an embedding norm
     ("gemma2", "logits", "changes the logits after its output layer"),        # a soft cap
 ])

@@ -32,7 +32,7 @@ from .base import Address, Component, Context, first, no_module, walk, with_firs
 from .heads import POS
 from .outputs import per_token
 
-__all__ = ["HeadInputs", "MLPInput"]
+__all__ = ["HeadInputs", "MLPInput", "head_input_view", "stream_input_view"]
 
 _READS = {"q_in": "q", "k_in": "k", "v_in": "v"}
 
@@ -196,12 +196,32 @@ class HeadInputs(Component):
         return ""
 
 
+def stream_input_view():
+    """``(get, put)`` of a stream copy that one reader reads through a norm it shares with
+    others: ``get(raw, pre)`` -> ``pre``; ``put(raw, new, old, norm)`` moves the reader's
+    input ``raw`` from ``norm(old)`` to ``norm(new)`` (the others keep reading ``norm(pre)``).
+
+    >>> import torch
+    >>> norm, pre = torch.nn.LayerNorm(4), torch.randn(1, 3, 4)
+    >>> get, put = stream_input_view()
+    >>> torch.allclose(put(norm(pre), pre + 1, get(norm(pre), pre), norm), norm(pre + 1))
+    True
+    """
+    return (lambda raw, pre: pre,
+            lambda raw, new, old, norm: with_first(raw, first(raw) + (norm(new) - norm(old)).to(first(raw).dtype)))
+
+
 class MLPInput(Component):
     """``mlp_in``: the stream the MLP reads, before its norm.
 
     >>> import reftgraph as rg
     >>> MLPInput().address("mlp_in", rg.models.tiny("gpt2").arch.blocks[0])
     Address(path='ln_2', io='input', inner=())
+
+    Where the MLP has a norm of its own, ``mlp_in`` is that norm's input. Where attention
+    and the MLP read one norm (GPT-J, Falcon, Phi: parallel blocks), it is a copy of
+    ``resid_pre`` and an edit recomputes the MLP's input from the norm of the new copy
+    (:func:`stream_input_view`), leaving attention's input as it was.
     """
     names = ("mlp_in",)
     needs_proof = True
@@ -210,19 +230,27 @@ class MLPInput(Component):
         norm = block.reads.get("mlp_in")
         if norm is None:
             return Address(None, "input")
+        if "mlp_in_shared" in block.reads:
+            return Address(block.paths.mlp_in, "input")
         return Address(norm or block.paths.mlp_in, "input")
 
+    def modules(self, name, block) -> tuple:
+        return (block.reads["mlp_in_shared"],) if "mlp_in_shared" in block.reads else ()
+
     def view(self, name, arch, block, layer):
+        if "mlp_in_shared" in block.reads:
+            return stream_input_view()
         return per_token() if name in block.flat else super().view(name, arch, block, layer)
 
     def needs_pre(self, name, block) -> bool:
-        return name in block.flat
+        return name in block.flat or "mlp_in_shared" in block.reads
 
     def prove(self, ctx: Context) -> None:
         why = self._prove(ctx)
         if why:
             ctx.refused["mlp_in"] = why
             ctx.reads.pop("mlp_in", None)
+            ctx.reads.pop("mlp_in_shared", None)
 
     def _prove(self, ctx: Context) -> str:
         rec, paths = ctx.rec, ctx.paths
@@ -237,17 +265,33 @@ class MLPInput(Component):
         if norm and rec.calls.get(norm) != 1:
             return f"its norm {norm!r} runs {rec.calls.get(norm)} times per block"
         ctx.reads["mlp_in"] = norm
-        at = norm or paths.mlp_in
         delta = torch.randn(stream.shape[-1], generator=torch.Generator().manual_seed(4)) * (1 + stream.std())
-        new, _, _ = _record_input_edit(ctx, at, lambda t: t + delta)
-        post_gap = (new.post - new.out(ctx.mlp_out).reshape(new.post.shape)) - \
-            (rec.post - rec.out(ctx.mlp_out).reshape(rec.post.shape))
-        if not rec.close(post_gap, torch.zeros_like(post_gap)) or rec.close(new.out(ctx.mlp_out), rec.out(ctx.mlp_out)):
-            where = "attention also reads it (a norm shared by attention and MLP)" if not ctx.style.has_mid else \
-                "the stream moved outside the MLP"
-            return (f"moving the input of {at!r} should move the block output through the MLP alone; {where} "
-                    f"({rec.gap(post_gap, torch.zeros_like(post_gap))})")
-        return ""
+        at = norm or paths.mlp_in
+        why = _moves_mlp_alone(ctx, at, lambda t: t + delta)
+        if why and norm and not ctx.style.has_mid:   # one norm for attention and MLP: recompute the MLP's input
+            module = walk(ctx.blocks[ctx.layer], norm)
+            with torch.no_grad():
+                shift = module(stream + delta) - module(stream)
+            why = _moves_mlp_alone(ctx, paths.mlp_in, lambda t: t + shift.reshape(t.shape))
+            if not why:
+                ctx.reads["mlp_in_shared"] = norm
+                return ""
+            at = paths.mlp_in
+        return f"moving the input of {at!r} should move the block output through the MLP alone; {why}" if why else ""
+
+
+def _moves_mlp_alone(ctx: Context, path: str, fn) -> str:
+    """'' when replacing the input of ``path`` by ``fn(input)`` moves the block output
+    through the MLP alone (and moves it), else why not."""
+    rec = ctx.rec
+    new, _, _ = _record_input_edit(ctx, path, fn)
+    post_gap = (new.post - new.out(ctx.mlp_out).reshape(new.post.shape)) - \
+        (rec.post - rec.out(ctx.mlp_out).reshape(rec.post.shape))
+    if rec.close(new.out(ctx.mlp_out), rec.out(ctx.mlp_out)):
+        return "the MLP's output did not move"
+    if not rec.close(post_gap, torch.zeros_like(post_gap)):
+        return f"the stream moved outside the MLP too ({rec.gap(post_gap, torch.zeros_like(post_gap))})"
+    return ""
 
 
 def _record_input_edit(ctx: Context, path: str, fn):

@@ -242,6 +242,9 @@ def write_markdown(rows: list, path: Path) -> dict:
         "heads": sum(ok(r, ("head_out",)) for r in built),
         "qkv": sum(ok(r, ("q", "k", "v")) for r in built),
         "pattern": sum(ok(r, ("attn_pattern",)) for r in built),
+        "head_inputs": sum(ok(r, ("q_in", "k_in", "v_in")) for r in built),
+        "mlp_in": sum(ok(r, ("mlp_in",)) for r in built),
+        "ends": sum(ok(r, ("embed", "logits_in", "logits")) for r in built),
         "oracle_failures": sum(any(str(r.get(c, "")).startswith("ORACLE") for c in COMPONENTS) for r in built),
     }
     lines = [
@@ -257,6 +260,9 @@ def write_markdown(rows: list, path: Path) -> dict:
         f"- `resid_pre`/`resid_post` verified: {totals['all_resid']}",
         f"- `head_out` verified: {totals['heads']}; `q`/`k`/`v` verified: {totals['qkv']}; "
         f"`attn_pattern` verified: {totals['pattern']}",
+        f"- receiver inputs: `q_in`/`k_in`/`v_in` verified: {totals['head_inputs']}; `mlp_in` verified: "
+        f"{totals['mlp_in']}",
+        f"- the stream's ends: `embed`/`logits_in`/`logits` verified: {totals['ends']}",
         f"- oracle failures: {totals['oracle_failures']}",
         "",
         "| type | style | q/k/v | " + " | ".join(COMPONENTS) + " |",
@@ -287,6 +293,11 @@ def write_markdown(rows: list, path: Path) -> dict:
               "  whose output is a named tuple (Reformer): every component is refused.",
               "- **q/k norms over all heads** (OLMo2, ...): one head's `q`/`k` is not local; refused by locality.",
               "- **Compressed attention** (DeepSeek MLA, MiniCPM3): no `k`/`v` projections per head.",
+              "- **Receiver inputs** (`q_in`/`k_in`/`v_in`, `mlp_in`) need their reader to read the stream itself or",
+              "  one norm of it; a head input also needs its `q`/`k`/`v` (a q/k norm over all heads breaks locality).",
+              "- **The stream's ends**: `embed` is refused where a norm or mixing lies between the embedding and the",
+              "  first block (BLOOM's embedding norm); `logits` where the model changes the logits after its output",
+              "  layer (Gemma 2's soft cap).",
               "", "## Refusals and failures, with the check that failed", ""] + reasons + [""]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))

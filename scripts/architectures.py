@@ -66,7 +66,8 @@ def _hook_edit(lm, component, layer, delta, head, positions):
             x = seen["pre"] + delta
             fresh = q_get(module.forward(norm.forward(x) if norm is not None else x), None)
             value = q_get(out, None).clone()
-            value[:, :, head] = fresh[:, :, head]
+            at = slice(None) if positions == "all" else positions
+            value[:, at, head] = fresh[:, at, head]
             return q_put(out, value, None)
         handles.append(module.register_forward_hook(recompute))
         return handles
@@ -153,7 +154,7 @@ def oracle(lm, component, layer) -> str:
     if component in KEY_COMPONENTS:
         return pattern_oracle(lm, layer)
     head = 0 if component in ("head_out", "q", "k", "v") + HEAD_INPUTS else None
-    positions = [0] if component == "k" else "all"   # one key moved: the same shift of every key cancels
+    positions = [0] if component in ("k", "k_in") else "all"   # one key moved: the same shift of every key cancels
     delta = torch.randn(lm.arch.width(component, layer), generator=torch.Generator().manual_seed(7))
     g = rg.Graph()
     g.add(rg.Site(component, layer=layer, positions=positions, head=head), rg.Add(delta), name="n")

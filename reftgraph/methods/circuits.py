@@ -33,10 +33,11 @@ from ..errors import DataError
 from ..training.counterfactual import Counterfactual
 from ..viz.circuits import draw_circuit, plot_curve
 from ..viz.progress import progress_bar
+from .edges import edge_scores, edges
 from .patching.attribution import attribute
 from .patching.metrics import Reference, get_metric
 
-__all__ = ["Circuit", "scores", "discover", "circuit_graph", "members", "faithfulness", "curve", "top_layers", "draw",
+__all__ = ["Circuit", "edges", "edge_scores", "scores", "discover", "circuit_graph", "members", "faithfulness", "curve", "top_layers", "draw",
            "plot_curve"]
 
 NODES = ("heads", "heads+mlps")

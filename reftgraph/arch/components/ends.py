@@ -33,6 +33,17 @@ def _path_of(model, module) -> Optional[str]:
     return next((name for name, m in model.named_modules() if m is module and name), None)
 
 
+def _unreachable(path: Optional[str]) -> str:
+    """Why nnsight cannot reach the module at ``path`` by attribute ('' when it can): a part
+    named like an envoy's own attribute (GIT's output layer is called ``output``)."""
+    from nnsight import Envoy
+
+    if path is None:
+        return "its module has no path below the model"
+    clash = [part for part in path.split(".") if hasattr(Envoy, part)]
+    return f"its module path {path!r} has a part nnsight reads as its own ({clash[0]!r})" if clash else ""
+
+
 def _hooked(model, ids, hooks: list):
     """The model's logits with forward (pre) hooks ``[(module, kind, fn)]`` installed."""
     handles = []
@@ -80,10 +91,14 @@ def prove_ends(model, blocks, ids) -> dict:
         out["logits_in"] = out["logits"] = "the model has no output layer (get_output_embeddings) that runs"
         return out
     head_path = _path_of(model, head)
+    if _unreachable(head_path):
+        out["logits_in"] = out["logits"] = _unreachable(head_path)
+        return out
     found = next((i for i in range(len(norms)) if close(seen.get(("norm_in", i)), seen["last"])
                   and close(seen.get(("norm_out", i)), seen["head_in"])), None)
     if found is not None:
-        out["logits_in"] = (Address(_path_of(model, norms[found]), "input", root=True), None)
+        path = _path_of(model, norms[found])
+        out["logits_in"] = _unreachable(path) or (Address(path, "input", root=True), None)
     elif close(seen["head_in"], seen["last"]):
         out["logits_in"] = (Address(head_path, "input", root=True), None)
     else:
@@ -141,7 +156,8 @@ def _prove_embed(model, blocks, ids, embedding, seen):
         return ("the model transforms the embeddings before the first block (a norm or a mixing: moving them by d "
                 f"does not move resid_pre[0] by a multiple of d; {gap(shift, scale * delta.expand_as(shift))}); "
                 "use resid_pre at layer 0")
-    return Address(_path_of(model, embedding), "output", root=True), round(scale, 6)
+    path = _path_of(model, embedding)
+    return _unreachable(path) or (Address(path, "output", root=True), round(scale, 6))
 
 
 class Ends(Component):

@@ -48,15 +48,15 @@ from ...training.counterfactual import Counterfactual
 from .metrics import Reference, get_metric, restoration
 from .sweeps import row_bytes, sweep_conditions
 
-__all__ = ["attribute"]
+__all__ = ["attribute", "Probe", "check_metric"]
 
 
-class _Probe(Op):
+class Probe(Op):
     """Adds a zero that requires grad, so that a backward pass leaves ``dM/d(slice)`` in
     ``probe.delta.grad``; records the slice it saw in ``probe.value``.
 
     >>> import torch
-    >>> p = _Probe()
+    >>> p = Probe()
     >>> out = p(torch.ones(1, 2, 3))
     >>> out.sum().backward()
     >>> p.delta.grad.tolist(), p.value.shape
@@ -128,7 +128,7 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
                     raise SiteError(f"grad_drop drops the gradient through attn_out and mlp_out, but {c} "
                                     f"[{layer}] is refused for this model: {model.arch.refusal(c, layer)}")
     correct, wrong = data.answer_ids(model, required=False)
-    _check_metric(metric_fn, Reference(correct, wrong), model)
+    check_metric(metric_fn, Reference(correct, wrong), model)
 
     rows = _chunk_rows(model, data, sites, memory_mb)
     totals: dict = {}
@@ -193,7 +193,7 @@ def _equal_lengths(model, data) -> None:
                             f"row {i} has {len(a)} and {len(b)} tokens")
 
 
-def _check_metric(metric_fn, ref: Reference, model) -> None:
+def check_metric(metric_fn, ref: Reference, model) -> None:
     """Refuse, before any forward, a metric whose value does not depend on the logits."""
     n = 1 if ref.correct is None else len(ref.correct)
     vocab = model.hf.config.get_text_config().vocab_size
@@ -284,7 +284,7 @@ def _gradients(model, prompts, probes, metric_fn, ref, extra=(), first: bool = T
         for site, op in extra:
             g.add(Site(site.component, site.layer, positions="all"), op)
     for key, sel in probes.items():
-        ops[key] = _Probe()
+        ops[key] = Probe()
         g.add(Site(key[0], key[1], positions=sel), ops[key], name=_name(key))
     if not first:
         for site, op in extra:

@@ -1,0 +1,259 @@
+"""Edges: which sender -> receiver connections of the residual stream matter.
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")        # 2 layers, 4 query heads, 2 key-value heads
+>>> table = edges(lm)
+>>> len(table), table.iloc[0][["sender", "receiver"]].tolist()
+(82, ['input', 'a0.h0<q>'])
+
+The stream is a sum of what the senders wrote: the embeddings (``input``), each head's
+output through its slice of the output projection (``a{L}.h{h}``) and each MLP's output
+(``m{L}``). Each receiver reads it through its own copy: each head's query, key and value
+input (``a{L}.h{h}<q>``, ``<k>``, ``<v>``; key-value heads for ``k``/``v``), each MLP's input
+(``m{L}``) and the logits (``logits``): the receiver-input components ``q_in``, ``k_in``,
+``v_in``, ``mlp_in`` and ``logits_in``. An edge is a sender an earlier part of the forward
+wrote and a receiver reads: sender layer < receiver layer, or attention -> MLP of one
+layer where the block is sequential (parallel blocks have none).
+
+:func:`edge_scores` scores every edge by the effect of giving its receiver the sender's
+value from the corrupted run, on the clean run (the convention of
+:mod:`reftgraph.circuits`: ``data.source`` holds the clean prompts, ``data.base`` the
+corrupted ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pandas as pd
+import torch
+
+from ..arch.structure import Hook
+from ..core.graph import Graph
+from ..core.ops import Collect
+from ..core.ops.base import Op
+from ..core.sites import Site
+from ..engine.run import as_model, run
+from ..errors import DataError, SiteError
+from ..training.counterfactual import Counterfactual
+from ..viz.progress import progress_bar
+from .patching.attribution import Probe, check_metric
+from .patching.metrics import Reference, get_metric
+
+__all__ = ["edges", "edge_scores", "METHODS"]
+
+METHODS = ("eap", "exact")
+NEEDS = ("embed", "head_out", "mlp_out", "q_in", "k_in", "v_in", "mlp_in", "logits_in")
+COLUMNS = ["sender", "receiver", "sender_kind", "sender_layer", "sender_head", "receiver_kind", "receiver_layer",
+           "receiver_head"]
+
+
+@dataclass(frozen=True)
+class _Unit:
+    """A sender or receiver: its name, kind, layer (-1: before the blocks; n: after) and head."""
+
+    name: str
+    kind: str
+    layer: int
+    head: Optional[int] = None
+
+
+def _check_arch(arch) -> None:
+    """Refuse, naming the component and the reason, a model whose senders or receivers are not proven."""
+    for c in NEEDS:
+        for layer in ([0] if c == "embed" else [arch.n_layers - 1] if c == "logits_in" else range(arch.n_layers)):
+            why = arch.refusal(c, layer)
+            if why:
+                raise SiteError(f"edges need {c} on every layer, and {why}")
+    post = [i for i, b in enumerate(arch.blocks) if b.style == "post_norm"]
+    if post:
+        raise SiteError(f"edges need each head's output to be a term of the stream, but layers {post} pass "
+                        "attention through a norm before adding it (post_norm blocks): no head writes a term")
+
+
+def _units(arch) -> tuple[list, list]:
+    senders, receivers = [_Unit("input", "input", -1)], []
+    for layer in range(arch.n_layers):
+        senders += [_Unit(f"a{layer}.h{h}", "head", layer, h) for h in range(arch.heads("head_out", layer))]
+        for c in "qkv":
+            receivers += [_Unit(f"a{layer}.h{h}<{c}>", c, layer, h) for h in range(arch.heads(f"{c}_in", layer))]
+        receivers.append(_Unit(f"m{layer}", "mlp", layer))
+        senders.append(_Unit(f"m{layer}", "mlp", layer))
+    receivers.append(_Unit("logits", "logits", arch.n_layers))
+    return senders, receivers
+
+
+def _forward(arch, s: _Unit, r: _Unit) -> bool:
+    """Whether sender ``s`` writes before receiver ``r`` reads."""
+    if s.layer < r.layer:
+        return True
+    # attention -> MLP of one layer: where a stream lies between them (sequential blocks)
+    return s.layer == r.layer and s.kind == "head" and r.kind == "mlp" and "resid_mid" not in arch.blocks[s.layer].refused
+
+
+def edges(model) -> pd.DataFrame:
+    """Every edge of ``model``: one row per (sender, receiver), in forward order.
+
+    >>> import reftgraph as rg
+    >>> table = edges(rg.models.tiny("gpt_neox"))     # parallel blocks: no attention -> MLP edge in a layer
+    >>> table.columns.tolist()[:4], bool(((table.sender == "a0.h0") & (table.receiver == "m0")).any())
+    (['sender', 'receiver', 'sender_kind', 'sender_layer'], False)
+    """
+    arch = as_model(model).arch
+    _check_arch(arch)
+    senders, receivers = _units(arch)
+    rows = [(s.name, r.name, s.kind, s.layer, s.head, r.kind, r.layer, r.head)
+            for r in receivers for s in senders if _forward(arch, s, r)]
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+# -- the values senders write and receivers read --------------------------------------------
+
+def _sender_graph(arch) -> Graph:
+    g = Graph()
+    g.add(Site("embed"), Collect(), name="input")
+    for layer in range(arch.n_layers):
+        g.add(Site("head_out", layer), Collect(), name=f"a{layer}")
+        g.add(Site("mlp_out", layer), Collect(), name=f"m{layer}")
+    return g
+
+
+def _out_maps(model) -> list:
+    """Per layer, each head's map from its output to the stream: ``[H, dh, d]`` (the output
+    projection applied to unit vectors, less its bias)."""
+    arch, maps = model.arch, []
+    for layer in range(arch.n_layers):
+        proj = arch.envoy(model.hf, Hook(layer, 0, arch.blocks[layer].paths.attn_proj, "output"))
+        n, dh = arch.heads("head_out", layer), arch.width("head_out", layer)
+        dtype = next(proj.parameters()).dtype
+        with torch.no_grad():
+            eye = torch.eye(n * dh, dtype=dtype, device=next(proj.parameters()).device)
+            full = proj(eye) - proj(torch.zeros_like(eye[:1]))
+        maps.append(full.float().view(n, dh, -1))
+    return maps
+
+
+def _writes(model, out, maps) -> torch.Tensor:
+    """What every sender wrote, ``[B, k, senders, d]`` (slots in prompt order), from a collect run."""
+    parts = [out["input"].float()[:, :, None]]
+    for layer in range(model.arch.n_layers):
+        heads = torch.einsum("bkhe,hed->bkhd", out[f"a{layer}"].float(), maps[layer])
+        parts += [heads, out[f"m{layer}"].float()[:, :, None]]
+    return torch.cat(parts, 2)
+
+
+def _equal_lengths(model, data) -> None:
+    tok = model.tokenizer
+    for i, (a, b) in enumerate(zip(tok(data.source)["input_ids"], tok(data.base)["input_ids"])):
+        if len(a) != len(b):
+            raise DataError(f"edge scores give a receiver the corrupted sender's value token for token: clean and "
+                            f"corrupted prompts must have equal lengths, but row {i} has {len(a)} (clean) and "
+                            f"{len(b)} (corrupted) tokens")
+
+
+def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_diff",
+                progress: bool = True) -> pd.DataFrame:
+    """Score every edge of ``model`` on ``data``: :func:`edges` with a ``score`` column.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
+    >>> table = edge_scores(lm, data, progress=False)
+    >>> len(table), table.attrs["method"], table.columns[-1]
+    (82, 'eap', 'score')
+
+    ``method="eap"`` (edge attribution patching, Syed et al. 2023): ``(a_corrupt - a_clean)
+    . dM/d(receiver input)``, summed over positions and averaged over rows, from one clean
+    forward and backward (every receiver's gradient at once, through its own copy of the
+    stream) and one corrupted forward. ``method="exact"``: one forward per edge, the
+    receiver's copy of the stream moved by the sender's ``a_corrupt - a_clean``; the change of
+    the metric (small models and tests). Clean (``data.source``) and corrupted
+    (``data.base``) prompts must have equal lengths, row by row. ``metric`` as in
+    :func:`~reftgraph.patching.sweep`.
+    """
+    model = as_model(model)
+    if method not in METHODS:
+        raise DataError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if not isinstance(data, Counterfactual):
+        raise DataError(f"edge_scores takes a rg.patching.Counterfactual, got {type(data).__name__}")
+    table = edges(model)
+    _equal_lengths(model, data)
+    metric_name, metric_fn = get_metric(metric)
+    correct, wrong = data.answer_ids(model, required=False)
+    check_metric(metric_fn, Reference(correct, wrong), model)
+    arch = model.arch
+    senders, receivers = _units(arch)
+    maps = _out_maps(model)
+    collect = _sender_graph(arch)
+    clean = run(collect, model, data.source, grad=False)
+    corrupt = run(collect, model, data.base, grad=False)
+    ref = Reference(correct, wrong, clean.next_token_logits)
+    valid = clean.valid["input"]
+    delta = (_writes(model, corrupt, maps) - _writes(model, clean, maps)) * valid[:, :, None, None]
+    index = {s.name: i for i, s in enumerate(senders)}
+    if method == "eap":
+        scores = _eap(model, data, receivers, delta, metric_fn, ref)
+        table["score"] = [float(scores[r][index[s]]) for s, r in zip(table.sender, table.receiver)]
+    else:
+        base = metric_fn(clean.next_token_logits, ref).mean()
+        pairs = zip(table.sender, table.receiver)
+        table["score"] = [_exact(model, data, receivers, r, delta[:, :, index[s]], metric_fn, ref) - float(base)
+                          for s, r in progress_bar(pairs, total=len(table), desc="edges", progress=progress, unit="run")]
+    table.attrs.update(method=method, metric=metric_name)
+    return table
+
+
+def _receiver_site(r: _Unit) -> Site:
+    if r.kind == "logits":
+        return Site("logits_in")
+    if r.kind == "mlp":
+        return Site("mlp_in", r.layer)
+    return Site(f"{r.kind}_in", r.layer, head=r.head)
+
+
+def _eap(model, data, receivers, delta, metric_fn, ref) -> dict:
+    """``{receiver: [senders]}``: each sender's ``delta . gradient`` at the receiver."""
+    g, probes = Graph(), {}
+    by_site = {}
+    for r in receivers:
+        site = _receiver_site(r)
+        key = site.replace(head=None)
+        if key not in by_site:
+            by_site[key] = Probe()
+            g.add(key, by_site[key], name=f"{key.component}{key.layer}")
+        probes[r.name] = (by_site[key], r.head)
+    out = run(g, model, data.source, grad=True)
+    total = metric_fn(out.next_token_logits, ref).sum()
+    ops = list(by_site.values())
+    grads = dict(zip(map(id, ops), torch.autograd.grad(total, [op.delta for op in ops], allow_unused=True)))
+    n = delta.shape[0]
+    scores = {}
+    for name, (op, head) in probes.items():
+        grad = grads[id(op)]
+        if grad is None:
+            scores[name] = torch.zeros(delta.shape[2])
+            continue
+        grad = grad.float() if head is None else grad[:, :, head].float()
+        scores[name] = torch.einsum("bksd,bkd->s", delta, grad) / n
+    return scores
+
+
+class _Shift(Op):
+    """Adds a fixed ``[B, k, d]`` tensor (slots in prompt order) to the slice (one head)."""
+
+    def __init__(self, delta):
+        super().__init__()
+        self.delta = delta
+
+    def forward(self, h, source=None, valid=None):
+        d = self.delta.to(h.dtype)
+        return h + (d[:, :, None] if h.dim() == 4 else d)
+
+
+def _exact(model, data, receivers, name, delta, metric_fn, ref) -> float:
+    r = next(u for u in receivers if u.name == name)
+    g = Graph()
+    g.add(_receiver_site(r), _Shift(delta), name="edge")
+    out = run(g, model, data.source, grad=False)
+    return float(metric_fn(out.next_token_logits, ref).mean())

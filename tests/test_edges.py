@@ -1,0 +1,174 @@
+"""Edge scores against the same scores written with plain PyTorch hooks, one prompt at a time:
+each sender's write recomputed by hand (a head's through the output projection with the other
+heads zeroed), each receiver's input edited through its own copy (tests/oracle.py)."""
+
+import pandas as pd
+import pytest
+import torch
+
+import reftgraph as rg
+from oracle import PATHS, install, module
+
+DATA = rg.patching.Counterfactual(["ab d c", "xy w z", "jello r"], ["ab c d", "xy z w", "hello q"],
+                                  correct=["c", "z", "q"], wrong=["d", "w", "r"])   # source: the clean prompts
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gpt_neox"])
+def lm(request):
+    return rg.models.tiny(request.param)
+
+
+def root_module(hf, path):
+    for part in path.split("."):
+        hf = getattr(hf, part)
+    return hf
+
+
+def writes(lm, family, ids):
+    """``{sender: [S, d]}`` what each sender wrote, with plain hooks (no padding)."""
+    hf, p, seen = lm.hf, PATHS[family], {}
+    n = lm.arch.n_layers
+    handles = [root_module(hf, p["embed"]).register_forward_hook(lambda m, a, o: seen.update(input=o[0].detach()))]
+    for layer in range(n):
+        o_proj = module(hf, family, layer, p["o"])
+        mlp = module(hf, family, layer, p.get("mlp_add", p["mlp"]))
+        handles.append(o_proj.register_forward_pre_hook(lambda m, a, layer=layer: seen.update({f"z{layer}": a[0][0]})))
+        handles.append(mlp.register_forward_hook(
+            lambda m, a, o, layer=layer: seen.update({f"m{layer}": (o[0] if isinstance(o, tuple) else o)[0].detach()})))
+    try:
+        with torch.no_grad():
+            hf(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {"input": seen["input"]}
+    for layer in range(n):
+        o_proj, z = module(hf, family, layer, p["o"]), seen[f"z{layer}"]
+        heads = lm.arch.heads("head_out", layer)
+        dh = z.shape[-1] // heads
+        with torch.no_grad():
+            for h in range(heads):
+                alone = torch.zeros_like(z)
+                alone[:, h * dh:(h + 1) * dh] = z[:, h * dh:(h + 1) * dh]
+                out[f"a{layer}.h{h}"] = o_proj(alone) - o_proj(torch.zeros_like(z))
+        out[f"m{layer}"] = seen[f"m{layer}"]
+    return out
+
+
+def receiver(name, n_layers):
+    """``(component, layer, head)`` of a receiver name."""
+    if name == "logits":
+        return "logits_in", n_layers - 1, None
+    if name.startswith("m"):
+        return "mlp_in", int(name[1:]), None
+    layer, rest = name[1:].split(".h")
+    head, kind = rest[:-3], rest[-2]
+    return f"{kind}_in", int(layer), int(head)
+
+
+def plain(lm, table, exact: bool):
+    """The mean over prompts of each edge's score, with plain hooks (one prompt at a time)."""
+    family, hf, cfg, tok = lm.arch.family.name, lm.hf, lm.hf.config, lm.tokenizer
+    n, total = lm.arch.n_layers, torch.zeros(len(table), dtype=torch.float64)
+    for clean, corrupt, good, bad in zip(DATA.source, DATA.base, DATA.correct, DATA.wrong):
+        ids = tok([clean], return_tensors="pt")["input_ids"]
+        good_id, bad_id = tok(good)["input_ids"][-1], tok(bad)["input_ids"][-1]
+        mine, theirs = writes(lm, family, ids), writes(lm, family, tok([corrupt], return_tensors="pt")["input_ids"])
+        delta = {k: theirs[k] - mine[k] for k in mine}
+
+        def metric(logits):
+            return logits[0, -1, good_id] - logits[0, -1, bad_id]
+
+        if exact:
+            with torch.no_grad():
+                base = metric(hf(input_ids=ids).logits)
+            for i, (s, r) in enumerate(zip(table.sender, table.receiver)):
+                component, layer, head = receiver(r, n)
+                d = delta[s][None]
+
+                def edit(t, d=d, head=head):
+                    if head is None:
+                        return t + d
+                    t = t.clone()
+                    t[:, :, head] = t[:, :, head] + d
+                    return t
+                handles = install(hf, family, component, layer, edit, cfg)
+                try:
+                    with torch.no_grad():
+                        total[i] += float(metric(hf(input_ids=ids).logits) - base)
+                finally:
+                    for h in handles:
+                        h.remove()
+            continue
+        params, handles = {}, []
+        for component in ("q_in", "k_in", "v_in", "mlp_in", "logits_in"):
+            for layer in ([n - 1] if component == "logits_in" else range(n)):
+                def edit(t, key=(component, layer)):
+                    params[key] = torch.zeros_like(t, requires_grad=True)
+                    return t + params[key]
+                handles += install(hf, family, component, layer, edit, cfg)
+        try:
+            value = metric(hf(input_ids=ids).logits)
+        finally:
+            for h in handles:
+                h.remove()
+        keys = list(params)
+        grads = dict(zip(keys, torch.autograd.grad(value, [params[k] for k in keys], allow_unused=True)))
+        for i, (s, r) in enumerate(zip(table.sender, table.receiver)):
+            component, layer, head = receiver(r, n)
+            g = grads[(component, layer)]
+            g = torch.zeros_like(params[(component, layer)]) if g is None else g
+            g = g[0] if head is None else g[0, :, head]
+            total[i] += float((delta[s] * g).sum())
+    return total / len(DATA.source)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_eap_equals_the_plain_hook_linearisation(lm, side):
+    old, lm.tokenizer.padding_side = lm.tokenizer.padding_side, side
+    try:
+        table = rg.circuits.edge_scores(lm, DATA, progress=False)
+    finally:
+        lm.tokenizer.padding_side = old
+    want = plain(lm, table, exact=False)
+    torch.testing.assert_close(torch.tensor(table.score.values, dtype=torch.float64), want, atol=ATOL, rtol=1e-4)
+    assert want.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_exact_equals_the_plain_hook_edge_patch(lm, side):
+    table = rg.circuits.edges(lm)
+    sample = pd.concat([table.iloc[::7], table.groupby("receiver_kind").head(1), table.groupby("sender_kind").tail(1)])
+    table = sample.drop_duplicates().reset_index(drop=True)    # a sample with every kind of sender and receiver
+    old, lm.tokenizer.padding_side = lm.tokenizer.padding_side, side
+    try:
+        ours = rg.circuits.edge_scores(lm, DATA, method="exact", progress=False)
+    finally:
+        lm.tokenizer.padding_side = old
+    ours = ours.merge(table[["sender", "receiver"]], on=["sender", "receiver"])
+    want = plain(lm, ours, exact=True)
+    torch.testing.assert_close(torch.tensor(ours.score.values, dtype=torch.float64), want, atol=ATOL, rtol=1e-4)
+    assert set(ours.receiver_kind) == {"q", "k", "v", "mlp", "logits"}
+    assert set(ours.sender_kind) == {"input", "head", "mlp"}
+
+
+def test_the_edge_set():
+    llama, neox = rg.circuits.edges(rg.models.tiny("llama")), rg.circuits.edges(rg.models.tiny("gpt_neox"))
+    assert len(llama) == 82          # see reftgraph.methods.edges: 8 + 5 + 48 + 10 + 11
+    same_layer = llama[(llama.sender_layer == llama.receiver_layer)]
+    assert set(same_layer.sender_kind) == {"head"} and set(same_layer.receiver_kind) == {"mlp"}
+    assert not (neox.sender_layer == neox.receiver_layer).any()      # parallel blocks
+    assert (llama.sender_layer < llama.receiver_layer).sum() + len(same_layer) == len(llama)
+
+
+def test_bad_input_fails_before_any_forward():
+    lm = rg.models.tiny("llama")
+    with pytest.raises(rg.DataError, match="equal lengths"):
+        rg.circuits.edge_scores(lm, rg.patching.Counterfactual(["ab c"], ["ab cd"], correct=["c"], wrong=["d"]))
+    with pytest.raises(rg.DataError, match="unknown method"):
+        rg.circuits.edge_scores(lm, DATA, method="eap-ig")
+    with pytest.raises(rg.DataError, match="does not depend on them"):
+        rg.circuits.edge_scores(lm, DATA, metric=lambda logits, ref: torch.zeros(len(logits)))
+    with pytest.raises(rg.SiteError, match="post_norm"):
+        rg.circuits.edges(rg.models.tiny("gemma3_text"))

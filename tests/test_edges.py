@@ -67,8 +67,9 @@ def receiver(name, n_layers):
     return f"{kind}_in", int(layer), int(head)
 
 
-def plain(lm, table, exact: bool):
-    """The mean over prompts of each edge's score, with plain hooks (one prompt at a time)."""
+def plain(lm, table, exact: bool, steps: int = 0):
+    """The mean over prompts of each edge's score, with plain hooks (one prompt at a time);
+    ``steps``: EAP-IG's gradient, averaged over embeddings from the corrupted to the clean."""
     family, hf, cfg, tok = lm.arch.family.name, lm.hf, lm.hf.config, lm.tokenizer
     n, total = lm.arch.n_layers, torch.zeros(len(table), dtype=torch.float64)
     for clean, corrupt, good, bad in zip(DATA.source, DATA.base, DATA.correct, DATA.wrong):
@@ -101,24 +102,31 @@ def plain(lm, table, exact: bool):
                     for h in handles:
                         h.remove()
             continue
-        params, handles = {}, []
-        for component in ("q_in", "k_in", "v_in", "mlp_in", "logits_in"):
-            for layer in ([n - 1] if component == "logits_in" else range(n)):
-                def edit(t, key=(component, layer)):
-                    params[key] = torch.zeros_like(t, requires_grad=True)
-                    return t + params[key]
-                handles += install(hf, family, component, layer, edit, cfg)
-        try:
-            value = metric(hf(input_ids=ids).logits)
-        finally:
-            for h in handles:
-                h.remove()
-        keys = list(params)
-        grads = dict(zip(keys, torch.autograd.grad(value, [params[k] for k in keys], allow_unused=True)))
+        grads = {}
+        alphas = [k / steps for k in range(steps)] if steps else [None]
+        for alpha in alphas:
+            params, handles = {}, []
+            if alpha is not None:
+                x = theirs["input"] + alpha * (mine["input"] - theirs["input"])
+                handles.append(root_module(hf, PATHS[family]["embed"]).register_forward_hook(lambda m, a, o: x[None]))
+            for component in ("q_in", "k_in", "v_in", "mlp_in", "logits_in"):
+                for layer in ([n - 1] if component == "logits_in" else range(n)):
+                    def edit(t, key=(component, layer)):
+                        params[key] = torch.zeros_like(t, requires_grad=True)
+                        return t + params[key]
+                    handles += install(hf, family, component, layer, edit, cfg)
+            try:
+                value = metric(hf(input_ids=ids).logits)
+            finally:
+                for h in handles:
+                    h.remove()
+            keys = list(params)
+            for k, g in zip(keys, torch.autograd.grad(value, [params[k] for k in keys], allow_unused=True)):
+                g = torch.zeros_like(params[k]) if g is None else g
+                grads[k] = grads.get(k, 0) + g / len(alphas)
         for i, (s, r) in enumerate(zip(table.sender, table.receiver)):
             component, layer, head = receiver(r, n)
             g = grads[(component, layer)]
-            g = torch.zeros_like(params[(component, layer)]) if g is None else g
             g = g[0] if head is None else g[0, :, head]
             total[i] += float((delta[s] * g).sum())
     return total / len(DATA.source)
@@ -134,6 +142,19 @@ def test_eap_equals_the_plain_hook_linearisation(lm, side):
     want = plain(lm, table, exact=False)
     torch.testing.assert_close(torch.tensor(table.score.values, dtype=torch.float64), want, atol=ATOL, rtol=1e-4)
     assert want.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_eap_ig_equals_the_plain_hook_average_of_gradients(lm, side):
+    old, lm.tokenizer.padding_side = lm.tokenizer.padding_side, side
+    try:
+        table = rg.circuits.edge_scores(lm, DATA, method="eap-ig-inputs", steps=3, progress=False)
+    finally:
+        lm.tokenizer.padding_side = old
+    want = plain(lm, table, exact=False, steps=3)
+    torch.testing.assert_close(torch.tensor(table.score.values, dtype=torch.float64), want, atol=ATOL, rtol=1e-4)
+    eap = rg.circuits.edge_scores(lm, DATA, progress=False)
+    assert not torch.allclose(torch.tensor(eap.score.values, dtype=torch.float64), want, atol=1e-4)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -168,6 +189,8 @@ def test_bad_input_fails_before_any_forward():
         rg.circuits.edge_scores(lm, rg.patching.Counterfactual(["ab c"], ["ab cd"], correct=["c"], wrong=["d"]))
     with pytest.raises(rg.DataError, match="unknown method"):
         rg.circuits.edge_scores(lm, DATA, method="eap-ig")
+    with pytest.raises(rg.DataError, match="steps must be an int"):
+        rg.circuits.edge_scores(lm, DATA, method="eap-ig-inputs", steps=0)
     with pytest.raises(rg.DataError, match="does not depend on them"):
         rg.circuits.edge_scores(lm, DATA, metric=lambda logits, ref: torch.zeros(len(logits)))
     with pytest.raises(rg.SiteError, match="post_norm"):

@@ -31,7 +31,7 @@ import torch
 
 from ..arch.structure import Hook
 from ..core.graph import Graph
-from ..core.ops import Collect
+from ..core.ops import Collect, Set
 from ..core.ops.base import Op
 from ..core.sites import Site
 from ..engine.run import as_model, run
@@ -43,7 +43,7 @@ from .patching.metrics import Reference, get_metric
 
 __all__ = ["edges", "edge_scores", "METHODS"]
 
-METHODS = ("eap", "exact")
+METHODS = ("eap", "eap-ig-inputs", "exact")
 NEEDS = ("embed", "head_out", "mlp_out", "q_in", "k_in", "v_in", "mlp_in", "logits_in")
 COLUMNS = ["sender", "receiver", "sender_kind", "sender_layer", "sender_head", "receiver_kind", "receiver_layer",
            "receiver_head"]
@@ -152,7 +152,7 @@ def _equal_lengths(model, data) -> None:
                             f"{len(b)} (corrupted) tokens")
 
 
-def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_diff",
+def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_diff", steps: int = 5,
                 progress: bool = True) -> pd.DataFrame:
     """Score every edge of ``model`` on ``data``: :func:`edges` with a ``score`` column.
 
@@ -166,7 +166,10 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     ``method="eap"`` (edge attribution patching, Syed et al. 2023): ``(a_corrupt - a_clean)
     . dM/d(receiver input)``, summed over positions and averaged over rows, from one clean
     forward and backward (every receiver's gradient at once, through its own copy of the
-    stream) and one corrupted forward. ``method="exact"``: one forward per edge, the
+    stream) and one corrupted forward. ``method="eap-ig-inputs"`` (EAP-IG, Hanna et al. 2024):
+    the gradient averaged over ``steps`` forwards whose embeddings run from the corrupted ones
+    towards the clean ones (``corrupt + (k / steps) (clean - corrupt)``, k = 0 .. steps - 1, as
+    ``get_scores_eap_ig`` in hannamw/EAP-IG). ``method="exact"``: one forward per edge, the
     receiver's copy of the stream moved by the sender's ``a_corrupt - a_clean``; the change of
     the metric (small models and tests). Clean (``data.source``) and corrupted
     (``data.base``) prompts must have equal lengths, row by row. ``metric`` as in
@@ -175,6 +178,8 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     model = as_model(model)
     if method not in METHODS:
         raise DataError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise DataError(f"steps must be an int >= 1, got {steps!r}")
     if not isinstance(data, Counterfactual):
         raise DataError(f"edge_scores takes a rg.patching.Counterfactual, got {type(data).__name__}")
     table = edges(model)
@@ -192,8 +197,12 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     valid = clean.valid["input"]
     delta = (_writes(model, corrupt, maps) - _writes(model, clean, maps)) * valid[:, :, None, None]
     index = {s.name: i for i, s in enumerate(senders)}
-    if method == "eap":
-        scores = _eap(model, data, receivers, delta, metric_fn, ref)
+    if method != "exact":
+        inputs = None
+        if method == "eap-ig-inputs":
+            clean_in, corrupt_in = clean["input"], corrupt["input"]
+            inputs = [corrupt_in + (k / steps) * (clean_in - corrupt_in) for k in range(steps)]
+        scores = _eap(model, data, receivers, delta, metric_fn, ref, inputs, valid)
         table["score"] = [float(scores[r][index[s]]) for s, r in zip(table.sender, table.receiver)]
     else:
         base = metric_fn(clean.next_token_logits, ref).mean()
@@ -212,9 +221,19 @@ def _receiver_site(r: _Unit) -> Site:
     return Site(f"{r.kind}_in", r.layer, head=r.head)
 
 
-def _eap(model, data, receivers, delta, metric_fn, ref) -> dict:
-    """``{receiver: [senders]}``: each sender's ``delta . gradient`` at the receiver."""
+def _eap(model, data, receivers, delta, metric_fn, ref, inputs=None, valid=None) -> dict:
+    """``{receiver: [senders]}``: each sender's ``delta . gradient`` at the receiver; with
+    ``inputs`` (embeddings per step), the gradient averaged over runs from each."""
+    if inputs is None:
+        return _eap_once(model, data, receivers, delta, metric_fn, ref)
+    runs = [_eap_once(model, data, receivers, delta, metric_fn, ref, x, valid) for x in inputs]
+    return {name: sum(r[name] for r in runs) / len(runs) for name in runs[0]}
+
+
+def _eap_once(model, data, receivers, delta, metric_fn, ref, embed=None, valid=None) -> dict:
     g, probes = Graph(), {}
+    if embed is not None:
+        g.add(Site("embed"), Set(embed, mask=valid[..., None]), name="inputs")
     by_site = {}
     for r in receivers:
         site = _receiver_site(r)

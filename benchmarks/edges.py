@@ -27,11 +27,10 @@ def main():
     data = ioi(args.prompts)
     ids = lm.tokenizer(data.source, return_tensors="pt", padding=True)
 
-    def forward_backward():
-        lm.hf.zero_grad(set_to_none=True)
-        logits = lm.hf(**ids).logits
-        logits[:, -1].logsumexp(-1).sum().backward()
-        lm.hf.zero_grad(set_to_none=True)
+    def forward_backward():   # the weights are frozen: the gradient reaches the input embeddings
+        emb = lm.hf.get_input_embeddings()(ids["input_ids"]).detach().requires_grad_()
+        logits = lm.hf(inputs_embeds=emb, attention_mask=ids["attention_mask"]).logits
+        torch.autograd.grad(logits[:, -1].logsumexp(-1).sum(), emb)
 
     methods = {"eap": lambda: rg.circuits.edge_scores(lm, data, progress=False),
                f"eap-ig-inputs {args.steps}": lambda: rg.circuits.edge_scores(

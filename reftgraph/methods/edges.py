@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -84,14 +85,6 @@ def _units(arch) -> tuple[list, list]:
     return senders, receivers
 
 
-def _forward(arch, s: _Unit, r: _Unit) -> bool:
-    """Whether sender ``s`` writes before receiver ``r`` reads."""
-    if s.layer < r.layer:
-        return True
-    # attention -> MLP of one layer: where a stream lies between them (sequential blocks)
-    return s.layer == r.layer and s.kind == "head" and r.kind == "mlp" and "resid_mid" not in arch.blocks[s.layer].refused
-
-
 def edges(model) -> pd.DataFrame:
     """Every edge of ``model``: one row per (sender, receiver), in forward order.
 
@@ -103,9 +96,20 @@ def edges(model) -> pd.DataFrame:
     arch = as_model(model).arch
     _check_arch(arch)
     senders, receivers = _units(arch)
-    rows = [(s.name, r.name, s.kind, s.layer, s.head, r.kind, r.layer, r.head)
-            for r in receivers for s in senders if _forward(arch, s, r)]
-    return pd.DataFrame(rows, columns=COLUMNS)
+    mid = np.array(["resid_mid" not in b.refused for b in arch.blocks] + [False])   # sequential layers
+    s_layer = np.array([s.layer for s in senders])[:, None]
+    r_layer = np.array([r.layer for r in receivers])[None, :]
+    s_head = np.array([s.kind == "head" for s in senders])[:, None]
+    r_mlp = np.array([r.kind == "mlp" for r in receivers])[None, :]
+    # sender layer < receiver layer, or attention -> MLP of one sequential layer
+    keep = (s_layer < r_layer) | ((s_layer == r_layer) & s_head & r_mlp & mid[np.maximum(s_layer, 0)])
+    r_index, s_index = np.nonzero(keep.T)                                 # receiver by receiver, in order
+    columns = {"sender": [s.name for s in senders], "receiver": [r.name for r in receivers],
+               "sender_kind": [s.kind for s in senders], "sender_layer": [s.layer for s in senders],
+               "sender_head": [s.head for s in senders], "receiver_kind": [r.kind for r in receivers],
+               "receiver_layer": [r.layer for r in receivers], "receiver_head": [r.head for r in receivers]}
+    return pd.DataFrame({name: np.array(values, dtype=object)[s_index if name.startswith("sender") else r_index]
+                         for name, values in columns.items()}).infer_objects()
 
 
 # -- the values senders write and receivers read --------------------------------------------
@@ -203,7 +207,9 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
             clean_in, corrupt_in = clean["input"], corrupt["input"]
             inputs = [corrupt_in + (k / steps) * (clean_in - corrupt_in) for k in range(steps)]
         scores = _eap(model, data, receivers, delta, metric_fn, ref, inputs, valid)
-        table["score"] = [float(scores[r][index[s]]) for s, r in zip(table.sender, table.receiver)]
+        column = {r.name: i for i, r in enumerate(receivers)}
+        rows, cols = table.sender.map(index).to_numpy(copy=True), table.receiver.map(column).to_numpy(copy=True)
+        table["score"] = scores[torch.from_numpy(rows), torch.from_numpy(cols)].tolist()
     else:
         base = metric_fn(clean.next_token_logits, ref).mean()
         pairs = zip(table.sender, table.receiver)
@@ -221,41 +227,39 @@ def _receiver_site(r: _Unit) -> Site:
     return Site(f"{r.kind}_in", r.layer, head=r.head)
 
 
-def _eap(model, data, receivers, delta, metric_fn, ref, inputs=None, valid=None) -> dict:
-    """``{receiver: [senders]}``: each sender's ``delta . gradient`` at the receiver; with
+def _eap(model, data, receivers, delta, metric_fn, ref, inputs=None, valid=None) -> torch.Tensor:
+    """``[senders, receivers]``: each sender's ``delta . gradient`` at each receiver; with
     ``inputs`` (embeddings per step), the gradient averaged over runs from each."""
-    if inputs is None:
-        return _eap_once(model, data, receivers, delta, metric_fn, ref)
-    runs = [_eap_once(model, data, receivers, delta, metric_fn, ref, x, valid) for x in inputs]
-    return {name: sum(r[name] for r in runs) / len(runs) for name in runs[0]}
+    steps = inputs or [None]
+    grad = 0
+    for x in steps:                                                  # a running sum: one step's gradients held
+        grad = grad + _gradients(model, data, receivers, metric_fn, ref, x, valid) / len(steps)   # [receivers, B, k, d]
+    n, d = delta.shape[0], delta.shape[-1]
+    flat = delta.permute(2, 0, 1, 3).reshape(delta.shape[2], -1)     # [senders, B * k * d]
+    return flat @ grad.reshape(grad.shape[0], -1).T / n               # one product for every edge
 
 
-def _eap_once(model, data, receivers, delta, metric_fn, ref, embed=None, valid=None) -> dict:
+def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None) -> torch.Tensor:
+    """``[receivers, B, k, d]``: the metric's gradient at each receiver's copy of the stream,
+    from one clean forward (embeddings set to ``embed`` when given) and one backward."""
     g, probes = Graph(), {}
     if embed is not None:
         g.add(Site("embed"), Set(embed, mask=valid[..., None]), name="inputs")
-    by_site = {}
     for r in receivers:
-        site = _receiver_site(r)
-        key = site.replace(head=None)
-        if key not in by_site:
-            by_site[key] = Probe()
-            g.add(key, by_site[key], name=f"{key.component}{key.layer}")
-        probes[r.name] = (by_site[key], r.head)
+        key = _receiver_site(r).replace(head=None)
+        if key not in probes:
+            probes[key] = Probe()
+            g.add(key, probes[key], name=f"{key.component}{key.layer}")
     out = run(g, model, data.source, grad=True)
     total = metric_fn(out.next_token_logits, ref).sum()
-    ops = list(by_site.values())
-    grads = dict(zip(map(id, ops), torch.autograd.grad(total, [op.delta for op in ops], allow_unused=True)))
-    n = delta.shape[0]
-    scores = {}
-    for name, (op, head) in probes.items():
-        grad = grads[id(op)]
-        if grad is None:
-            scores[name] = torch.zeros(delta.shape[2])
-            continue
-        grad = grad.float() if head is None else grad[:, :, head].float()
-        scores[name] = torch.einsum("bksd,bkd->s", delta, grad) / n
-    return scores
+    ops = list(probes.values())
+    found = torch.autograd.grad(total, [op.delta for op in ops], allow_unused=True)
+    grads = {key: torch.zeros_like(op.delta) if gr is None else gr for key, op, gr in zip(probes, ops, found)}
+    per = []
+    for r in receivers:
+        gr = grads[_receiver_site(r).replace(head=None)]
+        per.append((gr if r.head is None else gr[:, :, r.head]).float())
+    return torch.stack(per)
 
 
 class _Shift(Op):

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from ..qkv import slicer
-from ..tree import is_norm
+from ..tree import is_norm, linear_shape
 from .base import Address, Component, Context, first, no_module, walk, with_first
 from .heads import POS
 from .outputs import per_token
@@ -106,12 +106,24 @@ def head_input_view(heads: int, head_get, head_put):
     def put(raw, new, old, norm, proj):
         t = first(raw)
         x = torch.cat([new.to(old.dtype), old], 0)
-        y = head_get(proj(norm(x) if norm is not None else x))          # [2B, S, copy, head, dh]
-        own = y.diagonal(dim1=2, dim2=3).movedim(-1, 2)                   # [2B, S, head, dh]
+        own = _per_head(proj, norm(x) if norm is not None else x, head_get)     # [2B, S, head, dh]
         delta = own[: new.shape[0]] - own[new.shape[0]:]
         return with_first(raw, head_put(t, head_get(t) + delta.to(t.dtype)))
 
     return get, put
+
+
+def _per_head(proj, x, head_get):
+    """``[..., heads, dh]``: for each head, its slice of ``proj`` applied to its own copy
+    ``x[..., head, :]``. A linear map (``nn.Linear``, GPT-2's ``Conv1D``) is applied per head
+    from its weight slices; any other module to every copy, keeping each head's own slice."""
+    module = getattr(proj, "_module", proj)          # (an nnsight envoy holds its module)
+    if linear_shape(module) is not None:
+        weight = module.weight.T if isinstance(module, torch.nn.Linear) else module.weight   # [in, out]
+        y = torch.einsum("...hi,ihe->...he", x, head_get(weight).to(x.dtype))
+        bias = getattr(module, "bias", None)
+        return y if bias is None else y + head_get(bias).to(x.dtype)
+    return head_get(proj(x)).diagonal(dim1=-3, dim2=-2).movedim(-1, -2)
 
 
 class HeadInputs(Component):

@@ -39,7 +39,7 @@ from ..engine.run import as_model, run
 from ..errors import DataError, SiteError
 from ..training.counterfactual import Counterfactual
 from ..viz.progress import progress_bar
-from .patching.attribution import Probe, check_metric
+from .patching.attribution import check_metric, probe
 from .patching.metrics import Reference, get_metric
 
 __all__ = ["edges", "edge_scores", "METHODS"]
@@ -248,7 +248,7 @@ def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None) -
     for r in receivers:
         key = _receiver_site(r).replace(head=None)
         if key not in probes:
-            probes[key] = Probe()
+            probes[key] = probe()
             g.add(key, probes[key], name=f"{key.component}{key.layer}")
     out = run(g, model, data.source, grad=True)
     total = metric_fn(out.next_token_logits, ref).sum()

@@ -48,15 +48,15 @@ from ...training.counterfactual import Counterfactual
 from .metrics import Reference, get_metric, restoration
 from .sweeps import row_bytes, sweep_conditions
 
-__all__ = ["attribute", "Probe", "check_metric"]
+__all__ = ["attribute", "probe", "check_metric"]
 
 
-class Probe(Op):
+class _Probe(Op):
     """Adds a zero that requires grad, so that a backward pass leaves ``dM/d(slice)`` in
     ``probe.delta.grad``; records the slice it saw in ``probe.value``.
 
     >>> import torch
-    >>> p = Probe()
+    >>> p = _Probe()
     >>> out = p(torch.ones(1, 2, 3))
     >>> out.sum().backward()
     >>> p.delta.grad.tolist(), p.value.shape
@@ -67,6 +67,15 @@ class Probe(Op):
         self.value = h.detach()
         self.delta = torch.zeros_like(h, requires_grad=True)
         return h + self.delta
+
+
+def probe() -> "_Probe":
+    """An op that leaves ``dM/d(slice)`` in ``op.delta.grad`` after a backward (see :class:`_Probe`).
+
+    >>> type(probe()).__name__
+    '_Probe'
+    """
+    return _Probe()
 
 
 class _StopGrad(Op):
@@ -284,7 +293,7 @@ def _gradients(model, prompts, probes, metric_fn, ref, extra=(), first: bool = T
         for site, op in extra:
             g.add(Site(site.component, site.layer, positions="all"), op)
     for key, sel in probes.items():
-        ops[key] = Probe()
+        ops[key] = _Probe()
         g.add(Site(key[0], key[1], positions=sel), ops[key], name=_name(key))
     if not first:
         for site, op in extra:

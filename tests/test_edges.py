@@ -2,6 +2,8 @@
 each sender's write recomputed by hand (a head's through the output projection with the other
 heads zeroed), each receiver's input edited through its own copy (tests/oracle.py)."""
 
+import math
+
 import pandas as pd
 import pytest
 import torch
@@ -195,3 +197,49 @@ def test_bad_input_fails_before_any_forward():
         rg.circuits.edge_scores(lm, DATA, metric=lambda logits, ref: torch.zeros(len(logits)))
     with pytest.raises(rg.SiteError, match="post_norm"):
         rg.circuits.edges(rg.models.tiny("gemma3_text"))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_an_edge_circuit_with_every_edge_is_the_clean_run_and_with_none_the_corrupted(lm, side):
+    table = rg.circuits.edges(lm)
+    sources = {"corrupt": DATA.base}
+    full = rg.circuits.edge_circuit(lm, table).run(lm, DATA.source, sources=sources, padding_side=side)
+    none = rg.circuits.edge_circuit(lm, table.iloc[:0]).run(lm, DATA.source, sources=sources, padding_side=side)
+    clean = rg.Graph().run(lm, DATA.source, padding_side=side)
+    corrupt = rg.Graph().run(lm, DATA.base, padding_side=side)
+    real = clean.attention_mask.bool()
+    # (to float rounding: the corrupted rows share the batch)
+    torch.testing.assert_close(full.logits[real], clean.logits[real], atol=1e-6, rtol=0)
+    assert torch.equal(real, corrupt.attention_mask.bool())      # equal lengths: the same real slots
+    torch.testing.assert_close(none.logits[real], corrupt.logits[real], atol=ATOL, rtol=0)
+
+
+def test_a_circuit_without_one_edge_moves_the_metric_by_its_exact_score(lm):
+    """Upstream of one missing edge nothing changes, so its receiver reads the clean stream with
+    the sender's corrupted write: exactly what method="exact" runs."""
+    exact = rg.circuits.edge_scores(lm, DATA, method="exact", progress=False)
+    every = rg.circuits.edges(lm)
+    for i in (0, len(every) // 2, len(every) - 1):
+        circuit = rg.circuits.edge_circuit(lm, every.drop(index=i))
+        result = rg.circuits.edge_faithfulness(circuit, lm, DATA, progress=False)
+        assert result["circuit"] - result["full"] == pytest.approx(exact.score[i], abs=ATOL)
+
+
+def test_mib_curve_and_areas():
+    lm = rg.models.tiny("llama")
+    scores = rg.circuits.edge_scores(lm, DATA, progress=False)
+    result = rg.circuits.mib(lm, DATA, scores, fractions=(0.05, 0.2, 1.0), progress=False)
+    curve = result["curve"]
+    assert curve.edges.tolist() == [4, 16, 82]
+    assert curve.faithfulness.iloc[-1] == pytest.approx(1.0, abs=1e-6)      # every edge: the clean run
+    f, x = curve.faithfulness.tolist(), [math.log(n) for n in curve.edges]
+    want_cpr = sum((x[i + 1] - x[i]) * (f[i] + f[i + 1]) / 2 for i in range(2))
+    want_cmd = sum((x[i + 1] - x[i]) * (abs(1 - f[i]) + abs(1 - f[i + 1])) / 2 for i in range(2))
+    assert result["cpr"] == pytest.approx(want_cpr) and result["cmd"] == pytest.approx(want_cmd)
+    circuit = rg.circuits.discover_edges(lm, DATA, size=16, table=scores)
+    assert set(zip(circuit.kept.sender, circuit.kept.receiver)) == set(
+        zip(*[scores.loc[scores.score.abs().sort_values(ascending=False).index[:16], c] for c in ("sender", "receiver")]))
+    with pytest.raises(rg.DataError, match="not edges of this model"):
+        rg.circuits.edge_circuit(lm, pd.DataFrame({"sender": ["a1.h0"], "receiver": ["a0.h0<q>"]}))
+    with pytest.raises(rg.DataError, match="valid sizes"):
+        rg.circuits.discover_edges(lm, DATA, size=1000, table=scores)

@@ -386,8 +386,11 @@ def test_unregistered_model_type_is_resolved_and_proven():
     lm = rg.wrap(tiny_opt(), rg.models.tiny_tokenizer())
     table = lm.arch.table()
     assert lm.arch.family.name == "opt" and lm.arch.blocks[0].style == "sequential"
+    ends = {c: table.pop(c) for c in ("embed", "logits_in", "logits")}     # outside the blocks: one layer each
     assert all(v == "verified" for v in table.values())
-    assert lm.arch.blocks[0].flat == {"mlp_out", "mlp_act"}   # OPT's MLP sees [batch * tokens, width]
+    assert ends == {"embed": "on layers 0 only", "logits_in": f"on layers {lm.arch.n_layers - 1} only",
+                    "logits": f"on layers {lm.arch.n_layers - 1} only"}
+    assert lm.arch.blocks[0].flat == {"mlp_out", "mlp_act", "mlp_in"}   # OPT's MLP sees [batch * tokens, width]
 
 
 def test_not_a_transformers_model_is_refused():

@@ -33,11 +33,14 @@ from ..errors import DataError
 from ..training.counterfactual import Counterfactual
 from ..viz.circuits import draw_circuit, plot_curve
 from ..viz.progress import progress_bar
+from .edge_circuits import (MIB_FRACTIONS, EdgeCircuit, discover_edges, draw_edges, edge_circuit, edge_faithfulness,
+                            mib, plot_mib)
 from .edges import edge_scores, edges
 from .patching.attribution import attribute
 from .patching.metrics import Reference, get_metric
 
-__all__ = ["Circuit", "edges", "edge_scores", "scores", "discover", "circuit_graph", "members", "faithfulness", "curve", "top_layers", "draw",
+__all__ = ["Circuit", "EdgeCircuit", "MIB_FRACTIONS", "edges", "edge_scores", "edge_circuit", "discover_edges",
+           "edge_faithfulness", "mib", "draw_edges", "plot_mib", "scores", "discover", "circuit_graph", "members", "faithfulness", "curve", "top_layers", "draw",
            "plot_curve"]
 
 NODES = ("heads", "heads+mlps")
@@ -107,7 +110,7 @@ def _check(data, nodes):
 def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes: str = "heads",
              method: str = "atp", ig_steps: int = 5, ablate: str = "corrupt", metric="logit_diff",
              rank: str = "effect", per_position: bool = False, table: Optional[pd.DataFrame] = None,
-             progress: bool = True) -> "Circuit":
+             progress: bool = True, level: str = "node") -> "Circuit":
     """The circuit of the ``size`` top-scoring nodes, as a graph that patches all the others.
 
     >>> import reftgraph as rg
@@ -126,7 +129,16 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
     the graph); ``rank`` and ``per_position``: see :func:`scores`. ``table``: scores from
     :func:`scores`, to reuse them across sizes. Returns a :class:`Circuit`: the graph, with
     the nodes it keeps (``circuit.kept``, their scores included) and these settings.
+
+    ``level="edge"``: an edge circuit instead (:func:`discover_edges`; ``method`` ``"atp"`` is
+    EAP, ``"ig"`` EAP-IG on the inputs with ``ig_steps`` steps, or any method of
+    :func:`edge_scores`), an :class:`EdgeCircuit`.
     """
+    if level not in ("node", "edge"):
+        raise DataError(f"level must be 'node' or 'edge', got {level!r}")
+    if level == "edge":
+        method = {"atp": "eap", "ig": "eap-ig-inputs"}.get(method, method)
+        return discover_edges(model, data, size, method, ig_steps, metric, table, progress)
     model = as_model(model)
     _check(data, nodes)
     if ablate not in ABLATE:

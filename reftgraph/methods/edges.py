@@ -73,7 +73,7 @@ def _check_arch(arch) -> None:
                         "attention through a norm before adding it (post_norm blocks): no head writes a term")
 
 
-def _units(arch) -> tuple[list, list]:
+def units(arch) -> tuple[list, list]:
     senders, receivers = [_Unit("input", "input", -1)], []
     for layer in range(arch.n_layers):
         senders += [_Unit(f"a{layer}.h{h}", "head", layer, h) for h in range(arch.heads("head_out", layer))]
@@ -95,7 +95,7 @@ def edges(model) -> pd.DataFrame:
     """
     arch = as_model(model).arch
     _check_arch(arch)
-    senders, receivers = _units(arch)
+    senders, receivers = units(arch)
     mid = np.array(["resid_mid" not in b.refused for b in arch.blocks] + [False])   # sequential layers
     s_layer = np.array([s.layer for s in senders])[:, None]
     r_layer = np.array([r.layer for r in receivers])[None, :]
@@ -123,7 +123,7 @@ def _sender_graph(arch) -> Graph:
     return g
 
 
-def _out_maps(model) -> list:
+def out_maps(model) -> list:
     """Per layer, each head's map from its output to the stream: ``[H, dh, d]`` (the output
     projection applied to unit vectors, less its bias)."""
     arch, maps = model.arch, []
@@ -192,8 +192,8 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     correct, wrong = data.answer_ids(model, required=False)
     check_metric(metric_fn, Reference(correct, wrong), model)
     arch = model.arch
-    senders, receivers = _units(arch)
-    maps = _out_maps(model)
+    senders, receivers = units(arch)
+    maps = out_maps(model)
     collect = _sender_graph(arch)
     clean = run(collect, model, data.source, grad=False)
     corrupt = run(collect, model, data.base, grad=False)

@@ -9,7 +9,7 @@ progress bars long calls show.
 """
 
 from ..core.graph import provide
-from .circuits import draw_circuit, plot_curve
+from .circuits import draw_circuit, draw_edges, plot_curve, plot_mib
 from .figure import Figure, new_figure
 from .patching import heatmap
 from .plot import draw_graph, plot_history
@@ -17,4 +17,5 @@ from .progress import progress_bar
 
 provide("draw", draw_graph)
 
-__all__ = ["draw_circuit", "draw_graph", "heatmap", "new_figure", "plot_curve", "plot_history", "progress_bar"]
+__all__ = ["draw_circuit", "draw_edges", "draw_graph", "heatmap", "new_figure", "plot_curve", "plot_history", "plot_mib",
+           "progress_bar"]

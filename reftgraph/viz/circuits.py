@@ -1,4 +1,4 @@
-"""Figures of circuits: the kept nodes by layer, and faithfulness against circuit size.
+"""Figures of circuits: the kept nodes (or edges) by layer, and faithfulness against circuit size.
 
 >>> import matplotlib; matplotlib.use("Agg")
 >>> import pandas as pd
@@ -77,4 +77,77 @@ def plot_curve(df: pd.DataFrame, value: str = "normalised", ax=None):
     ax.set_xlabel("nodes kept")
     ax.set_ylabel(f"{value} faithfulness" if value == "normalised" else value)
     ax.legend()
+    return fig
+
+
+def _edge_xy(name: str, n_layers: int, n_heads: int, group: int) -> tuple:
+    """Where a sender or receiver name sits: heads across, layers up, MLPs in a column at the right."""
+    mlp_x = n_heads + 0.5
+    if name == "input":
+        return (n_heads - 1) / 2, -1.0
+    if name == "logits":
+        return (n_heads - 1) / 2, float(n_layers)
+    if name.startswith("m"):
+        return mlp_x, int(name[1:]) + 0.3
+    layer, rest = name[1:].split(".h")
+    if rest.endswith(">"):           # a receiver: a head's q, k or v input, a little below the head
+        head, kind = int(rest[:-3]), rest[-2]
+        head = head * (group if kind in "kv" else 1)
+        return head + {"q": -0.2, "k": 0.0, "v": 0.2}[kind], int(layer) - 0.3
+    return int(rest), float(layer)
+
+
+def draw_edges(kept: pd.DataFrame, n_layers: int, n_heads: int, group: int = 1, ax=None):
+    """An edge circuit: each kept edge a line from its sender to its receiver (heads across,
+    layers up; a head's q/k/v inputs just below it, key-value heads at their first query head;
+    MLPs at the right; the embeddings below, the logits above). Returns the figure.
+
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> kept = pd.DataFrame({"sender": ["input", "a0.h1"], "receiver": ["a1.h0<k>", "logits"], "score": [0.5, -1.0]})
+    >>> draw_edges(kept, n_layers=2, n_heads=4).axes[0].get_title()
+    'edge circuit: 2 edges'
+
+    Line widths follow ``|score|`` when the table has scores (blue: positive, red: negative).
+    """
+    fig, ax = new_figure(ax, figsize=(max(4, 0.45 * n_heads + 2), max(3, 0.3 * n_layers + 1.5)),
+                         was_axes="draw_edges")
+    grid = [(h, layer) for layer in range(n_layers) for h in range(n_heads)]
+    ax.scatter([x for x, _ in grid], [y for _, y in grid], s=10, color="0.85", zorder=1)
+    biggest = float(kept["score"].abs().max()) if "score" in kept and len(kept) else 0.0
+    used = set()
+    for i, (s, r) in enumerate(zip(kept["sender"], kept["receiver"])):
+        (x0, y0), (x1, y1) = _edge_xy(s, n_layers, n_heads, group), _edge_xy(r, n_layers, n_heads, group)
+        score = float(kept["score"].iloc[i]) if biggest else 1.0
+        width = 0.4 + 2.6 * abs(score) / biggest if biggest else 0.8
+        ax.plot([x0, x1], [y0, y1], lw=width, alpha=0.7, zorder=2,
+                color="tab:blue" if score >= 0 else "tab:red")
+        used |= {(x0, y0), (x1, y1)}
+    ax.scatter([x for x, _ in used], [y for _, y in used], s=25, color="black", zorder=3)
+    ax.set_xticks(list(range(n_heads)) + [n_heads + 0.5], [str(h) for h in range(n_heads)] + ["MLP"])
+    ax.set_yticks([-1] + list(range(n_layers)) + [n_layers], ["emb"] + [str(i) for i in range(n_layers)] + ["logits"])
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_title(f"edge circuit: {len(kept)} edges")
+    return fig
+
+
+def plot_mib(results: dict, ax=None):
+    """MIB's faithfulness curves, one line per method: ``results`` maps a method's name to what
+    :func:`reftgraph.circuits.mib` returned. The x axis is the edge count (log). Returns the figure.
+
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> curve = pd.DataFrame({"fraction": [0.1, 1.0], "edges": [8, 82], "faithfulness": [0.4, 1.0]})
+    >>> plot_mib({"eap": {"curve": curve, "cpr": 1.6, "cmd": 0.7}}).axes[0].get_xscale()
+    'log'
+    """
+    fig, ax = new_figure(ax, figsize=(5, 3.5), was_axes="plot_mib")
+    for name, result in results.items():
+        curve = result["curve"]
+        ax.plot(curve["edges"], curve["faithfulness"], marker="o",
+                label=f"{name} (CPR {result['cpr']:.2f}, CMD {result['cmd']:.2f})")
+    ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("edges kept")
+    ax.set_ylabel("normalised faithfulness")
+    ax.legend(fontsize=8)
     return fig

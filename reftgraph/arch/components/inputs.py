@@ -84,11 +84,8 @@ def _with_input(ctx: Context, fn, path: str):
 
 
 def head_input_view(heads: int, head_get, head_put):
-    """``(get, put)`` of one head input: ``get(raw, pre)`` -> ``[B, S, heads, d_model]``
-    (the stream, once per head); ``put(raw, new, old, norm, proj)`` moves each head's slice
-    of the projection output ``raw`` from what its copy ``old`` gives to what ``new`` gives
-    (``norm`` may be None). The engine keeps the copies between edits (``old`` is what the
-    previous edit wrote, or ``get``'s value), so edits of one head input compose.
+    """``(get, put)`` of one head input: each head's own copy of the stream, and its
+    projection slice recomputed from the copy.
 
     >>> import torch
     >>> proj = torch.nn.Linear(4, 6)
@@ -99,6 +96,12 @@ def head_input_view(heads: int, head_get, head_put):
     >>> out = put(raw, new, get(raw, pre), None, proj).unflatten(-1, (2, 3))
     >>> torch.equal(out[:, :, 0], raw.unflatten(-1, (2, 3))[:, :, 0]), torch.allclose(out[:, :, 1], proj(pre + 1)[..., 3:])
     (True, True)
+
+    ``get(raw, pre)`` -> ``[B, S, heads, d_model]`` (the stream, once per head); ``put(raw,
+    new, old, norm, proj)`` moves each head's slice of the projection output ``raw`` from what
+    its copy ``old`` gives to what ``new`` gives (``norm`` may be None). The engine keeps the
+    copies between edits (``old`` is what the previous edit wrote, or ``get``'s value), so
+    edits of one head input compose.
     """
     def get(raw, pre):
         return pre.unsqueeze(2).expand(-1, -1, heads, -1)

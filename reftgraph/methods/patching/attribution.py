@@ -203,7 +203,14 @@ def _equal_lengths(model, data) -> None:
 
 
 def check_metric(metric_fn, ref: Reference, model) -> None:
-    """Refuse, before any forward, a metric whose value does not depend on the logits."""
+    """Refuse, before any forward, a metric whose value does not depend on the logits.
+
+    >>> import torch, reftgraph as rg
+    >>> check_metric(lambda logits, ref: torch.zeros(len(logits)), Reference(), rg.models.tiny("llama"))
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.DataError: attribution differentiates the metric with respect to the logits, but this metric does not depend on them: it must compute its value from the logits it is given
+    """
     n = 1 if ref.correct is None else len(ref.correct)
     vocab = model.hf.config.get_text_config().vocab_size
     logits = torch.randn(n, vocab, requires_grad=True)

@@ -1,0 +1,58 @@
+"""MIB's circuit metrics for edge methods on SmolLM2-135M and IOI: scores from one set of
+prompts, the faithfulness curve, CPR and CMD on held-out prompts of another seed. Prints a
+table (one row per method) and saves the curves' figure; last line JSON.
+
+    python benchmarks/mib.py [--prompts 16] [--steps 5] [--fractions 0.001 0.01 0.1 1]
+
+CPR is the area under the normalised faithfulness curve and CMD the area under
+|1 - faithfulness|, over the log of the edge count (MIB's ``MIB_circuit_track/evaluation.py``);
+circuits are not pruned.
+"""
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import reftgraph as rg  # noqa: E402
+from reftgraph.datasets import ioi  # noqa: E402
+
+from common import set_threads  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--fractions", type=float, nargs="*", default=list(rg.circuits.MIB_FRACTIONS))
+    args = parser.parse_args()
+    set_threads()
+    lm = rg.load()
+    train, held_out = ioi(args.prompts, seed=0), ioi(args.prompts, seed=1)
+    results, figures = {}, {"edges": len(rg.circuits.edges(lm)), "prompts": args.prompts}
+    for method in ("eap", "eap-ig-inputs"):
+        start = time.perf_counter()
+        scores = rg.circuits.edge_scores(lm, train, method=method, steps=args.steps, progress=False)
+        scored = time.perf_counter() - start
+        results[method] = rg.circuits.mib(lm, held_out, scores, fractions=args.fractions, progress=False)
+        figures[f"{method} CPR"] = round(results[method]["cpr"], 3)
+        figures[f"{method} CMD"] = round(results[method]["cmd"], 3)
+        figures[f"{method} scoring s"] = round(scored, 1)
+        figures[f"{method} curve"] = [round(f, 3) for f in results[method]["curve"].faithfulness]
+    RESULTS.mkdir(exist_ok=True)
+    rg.circuits.plot_mib(results).savefig(RESULTS / "mib_smollm2_ioi.png", dpi=120, bbox_inches="tight")
+    print(f"{'method':>16} {'CPR':>8} {'CMD':>8}   curve at {args.fractions}")
+    for method, result in results.items():
+        curve = " ".join(f"{f:.2f}" for f in result["curve"].faithfulness)
+        print(f"{method:>16} {result['cpr']:8.3f} {result['cmd']:8.3f}   {curve}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Edge circuits as graphs you run: each receiver reads the stream with the writes of the
+senders outside the circuit replaced by their corrupted writes, in the same forward.
+
+>>> import reftgraph as rg
+>>> lm = rg.models.tiny("llama")
+>>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
+>>> circuit = discover_edges(lm, data, size=10)
+>>> circuit.total, len(circuit.kept), sorted(circuit.streams)
+(82, 10, ['base', 'corrupt'])
+>>> out = circuit.run(lm, data.source, sources={"corrupt": data.base})
+
+The circuit runs on the clean prompts (``data.source``) beside the corrupted ones (stream
+``"corrupt"``, ``data.base``). Every sender's write is recorded in both streams as the
+forward reaches it (a head's through its slice of the output projection); a receiver with
+senders outside the circuit reads ``its stream + sum over those senders of (corrupted write -
+live write)`` through its own copy (``q_in``, ``k_in``, ``v_in``, ``mlp_in``, ``logits_in``). The
+live write is the one of this run: a sender whose own inputs were changed writes its changed
+value. With every edge kept the run is the clean run; with none, the corrupted run. (As MIB's
+``evaluate_graph`` in ``hannamw/EAP-IG``.)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import pandas as pd
+import torch
+
+from ..core.graph import Graph
+from ..core.ops.base import Op
+from ..core.sites import Site
+from ..engine.run import as_model, run
+from ..errors import DataError
+from ..training.counterfactual import Counterfactual
+from ..viz.circuits import draw_edges as _draw, plot_mib
+from ..viz.progress import progress_bar
+from .edges import edge_scores, edges, out_maps, units
+from .patching.metrics import Reference, get_metric
+
+__all__ = ["EdgeCircuit", "edge_circuit", "discover_edges", "edge_faithfulness", "mib", "MIB_FRACTIONS", "draw_edges",
+           "plot_mib"]
+
+STREAM = "corrupt"
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)   # MIB's circuit sizes
+
+
+class _Wiring:
+    """The writes of every sender in one forward, per stream, as the forward reaches them."""
+
+    def __init__(self):
+        self.writes, self.valid = {}, {}
+
+
+class _Send(Op):
+    """Records what the senders at its site wrote (``[B, k, (senders,) d]``); changes nothing."""
+
+    def __init__(self, wiring, key, out_map=None):
+        super().__init__()
+        self.wiring, self.key, self.out_map = wiring, key, out_map
+
+    def forward(self, h, source=None, valid=None):
+        write = h if self.out_map is None else torch.einsum("bkhe,hed->bkhd", h, self.out_map.to(h.dtype))
+        self.wiring.writes[self.key] = write
+        self.wiring.valid[self.key[0]] = valid
+        return h
+
+
+class _Read(Op):
+    """A receiver's copy of the stream with its outside senders' live writes replaced by their
+    corrupted ones: ``outside`` lists ``(sender site key, sender indices or None)``."""
+
+    def __init__(self, wiring, outside):
+        super().__init__()
+        self.wiring, self.outside = wiring, outside
+
+    def forward(self, h, source=None, valid=None):
+        live, corrupt = self.wiring.valid.get("base"), self.wiring.valid.get(STREAM)
+        if live is not None and corrupt is not None and not torch.equal(live, corrupt):
+            raise DataError("an edge circuit gives each receiver the corrupted writes token for token: the clean "
+                            "prompts and the corrupted ones (stream 'corrupt') must have equal lengths, row by row")
+        shift = 0
+        for key, index in self.outside:
+            live, corrupt = self.wiring.writes[("base",) + key], self.wiring.writes[(STREAM,) + key]
+            diff = corrupt - live
+            shift = shift + (diff if index is None else diff[:, :, index].sum(2))
+        if valid is not None:
+            shift = shift * valid[..., None].to(h.dtype)
+        return h + (shift[:, :, None] if h.dim() == 4 else shift).to(h.dtype)
+
+
+class EdgeCircuit(Graph):
+    """An edge circuit as a graph: the edges it keeps (``kept``: sender, receiver, scores if
+    found by :func:`discover_edges`), how many edges the model has (``total``) and the settings.
+
+    >>> import pandas as pd, reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> circuit = edge_circuit(lm, pd.DataFrame({"sender": ["a0.h1"], "receiver": ["logits"]}))
+    >>> print(circuit)
+    EdgeCircuit: keeps 1 of 82 edges: a0.h1 -> logits
+      runs as 29 nodes: 10 record the senders' writes (both streams), 19 receivers read the corrupted writes of the senders outside
+
+    It runs like any :class:`~reftgraph.Graph` (with ``sources={"corrupt": corrupted prompts}``);
+    it saves as its kept edges (``circuit.kept.to_json()``) and is rebuilt by :func:`edge_circuit`.
+    """
+
+    def __init__(self, nodes=(), kept: Optional[pd.DataFrame] = None, total: int = 0,
+                 settings: Optional[dict] = None):
+        super().__init__(nodes)
+        self.kept = pd.DataFrame(columns=["sender", "receiver"]) if kept is None else kept
+        self.total = total
+        self.settings = dict(settings or {})
+
+    def __repr__(self) -> str:
+        names = [f"{s} -> {r}" for s, r in zip(self.kept.sender, self.kept.receiver)]
+        shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
+        sends = sum(isinstance(n.op, _Send) for n in self.nodes)
+        return (f"EdgeCircuit: keeps {len(self.kept)} of {self.total} edges" + (f": {shown}" if shown else "")
+                + f"\n  runs as {len(self)} nodes: {sends} record the senders' writes (both streams), "
+                f"{len(self) - sends} receivers read the corrupted writes of the senders outside")
+
+
+def _site_key(sender) -> tuple:
+    """``(site key, index)`` of a sender: its writes are recorded per site (all heads at once)."""
+    if sender.kind == "input":
+        return ("input",), None
+    if sender.kind == "head":
+        return ("a", sender.layer), sender.head
+    return ("m", sender.layer), None
+
+
+def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None) -> EdgeCircuit:
+    """The graph that runs the edges of ``kept`` (rows with ``sender`` and ``receiver`` names
+    from :func:`~reftgraph.circuits.edges`) and gives every other edge its corrupted write.
+
+    >>> import pandas as pd, reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> len(edge_circuit(lm, rg.circuits.edges(lm)).nodes)      # every edge kept: the senders are only recorded
+    10
+    """
+    model = as_model(model)
+    arch = model.arch
+    table = edges(model)
+    everything = set(zip(table.sender, table.receiver))
+    wanted = set(zip(kept.sender, kept.receiver))
+    unknown = sorted(wanted - everything)
+    if unknown:
+        raise DataError(f"{len(unknown)} edges of the circuit are not edges of this model, e.g. "
+                        f"{unknown[0][0]} -> {unknown[0][1]} (rg.circuits.edges(model) lists them)")
+    senders, receivers = units(arch)
+    by_name = {s.name: s for s in senders}
+    wiring, maps = _Wiring(), out_maps(model)
+    circuit = EdgeCircuit(kept=kept.reset_index(drop=True), total=len(table), settings=settings)
+    sites = [(("input",), Site("embed"), None)]
+    for layer in range(arch.n_layers):
+        sites += [(("a", layer), Site("head_out", layer), maps[layer]), (("m", layer), Site("mlp_out", layer), None)]
+    for stream in ("base", STREAM):
+        for key, site, out_map in sites:
+            circuit.add(site, _Send(wiring, (stream,) + key, out_map), name=f"send {stream} {''.join(map(str, key))}",
+                        stream=stream)
+    outside: dict = {}
+    for s, r in zip(table.sender, table.receiver):
+        if (s, r) not in wanted:
+            key, index = _site_key(by_name[s])
+            outside.setdefault(r, {}).setdefault(key, []).append(index)
+    for r in receivers:
+        if r.name not in outside:
+            continue
+        groups = [(key, None if idx[0] is None else torch.tensor(idx)) for key, idx in outside[r.name].items()]
+        site = (Site("logits_in") if r.kind == "logits" else Site("mlp_in", r.layer) if r.kind == "mlp"
+                else Site(f"{r.kind}_in", r.layer, head=r.head))
+        circuit.add(site, _Read(wiring, groups), name=f"read {r.name.replace('.', ' ')}")
+    return circuit
+
+
+def draw_edges(circuit: EdgeCircuit, model, ax=None):
+    """Draw an edge circuit's kept edges by layer (line widths by score when it has them); the figure.
+
+    >>> import matplotlib; matplotlib.use("Agg")
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> draw_edges(edge_circuit(lm, rg.circuits.edges(lm).head(3)), lm).axes[0].get_title()
+    'edge circuit: 3 edges'
+    """
+    arch = as_model(model).arch
+    return _draw(circuit.kept, arch.n_layers, arch.n_heads, max(1, arch.n_heads // max(1, arch.n_kv_heads)), ax)
+
+
+def _size(size, n: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, (int, float)):
+        raise DataError(f"size must be a number of edges (int) or a fraction of them (float), got {size!r}")
+    if isinstance(size, float) and not 0 < size <= 1:
+        raise DataError(f"a circuit size given as a fraction must be in (0, 1], got {size}")
+    count = size if isinstance(size, int) else max(1, int(size * n))
+    if not 0 <= count <= n:
+        raise DataError(f"circuit size {size} keeps {count} edges; valid sizes: 0..{n} edges (or a fraction)")
+    return count
+
+
+def discover_edges(model, data: Counterfactual, size: Union[int, float] = 0.05, method: str = "eap",
+                   steps: int = 5, metric="logit_diff", table: Optional[pd.DataFrame] = None,
+                   progress: bool = True) -> EdgeCircuit:
+    """The edge circuit of the ``size`` edges with the largest absolute scores.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
+    >>> discover_edges(lm, data, size=0.05).kept.columns.tolist()[:3]
+    ['sender', 'receiver', 'sender_kind']
+
+    ``size``: a number of edges or a fraction of all of them; ``method``, ``steps``, ``metric``:
+    see :func:`~reftgraph.circuits.edge_scores`; ``table``: its scores, to reuse them.
+    """
+    model = as_model(model)
+    if table is None:
+        _size(size, len(edges(model)))            # a bad size fails before any forward
+        table = edge_scores(model, data, method, metric, steps, progress)
+    count = _size(size, len(table))
+    order = table.reindex(table.score.abs().sort_values(ascending=False, kind="stable").index)
+    return edge_circuit(model, order.head(count), dict(size=size, method=table.attrs.get("method", method)))
+
+
+def _metric(model, data, graphs, metric, progress) -> tuple:
+    """The metric's mean on the clean prompts: the clean run, the corrupted run, then each graph."""
+    _, metric_fn = get_metric(metric)
+    correct, wrong = data.answer_ids(model, required=False)
+    with progress_bar(total=len(graphs) + 2, desc="circuit runs", progress=progress, unit="run") as bar:
+        clean = run(Graph(), model, data.source, grad=False).next_token_logits
+        ref = Reference(correct, wrong, clean)
+        corrupt = run(Graph(), model, data.base, grad=False).next_token_logits
+        bar.update(2)
+        values = []
+        for g in graphs:
+            logits = run(g, model, data.source, sources={STREAM: data.base}, grad=False).next_token_logits
+            values.append(metric_fn(logits, ref).mean().item())
+            bar.update(1)
+    return metric_fn(clean, ref).mean().item(), metric_fn(corrupt, ref).mean().item(), values
+
+
+def edge_faithfulness(circuit: EdgeCircuit, model, data: Counterfactual, metric="logit_diff",
+                      progress: bool = True) -> dict:
+    """Run an edge circuit on the clean prompts: ``circuit``, ``full`` (the clean run), ``empty``
+    (the corrupted run), ``faithfulness = circuit / full`` and ``normalised = (circuit - empty) /
+    (full - empty)`` (MIB's faithfulness), ``size`` the edges kept.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
+    >>> everything = edge_circuit(lm, rg.circuits.edges(lm))
+    >>> round(edge_faithfulness(everything, lm, data, progress=False)["normalised"], 6)
+    1.0
+    """
+    model = as_model(model)
+    full, empty, (value,) = _metric(model, data, [circuit], metric, progress)
+    return {"size": len(circuit.kept), "circuit": value, "full": full, "empty": empty,
+            "faithfulness": value / full, "normalised": (value - empty) / (full - empty)}
+
+
+def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[float] = MIB_FRACTIONS,
+        metric="logit_diff", progress: bool = True) -> dict:
+    """MIB's circuit metrics for edge ``scores``: the faithfulness curve at ``fractions`` of all
+    edges, CPR and CMD.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
+    >>> result = mib(lm, data, rg.circuits.edge_scores(lm, data, progress=False), fractions=(0.1, 0.5, 1.0), progress=False)
+    >>> sorted(result), result["curve"].columns.tolist()
+    (['cmd', 'cpr', 'curve'], ['fraction', 'edges', 'faithfulness'])
+
+    The circuits keep the top edges by absolute score; CPR is the area under the normalised
+    faithfulness curve and CMD the area under ``|1 - faithfulness|``, both by the trapezoid rule
+    over the log of the edge count, as ``evaluate_area_under_curve`` in MIB's
+    ``MIB_circuit_track/evaluation.py``. Unlike MIB, the circuits are not pruned (edges from senders no path reaches, or into
+    receivers that reach nothing, stay counted) and a fraction keeps at least one edge.
+    """
+    model = as_model(model)
+    order = scores.reindex(scores.score.abs().sort_values(ascending=False, kind="stable").index)
+    counts = [max(1, int(f * len(scores))) for f in fractions]
+    graphs = [edge_circuit(model, order.head(k)) for k in counts]
+    full, empty, values = _metric(model, data, graphs, metric, progress)
+    faith = [(v - empty) / (full - empty) for v in values]
+    cpr = cmd = 0.0
+    for i in range(len(counts) - 1):
+        width = math.log(counts[i + 1]) - math.log(counts[i])
+        cpr += width * (faith[i] + faith[i + 1]) / 2
+        cmd += width * (abs(1 - faith[i]) + abs(1 - faith[i + 1])) / 2
+    curve = pd.DataFrame({"fraction": list(fractions), "edges": counts, "faithfulness": faith})
+    return {"curve": curve, "cpr": cpr, "cmd": cmd}
+

@@ -12,8 +12,8 @@ import pytest
 from nbclient import NotebookClient
 
 TUTORIALS = sorted((Path(__file__).parent.parent / "tutorials").glob("*.ipynb"))
-VIEWS = ("RunResult(", "Generation(", "Circuit:")          # results with an HTML view, as text/plain begins
-SHOWN = {"02_sites_positions_heads": "RunResult(", "08_attribution_and_circuits": "Circuit:"}   # must appear
+VIEWS = ("RunResult(", "Generation(", "Circuit:", "EdgeCircuit:")          # results with an HTML view, as text/plain begins
+SHOWN = {"02_sites_positions_heads": "RunResult(", "08_attribution_and_circuits": "Circuit:", "09_edges": "EdgeCircuit"}   # must appear
 
 
 def check_views(nb, name: str) -> None:

@@ -21,6 +21,7 @@ value. With every edge kept the run is the clean run; with none, the corrupted r
 
 from __future__ import annotations
 
+import html
 import math
 from typing import Optional, Sequence, Union
 
@@ -111,13 +112,26 @@ class EdgeCircuit(Graph):
         self.total = total
         self.settings = dict(settings or {})
 
-    def __repr__(self) -> str:
+    def _lines(self) -> tuple:
         names = [f"{s} -> {r}" for s, r in zip(self.kept.sender, self.kept.receiver)]
         shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
         sends = sum(isinstance(n.op, _Send) for n in self.nodes)
-        return (f"EdgeCircuit: keeps {len(self.kept)} of {self.total} edges" + (f": {shown}" if shown else "")
-                + f"\n  runs as {len(self)} nodes: {sends} record the senders' writes (both streams), "
+        return (f"EdgeCircuit: keeps {len(self.kept)} of {self.total} edges" + (f": {shown}" if shown else ""),
+                f"runs as {len(self)} nodes: {sends} record the senders' writes (both streams), "
                 f"{len(self) - sends} receivers read the corrupted writes of the senders outside")
+
+    def __repr__(self) -> str:
+        head, runs = self._lines()
+        return f"{head}\n  {runs}"
+
+    def _repr_html_(self) -> str:
+        head, runs = self._lines()
+        kept = self.kept.copy()
+        if "score" in kept:
+            kept["score"] = kept["score"].astype(float).round(4)
+        count = f"EdgeCircuit: keeps {len(self.kept)} of {self.total} edges"     # the edges: the table below
+        return (f"<p><b>{html.escape(count)}</b><br>{html.escape(runs)}</p>"
+                + kept.to_html(index=False, na_rep="", max_rows=30))
 
 
 def _site_key(sender) -> tuple:

@@ -184,3 +184,16 @@ def test_sweeps_over_head_inputs_and_ends():
     assert embed["layer"].tolist() == [0, 0]
     est = rg.patching.attribute(lm, data, ["q_in", "mlp_in"], layers=[1], progress=False)
     assert len(est) == 4 * len(est["position"].unique()) + len(est["position"].unique())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+def test_a_patch_reads_a_head_input_as_the_source_streams_edits_left_it(family):
+    """The source stream's own edit of a head input shows in what a patch reads from it (the
+    copies are kept between edits; the projection's output cannot give them back)."""
+    from test_properties import check_against_oracle
+
+    lm, g = rg.models.tiny(family), rg.Graph()
+    kinds = {g.add(rg.Site("k_in", 0, positions=[0]), rg.Ablate("zero"), name="n0", stream="source"): "zero",
+             g.add(rg.Site("k_in", 0, positions=[0]), rg.Patch("source"), name="n1"): "patch"}
+    for side in ("left", "right"):
+        check_against_oracle(lm, g, kinds, side)

@@ -78,6 +78,13 @@ def _modules(plan: Plan, root, hook, paths: tuple) -> tuple:
     return tuple(None if p is None else plan.arch.envoy(root, Hook(hook.layer, 0, p, "output")) for p in paths)
 
 
+def _read(step: Step, hook, raw, pre, copies: dict):
+    """The source value a step reads at ``hook``: a receiver input's copies as its last edit
+    left them (the raw value cannot give them back), else the view of the raw value."""
+    key = (hook, step.source_get)
+    return copies[key] if key in copies else step.source_get(raw, pre)
+
+
 def _run(plan: Plan, bound: list, steps: list, hook, raw, pre, sources: dict, collected: dict, root=None,
          copies: Optional[dict] = None):
     """Gather the slice of the steps ``steps`` (indices into the plan) once, edit it step by
@@ -96,7 +103,7 @@ def _run(plan: Plan, bound: list, steps: list, hook, raw, pre, sources: dict, co
         step, b = plan.steps[i], bound[i]
         src = sources.pop(step.node.name, None)
         if step.source_hook == hook:   # the raw value before the run's edits (see _joins)
-            value = step.source_get(raw, pre)
+            value = _read(step, hook, raw, pre, copies)
             ms = b.on(step, value.device)
             src = _gather(value, ms.source_at, ms.source_heads)
         new = _step(step, b, b.on(step, full.device), whole, src, collected)
@@ -157,7 +164,7 @@ def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
             pre[hook.layer] = first(raw)
         for i in plan.reads.get(hook, ()):
             step, b = plan.steps[i], bound[i]
-            value = step.source_get(raw, pre.get(hook.layer))
+            value = _read(step, hook, raw, pre.get(hook.layer), copies)
             m = b.on(step, value.device)
             sources[step.node.name] = _gather(value, m.source_at, m.source_heads)
         if changed:

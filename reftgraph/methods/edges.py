@@ -140,10 +140,11 @@ def out_maps(model) -> list:
 
 def _writes(model, out, maps) -> torch.Tensor:
     """What every sender wrote, ``[B, k, senders, d]`` (slots in prompt order), from a collect run."""
-    parts = [out["input"].float()[:, :, None]]
+    value = (lambda name: out[name].detach().float())
+    parts = [value("input")[:, :, None]]
     for layer in range(model.arch.n_layers):
-        heads = torch.einsum("bkhe,hed->bkhd", out[f"a{layer}"].float(), maps[layer])
-        parts += [heads, out[f"m{layer}"].float()[:, :, None]]
+        heads = torch.einsum("bkhe,hed->bkhd", value(f"a{layer}"), maps[layer])
+        parts += [heads, value(f"m{layer}")[:, :, None]]
     return torch.cat(parts, 2)
 
 
@@ -194,19 +195,23 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     arch = model.arch
     senders, receivers = units(arch)
     maps = out_maps(model)
-    collect = _sender_graph(arch)
-    clean = run(collect, model, data.source, grad=False)
-    corrupt = run(collect, model, data.base, grad=False)
-    ref = Reference(correct, wrong, clean.next_token_logits)
+    corrupt = run(_sender_graph(arch), model, data.base, grad=False)
+    grad = None
+    if method == "eap":     # the clean writes come from the gradient's own (clean) forward
+        grad, clean = _gradients(model, data, receivers, metric_fn, Reference(correct, wrong), senders=arch)
+    else:
+        clean = run(_sender_graph(arch), model, data.source, grad=False)
+    ref = Reference(correct, wrong, clean.next_token_logits.detach())
     valid = clean.valid["input"]
     delta = (_writes(model, corrupt, maps) - _writes(model, clean, maps)) * valid[:, :, None, None]
     index = {s.name: i for i, s in enumerate(senders)}
     if method != "exact":
-        inputs = None
-        if method == "eap-ig-inputs":
+        if grad is None:     # EAP-IG: the gradient averaged over embeddings from the corrupted to the clean
             clean_in, corrupt_in = clean["input"], corrupt["input"]
-            inputs = [corrupt_in + (k / steps) * (clean_in - corrupt_in) for k in range(steps)]
-        scores = _eap(model, data, receivers, delta, metric_fn, ref, inputs, valid)
+            grad = sum(_gradients(model, data, receivers, metric_fn, ref, corrupt_in + (k / steps) * (
+                clean_in - corrupt_in), valid)[0] / steps for k in range(steps))
+        flat = delta.permute(2, 0, 1, 3).reshape(delta.shape[2], -1)               # [senders, B * k * d]
+        scores = flat @ grad.reshape(grad.shape[0], -1).T / delta.shape[0]         # one product for every edge
         column = {r.name: i for i, r in enumerate(receivers)}
         rows, cols = table.sender.map(index).to_numpy(copy=True), table.receiver.map(column).to_numpy(copy=True)
         table["score"] = scores[torch.from_numpy(rows), torch.from_numpy(cols)].tolist()
@@ -227,22 +232,12 @@ def _receiver_site(r: _Unit) -> Site:
     return Site(f"{r.kind}_in", r.layer, head=r.head)
 
 
-def _eap(model, data, receivers, delta, metric_fn, ref, inputs=None, valid=None) -> torch.Tensor:
-    """``[senders, receivers]``: each sender's ``delta . gradient`` at each receiver; with
-    ``inputs`` (embeddings per step), the gradient averaged over runs from each."""
-    steps = inputs or [None]
-    grad = 0
-    for x in steps:                                                  # a running sum: one step's gradients held
-        grad = grad + _gradients(model, data, receivers, metric_fn, ref, x, valid) / len(steps)   # [receivers, B, k, d]
-    n, d = delta.shape[0], delta.shape[-1]
-    flat = delta.permute(2, 0, 1, 3).reshape(delta.shape[2], -1)     # [senders, B * k * d]
-    return flat @ grad.reshape(grad.shape[0], -1).T / n               # one product for every edge
-
-
-def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None) -> torch.Tensor:
-    """``[receivers, B, k, d]``: the metric's gradient at each receiver's copy of the stream,
-    from one clean forward (embeddings set to ``embed`` when given) and one backward."""
-    g, probes = Graph(), {}
+def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None, senders=None) -> tuple:
+    """``([receivers, B, k, d], the run)``: the metric's gradient at each receiver's copy of the
+    stream, from one clean forward (embeddings set to ``embed`` when given) and one backward;
+    with ``senders`` (an Arch) the run also collects what the senders wrote (see :func:`_writes`),
+    and a ``ref`` without source logits takes this run's."""
+    g, probes = (_sender_graph(senders) if senders is not None else Graph()), {}
     if embed is not None:
         g.add(Site("embed"), Set(embed, mask=valid[..., None]), name="inputs")
     for r in receivers:
@@ -251,6 +246,8 @@ def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None) -
             probes[key] = probe()
             g.add(key, probes[key], name=f"{key.component}{key.layer}")
     out = run(g, model, data.source, grad=True)
+    if ref.source_logits is None:
+        ref = Reference(ref.correct, ref.wrong, out.next_token_logits.detach())
     total = metric_fn(out.next_token_logits, ref).sum()
     ops = list(probes.values())
     found = torch.autograd.grad(total, [op.delta for op in ops], allow_unused=True)
@@ -259,7 +256,7 @@ def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None) -
     for r in receivers:
         gr = grads[_receiver_site(r).replace(head=None)]
         per.append((gr if r.head is None else gr[:, :, r.head]).float())
-    return torch.stack(per)
+    return torch.stack(per), out
 
 
 class _Shift(Op):

@@ -106,12 +106,18 @@ def head_input_view(heads: int, head_get, head_put):
     def get(raw, pre):
         return pre.unsqueeze(2).expand(-1, -1, heads, -1)
 
+    def read(x, norm, proj):
+        return _per_head(proj, norm(x) if norm is not None else x, head_get)     # [B, S, head, dh]
+
     def put(raw, new, old, norm, proj):
+        # raw's slice equals read(old) as a function of the stream and the weights, so both are
+        # taken without gradient: the gradient then reaches the stream and the weights through
+        # read(new) alone, exactly, and the backward skips the two paths that would cancel
         t = first(raw)
-        x = torch.cat([new.to(old.dtype), old], 0)
-        own = _per_head(proj, norm(x) if norm is not None else x, head_get)     # [2B, S, head, dh]
-        delta = own[: new.shape[0]] - own[new.shape[0]:]
-        return with_first(raw, head_put(t, head_get(t) + delta.to(t.dtype)))
+        with torch.no_grad():
+            before = read(old, norm, proj)
+        new_part = read(new.to(old.dtype), norm, proj) - before
+        return with_first(raw, head_put(t, head_get(t).detach() + new_part.to(t.dtype)))
 
     return get, put
 
@@ -222,8 +228,12 @@ def stream_input_view():
     >>> torch.allclose(put(norm(pre), pre + 1, get(norm(pre), pre), norm), norm(pre + 1))
     True
     """
-    return (lambda raw, pre: pre,
-            lambda raw, new, old, norm: with_first(raw, first(raw) + (norm(new) - norm(old)).to(first(raw).dtype)))
+    def put(raw, new, old, norm):   # (the gradient through norm(new) alone: see head_input_view)
+        with torch.no_grad():
+            shift = -norm(old)
+        return with_first(raw, first(raw).detach() + (norm(new) + shift).to(first(raw).dtype))
+
+    return (lambda raw, pre: pre), put
 
 
 class MLPInput(Component):

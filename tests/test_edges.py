@@ -243,3 +243,14 @@ def test_mib_curve_and_areas():
         rg.circuits.edge_circuit(lm, pd.DataFrame({"sender": ["a1.h0"], "receiver": ["a0.h0<q>"]}))
     with pytest.raises(rg.DataError, match="valid sizes"):
         rg.circuits.discover_edges(lm, DATA, size=1000, table=scores)
+
+
+def test_node_circuits_as_edges():
+    lm = rg.models.tiny("llama")
+    every = rg.circuits.scores(lm, DATA, nodes="heads+mlps", progress=False)
+    assert len(rg.circuits.node_edges(lm, every)) == len(rg.circuits.edges(lm))       # every node: every edge
+    kept = rg.circuits.node_edges(lm, every[every.kind == "mlp"])
+    assert set(kept.sender) <= {"input", "m0", "m1"} and set(kept.receiver) <= {"m0", "m1", "logits"}
+    result = rg.circuits.mib(lm, DATA, every, fractions=(0.2, 1.0), progress=False)
+    assert result["curve"].kept.tolist() == [2, 10] and result["curve"].edges.iloc[-1] == 82
+    assert result["curve"].faithfulness.iloc[-1] == pytest.approx(1.0, abs=1e-6)

@@ -40,7 +40,7 @@ from .edges import edge_scores, edges, out_maps, units
 from .patching.metrics import Reference, get_metric
 
 __all__ = ["EdgeCircuit", "edge_circuit", "discover_edges", "edge_faithfulness", "mib", "MIB_FRACTIONS", "draw_edges",
-           "plot_mib"]
+           "node_edges", "plot_mib"]
 
 STREAM = "corrupt"
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)   # MIB's circuit sizes
@@ -270,35 +270,75 @@ def edge_faithfulness(circuit: EdgeCircuit, model, data: Counterfactual, metric=
             "faithfulness": value / full, "normalised": (value - empty) / (full - empty)}
 
 
+def node_edges(model, nodes: pd.DataFrame) -> pd.DataFrame:
+    """The edges between kept nodes (rows with ``kind`` ``"head"``/``"mlp"``, ``layer``, ``head``,
+    as :func:`~reftgraph.circuits.scores` gives): the embeddings and the logits always kept,
+    a key-value head's inputs kept with any of its query heads.
+
+    >>> import pandas as pd, reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> node_edges(lm, pd.DataFrame({"kind": ["head"], "layer": [1], "head": [2]})).receiver.tolist()
+    ['a1.h2<q>', 'a1.h1<k>', 'a1.h1<v>', 'logits', 'logits']
+    """
+    model = as_model(model)
+    arch, table = model.arch, edges(model)
+    heads = {(int(layer), int(head)) for kind, layer, head in nodes[["kind", "layer", "head"]].values if kind == "head"}
+    mlps = {int(layer) for kind, layer in nodes[["kind", "layer"]].values if kind == "mlp"}
+    group = lambda layer: max(1, arch.heads("q_in", layer) // max(1, arch.heads("k_in", layer)))  # noqa: E731
+
+    def kept_sender(kind, layer, head):
+        return kind == "input" or (kind == "head" and (layer, head) in heads) or (kind == "mlp" and layer in mlps)
+
+    def kept_receiver(kind, layer, head):
+        if kind == "logits":
+            return True
+        if kind == "mlp":
+            return layer in mlps
+        if kind == "q":
+            return (layer, head) in heads
+        return any((layer, head * group(layer) + i) in heads for i in range(group(layer)))
+
+    keep = [kept_sender(sk, sl, sh) and kept_receiver(rk, rl, rh) for sk, sl, sh, rk, rl, rh in
+            table[["sender_kind", "sender_layer", "sender_head", "receiver_kind", "receiver_layer",
+                   "receiver_head"]].itertuples(index=False)]
+    return table[keep].reset_index(drop=True)
+
+
 def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[float] = MIB_FRACTIONS,
         metric="logit_diff", progress: bool = True) -> dict:
-    """MIB's circuit metrics for edge ``scores``: the faithfulness curve at ``fractions`` of all
-    edges, CPR and CMD.
+    """MIB's circuit metrics for edge (or node) ``scores``: the faithfulness curve at
+    ``fractions`` of all edges (or nodes), CPR and CMD.
 
     >>> import reftgraph as rg
     >>> lm = rg.models.tiny("llama")
     >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
     >>> result = mib(lm, data, rg.circuits.edge_scores(lm, data, progress=False), fractions=(0.1, 0.5, 1.0), progress=False)
     >>> sorted(result), result["curve"].columns.tolist()
-    (['cmd', 'cpr', 'curve'], ['fraction', 'edges', 'faithfulness'])
+    (['cmd', 'cpr', 'curve'], ['fraction', 'kept', 'edges', 'faithfulness'])
 
     The circuits keep the top edges by absolute score; CPR is the area under the normalised
     faithfulness curve and CMD the area under ``|1 - faithfulness|``, both by the trapezoid rule
     over the log of the edge count, as ``evaluate_area_under_curve`` in MIB's
-    ``MIB_circuit_track/evaluation.py``. Unlike MIB, the circuits are not pruned (edges from senders no path reaches, or into
-    receivers that reach nothing, stay counted) and a fraction keeps at least one edge.
+    ``MIB_circuit_track/evaluation.py``. Node scores (a table of :func:`~reftgraph.circuits.scores`
+    with ``nodes="heads+mlps"``) keep the top nodes, and the circuit is the edges between them
+    (:func:`node_edges`), counted as edges, as MIB evaluates node methods. Unlike MIB, the
+    circuits are not pruned (edges from senders no path reaches, or into receivers that reach
+    nothing, stay counted) and a fraction keeps at least one edge or node.
     """
     model = as_model(model)
     order = scores.reindex(scores.score.abs().sort_values(ascending=False, kind="stable").index)
     counts = [max(1, int(f * len(scores))) for f in fractions]
-    graphs = [edge_circuit(model, order.head(k)) for k in counts]
+    nodes = "sender" not in scores
+    kept = [node_edges(model, order.head(k)) if nodes else order.head(k) for k in counts]
+    graphs = [edge_circuit(model, k) for k in kept]
     full, empty, values = _metric(model, data, graphs, metric, progress)
     faith = [(v - empty) / (full - empty) for v in values]
+    sizes = [max(1, len(k)) for k in kept]
     cpr = cmd = 0.0
-    for i in range(len(counts) - 1):
-        width = math.log(counts[i + 1]) - math.log(counts[i])
+    for i in range(len(sizes) - 1):
+        width = math.log(sizes[i + 1]) - math.log(sizes[i])
         cpr += width * (faith[i] + faith[i + 1]) / 2
         cmd += width * (abs(1 - faith[i]) + abs(1 - faith[i + 1])) / 2
-    curve = pd.DataFrame({"fraction": list(fractions), "edges": counts, "faithfulness": faith})
+    curve = pd.DataFrame({"fraction": list(fractions), "kept": counts, "edges": [len(k) for k in kept],
+                          "faithfulness": faith})
     return {"curve": curve, "cpr": cpr, "cmd": cmd}
-

@@ -1,8 +1,8 @@
 """MIB's circuit metrics for edge methods (and node-level IG, its circuits run as the edges
-between the kept nodes) on SmolLM2-135M and IOI: scores from one set of prompts, the faithfulness curve, CPR and CMD on held-out prompts of another seed. Prints a
+between the kept nodes) on SmolLM2-135M and MIB's IOI, arithmetic and MCQA tasks: scores from one set of prompts, the faithfulness curve, CPR and CMD on held-out prompts of another seed. Prints a
 table (one row per method) and saves the curves' figure; last line JSON.
 
-    python benchmarks/mib.py [--prompts 16] [--steps 5] [--fractions 0.001 0.01 0.1 1]
+    python benchmarks/mib.py [--prompts 16] [--steps 5] [--fractions 0.001 0.01 0.1 1] [--tasks ioi mcqa]
 
 CPR is the area under the normalised faithfulness curve and CMD the area under
 |1 - faithfulness|, over the log of the edge count (MIB's ``MIB_circuit_track/evaluation.py``);
@@ -19,11 +19,12 @@ import matplotlib
 matplotlib.use("Agg")
 
 import reftgraph as rg  # noqa: E402
-from reftgraph.datasets import ioi  # noqa: E402
+from reftgraph.datasets import arithmetic, ioi, mcqa  # noqa: E402
 
 from common import set_threads  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+TASKS = {"ioi": ioi, "arithmetic": arithmetic, "mcqa": mcqa}
 
 
 def main():
@@ -31,11 +32,20 @@ def main():
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--fractions", type=float, nargs="*", default=list(rg.circuits.MIB_FRACTIONS))
+    parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
     args = parser.parse_args()
     set_threads()
     lm = rg.load()
-    train, held_out = ioi(args.prompts, seed=0), ioi(args.prompts, seed=1)
-    results, figures = {}, {"edges": len(rg.circuits.edges(lm)), "prompts": args.prompts}
+    figures = {"edges": len(rg.circuits.edges(lm)), "prompts": args.prompts}
+    for task in args.tasks:
+        figures[task] = run_task(lm, task, args)
+    print(json.dumps(figures))
+
+
+def run_task(lm, task, args) -> dict:
+    make = TASKS[task]
+    train, held_out = make(args.prompts, seed=0), make(args.prompts, seed=1)
+    results, figures = {}, {}
     node_ig = f"node IG ({args.steps} steps)"
     for method in ("eap", "eap-ig-inputs", node_ig):
         start = time.perf_counter()
@@ -52,12 +62,12 @@ def main():
     for name in ("cpr", "cmd"):     # the issue's goal: EAP-IG's CPR >= 2x and CMD <= 0.5x node-level IG's
         figures[f"eap-ig-inputs / node IG {name.upper()}"] = round(results["eap-ig-inputs"][name] / results[node_ig][name], 2)
     RESULTS.mkdir(exist_ok=True)
-    rg.circuits.plot_mib(results).savefig(RESULTS / "mib_smollm2_ioi.png", dpi=120, bbox_inches="tight")
-    print(f"{'method':>16} {'CPR':>8} {'CMD':>8}   curve at {args.fractions}")
+    rg.circuits.plot_mib(results).savefig(RESULTS / f"mib_smollm2_{task}.png", dpi=120, bbox_inches="tight")
+    print(f"{task}: {'method':>18} {'CPR':>8} {'CMD':>8}   curve at {args.fractions}")
     for method, result in results.items():
         curve = " ".join(f"{f:.2f}" for f in result["curve"].faithfulness)
-        print(f"{method:>16} {result['cpr']:8.3f} {result['cmd']:8.3f}   {curve}")
-    print(json.dumps(figures))
+        print(f"{task}: {method:>18} {result['cpr']:8.3f} {result['cmd']:8.3f}   {curve}")
+    return figures
 
 
 if __name__ == "__main__":

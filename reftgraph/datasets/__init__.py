@@ -12,8 +12,10 @@ import json
 from pathlib import Path
 
 from .ioi import ioi
+from .tasks import arithmetic, mcqa
 
-__all__ = ["answered", "answers", "capital_questions", "caps", "facts", "ioi", "is_caps", "is_title", "title_case"]
+__all__ = ["answered", "answers", "arithmetic", "capital_questions", "caps", "facts", "ioi", "is_caps", "is_title",
+           "mcqa", "title_case"]
 
 HERE = Path(__file__).parent
 

@@ -39,7 +39,7 @@ from ..engine.run import as_model, run
 from ..errors import DataError, SiteError
 from ..training.counterfactual import Counterfactual
 from ..viz.progress import progress_bar
-from .patching.attribution import check_metric, probe
+from .patching.attribution import check_metric, equal_lengths, probe
 from .patching.metrics import Reference, get_metric
 
 __all__ = ["edges", "edge_scores", "METHODS"]
@@ -148,15 +148,6 @@ def _writes(model, out, maps) -> torch.Tensor:
     return torch.cat(parts, 2)
 
 
-def _equal_lengths(model, data) -> None:
-    tok = model.tokenizer
-    for i, (a, b) in enumerate(zip(tok(data.source)["input_ids"], tok(data.base)["input_ids"])):
-        if len(a) != len(b):
-            raise DataError(f"edge scores give a receiver the corrupted sender's value token for token: clean and "
-                            f"corrupted prompts must have equal lengths, but row {i} has {len(a)} (clean) and "
-                            f"{len(b)} (corrupted) tokens")
-
-
 def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_diff", steps: int = 5,
                 progress: bool = True) -> pd.DataFrame:
     """Score every edge of ``model`` on ``data``: :func:`edges` with a ``score`` column.
@@ -188,7 +179,8 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     if not isinstance(data, Counterfactual):
         raise DataError(f"edge_scores takes a rg.patching.Counterfactual, got {type(data).__name__}")
     table = edges(model)
-    _equal_lengths(model, data)
+    equal_lengths(model, data, "edge scores give a receiver the corrupted sender's value token for token: the "
+                  "corrupted (base) and clean (source) prompts must have equal lengths")
     metric_name, metric_fn = get_metric(metric)
     correct, wrong = data.answer_ids(model, required=False)
     check_metric(metric_fn, Reference(correct, wrong), model)

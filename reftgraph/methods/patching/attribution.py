@@ -48,7 +48,7 @@ from ...training.counterfactual import Counterfactual
 from .metrics import Reference, get_metric, restoration
 from .sweeps import row_bytes, sweep_conditions
 
-__all__ = ["attribute", "probe", "check_metric"]
+__all__ = ["attribute", "probe", "check_metric", "equal_lengths"]
 
 
 class _Probe(Op):
@@ -129,7 +129,7 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
     sites = {(c, layer): _selector(conds) for c, conds in conditions.items() for layer in {x[0] for x in conds}}
     fixed = {key: sel for key, sel in sites.items() if qk_fix and key[0] in ("q", "k")}
     if ig_steps:
-        _equal_lengths(model, data)
+        equal_lengths(model, data)
     if grad_drop:
         for layer in range(model.arch.n_layers):
             for c in ("attn_out", "mlp_out"):
@@ -193,13 +193,20 @@ def _cell(total: torch.Tensor, selector, pos, head) -> float:
     return float(value if head is None else value[head])
 
 
-def _equal_lengths(model, data) -> None:
+def equal_lengths(model, data, why: str = "ig_steps interpolates between the runs token for token: it needs base "
+                  "and source prompts of equal length") -> None:
+    """Refuse, saying ``why``, data whose base and source prompts differ in length in some row.
+
+    >>> import reftgraph as rg
+    >>> equal_lengths(rg.models.tiny("llama"), rg.patching.Counterfactual(["ab"], ["abc"], ["c"], ["d"]), "why")
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.DataError: why, but row 0 has 2 and 3 tokens
+    """
     tok = model.tokenizer
     for i, (a, b) in enumerate(zip(tok(data.base)["input_ids"], tok(data.source)["input_ids"])):
         if len(a) != len(b):
-            raise DataError(f"ig_steps interpolates between the runs token for token: it needs base and source "
-                            f"prompts of equal length, but "
-                            f"row {i} has {len(a)} and {len(b)} tokens")
+            raise DataError(f"{why}, but row {i} has {len(a)} and {len(b)} tokens")
 
 
 def check_metric(metric_fn, ref: Reference, model) -> None:

@@ -46,8 +46,6 @@ __all__ = ["edges", "edge_scores", "METHODS"]
 
 METHODS = ("eap", "eap-ig-inputs", "exact")
 NEEDS = ("embed", "head_out", "mlp_out", "q_in", "k_in", "v_in", "mlp_in", "logits_in")
-COLUMNS = ["sender", "receiver", "sender_kind", "sender_layer", "sender_head", "receiver_kind", "receiver_layer",
-           "receiver_head"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +72,13 @@ def _check_arch(arch) -> None:
 
 
 def units(arch) -> tuple[list, list]:
+    """``(senders, receivers)`` of an architecture, in forward order.
+
+    >>> import reftgraph as rg
+    >>> senders, receivers = units(rg.models.tiny("llama").arch)
+    >>> [s.name for s in senders[:3]], receivers[-1].name
+    (['input', 'a0.h0', 'a0.h1'], 'logits')
+    """
     senders, receivers = [_Unit("input", "input", -1)], []
     for layer in range(arch.n_layers):
         senders += [_Unit(f"a{layer}.h{h}", "head", layer, h) for h in range(arch.heads("head_out", layer))]
@@ -125,7 +130,12 @@ def _sender_graph(arch) -> Graph:
 
 def out_maps(model) -> list:
     """Per layer, each head's map from its output to the stream: ``[H, dh, d]`` (the output
-    projection applied to unit vectors, less its bias)."""
+    projection applied to unit vectors, less its bias).
+
+    >>> import reftgraph as rg
+    >>> out_maps(rg.models.tiny("llama"))[0].shape
+    torch.Size([4, 8, 32])
+    """
     arch, maps = model.arch, []
     for layer in range(arch.n_layers):
         proj = arch.envoy(model.hf, Hook(layer, 0, arch.blocks[layer].paths.attn_proj, "output"))

@@ -269,3 +269,12 @@ def test_mibs_tasks_line_up_token_for_token_and_score(task):
                                       [w.strip() for w in data.wrong])
     table = rg.circuits.edge_scores(lm, data, progress=False)
     assert table.score.abs().max() > 0
+
+
+def test_an_edge_circuit_runs_remotely_as_it_runs_here():
+    """nnsight's remote="local" simulation ships the circuit's ops (and the writes they share) with the trace."""
+    lm = rg.models.tiny("llama")
+    circuit = rg.circuits.edge_circuit(lm, rg.circuits.edges(lm).head(20))
+    here = circuit.run(lm, DATA.source, sources={"corrupt": DATA.base})
+    there = circuit.run(lm, DATA.source, sources={"corrupt": DATA.base}, remote="local")
+    torch.testing.assert_close(here.logits, there.logits, atol=0, rtol=0)

@@ -278,7 +278,7 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
     With ``remote`` (checked by the caller: :func:`reftgraph.engine.remote.check`) the trace
     runs remotely and only the first value and the collected values come back. ``subspaces``:
     per-row subspaces (see :func:`reftgraph.engine.bind.with_subspaces`)."""
-    if hidden and any(s.hook.root and s.hook.io == "output" and s.hook.stage > 0 for s in plan.steps):
+    if hidden and any("logits" in (s.node.site.component, s.node.reads[1].component) for s in plan.steps):
         raise SiteError("this graph edits or reads logits, which a run for the final hidden state (a training loss) "
                         "does not compute for every position; use logits_in (the stream before the final norm)")
     if cache is not None:

@@ -30,13 +30,12 @@ import torch
 
 from ..core.graph import Graph
 from ..core.ops.base import Op
-from ..core.sites import Site
 from ..engine.run import as_model, run
 from ..errors import DataError
 from ..training.counterfactual import Counterfactual
 from ..viz.circuits import draw_edges as _draw, plot_mib
 from ..viz.progress import progress_bar
-from .edges import edge_scores, edges, out_maps, units
+from .edges import edge_scores, edges, out_maps, receiver_site, sender_sites, units
 from .patching.metrics import Reference, get_metric
 
 __all__ = ["EdgeCircuit", "edge_circuit", "discover_edges", "edge_faithfulness", "mib", "MIB_FRACTIONS", "draw_edges",
@@ -82,7 +81,7 @@ class _Read(Op):
                             "prompts and the corrupted ones (stream 'corrupt') must have equal lengths, row by row")
         shift = 0
         for key, index in self.outside:
-            live, corrupt = self.wiring.writes[("base",) + key], self.wiring.writes[(STREAM,) + key]
+            live, corrupt = self.wiring.writes[("base", key)], self.wiring.writes[(STREAM, key)]
             diff = corrupt - live
             shift = shift + (diff if index is None else diff[:, :, index].sum(2))
         if valid is not None:
@@ -135,12 +134,10 @@ class EdgeCircuit(Graph):
 
 
 def _site_key(sender) -> tuple:
-    """``(site key, index)`` of a sender: its writes are recorded per site (all heads at once)."""
-    if sender.kind == "input":
-        return ("input",), None
+    """``(site name, index)`` of a sender: its writes are recorded per site (all heads at once)."""
     if sender.kind == "head":
-        return ("a", sender.layer), sender.head
-    return ("m", sender.layer), None
+        return f"a{sender.layer}", sender.head
+    return sender.name, None
 
 
 def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None) -> EdgeCircuit:
@@ -165,13 +162,10 @@ def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None) -> 
     by_name = {s.name: s for s in senders}
     wiring, maps = _Wiring(), out_maps(model)
     circuit = EdgeCircuit(kept=kept.reset_index(drop=True), total=len(table), settings=settings)
-    sites = [(("input",), Site("embed"), None)]
-    for layer in range(arch.n_layers):
-        sites += [(("a", layer), Site("head_out", layer), maps[layer]), (("m", layer), Site("mlp_out", layer), None)]
     for stream in ("base", STREAM):
-        for key, site, out_map in sites:
-            circuit.add(site, _Send(wiring, (stream,) + key, out_map), name=f"send {stream} {''.join(map(str, key))}",
-                        stream=stream)
+        for name, site in sender_sites(arch):
+            out_map = maps[site.layer] if site.component == "head_out" else None
+            circuit.add(site, _Send(wiring, (stream, name), out_map), name=f"send {stream} {name}", stream=stream)
     outside: dict = {}
     for s, r in zip(table.sender, table.receiver):
         if (s, r) not in wanted:
@@ -181,9 +175,7 @@ def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None) -> 
         if r.name not in outside:
             continue
         groups = [(key, None if idx[0] is None else torch.tensor(idx)) for key, idx in outside[r.name].items()]
-        site = (Site("logits_in") if r.kind == "logits" else Site("mlp_in", r.layer) if r.kind == "mlp"
-                else Site(f"{r.kind}_in", r.layer, head=r.head))
-        circuit.add(site, _Read(wiring, groups), name=f"read {r.name.replace('.', ' ')}")
+        circuit.add(receiver_site(r), _Read(wiring, groups), name=f"read {r.name.replace('.', ' ')}")
     return circuit
 
 

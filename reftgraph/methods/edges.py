@@ -119,12 +119,37 @@ def edges(model) -> pd.DataFrame:
 
 # -- the values senders write and receivers read --------------------------------------------
 
+def sender_sites(arch) -> list:
+    """``[(name, site)]``: where the senders write, one site per layer for all heads.
+
+    >>> import reftgraph as rg
+    >>> [(name, str(site)) for name, site in sender_sites(rg.models.tiny("llama").arch)][:2]
+    [('input', 'embed[0] pos=all'), ('a0', 'head_out[0] pos=all')]
+    """
+    sites = [("input", Site("embed"))]
+    for layer in range(arch.n_layers):
+        sites += [(f"a{layer}", Site("head_out", layer)), (f"m{layer}", Site("mlp_out", layer))]
+    return sites
+
+
+def receiver_site(r) -> Site:
+    """The site whose copy of the stream receiver ``r`` (a unit of :func:`units`) reads.
+
+    >>> import reftgraph as rg
+    >>> str(receiver_site(units(rg.models.tiny("llama").arch)[1][0]))
+    'q_in[0].h0 pos=all'
+    """
+    if r.kind == "logits":
+        return Site("logits_in")
+    if r.kind == "mlp":
+        return Site("mlp_in", r.layer)
+    return Site(f"{r.kind}_in", r.layer, head=r.head)
+
+
 def _sender_graph(arch) -> Graph:
     g = Graph()
-    g.add(Site("embed"), Collect(), name="input")
-    for layer in range(arch.n_layers):
-        g.add(Site("head_out", layer), Collect(), name=f"a{layer}")
-        g.add(Site("mlp_out", layer), Collect(), name=f"m{layer}")
+    for name, site in sender_sites(arch):
+        g.add(site, Collect(), name=name)
     return g
 
 
@@ -220,18 +245,11 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     else:
         base = metric_fn(clean.next_token_logits, ref).mean()
         pairs = zip(table.sender, table.receiver)
-        table["score"] = [_exact(model, data, receivers, r, delta[:, :, index[s]], metric_fn, ref) - float(base)
+        by_name = {r.name: r for r in receivers}
+        table["score"] = [_exact(model, data, by_name[r], delta[:, :, index[s]], metric_fn, ref) - float(base)
                           for s, r in progress_bar(pairs, total=len(table), desc="edges", progress=progress, unit="run")]
     table.attrs.update(method=method, metric=metric_name)
     return table
-
-
-def _receiver_site(r: _Unit) -> Site:
-    if r.kind == "logits":
-        return Site("logits_in")
-    if r.kind == "mlp":
-        return Site("mlp_in", r.layer)
-    return Site(f"{r.kind}_in", r.layer, head=r.head)
 
 
 def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None, senders=None) -> tuple:
@@ -243,7 +261,7 @@ def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None, s
     if embed is not None:
         g.add(Site("embed"), Set(embed, mask=valid[..., None]), name="inputs")
     for r in receivers:
-        key = _receiver_site(r).replace(head=None)
+        key = receiver_site(r).replace(head=None)
         if key not in probes:
             probes[key] = probe()
             g.add(key, probes[key], name=f"{key.component}{key.layer}")
@@ -256,7 +274,7 @@ def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None, s
     grads = {key: torch.zeros_like(op.delta) if gr is None else gr for key, op, gr in zip(probes, ops, found)}
     per = []
     for r in receivers:
-        gr = grads[_receiver_site(r).replace(head=None)]
+        gr = grads[receiver_site(r).replace(head=None)]
         per.append((gr if r.head is None else gr[:, :, r.head]).float())
     return torch.stack(per), out
 
@@ -273,9 +291,8 @@ class _Shift(Op):
         return h + (d[:, :, None] if h.dim() == 4 else d)
 
 
-def _exact(model, data, receivers, name, delta, metric_fn, ref) -> float:
-    r = next(u for u in receivers if u.name == name)
+def _exact(model, data, receiver, delta, metric_fn, ref) -> float:
     g = Graph()
-    g.add(_receiver_site(r), _Shift(delta), name="edge")
+    g.add(receiver_site(receiver), _Shift(delta), name="edge")
     out = run(g, model, data.source, grad=False)
     return float(metric_fn(out.next_token_logits, ref).mean())

@@ -24,6 +24,8 @@ from typing import Optional
 
 import torch
 
+from ..styles import Record
+from ..tree import is_norm
 from .base import Address, Component, Context, first, with_first
 
 __all__ = ["Ends", "prove_ends"]
@@ -78,7 +80,8 @@ def prove_ends(model, blocks, ids) -> dict:
 
     embedding = model.get_input_embeddings()
     head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
-    norms = [m for name, m in model.named_modules() if name and _is_final_norm(m, blocks)]
+    inside = {id(m) for b in blocks for m in b.modules()}
+    norms = [m for name, m in model.named_modules() if name and is_norm(m) and id(m) not in inside]   # final norms
     hooks = [(embedding, "out", keep("embed", "output")), (blocks[0], "pre", keep("pre0", "input")),
              (blocks[-1], "out", keep("last", "output"))]
     hooks += [(m, "pre", keep(("norm_in", i), "input")) for i, m in enumerate(norms)]
@@ -94,48 +97,24 @@ def prove_ends(model, blocks, ids) -> dict:
     if _unreachable(head_path):
         out["logits_in"] = out["logits"] = _unreachable(head_path)
         return out
-    found = next((i for i in range(len(norms)) if close(seen.get(("norm_in", i)), seen["last"])
-                  and close(seen.get(("norm_out", i)), seen["head_in"])), None)
+    found = next((i for i in range(len(norms)) if Record.close(seen.get(("norm_in", i)), seen["last"])
+                  and Record.close(seen.get(("norm_out", i)), seen["head_in"])), None)
     if found is not None:
         path = _path_of(model, norms[found])
         out["logits_in"] = _unreachable(path) or (Address(path, "input", root=True), None)
-    elif close(seen["head_in"], seen["last"]):
+    elif Record.close(seen["head_in"], seen["last"]):
         out["logits_in"] = (Address(head_path, "input", root=True), None)
     else:
         out["logits_in"] = ("the output layer reads neither the last block's output nor one norm of it "
-                            f"({gap(seen['head_in'], seen['last'])})")
+                            f"({Record.gap(seen['head_in'], seen['last'])})")
     big = torch.randn(logits.shape[-1], generator=torch.Generator().manual_seed(8)) * 10 * (1 + logits.abs().max())
     moved = _hooked(model, ids, [(head, "out", lambda m, a, o: o + big)])   # large: a soft cap bends it
-    if not close(seen["logits"], logits) or not close(moved, logits + big):
+    if not Record.close(seen["logits"], logits) or not Record.close(moved, logits + big):
         out["logits"] = ("the model changes the logits after its output layer (a soft cap or a scale: "
-                         f"{gap(moved, logits + big)} when they move); collect them from the run's logits")
+                         f"{Record.gap(moved, logits + big)} when they move); collect them from the run's logits")
     else:
         out["logits"] = (Address(head_path, "output", root=True), seen["logits"].shape[-1])
     return out
-
-
-def _is_final_norm(module, blocks) -> bool:
-    from ..tree import is_norm
-
-    return is_norm(module) and not any(module is m for b in blocks for m in b.modules())
-
-
-def close(a, b) -> bool:
-    """Whether two recorded values agree to float32 rounding (None never agrees).
-
-    >>> import torch
-    >>> close(torch.ones(2), torch.ones(2)), close(None, torch.ones(2))
-    (True, False)
-    """
-    from ..styles import Record
-
-    return Record.close(a, b)
-
-
-def gap(a, b) -> str:
-    from ..styles import Record
-
-    return Record.gap(a, b)
 
 
 def _prove_embed(model, blocks, ids, embedding, seen):
@@ -152,9 +131,9 @@ def _prove_embed(model, blocks, ids, embedding, seen):
         return "the first block reads its input by keyword; the embedding's effect could not be traced"
     shift = moved["x"] - pre0
     scale = float((shift * delta).sum() / (delta * delta).sum() / shift[..., :1].numel())
-    if not close(shift, scale * delta.expand_as(shift)):
+    if not Record.close(shift, scale * delta.expand_as(shift)):
         return ("the model transforms the embeddings before the first block (a norm or a mixing: moving them by d "
-                f"does not move resid_pre[0] by a multiple of d; {gap(shift, scale * delta.expand_as(shift))}); "
+                f"does not move resid_pre[0] by a multiple of d; {Record.gap(shift, scale * delta.expand_as(shift))}); "
                 "use resid_pre at layer 0")
     path = _path_of(model, embedding)
     return _unreachable(path) or (Address(path, "output", root=True), round(scale, 6))

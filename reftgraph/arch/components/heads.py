@@ -22,7 +22,7 @@ from ..qkv import FUSED_LAYOUTS, slicer
 from ..recording import record
 from .base import Address, Component, Context, first, no_module, walk, with_first
 
-__all__ = ["Heads", "POS"]
+__all__ = ["Heads", "POS", "qkv_slicer"]
 
 POS = 2          # the position that locality checks edit
 
@@ -94,6 +94,20 @@ def _widths_agree(widths: dict) -> dict:
     return out
 
 
+def qkv_slicer(component: str, arch, block, layer: int):
+    """``(get, put)`` of ``component`` (``q``, ``k`` or ``v``) in its projection's output on a proven block.
+
+    >>> import torch, reftgraph as rg
+    >>> arch = rg.models.tiny("gpt2").arch
+    >>> get, _ = qkv_slicer("v", arch, arch.blocks[0], 0)
+    >>> get(torch.zeros(1, 3, 96)).shape
+    torch.Size([1, 3, 4, 8])
+    """
+    heads = (arch.heads("q", layer), arch.heads("k", layer))
+    widths = (arch.width("q", layer), arch.width("k", layer) if "k" in block.widths else arch.width("q", layer))
+    return slicer(block.qkv_layout or "separate", component, heads, widths)
+
+
 class Heads(Component):
     """Per-head components: ``head_out``, ``q``, ``k`` and ``v``.
 
@@ -126,9 +140,7 @@ class Heads(Component):
         if name == "head_out":
             dh = arch.width("head_out", layer)
             return (lambda raw, pre: raw.unflatten(-1, (heads, dh)), lambda raw, new, pre: new.flatten(-2))
-        get, put = slicer(block.qkv_layout or "separate", name, (arch.heads("q", layer), arch.heads("k", layer)),
-                          (arch.width("q", layer),
-                           arch.width("k", layer) if "k" in block.widths else arch.width("q", layer)))
+        get, put = qkv_slicer(name, arch, block, layer)
         return (lambda raw, pre: get(first(raw)), lambda raw, new, pre: with_first(raw, put(first(raw), new)))
 
     def prove(self, ctx: Context) -> None:

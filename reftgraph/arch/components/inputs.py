@@ -29,7 +29,7 @@ import torch
 from ..qkv import slicer
 from ..tree import is_norm, linear_shape
 from .base import Address, Component, Context, first, no_module, walk, with_first
-from .heads import POS
+from .heads import POS, qkv_slicer
 from .outputs import per_token
 
 __all__ = ["HeadInputs", "MLPInput", "head_input_view", "stream_input_view"]
@@ -60,19 +60,23 @@ def _reader_norm(ctx: Context, reader: str, stream) -> tuple[Optional[str], str]
     return None, f"it reads neither the stream nor one norm of it ({rec.gap(fed, stream)} from the stream)"
 
 
+def _replacing_input(fn):
+    """A forward pre-hook (``with_kwargs=True``) that replaces a module's hidden-states input by ``fn(input)``."""
+    def hook(module, args, kwargs):
+        if args:
+            return (fn(args[0]),) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
+    return hook
+
+
 def _with_input(ctx: Context, fn, path: str):
     """The first output of ``path`` in a forward whose block input is replaced by ``fn(input)``."""
     block, seen = ctx.blocks[ctx.layer], {}
 
-    def pre_hook(module, args, kwargs):
-        if args:
-            return (fn(args[0]),) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-
     def grab(module, args, out):
         seen.setdefault("out", first(out).detach().clone())
 
-    handles = [block.register_forward_pre_hook(pre_hook, with_kwargs=True),
+    handles = [block.register_forward_pre_hook(_replacing_input(fn), with_kwargs=True),
                walk(block, path).register_forward_hook(grab)]
     try:
         with torch.no_grad():
@@ -163,10 +167,7 @@ class HeadInputs(Component):
         return True
 
     def view(self, name, arch, block, layer):
-        c = _READS[name]
-        heads = (arch.heads("q", layer), arch.heads("k", layer))
-        widths = (arch.width("q", layer), arch.width("k", layer) if "k" in block.widths else arch.width("q", layer))
-        head_get, head_put = slicer(block.qkv_layout or "separate", c, heads, widths)
+        head_get, head_put = qkv_slicer(_READS[name], arch, block, layer)
         return head_input_view(arch.heads(name, layer), head_get, head_put)
 
     def prove(self, ctx: Context) -> None:
@@ -323,14 +324,7 @@ def _record_input_edit(ctx: Context, path: str, fn):
     """The block recorded with the input of ``path`` replaced by ``fn(input)``."""
     from ..recording import record
 
-    module = walk(ctx.blocks[ctx.layer], path)
-
-    def pre_hook(m, args, kwargs):
-        if args:
-            return (fn(args[0]),) + tuple(args[1:]), kwargs
-        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
-
-    handle = module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handle = walk(ctx.blocks[ctx.layer], path).register_forward_pre_hook(_replacing_input(fn), with_kwargs=True)
     try:
         return record(ctx.model, ctx.blocks, ctx.layer, ctx.ids)
     finally:

@@ -28,8 +28,8 @@ with _warnings.catch_warnings():   # transformers imports tqdm.auto, which warns
 from . import datasets, errors
 from .arch import Family, Model, load, models, register_family, wrap
 from .core import COMPONENTS, Graph, Node, Site
-from .core.ops import (Ablate, Add, Classify, Collect, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, Op,
-                       Patch, ReFT, Rotate, Set, register_op)
+from .core.ops import (Ablate, Add, Classify, Collect, ConsReFT, Dictionary, DiReFT, LoBiReFT, LoReFT, NoDiReFT,
+                       NoReFT, Op, Patch, ReFT, Rotate, Set, register_op)
 from .engine import Generation, PrefixCache, RunResult, generate, prefix, run
 from .errors import DataError, GraphFileError, ModelNotFound, ReftgraphError, RemoteError, SiteError, SpecError
 from .files import from_pyreft, load_graph, save
@@ -118,7 +118,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DataError", "DiReFT", "Family", "Generation",
+    "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DataError", "Dictionary", "DiReFT", "Family", "Generation",
     "Graph", "GraphFileError", "LoBiReFT", "ModelNotFound", "LoReFT", "Model", "NoDiReFT", "NoReFT", "Node", "Op", "Patch",
     "PrefixCache", "ReFT", "ReftgraphError", "RemoteError", "Rotate", "RunResult", "Set", "Site", "SiteError", "SpecError", "causal",
     "circuits",

@@ -64,7 +64,14 @@ def _package_ops() -> set:
 
 
 # one instance of every op the package defines (a new op without an example fails below)
+def _trained_dictionary():
+    sae = rg.Dictionary(32, 64, activation="jumprelu", name="res1", seed=3)
+    sae.W_dec.mul_(1.5)   # not the seed's weights: the file must carry them
+    return sae
+
+
 EXAMPLES = {
+    "Dictionary": _trained_dictionary,
     "Patch": lambda: rg.Patch("source"),
     "Add": lambda: rg.Add(torch.randn(32), scale=2.0),
     "Set": lambda: rg.Set(torch.randn(32), mask=torch.rand(1, 1, 32) > 0.5),

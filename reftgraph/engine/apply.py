@@ -55,7 +55,7 @@ def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict) ->
     if sub.dtype in _HALF and not op.half_precision:    # the edit in float32, rounded back below
         sub = sub.float()
         src = src.float() if src is not None else None
-    new = op.edit(sub, source=src, valid=m.valid, subspace=step.node.site.subspace if op.learned_basis else None,
+    new = op.edit(sub, source=src, valid=m.valid, subspace=step.node.site.subspace if op.indexes_basis else None,
                   rows=None if b.rows is None else b.rows.to(sub.device))
     if op.collects:
         collected[step.node.name] = (new, b.valid)

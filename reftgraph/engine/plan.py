@@ -15,6 +15,7 @@ subspaces, source order) and orders the edits by the model's forward order.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -120,12 +121,19 @@ def _check_site(node: Node, site: Site, arch: Arch, what: str = "") -> tuple[int
 def _slice_width(node: Node, site: Site, arch: Arch, layer: int) -> Optional[int]:
     width = arch.width(site.component, layer)
     if width is None:   # one entry per token (attn_pattern's keys): no fixed width
-        if site.subspace is not None or node.op.learned_basis or node.op.expected_width() is not None:
+        if site.subspace is not None or node.op.indexes_basis or node.op.expected_width() is not None:
             raise SiteError(f"{where(node)}{site.component} has one entry per key token, not a fixed width: "
                             f"{type(node.op).__name__}{' with subspace=' if site.subspace else ''} cannot edit it "
                             "(use Patch, Set, Ablate, Collect or an op without a width)")
         return None
     if site.subspace is None:
+        return width
+    if node.op.basis is not None:
+        size = node.op.basis.d_sae
+        bad = [d for d in site.subspace if d >= size]
+        if bad:
+            raise SiteError(f"{where(node)}feature id {bad[0]} out of range; {node.op.basis.label} has {size} "
+                            f"features: valid ids 0..{size - 1}")
         return width
     if node.op.learned_basis:
         size = node.op.basis_size()
@@ -139,6 +147,28 @@ def _slice_width(node: Node, site: Site, arch: Arch, layer: int) -> Optional[int
         raise SiteError(f"{where(node)}subspace dim {bad[0]} beyond the width of {site.component} "
                         f"({width}: valid dims 0..{width - 1})")
     return len(site.subspace)
+
+
+def _check_basis(node: Node, site: Site, arch: Arch, layer: int, width: Optional[int], need: Optional[int]) -> None:
+    """A node whose op edits a dictionary's features: the dictionary reads the site's
+    width, was trained at this site (unless it is not strict), and the op's own tensors
+    have one entry per feature it sees."""
+    basis, op = node.op.basis, type(node.op).__name__
+    if basis.d_in != width or basis.d_out != width:
+        raise SiteError(f"{where(node)}{basis.label} reads width {basis.d_in}"
+                        f"{'' if basis.d_out == basis.d_in else f' and writes {basis.d_out}'}; {site.component} has "
+                        f"width {width}")
+    trained = basis.trained_at
+    if trained and trained != f"{site.component}[{layer}]" and trained != f"{site.component}[{layer - arch.n_layers}]":
+        message = (f"{where(node)}{basis.label} was trained at {trained}, not at {site.component}[{layer}]; "
+                   "set strict=False on the dictionary to use it here anyway")
+        if basis.strict:
+            raise SiteError(message)
+        warnings.warn(message, stacklevel=4)
+    features = basis.d_sae if site.subspace is None else len(site.subspace)
+    if need is not None and need != features:
+        raise SiteError(f"{where(node)}{op} has width {need}, the features it edits need {features} "
+                        + ("(the subspace's feature ids)" if site.subspace else f"({basis.label}'s features)"))
 
 
 def compile_graph(graph: Graph, arch: Arch) -> Plan:
@@ -176,13 +206,15 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
         layer, heads = _check_site(node, site, arch)
         width = _slice_width(node, site, arch, layer)
         need = node.op.expected_width()
-        if need is not None and need != width:
+        if node.op.basis is not None:
+            _check_basis(node, site, arch, layer, width, need)
+        elif need is not None and need != width:
             raise SiteError(f"{where(node)}{type(node.op).__name__} has width {need}, the site needs {width} "
                             + ("(the subspace's dims)" if site.subspace else f"({site.component} width)"))
         at = arch.locate(site.component, layer)
         hook = at.hook
         step = Step(node, hook, at.get, at.put, heads,
-                    None if site.subspace is None or node.op.learned_basis else torch.tensor(site.subspace),
+                    None if site.subspace is None or node.op.indexes_basis else torch.tensor(site.subspace),
                     modules=at.modules)
         if node.op.source is not None:
             src_site = node.reads[1]

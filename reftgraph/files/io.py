@@ -72,8 +72,12 @@ def graph_state(graph: Graph, model=None) -> tuple[dict, dict]:
     """
     ops = unique_ops(graph)
     index = {id(op): i for i, op in enumerate(ops)}
-    tensors = {f"op{i}.{name}": t.detach().cpu().contiguous()
-               for i, op in enumerate(ops) for name, t in op.state_dict().items()}
+    tensors, seen = {}, set()
+    for i, op in enumerate(ops):
+        for name, t in op.state_dict().items():
+            t = t.detach().cpu().contiguous()   # a tensor two ops share (a dictionary both use as basis): copied
+            tensors[f"op{i}.{name}"] = t.clone() if t.data_ptr() in seen else t
+            seen.add(t.data_ptr())
     nodes = [{"name": n.name, "site": n.site.to_dict(), "stream": n.stream, "op": index[id(n.op)]}
              for n in graph.nodes]
     spec = {"format": FORMAT, "version": VERSION, "model": None if model is None else _model_info(model),

@@ -11,10 +11,12 @@
 from ...errors import ReftgraphError
 from .base import Op
 from .basic import Ablate, Add, Classify, Collect, Patch, Set, Without
+from .dictionary import Dictionary
 from .reft import REFT_OPS, ConsReFT, DiReFT, LoBiReFT, LoReFT, NoDiReFT, NoReFT, ReFT
 from .rotate import Rotate
 
-OPS = {cls.__name__: cls for cls in (Ablate, Add, Classify, Collect, Patch, Rotate, Set, Without, *REFT_OPS.values())}
+OPS = {cls.__name__: cls for cls in (Ablate, Add, Classify, Collect, Dictionary, Patch, Rotate, Set, Without,
+                                     *REFT_OPS.values())}
 
 
 def register_op(cls):
@@ -55,5 +57,5 @@ def register_op(cls):
     return cls
 
 
-__all__ = ["OPS", "Op", "register_op", "Ablate", "Add", "Classify", "Collect", "Patch", "Rotate", "Set", "Without",
+__all__ = ["OPS", "Op", "register_op", "Ablate", "Add", "Classify", "Collect", "Dictionary", "Patch", "Rotate", "Set", "Without",
            "ReFT", "LoReFT", "NoReFT", "DiReFT", "NoDiReFT", "ConsReFT", "LoBiReFT"]

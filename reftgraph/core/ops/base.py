@@ -82,6 +82,49 @@ class Op(nn.Module):
         inner = tuple(m.revision for m in self.children() if isinstance(m, Op))
         return (self.__dict__.get("_revision", 0),) + inner
 
+    @property
+    def basis(self):
+        """The :class:`~reftgraph.Dictionary` whose feature activations the op edits (its
+        ``basis=``), or None: the op edits the activation itself.
+
+        >>> import torch, reftgraph as rg
+        >>> rg.Collect().basis is None, rg.Collect(basis=rg.Dictionary(4, 8)).basis.d_sae
+        (True, 8)
+        """
+        return self._modules.get("basis")
+
+    @basis.setter
+    def basis(self, value) -> None:   # (nn.Module registers a dictionary itself; this takes None)
+        self._modules["basis"] = value
+
+    def use_basis(self, basis) -> None:
+        """Make ``basis`` (a :class:`~reftgraph.Dictionary`, or None) the op's basis; the
+        ``basis=`` argument of the built-in ops calls it.
+
+        >>> import torch, reftgraph as rg
+        >>> op = rg.Ablate("zero")
+        >>> op.use_basis(rg.Dictionary(4, 8))
+        >>> op.indexes_basis
+        True
+        """
+        if basis is not None and (not isinstance(basis, Op) or not hasattr(basis, "around")):
+            raise ValueError(f"{type(self).__name__}: basis must be a reftgraph.Dictionary (an SAE or transcoder; "
+                             f"reftgraph.features.load reads one), got {type(basis).__name__}")
+        self.basis = basis
+
+    @property
+    def indexes_basis(self) -> bool:
+        """Whether a site's ``subspace`` names dims of the op's own basis (a learned basis,
+        or a dictionary's features given as ``basis=``) rather than dims of the activation.
+
+        >>> import torch, reftgraph as rg
+        >>> rg.Add(torch.ones(4)).indexes_basis, rg.LoReFT(width=4, rank=2).indexes_basis
+        (False, True)
+        >>> rg.Add(torch.ones(8), basis=rg.Dictionary(4, 8)).indexes_basis
+        True
+        """
+        return self.learned_basis or self.basis is not None
+
     def check_config(self) -> Optional[str]:
         """A problem with the op's settings, or None; checked when the op joins a graph and
         again before a run when its settings changed.
@@ -155,8 +198,21 @@ class Op(nn.Module):
         where a row has fewer positions; ``subspace``: the site's dims of the op's own basis
         (ops with ``learned_basis``); ``rows[B, basis]``: per-row subspaces (ops with
         ``per_row_subspaces``). A wrapper (``Without``) passes them all to the op it wraps.
+        An op with a ``basis`` (a :class:`~reftgraph.Dictionary`) edits in feature space:
+        ``subspace`` names the features it sees (see :meth:`Dictionary.around`).
         """
-        given = {"source": source, "valid": valid, "subspace": subspace, "rows": rows}
+        if self.basis is not None:
+            return self.basis.around(self, h, source=source, valid=valid, subspace=subspace, rows=rows)
+        return self.forward_with(h, source=source, valid=valid, subspace=subspace, rows=rows)
+
+    def forward_with(self, h: torch.Tensor, **given) -> torch.Tensor:
+        """Call the op on ``h`` with those of ``given`` that its ``forward`` names (all of
+        them when it takes ``**kwargs``); :meth:`edit` without the op's ``basis``.
+
+        >>> import torch, reftgraph as rg
+        >>> rg.Add(torch.ones(2)).forward_with(torch.zeros(1, 1, 2), rows=None).tolist()
+        [[[1.0, 1.0]]]
+        """
         takes = _accepted(type(self))
         return self(h, **(given if takes is None else {k: v for k, v in given.items() if k in takes}))
 

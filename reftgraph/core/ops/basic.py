@@ -24,6 +24,18 @@ def _tensor(value, name: str, trainable: bool, module: nn.Module) -> None:
         module.register_buffer(name, value)
 
 
+def _width(value: torch.Tensor):
+    """The width a value broadcast to the slice needs (None for a scalar: any)."""
+    return value.shape[-1] if value.dim() else None
+
+
+def _with_basis(op: Op, config: dict) -> dict:
+    """``config`` with the op's basis (a dictionary, saved as an op inside the op) when it has one."""
+    if op.basis is not None:
+        config["basis"] = {"type": type(op.basis).__name__, "config": op.basis.config()}
+    return config
+
+
 class Patch(Op):
     """Interchange: write the activation of stream ``source`` at the same site (or at
     ``site``, e.g. other positions of the source prompt) into this node's stream.
@@ -38,13 +50,14 @@ class Patch(Op):
 
     reads_stream = True
 
-    def __init__(self, source: str = "source", site=None):
+    def __init__(self, source: str = "source", site=None, basis=None):
         super().__init__()
         self.source = source
         self.site = Site.from_dict(site) if isinstance(site, dict) else site
+        self.use_basis(basis)
 
     def config(self) -> dict:
-        return {"source": self.source, "site": None if self.site is None else self.site.to_dict()}
+        return _with_basis(self, {"source": self.source, "site": None if self.site is None else self.site.to_dict()})
 
     def forward(self, h, source=None, valid=None):
         return source.to(h.dtype)
@@ -58,17 +71,18 @@ class Add(Op):
     [[[3.0, -3.0]]]
     """
 
-    def __init__(self, vector, scale: float = 1.0, trainable: bool = False):
+    def __init__(self, vector, scale: float = 1.0, trainable: bool = False, basis=None):
         super().__init__()
         _tensor(vector, "vector", trainable, self)
         self.scale = float(scale)
         self.trainable = trainable
+        self.use_basis(basis)
 
     def config(self) -> dict:
-        return {"scale": self.scale, "trainable": self.trainable}
+        return _with_basis(self, {"scale": self.scale, "trainable": self.trainable})
 
     def expected_width(self):
-        return self.vector.shape[-1]
+        return _width(self.vector)
 
     def forward(self, h, source=None, valid=None):
         return h + self.scale * self.vector.to(h)
@@ -87,7 +101,7 @@ class Set(Op):
     elsewhere the slice keeps its own value. Patching sweeps write their batched cells so.
     """
 
-    def __init__(self, value, trainable: bool = False, mask=None):
+    def __init__(self, value, trainable: bool = False, mask=None, basis=None):
         super().__init__()
         _tensor(value, "value", trainable, self)
         self.trainable = trainable
@@ -95,12 +109,13 @@ class Set(Op):
             self.mask = None
         else:  # stored as 0/1 floats: saved graphs hold floating-point tensors only
             self.register_buffer("mask", torch.as_tensor(mask).to(torch.float32))
+        self.use_basis(basis)
 
     def config(self) -> dict:
-        return {"trainable": self.trainable}
+        return _with_basis(self, {"trainable": self.trainable})
 
     def expected_width(self):
-        return self.value.shape[-1]
+        return _width(self.value)
 
     def forward(self, h, source=None, valid=None):
         value = self.value.to(h).expand_as(h)
@@ -122,7 +137,7 @@ class Ablate(Op):
 
     MODES = ("zero", "mean", "resample")
 
-    def __init__(self, mode: str = "zero", value=None, seed: int = 0):
+    def __init__(self, mode: str = "zero", value=None, seed: int = 0, basis=None):
         super().__init__()
         self.mode, self.seed = mode, seed
         if self.check_config():
@@ -131,9 +146,10 @@ class Ablate(Op):
             _tensor(value, "value", False, self)
         else:
             self.value = None
+        self.use_basis(basis)
 
     def config(self) -> dict:
-        return {"mode": self.mode, "seed": self.seed}
+        return _with_basis(self, {"mode": self.mode, "seed": self.seed})
 
     def check_config(self):
         if self.mode not in self.MODES:
@@ -148,7 +164,7 @@ class Ablate(Op):
         return None
 
     def expected_width(self):
-        return None if self.value is None else self.value.shape[-1]
+        return None if self.value is None else _width(self.value)
 
     def forward(self, h, source=None, valid=None):
         if self.mode == "zero":
@@ -180,6 +196,13 @@ class Collect(Op):
 
     collects = True
     half_precision = True
+
+    def __init__(self, basis=None):
+        super().__init__()
+        self.use_basis(basis)
+
+    def config(self) -> dict:
+        return _with_basis(self, {})
 
     def forward(self, h, source=None, valid=None):
         return h
@@ -240,6 +263,9 @@ class Without(Op):
         super().__init__()
         if not isinstance(inner, Op):
             raise ValueError(f"Without: inner must be a reftgraph op, got {type(inner).__name__}")
+        if inner.basis is not None:
+            raise ValueError("Without: the directions it removes are directions of the activation; an op with a "
+                             "basis edits features (leave those features out of the node's subspace instead)")
         self.inner = inner
         self.register_buffer("directions", torch.as_tensor(directions, dtype=torch.float32).detach().clone())
 

@@ -1,0 +1,189 @@
+"""Ops in a dictionary's basis (``basis=sae``) against the same math in plain hooks.
+
+Every op x activation (ReLU, JumpReLU, TopK) x padding side, outputs and gradients: the
+oracle encodes each selected slot by hand, edits its features and writes the change back
+along their decoder directions, keeping the reconstruction error."""
+
+import pytest
+import torch
+
+import reftgraph as rg
+from oracle import capture, encode, positions_of, real_positions, run_with
+from test_oracle import BASE, SOURCE, compare_logits, derangement
+
+OPS = ("patch", "add", "set", "zero", "mean", "resample", "collect")
+KINDS = {"relu": {}, "jumprelu": {"scale": 2.0}, "topk": {"k": 5, "apply_b_dec_to_input": True}}
+IDS = (3, 10, 17, 40)
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return rg.models.tiny("llama")
+
+
+def dictionary(activation, d_in=32, seed=0):
+    """A random dictionary in which three of the features ``IDS`` fire on most tokens."""
+    sae = rg.Dictionary(d_in, 64, activation=activation, seed=seed, **KINDS[activation])
+    sae.b_enc[list(IDS[:3])] = 0.5
+    return sae
+
+
+def hand_features(sae, x):
+    """The dictionary's encoder written out: ``act((scale x - b_dec?) W_enc + b_enc)``."""
+    x = x.float() * sae.scale
+    if sae.apply_b_dec_to_input:
+        x = x - sae.b_dec
+    pre = x @ sae.W_enc + sae.b_enc
+    if sae.activation == "relu":
+        return pre.clamp(min=0)
+    if sae.activation == "jumprelu":
+        return torch.where(pre > sae.threshold, pre, torch.zeros_like(pre))
+    keep = pre.sort(descending=True).indices[..., :sae.k]
+    out = torch.zeros_like(pre)
+    out[..., keep] = pre[..., keep].clamp(min=0)
+    return out
+
+
+def op_for(kind, n, basis):
+    g = torch.Generator().manual_seed(0)
+    if kind == "patch":
+        return rg.Patch("source", basis=basis)
+    if kind == "add":
+        return rg.Add(torch.rand(n, generator=g) + 0.5, scale=2.0, trainable=True, basis=basis)
+    if kind == "set":
+        return rg.Set(torch.rand(n, generator=g), trainable=True, basis=basis)
+    if kind == "collect":
+        return rg.Collect(basis=basis)
+    return rg.Ablate(kind, seed=3, basis=basis)
+
+
+def feature_edit(kind, op, sae, ids, selector, base_mask, src, src_mask):
+    """An ``edit(t)`` of the residual stream, slot by slot, in feature space."""
+    base_real, src_real = real_positions(base_mask), real_positions(src_mask)
+
+    def feats(x):
+        return hand_features(sae, x)[..., ids]
+
+    def edit(t):
+        slots = [(b, j, base_real[b][r]) for b in range(t.shape[0])
+                 for j, r in enumerate(positions_of(selector, len(base_real[b])))]
+        perm = derangement(t.shape[0], 3) if kind == "resample" else None
+        mean = torch.stack([feats(t[b, p]) for b, _, p in slots]).mean(0) if kind == "mean" else None
+        out = t.clone()
+        for b, j, p in slots:
+            cur = feats(t[b, p])
+            if kind == "patch":
+                new = feats(src[b, src_real[b][positions_of(selector, len(src_real[b]))[j]]])
+            elif kind == "add":
+                new = cur + op.scale * op.vector
+            elif kind == "set":
+                new = op.value
+            elif kind == "zero":
+                new = torch.zeros_like(cur)
+            elif kind == "mean":
+                new = mean
+            else:
+                q = perm[b]
+                new = feats(t[q, base_real[q][positions_of(selector, len(base_real[q]))[j]]])
+            out[b, p] = t[b, p] + (new - cur) @ sae.W_dec[ids] / sae.scale
+        return out
+
+    return edit
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("kind", OPS)
+@pytest.mark.parametrize("activation", KINDS)
+def test_ops_in_a_dictionary_basis(lm, activation, kind, side):
+    sae = dictionary(activation)
+    selector = "f2+l2" if kind == "resample" else [0, -1]
+    ids = list(IDS)
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=1, positions=selector, subspace=IDS), op_for(kind, len(ids), sae), name="n")
+    out = g.run(lm, BASE, sources={"source": SOURCE} if kind == "patch" else None, padding_side=side)
+    cfg, base_in, src_in = lm.hf.config, encode(lm.tokenizer, BASE, side), encode(lm.tokenizer, SOURCE, side)
+    if kind == "collect":
+        clean = capture(lm.hf, "llama", "resid_post", 1, base_in, cfg)
+        for b, real in enumerate(real_positions(base_in["attention_mask"])):
+            want = hand_features(sae, clean[b, [real[r] for r in positions_of(selector, len(real))]])[..., ids]
+            torch.testing.assert_close(out["n"][b], want, atol=ATOL, rtol=0)
+        return
+    src = capture(lm.hf, "llama", "resid_post", 1, src_in, cfg)
+    edit = feature_edit(kind, g["n"].op, sae, ids, selector, base_in["attention_mask"], src, src_in["attention_mask"])
+    ref = run_with(lm.hf, "llama", "resid_post", 1, base_in, edit, cfg)
+    base_mask = out.attention_mask[out.rows["base"]]
+    compare_logits(out.logits, base_mask, ref, base_in["attention_mask"], ATOL)
+    assert not torch.allclose(ref, lm.hf(**base_in).logits, atol=1e-6)   # the edit shows
+    params = list(g.parameters())
+    if params:
+        w = torch.randn(out.logits.shape[-1], generator=torch.Generator().manual_seed(1))
+
+        def loss(logits, mask):
+            return sum((logits[b, r] * w).sum() for b, r in enumerate(real_positions(mask)))
+
+        ours = torch.autograd.grad(loss(out.logits, base_mask), params)
+        theirs = torch.autograd.grad(loss(ref, base_in["attention_mask"]), params)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("activation", KINDS)
+def test_an_identity_edit_leaves_the_logits_bit_identical(lm, activation):
+    sae = dictionary(activation)
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=1), rg.Add(torch.zeros(64), basis=sae), name="same")
+    g.add(rg.Site("mlp_out", layer=0, subspace=(1, 2)), rg.Set(torch.zeros(2), basis=dictionary(activation, seed=1),
+                                                               mask=torch.zeros(2)), name="masked")
+    torch.testing.assert_close(g.run(lm, BASE).logits, rg.Graph().run(lm, BASE).logits, atol=0, rtol=0)
+
+
+def test_the_dictionary_as_an_op_splices_its_reconstruction_in(lm):
+    sae = dictionary("topk")
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=1), sae, name="splice")
+    cfg, inputs = lm.hf.config, encode(lm.tokenizer, BASE, "right")
+    ref = run_with(lm.hf, "llama", "resid_post", 1, inputs, lambda t: (hand_features(sae, t) @ sae.W_dec + sae.b_dec)
+                   / sae.scale, cfg)
+    out = g.run(lm, BASE)
+    compare_logits(out.logits, out.attention_mask, ref, inputs["attention_mask"], ATOL)
+
+
+def test_a_graph_in_a_dictionary_basis_saves_and_loads(lm, tmp_path):
+    sae = dictionary("jumprelu")
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=1, subspace=(5,)), rg.Add(torch.ones(1), scale=3.0, basis=sae), name="steer")
+    g.add(rg.Site("resid_post", layer=1, positions="last"), rg.Collect(basis=sae), name="f")
+    back = rg.load_graph(rg.save(g, tmp_path / "g"))
+    assert torch.equal(back["steer"].op.basis.threshold, sae.threshold)
+    a, b = g.run(lm, BASE), back.run(lm, BASE)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a["f"], b["f"])
+
+
+def bad(lm, op, site=rg.Site("resid_post", layer=1)):
+    g = rg.Graph()
+    g.add(site, op, name="n")
+    with pytest.raises(rg.SiteError) as e:
+        g.run(lm, BASE)
+    return str(e.value)
+
+
+def test_bad_input_is_refused_before_any_forward(lm):
+    sae = rg.Dictionary(32, 64, name="res1", trained_at="resid_post[1]")
+    assert "feature id 64 out of range; dictionary 'res1' has 64 features: valid ids 0..63" in bad(
+        lm, rg.Ablate(basis=sae), rg.Site("resid_post", layer=1, subspace=(2, 64)))
+    assert "dictionary 'wide' reads width 48; resid_post has width 32" in bad(
+        lm, rg.Collect(basis=rg.Dictionary(48, 64, name="wide")))
+    assert "trained at resid_post[1], not at resid_post[0]; set strict=False" in bad(
+        lm, rg.Collect(basis=sae), rg.Site("resid_post", layer=0))
+    assert "Add has width 3, the features it edits need 2 (the subspace's feature ids)" in bad(
+        lm, rg.Add(torch.ones(3), basis=sae), rg.Site("resid_post", layer=-1, subspace=(0, 1)))
+    with pytest.raises(ValueError, match="basis must be a reftgraph.Dictionary"):
+        rg.Collect(basis=torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="a topk dictionary needs k in 1..64"):
+        rg.Dictionary(32, 64, activation="topk")
+    loose = rg.Dictionary(32, 64, trained_at="resid_post[1]", strict=False)
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=0), rg.Collect(basis=loose), name="n")
+    with pytest.warns(UserWarning, match="trained at resid_post"):
+        g.run(lm, BASE)

@@ -31,11 +31,11 @@ from .core import COMPONENTS, Graph, Node, Site
 from .core.ops import (Ablate, Add, Classify, Collect, ConsReFT, Dictionary, DiReFT, LoBiReFT, LoReFT, NoDiReFT,
                        NoReFT, Op, Patch, ReFT, Rotate, Set, register_op)
 from .engine import Generation, PrefixCache, RunResult, generate, prefix, run
-from .errors import DataError, GraphFileError, ModelNotFound, ReftgraphError, RemoteError, SiteError, SpecError
+from .errors import DataError, DictionaryFileError, GraphFileError, ModelNotFound, ReftgraphError, RemoteError, SiteError, SpecError
 from .files import from_pyreft, load_graph, save
 from .viz import plot
 from .training import data, train
-from .methods import causal, circuits, das, memorisation, patching, steering, subspace
+from .methods import causal, circuits, das, features, memorisation, patching, steering, subspace
 from .methods.reft import print_trainable_parameters, reft_graph
 from . import experiments
 
@@ -118,11 +118,12 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DataError", "Dictionary", "DiReFT", "Family", "Generation",
+    "Ablate", "Add", "Classify", "Collect", "COMPONENTS", "ConsReFT", "DataError", "Dictionary",
+    "DictionaryFileError", "DiReFT", "Family", "Generation",
     "Graph", "GraphFileError", "LoBiReFT", "ModelNotFound", "LoReFT", "Model", "NoDiReFT", "NoReFT", "Node", "Op", "Patch",
     "PrefixCache", "ReFT", "ReftgraphError", "RemoteError", "Rotate", "RunResult", "Set", "Site", "SiteError", "SpecError", "causal",
     "circuits",
-    "das", "data", "datasets", "errors", "experiments", "from_pyreft", "generate", "load", "load_graph", "memorisation", "models",
+    "das", "data", "datasets", "errors", "experiments", "features", "from_pyreft", "generate", "load", "load_graph", "memorisation", "models",
     "patching", "prefix", "print_trainable_parameters", "reft_graph", "register_family", "register_op", "run", "save", "steering",
     "subspace", "train", "wrap",
 ]

@@ -12,6 +12,7 @@ so ``except ValueError`` keeps working:
 
 - :class:`SiteError`: a node, site, graph or input that does not fit the model;
 - :class:`GraphFileError`: a saved graph folder that cannot be read or does not fit;
+- :class:`DictionaryFileError`: a sparse-autoencoder folder that cannot be read or run exactly;
 - :class:`DataError`: data, prompts or a metric a method cannot use;
 - :class:`SpecError`: a training spec file with a bad field;
 - :class:`RemoteError`: a remote call (NDIF) that cannot be made;
@@ -49,6 +50,18 @@ class GraphFileError(ReftgraphError):
     Traceback (most recent call last):
     ...
     reftgraph.errors.GraphFileError: ...
+    """
+
+
+class DictionaryFileError(ReftgraphError):
+    """A dictionary (SAE) folder that is in no format reftgraph reads, is damaged, or holds
+    a dictionary reftgraph cannot run exactly (the message says which).
+
+    >>> import reftgraph as rg
+    >>> rg.features.load("/no/such/sae")
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.DictionaryFileError: no dictionary at /no/such/sae: it does not exist
     """
 
 

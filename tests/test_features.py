@@ -187,3 +187,129 @@ def test_bad_input_is_refused_before_any_forward(lm):
     g.add(rg.Site("resid_post", layer=0), rg.Collect(basis=loose), name="n")
     with pytest.warns(UserWarning, match="trained at resid_post"):
         g.run(lm, BASE)
+
+
+# -- the methods: activations, explain, ReFT in features, attribution, circuits ------------
+
+DATA = rg.patching.Counterfactual(["the cat sat on", "a dog ran to"], ["the cow sat on", "a hen ran to"],
+                                  correct=["a", "b"], wrong=["c", "d"])   # base = corrupted, source = clean
+
+
+def test_activations_are_the_collected_features(lm):
+    sae = dictionary("topk")
+    prompts = ["the cat sat", "a dog"]
+    table = rg.features.activations(lm, prompts, rg.Site("resid_post", 1), sae, progress=False)
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", 1), rg.Collect(basis=sae), name="f")
+    out = g.run(lm, prompts)
+    for _, r in table.iterrows():
+        assert out["f"][r.row, r.position, r.feature].item() == pytest.approx(r.activation)
+    assert len(table) == int((out["f"] * out.valid["f"][..., None] != 0).sum())
+    ids = lm.tokenizer(prompts[0])["input_ids"]
+    first = table[(table.row == 0) & (table.position == 1)]
+    assert set(first.token) == {lm.tokenizer.decode([ids[1]])}
+    top = rg.features.top_contexts(lm, prompts, rg.Site("resid_post", 1), sae, features=list(IDS[:3]), k=2,
+                                   progress=False)
+    assert top.groupby("feature").size().max() == 2
+    for feature, rows in top.groupby("feature"):
+        best = table[table.feature == feature].activation.nlargest(2).tolist()
+        assert rows.activation.tolist() == pytest.approx(best)
+        assert all("«" in c and "»" in c for c in rows.context)
+
+
+def test_explain_finds_the_features_a_reft_writes_along():
+    sae = dictionary("relu")
+    op = rg.features.reft(sae, [5, 9, 30], rank=3, seed=0)
+    table = rg.features.explain(op, sae, top=3)
+    assert sorted(table.feature) == [5, 9, 30] and table.cosine.min() > 0.999
+    free = rg.LoReFT(width=32, rank=4, seed=1)
+    table = rg.features.explain(free, sae, top=64)
+    dec = sae.W_dec / sae.W_dec.norm(dim=-1, keepdim=True)
+    R = free.R().detach()
+    proj = dec @ torch.linalg.pinv(R) @ R            # projection on the row space, by least squares
+    want = proj.norm(dim=-1)
+    torch.testing.assert_close(torch.tensor(table.cosine.tolist()), want[table.feature.tolist()], atol=1e-5, rtol=0)
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", 1, subspace=(0,)), free, name="r")
+    one = rg.features.explain(g["r"], sae, top=64)       # the node's subspace: row 0 of R alone
+    torch.testing.assert_close(torch.tensor(one.cosine.tolist()), (dec @ R[0] / R[0].norm()).abs()[one.feature.tolist()],
+                               atol=1e-5, rtol=0)
+    with pytest.raises(rg.DataError, match="decodes to width 32"):
+        rg.features.explain(rg.LoReFT(width=16, rank=2), sae)
+
+
+def test_a_reft_in_features_trains_and_stays_in_their_span(lm):
+    sae = dictionary("relu")
+    op = rg.features.reft(sae, [3, 10, 17], rank=2, seed=0)
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", 1, positions="last"), op, name="r")
+    opt = torch.optim.SGD(g.parameters(), lr=0.5)
+    loss = g.run(lm, ["abc"]).next_token_logits[0, 7]
+    loss.backward()
+    opt.step()
+    assert op.rotate.grad is not None and "within" not in dict(op.named_parameters())
+    D = sae.W_dec[[3, 10, 17]]
+    R = op.R().detach()
+    torch.testing.assert_close(R @ torch.linalg.pinv(D) @ D, R, atol=1e-5, rtol=0)
+
+
+def hand_attribution(lm, sae, layer):
+    """The AtP estimates written with plain hooks: features and error at resid_post[layer]."""
+    cfg, side = lm.hf.config, "right"
+    clean_in, corrupt_in = encode(lm.tokenizer, DATA.source, side), encode(lm.tokenizer, DATA.base, side)
+    h_corrupt = capture(lm.hf, "llama", "resid_post", layer, corrupt_in, cfg)
+    leaves = {}
+
+    def edit(t):
+        f = hand_features(sae, t).detach()
+        leaves["f"] = f.clone().requires_grad_(True)
+        leaves["h"] = t.detach().clone().requires_grad_(True)
+        return leaves["h"] + (leaves["f"] - f) @ sae.W_dec
+    logits = run_with(lm.hf, "llama", "resid_post", layer, clean_in, edit, cfg)
+    last = clean_in["attention_mask"].sum(1) - 1
+    nxt = logits[torch.arange(2), last]
+    ids = [lm.tokenizer(a)["input_ids"][-1] for a in DATA.correct], [lm.tokenizer(a)["input_ids"][-1] for a in DATA.wrong]
+    metric = (nxt[torch.arange(2), ids[0]] - nxt[torch.arange(2), ids[1]]).sum()
+    g_f, g_h = torch.autograd.grad(metric, [leaves["f"], leaves["h"]])
+    h_clean = leaves["h"].detach()
+    mask = clean_in["attention_mask"][..., None].float()
+    f_clean, f_corrupt = hand_features(sae, h_clean), hand_features(sae, h_corrupt)
+    error = lambda h: h - (hand_features(sae, h) @ sae.W_dec + sae.b_dec)   # noqa: E731
+    features = ((f_corrupt - f_clean) * g_f * mask).sum((0, 1)) / 2
+    err = ((error(h_corrupt) - error(h_clean)) * g_h * mask).sum() / 2
+    return features, err
+
+
+@pytest.mark.parametrize("activation", ["relu", "topk"])
+def test_feature_attribution_equals_the_plain_hook_linearisation(lm, activation):
+    sae = dictionary(activation)
+    table = rg.features.attribute(lm, DATA, {rg.Site("resid_post", 0): sae}, progress=False)
+    features, err = hand_attribution(lm, sae, 0)
+    torch.testing.assert_close(torch.tensor(table.estimate[:64].tolist()), features.double().float(),
+                               atol=1e-5, rtol=1e-4)
+    assert table.feature.iloc[-1] == -1 and table.estimate.iloc[-1] == pytest.approx(float(err), abs=1e-5)
+
+
+def test_feature_circuits_run_as_graphs(lm):
+    sae = dictionary("topk")
+    sites = {rg.Site("resid_post", 0): sae}
+    everything = __import__("pandas").DataFrame({"site": "resid_post[0]", "feature": range(64)})
+    full = rg.features.circuit_graph(lm, DATA, sites, everything)
+    assert len(full) == 0                                           # nothing outside: the clean model
+    nothing = rg.features.circuit_graph(lm, DATA, sites, everything.iloc[:0], errors="ablate")
+    out = nothing.run(lm, DATA.source, sources={"corrupt": DATA.base})
+    corrupt = rg.Graph().run(lm, DATA.base)
+    compare_logits(out.logits, out.attention_mask[out.rows["base"]], corrupt.logits, corrupt.attention_mask, 1e-4)
+    errors_only = rg.features.circuit_graph(lm, DATA, sites, everything, errors="ablate")
+    assert errors_only["outside_resid_post0"].op.features is False
+    result = rg.features.faithfulness(nothing, lm, DATA, progress=False)
+    assert result["faithfulness"] == pytest.approx(0.0, abs=1e-6) and result["size"] == 0
+    found = rg.features.discover(lm, DATA, sites, size=3, progress=False)
+    assert len(found.kept) == 3 and found.kept.score.is_monotonic_decreasing
+    assert found.nodes[0].site.subspace == tuple(sorted(set(range(64)) - set(found.kept.feature)))
+    mean = rg.features.discover(lm, DATA, sites, size=0.05, ablate="mean", progress=False)
+    assert isinstance(mean.nodes[0].op, rg.Ablate)
+    via = rg.circuits.discover(lm, DATA, level="feature", dictionaries=sites, size=3, progress=False)
+    assert via.kept.feature.tolist() == found.kept.feature.tolist()
+    with pytest.raises(rg.DataError, match="equal length"):
+        rg.features.attribute(lm, rg.patching.Counterfactual(["a b c"], ["a"], ["a"], ["b"]), sites, progress=False)

@@ -546,7 +546,7 @@ def test_torch_load_only_with_weights_only():
                 if isinstance(f, ast.Attribute) and f.attr == "load" and isinstance(f.value, ast.Name) and (
                         f.value.id in ("np", "numpy")):
                     assert _keyword(node, "allow_pickle") is not True, name
-    assert {name for name, _ in calls} <= {"reftgraph/files/pyreft.py"}, calls
+    assert {name for name, _ in calls} <= {"reftgraph/files/pyreft.py", "reftgraph/files/dictionaries.py"}, calls
     assert all(weights_only is True for _, weights_only in calls), calls
     # and no other spelling of torch.load (from torch import load, torch.serialization.load)
     for name, tree in _sources():

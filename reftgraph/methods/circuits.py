@@ -36,6 +36,7 @@ from ..viz.progress import progress_bar
 from .edge_circuits import (MIB_FRACTIONS, EdgeCircuit, discover_edges, draw_edges, edge_circuit, edge_faithfulness,
                             mib, node_edges, plot_mib)
 from .edges import edge_scores, edges
+from .features import discover as discover_features
 from .patching.attribution import attribute
 from .patching.metrics import Reference, get_metric
 
@@ -110,7 +111,7 @@ def _check(data, nodes):
 def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes: str = "heads",
              method: str = "atp", ig_steps: int = 5, ablate: str = "corrupt", metric="logit_diff",
              rank: str = "effect", per_position: bool = False, table: Optional[pd.DataFrame] = None,
-             progress: bool = True, level: str = "node") -> "Circuit":
+             progress: bool = True, level: str = "node", dictionaries=None, errors: str = "keep") -> "Circuit":
     """The circuit of the ``size`` top-scoring nodes, as a graph that patches all the others.
 
     >>> import reftgraph as rg
@@ -132,10 +133,17 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
 
     ``level="edge"``: an edge circuit instead (:func:`discover_edges`; ``method`` ``"atp"`` is
     EAP, ``"ig"`` EAP-IG on the inputs with ``ig_steps`` steps, or any method of
-    :func:`edge_scores`), an :class:`EdgeCircuit`.
+    :func:`edge_scores`), an :class:`EdgeCircuit`. ``level="feature"``: a feature circuit over
+    ``dictionaries`` (``{rg.Site(component, layer): dictionary}``; ``errors`` ``"keep"`` or
+    ``"ablate"``), a :class:`~reftgraph.features.FeatureCircuit` (see
+    :func:`reftgraph.features.discover`).
     """
-    if level not in ("node", "edge"):
-        raise DataError(f"level must be 'node' or 'edge', got {level!r}")
+    if level not in ("node", "edge", "feature"):
+        raise DataError(f"level must be 'node', 'edge' or 'feature', got {level!r}")
+    if level == "feature":
+        if dictionaries is None:
+            raise DataError("level='feature' needs dictionaries={rg.Site(component, layer): dictionary}")
+        return discover_features(model, data, dictionaries, size, errors, ablate, metric, table, progress=progress)
     if level == "edge":
         method = {"atp": "eap", "ig": "eap-ig-inputs"}.get(method, method)
         return discover_edges(model, data, size, method, ig_steps, metric, table, progress)

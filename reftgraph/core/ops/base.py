@@ -95,7 +95,7 @@ class Op(nn.Module):
 
     @basis.setter
     def basis(self, value) -> None:   # (nn.Module registers a dictionary itself; this takes None)
-        self._modules["basis"] = value
+        self._modules.pop("basis", None)
 
     def use_basis(self, basis) -> None:
         """Make ``basis`` (a :class:`~reftgraph.Dictionary`, or None) the op's basis; the

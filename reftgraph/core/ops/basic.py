@@ -46,18 +46,33 @@ class Patch(Op):
     >>> _ = g.add(rg.Site("resid_pre", layer=1, positions="last"), rg.Patch(source="source"))
     >>> g.run(lm, ["a b"], sources={"source": ["c d"]}).logits.shape
     torch.Size([1, 3, 259])
+
+    In a dictionary's basis (``basis=sae``) it writes the source's activations of the node's
+    features; ``error=True`` also takes the source's reconstruction error (the site's error
+    node, in feature circuits), ``features=False`` leaves the features alone (the error only).
     """
 
     reads_stream = True
 
-    def __init__(self, source: str = "source", site=None, basis=None):
+    def __init__(self, source: str = "source", site=None, basis=None, error: bool = False, features: bool = True):
         super().__init__()
         self.source = source
         self.site = Site.from_dict(site) if isinstance(site, dict) else site
+        self.error, self.features = bool(error), bool(features)
         self.use_basis(basis)
+        if self.check_config():
+            raise ValueError(f"Patch: {self.check_config()}")
 
     def config(self) -> dict:
-        return _with_basis(self, {"source": self.source, "site": None if self.site is None else self.site.to_dict()})
+        config = {"source": self.source, "site": None if self.site is None else self.site.to_dict()}
+        if self.basis is not None:
+            config.update(error=self.error, features=self.features)
+        return _with_basis(self, config)
+
+    def check_config(self):
+        if self.basis is None and (self.error or not self.features):
+            return "error= and features= are for a patch in a dictionary's basis (give basis=)"
+        return None
 
     def forward(self, h, source=None, valid=None):
         return source.to(h.dtype)

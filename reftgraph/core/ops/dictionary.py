@@ -133,7 +133,7 @@ class Dictionary(Op):
         """What one unit of each feature adds to the activation: rows of ``W_dec / scale``
         (``[len(ids), d_out]``; all features when ``ids`` is None).
 
-        >>> Dictionary(4, 8, scale=2.0).directions([0, 1]).norm(dim=-1).tolist()
+        >>> Dictionary(4, 8, scale=2.0).directions([0, 1]).norm(dim=-1).round(decimals=4).tolist()
         [0.5, 0.5]
         """
         w = self.W_dec if ids is None else self.W_dec[list(ids)]
@@ -143,25 +143,32 @@ class Dictionary(Op):
         return self.decode(self.encode(h)).to(h.dtype)
 
     def around(self, op: Op, h: torch.Tensor, source=None, valid=None, subspace=None, rows=None) -> torch.Tensor:
-        """``op``'s edit of ``h`` made in feature space: ``op`` sees the activations of
-        features ``subspace`` (all when None), its change is written back along their
-        decoder directions; a collecting op records the features it sees.
+        """``op``'s edit of ``h`` made in feature space, written back along the decoder directions.
 
         >>> import reftgraph as rg
         >>> sae = Dictionary(4, 8, seed=0)
         >>> h = torch.randn(1, 2, 4)
         >>> torch.equal(sae.around(rg.Add(torch.zeros(2)), h, subspace=(0, 3)), h)
         True
+
+        ``op`` sees the activations of features ``subspace`` (all when None); a collecting
+        op records them. An op with ``error=True`` (``Patch``) also swaps the reconstruction
+        error ``h - decode(encode(h))`` for the source's; with ``features=False`` it leaves
+        the features as they are.
         """
         ids = None if subspace is None else torch.tensor(subspace, device=h.device)
-
-        def features(x):
-            f = self.encode(x)
-            return f if ids is None else f.index_select(-1, ids)
-
-        f = features(h)
-        new = op.forward_with(f, source=None if source is None else features(source), valid=valid, rows=rows)
+        full = self.encode(h)
+        f = full if ids is None else full.index_select(-1, ids)
+        full_source = None if source is None else self.encode(source)
+        if not getattr(op, "features", True):
+            new = f
+        else:
+            src = full_source if full_source is None or ids is None else full_source.index_select(-1, ids)
+            new = op.forward_with(f, source=src, valid=valid, rows=rows)
         if op.collects:
             return new
         w = self.W_dec if ids is None else self.W_dec.index_select(0, ids)
-        return h + (((new - f) @ w) / self.scale).to(h.dtype)
+        out = h + (((new - f) @ w) / self.scale).to(h.dtype)
+        if getattr(op, "error", False):   # the source's reconstruction error replaces the slice's own
+            out = out + ((source - self.decode(full_source)) - (h - self.decode(full))).to(h.dtype)
+        return out

@@ -80,6 +80,11 @@ class ReFT(Op):
 
     ``rotate`` is ``R^T`` (``[width, rank]``, pyreft's ``rotate_layer``), ``weight``/``bias``
     are W ``[rank, width]`` and b ``[rank]`` (pyreft's ``learned_source``).
+
+    ``within`` (``[width, n]``, fixed): R's rows are kept in the span of its columns, e.g. the
+    decoder directions of chosen features (:func:`reftgraph.features.reft`); ``rotate`` is
+    then ``[n, rank]`` and ``R^T = Q(within) rotate`` (orthonormalised for the ``Lo``
+    variants), trained like any other.
     """
 
     learned_basis = True
@@ -89,17 +94,27 @@ class ReFT(Op):
     subtracts = True   # - R h
 
     def __init__(self, width: int, rank: int = 4, act: str = "identity", dropout: float = 0.0,
-                 seed: Optional[int] = None):
+                 seed: Optional[int] = None, within: Optional[torch.Tensor] = None):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"unknown activation {act!r}; choose one of {sorted(ACTIVATIONS)}")
         name = type(self).__name__
         positive_int(name, "width", width)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= width:
-            raise ValueError(f"{name}: rank must be an int in 1..{width} (the width), got {rank!r}")
+        span = width
+        if within is None:
+            self.within = None
+        else:
+            within = torch.as_tensor(within, dtype=torch.float32).detach().clone()
+            if within.dim() != 2 or within.shape[0] != width or not 1 <= within.shape[1] <= width:
+                raise ValueError(f"{name}: within must be [width, n] with n in 1..{width}, got {list(within.shape)}")
+            self.register_buffer("within", within)
+            span = within.shape[1]
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= span:
+            what = "the width" if within is None else "the directions in within"
+            raise ValueError(f"{name}: rank must be an int in 1..{span} ({what}), got {rank!r}")
         self.width, self.rank, self.act_name, self.p_drop, self.seed = width, rank, act, dropout, seed
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        rotate = torch.empty(width, rank)
+        rotate = torch.empty(span, rank)
         nn.init.orthogonal_(rotate, generator=g) if g is not None else nn.init.orthogonal_(rotate)
         self.rotate = nn.Parameter(rotate)
         if self.uses_w:
@@ -130,6 +145,8 @@ class ReFT(Op):
         ((8, 2), True)
         """
         rt = orthonormal_columns(self.rotate) if self.orthogonal else self.rotate
+        if self.within is not None:
+            rt = orthonormal_columns(self.within) @ rt
         return rt if dims is None else rt[:, list(dims)]
 
     def R(self, dims=None) -> torch.Tensor:

@@ -1,0 +1,206 @@
+"""A TopK sparse autoencoder on SmolLM2-135M resid_post[16], trained here with EleutherAI's
+sparsify (``pip install .[bench]``) on *Alice's Adventures in Wonderland* (public domain,
+``../shared/data``), then used through reftgraph: quality, speed, a feature circuit for IOI
+and the demo's caps LoReFT explained in features. Prints the figures; last line JSON.
+
+    .venv/bin/python benchmarks/features.py [--epochs 40] [--latents 4608] [--k 32] [--retrain]
+
+1. Activations: the book in 128-token windows, the last 10% held out; position 0 of each
+   window (the attention sink, of far larger norm) is left out of training and splicing.
+2. Training: ``sparsify.SparseCoder`` with its own loss (FVU plus the AuxK loss on dead
+   latents), Adam, unit-norm decoder as sparsify's trainer keeps it; saved with its own
+   ``save_to_disk`` and read back with ``rg.features.load`` (and checked against sparsify's
+   forward on the held-out activations).
+3. Quality on held-out windows: fraction of variance explained, L0, next-token loss clean /
+   with the SAE spliced in (a graph whose node is the dictionary) / with the site zeroed,
+   and the loss recovered.
+4. Speed: ``Collect(basis=sae)`` of every feature at the site vs a plain ``Collect`` and the
+   encoder applied after (medians, interleaved).
+5. IOI: feature circuits at 1% of the features (AtP scores; errors kept and ablated) and the
+   node circuit of the same number of heads, faithfulness by running each.
+6. The caps LoReFT of the first demo (rank 4, layers 10 and 16), its layer-16 node explained:
+   the features nearest its subspace and their top contexts in the book.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import reftgraph as rg
+from common import set_threads
+
+BOOK = Path(__file__).resolve().parents[2] / "shared" / "data" / "alice_in_wonderland.txt"
+CACHE = Path.home() / ".cache" / "reftgraph" / "saes" / "smollm2-135m-instruct"
+LAYER, WINDOW = 16, 128
+
+
+def windows(lm) -> list:
+    ids = lm.tokenizer(BOOK.read_text())["input_ids"]
+    return [lm.tokenizer.decode(ids[i:i + WINDOW]) for i in range(0, len(ids) - WINDOW, WINDOW)]
+
+
+def activations(lm, texts, batch=16) -> torch.Tensor:
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", LAYER, positions=slice(1, None)), rg.Collect(), name="h")
+    rows = []
+    for i in range(0, len(texts), batch):
+        out = g.run(lm, texts[i:i + batch], grad=False)
+        rows.append(out["h"][out.valid["h"]].float())
+    return torch.cat(rows)
+
+
+def train(acts: torch.Tensor, latents: int, k: int, epochs: int, folder: Path) -> dict:
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    torch.manual_seed(0)
+    sae = SparseCoder(acts.shape[1], SparseCoderConfig(num_latents=latents, k=k))
+    with torch.no_grad():
+        sae.b_dec.copy_(acts.mean(0))
+    lr = 2e-4 / (latents / 2 ** 14) ** 0.5           # sparsify's default learning rate for this width
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    since = torch.zeros(latents, dtype=torch.long)
+    batch, start, losses = 1024, time.time(), []
+    for epoch in range(epochs):
+        order = torch.randperm(len(acts))
+        for i in range(0, len(acts) - batch + 1, batch):
+            x = acts[order[i:i + batch]]
+            out = sae(x, dead_mask=since > 20_000)
+            loss = out.fvu + out.auxk_loss / 32
+            opt.zero_grad()
+            loss.backward()
+            sae.remove_gradient_parallel_to_decoder_directions()
+            opt.step()
+            sae.set_decoder_norm_to_unit_norm()
+            fired = torch.zeros(latents, dtype=torch.bool)
+            fired[out.latent_indices.flatten()] = True
+            since = torch.where(fired, 0, since + len(x))
+            losses.append(float(out.fvu))
+        print(f"  epoch {epoch + 1}/{epochs}: fvu {statistics.mean(losses[-10:]):.4f}", flush=True)
+    sae.save_to_disk(folder)
+    return {"train_seconds": round(time.time() - start, 1), "train_tokens": len(acts), "lr": lr,
+            "dead_latents": int((since > 20_000).sum())}
+
+
+def losses(lm, texts, graph) -> float:
+    """Mean next-token loss over positions 1.. of each window."""
+    total = count = 0.0
+    for i in range(0, len(texts), 8):
+        out = graph.run(lm, texts[i:i + 8], grad=False)
+        mask = out.attention_mask.bool()
+        logits, ids = out.logits[:, 1:-1].float(), out.input_ids[:, 2:]
+        keep = mask[:, 2:] & mask[:, 1:-1]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
+        total += float(ce[keep].sum())
+        count += int(keep.sum())
+    return total / count
+
+
+def speed(lm, sae, texts) -> dict:
+    site = rg.Site("resid_post", LAYER)
+    basis, plain = rg.Graph(), rg.Graph()
+    basis.add(site, rg.Collect(basis=sae), name="f")
+    plain.add(site, rg.Collect(), name="h")
+    texts = texts[:16]
+    fns = {"basis": lambda: basis.run(lm, texts, grad=False)["f"],
+           "plain+encode": lambda: sae.encode(plain.run(lm, texts, grad=False)["h"])}
+    times = {k: [] for k in fns}
+    for k in fns:
+        fns[k]()
+    for _ in range(7):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            with torch.no_grad():
+                fn()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"collect_basis_s": round(med["basis"], 3), "collect_plain_encode_s": round(med["plain+encode"], 3),
+            "collect_ratio": round(med["basis"] / med["plain+encode"], 3)}
+
+
+def ioi(lm, sae) -> dict:
+    data = rg.datasets.ioi(24, seed=0)
+    sites = {rg.Site("resid_post", LAYER): sae}
+    size = max(1, round(0.01 * sae.d_sae))
+    table = rg.features.attribute(lm, data, sites, progress=False)
+    held = rg.datasets.ioi(24, seed=1)
+    out = {"ioi_features_kept": size}
+    for errors in ("keep", "ablate"):
+        c = rg.features.discover(lm, data, sites, size=size, errors=errors, table=table, progress=False)
+        out[f"ioi_feature_faithfulness_errors_{errors}"] = round(
+            rg.features.faithfulness(c, lm, held, progress=False)["faithfulness"], 3)
+    nodes = rg.circuits.discover(lm, data, size=size, progress=False)
+    out["ioi_node_circuit_heads"] = size
+    out["ioi_node_faithfulness"] = round(rg.circuits.faithfulness(nodes, lm, held, progress=False)["normalised"], 3)
+    return out
+
+
+def explain_caps(lm, sae, texts) -> dict:
+    from reftgraph.cli.main import caps_experiment
+
+    result = caps_experiment(lm, progress=False)
+    graph = result["graph"] if isinstance(result, dict) else result.graph
+    node = next(n for n in graph.nodes if n.site.layer == LAYER)
+    table = rg.features.explain(node, sae, top=8)
+    short = [t for text in texts for t in (text[:len(text) // 2], text[len(text) // 2:])]
+    contexts = rg.features.top_contexts(lm, short, rg.Site("resid_post", LAYER), sae,
+                                        features=table.feature.tolist(), k=3, progress=False)
+    print("\ncaps LoReFT (layer 16) in features:")
+    print(table.to_string(index=False))
+    print(contexts[["feature", "rank", "activation", "context"]].to_string(index=False))
+    random_cos = (4 / sae.d_in) ** 0.5
+    return {"caps_top_features": table.feature.tolist(), "caps_top_cosines": [round(c, 3) for c in table.cosine],
+            "caps_random_cosine": round(random_cos, 3)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--latents", type=int, default=4608)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--skip-caps", action="store_true")
+    args = parser.parse_args()
+    set_threads()
+    lm = rg.load()
+    texts = windows(lm)
+    split = int(0.9 * len(texts))
+    train_texts, held = texts[:split], texts[split:]
+    folder = CACHE / f"resid_post{LAYER}-topk{args.k}-{args.latents}" / f"layers.{LAYER}"
+    figures = {"windows_train": len(train_texts), "windows_held_out": len(held)}
+    start = time.time()
+    acts = activations(lm, train_texts)
+    figures["collect_seconds"] = round(time.time() - start, 1)
+    if args.retrain or not (folder / "sae.safetensors").exists():
+        figures.update(train(acts, args.latents, args.k, args.epochs, folder))
+    sae = rg.features.load(folder)
+    test = activations(lm, held)
+    with torch.no_grad():
+        f = sae.encode(test)
+        recon = sae.decode(f)
+        from sparsify import SparseCoder
+        theirs = SparseCoder.load_from_disk(folder)(test).sae_out
+    figures["max_diff_vs_sparsify"] = float((recon - theirs).abs().max())
+    figures["fve_held_out"] = round(float(1 - (test - recon).pow(2).sum() / (test - test.mean(0)).pow(2).sum()), 4)
+    figures["l0"] = round(float((f != 0).sum(-1).float().mean()), 2)
+    spliced, zeroed = rg.Graph(), rg.Graph()
+    spliced.add(rg.Site("resid_post", LAYER, positions=slice(1, None)), sae, name="sae")
+    zeroed.add(rg.Site("resid_post", LAYER, positions=slice(1, None)), rg.Ablate("zero"), name="zero")
+    clean, with_sae, zero = (losses(lm, held, g) for g in (rg.Graph(), spliced, zeroed))
+    figures.update(loss_clean=round(clean, 4), loss_spliced=round(with_sae, 4), loss_zero=round(zero, 4),
+                   loss_increase=round(with_sae - clean, 4),
+                   loss_recovered=round((zero - with_sae) / (zero - clean), 4))
+    figures.update(speed(lm, sae, held))
+    figures.update(ioi(lm, sae))
+    if not args.skip_caps:
+        figures.update(explain_caps(lm, sae, held))
+    for key, value in figures.items():
+        print(f"{key:>40}: {value}")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

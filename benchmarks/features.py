@@ -3,10 +3,12 @@ sparsify (``pip install .[bench]``) on *Alice's Adventures in Wonderland* (publi
 ``../shared/data``), then used through reftgraph: quality, speed, a feature circuit for IOI
 and the demo's caps LoReFT explained in features. Prints the figures; last line JSON.
 
-    .venv/bin/python benchmarks/features.py [--epochs 40] [--latents 4608] [--k 32] [--retrain]
+    .venv/bin/python benchmarks/features.py [--epochs 40] [--latents 4608] [--k 32] [--retrain] [--generated N]
 
 1. Activations: the book in 128-token windows, the last 10% held out; position 0 of each
    window (the attention sink, of far larger norm) is left out of training and splicing.
+   ``--generated N`` adds about N tokens of text SmolLM2 samples itself from 32 varied
+   openings (stories with names, recipes, news, questions), cached.
 2. Training: ``sparsify.SparseCoder`` with its own loss (FVU plus the AuxK loss on dead
    latents), Adam, unit-norm decoder as sparsify's trainer keeps it; saved with its own
    ``save_to_disk`` and read back with ``rg.features.load`` (and checked against sparsify's
@@ -41,6 +43,42 @@ LAYER, WINDOW = 16, 128
 def windows(lm) -> list:
     ids = lm.tokenizer(BOOK.read_text())["input_ids"]
     return [lm.tokenizer.decode(ids[i:i + WINDOW]) for i in range(0, len(ids) - WINDOW, WINDOW)]
+
+
+STARTS = ["Once upon a time,", "Yesterday, Sarah and Tom", "In the kitchen, Mary gave", "Dear John,",
+          "The history of Rome", "The scientist explained that", "How to make bread:", "When Alice and Bob went to",
+          "The news today:", "My favourite book is", "At the station, David told", "The recipe calls for",
+          "In 1850, the city of", "The teacher asked the class", "Here is a short poem about the sea:",
+          "The best way to learn Python is", "After the game, Emma and Lucas", "The weather in Paris",
+          "Question: What is the capital of Japan? Answer:", "The old man walked slowly", "Chapter 1.",
+          "Rachel handed the letter to", "Photosynthesis is the process", "The meeting started at nine, and",
+          "Kevin and Laura were arguing about", "A list of things to pack for a trip:", "The king said to the queen",
+          "Water boils at", "On Monday morning, the office", "The dog ran after the ball while", "Thank you for",
+          "The company announced that"]
+
+
+def generated(lm, tokens: int, seed: int = 0) -> list:
+    """About ``tokens`` tokens of text SmolLM2 samples itself (temperature 1, top-p 0.95) from
+    the starts above, cached beside the SAE; 128 new tokens per text."""
+    path = CACHE / f"generated-{tokens}-{seed}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    tok, texts, made = lm.tokenizer, [], 0
+    side, tok.padding_side = tok.padding_side, "left"
+    torch.manual_seed(seed)
+    start = time.time()
+    while made < tokens:
+        enc = tok(STARTS, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = lm.hf.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, max_new_tokens=128,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        texts += tok.batch_decode(out, skip_special_tokens=True)
+        made += int((out[:, enc["input_ids"].shape[1]:] != tok.pad_token_id).sum())
+        print(f"  generated {made} tokens ({time.time() - start:.0f} s)", flush=True)
+    tok.padding_side = side
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(texts))
+    return texts
 
 
 def activations(lm, texts, batch=16) -> torch.Tensor:
@@ -121,20 +159,30 @@ def speed(lm, sae, texts) -> dict:
             "collect_ratio": round(med["basis"] / med["plain+encode"], 3)}
 
 
-def ioi(lm, sae) -> dict:
-    data = rg.datasets.ioi(24, seed=0)
+def ioi(lm, sae, fractions) -> dict:
+    """Feature circuits at each fraction of the features (errors kept / ablated) and node
+    circuits of as many heads, scored on 24 prompts and run on 24 held-out ones."""
+    data, held = rg.datasets.ioi(24, seed=0), rg.datasets.ioi(24, seed=1)
     sites = {rg.Site("resid_post", LAYER): sae}
-    size = max(1, round(0.01 * sae.d_sae))
     table = rg.features.attribute(lm, data, sites, progress=False)
-    held = rg.datasets.ioi(24, seed=1)
-    out = {"ioi_features_kept": size}
-    for errors in ("keep", "ablate"):
-        c = rg.features.discover(lm, data, sites, size=size, errors=errors, table=table, progress=False)
-        out[f"ioi_feature_faithfulness_errors_{errors}"] = round(
-            rg.features.faithfulness(c, lm, held, progress=False)["faithfulness"], 3)
-    nodes = rg.circuits.discover(lm, data, size=size, progress=False)
-    out["ioi_node_circuit_heads"] = size
-    out["ioi_node_faithfulness"] = round(rg.circuits.faithfulness(nodes, lm, held, progress=False)["normalised"], 3)
+    heads = rg.circuits.scores(lm, data, progress=False)
+    out, rows = {}, []
+    for fraction in fractions:
+        size = max(1, round(fraction * sae.d_sae))
+        row = {"fraction": fraction, "features": size}
+        for errors in ("keep", "ablate"):
+            c = rg.features.discover(lm, data, sites, size=size, errors=errors, table=table, progress=False)
+            row[f"errors_{errors}"] = round(rg.features.faithfulness(c, lm, held, progress=False)["faithfulness"], 3)
+        n = min(size, len(heads))
+        nodes = rg.circuits.discover(lm, data, size=n, table=heads, progress=False)
+        row["heads"], row["node_circuit"] = n, round(rg.circuits.faithfulness(nodes, lm, held, progress=False)["normalised"], 3)
+        rows.append(row)
+        print(f"  {fraction:>5.0%} = {size} features: errors kept {row['errors_keep']}, ablated {row['errors_ablate']}; "
+              f"{n} heads: {row['node_circuit']}", flush=True)
+    one = next(r for r in rows if r["fraction"] == 0.01)
+    out.update(ioi_features_kept=one["features"], ioi_feature_faithfulness_errors_keep=one["errors_keep"],
+               ioi_feature_faithfulness_errors_ablate=one["errors_ablate"], ioi_node_faithfulness=one["node_circuit"],
+               ioi_curve=rows)
     return out
 
 
@@ -146,7 +194,7 @@ def explain_caps(lm, sae, texts) -> dict:
     node = next(n for n in graph.nodes if n.site.layer == LAYER)
     table = rg.features.explain(node, sae, top=8)
     short = [t for text in texts for t in (text[:len(text) // 2], text[len(text) // 2:])]
-    contexts = rg.features.top_contexts(lm, short, rg.Site("resid_post", LAYER), sae,
+    contexts = rg.features.top_contexts(lm, short, rg.Site("resid_post", LAYER, positions=slice(1, None)), sae,
                                         features=table.feature.tolist(), k=3, progress=False)
     print("\ncaps LoReFT (layer 16) in features:")
     print(table.to_string(index=False))
@@ -162,14 +210,20 @@ def main():
     parser.add_argument("--latents", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--generated", type=int, default=0,
+                        help="also train on about this many tokens SmolLM2 generates itself (cached)")
     parser.add_argument("--skip-caps", action="store_true")
+    parser.add_argument("--fractions", type=float, nargs="*", default=[0.01, 0.02, 0.05, 0.1, 0.25])
     args = parser.parse_args()
     set_threads()
     lm = rg.load()
     texts = windows(lm)
     split = int(0.9 * len(texts))
     train_texts, held = texts[:split], texts[split:]
-    folder = CACHE / f"resid_post{LAYER}-topk{args.k}-{args.latents}" / f"layers.{LAYER}"
+    extra = f"-gen{args.generated}" if args.generated else ""
+    folder = CACHE / f"resid_post{LAYER}-topk{args.k}-{args.latents}{extra}" / f"layers.{LAYER}"
+    if args.generated:
+        train_texts = train_texts + generated(lm, args.generated)
     figures = {"windows_train": len(train_texts), "windows_held_out": len(held)}
     start = time.time()
     acts = activations(lm, train_texts)
@@ -183,7 +237,7 @@ def main():
         recon = sae.decode(f)
         from sparsify import SparseCoder
         theirs = SparseCoder.load_from_disk(folder)(test).sae_out
-    figures["max_diff_vs_sparsify"] = float((recon - theirs).abs().max())
+    figures["max_rel_diff_vs_sparsify"] = float((recon - theirs).abs().max() / theirs.abs().max())
     figures["fve_held_out"] = round(float(1 - (test - recon).pow(2).sum() / (test - test.mean(0)).pow(2).sum()), 4)
     figures["l0"] = round(float((f != 0).sum(-1).float().mean()), 2)
     spliced, zeroed = rg.Graph(), rg.Graph()
@@ -194,7 +248,7 @@ def main():
                    loss_increase=round(with_sae - clean, 4),
                    loss_recovered=round((zero - with_sae) / (zero - clean), 4))
     figures.update(speed(lm, sae, held))
-    figures.update(ioi(lm, sae))
+    figures.update(ioi(lm, sae, sorted(set(args.fractions) | {0.01})))
     if not args.skip_caps:
         figures.update(explain_caps(lm, sae, held))
     for key, value in figures.items():

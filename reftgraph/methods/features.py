@@ -25,13 +25,13 @@ from typing import Optional, Sequence, Union
 import pandas as pd
 import torch
 
-from ..core.graph import Graph
+from ..core.graph import Graph, Node
+from ..core.masks import masked_mean
 from ..core.ops import Ablate, Collect, Dictionary, Patch
 from ..core.ops.base import Op
 from ..core.ops.reft import REFT_OPS, orthonormal_columns
-from ..core.graph import Node
-from ..core.masks import masked_mean
-from ..core.sites import Site
+from ..core.sites import Site, resolve_positions
+from ..engine.plan import compile_graph
 from ..engine.run import as_model, run
 from ..errors import DataError
 from ..files.dictionaries import load
@@ -62,17 +62,19 @@ def _read(model, prompts, site: Site, dictionary: Dictionary, features, batch_si
         raise DataError(f"prompts must be a non-empty list of strings, got {prompts!r:.60}")
     ids = None if features is None else tuple(int(i) for i in features)
     g = Graph()
-    g.add(replace(site, positions="all", subspace=ids), Collect(basis=dictionary), name="features")
+    g.add(replace(site, subspace=ids), Collect(basis=dictionary), name="features")
     tokens, hits = [], []
     with progress_bar(total=len(prompts), desc="features", progress=progress, unit="prompt") as bar:
         for start in range(0, len(prompts), batch_size):
             out = run(g, model, list(prompts[start:start + batch_size]), grad=False)
             f, valid = out["features"].float(), out.valid["features"]
-            mask = out.attention_mask[out.rows["base"]].bool()
-            tokens += [row[m].tolist() for row, m in zip(out.input_ids[out.rows["base"]], mask)]
+            mask = out.attention_mask[out.rows["base"]]
+            first, length = mask.argmax(1), mask.sum(1)
+            where = resolve_positions(site.positions, first, length).index - first[:, None]   # prompt positions
+            tokens += [row[m.bool()].tolist() for row, m in zip(out.input_ids[out.rows["base"]], mask)]
             b, p, i = ((f != 0) & valid[..., None]).nonzero(as_tuple=True)
             feature = i if ids is None else torch.tensor(ids)[i]
-            hits.append(torch.stack([(b + start).float(), p.float(), feature.float(), f[b, p, i]], 1))
+            hits.append(torch.stack([(b + start).float(), where[b, p].float(), feature.float(), f[b, p, i]], 1))
             bar.update(len(prompts[start:start + batch_size]))
     return tokens, torch.cat(hits)
 
@@ -88,8 +90,9 @@ def activations(model, prompts: Sequence[str], site: Site, dictionary: Dictionar
     True
 
     Columns ``row`` (index into ``prompts``), ``position`` (token index in the prompt),
-    ``token`` (its text), ``feature`` and ``activation``. The site's positions are every
-    prompt token; ``features`` (ids) keeps only those features.
+    ``token`` (its text), ``feature`` and ``activation``, at the site's positions (e.g.
+    ``positions=slice(1, None)`` leaves out the first token, the attention sink, whose
+    activations are often far larger); ``features`` (ids) keeps only those features.
     """
     model = as_model(model)
     tokens, hits = _read(model, prompts, site, dictionary, features, batch_size, progress)
@@ -127,7 +130,7 @@ def top_contexts(model, prompts: Sequence[str], site: Site, dictionary: Dictiona
 
     ``context`` is up to ``window`` tokens before the token, the token itself in ``«»``,
     and two tokens after; ``features`` (ids) limits the table to those features (default:
-    every feature that fires).
+    every feature that fires); positions as in :func:`activations`.
     """
     model = as_model(model)
     tokens, hits = _read(model, prompts, site, dictionary, features, batch_size, progress)
@@ -297,8 +300,7 @@ def _check_sites(model, sites: dict) -> None:
     g = Graph()
     for site, d in sites.items():
         g.add(replace(site, positions="all"), Collect(basis=d), name=_name(site))
-    from ..engine.plan import compile_graph   # (the engine's checks, before any forward)
-    compile_graph(g, model.arch)
+    compile_graph(g, model.arch)   # the engine's checks (widths, where each was trained), before any forward
 
 
 def _chunk(model, data, ref, sites, metric_fn, totals, bar) -> None:
@@ -308,7 +310,6 @@ def _chunk(model, data, ref, sites, metric_fn, totals, bar) -> None:
         read.add(replace(site, positions="all"), Collect(), name=_name(site))
     corrupt = run(read, model, data.base, grad=False)
     bar.update(1)
-    ref.source_logits = None
     g, probes = Graph(), {}
     for site, d in sites.items():
         feat, plain = probe(), probe()

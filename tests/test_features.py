@@ -9,7 +9,7 @@ import torch
 
 import reftgraph as rg
 from oracle import capture, encode, positions_of, real_positions, run_with
-from test_oracle import BASE, SOURCE, compare_logits, derangement
+from test_oracle import BASE, SOURCE, compare_logits, derangement, new_value
 
 OPS = ("patch", "add", "set", "zero", "mean", "resample", "collect")
 KINDS = {"relu": {}, "jumprelu": {"scale": 2.0}, "topk": {"k": 5, "apply_b_dec_to_input": True}}
@@ -73,19 +73,9 @@ def feature_edit(kind, op, sae, ids, selector, base_mask, src, src_mask):
         out = t.clone()
         for b, j, p in slots:
             cur = feats(t[b, p])
-            if kind == "patch":
-                new = feats(src[b, src_real[b][positions_of(selector, len(src_real[b]))[j]]])
-            elif kind == "add":
-                new = cur + op.scale * op.vector
-            elif kind == "set":
-                new = op.value
-            elif kind == "zero":
-                new = torch.zeros_like(cur)
-            elif kind == "mean":
-                new = mean
-            else:
-                q = perm[b]
-                new = feats(t[q, base_real[q][positions_of(selector, len(base_real[q]))[j]]])
+            new = new_value(kind, op, cur, mean, lambda: feats(src[b, src_real[b][positions_of(selector, len(
+                src_real[b]))[j]]]), lambda: feats(t[perm[b], base_real[perm[b]][positions_of(
+                    selector, len(base_real[perm[b]]))[j]]]))
             out[b, p] = t[b, p] + (new - cur) @ sae.W_dec[ids] / sae.scale
         return out
 
@@ -253,41 +243,46 @@ def test_a_reft_in_features_trains_and_stays_in_their_span(lm):
     torch.testing.assert_close(R @ torch.linalg.pinv(D) @ D, R, atol=1e-5, rtol=0)
 
 
-def hand_attribution(lm, sae, layer):
-    """The AtP estimates written with plain hooks: features and error at resid_post[layer]."""
+def hand_attribution(lm, sae, layer, steps=None):
+    """AtP (or IG with ``steps``) written with plain hooks: features and error at resid_post[layer]."""
     cfg, side = lm.hf.config, "right"
     clean_in, corrupt_in = encode(lm.tokenizer, DATA.source, side), encode(lm.tokenizer, DATA.base, side)
-    h_corrupt = capture(lm.hf, "llama", "resid_post", layer, corrupt_in, cfg)
-    leaves = {}
-
-    def edit(t):
-        f = hand_features(sae, t).detach()
-        leaves["f"] = f.clone().requires_grad_(True)
-        leaves["h"] = t.detach().clone().requires_grad_(True)
-        return leaves["h"] + (leaves["f"] - f) @ sae.W_dec
-    logits = run_with(lm.hf, "llama", "resid_post", layer, clean_in, edit, cfg)
-    last = clean_in["attention_mask"].sum(1) - 1
-    nxt = logits[torch.arange(2), last]
-    ids = [lm.tokenizer(a)["input_ids"][-1] for a in DATA.correct], [lm.tokenizer(a)["input_ids"][-1] for a in DATA.wrong]
-    metric = (nxt[torch.arange(2), ids[0]] - nxt[torch.arange(2), ids[1]]).sum()
-    g_f, g_h = torch.autograd.grad(metric, [leaves["f"], leaves["h"]])
-    h_clean = leaves["h"].detach()
+    h0 = capture(lm.hf, "llama", "resid_post", layer, clean_in, cfg)
+    h1 = capture(lm.hf, "llama", "resid_post", layer, corrupt_in, cfg)
     mask = clean_in["attention_mask"][..., None].float()
-    f_clean, f_corrupt = hand_features(sae, h_clean), hand_features(sae, h_corrupt)
+    last = clean_in["attention_mask"].sum(1) - 1
+    ids = [lm.tokenizer(a)["input_ids"][-1] for a in DATA.correct], [lm.tokenizer(a)["input_ids"][-1] for a in DATA.wrong]
+
+    def grad_at(alpha):
+        leaf = {}
+
+        def edit(t):
+            leaf["h"] = (h0 + alpha * (h1 - h0)).where(mask.bool(), t).detach().requires_grad_(True)
+            return leaf["h"]
+        logits = run_with(lm.hf, "llama", "resid_post", layer, clean_in, edit, cfg)
+        nxt = logits[torch.arange(2), last]
+        metric = (nxt[torch.arange(2), ids[0]] - nxt[torch.arange(2), ids[1]]).sum()
+        return torch.autograd.grad(metric, leaf["h"])[0]
+
+    alphas = [0.0] if steps is None else [(k + 0.5) / steps for k in range(steps)]
+    g_h = sum(grad_at(a) for a in alphas) / len(alphas)
+    f0, f1 = hand_features(sae, h0), hand_features(sae, h1)
+    g_f = g_h @ sae.W_dec.T                          # h + (f' - f) W_dec: dM/df' = dM/dh W_dec^T
     error = lambda h: h - (hand_features(sae, h) @ sae.W_dec + sae.b_dec)   # noqa: E731
-    features = ((f_corrupt - f_clean) * g_f * mask).sum((0, 1)) / 2
-    err = ((error(h_corrupt) - error(h_clean)) * g_h * mask).sum() / 2
+    features = ((f1 - f0) * g_f * mask).sum((0, 1)) / 2
+    err = ((error(h1) - error(h0)) * g_h * mask).sum() / 2
     return features, err
 
 
+@pytest.mark.parametrize("method", ["atp", "ig"])
 @pytest.mark.parametrize("activation", ["relu", "topk"])
-def test_feature_attribution_equals_the_plain_hook_linearisation(lm, activation):
+def test_feature_attribution_equals_the_plain_hook_linearisation(lm, activation, method):
     sae = dictionary(activation)
-    table = rg.features.attribute(lm, DATA, {rg.Site("resid_post", 0): sae}, progress=False)
-    features, err = hand_attribution(lm, sae, 0)
-    torch.testing.assert_close(torch.tensor(table.estimate[:64].tolist()), features.double().float(),
-                               atol=1e-5, rtol=1e-4)
+    table = rg.features.attribute(lm, DATA, {rg.Site("resid_post", 0): sae}, method=method, steps=3, progress=False)
+    features, err = hand_attribution(lm, sae, 0, steps=3 if method == "ig" else None)
+    torch.testing.assert_close(torch.tensor(table.estimate[:64].tolist()), features.float(), atol=1e-5, rtol=1e-4)
     assert table.feature.iloc[-1] == -1 and table.estimate.iloc[-1] == pytest.approx(float(err), abs=1e-5)
+    assert table.attrs["method"] == ("AtP" if method == "atp" else "IG3")
 
 
 def test_feature_circuits_run_as_graphs(lm):

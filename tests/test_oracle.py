@@ -79,6 +79,22 @@ def derangement(n, seed):
     return out
 
 
+def new_value(kind, op, cur, mean, source, other):
+    """One slot's new value under a basic op: ``source()`` is the patched slot's value in the
+    source prompt, ``other()`` the same slot of the row resampling takes it from."""
+    if kind == "patch":
+        return source()
+    if kind == "add":
+        return cur + op.scale * op.vector
+    if kind == "set":
+        return op.value
+    if kind == "zero":
+        return torch.zeros_like(cur)
+    if kind == "mean":
+        return mean
+    return other()
+
+
 def oracle_edit(kind, op, site, base_mask, src_tensor, src_mask):
     """An ``edit(t)`` for the oracle hooks, written with loops over rows and positions."""
     base_real, src_real = real_positions(base_mask), real_positions(src_mask) if src_mask is not None else None
@@ -109,29 +125,17 @@ def oracle_edit(kind, op, site, base_mask, src_tensor, src_mask):
         dtype, t = t.dtype, t.float()
         slots = [(b, j, base_real[b][r]) for b in range(t.shape[0])
                  for j, r in enumerate(positions_of(site.positions, len(base_real[b])))]
-        if kind == "mean":
-            mean = torch.stack([cut(t[b, p]) for b, _, p in slots]).mean(0)
-        if kind == "resample":
-            perm = derangement(t.shape[0], op.seed)
+        mean = torch.stack([cut(t[b, p]) for b, _, p in slots]).mean(0) if kind == "mean" else None
+        perm = derangement(t.shape[0], op.seed) if kind == "resample" else None
         out = t.clone()
         for b, j, p in slots:
             cur = cut(t[b, p])
-            if kind == "patch":
-                r = positions_of(site.positions, len(src_real[b]))[j]
-                new = cut(src_tensor[b, src_real[b][r]].float())
-            elif kind in REFT:
+            if kind in REFT:
                 new = reft_math(op, cur, site.subspace)
-            elif kind == "add":
-                new = cur + op.scale * op.vector
-            elif kind == "set":
-                new = op.value
-            elif kind == "zero":
-                new = torch.zeros_like(cur)
-            elif kind == "mean":
-                new = mean
             else:
-                q = perm[b]
-                new = cut(t[q, base_real[q][positions_of(site.positions, len(base_real[q]))[j]]])
+                new = new_value(kind, op, cur, mean, lambda: cut(src_tensor[b, src_real[b][positions_of(
+                    site.positions, len(src_real[b]))[j]]].float()), lambda: cut(t[perm[b], base_real[perm[b]][
+                        positions_of(site.positions, len(base_real[perm[b]]))[j]]]))
             out[b, p] = paste(t[b, p], new)
         return out.to(dtype)
 

@@ -39,6 +39,7 @@ FORMATS = {
     "gemma-scope": "params.npz (Gemma Scope 1)",
     "dictionary-learning": "ae.pt + config.json (saprmarks/dictionary_learning)",
 }
+_HEADS = "reftgraph's head_out keeps heads apart and does not take such a dictionary yet"
 # TransformerLens / sae-lens hook names of the components reftgraph has
 _TL_HOOKS = {"hook_resid_pre": "resid_pre", "hook_resid_mid": "resid_mid", "hook_resid_post": "resid_post",
              "hook_mlp_out": "mlp_out", "hook_attn_out": "attn_out"}
@@ -139,8 +140,7 @@ def _site_of_tl_hook(hook: str) -> str:
     if m and m.group(2) in _TL_HOOKS:
         return f"{_TL_HOOKS[m.group(2)]}[{int(m.group(1))}]"
     if hook and "hook_z" in hook:
-        raise DictionaryFileError(f"trained on {hook} (each head's attention output, heads concatenated); "
-                                  "reftgraph's head_out keeps heads apart and does not take such a dictionary yet")
+        raise DictionaryFileError(f"trained on {hook} (each head's attention output, heads concatenated); {_HEADS}")
     return ""
 
 
@@ -213,8 +213,7 @@ def _hf_hook_site(hook: str) -> str:
     if rest == "post_attention_layernorm.output":
         return f"attn_out[{layer}]"
     if rest.endswith("o_proj.input"):
-        raise DictionaryFileError(f"trained on {hook} (the heads concatenated before the output projection); "
-                                  "reftgraph's head_out keeps heads apart and does not take such a dictionary yet")
+        raise DictionaryFileError(f"trained on {hook} (the heads concatenated before the output projection); {_HEADS}")
     return ""
 
 

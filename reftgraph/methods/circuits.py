@@ -135,7 +135,7 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
     EAP, ``"ig"`` EAP-IG on the inputs with ``ig_steps`` steps, or any method of
     :func:`edge_scores`), an :class:`EdgeCircuit`. ``level="feature"``: a feature circuit over
     ``dictionaries`` (``{rg.Site(component, layer): dictionary}``; ``errors`` ``"keep"`` or
-    ``"ablate"``), a :class:`~reftgraph.features.FeatureCircuit` (see
+    ``"ablate"``; ``method`` ``"atp"`` or ``"ig"``), a :class:`~reftgraph.features.FeatureCircuit` (see
     :func:`reftgraph.features.discover`).
     """
     if level not in ("node", "edge", "feature"):
@@ -143,7 +143,8 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
     if level == "feature":
         if dictionaries is None:
             raise DataError("level='feature' needs dictionaries={rg.Site(component, layer): dictionary}")
-        return discover_features(model, data, dictionaries, size, errors, ablate, metric, table, progress=progress)
+        return discover_features(model, data, dictionaries, size, errors=errors, ablate=ablate, metric=metric,
+                                 method=method, steps=ig_steps, table=table, progress=progress)
     if level == "edge":
         method = {"atp": "eap", "ig": "eap-ig-inputs"}.get(method, method)
         return discover_edges(model, data, size, method, ig_steps, metric, table, progress)

@@ -27,7 +27,7 @@ import torch
 
 from ..core.graph import Graph, Node
 from ..core.masks import masked_mean
-from ..core.ops import Ablate, Collect, Dictionary, Patch
+from ..core.ops import Ablate, Collect, Dictionary, Patch, Set
 from ..core.ops.base import Op
 from ..core.ops.reft import REFT_OPS, orthonormal_columns
 from ..core.sites import Site, resolve_positions
@@ -250,9 +250,9 @@ def _name(site: Site) -> str:
     return f"{site.component}{site.layer}"
 
 
-def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", batch_size: int = 16,
-              progress: bool = True) -> pd.DataFrame:
-    """Every feature's (and each site's error's) estimated effect of corrupting it in the clean run (AtP).
+def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", method: str = "atp", steps: int = 5,
+              batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+    """Every feature's (and each site's error's) estimated effect of corrupting it in the clean run.
 
     >>> import reftgraph as rg
     >>> lm = rg.models.tiny("llama")
@@ -264,15 +264,22 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", ba
 
     ``data`` as for circuits: ``data.source`` the clean prompts, ``data.base`` the corrupted
     ones, of equal token lengths row by row. ``dictionaries``: ``{rg.Site(component, layer):
-    dictionary}`` (or dictionaries that say where they were trained). The estimate of a
-    feature is ``sum over tokens (f_corrupt - f_clean) * dM/df`` at the clean run, averaged
-    over rows; the error node's is ``(e_corrupt - e_clean) . dM/dh`` with ``e = h - x_hat``
-    (Marks et al. 2024). ``feature`` is ``-1`` for the error node.
+    dictionary}`` (or dictionaries that say where they were trained). ``method="atp"``: a
+    feature's estimate is ``sum over tokens (f_corrupt - f_clean) * dM/df`` at the clean run,
+    averaged over rows, and the error node's ``(e_corrupt - e_clean) . dM/dh`` with
+    ``e = h - x_hat`` (Marks et al. 2024); ``dM/df`` is ``dM/dh`` along the feature's decoder
+    direction. ``method="ig"``: the gradient averaged over ``steps`` runs whose site (one site
+    at a time) goes from its clean to its corrupted value, the rest of the model run as it
+    follows (integrated gradients). ``feature`` is ``-1`` for the error node.
     """
     model = as_model(model)
     if not isinstance(data, Counterfactual):
         raise DataError(f"attribute takes a rg.patching.Counterfactual (base = corrupted, source = clean), "
                         f"got {type(data).__name__}")
+    if method not in ("atp", "ig"):
+        raise DataError(f"method must be 'atp' or 'ig', got {method!r}")
+    if method == "ig" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise DataError(f"steps must be an int >= 1, got {steps!r}")
     sites = _site_dictionaries(dictionaries)
     metric_name, metric_fn = get_metric(metric)
     equal_lengths(model, data, "feature attribution compares the clean and corrupted runs token for token: it "
@@ -282,17 +289,18 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", ba
     _check_sites(model, sites)
     totals = {site: torch.zeros(d.d_sae + 1, dtype=torch.float64) for site, d in sites.items()}
     n = len(data)
-    with progress_bar(total=2 * -(-n // batch_size), desc="feature attribution", progress=progress,
+    passes = 2 + (steps * len(sites) if method == "ig" else 0)
+    with progress_bar(total=passes * -(-n // batch_size), desc="feature attribution", progress=progress,
                       unit="pass") as bar:
         for lo in range(0, n, batch_size):
             part = data.rows(slice(lo, lo + batch_size))
             ref = Reference(*(None if t is None else t[lo:lo + batch_size] for t in (correct, wrong)))
-            _chunk(model, part, ref, sites, metric_fn, totals, bar)
+            _chunk(model, part, ref, sites, metric_fn, method, steps, totals, bar)
     frames = [pd.DataFrame({"site": f"{site.component}[{site.layer}]",
                             "feature": list(range(d.d_sae)) + [-1], "estimate": (totals[site] / n).tolist()})
               for site, d in sites.items()]
     out = pd.concat(frames, ignore_index=True)
-    out.attrs.update(metric=metric_name, method="AtP")
+    out.attrs.update(metric=metric_name, method="AtP" if method == "atp" else f"IG{steps}")
     return out
 
 
@@ -303,41 +311,56 @@ def _check_sites(model, sites: dict) -> None:
     compile_graph(g, model.arch)   # the engine's checks (widths, where each was trained), before any forward
 
 
-def _chunk(model, data, ref, sites, metric_fn, totals, bar) -> None:
-    """Add one chunk of rows' summed estimates to ``totals`` (features, then the error)."""
+def _collect(model, prompts, sites) -> dict:
+    """``{site: (value [B, S, width], valid [B, S])}`` at every position."""
     read = Graph()
-    for site, d in sites.items():
+    for site in sites:
         read.add(replace(site, positions="all"), Collect(), name=_name(site))
-    corrupt = run(read, model, data.base, grad=False)
-    bar.update(1)
+    out = run(read, model, prompts, grad=False)
+    return {site: (out[_name(site)].float(), out.valid[_name(site)]) for site in sites}
+
+
+def _gradients(model, prompts, ref, metric_fn, sites, before=()) -> tuple:
+    """``({site: dM/dh [B, S, width]}, {site: h})`` from one forward and backward, with
+    ``before`` nodes (``(site, op)``) applied first."""
     g, probes = Graph(), {}
-    for site, d in sites.items():
-        feat, plain = probe(), probe()
-        feat.use_basis(d)
-        g.add(replace(site, positions="all"), feat, name=_name(site) + "f")
-        g.add(replace(site, positions="all"), plain, name=_name(site) + "h")
-        probes[site] = (feat, plain)
-    clean = run(g, model, data.source, grad=True)
-    total = metric_fn(clean.next_token_logits, ref).sum()
-    leaves = [t for pair in probes.values() for t in (pair[0].delta, pair[1].delta)]
-    grads = iter(torch.autograd.grad(total, leaves, allow_unused=True))
+    for site, op in before:
+        g.add(replace(site, positions="all"), op)
+    for site in sites:
+        probes[site] = probe()
+        g.add(replace(site, positions="all"), probes[site], name=_name(site))
+    out = run(g, model, prompts, grad=True)
+    grads = torch.autograd.grad(metric_fn(out.next_token_logits, ref).sum(), [p.delta for p in probes.values()],
+                                allow_unused=True)
+    values = {site: p.value.float() for site, p in probes.items()}
+    return {site: torch.zeros_like(values[site]) if grad is None else grad.float()
+            for site, grad in zip(sites, grads)}, values
+
+
+def _chunk(model, data, ref, sites, metric_fn, method, steps, totals, bar) -> None:
+    """Add one chunk of rows' summed estimates to ``totals`` (features, then the error)."""
+    corrupt = _collect(model, data.base, sites)
     bar.update(1)
+    grads, clean = _gradients(model, data.source, ref, metric_fn, sites)   # the clean run: AtP's gradients
+    bar.update(1)
+    if method == "ig":
+        for site in sites:
+            (h1, valid), h0 = corrupt[site], clean[site]
+            mean = 0
+            for k in range(steps):
+                at = Set(h0 + (k + 0.5) / steps * (h1 - h0), mask=valid[..., None])
+                mean = mean + _gradients(model, data.source, ref, metric_fn, [site], [(site, at)])[0][site] / steps
+                bar.update(1)
+            grads[site] = mean
     for site, d in sites.items():
-        feat, plain = probes[site]
-        g_f, g_h = next(grads), next(grads)
-        h_clean, h_corrupt = plain.value.float(), corrupt[_name(site)].float()
-        valid = corrupt.valid[_name(site)][..., None].float()
+        (h1, valid), h0 = corrupt[site], clean[site]
+        keep = valid[..., None].float()
         with torch.no_grad():
-            f_corrupt = d.encode(h_corrupt)
-            e_clean = h_clean - d.decode(d.encode(h_clean))
-            e_corrupt = h_corrupt - d.decode(f_corrupt)
-            features = ((f_corrupt - feat.value.float()) * _zero(g_f, feat.value) * valid).sum((0, 1))
-            error = ((e_corrupt - e_clean) * _zero(g_h, plain.value) * valid).sum()
+            f0, f1 = d.encode(h0), d.encode(h1)
+            g_f = grads[site] @ d.directions().T          # dM/df: dM/dh along each decoder direction
+            features = ((f1 - f0) * g_f * keep).sum((0, 1))
+            error = (((h1 - d.decode(f1)) - (h0 - d.decode(f0))) * grads[site] * keep).sum()
         totals[site] += torch.cat([features, error[None]]).double()
-
-
-def _zero(grad, like):
-    return torch.zeros_like(like, dtype=torch.float32) if grad is None else grad.float()
 
 
 class FeatureCircuit(Graph):
@@ -381,8 +404,8 @@ def _count(size, n: int) -> int:
 
 
 def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] = 0.01, errors: str = "keep",
-             ablate: str = "corrupt", metric="logit_diff", table: Optional[pd.DataFrame] = None,
-             batch_size: int = 16, progress: bool = True) -> FeatureCircuit:
+             ablate: str = "corrupt", metric="logit_diff", method: str = "atp", steps: int = 5,
+             table: Optional[pd.DataFrame] = None, batch_size: int = 16, progress: bool = True) -> FeatureCircuit:
     """The circuit of the ``size`` features with the largest estimated effect, as a runnable graph.
 
     >>> import reftgraph as rg
@@ -399,7 +422,8 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
     ``"ablate"`` (it takes the corrupted run's error: the circuit then has only its
     features); ``ablate``: ``"corrupt"`` (outside features read stream ``"corrupt"``) or
     ``"mean"`` (their mean over the corrupted prompts, stored in the graph; errors kept).
-    ``table``: scores from :func:`attribute`, to reuse them across sizes.
+    ``method`` and ``steps`` as in :func:`attribute`; ``table``: scores from it, to reuse them
+    across sizes.
     """
     model = as_model(model)
     sites = _site_dictionaries(dictionaries)
@@ -412,12 +436,13 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
     n = sum(d.d_sae for d in sites.values())
     count = _count(size, n)
     if table is None:
-        table = attribute(model, data, sites, metric, batch_size, progress)
+        table = attribute(model, data, sites, metric=metric, method=method, steps=steps, batch_size=batch_size,
+                          progress=progress)
     scored = table[table["feature"] >= 0].assign(score=lambda t: -t["estimate"])
     kept = scored.sort_values("score", ascending=False, kind="stable").head(count).reset_index(drop=True)
     graph = circuit_graph(model, data, sites, kept, errors, ablate)
-    graph.settings.update(size=size, metric=metric if isinstance(metric, str) else "custom",
-                          features=n, method="AtP")
+    graph.settings.update(size=size, metric=metric if isinstance(metric, str) else "custom", features=n,
+                          method=table.attrs.get("method", "given"))
     return graph
 
 

@@ -255,8 +255,10 @@ class Site:
         if self.head is not None:
             s += "." + "+".join(f"h{h}" for h in self.head)
         s += f" pos={_positions_str(self.positions)}"
-        if self.subspace is not None:
-            s += " dims=[" + ",".join(map(str, self.subspace)) + "]"
+        if self.subspace is not None:   # (a long list, e.g. the features outside a circuit, shortened)
+            dims = self.subspace if len(self.subspace) <= 16 else (*self.subspace[:8], "...", self.subspace[-1])
+            s += " dims=[" + ",".join(map(str, dims)) + "]" + (f" ({len(self.subspace)} dims)" if len(dims) < len(
+                self.subspace) else "")
         if self.keys != "all":
             s += f" keys={_positions_str(self.keys)}"
         return s

@@ -242,3 +242,47 @@ def test_generate_fused(lm):
         finally:
             apply_module.FUSE = old
     assert torch.equal(ids[0], ids[1])
+
+
+def test_a_slice_of_the_whole_batch_is_edited_in_place_of_the_full_tensor(lm, monkeypatch):
+    """Equal-length prompts, one stream, every position: the slice is the hook's own tensor (no
+    gather, no scatter). The edits, collected values and gradients are those of plain hooks, and
+    a collected value is a copy, not the model's tensor."""
+    prompts = ["the cat sat", "one dog ran"]
+    assert len(set(map(len, lm.tokenizer(prompts)["input_ids"]))) == 1
+    monkeypatch.setattr(apply_module, "_gather", lambda *a: pytest.fail("the whole batch was gathered"))
+    width = lm.arch.width("resid_post")
+    add = rg.Add(vec(width, 1), trainable=True)
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", 0), rg.Collect(), name="before")
+    g.add(rg.Site("resid_post", 0), add, name="add")
+    g.add(rg.Site("resid_post", 0), rg.Collect(), name="after")
+    out = g.run(lm, prompts, grad=True)
+    inputs = encode(lm.tokenizer, prompts, "right")
+    seen = {}
+
+    def hook(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        seen["before"] = hidden.detach().clone()
+        hidden = hidden + add.vector
+        seen["after"] = hidden.detach().clone()
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    block = lm.arch.envoy(lm.hf, rg.arch.structure.Hook(0, 0, "", "output"))
+    handle = block.register_forward_hook(hook)
+    try:
+        ref = lm.hf(**inputs).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(out.logits, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["before"], seen["before"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["after"], seen["after"], atol=1e-6, rtol=0)
+    assert out["before"].data_ptr() != out["after"].data_ptr()
+    ours = torch.autograd.grad(out.logits.pow(2).sum(), add.vector)[0]
+    handle = block.register_forward_hook(hook)
+    try:
+        theirs_logits = lm.hf(**inputs).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(ours, torch.autograd.grad(theirs_logits.pow(2).sum(), add.vector)[0], atol=1e-4,
+                               rtol=1e-5)

@@ -57,8 +57,8 @@ def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict) ->
         src = src.float() if src is not None else None
     new = op.edit(sub, source=src, valid=m.valid, subspace=step.node.site.subspace if op.indexes_basis else None,
                   rows=None if b.rows is None else b.rows.to(sub.device))
-    if op.collects:
-        collected[step.node.name] = (new, b.valid)
+    if op.collects:   # (a copy: the slice may be the model's own tensor)
+        collected[step.node.name] = (new.clone() if new is whole else new, b.valid)
         return None
     if new.shape != sub.shape:
         raise SiteError(f"{where(step.node)}{type(op).__name__} returned shape {list(new.shape)} for a slice of "
@@ -97,7 +97,8 @@ def _run(plan: Plan, bound: list, steps: list, hook, raw, pre, sources: dict, co
     recomputed = bool(first_step.modules)
     full = copies[key] if recomputed and key in copies else first_step.get(raw, pre)
     m = bound[steps[0]].on(first_step, full.device)
-    whole = _gather(full, m.at, None)     # [B, k, (H,) w]
+    grid = m.whole and tuple(full.shape[:2]) == m.shape    # the slice is the full tensor: no gather, no scatter
+    whole = full if grid else _gather(full, m.at, None)     # [B, k, (H,) w]
     edited = False
     for i in steps:
         step, b = plan.steps[i], bound[i]
@@ -118,7 +119,9 @@ def _run(plan: Plan, bound: list, steps: list, hook, raw, pre, sources: dict, co
         whole, edited = new, True
     if not edited:
         return None
-    if m.written is None:    # every slot writes its own position
+    if grid:
+        out = whole
+    elif m.written is None:    # every slot writes its own position
         out = full.index_put(m.at, whole)
     else:
         out = full.index_put(m.written, whole.flatten(0, 1)[m.taken])

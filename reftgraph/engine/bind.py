@@ -106,7 +106,8 @@ class Layout:
 
     After an edit, slot ``j`` holds what the full tensor now has at ``index[j]``: the new
     value of slot ``follow[j]`` where ``keep[j]``, else its own value (a position no valid
-    slot writes). ``follow``, ``keep``, ``written`` and ``taken`` are None when every slot
+    slot writes). ``whole``: the slots are the whole batch in order (every position of every
+    row, no padding), so the slice is the full tensor itself: nothing to gather or scatter. ``follow``, ``keep``, ``written`` and ``taken`` are None when every slot
     is valid and writes a position of its own (the common case): the slice is then written
     back where it was gathered.
     """
@@ -120,6 +121,7 @@ class Layout:
     taken: Optional[torch.Tensor] = None     # [W] the slot each takes its value from
     follow: Optional[torch.Tensor] = None    # [B * k]
     keep: Optional[torch.Tensor] = None      # [B * k]
+    whole: bool = False                      # the slots are every position of every row, in order
 
     @classmethod
     def of(cls, index: torch.Tensor, valid: torch.Tensor, n_flat: int, seq_len: int) -> "Layout":
@@ -133,6 +135,7 @@ class Layout:
             0, target.flatten(), torch.arange(index.numel()))[:n_flat]
         mask = torch.zeros(n_flat + 1, dtype=torch.bool).scatter_(0, target.flatten(), valid.flatten())[:n_flat]
         lay = cls(index, valid, slot, mask, seq_len)
+        lay.whole = index.numel() == n_flat and bool(valid.all()) and torch.equal(index.flatten(), torch.arange(n_flat))
         follow, keep = slot[index.flatten()], mask[index.flatten()]
         if not (bool(keep.all()) and torch.equal(follow, torch.arange(index.numel()))):
             lay.written = mask.nonzero().flatten()
@@ -147,6 +150,7 @@ class _Moved:
         lay = b.layout
         to = (lambda t: None if t is None else t.to(device))
         self.shape = tuple(lay.index.shape)
+        self.whole = lay.whole
         self.valid = to(lay.valid)
         seq_len = lay.seq_len
         self.at = (to(lay.index // seq_len), to(lay.index % seq_len))     # the slice: full[row, pos]

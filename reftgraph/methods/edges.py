@@ -173,14 +173,17 @@ def out_maps(model) -> list:
     return maps
 
 
-def _writes(model, out, maps) -> torch.Tensor:
-    """What every sender wrote, ``[B, k, senders, d]`` (slots in prompt order), from a collect run."""
-    value = (lambda name: out[name].detach().float())
-    parts = [value("input")[:, :, None]]
+def _delta_writes(model, corrupt, clean, maps, valid) -> torch.Tensor:
+    """What every sender wrote in the corrupted run less what it wrote in the clean one,
+    ``[senders, B, k, d]`` (slots in prompt order, zero where not valid), from two collect runs:
+    the differences are taken before the heads' output maps (one map per layer)."""
+    diff = (lambda name: (corrupt[name].detach().float() - clean[name].detach().float()))
+    keep = valid.float()
+    parts = [(diff("input") * keep[..., None])[None]]
     for layer in range(model.arch.n_layers):
-        heads = torch.einsum("bkhe,hed->bkhd", value(f"a{layer}"), maps[layer])
-        parts += [heads, value(f"m{layer}")[:, :, None]]
-    return torch.cat(parts, 2)
+        heads = torch.einsum("bkhe,hed->hbkd", diff(f"a{layer}") * keep[..., None, None], maps[layer])
+        parts += [heads, (diff(f"m{layer}") * keep[..., None])[None]]
+    return torch.cat(parts, 0)
 
 
 def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_diff", steps: int = 5,
@@ -230,15 +233,14 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
         clean = run(_sender_graph(arch), model, data.source, grad=False)
     ref = Reference(correct, wrong, clean.next_token_logits.detach())
     valid = clean.valid["input"]
-    delta = (_writes(model, corrupt, maps) - _writes(model, clean, maps)) * valid[:, :, None, None]
+    delta = _delta_writes(model, corrupt, clean, maps, valid)          # [senders, B, k, d]
     index = {s.name: i for i, s in enumerate(senders)}
     if method != "exact":
         if grad is None:     # EAP-IG: the gradient averaged over embeddings from the corrupted to the clean
             clean_in, corrupt_in = clean["input"], corrupt["input"]
             grad = sum(_gradients(model, data, receivers, metric_fn, ref, corrupt_in + (k / steps) * (
                 clean_in - corrupt_in), valid)[0] / steps for k in range(steps))
-        flat = delta.permute(2, 0, 1, 3).reshape(delta.shape[2], -1)               # [senders, B * k * d]
-        scores = flat @ grad.reshape(grad.shape[0], -1).T / delta.shape[0]         # one product for every edge
+        scores = _products(delta, grad, senders, receivers)
         column = {r.name: i for i, r in enumerate(receivers)}
         rows, cols = table.sender.map(index).to_numpy(copy=True), table.receiver.map(column).to_numpy(copy=True)
         table["score"] = scores[torch.from_numpy(rows), torch.from_numpy(cols)].tolist()
@@ -246,16 +248,32 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
         base = metric_fn(clean.next_token_logits, ref).mean()
         pairs = zip(table.sender, table.receiver)
         by_name = {r.name: r for r in receivers}
-        table["score"] = [_exact(model, data, by_name[r], delta[:, :, index[s]], metric_fn, ref) - float(base)
+        table["score"] = [_exact(model, data, by_name[r], delta[index[s]], metric_fn, ref) - float(base)
                           for s, r in progress_bar(pairs, total=len(table), desc="edges", progress=progress, unit="run")]
     table.attrs.update(method=method, metric=metric_name)
     return table
 
 
+def _products(delta, grad, senders, receivers) -> torch.Tensor:
+    """``[senders, receivers]``: each sender's write change dotted with each receiver's
+    gradient, summed over slots and averaged over rows; a receiver of layer l takes only the
+    senders of layers up to l (the others send it nothing), one product per layer."""
+    flat, rows = delta.reshape(delta.shape[0], -1), delta.shape[1]
+    grads = grad.reshape(grad.shape[0], -1)
+    scores = torch.zeros(len(senders), len(receivers))
+    s_layer = torch.tensor([s.layer for s in senders])
+    r_layer = torch.tensor([r.layer for r in receivers])
+    for layer in r_layer.unique().tolist():
+        cols = (r_layer == layer).nonzero().flatten()
+        n = int((s_layer <= layer).sum())      # senders come in layer order
+        scores[:n, cols] = flat[:n] @ grads[cols].T / rows
+    return scores
+
+
 def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None, senders=None) -> tuple:
     """``([receivers, B, k, d], the run)``: the metric's gradient at each receiver's copy of the
     stream, from one clean forward (embeddings set to ``embed`` when given) and one backward;
-    with ``senders`` (an Arch) the run also collects what the senders wrote (see :func:`_writes`),
+    with ``senders`` (an Arch) the run also collects what the senders wrote (see :func:`_delta_writes`),
     and a ``ref`` without source logits takes this run's."""
     g, probes = (_sender_graph(senders) if senders is not None else Graph()), {}
     if embed is not None:

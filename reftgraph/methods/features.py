@@ -56,7 +56,7 @@ def _check_dictionary(dictionary, where: str = "dictionary") -> Dictionary:
 
 def _read(model, prompts, site: Site, dictionary: Dictionary, features, batch_size: int, progress: bool):
     """``(tokens, hits)``: each prompt's token ids and the ``(row, position, feature, activation)``
-    of every non-zero feature activation at ``site`` (all prompt positions)."""
+    of every non-zero feature activation at ``site`` (at its positions; positions in the prompt)."""
     _check_dictionary(dictionary)
     if isinstance(prompts, str) or not prompts:
         raise DataError(f"prompts must be a non-empty list of strings, got {prompts!r:.60}")

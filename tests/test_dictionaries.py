@@ -176,7 +176,7 @@ def test_what_cannot_run_exactly_is_refused(tmp_path):
     save_file({**{k: w[k] for k in ("W_enc", "b_enc")}, "W_dec": torch.randn(D_SAE, 9), "b_dec": torch.zeros(9)},
               str(coder / "sae_weights.safetensors"))
     (coder / "cfg.json").write_text(json.dumps({"d_in": D_IN, "d_sae": D_SAE, "architecture": "standard"}))
-    with pytest.raises(rg.DictionaryFileError, match="a transcoder"):
+    with pytest.raises(rg.DictionaryFileError, match="do not say it is a transcoder"):
         rg.features.load(coder)
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -212,3 +212,40 @@ def test_a_loaded_dictionary_is_checked_against_the_site(tmp_path):
     g.add(rg.Site("resid_post", layer=0), rg.Collect(basis=rg.features.load(folder, strict=False)), name="f")
     with pytest.warns(UserWarning, match="strict=False"):
         g.run(lm, ["ab"])
+
+
+def test_transcoders_in_each_format(tmp_path):
+    """sae-lens, Gemma Scope 2 and sparsify transcoders: read the MLP's input, write at mlp_out."""
+    w = weights()
+    pre = X @ w["W_enc"] + w["b_enc"]                 # transcoders never subtract b_dec from the input
+    lens = tmp_path / "lens"
+    lens.mkdir()
+    save_file({k: w[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}, str(lens / "sae_weights.safetensors"))
+    (lens / "cfg.json").write_text(json.dumps({
+        "d_in": D_IN, "d_sae": D_SAE, "d_out": D_IN, "architecture": "jumprelu_transcoder", "apply_b_dec_to_input": False,
+        "metadata": {"hook_name": "blocks.2.ln2.hook_normalized", "hook_name_out": "blocks.2.hook_mlp_out"}}))
+    two = tmp_path / "transcoder_all" / "layer_2_width_16k_l0_big"
+    two.mkdir(parents=True)
+    (two / "config.json").write_text(json.dumps({
+        "architecture": "jump_relu", "hf_hook_point_in": "model.layers.2.pre_feedforward_layernorm.output",
+        "hf_hook_point_out": "model.layers.2.post_feedforward_layernorm.output", "affine_connection": False}))
+    save_file({k.lower() if k.startswith("W") else k: v for k, v in w.items()}, str(two / "params.safetensors"))
+    for folder in (lens, two):
+        tc = rg.features.load(folder)
+        assert (tc.reads, tc.trained_at, tc.apply_b_dec_to_input) == ("mlp", "mlp_out[2]", False)
+        torch.testing.assert_close(tc.encode(X), pre.relu() * (pre > w["threshold"]))
+    sparse = tmp_path / "layers.2.mlp"
+    sparse.mkdir()
+    (sparse / "cfg.json").write_text(json.dumps({"activation": "topk", "num_latents": D_SAE, "k": 4, "transcode": True,
+                                                 "skip_connection": False, "d_in": D_IN}))
+    save_file({"encoder.weight": w["W_enc"].T.contiguous(), "encoder.bias": w["b_enc"], "W_dec": w["W_dec"],
+               "b_dec": w["b_dec"]}, str(sparse / "sae.safetensors"))
+    tc = rg.features.load(sparse)
+    values, idx = pre.relu().topk(4, dim=-1)
+    torch.testing.assert_close(tc.encode(X), torch.zeros_like(pre).scatter(-1, idx, values))
+    assert (tc.reads, tc.trained_at) == ("mlp", "mlp_out[2]")
+    (two / "config.json").write_text(json.dumps({
+        "architecture": "jump_relu", "hf_hook_point_in": "model.layers.2.pre_feedforward_layernorm.output",
+        "hf_hook_point_out": "model.layers.2.post_feedforward_layernorm.output", "affine_connection": True}))
+    with pytest.raises(rg.DictionaryFileError, match="an affine transcoder"):
+        rg.features.load(two)

@@ -39,10 +39,9 @@ def hand_features(sae, x):
         return pre.clamp(min=0)
     if sae.activation == "jumprelu":
         return torch.where(pre > sae.threshold, pre, torch.zeros_like(pre))
-    keep = pre.sort(descending=True).indices[..., :sae.k]
-    out = torch.zeros_like(pre)
-    out[..., keep] = pre[..., keep].clamp(min=0)
-    return out
+    top = pre.sort(dim=-1, descending=True).indices[..., :sae.k]      # each token's k largest
+    keep = torch.zeros_like(pre, dtype=torch.bool).scatter(-1, top, True)
+    return torch.where(keep, pre.clamp(min=0), torch.zeros_like(pre))
 
 
 def op_for(kind, n, basis):
@@ -308,3 +307,120 @@ def test_feature_circuits_run_as_graphs(lm):
     assert via.kept.feature.tolist() == found.kept.feature.tolist()
     with pytest.raises(rg.DataError, match="equal length"):
         rg.features.attribute(lm, rg.patching.Counterfactual(["a b c"], ["a"], ["a"], ["b"]), sites, progress=False)
+
+
+# -- transcoders: read the MLP's own input, write at mlp_out ------------------------------------
+
+def transcoder(activation):
+    tc = rg.Dictionary(32, 64, d_out=32, reads="mlp", activation=activation, seed=2,
+                       **{k: v for k, v in KINDS[activation].items() if k != "apply_b_dec_to_input"})
+    tc.b_enc[list(IDS[:3])] = 0.5
+    return tc
+
+
+def mlp_run(lm, inputs, edit):
+    """Logits with ``edit(mlp_input, mlp_output) -> new output`` applied to layer 1's MLP (plain hooks)."""
+    mlp = lm.hf.model.layers[1].mlp
+    handle = mlp.register_forward_hook(lambda module, args, out: edit(args[0], out))
+    try:
+        return lm.hf(**inputs).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("kind", ["add", "set", "zero", "mean", "resample", "collect", "splice"])
+@pytest.mark.parametrize("activation", KINDS)
+def test_transcoders_in_plain_hooks(lm, activation, kind, side):
+    tc = transcoder(activation)
+    selector = "f2+l2" if kind == "resample" else [0, -1]
+    ids = list(IDS)
+    g = rg.Graph()
+    if kind == "splice":
+        g.add(rg.Site("mlp_out", layer=1, positions=selector), tc, name="n")
+        op = None
+    else:
+        op = op_for(kind, len(ids), tc)
+        g.add(rg.Site("mlp_out", layer=1, positions=selector, subspace=IDS), op, name="n")
+    out = g.run(lm, BASE, padding_side=side)
+    base_in = encode(lm.tokenizer, BASE, side)
+    real = real_positions(base_in["attention_mask"])
+    slots = [(b, j, real[b][r]) for b in range(len(BASE)) for j, r in enumerate(positions_of(selector, len(real[b])))]
+    seen = {}
+
+    def edit(x, y):
+        feats = hand_features(tc, x)[..., ids]
+        seen["f"] = feats.detach()
+        mean = torch.stack([feats[b, p] for b, _, p in slots]).mean(0)
+        perm = derangement(len(BASE), 3)
+        new = y.clone()
+        for b, j, p in slots:
+            if kind == "splice":
+                new[b, p] = (hand_features(tc, x[b, p]) @ tc.W_dec + tc.b_dec) / tc.scale
+                continue
+            other = lambda: feats[perm[b], real[perm[b]][positions_of(selector, len(real[perm[b]]))[j]]]  # noqa: E731
+            value = new_value(kind, op, feats[b, p], mean, None, other)
+            new[b, p] = y[b, p] + (value - feats[b, p]) @ tc.W_dec[ids] / tc.scale
+        return new
+
+    ref = mlp_run(lm, base_in, edit)
+    if kind == "collect":
+        for b, j, p in slots:
+            torch.testing.assert_close(out["n"][b, j], seen["f"][b, p], atol=ATOL, rtol=0)
+        return
+    base_mask = out.attention_mask[out.rows["base"]]
+    compare_logits(out.logits, base_mask, ref, base_in["attention_mask"], ATOL)
+    assert not torch.allclose(ref, lm.hf(**base_in).logits, atol=1e-6)
+    params = list(g.parameters())
+    if params:
+        w = torch.randn(out.logits.shape[-1], generator=torch.Generator().manual_seed(1))
+
+        def loss(logits, mask):
+            return sum((logits[b, r] * w).sum() for b, r in enumerate(real_positions(mask)))
+
+        ours = torch.autograd.grad(loss(out.logits, base_mask), params)
+        theirs = torch.autograd.grad(loss(ref, base_in["attention_mask"]), params)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-5)
+
+
+def test_a_transcoder_identity_edit_and_bad_input(lm):
+    tc = transcoder("relu")
+    g = rg.Graph()
+    g.add(rg.Site("mlp_out", 1), rg.Add(torch.zeros(64), basis=tc), name="same")
+    torch.testing.assert_close(g.run(lm, BASE).logits, rg.Graph().run(lm, BASE).logits, atol=0, rtol=0)
+    assert "its node sits at mlp_out, not at resid_post" in bad(lm, rg.Collect(basis=tc))
+    assert "would need the source stream's MLP input" in bad(lm, rg.Patch("base", basis=tc), rg.Site("mlp_out", 1))
+    with pytest.raises(ValueError, match="that is a transcoder"):
+        rg.Dictionary(32, 64, d_out=16)
+
+
+def test_a_graph_with_a_transcoder_saves_and_loads(lm, tmp_path):
+    tc = transcoder("jumprelu")
+    g = rg.Graph()
+    g.add(rg.Site("mlp_out", 1, subspace=(3,)), rg.Add(torch.ones(1), scale=2.0, basis=tc), name="steer")
+    back = rg.load_graph(rg.save(g, tmp_path / "g"))
+    assert back["steer"].op.basis.reads == "mlp"
+    assert torch.equal(g.run(lm, BASE).logits, back.run(lm, BASE).logits)
+
+
+def test_generation_steers_every_new_token_through_a_transcoder(lm):
+    tc = transcoder("relu")
+    add = rg.Add(torch.full((2,), 3.0), basis=tc)
+    g = rg.Graph()
+    g.add(rg.Site("mlp_out", 1, positions="all", subspace=(3, 10)), add, name="steer")
+    ours = g.generate(lm, ["the cat"], max_new_tokens=4).new_ids
+    inputs = encode(lm.tokenizer, ["the cat"], "left")
+
+    def edit(module, args, out):          # every position the MLP sees, prompt and new tokens alike
+        f = hand_features(tc, args[0])[..., [3, 10]]
+        return out + ((f + 3.0) - f) @ tc.W_dec[[3, 10]]
+
+    handle = lm.hf.model.layers[1].mlp.register_forward_hook(edit)
+    try:
+        theirs = lm.hf.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                max_new_tokens=4, do_sample=False)[:, inputs["input_ids"].shape[1]:]
+    finally:
+        handle.remove()
+    assert ours.tolist() == theirs.tolist()
+    assert ours.tolist() != rg.Graph().generate(lm, ["the cat"], max_new_tokens=4).new_ids.tolist()   # it steers

@@ -60,7 +60,7 @@ def test_every_op_gets_the_inputs_its_forward_names():
 
     h = torch.zeros(1, 1, 2)
     Everything().edit(h, source=None, valid=torch.ones(1, 1, dtype=torch.bool), subspace=(0,), rows=None)
-    assert sorted(seen) == ["rows", "source", "subspace", "valid"] and seen["subspace"] == (0,)
+    assert sorted(seen) == ["inputs", "rows", "source", "subspace", "valid"] and seen["subspace"] == (0,)
     assert HOnly().edit(h, valid=torch.ones(1, 1, dtype=torch.bool), subspace=(1,)).tolist() == [[[1.0, 1.0]]]
 
 

@@ -34,7 +34,7 @@ import torch
 
 from ..core.sites import COMPONENTS, END_COMPONENTS, STAGES
 from .components import COMPONENT_TYPES, Context, component
-from .components.base import no_module
+from .components.base import MLP_READS, no_module
 from .components.ends import prove_ends
 from .positions import prove_positions
 from .recording import record
@@ -232,6 +232,10 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
                           "[batch, tokens, width])")
     stages = {(p, io): i for i, (p, io) in enumerate(order)}
     component_stages = {c: component(c).stage(c, ctx, stages) for c in COMPONENTS}
+    mlp_input = rec.inputs.get(paths.mlp) if paths.mlp else None
+    if "mlp_out" not in refused and isinstance(mlp_input, torch.Tensor) and mlp_input.dim() == rec.pre.dim() and (
+            paths.mlp, "input") in stages:
+        component_stages[MLP_READS] = stages[(paths.mlp, "input")]   # the MLP's own input: where transcoders read
     return Block(paths, ctx.style.name if ctx.style else None, ctx.attn_out, ctx.mlp_out, ctx.layout, heads, widths,
                  refused, {c: v for c, v in component_stages.items() if v is not None}, frozenset(flat), inner=ctx.inner,
                  reads=ctx.reads)

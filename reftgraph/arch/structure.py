@@ -20,6 +20,7 @@ from typing import Callable, Optional, Union
 from ..core.sites import COMPONENTS, STAGES
 from ..errors import SiteError
 from .components import component as component_of, first, with_first
+from .components.base import MLP_READS
 from .positions import learned_limit, model_inputs
 
 __all__ = ["Arch", "FAMILIES", "Family", "Hook", "Location", "family_for", "first", "register_family", "with_first"]
@@ -355,6 +356,19 @@ class Arch:
         self.check(component, layer)
         where = component_of(component).address(component, b)
         return Hook(layer, b.stages.get(component, STAGES[component]), where.path, where.io, where.inner, where.root)
+
+    def mlp_input(self, layer: int) -> Optional[Hook]:
+        """Where a transcoder reads at ``layer`` (non-negative): the input of the block's MLP
+        module, what the MLP itself computes from (after its norm in pre-norm blocks); None
+        when the block has no such per-token input.
+
+        >>> import reftgraph as rg
+        >>> rg.models.tiny("llama").arch.mlp_input(0).path
+        'mlp'
+        """
+        b = self._block(layer)
+        stage = b.stages.get(MLP_READS)
+        return None if stage is None else Hook(layer, stage, b.paths.mlp, "input")
 
     def envoy(self, root, hook: Hook):
         """The nnsight envoy (or torch module) of a hook, from the model root; for a hook with

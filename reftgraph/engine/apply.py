@@ -41,7 +41,7 @@ def _joins(plan: Plan, bound: list, hook, i: int, j: int) -> bool:
             and (b.source_hook != hook or b.node.reads[0] != a.node.stream))
 
 
-def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict) -> Optional[torch.Tensor]:
+def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict, inp=None) -> Optional[torch.Tensor]:
     """``whole`` (the run's slice ``[B, k, (H,) w]``) after ``step``'s edit (None when it only collects)."""
     op = step.node.op
     h = whole if m.heads is None else whole.index_select(2, m.heads)
@@ -55,8 +55,9 @@ def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict) ->
     if sub.dtype in _HALF and not op.half_precision:    # the edit in float32, rounded back below
         sub = sub.float()
         src = src.float() if src is not None else None
+        inp = inp.float() if inp is not None else None
     new = op.edit(sub, source=src, valid=m.valid, subspace=step.node.site.subspace if op.indexes_basis else None,
-                  rows=None if b.rows is None else b.rows.to(sub.device))
+                  rows=None if b.rows is None else b.rows.to(sub.device), inputs=inp)
     if op.collects:   # (a copy: the slice may be the model's own tensor)
         collected[step.node.name] = (new.clone() if new is whole else new, b.valid)
         return None
@@ -86,7 +87,7 @@ def _read(step: Step, hook, raw, pre, copies: dict):
 
 
 def _run(plan: Plan, bound: list, steps: list, hook, raw, pre, sources: dict, collected: dict, root=None,
-         copies: Optional[dict] = None):
+         copies: Optional[dict] = None, inputs: Optional[dict] = None):
     """Gather the slice of the steps ``steps`` (indices into the plan) once, edit it step by
     step, write it back once: the new raw hook value, or None when every step only collects.
 
@@ -107,7 +108,8 @@ def _run(plan: Plan, bound: list, steps: list, hook, raw, pre, sources: dict, co
             value = _read(step, hook, raw, pre, copies)
             ms = b.on(step, value.device)
             src = _gather(value, ms.source_at, ms.source_heads)
-        new = _step(step, b, b.on(step, full.device), whole, src, collected)
+        new = _step(step, b, b.on(step, full.device), whole, src, collected,
+                    None if inputs is None else inputs.pop(step.node.name, None))
         if new is None:
             continue
         if m.follow is not None:   # slots reading a position another slot writes
@@ -148,7 +150,7 @@ def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
 
     Collected values land in ``collected[name] = (value, valid)``.
     """
-    pre, sources, copies = {}, {}, {}
+    pre, sources, copies, inputs = {}, {}, {}, {}
     for hook in plan.hooks:
         envoy = plan.arch.envoy(root, hook)
         raw = getattr(envoy, hook.io)
@@ -159,7 +161,8 @@ def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
             end = start + 1
             while end < len(todo) and _joins(plan, bound, hook, todo[start], todo[end]):
                 end += 1
-            new = _run(plan, bound, todo[start:end], hook, raw, pre.get(hook.layer), sources, collected, root, copies)
+            new = _run(plan, bound, todo[start:end], hook, raw, pre.get(hook.layer), sources, collected, root, copies,
+                       inputs)
             if new is not None:
                 raw, changed = new, True
             start = end
@@ -170,5 +173,8 @@ def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
             value = _read(step, hook, raw, pre.get(hook.layer), copies)
             m = b.on(step, value.device)
             sources[step.node.name] = _gather(value, m.source_at, m.source_heads)
+        for i in plan.inputs.get(hook, ()):   # what a step's dictionary reads in its own stream (a transcoder)
+            value = first(raw)
+            inputs[plan.steps[i].node.name] = _gather(value, bound[i].on(plan.steps[i], value.device).at, None)
         if changed:
             setattr(envoy, hook.io, raw)

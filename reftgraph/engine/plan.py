@@ -24,6 +24,7 @@ import torch
 
 from ..arch.structure import Arch, Hook
 from ..core.graph import Graph, Node
+from ..core.ops import Dictionary
 from ..core.sites import KEY_COMPONENTS, STAGES, Site
 from ..errors import SiteError
 
@@ -50,6 +51,7 @@ class Step:
     source_get: Optional[Callable] = None
     source_heads: Optional[torch.Tensor] = None
     modules: tuple = ()   # block paths whose modules ``put`` calls (a receiver input recomputes its reader)
+    input_hook: Optional[Hook] = None   # where the op's dictionary reads its own stream (a transcoder: the MLP's input)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Plan:
     bound: dict = field(default_factory=dict, repr=False)  # bind()'s results per batch layout
     edits: dict = field(default_factory=dict, repr=False)  # hook -> indices of the steps editing there
     reads: dict = field(default_factory=dict, repr=False)  # hook -> indices of the steps reading a source there
+    inputs: dict = field(default_factory=dict, repr=False)  # hook -> indices of the steps whose dictionary reads there
     eager: bool = field(default=False, init=False)  # a step touches attn_pattern: run in eager attention
 
     def __post_init__(self):
@@ -83,6 +86,8 @@ class Plan:
             self.edits.setdefault(step.hook, []).append(i)
             if step.source_hook is not None and step.source_hook != step.hook:
                 self.reads.setdefault(step.source_hook, []).append(i)
+            if step.input_hook is not None:
+                self.inputs.setdefault(step.input_hook, []).append(i)
 
 
 def where(node: Node) -> str:
@@ -149,12 +154,19 @@ def _slice_width(node: Node, site: Site, arch: Arch, layer: int) -> Optional[int
     return len(site.subspace)
 
 
+def _dictionary(op):
+    """The dictionary a node's op uses: its basis, or the op itself when it is one (it splices)."""
+    return op.basis if op.basis is not None else op if isinstance(op, Dictionary) else None
+
+
 def _check_basis(node: Node, site: Site, arch: Arch, layer: int, width: Optional[int], need: Optional[int]) -> None:
-    """A node whose op edits a dictionary's features: the dictionary reads the site's
-    width, was trained at this site (unless it is not strict), and the op's own tensors
-    have one entry per feature it sees."""
-    basis, op = node.op.basis, type(node.op).__name__
-    if basis.d_in != width or basis.d_out != width:
+    """A node whose op is or edits in a dictionary: the dictionary reads the site's width,
+    was trained at this site (unless it is not strict), and an op in its basis has one entry
+    per feature it sees in its own tensors."""
+    basis, op = _dictionary(node.op), type(node.op).__name__
+    if basis.reads:
+        _check_transcoder(node, basis, site, arch, layer, width)
+    elif basis.d_in != width or basis.d_out != width:
         raise SiteError(f"{where(node)}{basis.label} reads width {basis.d_in}"
                         f"{'' if basis.d_out == basis.d_in else f' and writes {basis.d_out}'}; {site.component} has "
                         f"width {width}")
@@ -166,9 +178,25 @@ def _check_basis(node: Node, site: Site, arch: Arch, layer: int, width: Optional
             raise SiteError(message)
         warnings.warn(message, stacklevel=4)
     features = basis.d_sae if site.subspace is None else len(site.subspace)
-    if need is not None and need != features:
+    if basis is not node.op and need is not None and need != features:
         raise SiteError(f"{where(node)}{op} has width {need}, the features it edits need {features} "
                         + ("(the subspace's feature ids)" if site.subspace else f"({basis.label}'s features)"))
+
+
+def _check_transcoder(node: Node, basis, site: Site, arch: Arch, layer: int, width: Optional[int]) -> None:
+    """A transcoder reads the MLP's own input and writes at ``mlp_out`` of the same layer."""
+    if site.component != "mlp_out":
+        raise SiteError(f"{where(node)}{basis.label} is a transcoder: it reads the MLP's input and writes what the "
+                        f"MLP adds, so its node sits at mlp_out, not at {site.component}")
+    if node.op.reads_stream:
+        raise SiteError(f"{where(node)}a {type(node.op).__name__} in a transcoder's basis would need the source "
+                        "stream's MLP input too; patch the features with Set (values read by Collect) instead")
+    if arch.mlp_input(layer) is None:
+        raise SiteError(f"{where(node)}the MLP of layer {layer} has no per-token input a transcoder can read "
+                        "(the block reshapes tokens around it)")
+    if basis.d_in != arch.d_model or basis.d_out != width:
+        raise SiteError(f"{where(node)}{basis.label} reads width {basis.d_in} and writes {basis.d_out}; the MLP reads "
+                        f"{arch.d_model} and mlp_out has width {width}")
 
 
 def compile_graph(graph: Graph, arch: Arch) -> Plan:
@@ -206,7 +234,8 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
         layer, heads = _check_site(node, site, arch)
         width = _slice_width(node, site, arch, layer)
         need = node.op.expected_width()
-        if node.op.basis is not None:
+        dictionary = _dictionary(node.op)
+        if dictionary is not None:
             _check_basis(node, site, arch, layer, width, need)
         elif need is not None and need != width:
             raise SiteError(f"{where(node)}{type(node.op).__name__} has width {need}, the site needs {width} "
@@ -216,6 +245,8 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
         step = Step(node, hook, at.get, at.put, heads,
                     None if site.subspace is None or node.op.indexes_basis else torch.tensor(site.subspace),
                     modules=at.modules)
+        if dictionary is not None and dictionary.reads:
+            step.input_hook = arch.mlp_input(layer)
         if node.op.source is not None:
             src_site = node.reads[1]
             src_layer, step.source_heads = _check_site(node, src_site, arch, f"source site {src_site}: ")
@@ -234,6 +265,7 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
     # through it: an edit at resid_mid never shows in attn_out), then insertion order
     steps.sort(key=lambda s: (s.hook.layer, s.hook.stage, STAGES[s.node.site.component], order[s.node.name]))
     hooks = {s.hook for s in steps} | {s.source_hook for s in steps if s.source_hook}
+    hooks |= {s.input_hook for s in steps if s.input_hook}
     hooks |= {Hook(s.hook.layer, 0, "", "input") for s in steps
               if arch.locate(s.node.site.component, s.hook.layer).needs_pre}
     hooks |= {Hook(s.source_hook.layer, 0, "", "input") for s in steps

@@ -16,8 +16,10 @@ The format is told by the files (:data:`FORMATS`); every dictionary becomes a
 :class:`~reftgraph.Dictionary` in float32 whose ``encode`` gives the numbers its trainer's
 own code gives. Nothing is unpickled: ``.safetensors`` and ``.npz`` are read as arrays,
 and dictionary_learning's ``ae.pt`` (a pickle) with ``torch.load(weights_only=True)``.
-What reftgraph cannot run exactly (gated SAEs, transcoders, skip connections, per-token
-input norms) is refused with the reason, never loaded approximately.
+Transcoders (sae-lens ``transcoder`` / ``jumprelu_transcoder``, Gemma Scope 2's, sparsify's
+``transcode``) load with ``reads="mlp"``: they read the MLP's own input and write at
+``mlp_out``. What reftgraph cannot run exactly (gated SAEs, skip connections, per-token input
+norms) is refused with the reason, never loaded approximately.
 """
 
 from __future__ import annotations
@@ -119,12 +121,12 @@ def _build(tensors: dict, where: str, **config) -> Dictionary:
         if key in need and list(tensors[key].shape) != shape:
             raise DictionaryFileError(f"{where}: {key} has shape {list(tensors[key].shape)}; with the encoder "
                                       f"[{d_in}, {d_sae}] it must be {shape}")
-    if d_out != d_in:
-        raise DictionaryFileError(f"{where}: a transcoder (reads width {d_in}, writes {d_out}); reftgraph runs "
-                                  "sparse autoencoders (one site in, the same site out) so far")
+    if d_out != d_in and not config.get("reads"):
+        raise DictionaryFileError(f"{where}: it reads width {d_in} and writes {d_out}, but its files do not say it "
+                                  "is a transcoder (what it reads and writes)")
     try:
         with torch.device("meta"):
-            d = Dictionary(int(d_in), int(d_sae), **config)
+            d = Dictionary(int(d_in), int(d_sae), d_out=int(d_out), **config)
     except ValueError as e:
         raise DictionaryFileError(f"{where}: {e}") from None
     d.load_state_dict({k: tensors[k].detach().to(torch.float32).contiguous() for k in need}, assign=True)
@@ -164,10 +166,20 @@ def _sae_lens(folder: Path, strict: bool, label: str) -> Dictionary:
         arch = "jumprelu"
     if "log_threshold" in tensors and "threshold" not in tensors:
         tensors["threshold"] = tensors["log_threshold"].exp()
-    activations = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk"}
+    activations = {"standard": "relu", "relu": "relu", "jumprelu": "jumprelu", "topk": "topk",
+                   "transcoder": "relu", "jumprelu_transcoder": "jumprelu"}
     if arch not in activations:
         raise DictionaryFileError(f"{where}: architecture {arch!r}; reftgraph reads {sorted(activations)} and "
                                   "batchtopk (as jumprelu, the way sae-lens runs it at inference)")
+    if arch.endswith("transcoder"):
+        out = meta.get("hook_name_out") or cfg.get("hook_name_out") or ""
+        if not re.fullmatch(r"blocks\.\d+\.(hook_mlp_in|ln2\.hook_normalized)", hook or "") or not re.fullmatch(
+                r"blocks\.\d+\.hook_mlp_out", out):
+            raise DictionaryFileError(f"{where}: a transcoder from {hook or '?'} to {out or '?'}; reftgraph runs "
+                                      "transcoders from the MLP's input (hook_mlp_in, ln2.hook_normalized) to its "
+                                      "output (hook_mlp_out)")
+        return _build(tensors, where, activation=activations[arch], reads="mlp", name=label,
+                      model=str(meta.get("model_name") or ""), trained_at=_site_of_tl_hook(out), strict=strict)
     if arch == "topk" and cfg.get("rescale_acts_by_decoder_norm"):   # fold the norms in, as sae-lens does when saving
         n = tensors["W_dec"].norm(dim=-1)
         tensors["W_enc"], tensors["b_enc"], tensors["W_dec"] = (tensors["W_enc"] * n, tensors["b_enc"] * n,
@@ -183,8 +195,6 @@ def _sparsify(folder: Path, strict: bool, label: str) -> Dictionary:
     where = f"sparsify folder {folder}"
     if cfg.get("activation", "topk") != "topk":
         raise DictionaryFileError(f"{where}: activation {cfg.get('activation')!r}; reftgraph reads topk")
-    if cfg.get("transcode"):
-        raise DictionaryFileError(f"{where}: a transcoder; reftgraph runs sparse autoencoders so far")
     t = _tensors(folder / "sae.safetensors")
     if "W_skip" in t:
         raise DictionaryFileError(f"{where}: a skip connection (W_skip) adds x @ W_skip^T to the reconstruction; "
@@ -195,6 +205,12 @@ def _sparsify(folder: Path, strict: bool, label: str) -> Dictionary:
     m = re.fullmatch(r"(?:layers|h|blocks)\.(\d+)(\.mlp|\.self_attn|\.attn)?", hook)   # a module's output
     components = {None: "resid_post", ".mlp": "mlp_out", ".self_attn": "attn_out", ".attn": "attn_out"}
     trained = f"{components[m.group(2)]}[{int(m.group(1))}]" if m else ""
+    if cfg.get("transcode"):   # reads the module's input, writes its output: an MLP's, for reftgraph
+        if not m or m.group(2) != ".mlp":
+            raise DictionaryFileError(f"{where}: a transcoder of {hook}; reftgraph runs transcoders of an MLP "
+                                      "(hookpoint layers.N.mlp)")
+        return _build(tensors, where, activation="topk", k=int(cfg.get("k", 0)), reads="mlp", name=label,
+                      trained_at=trained, strict=strict)
     # (sparsify applies ReLU before top-k, sae-lens after: the same features)
     return _build(tensors, where, activation="topk", k=int(cfg.get("k", 0)), apply_b_dec_to_input=True, name=label,
                   trained_at=trained, strict=strict)
@@ -222,15 +238,21 @@ def _gemma_scope_2(folder: Path, strict: bool, label: str) -> Dictionary:
     where = f"Gemma Scope 2 folder {folder}"
     if cfg.get("architecture", "jump_relu") not in ("jump_relu", "jumprelu"):
         raise DictionaryFileError(f"{where}: architecture {cfg.get('architecture')!r}; Gemma Scope 2 is jump_relu")
-    if cfg.get("hf_hook_point_out") and cfg.get("hf_hook_point_out") != cfg.get("hf_hook_point_in"):
-        raise DictionaryFileError(f"{where}: a transcoder ({cfg.get('hf_hook_point_in')} -> "
-                                  f"{cfg.get('hf_hook_point_out')}); reftgraph runs sparse autoencoders so far")
     t = _tensors(folder / "params.safetensors")
     tensors = {big: t.get(small, t.get(big)) for small, big in
                (("w_enc", "W_enc"), ("b_enc", "b_enc"), ("w_dec", "W_dec"), ("b_dec", "b_dec"), ("threshold", "threshold"))}
-    return _build({k: v for k, v in tensors.items() if v is not None}, where, activation="jumprelu", name=label,
-                  model=str(cfg.get("model_name") or ""), trained_at=_hf_hook_site(cfg.get("hf_hook_point_in", "")),
-                  strict=strict)
+    tensors = {k: v for k, v in tensors.items() if v is not None}
+    hook_in, hook_out = cfg.get("hf_hook_point_in", ""), cfg.get("hf_hook_point_out") or cfg.get("hf_hook_point_in", "")
+    common = dict(activation="jumprelu", name=label, model=str(cfg.get("model_name") or ""), strict=strict)
+    if hook_out == hook_in:
+        return _build(tensors, where, trained_at=_hf_hook_site(hook_in), **common)
+    if cfg.get("affine_connection") or "affine_skip_connection" in t:
+        raise DictionaryFileError(f"{where}: an affine transcoder (it adds x @ affine_skip_connection); reftgraph "
+                                  "does not run skip connections yet")
+    if not hook_in.endswith("pre_feedforward_layernorm.output"):
+        raise DictionaryFileError(f"{where}: a transcoder from {hook_in}; reftgraph runs transcoders from the MLP's "
+                                  "input (pre_feedforward_layernorm.output) to its output")
+    return _build(tensors, where, reads="mlp", trained_at=_hf_hook_site(hook_out), **common)
 
 
 def _gemma_scope(path: Path, strict: bool, label: str) -> Dictionary:

@@ -19,6 +19,8 @@ from typing import Callable, Optional
 
 __all__ = ["Address", "Component", "Context", "first", "no_module", "walk", "with_first"]
 
+MLP_READS = "mlp_reads"   # Block.stages key of the MLP module's own input (what a transcoder reads), not a component
+
 
 def first(raw):
     """The tensor of a hook value: the first item of a tuple, else the value itself.

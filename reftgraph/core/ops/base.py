@@ -186,7 +186,8 @@ class Op(nn.Module):
         raise NotImplementedError
 
     def edit(self, h: torch.Tensor, *, source: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None,
-             subspace: Optional[tuple] = None, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+             subspace: Optional[tuple] = None, rows: Optional[torch.Tensor] = None,
+             inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The one way the engine calls an op: every op is handed the same inputs and its
         ``forward`` receives those it names (all of them with ``**kwargs``).
 
@@ -199,11 +200,12 @@ class Op(nn.Module):
         (ops with ``learned_basis``); ``rows[B, basis]``: per-row subspaces (ops with
         ``per_row_subspaces``). A wrapper (``Without``) passes them all to the op it wraps.
         An op with a ``basis`` (a :class:`~reftgraph.Dictionary`) edits in feature space:
-        ``subspace`` names the features it sees (see :meth:`Dictionary.around`).
+        ``subspace`` names the features it sees (see :meth:`Dictionary.around`); ``inputs``
+        is what a transcoder reads (the MLP's own input at the node's positions).
         """
         if self.basis is not None:
-            return self.basis.around(self, h, source=source, valid=valid, subspace=subspace, rows=rows)
-        return self.forward_with(h, source=source, valid=valid, subspace=subspace, rows=rows)
+            return self.basis.around(self, h, source=source, valid=valid, subspace=subspace, rows=rows, inputs=inputs)
+        return self.forward_with(h, source=source, valid=valid, subspace=subspace, rows=rows, inputs=inputs)
 
     def forward_with(self, h: torch.Tensor, **given) -> torch.Tensor:
         """Call the op on ``h`` with those of ``given`` that its ``forward`` names (all of

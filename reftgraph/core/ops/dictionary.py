@@ -22,6 +22,7 @@ import torch
 from .base import Op, positive_int
 
 ACTIVATIONS = ("relu", "jumprelu", "topk")
+READS = ("", "mlp")   # where the encoder reads: the node's own site, or the MLP's input (a transcoder)
 
 
 class Dictionary(Op):
@@ -42,15 +43,20 @@ class Dictionary(Op):
     input normalisation some trainers fold in). ``d_out`` (a transcoder's output width)
     defaults to ``d_in``. ``name``, ``model`` and ``trained_at`` (a site such as
     ``"resid_post[15]"``) describe where it was trained: a graph refuses a node at another
-    site unless ``strict=False``. Weights are buffers (a dictionary is not trained with the
+    site unless ``strict=False``. ``reads="mlp"`` makes it a transcoder: its encoder reads the
+    input of the block's MLP (what the MLP itself computes from, after its norm in pre-norm
+    blocks), its decoder writes at ``mlp_out`` (the node's site), and an edit keeps the
+    replacement's error: ``mlp_out' = mlp_out + (f' - f) @ W_dec``. Weights are buffers (a dictionary is not trained with the
     graph); a seeded random dictionary (decoder rows of norm 1, encoder its transpose) is
     what tests use. :func:`reftgraph.features.load` reads trained ones.
     """
 
     def __init__(self, d_in: int, d_sae: int, activation: str = "relu", k: Optional[int] = None,
                  d_out: Optional[int] = None, apply_b_dec_to_input: bool = False, scale: float = 1.0,
-                 name: str = "", model: str = "", trained_at: str = "", strict: bool = True, seed: int = 0):
+                 name: str = "", model: str = "", trained_at: str = "", strict: bool = True, seed: int = 0,
+                 reads: str = ""):
         super().__init__()
+        self.reads = reads
         self.d_in = positive_int("Dictionary", "d_in", d_in)
         self.d_sae = positive_int("Dictionary", "d_sae", d_sae)
         self.d_out = self.d_in if d_out is None else positive_int("Dictionary", "d_out", d_out)
@@ -77,7 +83,8 @@ class Dictionary(Op):
         return {"d_in": self.d_in, "d_sae": self.d_sae, "activation": self.activation, "k": self.k,
                 "d_out": None if self.d_out == self.d_in else self.d_out,
                 "apply_b_dec_to_input": self.apply_b_dec_to_input, "scale": self.scale, "name": self.name,
-                "model": self.model, "trained_at": self.trained_at, "strict": self.strict, "seed": self.seed}
+                "model": self.model, "trained_at": self.trained_at, "strict": self.strict, "seed": self.seed,
+                **({"reads": self.reads} if self.reads else {})}
 
     def check_config(self) -> Optional[str]:
         if self.activation not in ACTIVATIONS:
@@ -87,6 +94,12 @@ class Dictionary(Op):
             return f"a topk dictionary needs k in 1..{self.d_sae} (d_sae), got {self.k!r}"
         if not self.scale > 0:
             return f"scale must be > 0, got {self.scale!r}"
+        if self.reads not in READS:
+            return f"reads must be one of {READS} ('mlp': a transcoder, reading the MLP's input), got {self.reads!r}"
+        if self.reads and self.apply_b_dec_to_input:
+            return "a transcoder's b_dec is on its output side: apply_b_dec_to_input must be False"
+        if not self.reads and self.d_out != self.d_in:
+            return f"d_out {self.d_out} differs from d_in {self.d_in}: that is a transcoder (reads='mlp')"
         return None
 
     def expected_width(self) -> int:
@@ -139,10 +152,11 @@ class Dictionary(Op):
         w = self.W_dec if ids is None else self.W_dec[list(ids)]
         return w / self.scale
 
-    def forward(self, h, source=None, valid=None):
-        return self.decode(self.encode(h)).to(h.dtype)
+    def forward(self, h, source=None, valid=None, inputs=None):
+        return self.decode(self.encode(h if inputs is None else inputs)).to(h.dtype)
 
-    def around(self, op: Op, h: torch.Tensor, source=None, valid=None, subspace=None, rows=None) -> torch.Tensor:
+    def around(self, op: Op, h: torch.Tensor, source=None, valid=None, subspace=None, rows=None,
+               inputs=None) -> torch.Tensor:
         """``op``'s edit of ``h`` made in feature space, written back along the decoder directions.
 
         >>> import reftgraph as rg
@@ -157,7 +171,7 @@ class Dictionary(Op):
         the features as they are.
         """
         ids = None if subspace is None else torch.tensor(subspace, device=h.device)
-        full = self.encode(h)
+        full = self.encode(h if inputs is None else inputs)   # a transcoder encodes what the MLP reads
         f = full if ids is None else full.index_select(-1, ids)
         full_source = None if source is None else self.encode(source)
         if not getattr(op, "features", True):

@@ -424,3 +424,43 @@ def test_generation_steers_every_new_token_through_a_transcoder(lm):
         handle.remove()
     assert ours.tolist() == theirs.tolist()
     assert ours.tolist() != rg.Graph().generate(lm, ["the cat"], max_new_tokens=4).new_ids.tolist()   # it steers
+
+
+def test_transcoder_attribution_equals_the_plain_hook_linearisation(lm):
+    tc = transcoder("relu")
+    cfg = lm.hf.config
+    clean_in, corrupt_in = encode(lm.tokenizer, DATA.source, "right"), encode(lm.tokenizer, DATA.base, "right")
+    mlp, seen = lm.hf.model.layers[1].mlp, {}
+
+    def keep(module, args, out):
+        seen["x"], seen["y"] = args[0].detach(), out.detach()
+        seen["delta"] = torch.zeros_like(out, requires_grad=True)
+        return out + seen["delta"]
+
+    handle = mlp.register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            lm.hf(**corrupt_in)
+        x1, y1 = seen["x"], seen["y"]
+        logits = lm.hf(**clean_in).logits
+    finally:
+        handle.remove()
+    x0, y0 = seen["x"], seen["y"]
+    last = clean_in["attention_mask"].sum(1) - 1
+    nxt = logits[torch.arange(2), last]
+    ids = [lm.tokenizer(a)["input_ids"][-1] for a in DATA.correct], [lm.tokenizer(a)["input_ids"][-1] for a in DATA.wrong]
+    g = torch.autograd.grad((nxt[torch.arange(2), ids[0]] - nxt[torch.arange(2), ids[1]]).sum(), seen["delta"])[0]
+    mask = clean_in["attention_mask"][..., None].float()
+    f0, f1 = hand_features(tc, x0), hand_features(tc, x1)
+    features = ((f1 - f0) * (g @ tc.W_dec.T) * mask).sum((0, 1)) / 2
+    error = lambda f, y: y - (f @ tc.W_dec + tc.b_dec)   # noqa: E731
+    err = ((error(f1, y1) - error(f0, y0)) * g * mask).sum() / 2
+    table = rg.features.attribute(lm, DATA, {rg.Site("mlp_out", 1): tc}, progress=False)
+    torch.testing.assert_close(torch.tensor(table.estimate[:64].tolist()), features, atol=1e-5, rtol=1e-4)
+    assert table.estimate.iloc[-1] == pytest.approx(float(err), abs=1e-5)
+    with pytest.raises(rg.DataError, match="use method='atp'"):
+        rg.features.attribute(lm, DATA, {rg.Site("mlp_out", 1): tc}, method="ig", progress=False)
+    with pytest.raises(rg.DataError, match="use ablate='mean'"):
+        rg.features.discover(lm, DATA, {rg.Site("mlp_out", 1): tc}, size=3, table=table, progress=False)
+    circuit = rg.features.discover(lm, DATA, {rg.Site("mlp_out", 1): tc}, size=3, ablate="mean", table=table)
+    assert len(circuit.kept) == 3 and isinstance(circuit.nodes[0].op, rg.Ablate)

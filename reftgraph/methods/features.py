@@ -264,7 +264,8 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", me
 
     ``data`` as for circuits: ``data.source`` the clean prompts, ``data.base`` the corrupted
     ones, of equal token lengths row by row. ``dictionaries``: ``{rg.Site(component, layer):
-    dictionary}`` (or dictionaries that say where they were trained). ``method="atp"``: a
+    dictionary}`` (or dictionaries that say where they were trained; a transcoder at its
+    ``mlp_out``, its features read from the MLP's input). ``method="atp"``: a
     feature's estimate is ``sum over tokens (f_corrupt - f_clean) * dM/df`` at the clean run,
     averaged over rows, and the error node's ``(e_corrupt - e_clean) . dM/dh`` with
     ``e = h - x_hat`` (Marks et al. 2024); ``dM/df`` is ``dM/dh`` along the feature's decoder
@@ -281,6 +282,9 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", me
     if method == "ig" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise DataError(f"steps must be an int >= 1, got {steps!r}")
     sites = _site_dictionaries(dictionaries)
+    if method == "ig" and any(d.reads for d in sites.values()):
+        raise DataError("method='ig' moves each site from its clean to its corrupted value, but a transcoder's "
+                        "features come from the MLP's input, which that does not move: use method='atp'")
     metric_name, metric_fn = get_metric(metric)
     equal_lengths(model, data, "feature attribution compares the clean and corrupted runs token for token: it "
                   "needs base and source prompts of equal length")
@@ -312,28 +316,30 @@ def _check_sites(model, sites: dict) -> None:
 
 
 def _collect(model, prompts, sites) -> dict:
-    """``{site: (value [B, S, width], valid [B, S])}`` at every position."""
+    """``{site: (value [B, S, width], features [B, S, d_sae], valid [B, S])}`` at every position."""
     read = Graph()
-    for site in sites:
+    for site, d in sites.items():
         read.add(replace(site, positions="all"), Collect(), name=_name(site))
+        read.add(replace(site, positions="all"), Collect(basis=d), name=_name(site) + "f")
     out = run(read, model, prompts, grad=False)
-    return {site: (out[_name(site)].float(), out.valid[_name(site)]) for site in sites}
+    return {site: (out[_name(site)].float(), out[_name(site) + "f"].float(), out.valid[_name(site)]) for site in sites}
 
 
-def _gradients(model, prompts, ref, metric_fn, sites, before=()) -> tuple:
-    """``({site: dM/dh [B, S, width]}, {site: h})`` from one forward and backward, with
-    ``before`` nodes (``(site, op)``) applied first."""
+def _gradients(model, prompts, ref, metric_fn, sites: dict, before=()) -> tuple:
+    """``({site: dM/dh [B, S, width]}, {site: (h, features)})`` from one forward and backward,
+    with ``before`` nodes (``(site, op)``) applied first."""
     g, probes = Graph(), {}
     for site, op in before:
         g.add(replace(site, positions="all"), op)
-    for site in sites:
+    for site, d in sites.items():
+        g.add(replace(site, positions="all"), Collect(basis=d), name=_name(site) + "f")
         probes[site] = probe()
         g.add(replace(site, positions="all"), probes[site], name=_name(site))
     out = run(g, model, prompts, grad=True)
     grads = torch.autograd.grad(metric_fn(out.next_token_logits, ref).sum(), [p.delta for p in probes.values()],
                                 allow_unused=True)
-    values = {site: p.value.float() for site, p in probes.items()}
-    return {site: torch.zeros_like(values[site]) if grad is None else grad.float()
+    values = {site: (p.value.float(), out[_name(site) + "f"].detach().float()) for site, p in probes.items()}
+    return {site: torch.zeros_like(values[site][0]) if grad is None else grad.float()
             for site, grad in zip(sites, grads)}, values
 
 
@@ -344,19 +350,18 @@ def _chunk(model, data, ref, sites, metric_fn, method, steps, totals, bar) -> No
     grads, clean = _gradients(model, data.source, ref, metric_fn, sites)   # the clean run: AtP's gradients
     bar.update(1)
     if method == "ig":
-        for site in sites:
-            (h1, valid), h0 = corrupt[site], clean[site]
+        for site, d in sites.items():
+            (h1, _, valid), h0 = corrupt[site], clean[site][0]
             mean = 0
             for k in range(steps):
                 at = Set(h0 + (k + 0.5) / steps * (h1 - h0), mask=valid[..., None])
-                mean = mean + _gradients(model, data.source, ref, metric_fn, [site], [(site, at)])[0][site] / steps
+                mean = mean + _gradients(model, data.source, ref, metric_fn, {site: d}, [(site, at)])[0][site] / steps
                 bar.update(1)
             grads[site] = mean
     for site, d in sites.items():
-        (h1, valid), h0 = corrupt[site], clean[site]
+        (h1, f1, valid), (h0, f0) = corrupt[site], clean[site]
         keep = valid[..., None].float()
         with torch.no_grad():
-            f0, f1 = d.encode(h0), d.encode(h1)
             g_f = grads[site] @ d.directions().T          # dM/df: dM/dh along each decoder direction
             features = ((f1 - f0) * g_f * keep).sum((0, 1))
             error = (((h1 - d.decode(f1)) - (h0 - d.decode(f0))) * grads[site] * keep).sum()
@@ -459,6 +464,9 @@ def circuit_graph(model, data: Optional[Counterfactual], dictionaries, kept: pd.
     """
     model = as_model(model)
     sites = _site_dictionaries(dictionaries)
+    if ablate == "corrupt" and any(d.reads for d in sites.values()):
+        raise DataError("a transcoder's features cannot be patched from the corrupted run (that would need its MLP "
+                        "input too): use ablate='mean' for circuits of transcoder features")
     nodes = []
     means = _feature_means(model, data, sites) if ablate == "mean" else {}
     for site, d in sites.items():

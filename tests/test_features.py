@@ -464,3 +464,25 @@ def test_transcoder_attribution_equals_the_plain_hook_linearisation(lm):
         rg.features.discover(lm, DATA, {rg.Site("mlp_out", 1): tc}, size=3, table=table, progress=False)
     circuit = rg.features.discover(lm, DATA, {rg.Site("mlp_out", 1): tc}, size=3, ablate="mean", table=table)
     assert len(circuit.kept) == 3 and isinstance(circuit.nodes[0].op, rg.Ablate)
+
+
+def test_a_transcoder_on_gemma3_reads_the_normed_input_and_writes_after_the_post_norm():
+    """Gemma 3 (norms before and after the MLP): the MLP's input is the pre-feed-forward norm's
+    output; mlp_out, where the decoder writes, is the post-feed-forward norm's output."""
+    lm = rg.models.tiny("gemma3_text")
+    width = lm.arch.d_model
+    tc = rg.Dictionary(width, 64, d_out=width, reads="mlp", seed=4)
+    g = rg.Graph()
+    g.add(rg.Site("mlp_out", 1), tc, name="splice")
+    out = g.run(lm, BASE)
+    layer, seen = lm.hf.model.layers[1], {}
+    inputs = encode(lm.tokenizer, BASE, "right")
+    h1 = layer.mlp.register_forward_pre_hook(lambda module, args: seen.update(x=args[0]))
+    h2 = layer.post_feedforward_layernorm.register_forward_hook(
+        lambda module, args, y: hand_features(tc, seen["x"]) @ tc.W_dec + tc.b_dec)
+    try:
+        ref = lm.hf(**inputs).logits
+    finally:
+        h1.remove()
+        h2.remove()
+    compare_logits(out.logits, out.attention_mask, ref, inputs["attention_mask"], ATOL)

@@ -81,6 +81,25 @@ def feature_edit(kind, op, sae, ids, selector, base_mask, src, src_mask):
     return edit
 
 
+def same_outputs_and_gradients(lm, g, out, ref, base_in):
+    """The run ``out`` of graph ``g`` has the plain-hook logits ``ref`` (which differ from the
+    model's own), and the same gradients for every parameter of ``g``."""
+    base_mask = out.attention_mask[out.rows["base"]]
+    compare_logits(out.logits, base_mask, ref, base_in["attention_mask"], ATOL)
+    assert not torch.allclose(ref, lm.hf(**base_in).logits, atol=1e-6)   # the edit shows
+    params = list(g.parameters())
+    if params:
+        w = torch.randn(out.logits.shape[-1], generator=torch.Generator().manual_seed(1))
+
+        def loss(logits, mask):
+            return sum((logits[b, r] * w).sum() for b, r in enumerate(real_positions(mask)))
+
+        ours = torch.autograd.grad(loss(out.logits, base_mask), params)
+        theirs = torch.autograd.grad(loss(ref, base_in["attention_mask"]), params)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-5)
+
+
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("kind", OPS)
 @pytest.mark.parametrize("activation", KINDS)
@@ -101,20 +120,7 @@ def test_ops_in_a_dictionary_basis(lm, activation, kind, side):
     src = capture(lm.hf, "llama", "resid_post", 1, src_in, cfg)
     edit = feature_edit(kind, g["n"].op, sae, ids, selector, base_in["attention_mask"], src, src_in["attention_mask"])
     ref = run_with(lm.hf, "llama", "resid_post", 1, base_in, edit, cfg)
-    base_mask = out.attention_mask[out.rows["base"]]
-    compare_logits(out.logits, base_mask, ref, base_in["attention_mask"], ATOL)
-    assert not torch.allclose(ref, lm.hf(**base_in).logits, atol=1e-6)   # the edit shows
-    params = list(g.parameters())
-    if params:
-        w = torch.randn(out.logits.shape[-1], generator=torch.Generator().manual_seed(1))
-
-        def loss(logits, mask):
-            return sum((logits[b, r] * w).sum() for b, r in enumerate(real_positions(mask)))
-
-        ours = torch.autograd.grad(loss(out.logits, base_mask), params)
-        theirs = torch.autograd.grad(loss(ref, base_in["attention_mask"]), params)
-        for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-5)
+    same_outputs_and_gradients(lm, g, out, ref, base_in)
 
 
 @pytest.mark.parametrize("activation", KINDS)
@@ -368,20 +374,7 @@ def test_transcoders_in_plain_hooks(lm, activation, kind, side):
         for b, j, p in slots:
             torch.testing.assert_close(out["n"][b, j], seen["f"][b, p], atol=ATOL, rtol=0)
         return
-    base_mask = out.attention_mask[out.rows["base"]]
-    compare_logits(out.logits, base_mask, ref, base_in["attention_mask"], ATOL)
-    assert not torch.allclose(ref, lm.hf(**base_in).logits, atol=1e-6)
-    params = list(g.parameters())
-    if params:
-        w = torch.randn(out.logits.shape[-1], generator=torch.Generator().manual_seed(1))
-
-        def loss(logits, mask):
-            return sum((logits[b, r] * w).sum() for b, r in enumerate(real_positions(mask)))
-
-        ours = torch.autograd.grad(loss(out.logits, base_mask), params)
-        theirs = torch.autograd.grad(loss(ref, base_in["attention_mask"]), params)
-        for a, b in zip(ours, theirs):
-            torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-5)
+    same_outputs_and_gradients(lm, g, out, ref, base_in)
 
 
 def test_a_transcoder_identity_edit_and_bad_input(lm):

@@ -238,8 +238,11 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     if method != "exact":
         if grad is None:     # EAP-IG: the gradient averaged over embeddings from the corrupted to the clean
             clean_in, corrupt_in = clean["input"], corrupt["input"]
-            grad = sum(_gradients(model, data, receivers, metric_fn, ref, corrupt_in + (k / steps) * (
-                clean_in - corrupt_in), valid)[0] / steps for k in range(steps))
+            grad = {}
+            for k in range(steps):
+                step = _gradients(model, data, receivers, metric_fn, ref, corrupt_in + (k / steps) * (
+                    clean_in - corrupt_in), valid)[0]
+                grad = {key: grad.get(key, 0) + value / steps for key, value in step.items()}
         scores = _products(delta, grad, senders, receivers)
         column = {r.name: i for i, r in enumerate(receivers)}
         rows, cols = table.sender.map(index).to_numpy(copy=True), table.receiver.map(column).to_numpy(copy=True)
@@ -254,27 +257,33 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     return table
 
 
-def _products(delta, grad, senders, receivers) -> torch.Tensor:
+def _products(delta, grads: dict, senders, receivers) -> torch.Tensor:
     """``[senders, receivers]``: each sender's write change dotted with each receiver's
     gradient, summed over slots and averaged over rows; a receiver of layer l takes only the
     senders of layers up to l (the others send it nothing), one product per layer."""
     flat, rows = delta.reshape(delta.shape[0], -1), delta.shape[1]
-    grads = grad.reshape(grad.shape[0], -1)
     scores = torch.zeros(len(senders), len(receivers))
     s_layer = torch.tensor([s.layer for s in senders])
-    r_layer = torch.tensor([r.layer for r in receivers])
-    for layer in r_layer.unique().tolist():
-        cols = (r_layer == layer).nonzero().flatten()
+    for layer in sorted({r.layer for r in receivers}):
+        cols = [i for i, r in enumerate(receivers) if r.layer == layer]
+        block = torch.stack([_receiver_grad(grads, receivers[i]) for i in cols]).reshape(len(cols), -1)
         n = int((s_layer <= layer).sum())      # senders come in layer order
-        scores[:n, cols] = flat[:n] @ grads[cols].T / rows
+        scores[:n, cols] = flat[:n] @ block.T / rows
     return scores
 
 
+def _receiver_grad(grads: dict, r) -> torch.Tensor:
+    """Receiver ``r``'s gradient ``[B, k, d]`` from the gradients per receiver site (all heads)."""
+    gr = grads[receiver_site(r).replace(head=None)]
+    return gr if r.head is None else gr[:, :, r.head]
+
+
 def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None, senders=None) -> tuple:
-    """``([receivers, B, k, d], the run)``: the metric's gradient at each receiver's copy of the
-    stream, from one clean forward (embeddings set to ``embed`` when given) and one backward;
-    with ``senders`` (an Arch) the run also collects what the senders wrote (see :func:`_delta_writes`),
-    and a ``ref`` without source logits takes this run's."""
+    """``({receiver site: gradient [B, k, (H,) d]}, the run)``: the metric's gradient at each
+    receiver's copy of the stream (one site per layer and kind, all heads), from one clean
+    forward (embeddings set to ``embed`` when given) and one backward; with ``senders`` (an
+    Arch) the run also collects what the senders wrote (see :func:`_delta_writes`), and a
+    ``ref`` without source logits takes this run's."""
     g, probes = (_sender_graph(senders) if senders is not None else Graph()), {}
     if embed is not None:
         g.add(Site("embed"), Set(embed, mask=valid[..., None]), name="inputs")
@@ -289,12 +298,8 @@ def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None, s
     total = metric_fn(out.next_token_logits, ref).sum()
     ops = list(probes.values())
     found = torch.autograd.grad(total, [op.delta for op in ops], allow_unused=True)
-    grads = {key: torch.zeros_like(op.delta) if gr is None else gr for key, op, gr in zip(probes, ops, found)}
-    per = []
-    for r in receivers:
-        gr = grads[receiver_site(r).replace(head=None)]
-        per.append((gr if r.head is None else gr[:, :, r.head]).float())
-    return torch.stack(per), out
+    return {key: (torch.zeros_like(op.delta) if gr is None else gr).float()
+            for key, op, gr in zip(probes, ops, found)}, out
 
 
 class _Shift(Op):

@@ -106,10 +106,11 @@ class Layout:
 
     After an edit, slot ``j`` holds what the full tensor now has at ``index[j]``: the new
     value of slot ``follow[j]`` where ``keep[j]``, else its own value (a position no valid
-    slot writes). ``whole``: the slots are the whole batch in order (every position of every
-    row, no padding), so the slice is the full tensor itself: nothing to gather or scatter. ``follow``, ``keep``, ``written`` and ``taken`` are None when every slot
+    slot writes). ``follow``, ``keep``, ``written`` and ``taken`` are None when every slot
     is valid and writes a position of its own (the common case): the slice is then written
-    back where it was gathered.
+    back where it was gathered. ``whole``: the slots are the whole batch in order (every
+    position of every row, no padding), so the slice is the full tensor itself: nothing to
+    gather or scatter.
     """
 
     index: torch.Tensor      # [B, k] flat index (row * seq_len + position)

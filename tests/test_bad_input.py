@@ -578,3 +578,16 @@ def test_prompts_longer_than_learned_positions_are_refused_before_any_forward():
 def test_a_prompt_with_a_lone_surrogate_is_refused(lm):
     with pytest.raises(rg.DataError, match=r"prompts\[1\] is not valid text: .* lone surrogate"):
         rg.Graph().run(lm, ["ab", "a\ud800b"])
+
+
+def test_a_model_that_is_not_a_causal_lm_is_refused_saying_what_it_is():
+    from transformers import BertConfig, BertForMaskedLM, T5Config, T5ForConditionalGeneration
+
+    tok = rg.models.tiny("llama").tokenizer
+    bert = BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                      intermediate_size=64, vocab_size=100))
+    with pytest.raises(rg.SiteError, match="BertForMaskedLM is an encoder .*AutoModelForCausalLM"):
+        rg.wrap(bert, tok)
+    t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=100))
+    with pytest.raises(rg.SiteError, match="T5ForConditionalGeneration is an encoder-decoder"):
+        rg.wrap(t5, tok)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import SiteError
 from .structure import Arch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -77,6 +78,7 @@ def wrap(hf_model, tokenizer, name: str = "", freeze: bool = True) -> Model:
 
     if isinstance(hf_model, Model):
         return hf_model
+    _check_generates(hf_model)
     arch = Arch.of(hf_model)  # fails early, listing the supported families
     _prepare(hf_model, tokenizer, freeze)
     _contiguous_head_input(hf_model)
@@ -86,6 +88,33 @@ def wrap(hf_model, tokenizer, name: str = "", freeze: bool = True) -> Model:
         envoy = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
     tokenizer.padding_side = padding_side  # nnsight forces left; the user's choice wins
     return Model(hf_model, tokenizer, envoy, arch, name or getattr(hf_model, "name_or_path", ""))
+
+
+def _check_generates(hf_model) -> None:
+    """Refuse, saying what the model is, a model that is not a decoder-only text generator.
+
+    >>> from transformers import BertConfig, BertForMaskedLM
+    >>> _check_generates(BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    ...                                             intermediate_size=64, vocab_size=100)))   # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    reftgraph.errors.SiteError: reftgraph wraps causal language models (a ...ForCausalLM class, decoder only); BertForMaskedLM is an encoder ...
+    """
+    config = getattr(hf_model, "config", None)
+    name = type(hf_model).__name__
+    can = getattr(hf_model, "can_generate", lambda: False)
+    if name.endswith("ForCausalLM"):     # (BART's and Marian's decoders keep is_encoder_decoder in their config)
+        return
+    if config is not None and getattr(config, "is_encoder_decoder", False):
+        what = "an encoder-decoder"
+    elif not can():
+        what = "an encoder (it has no generation head)" if "Masked" in name or name.endswith(
+            ("Model", "ForSequenceClassification", "ForTokenClassification")) else "a model that cannot generate"
+    else:
+        return
+    raise SiteError(f"reftgraph wraps causal language models (a ...ForCausalLM class, decoder only); {name} is {what}. "
+                    "Encoders, encoder-decoders and vision-language towers are not wrapped yet: load the model's "
+                    "...ForCausalLM class where it has one (transformers.AutoModelForCausalLM)")
 
 
 def _prepare(hf_model, tokenizer, freeze: bool = True) -> None:

@@ -103,9 +103,9 @@ def _check_generates(hf_model) -> None:
     config = getattr(hf_model, "config", None)
     name = type(hf_model).__name__
     can = getattr(hf_model, "can_generate", lambda: False)
-    if name.endswith("ForCausalLM"):     # (BART's and Marian's decoders keep is_encoder_decoder in their config)
-        return
-    if config is not None and getattr(config, "is_encoder_decoder", False):
+    if config is None or name.endswith("ForCausalLM"):   # (not transformers: Arch.of says so; BART's and Marian's
+        return                                           # decoders keep is_encoder_decoder in their config)
+    if getattr(config, "is_encoder_decoder", False):
         what = "an encoder-decoder"
     elif not can():
         what = "an encoder (it has no generation head)" if "Masked" in name or name.endswith(

@@ -325,20 +325,23 @@ def _collect(model, prompts, sites) -> dict:
     return {site: (out[_name(site)].float(), out[_name(site) + "f"].float(), out.valid[_name(site)]) for site in sites}
 
 
-def _gradients(model, prompts, ref, metric_fn, sites: dict, before=()) -> tuple:
+def _gradients(model, prompts, ref, metric_fn, sites: dict, before=(), features: bool = True) -> tuple:
     """``({site: dM/dh [B, S, width]}, {site: (h, features)})`` from one forward and backward,
-    with ``before`` nodes (``(site, op)``) applied first."""
+    with ``before`` nodes (``(site, op)``) applied first; ``features=False`` leaves the
+    features out (None)."""
     g, probes = Graph(), {}
     for site, op in before:
         g.add(replace(site, positions="all"), op)
     for site, d in sites.items():
-        g.add(replace(site, positions="all"), Collect(basis=d), name=_name(site) + "f")
+        if features:
+            g.add(replace(site, positions="all"), Collect(basis=d), name=_name(site) + "f")
         probes[site] = probe()
         g.add(replace(site, positions="all"), probes[site], name=_name(site))
     out = run(g, model, prompts, grad=True)
     grads = torch.autograd.grad(metric_fn(out.next_token_logits, ref).sum(), [p.delta for p in probes.values()],
                                 allow_unused=True)
-    values = {site: (p.value.float(), out[_name(site) + "f"].detach().float()) for site, p in probes.items()}
+    values = {site: (p.value.float(), out[_name(site) + "f"].detach().float() if features else None)
+              for site, p in probes.items()}
     return {site: torch.zeros_like(values[site][0]) if grad is None else grad.float()
             for site, grad in zip(sites, grads)}, values
 
@@ -355,7 +358,8 @@ def _chunk(model, data, ref, sites, metric_fn, method, steps, totals, bar) -> No
             mean = 0
             for k in range(steps):
                 at = Set(h0 + (k + 0.5) / steps * (h1 - h0), mask=valid[..., None])
-                mean = mean + _gradients(model, data.source, ref, metric_fn, {site: d}, [(site, at)])[0][site] / steps
+                mean = mean + _gradients(model, data.source, ref, metric_fn, {site: d}, [(site, at)],
+                                         features=False)[0][site] / steps
                 bar.update(1)
             grads[site] = mean
     for site, d in sites.items():

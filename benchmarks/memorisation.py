@@ -24,7 +24,7 @@ import reftgraph as rg
 from reftgraph.engine import Batch, compile_graph
 from reftgraph.memorisation import memorisation_graph, memorise, random_tokens, shuffled_words, target_ids
 from reftgraph.engine import PrefixCache
-from reftgraph.engine import forward
+from reftgraph.training import final_hidden
 
 from common import interleaved, report
 
@@ -118,7 +118,7 @@ def step_times(args, lm, text, layer):
     prompt = lm.tokenizer("Recite the book:")["input_ids"]
     seq = torch.tensor([prompt + ids])
     inputs = {"input_ids": seq, "attention_mask": torch.ones_like(seq), "position_ids": torch.arange(seq.shape[1])[None]}
-    batch = Batch({"base": slice(0, 1)}, torch.zeros(1, dtype=torch.long), torch.tensor([len(prompt)]), seq.shape[1])
+    batch = Batch.single([len(prompt)], seq.shape[1])
     head, targets, start = lm.hf.get_output_embeddings(), torch.tensor(ids), len(prompt) - 1
     graphs = {k: memorisation_graph(lm, layer) for k in ("cached", "uncached")}
     cache = PrefixCache(lm)
@@ -128,10 +128,7 @@ def step_times(args, lm, text, layer):
         plan, opt = compile_graph(g, lm.arch), torch.optim.Adam(g.parameters(), lr=args.lr)
 
         def run():
-            if name == "cached":
-                hidden, _ = cache.forward(plan, inputs, batch, hidden=True)
-            else:
-                hidden, _ = forward(plan, lm, inputs, batch, hidden=True)
+            hidden, _ = final_hidden(plan, lm, inputs, batch, cache if name == "cached" else None)
             loss = torch.nn.functional.cross_entropy(head(hidden[0, start:start + n]).float(), targets)
             loss.backward()
             opt.step()

@@ -10,8 +10,7 @@ import argparse
 import torch
 
 import reftgraph as rg
-from reftgraph.engine import Batch, compile_graph
-from reftgraph.engine import forward
+from reftgraph.engine import Batch, compile_graph, executor
 from reftgraph.training import lm_loss
 
 from common import interleaved, report
@@ -33,13 +32,13 @@ def main():
     inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": torch.arange(S).expand(B, S)}
     labels = ids.clone()
     labels[:, : S // 2] = -100
-    batch = Batch({"base": slice(0, B)}, torch.zeros(B, dtype=torch.long), torch.full((B,), S), S)
-    plan = compile_graph(g, lm.arch)
+    batch = Batch.full(B, S)
+    plan, ex = compile_graph(g, lm.arch), executor(lm)
     opt = torch.optim.AdamW(g.parameters(), lr=1e-3)
     head = lm.hf.get_output_embeddings()  # both steps run the LM head on response tokens only
 
     def ours():
-        hidden, _ = forward(plan, lm, inputs, batch, hidden=True)
+        hidden, _ = ex.forward(plan.bind(batch), inputs, output="hidden")
         lm_loss(hidden, labels, head).backward()
         opt.step()
         opt.zero_grad()

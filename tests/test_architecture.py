@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import re
 import pathlib
 import pkgutil
 import importlib
@@ -123,6 +124,30 @@ def test_one_loop_and_one_engine():
         assert "fit(" in source and ".backward(" not in source and "optim." not in source, module.__name__
     source = inspect.getsource(sweeps)
     assert "forward(" in source and ".trace(" not in source and ".skip(" not in source
-    for module in _modules():
-        if module.__name__ not in ("reftgraph.engine.run", "reftgraph.engine.generate"):
-            assert ".skip(" not in inspect.getsource(module), module.__name__
+    for module in _modules():   # nnsight's skip (blocks not run) is the engine's trace's alone
+        if module.__name__ not in ("reftgraph.engine.trace", "reftgraph.engine.prefix"):
+            assert not re.search(r"(?<!cache)\.skip\(", inspect.getsource(module)), module.__name__
+
+
+ABOVE_THE_ENGINE = ("files", "training", "methods", "datasets", "experiments", "cli")
+
+
+def test_layers_above_use_the_engines_public_api_only():
+    """Above the engine, code imports the names of ``reftgraph.engine.API`` from the package
+    itself: never a submodule (``engine.run``, ``engine.bind``), never another name."""
+    offenders = []
+    for layer in ABOVE_THE_ENGINE:
+        for path in (PACKAGE / layer).rglob("*.py"):
+            depth = len(path.relative_to(PACKAGE).parts)   # how many dots reach the package
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom):
+                    continue
+                module = ("reftgraph." + (node.module or "")) if node.level == depth else (node.module or "")
+                if node.level and node.level != depth:
+                    continue   # within the layer
+                if module.startswith("reftgraph.engine."):
+                    offenders.append(f"{path.relative_to(ROOT)}: imports {module}")
+                elif module == "reftgraph.engine":
+                    offenders += [f"{path.relative_to(ROOT)}: {a.name} is not in reftgraph.engine.API"
+                                  for a in node.names if a.name not in rg.engine.API]
+    assert not offenders, offenders

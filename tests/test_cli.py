@@ -132,18 +132,24 @@ def test_caps_experiment_is_the_first_demo(monkeypatch):
     assert seen["kw"] == {"style": "caps", "kl_weight": 0}
 
 
-def test_spec_sections_are_the_arguments_of_reft_graph_and_train():
+def test_configs_are_the_arguments_of_the_functions_beside_them():
     import inspect
 
     from reftgraph.cli.spec import GraphSpec, TrainSpec
+    from reftgraph.methods.reft import ReftGraphConfig
     from dataclasses import fields
 
-    for section, fn in ((GraphSpec, rg.reft_graph), (TrainSpec, rg.train)):
+    assert GraphSpec is ReftGraphConfig and TrainSpec is rg.training.TrainConfig   # the older names
+    for section, fn in ((ReftGraphConfig, rg.reft_graph), (rg.training.TrainConfig, rg.train),
+                        (rg.patching.SweepConfig, rg.patching.sweep), (rg.circuits.CircuitConfig, rg.circuits.discover)):
+        package = (lambda obj: obj.__module__.rsplit(".", 1)[0])
+        assert package(section) == package(fn), f"{section.__name__} lives beside {fn.__name__}"
         params = inspect.signature(fn).parameters
         for f in fields(section):
             assert f.name in params, f"{section.__name__}.{f.name} is not an argument of {fn.__name__}"
             assert f.default == params[f.name].default, f"{section.__name__}.{f.name}: default differs"
             assert f.metadata["help"], f"{section.__name__}.{f.name} has no help text"
+            assert section.problem(f.name, f.default) is None, f"{section.__name__}.{f.name}: default fails its check"
 
 
 def test_help_on_every_subcommand():

@@ -284,7 +284,7 @@ def _saved_model_name(folder: Path) -> str:
 def generate_cmd(args) -> int:
     import reftgraph as rg
 
-    from ..engine.prompts import check_chat_template
+    from ..engine import check_chat_template
     from .spec import read_lines
 
     if not (args.prompts or args.prompt):   # the arguments first, then the files they name

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import difflib
 import json
-import math
 import re
 from pathlib import Path
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional
 
 from ..arch.models import DEFAULT_MODEL
-from ..core.ops.reft import ACTIVATIONS, REFT_OPS
-from ..core.sites import COMPONENTS, normalise_positions
-from ..errors import DataError, SiteError, SpecError
+from ..core.settings import Settings, option
+from ..errors import DataError, SpecError
+from ..methods.reft import ReftGraphConfig
+from ..training import TrainConfig
 from ..training.data import MAX_CLASSES
 
 __all__ = ["DataFileError", "DataSpec", "GraphSpec", "Section", "TrainSpec", "check_layers", "read_lines",
@@ -39,136 +39,33 @@ class DataFileError(SpecError, DataError):
     True
     """
 
-def _number(low=None, high=None, integer=False, none_ok=False, low_open=False):
-    """A check of one value: an int (or a number) in a range; returns the error text or None."""
-    kind = "an int" if integer else "a number"
-    lo = "" if low is None else (f" > {low}" if low_open else f" >= {low}")
-    hi = "" if high is None else f" < {high}"
-    wanted = f"{kind}{lo}{' and' if lo and hi else ''}{hi}" + (" or null" if none_ok else "")
-
-    def check(v):
-        if v is None and none_ok:
-            return None
-        ok = isinstance(v, int if integer else (int, float)) and not isinstance(v, bool)
-        if ok and not math.isfinite(v):
-            return f"must be a finite number, got {v!r}"
-        ok = ok and (low is None or (v > low if low_open else v >= low)) and (high is None or v < high)
-        return None if ok else f"must be {wanted}, got {v!r}"
-
-    return check
-
-
-def _one_of(*choices):
-    return lambda v: None if isinstance(v, (str, bool)) and v in choices else (
-        f"must be one of {', '.join(map(repr, choices))}, got {v!r}")
-
-
-def _positions(v):
-    try:
-        normalise_positions(v)
-    except SiteError as e:
-        return str(e)
-    return None
-
 
 def _path(v):
     return None if isinstance(v, str) and v else f"must be a path (a string), got {v!r}"
 
 
-def _option(default, help: str, check=None):
-    """A spec field: its default, its help text and the check of a given value."""
-    return field(default=default, metadata={"help": help, "check": check})
-
-
-_POSITIVE = _number(1, integer=True)
-_FLAG = _one_of(True, False)
-
-
-class Section:
-    """A spec section: a frozen dataclass whose fields carry help text and a value check.
-
-    >>> TrainSpec.help("lr")
-    'peak learning rate of AdamW (linear warm-up, then linear decay to zero)'
-    """
-
-    @classmethod
-    def help(cls, name: str) -> str:
-        """The help text of field ``name``.
-
-        >>> DataSpec.help("template")
-        "null (prompts as they are) or 'chat' (the tokenizer's chat template)"
-        """
-        return {f.name: f.metadata["help"] for f in fields(cls)}[name]
+# the sections that configure a function live beside it; the names below are kept for older code
+Section = Settings
+GraphSpec = ReftGraphConfig
+TrainSpec = TrainConfig
 
 
 @dataclass(frozen=True)
-class GraphSpec(Section):
-    """The ``graph`` section: the arguments of :func:`reftgraph.reft_graph`.
-
-    >>> GraphSpec().rank, GraphSpec.help("positions")
-    (4, "token positions of every node: 'f5+l5' (first 5 and last 5 prompt tokens), 'last', ...")
-    """
-
-    layers: object = _option("all", "layers to intervene on: 'all' or a list of ints (checked against the model)")
-    positions: str = _option("f5+l5", "token positions of every node: 'f5+l5' (first 5 and last 5 prompt "
-                             "tokens), 'last', ...", _positions)
-    rank: int = _option(4, "rank of each ReFT op (rows of its projection R)", _POSITIVE)
-    op: str = _option("LoReFT", "the ReFT op: LoReFT, NoReFT, DiReFT, NoDiReFT, ConsReFT or LoBiReFT",
-                      _one_of(*REFT_OPS))
-    component: str = _option("resid_post", "the component every node edits", _one_of(*COMPONENTS))
-    share_positions: bool = _option(False, "one op for the first and the last positions of a layer", _FLAG)
-    share_layers: bool = _option(False, "one op for every layer", _FLAG)
-    act: str = _option("identity", "activation of the learned source (LoReFT's act(Wh + b))", _one_of(*ACTIVATIONS))
-    dropout: float = _option(0.0, "dropout on the op's input while training", _number(0, 1))
-    seed: int = _option(0, "seed of the ops' initial weights", _number(0, integer=True))
-
-
-@dataclass(frozen=True)
-class DataSpec(Section):
+class DataSpec(Settings):
     """The ``data`` section: the training file, its template and an optional evaluation file.
 
     >>> DataSpec(path="train.jsonl").eval_path is None
     True
     """
 
-    path: str = _option(None, "a JSONL file of {prompt, response} or {text, label} rows (relative to the spec)",
-                        _path)
-    template: Optional[str] = _option(None, "null (prompts as they are) or 'chat' (the tokenizer's chat template)",
-                                      lambda v: None if v in (None, "chat") else f"must be null or 'chat', got {v!r}")
-    eval_path: Optional[str] = _option(None, "a JSONL file of the same kind, scored after every epoch (the "
-                                       "history's eval_loss column)", _path)
-    kl_path: Optional[str] = _option(None, "a JSONL file of neutral {prompt, response} rows for the KL term "
-                                     "(train.kl_weight; default: the training rows' own responses)", _path)
-
-
-
-@dataclass(frozen=True)
-class TrainSpec(Section):
-    """The ``train`` section: the arguments of :func:`reftgraph.train`.
-
-    >>> TrainSpec().epochs, TrainSpec().padding_side
-    (3, 'right')
-    """
-
-    epochs: int = _option(3, "passes over the data", _POSITIVE)
-    batch_size: int = _option(8, "rows per batch", _POSITIVE)
-    lr: float = _option(4e-3, "peak learning rate of AdamW (linear warm-up, then linear decay to zero)",
-                        _number(0, low_open=True))
-    weight_decay: float = _option(0.0, "AdamW weight decay", _number(0))
-    warmup: float = _option(0.1, "warm-up: a share of the steps (< 1) or a number of steps", _number(0))
-    grad_accum: int = _option(1, "batches per optimizer step", _POSITIVE)
-    seed: int = _option(0, "seed of the data order and of dropout", _number(0, integer=True))
-    max_grad_norm: Optional[float] = _option(1.0, "clip the gradient norm to this (null: no clipping)",
-                                             _number(0, low_open=True, none_ok=True))
-    max_length: Optional[int] = _option(None, "truncate rows to this many tokens (null: no limit)",
-                                        _number(1, integer=True, none_ok=True))
-    padding_side: str = _option("right", "where batches are padded", _one_of("left", "right"))
-    kl_weight: float = _option(0.0, "weight of the KL to the unedited model on response tokens (0: none): keeps "
-                               "what the graph should not change", _number(0))
-    kl_groups: Optional[str] = _option(None, "null, or 'case': tokens that differ only in case are one outcome "
-                                       "in the KL", lambda v: None if v in (None, "case") else
-                                       f"must be null or 'case', got {v!r}")
-
+    path: str = option(None, "a JSONL file of {prompt, response} or {text, label} rows (relative to the spec)",
+                       _path)
+    template: Optional[str] = option(None, "null (prompts as they are) or 'chat' (the tokenizer's chat template)",
+                                     lambda v: None if v in (None, "chat") else f"must be null or 'chat', got {v!r}")
+    eval_path: Optional[str] = option(None, "a JSONL file of the same kind, scored after every epoch (the "
+                                      "history's eval_loss column)", _path)
+    kl_path: Optional[str] = option(None, "a JSONL file of neutral {prompt, response} rows for the KL term "
+                                    "(train.kl_weight; default: the training rows' own responses)", _path)
 
 
 SPEC_SECTIONS = {"graph": GraphSpec, "data": DataSpec, "train": TrainSpec}

@@ -5,8 +5,7 @@
 >>> g = rg.Graph()
 >>> _ = g.add(rg.Site("resid_pre", layer=0, positions="last"), rg.Collect())
 >>> plan = compile_graph(g, rg.models.tiny("llama").arch)
->>> batch = Batch({"base": slice(0, 2)}, start=torch.tensor([0, 1]), length=torch.tensor([3, 2]), seq_len=3)
->>> bind(plan, batch)[0].index.tolist()
+>>> bind(plan, Batch.single([3, 2], 3, start=[0, 1]))[0].index.tolist()
 [[2], [5]]
 """
 
@@ -21,25 +20,93 @@ from ..core.graph import Node
 from ..core.sites import KEY_COMPONENTS, Selection, Site, resolve_positions
 from ..errors import SiteError
 from .keys import KeyOrder
-from .plan import Plan, where
 
 
-@dataclass
+def where(node: Node) -> str:
+    """The start of every error about ``node``: its name and site.
+
+    >>> import reftgraph as rg
+    >>> where(rg.Node("n", rg.Site("resid_pre", layer=1), rg.Collect()))
+    "node 'n' at resid_pre[1] pos=all: "
+    """
+    return f"node {node.name!r} at {node.site}: "
+
+
+@dataclass(frozen=True, eq=False)
 class Batch:
     """Rows of every stream in one padded batch: ``rows[stream]`` is a slice of rows;
     ``start``/``length`` give each row's first prompt token and prompt length.
 
-    >>> from reftgraph.engine import compile_graph, tokenize
+    >>> from reftgraph.engine import tokenize
     >>> import reftgraph as rg
     >>> _, batch = tokenize(rg.models.tiny("llama"), {"base": ["abc", "a"], "source": ["ab"]}, "left")
     >>> batch.rows, batch.start.tolist(), batch.length.tolist(), batch.seq_len
     ({'base': slice(0, 2, None), 'source': slice(2, 3, None)}, [0, 2, 1], [3, 1, 2], 3)
+
+    Made by :func:`~reftgraph.engine.tokens.tokenize` (prompts of several streams), or for
+    token ids built by hand by :meth:`single` (one stream), :meth:`full` (rows of one length)
+    and :meth:`from_mask` (an attention mask).
     """
 
     rows: dict
     start: torch.Tensor
     length: torch.Tensor
     seq_len: int
+
+    @classmethod
+    def single(cls, length, seq_len: int, start=None) -> "Batch":
+        """One stream, ``base``, of rows whose prompts are ``length`` tokens from ``start``
+        (default 0: right padding, or tokens after the prompt that positions do not count).
+
+        >>> b = Batch.single([3, 2], 4)
+        >>> b.rows, b.start.tolist(), b.length.tolist(), b.seq_len
+        ({'base': slice(0, 2, None)}, [0, 0], [3, 2], 4)
+        """
+        length = torch.as_tensor(length, dtype=torch.long).reshape(-1)
+        start = torch.zeros_like(length) if start is None else torch.as_tensor(start, dtype=torch.long).reshape(-1)
+        if start.shape != length.shape or bool((start + length > seq_len).any()) or bool((start < 0).any()):
+            raise ValueError(f"a batch of seq_len {seq_len} cannot hold prompts of lengths {length.tolist()} "
+                             f"starting at {start.tolist()} (each row's prompt lies within its seq_len tokens)")
+        return cls({"base": slice(0, len(length))}, start, length, int(seq_len))
+
+    @classmethod
+    def full(cls, n: int, width: int) -> "Batch":
+        """``n`` rows of ``width`` prompt tokens each (no padding).
+
+        >>> Batch.full(2, 3).length.tolist()
+        [3, 3]
+        """
+        return cls.single([width] * n, width)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> "Batch":
+        """One stream of the rows of an attention mask ``[N, S]`` (1 on each prompt's tokens, either padding side).
+
+        >>> Batch.from_mask(torch.tensor([[0, 1, 1], [1, 1, 1]])).start.tolist()
+        [1, 0]
+        """
+        mask = torch.as_tensor(mask)
+        return cls.single(mask.sum(1), mask.shape[1], mask.argmax(1))
+
+
+@dataclass(frozen=True, eq=False)
+class BoundPlan:
+    """A plan bound to one batch (:meth:`Plan.bind <reftgraph.engine.plan.Plan.bind>`): it
+    owns every step's positions (``steps``, one :class:`Bound` per plan step), checked
+    before any forward, and the index tensors moved to each device.
+
+    >>> import reftgraph as rg
+    >>> from reftgraph.engine import compile_graph
+    >>> g = rg.Graph()
+    >>> _ = g.add(rg.Site("resid_pre", layer=0, positions="last"), rg.Collect(), name="c")
+    >>> bound = compile_graph(g, rg.models.tiny("llama").arch).bind(Batch.full(2, 3))
+    >>> bound.batch.seq_len, [b.index.tolist() for b in bound.steps]
+    (3, [[[2], [5]]])
+    """
+
+    plan: object
+    batch: Batch
+    steps: tuple
 
 
 @dataclass
@@ -51,8 +118,7 @@ class Bound:
     >>> _ = g.add(rg.Site("resid_pre", layer=0, positions="last"), rg.Collect())
     >>> from reftgraph.engine import compile_graph
     >>> plan = compile_graph(g, rg.models.tiny("llama").arch)
-    >>> batch = Batch({"base": slice(0, 2)}, start=torch.tensor([0, 1]), length=torch.tensor([3, 2]), seq_len=3)
-    >>> bind(plan, batch)[0].index.tolist()      # row 0 at 0 * 3 + 2, row 1 at 1 * 3 + 2
+    >>> bind(plan, Batch.single([3, 2], 3, start=[0, 1]))[0].index.tolist()  # rows 0 and 1 at 0 * 3 + 2, 1 * 3 + 2
     [[2], [5]]
 
     Steps of one stream with the same positions share one :class:`Layout` (``layout``):
@@ -79,8 +145,7 @@ class Bound:
         >>> g = rg.Graph()
         >>> _ = g.add(rg.Site("resid_pre", layer=0, positions="last"), rg.Collect())
         >>> plan = compile_graph(g, rg.models.tiny("llama").arch)
-        >>> batch = Batch({"base": slice(0, 2)}, start=torch.tensor([0, 1]), length=torch.tensor([3, 2]), seq_len=3)
-        >>> b = bind(plan, batch)[0]
+        >>> b = bind(plan, Batch.single([3, 2], 3, start=[0, 1]))[0]
         >>> [t.tolist() for t in b.on(plan.steps[0], torch.device("cpu")).at]    # (rows, positions)
         [[[0], [1]], [[2], [2]]]
         """
@@ -186,18 +251,19 @@ def bind(plan: Plan, batch: Batch) -> list[Bound]:
     >>> _ = g.add(rg.Site("resid_pre", layer=0, positions=[3]), rg.Collect(), name="c")
     >>> from reftgraph.engine import compile_graph
     >>> plan = compile_graph(g, rg.models.tiny("llama").arch)
-    >>> bind(plan, Batch({"base": slice(0, 1)}, torch.tensor([0]), torch.tensor([2]), 2))  # doctest: +ELLIPSIS
+    >>> bind(plan, Batch.full(1, 2))  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
     reftgraph.errors.SiteError: node 'c' at resid_pre[0] pos=[3]: positions [3] are beyond the prompt of row 0 ...
     """
     key = (tuple((k, r.start, r.stop) for k, r in batch.rows.items()), batch.seq_len,
            tuple(batch.start.tolist()), tuple(batch.length.tolist()))
-    if key not in plan.bound:
-        if len(plan.bound) >= MAX_BOUND:
-            plan.bound.pop(next(iter(plan.bound)))
-        plan.bound[key] = _bind(plan, batch)
-    return plan.bound[key]
+    memo = plan.memo
+    if key not in memo:
+        if len(memo) >= MAX_BOUND:
+            memo.pop(next(iter(memo)))
+        memo[key] = _bind(plan, batch)
+    return memo[key]
 
 
 MAX_BOUND = 64  # batch layouts remembered per plan

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 import nnsight
 import torch
 
-from .bind import Batch, bind, with_subspaces
+from .bind import Batch
 from .apply import apply
+from .context import as_model, attention_for, inference_mode, input_device, serial
 from .plan import compile_graph
 from .prompts import Template, format_prompt
 from .remote import check as check_remote
 from ..core.graph import Graph
-from .run import as_model, attention_for, inference_mode, input_device, prompt_list, serial, tokenize
+from .tokens import prompt_list, tokenize
 from ..errors import DataError, SiteError
 
 
@@ -133,12 +134,10 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
         raise DataError(f"{batch.seq_len} prompt tokens + max_new_tokens={max_new_tokens} pass the "
                         f"{limit} positions that {model.name or model.arch.family.name} has learned embeddings "
                         f"for; generate at most {max(limit - batch.seq_len, 0)} new tokens")
-    prompt_bound = with_subspaces(prompt_plan, bind(prompt_plan, batch), batch, subspaces)
+    prompt_bound = prompt_plan.bind(batch, subspaces).steps
     step_bound = []
     if step_plan.steps:   # each new token: one position per row
-        n = len(prompts)
-        step_batch = Batch({"base": slice(0, n)}, torch.zeros(n, dtype=torch.long), torch.ones(n, dtype=torch.long), 1)
-        step_bound = with_subspaces(step_plan, bind(step_plan, step_batch), step_batch, subspaces)
+        step_bound = step_plan.bind(Batch.full(len(prompts), 1), subspaces).steps
     tok = model.tokenizer
     device = input_device(model, [prompt_plan, step_plan], remote)
     gen_inputs = {k: inputs[k].to(device) for k in ("input_ids", "attention_mask")}

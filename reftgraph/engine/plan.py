@@ -27,11 +27,12 @@ from ..core.graph import Graph, Node
 from ..core.ops import Dictionary
 from ..core.sites import KEY_COMPONENTS, STAGES, Site
 from ..errors import SiteError
+from .bind import BoundPlan, bind, where, with_subspaces
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Step:
-    """One node resolved against a model: its hook, view functions, heads and dims.
+    """One node resolved against a model: its hook, view functions, heads and dims (immutable).
 
     >>> import reftgraph as rg
     >>> g = rg.Graph()
@@ -54,9 +55,10 @@ class Step:
     input_hook: Optional[Hook] = None   # where the op's dictionary reads its own stream (a transcoder: the MLP's input)
 
 
-@dataclass
+@dataclass(frozen=True, eq=False)
 class Plan:
-    """Steps in forward order; ``hooks`` lists every hook point the plan touches.
+    """Steps in forward order; ``hooks`` lists every hook point the plan touches. A plan is
+    immutable: :meth:`bind` resolves it against one batch.
 
     >>> import reftgraph as rg
     >>> g = rg.Graph()
@@ -68,20 +70,22 @@ class Plan:
     """
 
     arch: Arch
-    steps: list
-    hooks: list = field(default_factory=list)
-    bound: dict = field(default_factory=dict, repr=False)  # bind()'s results per batch layout
-    edits: dict = field(default_factory=dict, repr=False)  # hook -> indices of the steps editing there
-    reads: dict = field(default_factory=dict, repr=False)  # hook -> indices of the steps reading a source there
-    inputs: dict = field(default_factory=dict, repr=False)  # hook -> indices of the steps whose dictionary reads there
+    steps: tuple
+    hooks: tuple = ()
+    edits: dict = field(default_factory=dict, init=False, repr=False)   # hook -> indices of the steps editing there
+    reads: dict = field(default_factory=dict, init=False, repr=False)   # hook -> indices of the steps reading a source there
+    inputs: dict = field(default_factory=dict, init=False, repr=False)  # hook -> steps whose dictionary reads there
     eager: bool = field(default=False, init=False)  # a step touches attn_pattern: run in eager attention
+    memo: dict = field(default_factory=dict, init=False, repr=False)    # bindings per batch layout (a cache)
 
     def __post_init__(self):
+        object.__setattr__(self, "steps", tuple(self.steps))
+        object.__setattr__(self, "hooks", tuple(self.hooks))
         # whether a step reads or edits a value only eager attention computes (attn_pattern):
         # the engine then runs the model with eager attention (decided once, not per call)
-        self.eager = any(s.node.site.component in KEY_COMPONENTS or
-                         (s.source_hook is not None and s.node.reads[1].component in KEY_COMPONENTS)
-                         for s in self.steps)
+        object.__setattr__(self, "eager", any(
+            s.node.site.component in KEY_COMPONENTS or
+            (s.source_hook is not None and s.node.reads[1].component in KEY_COMPONENTS) for s in self.steps))
         for i, step in enumerate(self.steps):
             self.edits.setdefault(step.hook, []).append(i)
             if step.source_hook is not None and step.source_hook != step.hook:
@@ -89,15 +93,23 @@ class Plan:
             if step.input_hook is not None:
                 self.inputs.setdefault(step.input_hook, []).append(i)
 
+    def bind(self, batch, subspaces=None):
+        """This plan resolved against ``batch``: a :class:`~reftgraph.engine.bind.BoundPlan`
+        (every step's positions, checked before any forward; per-row ``subspaces`` as in
+        :func:`reftgraph.run`).
 
-def where(node: Node) -> str:
-    """The start of every error about ``node``: its name and site.
+        >>> import reftgraph as rg
+        >>> from reftgraph.engine import Batch
+        >>> g = rg.Graph()
+        >>> _ = g.add(rg.Site("resid_pre", layer=0, positions="last"), rg.Collect())
+        >>> bound = compile_graph(g, rg.models.tiny("llama").arch).bind(Batch.single([3, 2], 3))
+        >>> bound.steps[0].index.tolist()     # row 0 at 0 * 3 + 2, row 1 at 1 * 3 + 1
+        [[2], [4]]
+        """
+        return BoundPlan(self, batch, tuple(with_subspaces(self, bind(self, batch), batch, subspaces)))
 
-    >>> import reftgraph as rg
-    >>> where(rg.Node("n", rg.Site("resid_pre", layer=1), rg.Collect()))
-    "node 'n' at resid_pre[1] pos=all: "
-    """
-    return f"node {node.name!r} at {node.site}: "
+    def __getstate__(self):   # a remote request carries no cached bindings
+        return {**self.__dict__, "memo": {}}
 
 
 def _check_site(node: Node, site: Site, arch: Arch, what: str = "") -> tuple[int, Optional[torch.Tensor]]:
@@ -242,23 +254,23 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
                             + ("(the subspace's dims)" if site.subspace else f"({site.component} width)"))
         at = arch.locate(site.component, layer)
         hook = at.hook
-        step = Step(node, hook, at.get, at.put, heads,
-                    None if site.subspace is None or node.op.indexes_basis else torch.tensor(site.subspace),
-                    modules=at.modules)
+        extra = {}
         if dictionary is not None and dictionary.reads:
-            step.input_hook = arch.mlp_input(layer)
+            extra["input_hook"] = arch.mlp_input(layer)
         if node.op.source is not None:
             src_site = node.reads[1]
-            src_layer, step.source_heads = _check_site(node, src_site, arch, f"source site {src_site}: ")
+            src_layer, extra["source_heads"] = _check_site(node, src_site, arch, f"source site {src_site}: ")
             src = arch.locate(src_site.component, src_layer)
             if src.width != at.width or ((src_site.head is None) != (site.head is None)) or (
                     src_site.head is not None and len(src_site.head) != len(site.head)):
                 raise SiteError(f"{where(node)}source site {src_site} has another shape than the site")
-            step.source_hook = src.hook
-            step.source_get = src.get
-            if (step.source_hook.layer, step.source_hook.stage) > (hook.layer, hook.stage):
+            if (src.hook.layer, src.hook.stage) > (hook.layer, hook.stage):
                 raise SiteError(f"{where(node)}source site {src_site} comes after the site in the forward "
                                 "pass; a patch can only read a place the model reaches first")
+            extra.update(source_hook=src.hook, source_get=src.get)
+        step = Step(node, hook, at.get, at.put, heads,
+                    None if site.subspace is None or node.op.indexes_basis else torch.tensor(site.subspace),
+                    modules=at.modules, **extra)
         steps.append(step)
     order = {node.name: i for i, node in enumerate(graph.nodes)}
     # at one hook, components in forward order (attn_out before resid_mid, which is written

@@ -7,16 +7,15 @@ batch content and later forwards skip the blocks below ``L`` (nnsight's module `
 feeding the stored value to block ``L``.
 
 >>> import torch, reftgraph as rg
->>> from reftgraph.engine.plan import compile_graph
->>> from reftgraph.engine.run import forward, tokenize
+>>> from reftgraph.engine import compile_graph, executor, tokenize
 >>> lm = rg.models.tiny("llama")
 >>> g = rg.Graph()
 >>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), rg.ConsReFT(width=32, rank=1))
 >>> plan = compile_graph(g, lm.arch)
 >>> inputs, batch = tokenize(lm, {"base": ["hello", "hi"]})
->>> cache = PrefixCache(lm)
->>> cached, _ = cache.forward(plan, inputs, batch)
->>> plain, _ = forward(plan, lm, inputs, batch)
+>>> cache, ex = PrefixCache(lm), executor(lm)
+>>> cached = ex.forward(plan.bind(batch), inputs, skip=cache.skip(plan, inputs)).value
+>>> plain = ex.forward(plan.bind(batch), inputs).value
 >>> torch.allclose(cached, plain, atol=1e-5), cache.first_layer(plan), cache.misses
 (True, 1, 1)
 
@@ -35,8 +34,9 @@ import torch
 
 from ..arch.structure import Hook
 from .bind import Batch
+from .context import as_model, serial
 from .plan import Plan
-from .run import as_model, forward, serial
+from .trace import Skip
 
 
 def first_layer(plan: Plan) -> int:
@@ -81,7 +81,7 @@ def prefix_state(model, inputs: dict, layer: int) -> torch.Tensor:
     """The output of block ``layer - 1`` for ``inputs``, without running the blocks above it.
 
     >>> import reftgraph as rg
-    >>> from reftgraph.engine.run import tokenize
+    >>> from reftgraph.engine import tokenize
     >>> lm = rg.models.tiny("llama")
     >>> inputs, _ = tokenize(lm, {"base": ["hello"]})
     >>> prefix_state(lm, inputs, 1).shape
@@ -116,10 +116,10 @@ class PrefixCache:
     >>> len(cache), cache.hits, cache.misses
     (0, 0, 0)
 
-    ``cache.forward(plan, inputs, batch, hidden=...)`` is a drop-in for
-    :func:`reftgraph.engine.run.forward`; it equals the uncached forward (values and gradients)
-    and runs only the blocks from the graph's lowest edited layer on. A plan that edits
-    layer 0 has nothing to skip and runs uncached.
+    ``cache.skip(plan, inputs)`` is the :class:`~reftgraph.engine.trace.Skip` of a forward:
+    with it, the forward equals the uncached one (values and gradients) and runs only the
+    blocks from the graph's lowest edited layer on. A plan that edits layer 0 has nothing
+    to skip (None).
     """
 
     def __init__(self, model, max_entries: Optional[int] = None):
@@ -150,7 +150,7 @@ class PrefixCache:
         """The stored block ``layer - 1`` output for ``inputs``, computed on a miss.
 
         >>> import reftgraph as rg
-        >>> from reftgraph.engine.run import tokenize
+        >>> from reftgraph.engine import tokenize
         >>> cache = PrefixCache(rg.models.tiny("llama"))
         >>> inputs, _ = tokenize(cache.model, {"base": ["hello"]})
         >>> cache.value(inputs, 1).shape, cache.value(inputs, 1) is cache.value(inputs, 1), cache.misses
@@ -171,27 +171,45 @@ class PrefixCache:
             self.entries.popitem(last=False)
         return value
 
-    def forward(self, plan: Plan, inputs: dict, batch: Batch, hidden: bool = False, model=None, subspaces=None):
-        """:func:`reftgraph.engine.run.forward` with the blocks below ``first_layer(plan)`` served from the cache.
+    def skip(self, plan: Plan, inputs: dict) -> Optional[Skip]:
+        """The blocks a forward of ``plan`` on ``inputs`` can skip, with their stored output
+        (computed on a miss); None when the plan edits layer 0.
 
-        >>> import torch, reftgraph as rg
-        >>> from reftgraph.engine.plan import compile_graph
-        >>> from reftgraph.engine.run import tokenize
+        >>> import reftgraph as rg
+        >>> from reftgraph.engine import compile_graph, tokenize
         >>> lm = rg.models.tiny("llama")
         >>> g = rg.Graph()
         >>> _ = g.add(rg.Site("resid_pre", layer=1, positions="last"), rg.ConsReFT(width=32, rank=1))
-        >>> inputs, batch = tokenize(lm, {"base": ["hello"]})
-        >>> logits, _ = PrefixCache(lm).forward(compile_graph(g, lm.arch), inputs, batch)
-        >>> logits.shape[:2]
-        torch.Size([1, 5])
+        >>> inputs, _ = tokenize(lm, {"base": ["hello"]})
+        >>> skip = PrefixCache(lm).skip(compile_graph(g, lm.arch), inputs)
+        >>> skip.layer, skip.state.shape
+        (1, torch.Size([1, 5, 32]))
         """
-        if model is not None and model is not self.model:
-            raise ValueError("this PrefixCache holds activations of another model; make one per model")
         if plan.arch is not self.model.arch and plan.arch != self.model.arch:
             raise ValueError("the plan was compiled for another model than this PrefixCache's")
         layer = first_layer(plan)
         if layer == 0:
-            return forward(plan, self.model, inputs, batch, hidden=hidden, subspaces=subspaces)
+            return None
         layer = min(layer, self.model.arch.n_layers)
-        return forward(plan, self.model, inputs, batch, hidden=hidden, prefix=(layer, self.value(inputs, layer)),
-                       subspaces=subspaces)
+        return Skip(layer, self.value(inputs, layer))
+
+    def forward(self, plan: Plan, inputs: dict, batch: Batch, hidden: bool = False, model=None, subspaces=None):
+        """The older call: ``(value, collected)`` of a forward with :meth:`skip` (warns once).
+
+        >>> import warnings, torch, reftgraph as rg
+        >>> from reftgraph.engine import compile_graph, tokenize
+        >>> lm = rg.models.tiny("llama")
+        >>> inputs, batch = tokenize(lm, {"base": ["hello"]})
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     logits, _ = PrefixCache(lm).forward(compile_graph(rg.Graph(), lm.arch), inputs, batch)
+        >>> logits.shape[:2]
+        torch.Size([1, 5])
+
+        Today: ``executor(model).forward(plan.bind(batch), inputs, skip=cache.skip(plan, inputs))``.
+        """
+        from .run import forward
+
+        if model is not None and model is not self.model:
+            raise ValueError("this PrefixCache holds activations of another model; make one per model")
+        return forward(plan, self.model, inputs, batch, hidden=hidden, cache=self, subspaces=subspaces)

@@ -332,7 +332,7 @@ def load_graph(path, model=None) -> Graph:
 
 def check_fits(graph: Graph, saved: dict, model) -> None:
     """Refuse a graph saved for another model family or width, or whose sites do not fit ``model``."""
-    from ..engine.plan import compile_graph
+    from ..engine import compile_graph
 
     if saved:
         now = _model_info(model)

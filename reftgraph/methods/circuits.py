@@ -20,6 +20,7 @@ runs, saves, loads, draws and combines like any other; :func:`faithfulness` runs
 from __future__ import annotations
 
 import html
+from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import pandas as pd
@@ -27,8 +28,9 @@ import pandas as pd
 from ..core.graph import Graph
 from ..core.masks import masked_mean
 from ..core.ops import Ablate, Collect, Patch
+from ..core.settings import Settings, number, one_of, option
 from ..core.sites import Site
-from ..engine.run import as_model, run
+from ..engine import as_model, run
 from ..errors import DataError
 from ..training.counterfactual import Counterfactual
 from ..viz.circuits import draw_circuit, plot_curve
@@ -38,9 +40,9 @@ from .edge_circuits import (MIB_FRACTIONS, EdgeCircuit, discover_edges, draw_edg
 from .edges import edge_scores, edges
 from .features import discover as discover_features
 from .patching.attribution import attribute
-from .patching.metrics import Reference, get_metric
+from .patching.metrics import METRICS, Reference, get_metric
 
-__all__ = ["Circuit", "EdgeCircuit", "MIB_FRACTIONS", "edges", "edge_scores", "edge_circuit", "discover_edges",
+__all__ = ["Circuit", "CircuitConfig", "EdgeCircuit", "MIB_FRACTIONS", "edges", "edge_scores", "edge_circuit", "discover_edges",
            "edge_faithfulness", "mib", "node_edges", "draw_edges", "plot_mib", "scores", "discover", "circuit_graph", "members", "faithfulness", "curve", "top_layers", "draw",
            "plot_curve"]
 
@@ -106,6 +108,41 @@ def _check(data, nodes):
                         f"got {type(data).__name__}")
     if nodes not in NODES:
         raise DataError(f"nodes must be one of {NODES}, got {nodes!r}")
+
+
+def _size(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= 1 if isinstance(v, int) else 0 < v <= 1):
+        return f"must be a count (an int >= 1) or a fraction in (0, 1], got {v!r}"
+    return None
+
+
+@dataclass(frozen=True)
+class CircuitConfig(Settings):
+    """The settings of :func:`discover`, with their help.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c d"], ["ab d c"], correct=["c"], wrong=["d"])
+    >>> len(discover(lm, data, progress=False, **CircuitConfig(size=2).kwargs()).kept)
+    2
+    """
+
+    size: Union[int, float] = option(0.05, "nodes (or edges, features) kept: a count, or a fraction in (0, 1]", _size)
+    nodes: str = option("heads", "what a node is: 'heads' (MLPs stay as they are) or 'heads+mlps'", one_of(*NODES))
+    method: str = option("atp", "scores: 'atp' (attribution patching; EAP for edges) or 'ig' (integrated "
+                         "gradients; EAP-IG on the inputs for edges); edges also take 'exact' (a run per edge)",
+                         one_of("atp", "ig", "exact"))
+    ig_steps: int = option(5, "integrated-gradient steps (method 'ig')", number(1, integer=True))
+    ablate: str = option("corrupt", "what the nodes outside carry: their corrupted run ('corrupt') or its mean "
+                         "('mean')", one_of(*ABLATE))
+    metric: str = option("logit_diff", "what the scores and faithfulness measure", one_of(*METRICS))
+    rank: str = option("effect", "order nodes by signed 'effect' or by 'magnitude'", one_of(*RANKS))
+    per_position: bool = option(False, "a node per head and token position (equal-length prompts)",
+                                one_of(True, False))
+    level: str = option("node", "'node' (heads, MLPs), 'edge' (sender -> receiver) or 'feature' (needs "
+                        "dictionaries)", one_of("node", "edge", "feature"))
+    errors: str = option("keep", "feature circuits: the dictionaries' error terms 'keep' their clean value or "
+                         "are 'ablate'd", one_of("keep", "ablate"))
 
 
 def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes: str = "heads",

@@ -26,15 +26,13 @@ from typing import Callable, Optional, Sequence
 import pandas as pd
 import torch
 
-from ..engine.plan import compile_graph
 from ..core.graph import Graph
 from ..core.ops.rotate import Rotate
-from ..engine.remote import check as check_remote
-from ..engine.run import as_model, forward, inference_mode, last_token, tokenize
+from ..engine import Job, as_model, compile_graph, executor, inference_mode, last_token, tokenize
+from ..training import final_hidden
 from ..training.distributed import share, world
 from ..training.loop import Callback, fit, positive_ints
-from ..viz.progress import progress_bar
-from .forwards import run_forwards
+from .forwards import run_jobs
 
 
 def boundless_ops(graph) -> list:
@@ -81,7 +79,7 @@ def _logits(plan, graph, model, data, rows) -> torch.Tensor:
     """Next-token logits ``[B, vocab]`` after each base prompt; the language-model head runs
     on those positions only (as in :func:`reftgraph.train`)."""
     inputs, batch = _tokenized(graph, model, data, rows)
-    hidden, _ = forward(plan, model, inputs, batch, hidden=True)
+    hidden, _ = final_hidden(plan, model, inputs, batch)
     return model.hf.get_output_embeddings()(last_token(hidden, batch))
 
 
@@ -177,19 +175,13 @@ def predict(graph: Graph, model, data, batch_size: int = 32, remote=None, progre
     """
     model = as_model(model)
     plan = compile_graph(graph, model.arch)
-    if check_remote(remote, model, graph):
-        jobs = []
-        for start in range(0, len(data), batch_size):
-            inputs, batch = _tokenized(graph, model, data, range(start, min(start + batch_size, len(data))))
-            jobs.append((plan, inputs, batch, lambda logits, _, batch=batch: last_token(logits, batch).argmax(-1)))
-        with torch.no_grad(), inference_mode(graph):
-            return torch.cat([p.cpu() for p in run_forwards(model, jobs, remote, progress=progress, desc="predict")])
-    preds = []
+    ex = executor(model, remote, graph)
+    jobs = []
+    for start in range(0, len(data), batch_size):
+        inputs, batch = _tokenized(graph, model, data, range(start, min(start + batch_size, len(data))))
+        jobs.append(Job(plan.bind(batch), inputs, lambda logits, _, batch=batch: last_token(logits, batch).argmax(-1)))
     with torch.no_grad(), inference_mode(graph):
-        for start in progress_bar(range(0, len(data), batch_size), desc="predict", progress=progress, unit="batch"):
-            rows = list(range(start, min(start + batch_size, len(data))))
-            preds.append(_logits(plan, graph, model, data, rows).argmax(-1).cpu())
-    return torch.cat(preds)
+        return torch.cat([p.cpu() for p in run_jobs(ex, jobs, progress=progress, desc="predict")])
 
 
 def iia_table(hits: Sequence, row_types: Sequence) -> pd.DataFrame:

@@ -30,7 +30,7 @@ import torch
 
 from ..core.graph import Graph
 from ..core.ops.base import Op
-from ..engine.run import as_model, run
+from ..engine import as_model, run
 from ..errors import DataError
 from ..training.counterfactual import Counterfactual
 from ..viz.circuits import draw_edges as _draw, plot_mib

@@ -35,7 +35,7 @@ from ..core.graph import Graph
 from ..core.ops import Collect, Set
 from ..core.ops.base import Op
 from ..core.sites import Site
-from ..engine.run import as_model, run
+from ..engine import as_model, run
 from ..errors import DataError, SiteError
 from ..training.counterfactual import Counterfactual
 from ..viz.progress import progress_bar

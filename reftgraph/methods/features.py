@@ -31,8 +31,7 @@ from ..core.ops import Ablate, Collect, Dictionary, Patch, Set
 from ..core.ops.base import Op
 from ..core.ops.reft import REFT_OPS, orthonormal_columns
 from ..core.sites import Site, resolve_positions
-from ..engine.plan import compile_graph
-from ..engine.run import as_model, run
+from ..engine import as_model, compile_graph, run
 from ..errors import DataError
 from ..files.dictionaries import load
 from ..training.counterfactual import Counterfactual

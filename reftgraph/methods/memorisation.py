@@ -26,13 +26,10 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ..engine.bind import Batch
-from ..engine.plan import compile_graph
 from ..core.graph import Graph
 from ..core.ops.reft import REFT_OPS
-from ..engine.prefix import PrefixCache
-from ..engine.prompts import Template, format_prompt
-from ..engine.run import as_model, forward
+from ..engine import Batch, PrefixCache, Template, as_model, compile_graph, format_prompt
+from ..training import final_hidden
 from ..training.distributed import world
 from ..training.loop import Callback, fit
 from ..core.sites import Site
@@ -228,7 +225,7 @@ def memorise(model, target: Target, *, layer: int, rank: int = 1, n_tokens: Opti
     seq = torch.tensor([prompt_ids + ids])
     width = seq.shape[1]
     inputs = model.arch.inputs(seq, torch.ones_like(seq))
-    batch = Batch({"base": slice(0, 1)}, torch.zeros(1, dtype=torch.long), torch.tensor([len(prompt_ids)]), width)
+    batch = Batch.single([len(prompt_ids)], width)
     cache = PrefixCache(model) if cache_prefix else None
     head = model.hf.get_output_embeddings()
     targets = torch.tensor(ids, device=model.device)
@@ -237,7 +234,7 @@ def memorise(model, target: Target, *, layer: int, rank: int = 1, n_tokens: Opti
     rule = StopRule(targets, margin, max_steps, max_seconds)
 
     def loss(_) -> torch.Tensor:
-        hidden, _ = forward(plan, model, inputs, batch, hidden=True, cache=cache)
+        hidden, _ = final_hidden(plan, model, inputs, batch, cache)
         rule.scores = head(hidden[0, start:start + n]).float()
         # one text: every process computes it; each contributes its share of the loss
         return torch.nn.functional.cross_entropy(rule.scores, targets) / world()[1]

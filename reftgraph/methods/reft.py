@@ -13,12 +13,47 @@ from __future__ import annotations
 
 import operator
 import re
+from dataclasses import dataclass
 from typing import Iterable, Sequence, Union
 
 from ..core.graph import Graph
-from ..core.ops.reft import REFT_OPS
-from ..core.sites import Site
+from ..core.ops.reft import ACTIVATIONS, REFT_OPS
+from ..core.settings import Settings, number, one_of, option
+from ..core.sites import COMPONENTS, Site, normalise_positions
 from ..errors import SiteError
+
+
+def _positions(v):
+    try:
+        normalise_positions(v)
+    except SiteError as e:
+        return str(e)
+    return None
+
+
+@dataclass(frozen=True)
+class ReftGraphConfig(Settings):
+    """The arguments of :func:`reft_graph`, with their help (also the ``graph`` section of a
+    ``reftgraph train`` spec).
+
+    >>> import reftgraph as rg
+    >>> config = ReftGraphConfig(layers=[1], positions="last", rank=2)
+    >>> len(reft_graph(rg.models.tiny("llama"), **config.kwargs()).nodes), ReftGraphConfig.help("rank")
+    (1, 'rank of each ReFT op (rows of its projection R)')
+    """
+
+    layers: object = option("all", "layers to intervene on: 'all' or a list of ints (checked against the model)")
+    positions: str = option("f5+l5", "token positions of every node: 'f5+l5' (first 5 and last 5 prompt "
+                            "tokens), 'last', ...", _positions)
+    rank: int = option(4, "rank of each ReFT op (rows of its projection R)", number(1, integer=True))
+    op: str = option("LoReFT", "the ReFT op: LoReFT, NoReFT, DiReFT, NoDiReFT, ConsReFT or LoBiReFT",
+                     one_of(*REFT_OPS))
+    component: str = option("resid_post", "the component every node edits", one_of(*COMPONENTS))
+    share_positions: bool = option(False, "one op for the first and the last positions of a layer", one_of(True, False))
+    share_layers: bool = option(False, "one op for every layer", one_of(True, False))
+    act: str = option("identity", "activation of the learned source (LoReFT's act(Wh + b))", one_of(*ACTIVATIONS))
+    dropout: float = option(0.0, "dropout on the op's input while training", number(0, 1))
+    seed: int = option(0, "seed of the ops' initial weights", number(0, integer=True))
 
 
 def reft_graph(model, layers: Union[str, Sequence[int]] = "all", positions: str = "f5+l5", rank: int = 4,

@@ -25,8 +25,7 @@ from ..core.graph import Graph
 from ..core.masks import masked_mean
 from ..core.ops import Add, Collect
 from ..core.sites import Site
-from ..engine.prompts import Template, format_prompt
-from ..engine.run import as_model, run
+from ..engine import Template, as_model, format_prompt, run
 from ..errors import DataError
 from ..training.losses import lm_loss
 from ..viz.progress import progress_bar

@@ -29,11 +29,9 @@ from ..core.graph import Graph, Node
 from ..core.ops import Add, Collect, Without
 from ..core.ops.reft import ReFT, orthonormal_columns
 from ..core.ops.rotate import Rotate
-from ..engine.plan import compile_graph
-from ..engine.remote import check as check_remote
-from ..engine.run import inference_mode, last_token, prompt_list, run, tokenize
+from ..engine import Job, compile_graph, executor, inference_mode, last_token, prompt_list, run, tokenize
 from ..viz.figure import new_figure
-from .forwards import run_forwards
+from .forwards import run_jobs
 
 
 def basis(node: Node, model=None) -> tuple[list, torch.Tensor]:
@@ -74,7 +72,7 @@ def _replace(graph: Graph, name: str, node: Optional[Node]) -> Graph:
 def _scores(graphs: list, model, prompts, sources, metric, remote=None, progress: bool = True) -> list:
     """The metric's mean over rows for each graph, on the source streams it reads (with
     ``remote``: one nnsight session, the means computed on the server)."""
-    check_remote(remote, model, graphs[0])
+    ex = executor(model, remote, graphs[0])
     prompts = prompt_list(prompts, "prompts")
     jobs = []
     for graph in graphs:
@@ -84,10 +82,10 @@ def _scores(graphs: list, model, prompts, sources, metric, remote=None, progress
                 src = prompt_list(src, f"sources[{name!r}]")
                 streams[name] = src * len(prompts) if len(src) == 1 < len(prompts) else src
         inputs, batch = tokenize(model, streams)
-        jobs.append((compile_graph(graph, model.arch), inputs, batch, lambda logits, _, batch=batch: float(
+        jobs.append(Job(compile_graph(graph, model.arch).bind(batch), inputs, lambda logits, _, batch=batch: float(
             torch.as_tensor(metric(last_token(logits, batch))).float().mean())))
     with torch.no_grad(), inference_mode(graphs[0]):
-        return run_forwards(model, jobs, remote, progress=progress, desc="subspace effects")
+        return run_jobs(ex, jobs, progress=progress, desc="subspace effects")
 
 
 def effects(graph: Graph, name: str, model, prompts, metric: Callable, sources: Optional[dict] = None,

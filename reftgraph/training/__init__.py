@@ -9,9 +9,10 @@
 """
 
 from . import data
+from .config import TrainConfig
 from .loop import Callback, State, fit
 from .losses import case_groups, kl_to_base
-from .supervised import NonFiniteLoss, evaluate, latest_checkpoint, lm_loss, train
+from .supervised import NonFiniteLoss, evaluate, final_hidden, latest_checkpoint, lm_loss, train
 
-__all__ = ["Callback", "NonFiniteLoss", "State", "case_groups", "data", "evaluate", "fit", "kl_to_base",
-           "latest_checkpoint", "lm_loss", "train"]
+__all__ = ["Callback", "NonFiniteLoss", "State", "TrainConfig", "case_groups", "data", "evaluate", "final_hidden",
+           "fit", "kl_to_base", "latest_checkpoint", "lm_loss", "train"]

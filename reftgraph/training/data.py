@@ -16,8 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..engine.bind import Batch
-from ..engine.prompts import Template, check_template, format_prompt
+from ..engine import Batch, Template, check_template, format_prompt
 from ..errors import DataError
 
 IGNORE = -100
@@ -209,4 +208,4 @@ def collate_lm(model, prompts: Sequence[str], responses: Optional[Sequence[str]]
     start = mask.argmax(1)
     length = torch.tensor([min(len(p), len(r)) for p, r in zip(p_ids, rows)])
     inputs = model.arch.inputs(ids, mask)
-    return inputs, Batch({"base": slice(0, len(rows))}, start, length, width), labels
+    return inputs, Batch.single(length, width, start), labels

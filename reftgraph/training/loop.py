@@ -1,14 +1,14 @@
 """The one training loop: :func:`fit` trains a graph's parameters with the model frozen.
 
 >>> import torch, reftgraph as rg
->>> from reftgraph.engine import compile_graph, forward, tokenize
+>>> from reftgraph.engine import compile_graph, executor, tokenize
 >>> lm = rg.models.tiny("llama")
 >>> g = rg.Graph()
 >>> _ = g.add(rg.Site("resid_post", layer=1, positions="last"), rg.Add(torch.zeros(32), trainable=True), name="v")
 >>> plan = compile_graph(g, lm.arch)
 >>> inputs, batch = tokenize(lm, {"base": ["ab"]})
 >>> def loss(_):
-...     logits, _ = forward(plan, lm, inputs, batch)
+...     logits, _ = executor(lm).forward(plan.bind(batch), inputs)
 ...     return -logits[0, -1, 5]                  # push token 5 up
 >>> history = fit(g, lm, lambda epoch: [None] * 3, loss, epochs=2, lr=0.1, progress=False)
 >>> len(history), bool(history["loss"].iloc[-1] < history["loss"].iloc[0])

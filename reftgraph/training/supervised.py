@@ -25,9 +25,7 @@ import torch
 
 from ..core.graph import Graph
 from ..core.ops import Classify
-from ..engine.plan import compile_graph
-from ..engine.prefix import PrefixCache
-from ..engine.run import as_model, forward, inference_mode
+from ..engine import Outputs, PrefixCache, as_model, compile_graph, executor, inference_mode
 from .checkpoints import latest_checkpoint
 from .data import Classification, PromptResponse, collate_lm
 from .distributed import all_sum, share
@@ -35,6 +33,24 @@ from .loop import Callback, NonFiniteLoss, fit, positive_ints
 from .losses import case_groups, kl_to_base, lm_loss
 
 __all__ = ["NonFiniteLoss", "evaluate", "latest_checkpoint", "lm_loss", "train"]
+
+
+def final_hidden(plan, model, inputs: dict, batch, cache: Optional[PrefixCache] = None, subspaces=None) -> Outputs:
+    """The final hidden state ``[N, S, d]`` of a forward with ``plan``'s edits, and what it
+    collects: what a training loss needs (the language-model head runs on the last position only).
+
+    >>> import reftgraph as rg
+    >>> from reftgraph.engine import compile_graph, tokenize
+    >>> lm = rg.models.tiny("llama")
+    >>> inputs, batch = tokenize(lm, {"base": ["ab", "cde"]})
+    >>> final_hidden(compile_graph(rg.Graph(), lm.arch), lm, inputs, batch).value.shape
+    torch.Size([2, 3, 32])
+
+    ``cache``: a :class:`~reftgraph.engine.PrefixCache` serving the blocks below the plan's
+    lowest edit; ``subspaces``: per-row subspaces, as in :func:`reftgraph.run`.
+    """
+    skip = cache.skip(plan, inputs) if cache is not None else None
+    return executor(model).forward(plan.bind(batch, subspaces), inputs, output="hidden", skip=skip)
 
 
 def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_length, cache=None, part=False,
@@ -61,7 +77,7 @@ def _batch_loss(plan, model, data, prompts, rows, classify, padding_side, max_le
             all_sum(0)   # the other processes count their KL tokens
         return torch.zeros(()) + extra
     subspaces = None if data.subspaces is None else [data.subspaces[i] for i in mine]
-    value, collected = forward(plan, model, inputs, batch, hidden=True, cache=cache, subspaces=subspaces)
+    value, collected = final_hidden(plan, model, inputs, batch, cache, subspaces)
     if classify:
         target = torch.tensor([data.labels[i] for i in mine], device=value.device)
         return weight * torch.nn.functional.cross_entropy(collected[classify][0].float(), target) + extra
@@ -134,7 +150,7 @@ class _KL(Callback):
         count = int(keep.sum())
         head = model.hf.get_output_embeddings()
         with torch.no_grad():
-            base, _ = forward(self.empty, model, inputs, batch, hidden=True)
+            base, _ = final_hidden(self.empty, model, inputs, batch)
             base = head(base[:, :-1][keep])
         total = kl_to_base(head(hidden[:, :-1][keep]), base, self.groups, reduction="sum")
         value = self.weight * total / max(1.0, all_sum(count) if part else count)
@@ -151,7 +167,7 @@ class _KL(Callback):
         inputs, batch, labels = collate_lm(model, [self.prompts[i] for i in mine],
                                            [self.data.responses[i] for i in mine],
                                            padding_side=padding_side, max_length=max_length)
-        hidden, _ = forward(self.plan, model, inputs, batch, hidden=True)
+        hidden, _ = final_hidden(self.plan, model, inputs, batch)
         return self.term(model, hidden, inputs, batch, labels, part)
 
 

@@ -10,6 +10,6 @@ from ...training.counterfactual import Counterfactual
 from .metrics import METRICS, Reference, kl, logit_diff, loss, prob, restoration
 from .paths import path_graph, path_patch, path_sweep
 from ...viz.patching import heatmap
-from .sweeps import sweep
+from .sweeps import SweepConfig, sweep
 
-__all__ = ["attribute", "Counterfactual", "METRICS", "Reference", "kl", "logit_diff", "loss", "prob", "restoration", "sweep", "heatmap", "path_graph", "path_patch", "path_sweep"]
+__all__ = ["attribute", "Counterfactual", "METRICS", "Reference", "kl", "logit_diff", "loss", "prob", "restoration", "SweepConfig", "sweep", "heatmap", "path_graph", "path_patch", "path_sweep"]

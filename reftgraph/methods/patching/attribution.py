@@ -40,8 +40,7 @@ from ...core.graph import Graph
 from ...core.ops import Collect, Set
 from ...core.ops.base import Op
 from ...core.sites import HEAD_COMPONENTS, Site, resolve_positions
-from ...engine.plan import compile_graph
-from ...engine.run import as_model, forward, run, tokenize
+from ...engine import Skip, as_model, compile_graph, executor, run, tokenize
 from ...errors import DataError, SiteError
 from ...viz.progress import progress_bar
 from ...training.counterfactual import Counterfactual
@@ -384,8 +383,9 @@ def _qk_delta(model, prompts, component, layer, selector, source, hidden, z, z_v
             g.add(Site(component, layer, positions="all"), Set(value.flatten(0, 1), mask=where.flatten(0, 1)))
             g.add(Site("head_out", layer, positions="all"), Collect(), name="z")
             rep_inputs, rep_batch = tokenize(model, {"base": list(prompts) * m}, "right")
-            prefix = (layer, hidden[layer].repeat(m, 1, 1)) if layer else None
-            _, collected = forward(compile_graph(g, model.arch), model, rep_inputs, rep_batch, prefix=prefix, stop=True)
+            skip = Skip(layer, hidden[layer].repeat(m, 1, 1)) if layer else None
+            _, collected = executor(model).forward(compile_graph(g, model.arch).bind(rep_batch), rep_inputs,
+                                                   output=None, skip=skip)
             out.append(collected["z"][0].view(m, B, *z.shape[1:]) - z[None])
     return torch.cat(out)
 

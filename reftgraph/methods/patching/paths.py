@@ -24,12 +24,10 @@ import pandas as pd
 
 from ...core.graph import Graph
 from ...core.ops import Patch
-from ...engine.plan import compile_graph
-from ...engine.remote import check as check_remote
-from ...engine.run import as_model, last_token, tokenize
+from ...engine import Job, as_model, compile_graph, executor, last_token, tokenize
 from ...core.sites import Site
 from ...errors import SiteError
-from ..forwards import run_forwards
+from ..forwards import run_jobs
 from ...training.counterfactual import Counterfactual
 from .metrics import Reference, get_metric, restoration
 
@@ -142,14 +140,14 @@ def path_sweep(model, data: Counterfactual, sender_sets: Optional[Sequence] = No
         top = arch.n_layers if receivers == "logits" else min(arch.layer_index(s.layer) for s in receivers)
         sender_sets = [[(layer, h)] for layer in range(top) for h in range(arch.n_heads)]
     graphs = [path_graph(model, s, receivers, positions, freeze, path=f"path{i}") for i, s in enumerate(sender_sets)]
-    check_remote(remote, model, graphs[0] if graphs else None)
+    ex = executor(model, remote, graphs[0] if graphs else None)
     correct, wrong = data.answer_ids(model, required=False)
     jobs = [_paths_job(model, data, Graph(), [], receivers, metric_fn, correct, wrong)]
     for lo in range(0, len(graphs), per_forward):
         jobs.append(_paths_job(model, data, graphs[lo:lo + per_forward], range(lo, lo + per_forward), receivers,
                                metric_fn, correct, wrong))
-    jobs = [(compile_graph(g, model.arch), inputs, batch, reduce) for g, inputs, batch, reduce in jobs]
-    results = run_forwards(model, jobs, remote, progress=progress, desc="path sweep")
+    jobs = [Job(compile_graph(g, model.arch).bind(batch), inputs, reduce) for g, inputs, batch, reduce in jobs]
+    results = run_jobs(ex, jobs, progress=progress, desc="path sweep")
     base, source = results[0]
     values = [v for chunk in results[1:] for v in chunk]
     df = pd.DataFrame({

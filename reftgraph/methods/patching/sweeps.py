@@ -27,18 +27,16 @@ import torch
 
 from ...core.graph import Graph
 from ...core.ops import Collect, Patch, Set
+from ...core.settings import Settings, number, option
 from ...core.sites import COMPONENTS, END_COMPONENTS, HEAD_COMPONENTS, Site, resolve_positions
-from ...engine.bind import Batch
-from ...engine.plan import compile_graph
-from ...engine.remote import check as check_remote
-from ...engine.run import as_model, forward, last_token, runnable, tokenize
+from ...engine import Batch, Job, Local, Skip, as_model, compile_graph, executor, last_token, runnable, tokenize
 from ...errors import DataError, SiteError
 from ...viz.progress import progress_bar
-from ..forwards import run_forwards
+from ..forwards import run_jobs
 from ...training.counterfactual import Counterfactual
-from .metrics import Reference, get_metric, restoration
+from .metrics import METRICS, Reference, get_metric, restoration
 
-__all__ = ["sweep"]
+__all__ = ["SweepConfig", "sweep"]
 
 WHOLE_SEQUENCE = ("attn_out", "mlp_out", "head_out")
 
@@ -54,6 +52,35 @@ class Runs:
     source_logits: torch.Tensor
     ref: Reference
     source_values: dict   # (component, layer, position) -> ([B, k, ...], valid)
+
+
+def _component(v):
+    names = [v] if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) else [None]
+    bad = [c for c in names if c not in COMPONENTS]
+    return f"must be a component or a list of them ({', '.join(COMPONENTS)}), got {bad[0]!r}" if bad else None
+
+
+@dataclass(frozen=True)
+class SweepConfig(Settings):
+    """The settings of :func:`sweep`, with their help.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c d"], ["ab d c"], correct=["c"], wrong=["d"])
+    >>> len(sweep(lm, data, progress=False, **SweepConfig(component="mlp_out", layers=[1]).kwargs()))
+    1
+    """
+
+    component: object = option("resid_pre", "the component (or a list of them) to patch, one condition at a "
+                               "time", _component)
+    layers: object = option(None, "layers to patch (null: every layer)")
+    positions: object = option(None, "token positions, relative to each prompt (negative: from its end), or "
+                               "'all' (one condition patching every position); null: the component's default")
+    heads: object = option(None, "for head components, the heads to patch one at a time (null: all)")
+    metric: str = option("logit_diff", "what each condition measures", lambda v: None if v in METRICS or callable(v)
+                         else f"must be one of {', '.join(METRICS)} or a function, got {v!r}")
+    memory_mb: float = option(1024, "memory a forward may use: conditions batched per forward",
+                              number(0, low_open=True))
 
 
 def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "resid_pre",
@@ -87,9 +114,10 @@ def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "r
     components = [component] if isinstance(component, str) else list(component)
     metric_name, metric_fn = get_metric(metric)
     conditions = {c: sweep_conditions(model, data, c, layers, positions, heads) for c in components}
-    if check_remote(remote, model):
-        base, source, patched = remote_values(model, data, conditions, metric_fn, remote, memory_mb, progress)
-    else:
+    ex = executor(model, remote)
+    if ex.remote is not None:   # a server cannot reuse the base run's cache: conditions as streams
+        base, source, patched = streamed_values(ex, data, conditions, metric_fn, memory_mb, progress)
+    else:   # here: every condition reuses the base run's key-value cache and block outputs
         runs = base_and_source_runs(model, data, conditions)
         base = metric_fn(runs.base_logits, runs.ref).mean().item()
         source = metric_fn(runs.source_logits, runs.ref).mean().item()
@@ -152,28 +180,31 @@ def sweep_conditions(model, data, component, layers, positions, heads) -> list:
     return [(layer, pos, label, head) for layer in layers for pos, label in zip(positions, labels) for head in heads]
 
 
-def remote_values(model, data: Counterfactual, conditions: dict, metric_fn, remote, memory_mb: float = 1024,
-                  progress: bool = False) -> tuple:
-    """``(base, source, {component: [value per condition]})`` from one remote session. The
-    conditions run as streams of a few traces, as many per trace as ``memory_mb`` allows:
-    each condition is a stream of the base prompts whose site reads the source stream, and
-    the metric's means over the rows are computed on the server.
+def streamed_values(ex: Local, data: Counterfactual, conditions: dict, metric_fn, memory_mb: float = 1024,
+                    progress: bool = False) -> tuple:
+    """``(base, source, {component: [value per condition]})`` from the executor ``ex`` (for a
+    remote one: one session). The conditions run as streams of a few traces, as many per
+    trace as ``memory_mb`` allows: each condition is a stream of the base prompts whose site
+    reads the source stream, and the metric's means over the rows are reduced where the
+    forwards run (on the server).
 
     >>> import reftgraph as rg
     >>> lm = rg.models.tiny("llama")
     >>> data = rg.patching.Counterfactual(["ab c"], ["ab d"], correct=["c"], wrong=["d"])
-    >>> base, source, values = remote_values(lm, data, {"mlp_out": [(1, "all", None, None)]},
-    ...                                      get_metric("logit_diff")[1], "local")
+    >>> from reftgraph.engine import executor
+    >>> base, source, values = streamed_values(executor(lm, "local"), data, {"mlp_out": [(1, "all", None, None)]},
+    ...                                        get_metric("logit_diff")[1])
     >>> len(values["mlp_out"]), base != source
     (1, True)
     """
+    model = ex.model
     items = [(component, cond) for component, conds in conditions.items() for cond in conds]
     rows = int(memory_mb * 2**20 // row_bytes(model, int(_lengths(model, data).max())))
     per_trace = max(1, rows // len(data) - 2)      # the base and source streams come in every trace
     chunks = [items[lo:lo + per_trace] for lo in range(0, len(items), per_trace)] or [[]]
     correct, wrong = data.answer_ids(model, required=False)
     jobs = [_conditions_job(model, data, chunk, metric_fn, correct, wrong) for chunk in chunks]
-    results = run_forwards(model, jobs, remote, progress=progress, desc="sweep (remote traces)")
+    results = run_jobs(ex, jobs, progress=progress, desc="sweep (traces)")
     values = {c: [] for c in conditions}
     for chunk, (_, _, chunk_values) in zip(chunks, results):
         for (component, _), value in zip(chunk, chunk_values):
@@ -182,8 +213,8 @@ def remote_values(model, data: Counterfactual, conditions: dict, metric_fn, remo
 
 
 def _conditions_job(model, data: Counterfactual, chunk: list, metric_fn, correct, wrong) -> tuple:
-    """One trace of several conditions, each on a stream of its own: ``(plan, inputs, batch,
-    reduce)``, ``reduce`` giving the base and source means and each condition's mean."""
+    """One trace of several conditions, each on a stream of its own: a :class:`Job` whose
+    ``reduce`` gives the base and source means and each condition's mean."""
     g, streams = Graph(), {"base": data.base, "source": data.source}
     for i, (component, (layer, pos, _, head)) in enumerate(chunk):
         streams[f"c{i}"] = data.base
@@ -198,7 +229,7 @@ def _conditions_job(model, data: Counterfactual, chunk: list, metric_fn, correct
         mean = (lambda stream: float(metric_fn(last_token(logits, batch, stream), ref).mean()))
         return mean("base"), mean("source"), [mean(name) for name in names]
 
-    return compile_graph(g, model.arch), inputs, batch, reduce
+    return Job(compile_graph(g, model.arch).bind(batch), inputs, reduce)
 
 
 def _lengths(model, data) -> torch.Tensor:
@@ -221,7 +252,7 @@ def base_and_source_runs(model, data: Counterfactual, conditions: dict) -> Runs:
                   name=f"{component}/{layer}/{pos}")
     src_inputs, batch = tokenize(model, {"base": data.source}, "left")
     with torch.no_grad():
-        src_logits, collected = forward(compile_graph(g, model.arch), model, src_inputs, batch)
+        src_logits, collected = executor(model).forward(compile_graph(g, model.arch).bind(batch), src_inputs)
     correct, wrong = data.answer_ids(model, required=False)
     ref = Reference(correct, wrong, src_logits[:, -1])
     values = {tuple(k.split("/")): v for k, v in collected.items()}
@@ -339,8 +370,7 @@ def _run_chunk(model, runs: Runs, component: str, conds: list, index: dict, keep
     g = Graph()
     g.add(Site(component, layer), Set(value.flatten(0, 1), mask=where.flatten(0, 1)), name="patch")
     n, width = n_rows * n_cond, seq - keep
-    batch = Batch({"base": slice(0, n)}, torch.zeros(n, dtype=torch.long), torch.full((n,), width), width)
-    prefix = (layer, rep(runs.hidden[layer][:, keep:])) if layer else None
+    skip = Skip(layer, rep(runs.hidden[layer][:, keep:])) if layer else None
     with torch.no_grad():
-        logits, _ = forward(compile_graph(g, arch), model, inputs, batch, prefix=prefix)
+        logits, _ = executor(model).forward(compile_graph(g, arch).bind(Batch.full(n, width)), inputs, skip=skip)
     return logits[:, -1]

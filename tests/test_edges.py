@@ -69,9 +69,31 @@ def receiver(name, n_layers):
     return f"{kind}_in", int(layer), int(head)
 
 
-def plain(lm, table, exact: bool, steps: int = 0):
+def outputs(lm, family, ids):
+    """``{(component, layer): [S, d]}``: the embeddings, each attention output and each MLP output (plain hooks)."""
+    hf, seen, handles = lm.hf, {}, []
+    handles.append(root_module(hf, PATHS[family]["embed"]).register_forward_hook(
+        lambda m, a, o: seen.update({("embed", 0): o[0].detach()})))
+    for layer in range(lm.arch.n_layers):
+        for component in ("attn_out", "mlp_out"):
+            def keep(t, key=(component, layer)):
+                seen[key] = t[0].detach()
+                return t
+            handles += install(hf, family, component, layer, keep, hf.config)
+    try:
+        with torch.no_grad():
+            hf(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
+def plain(lm, table, exact: bool, steps: int = 0, on: str = "inputs"):
     """The mean over prompts of each edge's score, with plain hooks (one prompt at a time);
-    ``steps``: EAP-IG's gradient, averaged over embeddings from the corrupted to the clean."""
+    ``steps``: EAP-IG's gradient, averaged over embeddings (``on="inputs"``: k = 0 .. steps - 1)
+    or over each sender group's output (``on="activations"``: k = 1 .. steps, one group at a
+    time) moved from the corrupted to the clean."""
     family, hf, cfg, tok = lm.arch.family.name, lm.hf, lm.hf.config, lm.tokenizer
     n, total = lm.arch.n_layers, torch.zeros(len(table), dtype=torch.float64)
     for clean, corrupt, good, bad in zip(DATA.source, DATA.base, DATA.correct, DATA.wrong):
@@ -105,12 +127,25 @@ def plain(lm, table, exact: bool, steps: int = 0):
                         h.remove()
             continue
         grads = {}
-        alphas = [k / steps for k in range(steps)] if steps else [None]
-        for alpha in alphas:
+        if not steps:
+            moves = [None]
+        elif on == "inputs":
+            moves = [(("embed", 0), k / steps) for k in range(steps)]
+        else:
+            clean_out = outputs(lm, family, ids)
+            corrupt_out = outputs(lm, family, tok([corrupt], return_tensors="pt")["input_ids"])
+            moves = [(key, k / steps) for key in clean_out for k in range(1, steps + 1)]
+        for move in moves:
             params, handles = {}, []
-            if alpha is not None:
-                x = theirs["input"] + alpha * (mine["input"] - theirs["input"])
+            if move is not None and move[0][0] == "embed":
+                source, target = (theirs["input"], mine["input"]) if on == "inputs" else (
+                    corrupt_out[move[0]], clean_out[move[0]])
+                x = source + move[1] * (target - source)
                 handles.append(root_module(hf, PATHS[family]["embed"]).register_forward_hook(lambda m, a, o: x[None]))
+            elif move is not None:
+                (component, layer), alpha = move
+                x = corrupt_out[move[0]] + alpha * (clean_out[move[0]] - corrupt_out[move[0]])
+                handles += install(hf, family, component, layer, lambda t: x[None].to(t.dtype), cfg)
             for component in ("q_in", "k_in", "v_in", "mlp_in", "logits_in"):
                 for layer in ([n - 1] if component == "logits_in" else range(n)):
                     def edit(t, key=(component, layer)):
@@ -125,7 +160,7 @@ def plain(lm, table, exact: bool, steps: int = 0):
             keys = list(params)
             for k, g in zip(keys, torch.autograd.grad(value, [params[k] for k in keys], allow_unused=True)):
                 g = torch.zeros_like(params[k]) if g is None else g
-                grads[k] = grads.get(k, 0) + g / len(alphas)
+                grads[k] = grads.get(k, 0) + g / len(moves)
         for i, (s, r) in enumerate(zip(table.sender, table.receiver)):
             component, layer, head = receiver(r, n)
             g = grads[(component, layer)]
@@ -157,6 +192,19 @@ def test_eap_ig_equals_the_plain_hook_average_of_gradients(lm, side):
     torch.testing.assert_close(torch.tensor(table.score.values, dtype=torch.float64), want, atol=ATOL, rtol=1e-4)
     eap = rg.circuits.edge_scores(lm, DATA, progress=False)
     assert not torch.allclose(torch.tensor(eap.score.values, dtype=torch.float64), want, atol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_eap_ig_on_activations_equals_the_plain_hook_average_of_gradients(lm, side):
+    old, lm.tokenizer.padding_side = lm.tokenizer.padding_side, side
+    try:
+        table = rg.circuits.edge_scores(lm, DATA, method="eap-ig-activations", steps=2, progress=False)
+    finally:
+        lm.tokenizer.padding_side = old
+    want = plain(lm, table, exact=False, steps=2, on="activations")
+    torch.testing.assert_close(torch.tensor(table.score.values, dtype=torch.float64), want, atol=ATOL, rtol=1e-4)
+    inputs = plain(lm, table, exact=False, steps=2)
+    assert not torch.allclose(inputs, want, atol=1e-4), "moving every group differs from moving the inputs"
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -278,3 +326,28 @@ def test_an_edge_circuit_runs_remotely_as_it_runs_here():
     here = circuit.run(lm, DATA.source, sources={"corrupt": DATA.base})
     there = circuit.run(lm, DATA.source, sources={"corrupt": DATA.base}, remote="local")
     torch.testing.assert_close(here.logits, there.logits, atol=0, rtol=0)
+
+
+def test_an_edge_circuit_saves_as_its_edges_and_loads_for_a_model(tmp_path):
+    lm = rg.models.tiny("llama")
+    found = rg.circuits.discover_edges(lm, DATA, size=12, progress=False)
+    path = found.save(tmp_path / "circuit", model=lm)
+    loaded = rg.circuits.load_edge_circuit(path, lm)
+    assert loaded.kept[["sender", "receiver"]].values.tolist() == found.kept[["sender", "receiver"]].values.tolist()
+    assert loaded.kept.score.tolist() == found.kept.score.tolist() and loaded.settings == found.settings
+    sources = {"corrupt": DATA.base}
+    want, got = found.run(lm, DATA.source, sources=sources), loaded.run(lm, DATA.source, sources=sources)
+    assert torch.equal(want.logits, got.logits)
+    found.save(path, model=lm)    # saving again replaces the folder whole
+    assert len(rg.circuits.load_edge_circuit(path, lm).kept) == 12
+    with pytest.raises(rg.GraphFileError, match="saved for a llama model .* is gpt_neox"):
+        rg.circuits.load_edge_circuit(path, rg.models.tiny("gpt_neox"))
+    unnamed = found.save(tmp_path / "unnamed")     # saved without a model: the edge count still has to fit
+    with pytest.raises(rg.GraphFileError, match="82 edges; tiny-gpt_neox has 102"):
+        rg.circuits.load_edge_circuit(unnamed, rg.models.tiny("gpt_neox"))
+    with pytest.raises(rg.GraphFileError, match="holds no edge circuit"):
+        rg.circuits.load_edge_circuit(tmp_path, lm)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "edge_circuit.json").write_text('{"kept": 3}')
+    with pytest.raises(rg.GraphFileError, match="not a saved edge circuit"):
+        rg.circuits.load_edge_circuit(tmp_path / "bad", lm)

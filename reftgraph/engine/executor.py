@@ -119,11 +119,12 @@ class Remote(Local):
         """One forward as one request: the value and the collected nodes come back.
 
         >>> import reftgraph as rg
-        >>> from reftgraph.engine import Batch, compile_graph
+        >>> from reftgraph.engine import compile_graph, tokenize
         >>> lm = rg.models.tiny("llama")
-        >>> ids = lm.arch.inputs(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long))
-        >>> bound = compile_graph(rg.Graph(), lm.arch).bind(Batch.full(1, 2))
-        >>> torch.equal(executor(lm, "local").forward(bound, ids).value, executor(lm).forward(bound, ids).value)
+        >>> inputs, batch = tokenize(lm, {"base": ["ab", "c"]})
+        >>> bound = compile_graph(rg.Graph(), lm.arch).bind(batch)
+        >>> there, here = (executor(lm, remote).forward(bound, inputs).value for remote in ("local", None))
+        >>> torch.equal(there, here)
         True
         """
         if skip is not None:

@@ -22,7 +22,9 @@ value. With every edge kept the run is the clean run; with none, the corrupted r
 from __future__ import annotations
 
 import html
+import json
 import math
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import pandas as pd
@@ -31,15 +33,16 @@ import torch
 from ..core.graph import Graph
 from ..core.ops.base import Op
 from ..engine import as_model, run
-from ..errors import DataError
+from ..errors import DataError, GraphFileError
+from ..files import atomic_dir
 from ..training.counterfactual import Counterfactual
 from ..viz.circuits import draw_edges as _draw, plot_mib
 from ..viz.progress import progress_bar
 from .edges import edge_scores, edges, out_maps, receiver_site, sender_sites, units
 from .patching.metrics import Reference, get_metric
 
-__all__ = ["EdgeCircuit", "edge_circuit", "discover_edges", "edge_faithfulness", "mib", "MIB_FRACTIONS", "draw_edges",
-           "node_edges", "plot_mib"]
+__all__ = ["EdgeCircuit", "edge_circuit", "discover_edges", "edge_faithfulness", "load_edge_circuit", "mib",
+           "MIB_FRACTIONS", "draw_edges", "node_edges", "plot_mib"]
 
 STREAM = "corrupt"
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)   # MIB's circuit sizes
@@ -101,7 +104,8 @@ class EdgeCircuit(Graph):
       runs as 29 nodes: 10 record the senders' writes (both streams), 19 receivers read the corrupted writes of the senders outside
 
     It runs like any :class:`~reftgraph.Graph` (with ``sources={"corrupt": corrupted prompts}``);
-    it saves as its kept edges (``circuit.kept.to_json()``) and is rebuilt by :func:`edge_circuit`.
+    :meth:`save` writes it as what it is, its edges and settings, and :func:`load_edge_circuit`
+    rebuilds it for a model.
     """
 
     def __init__(self, nodes=(), kept: Optional[pd.DataFrame] = None, total: int = 0,
@@ -110,6 +114,26 @@ class EdgeCircuit(Graph):
         self.kept = pd.DataFrame(columns=["sender", "receiver"]) if kept is None else kept
         self.total = total
         self.settings = dict(settings or {})
+
+    def save(self, path, model=None) -> Path:
+        """Write ``path/edge_circuit.json``: the kept edges (with their scores when found),
+        the model's edge count and the settings; the folder is replaced whole, or not at all.
+
+        >>> import tempfile, pandas as pd, reftgraph as rg
+        >>> lm = rg.models.tiny("llama")
+        >>> path = edge_circuit(lm, pd.DataFrame({"sender": ["a0.h1"], "receiver": ["logits"]})).save(
+        ...     tempfile.mkdtemp() + "/c", model=lm)
+        >>> load_edge_circuit(path, lm).kept.values.tolist()
+        [['a0.h1', 'logits']]
+        """
+        columns = [c for c in ("sender", "receiver", "score") if c in self.kept]
+        kept = {c: [float(v) if c == "score" else str(v) for v in self.kept[c]] for c in columns}
+        info = {"family": model.arch.family.name, "name": model.name} if model is not None else None
+        text = json.dumps({"format": "reftgraph edge circuit", "version": 1, "model": info, "total": self.total,
+                           "settings": self.settings, "kept": kept}, allow_nan=False)
+        with atomic_dir(path) as tmp:
+            (tmp / EDGE_FILE).write_text(text)
+        return Path(path)
 
     def _lines(self) -> tuple:
         names = [f"{s} -> {r}" for s, r in zip(self.kept.sender, self.kept.receiver)]
@@ -177,6 +201,46 @@ def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None) -> 
         groups = [(key, None if idx[0] is None else torch.tensor(idx)) for key, idx in outside[r.name].items()]
         circuit.add(receiver_site(r), _Read(wiring, groups), name=f"read {r.name.replace('.', ' ')}")
     return circuit
+
+
+EDGE_FILE = "edge_circuit.json"
+MAX_EDGE_BYTES = 256 * 2**20
+
+
+def load_edge_circuit(path, model) -> EdgeCircuit:
+    """The edge circuit saved at ``path`` (:meth:`EdgeCircuit.save`), rebuilt for ``model``.
+
+    >>> import tempfile, pandas as pd, reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> path = edge_circuit(lm, rg.circuits.edges(lm).head(4)).save(tempfile.mkdtemp() + "/c")
+    >>> len(load_edge_circuit(path, lm).kept)
+    4
+
+    Refused, with the reason: a folder without the file, a file that is not an edge circuit,
+    and a model of another family, or with another edge count, than the one it was saved for.
+    """
+    model = as_model(model)
+    file = Path(path) / EDGE_FILE
+    if not file.is_file():
+        raise GraphFileError(f"{path} holds no edge circuit ({EDGE_FILE} is missing)")
+    if file.stat().st_size > MAX_EDGE_BYTES:
+        raise GraphFileError(f"{file} is {file.stat().st_size} bytes; an edge circuit is at most {MAX_EDGE_BYTES}")
+    try:
+        saved = json.loads(file.read_text())
+        kept = pd.DataFrame(saved["kept"])
+        total, settings = int(saved["total"]), dict(saved["settings"])
+        if saved.get("format") != "reftgraph edge circuit" or not {"sender", "receiver"} <= set(kept.columns):
+            raise ValueError("not an edge circuit")
+    except (ValueError, KeyError, TypeError) as e:
+        raise GraphFileError(f"{file} is not a saved edge circuit ({e})") from None
+    info, family = saved.get("model") or {}, model.arch.family.name
+    if info.get("family") not in (None, family):
+        raise GraphFileError(f"{file} was saved for a {info['family']} model ({info.get('name')}); "
+                             f"{model.name or 'this model'} is {family}")
+    n = len(edges(model))
+    if total != n:
+        raise GraphFileError(f"{file} was saved for a model with {total} edges; {model.name or 'this model'} has {n}")
+    return edge_circuit(model, kept, settings)
 
 
 def draw_edges(circuit: EdgeCircuit, model, ax=None):

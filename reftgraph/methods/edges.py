@@ -44,7 +44,7 @@ from .patching.metrics import Reference, get_metric
 
 __all__ = ["edges", "edge_scores", "METHODS"]
 
-METHODS = ("eap", "eap-ig-inputs", "exact")
+METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "exact")
 NEEDS = ("embed", "head_out", "mlp_out", "q_in", "k_in", "v_in", "mlp_in", "logits_in")
 
 
@@ -146,11 +146,26 @@ def receiver_site(r) -> Site:
     return Site(f"{r.kind}_in", r.layer, head=r.head)
 
 
-def _sender_graph(arch) -> Graph:
+def _sender_graph(arch, groups: bool = False) -> Graph:
+    """Collects what the senders write; with ``groups``, each layer's attention output too."""
     g = Graph()
     for name, site in sender_sites(arch):
         g.add(site, Collect(), name=name)
+    for name, site in _groups(arch, "eap-ig-activations") if groups else ():
+        if site.component == "attn_out":   # (the embeddings and MLP outputs are senders already)
+            g.add(site, Collect(), name=name)
     return g
+
+
+def _groups(arch, method: str) -> list:
+    """``[(name, site)]``: the outputs EAP-IG moves, in forward order: the embeddings (on
+    inputs), or the embeddings, each attention output and each MLP output (on activations)."""
+    if method == "eap-ig-inputs":
+        return [("input", Site("embed"))]
+    out = [("input", Site("embed"))]
+    for layer in range(arch.n_layers):
+        out += [(f"attn{layer}", Site("attn_out", layer)), (f"m{layer}", Site("mlp_out", layer))]
+    return out
 
 
 def out_maps(model) -> list:
@@ -203,7 +218,12 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     stream) and one corrupted forward. ``method="eap-ig-inputs"`` (EAP-IG, Hanna et al. 2024):
     the gradient averaged over ``steps`` forwards whose embeddings run from the corrupted ones
     towards the clean ones (``corrupt + (k / steps) (clean - corrupt)``, k = 0 .. steps - 1, as
-    ``get_scores_eap_ig`` in hannamw/EAP-IG). ``method="exact"``: one forward per edge, the
+    ``get_scores_eap_ig`` in hannamw/EAP-IG). ``method="eap-ig-activations"`` (EAP-IG on
+    activations): the gradient averaged over ``steps`` forwards per sender group (the
+    embeddings, each layer's attention output, each MLP's output), each moving that group's
+    output from the corrupted run's towards the clean run's (``corrupt + (k / steps) (clean -
+    corrupt)``, k = 1 .. steps, as ``get_scores_ig_activations`` in hannamw/EAP-IG): ``(2
+    layers + 1) x steps`` forwards and backwards. ``method="exact"``: one forward per edge, the
     receiver's copy of the stream moved by the sender's ``a_corrupt - a_clean``; the change of
     the metric (small models and tests). Clean (``data.source``) and corrupted
     (``data.base``) prompts must have equal lengths, row by row. ``metric`` as in
@@ -225,24 +245,26 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     arch = model.arch
     senders, receivers = units(arch)
     maps = out_maps(model)
-    corrupt = run(_sender_graph(arch), model, data.base, grad=False)
+    collect = _sender_graph(arch, groups=method == "eap-ig-activations")
+    corrupt = run(collect, model, data.base, grad=False)
     grad = None
     if method == "eap":     # the clean writes come from the gradient's own (clean) forward
         grad, clean = _gradients(model, data, receivers, metric_fn, Reference(correct, wrong), senders=arch)
     else:
-        clean = run(_sender_graph(arch), model, data.source, grad=False)
+        clean = run(collect, model, data.source, grad=False)
     ref = Reference(correct, wrong, clean.next_token_logits.detach())
     valid = clean.valid["input"]
     delta = _delta_writes(model, corrupt, clean, maps, valid)          # [senders, B, k, d]
     index = {s.name: i for i, s in enumerate(senders)}
     if method != "exact":
-        if grad is None:     # EAP-IG: the gradient averaged over embeddings from the corrupted to the clean
-            clean_in, corrupt_in = clean["input"], corrupt["input"]
+        if grad is None:     # EAP-IG: the gradient averaged over outputs from the corrupted to the clean
+            runs = [(name, site, k / steps) for name, site in _groups(arch, method) for k in (
+                range(steps) if method == "eap-ig-inputs" else range(1, steps + 1))]
             grad = {}
-            for k in range(steps):
-                step = _gradients(model, data, receivers, metric_fn, ref, corrupt_in + (k / steps) * (
-                    clean_in - corrupt_in), valid)[0]
-                grad = {key: grad.get(key, 0) + value / steps for key, value in step.items()}
+            for name, site, alpha in progress_bar(runs, desc=method, progress=progress and len(runs) > 1, unit="run"):
+                moved = corrupt[name] + alpha * (clean[name] - corrupt[name])
+                step = _gradients(model, data, receivers, metric_fn, ref, (site, moved), valid)[0]
+                grad = {key: grad.get(key, 0) + value / len(runs) for key, value in step.items()}
         scores = _products(delta, grad, senders, receivers)
         column = {r.name: i for i, r in enumerate(receivers)}
         rows, cols = table.sender.map(index).to_numpy(copy=True), table.receiver.map(column).to_numpy(copy=True)
@@ -278,15 +300,15 @@ def _receiver_grad(grads: dict, r) -> torch.Tensor:
     return gr if r.head is None else gr[:, :, r.head]
 
 
-def _gradients(model, data, receivers, metric_fn, ref, embed=None, valid=None, senders=None) -> tuple:
+def _gradients(model, data, receivers, metric_fn, ref, moved=None, valid=None, senders=None) -> tuple:
     """``({receiver site: gradient [B, k, (H,) d]}, the run)``: the metric's gradient at each
     receiver's copy of the stream (one site per layer and kind, all heads), from one clean
-    forward (embeddings set to ``embed`` when given) and one backward; with ``senders`` (an
-    Arch) the run also collects what the senders wrote (see :func:`_delta_writes`), and a
-    ``ref`` without source logits takes this run's."""
+    forward (with ``moved = (site, value)``: that site's output set to ``value``) and one
+    backward; with ``senders`` (an Arch) the run also collects what the senders wrote (see
+    :func:`_delta_writes`), and a ``ref`` without source logits takes this run's."""
     g, probes = (_sender_graph(senders) if senders is not None else Graph()), {}
-    if embed is not None:
-        g.add(Site("embed"), Set(embed, mask=valid[..., None]), name="inputs")
+    if moved is not None:
+        g.add(moved[0], Set(moved[1], mask=valid[..., None]), name="moved")
     for r in receivers:
         key = receiver_site(r).replace(head=None)
         if key not in probes:

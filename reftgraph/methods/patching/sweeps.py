@@ -204,7 +204,7 @@ def streamed_values(ex: Local, data: Counterfactual, conditions: dict, metric_fn
     chunks = [items[lo:lo + per_trace] for lo in range(0, len(items), per_trace)] or [[]]
     correct, wrong = data.answer_ids(model, required=False)
     jobs = [_conditions_job(model, data, chunk, metric_fn, correct, wrong) for chunk in chunks]
-    results = run_jobs(ex, jobs, progress=progress, desc="sweep (traces)")
+    results = run_jobs(ex, jobs, progress=progress, desc="sweep (remote traces)" if ex.remote else "sweep (traces)")
     values = {c: [] for c in conditions}
     for chunk, (_, _, chunk_values) in zip(chunks, results):
         for (component, _), value in zip(chunk, chunk_values):

@@ -243,7 +243,7 @@ def _select(node: Node, site: Site, stream: str, batch: Batch, what: str = "") -
                              cap=batch.seq_len)
 
 
-def bind(plan: Plan, batch: Batch) -> list[Bound]:
+def bind(plan, batch: Batch) -> list[Bound]:
     """Resolve every step's positions in ``batch``; raises :class:`SiteError` before any forward.
 
     >>> import reftgraph as rg
@@ -269,7 +269,7 @@ def bind(plan: Plan, batch: Batch) -> list[Bound]:
 MAX_BOUND = 64  # batch layouts remembered per plan
 
 
-def _bind(plan: Plan, batch: Batch) -> list:
+def _bind(plan, batch: Batch) -> list:
     n_flat = (max(r.stop for r in batch.rows.values())) * batch.seq_len
     layouts = {}   # (stream, positions) -> Layout: steps selecting the same slots share one
     bound = []
@@ -318,7 +318,7 @@ def _keys(node: Node, site: Site, stream: str, batch: Batch) -> Optional[KeyOrde
     return KeyOrder(batch.start[rows], length, batch.seq_len, sel.index, sel.valid)
 
 
-def with_subspaces(plan: Plan, bound: list, batch: Batch, subspaces) -> list:
+def with_subspaces(plan, bound: list, batch: Batch, subspaces) -> list:
     """``bound`` with per-row subspaces: for each row, the dims of a node's learned basis it uses.
 
     >>> import reftgraph as rg

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional, Sequence
 
 import nnsight
-import torch
+import torch  # noqa: F401  (the doctests use it)
 
 from ..arch.models import Model
 from ..errors import RemoteError

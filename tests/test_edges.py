@@ -351,3 +351,70 @@ def test_an_edge_circuit_saves_as_its_edges_and_loads_for_a_model(tmp_path):
     (tmp_path / "bad" / "edge_circuit.json").write_text('{"kept": 3}')
     with pytest.raises(rg.GraphFileError, match="not a saved edge circuit"):
         rg.circuits.load_edge_circuit(tmp_path / "bad", lm)
+
+
+def plain_mean_writes(lm):
+    """Each sender's write averaged over the corrupted prompts' tokens, with plain hooks."""
+    family, tok, total, count = lm.arch.family.name, lm.tokenizer, {}, 0
+    for prompt in DATA.base:
+        w = writes(lm, family, tok([prompt], return_tensors="pt")["input_ids"])
+        total = {k: total.get(k, 0) + v.double().sum(0) for k, v in w.items()}
+        count += next(iter(w.values())).shape[0]
+    return {k: v / count for k, v in total.items()}
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_mean_ablated_edge_gives_its_receiver_the_senders_mean_write(lm, side):
+    """Without one edge (mean ablation), its receiver reads the clean stream plus (mean write -
+    live write) of the sender: the plain-hook edit of that one receiver, one prompt at a time."""
+    family, hf, cfg, tok, n = lm.arch.family.name, lm.hf, lm.hf.config, lm.tokenizer, lm.arch.n_layers
+    means = plain_mean_writes(lm)
+    every = rg.circuits.edges(lm)
+    for i in (0, len(every) // 3, len(every) - 1):
+        s, r = every.sender[i], every.receiver[i]
+        circuit = rg.circuits.edge_circuit(lm, every.drop(index=i), ablate="mean", data=DATA)
+        assert circuit.streams == {"base"}
+        got = circuit.run(lm, DATA.source, padding_side=side).next_token_logits
+        component, layer, head = receiver(r, n)
+        for row, clean in enumerate(DATA.source):
+            ids = tok([clean], return_tensors="pt")["input_ids"]
+            d = (means[s] - writes(lm, family, ids)[s].double()).float()[None]
+
+            def edit(t, d=d, head=head):
+                if head is None:
+                    return t + d
+                t = t.clone()
+                t[:, :, head] = t[:, :, head] + d
+                return t
+            handles = install(hf, family, component, layer, edit, cfg)
+            try:
+                with torch.no_grad():
+                    want = hf(input_ids=ids).logits[0, -1]
+            finally:
+                for h in handles:
+                    h.remove()
+            torch.testing.assert_close(got[row], want, atol=ATOL, rtol=0)
+
+
+def test_mean_ablated_circuits_run_without_the_corrupted_stream_and_save_their_means(tmp_path):
+    lm = rg.models.tiny("llama")
+    table = rg.circuits.edges(lm)
+    full = rg.circuits.edge_circuit(lm, table, ablate="mean", data=DATA)
+    result = rg.circuits.edge_faithfulness(full, lm, DATA, progress=False)
+    assert result["circuit"] == pytest.approx(result["full"], abs=1e-5) and result["normalised"] == pytest.approx(1.0)
+    none = rg.circuits.edge_circuit(lm, table.iloc[:0], ablate="mean", data=DATA)
+    empty = rg.circuits.edge_faithfulness(none, lm, DATA, progress=False)
+    corrupt = rg.circuits.edge_faithfulness(rg.circuits.edge_circuit(lm, table.iloc[:0]), lm, DATA, progress=False)
+    assert empty["normalised"] == pytest.approx(0.0, abs=1e-6) and empty["empty"] != pytest.approx(corrupt["empty"])
+    found = rg.circuits.discover(lm, DATA, size=10, level="edge", ablate="mean", progress=False)
+    assert found.settings["ablate"] == "mean" and found.means is not None
+    loaded = rg.circuits.load_edge_circuit(found.save(tmp_path / "c", model=lm), lm)
+    assert set(loaded.means) == set(found.means)
+    assert torch.equal(loaded.run(lm, DATA.source).logits, found.run(lm, DATA.source).logits)
+    curve = rg.circuits.mib(lm, DATA, rg.circuits.edge_scores(lm, DATA, progress=False), fractions=(0.1, 1.0),
+                            ablate="mean", progress=False)["curve"]
+    assert curve.faithfulness.iloc[-1] == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(rg.DataError, match="needs data"):
+        rg.circuits.edge_circuit(lm, table, ablate="mean")
+    with pytest.raises(rg.DataError, match="ablate must be"):
+        rg.circuits.edge_circuit(lm, table, ablate="zero")

@@ -36,15 +36,16 @@ from ..training.counterfactual import Counterfactual
 from ..viz.circuits import draw_circuit, plot_curve
 from ..viz.progress import progress_bar
 from .edge_circuits import (MIB_FRACTIONS, EdgeCircuit, discover_edges, draw_edges, edge_circuit, edge_faithfulness,
-                            load_edge_circuit, mib, node_edges, plot_mib)
+                            load_edge_circuit, mean_writes, mib, node_edges, plot_mib)
 from .edges import edge_scores, edges
 from .features import discover as discover_features
 from .patching.attribution import attribute
 from .patching.metrics import METRICS, Reference, get_metric
 
 __all__ = ["Circuit", "CircuitConfig", "EdgeCircuit", "MIB_FRACTIONS", "edges", "edge_scores", "edge_circuit",
-           "discover_edges", "edge_faithfulness", "load_edge_circuit", "mib", "node_edges", "draw_edges", "plot_mib",
-           "scores", "discover", "circuit_graph", "members", "faithfulness", "curve", "top_layers", "draw", "plot_curve"]
+           "discover_edges", "edge_faithfulness", "load_edge_circuit", "mean_writes", "mib", "node_edges",
+           "draw_edges", "plot_mib", "scores", "discover", "circuit_graph", "members", "faithfulness", "curve",
+           "top_layers", "draw", "plot_curve"]
 
 NODES = ("heads", "heads+mlps")
 ABLATE = ("corrupt", "mean")
@@ -184,7 +185,7 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
                                  method=method, steps=ig_steps, table=table, progress=progress)
     if level == "edge":
         method = {"atp": "eap", "ig": "eap-ig-inputs"}.get(method, method)
-        return discover_edges(model, data, size, method, ig_steps, metric, table, progress)
+        return discover_edges(model, data, size, method, ig_steps, metric, table, progress, ablate)
     model = as_model(model)
     _check(data, nodes)
     if ablate not in ABLATE:

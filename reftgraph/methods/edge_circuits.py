@@ -29,8 +29,12 @@ from typing import Optional, Sequence, Union
 
 import pandas as pd
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from ..core.graph import Graph
+from ..core.masks import masked_mean
+from ..core.ops import Collect
 from ..core.ops.base import Op
 from ..engine import as_model, run
 from ..errors import DataError, GraphFileError
@@ -41,8 +45,8 @@ from ..viz.progress import progress_bar
 from .edges import edge_scores, edges, out_maps, receiver_site, sender_sites, units
 from .patching.metrics import Reference, get_metric
 
-__all__ = ["EdgeCircuit", "edge_circuit", "discover_edges", "edge_faithfulness", "load_edge_circuit", "mib",
-           "MIB_FRACTIONS", "draw_edges", "node_edges", "plot_mib"]
+__all__ = ["EdgeCircuit", "edge_circuit", "discover_edges", "edge_faithfulness", "load_edge_circuit", "mean_writes",
+           "mib", "MIB_FRACTIONS", "draw_edges", "node_edges", "plot_mib"]
 
 STREAM = "corrupt"
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)   # MIB's circuit sizes
@@ -71,11 +75,12 @@ class _Send(Op):
 
 class _Read(Op):
     """A receiver's copy of the stream with its outside senders' live writes replaced by their
-    corrupted ones: ``outside`` lists ``(sender site key, sender indices or None)``."""
+    corrupted ones (or by their means, ``means[key]``: ``[d]`` or ``[senders, d]``): ``outside``
+    lists ``(sender site key, sender indices or None)``."""
 
-    def __init__(self, wiring, outside):
+    def __init__(self, wiring, outside, means=None):
         super().__init__()
-        self.wiring, self.outside = wiring, outside
+        self.wiring, self.outside, self.means = wiring, outside, means
 
     def forward(self, h, source=None, valid=None):
         live, corrupt = self.wiring.valid.get("base"), self.wiring.valid.get(STREAM)
@@ -84,8 +89,9 @@ class _Read(Op):
                             "prompts and the corrupted ones (stream 'corrupt') must have equal lengths, row by row")
         shift = 0
         for key, index in self.outside:
-            live, corrupt = self.wiring.writes[("base", key)], self.wiring.writes[(STREAM, key)]
-            diff = corrupt - live
+            live = self.wiring.writes[("base", key)]
+            ablated = self.wiring.writes[(STREAM, key)] if self.means is None else self.means[key].to(live.dtype)
+            diff = ablated - live
             shift = shift + (diff if index is None else diff[:, :, index].sum(2))
         if valid is not None:
             shift = shift * valid[..., None].to(h.dtype)
@@ -103,17 +109,19 @@ class EdgeCircuit(Graph):
     EdgeCircuit: keeps 1 of 82 edges: a0.h1 -> logits
       runs as 29 nodes: 10 record the senders' writes (both streams), 19 receivers read the corrupted writes of the senders outside
 
-    It runs like any :class:`~reftgraph.Graph` (with ``sources={"corrupt": corrupted prompts}``);
-    :meth:`save` writes it as what it is, its edges and settings, and :func:`load_edge_circuit`
-    rebuilds it for a model.
+    It runs like any :class:`~reftgraph.Graph` (with ``sources={"corrupt": corrupted prompts}``;
+    a mean-ablated circuit, ``settings["ablate"] == "mean"``, reads no other stream: its outside
+    senders write ``means``); :meth:`save` writes it as what it is, its edges, settings and
+    means, and :func:`load_edge_circuit` rebuilds it for a model.
     """
 
     def __init__(self, nodes=(), kept: Optional[pd.DataFrame] = None, total: int = 0,
-                 settings: Optional[dict] = None):
+                 settings: Optional[dict] = None, means: Optional[dict] = None):
         super().__init__(nodes)
         self.kept = pd.DataFrame(columns=["sender", "receiver"]) if kept is None else kept
         self.total = total
         self.settings = dict(settings or {})
+        self.means = means
 
     def save(self, path, model=None) -> Path:
         """Write ``path/edge_circuit.json``: the kept edges (with their scores when found),
@@ -133,15 +141,18 @@ class EdgeCircuit(Graph):
                            "settings": self.settings, "kept": kept}, allow_nan=False)
         with atomic_dir(path) as tmp:
             (tmp / EDGE_FILE).write_text(text)
+            if self.means is not None:
+                save_file({k: v.detach().float().contiguous() for k, v in self.means.items()}, str(tmp / MEANS_FILE))
         return Path(path)
 
     def _lines(self) -> tuple:
         names = [f"{s} -> {r}" for s, r in zip(self.kept.sender, self.kept.receiver)]
         shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
         sends = sum(isinstance(n.op, _Send) for n in self.nodes)
+        streams, what = ("the clean stream", "mean") if self.means is not None else ("both streams", "corrupted")
         return (f"EdgeCircuit: keeps {len(self.kept)} of {self.total} edges" + (f": {shown}" if shown else ""),
-                f"runs as {len(self)} nodes: {sends} record the senders' writes (both streams), "
-                f"{len(self) - sends} receivers read the corrupted writes of the senders outside")
+                f"runs as {len(self)} nodes: {sends} record the senders' writes ({streams}), "
+                f"{len(self) - sends} receivers read the {what} writes of the senders outside")
 
     def __repr__(self) -> str:
         head, runs = self._lines()
@@ -164,7 +175,8 @@ def _site_key(sender) -> tuple:
     return sender.name, None
 
 
-def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None) -> EdgeCircuit:
+def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None, ablate: str = "corrupt",
+                 data: Optional[Counterfactual] = None, means: Optional[dict] = None) -> EdgeCircuit:
     """The graph that runs the edges of ``kept`` (rows with ``sender`` and ``receiver`` names
     from :func:`~reftgraph.circuits.edges`) and gives every other edge its corrupted write.
 
@@ -172,8 +184,18 @@ def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None) -> 
     >>> lm = rg.models.tiny("llama")
     >>> len(edge_circuit(lm, rg.circuits.edges(lm)).nodes)      # every edge kept: the senders are only recorded
     10
+
+    ``ablate="mean"``: every other edge gives its receiver the sender's mean write over the
+    corrupted prompts of ``data`` (over rows and positions; or ``means``, as
+    :func:`mean_writes` gives them) instead, so the circuit runs on the clean prompts alone.
     """
     model = as_model(model)
+    if ablate not in ("corrupt", "mean"):
+        raise DataError(f"ablate must be 'corrupt' or 'mean', got {ablate!r}")
+    if ablate == "mean" and means is None:
+        if data is None:
+            raise DataError("ablate='mean' needs data (its corrupted prompts give the senders' mean writes)")
+        means = mean_writes(model, data)
     arch = model.arch
     table = edges(model)
     everything = set(zip(table.sender, table.receiver))
@@ -185,8 +207,9 @@ def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None) -> 
     senders, receivers = units(arch)
     by_name = {s.name: s for s in senders}
     wiring, maps = _Wiring(), out_maps(model)
-    circuit = EdgeCircuit(kept=kept.reset_index(drop=True), total=len(table), settings=settings)
-    for stream in ("base", STREAM):
+    circuit = EdgeCircuit(kept=kept.reset_index(drop=True), total=len(table), settings={**(settings or {}),
+                          "ablate": ablate}, means=means if ablate == "mean" else None)
+    for stream in ("base",) if ablate == "mean" else ("base", STREAM):
         for name, site in sender_sites(arch):
             out_map = maps[site.layer] if site.component == "head_out" else None
             circuit.add(site, _Send(wiring, (stream, name), out_map), name=f"send {stream} {name}", stream=stream)
@@ -199,11 +222,34 @@ def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None) -> 
         if r.name not in outside:
             continue
         groups = [(key, None if idx[0] is None else torch.tensor(idx)) for key, idx in outside[r.name].items()]
-        circuit.add(receiver_site(r), _Read(wiring, groups), name=f"read {r.name.replace('.', ' ')}")
+        circuit.add(receiver_site(r), _Read(wiring, groups, circuit.means), name=f"read {r.name.replace('.', ' ')}")
     return circuit
 
 
-EDGE_FILE = "edge_circuit.json"
+def mean_writes(model, data: Counterfactual) -> dict:
+    """Each sender's mean write over the corrupted prompts (``data.base``; rows and positions):
+    ``{"input": [d], "a{L}": [heads, d], "m{L}": [d]}``.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c d"], ["ab d c"], correct=["c"], wrong=["d"])
+    >>> {k: list(v.shape) for k, v in mean_writes(lm, data).items() if k in ("input", "a0")}
+    {'input': [32], 'a0': [4, 32]}
+    """
+    model = as_model(model)
+    arch, maps = model.arch, out_maps(model)
+    g = Graph()
+    for name, site in sender_sites(arch):
+        g.add(site, Collect(), name=name)
+    out = run(g, model, data.base, grad=False)
+    means = {}
+    for name, site in sender_sites(arch):
+        mean = masked_mean(out[name].float(), out.valid[name], (0, 1))
+        means[name] = torch.einsum("he,hed->hd", mean, maps[site.layer].float()) if site.component == "head_out" else mean
+    return means
+
+
+EDGE_FILE, MEANS_FILE = "edge_circuit.json", "means.safetensors"
 MAX_EDGE_BYTES = 256 * 2**20
 
 
@@ -240,7 +286,14 @@ def load_edge_circuit(path, model) -> EdgeCircuit:
     n = len(edges(model))
     if total != n:
         raise GraphFileError(f"{file} was saved for a model with {total} edges; {model.name or 'this model'} has {n}")
-    return edge_circuit(model, kept, settings)
+    means = None
+    if settings.get("ablate") == "mean":
+        try:
+            with safe_open(str(Path(path) / MEANS_FILE), "pt") as f:
+                means = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise GraphFileError(f"{path}: a mean-ablated circuit needs {MEANS_FILE} ({e})") from None
+    return edge_circuit(model, kept, settings, settings.get("ablate", "corrupt"), means=means)
 
 
 def draw_edges(circuit: EdgeCircuit, model, ax=None):
@@ -269,7 +322,7 @@ def _size(size, n: int) -> int:
 
 def discover_edges(model, data: Counterfactual, size: Union[int, float] = 0.05, method: str = "eap",
                    steps: int = 5, metric="logit_diff", table: Optional[pd.DataFrame] = None,
-                   progress: bool = True) -> EdgeCircuit:
+                   progress: bool = True, ablate: str = "corrupt") -> EdgeCircuit:
     """The edge circuit of the ``size`` edges with the largest absolute scores.
 
     >>> import reftgraph as rg
@@ -279,7 +332,8 @@ def discover_edges(model, data: Counterfactual, size: Union[int, float] = 0.05, 
     ['sender', 'receiver', 'sender_kind']
 
     ``size``: a number of edges or a fraction of all of them; ``method``, ``steps``, ``metric``:
-    see :func:`~reftgraph.circuits.edge_scores`; ``table``: its scores, to reuse them.
+    see :func:`~reftgraph.circuits.edge_scores`; ``table``: its scores, to reuse them;
+    ``ablate``: what the edges outside carry, as in :func:`edge_circuit`.
     """
     model = as_model(model)
     if table is None:
@@ -287,21 +341,28 @@ def discover_edges(model, data: Counterfactual, size: Union[int, float] = 0.05, 
         table = edge_scores(model, data, method, metric, steps, progress)
     count = _size(size, len(table))
     order = table.reindex(table.score.abs().sort_values(ascending=False, kind="stable").index)
-    return edge_circuit(model, order.head(count), dict(size=size, method=table.attrs.get("method", method)))
+    return edge_circuit(model, order.head(count), dict(size=size, method=table.attrs.get("method", method)), ablate,
+                        data)
 
 
-def _metric(model, data, graphs, metric, progress) -> tuple:
-    """The metric's mean on the clean prompts: the clean run, the corrupted run, then each graph."""
+def _metric(model, data, graphs, metric, progress, means=None) -> tuple:
+    """The metric's mean on the clean prompts: the clean run, the empty circuit (the corrupted
+    run; with ``means``, every edge mean-ablated), then each graph."""
     _, metric_fn = get_metric(metric)
     correct, wrong = data.answer_ids(model, required=False)
     with progress_bar(total=len(graphs) + 2, desc="circuit runs", progress=progress, unit="run") as bar:
         clean = run(Graph(), model, data.source, grad=False).next_token_logits
         ref = Reference(correct, wrong, clean)
-        corrupt = run(Graph(), model, data.base, grad=False).next_token_logits
+        if means is None:
+            corrupt = run(Graph(), model, data.base, grad=False).next_token_logits
+        else:
+            empty = edge_circuit(model, edges(model).iloc[:0], ablate="mean", means=means)
+            corrupt = run(empty, model, data.source, grad=False).next_token_logits
         bar.update(2)
         values = []
         for g in graphs:
-            logits = run(g, model, data.source, sources={STREAM: data.base}, grad=False).next_token_logits
+            sources = {STREAM: data.base} if STREAM in g.streams else None
+            logits = run(g, model, data.source, sources=sources, grad=False).next_token_logits
             values.append(metric_fn(logits, ref).mean().item())
             bar.update(1)
     return metric_fn(clean, ref).mean().item(), metric_fn(corrupt, ref).mean().item(), values
@@ -310,8 +371,9 @@ def _metric(model, data, graphs, metric, progress) -> tuple:
 def edge_faithfulness(circuit: EdgeCircuit, model, data: Counterfactual, metric="logit_diff",
                       progress: bool = True) -> dict:
     """Run an edge circuit on the clean prompts: ``circuit``, ``full`` (the clean run), ``empty``
-    (the corrupted run), ``faithfulness = circuit / full`` and ``normalised = (circuit - empty) /
-    (full - empty)`` (MIB's faithfulness), ``size`` the edges kept.
+    (the corrupted run; for a mean-ablated circuit, every edge mean-ablated), ``faithfulness =
+    circuit / full`` and ``normalised = (circuit - empty) / (full - empty)`` (MIB's
+    faithfulness), ``size`` the edges kept.
 
     >>> import reftgraph as rg
     >>> lm = rg.models.tiny("llama")
@@ -321,7 +383,7 @@ def edge_faithfulness(circuit: EdgeCircuit, model, data: Counterfactual, metric=
     1.0
     """
     model = as_model(model)
-    full, empty, (value,) = _metric(model, data, [circuit], metric, progress)
+    full, empty, (value,) = _metric(model, data, [circuit], metric, progress, circuit.means)
     return {"size": len(circuit.kept), "circuit": value, "full": full, "empty": empty,
             "faithfulness": value / full, "normalised": (value - empty) / (full - empty)}
 
@@ -361,7 +423,7 @@ def node_edges(model, nodes: pd.DataFrame) -> pd.DataFrame:
 
 
 def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[float] = MIB_FRACTIONS,
-        metric="logit_diff", progress: bool = True) -> dict:
+        metric="logit_diff", progress: bool = True, ablate: str = "corrupt") -> dict:
     """MIB's circuit metrics for edge (or node) ``scores``: the faithfulness curve at
     ``fractions`` of all edges (or nodes), CPR and CMD.
 
@@ -377,7 +439,8 @@ def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[f
     over the log of the edge count, as ``evaluate_area_under_curve`` in MIB's
     ``MIB_circuit_track/evaluation.py``. Node scores (a table of :func:`~reftgraph.circuits.scores`
     with ``nodes="heads+mlps"``) keep the top nodes, and the circuit is the edges between them
-    (:func:`node_edges`), counted as edges, as MIB evaluates node methods. Unlike MIB, the
+    (:func:`node_edges`), counted as edges, as MIB evaluates node methods. ``ablate="mean"``: the
+    edges outside carry their senders' mean writes (:func:`edge_circuit`). Unlike MIB, the
     circuits are not pruned (edges from senders no path reaches, or into receivers that reach
     nothing, stay counted) and a fraction keeps at least one edge or node.
     """
@@ -386,8 +449,9 @@ def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[f
     counts = [max(1, int(f * len(scores))) for f in fractions]
     nodes = "sender" not in scores
     kept = [node_edges(model, order.head(k)) if nodes else order.head(k) for k in counts]
-    graphs = [edge_circuit(model, k) for k in kept]
-    full, empty, values = _metric(model, data, graphs, metric, progress)
+    means = mean_writes(model, data) if ablate == "mean" else None
+    graphs = [edge_circuit(model, k, ablate=ablate, means=means) for k in kept]
+    full, empty, values = _metric(model, data, graphs, metric, progress, means)
     faith = [(v - empty) / (full - empty) for v in values]
     sizes = [max(1, len(k)) for k in kept]
     cpr = cmd = 0.0

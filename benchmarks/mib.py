@@ -33,10 +33,14 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--fractions", type=float, nargs="*", default=list(rg.circuits.MIB_FRACTIONS))
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--methods", nargs="*", default=["eap", "eap-ig-inputs", "node-ig"],
+                        choices=["eap", "eap-ig-inputs", "eap-ig-activations", "node-ig"],
+                        help="eap-ig-activations runs (2 layers + 1) x steps forwards and backwards")
+    parser.add_argument("--ablate", default="corrupt", choices=["corrupt", "mean"])
     args = parser.parse_args()
     set_threads()
     lm = rg.load()
-    figures = {"edges": len(rg.circuits.edges(lm)), "prompts": args.prompts}
+    figures = {"edges": len(rg.circuits.edges(lm)), "prompts": args.prompts, "ablate": args.ablate}
     for task in args.tasks:
         figures[task] = run_task(lm, task, args)
     print(json.dumps(figures))
@@ -47,22 +51,26 @@ def run_task(lm, task, args) -> dict:
     train, held_out = make(args.prompts, seed=0), make(args.prompts, seed=1)
     results, figures = {}, {}
     node_ig = f"node IG ({args.steps} steps)"
-    for method in ("eap", "eap-ig-inputs", node_ig):
+    for method in [node_ig if m == "node-ig" else m for m in args.methods]:
         start = time.perf_counter()
         if method == node_ig:   # heads and MLPs scored, their circuits run as the edges between them
             scores = rg.circuits.scores(lm, train, nodes="heads+mlps", method="ig", ig_steps=args.steps, progress=False)
         else:
             scores = rg.circuits.edge_scores(lm, train, method=method, steps=args.steps, progress=False)
         scored = time.perf_counter() - start
-        results[method] = rg.circuits.mib(lm, held_out, scores, fractions=args.fractions, progress=False)
+        results[method] = rg.circuits.mib(lm, held_out, scores, fractions=args.fractions, progress=False,
+                                          ablate=args.ablate)
         figures[f"{method} CPR"] = round(results[method]["cpr"], 3)
         figures[f"{method} CMD"] = round(results[method]["cmd"], 3)
         figures[f"{method} scoring s"] = round(scored, 1)
         figures[f"{method} curve"] = [round(f, 3) for f in results[method]["curve"].faithfulness]
     for name in ("cpr", "cmd"):     # the goal: EAP-IG's CPR >= 2x and CMD <= 0.5x node-level IG's
-        figures[f"eap-ig-inputs / node IG {name.upper()}"] = round(results["eap-ig-inputs"][name] / results[node_ig][name], 2)
+        for ig in ("eap-ig-inputs", "eap-ig-activations"):
+            if ig in results and node_ig in results:
+                figures[f"{ig} / node IG {name.upper()}"] = round(results[ig][name] / results[node_ig][name], 2)
     RESULTS.mkdir(exist_ok=True)
-    rg.circuits.plot_mib(results).savefig(RESULTS / f"mib_smollm2_{task}.png", dpi=120, bbox_inches="tight")
+    suffix = "" if args.ablate == "corrupt" else f"_{args.ablate}"
+    rg.circuits.plot_mib(results).savefig(RESULTS / f"mib_smollm2_{task}{suffix}.png", dpi=120, bbox_inches="tight")
     print(f"{task}: {'method':>18} {'CPR':>8} {'CMD':>8}   curve at {args.fractions}")
     for method, result in results.items():
         curve = " ".join(f"{f:.2f}" for f in result["curve"].faithfulness)

@@ -73,6 +73,7 @@ class Block:
     inner: dict = field(default_factory=dict)   # component -> operations inside a module (attn_pattern)
     ends: dict = field(default_factory=dict)    # embed / logits_in / logits -> (Address, scale or vocab) here
     reads: dict = field(default_factory=dict)   # receiver input -> the norm its reader applies ('' none)
+    mixer: Optional[str] = None                 # the module mixer_out reads (a block without attention or MLP)
 
 
 # -- dims ------------------------------------------------------------------
@@ -238,7 +239,7 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         component_stages[MLP_READS] = stages[(paths.mlp, "input")]   # the MLP's own input: where transcoders read
     return Block(paths, ctx.style.name if ctx.style else None, ctx.attn_out, ctx.mlp_out, ctx.layout, heads, widths,
                  refused, {c: v for c, v in component_stages.items() if v is not None}, frozenset(flat), inner=ctx.inner,
-                 reads=ctx.reads)
+                 reads=ctx.reads, mixer=ctx.mixer)
 
 
 # -- driving it: tiny instance, cache -----------------------------------------

@@ -35,6 +35,7 @@ COMPONENTS = (
     "k_in",
     "v_in",
     "mlp_in",
+    "mixer_out",
     "embed",
     "logits_in",
     "logits",
@@ -60,6 +61,7 @@ STAGES = {
     "attn_pattern": 7,
     "head_out": 8,
     "attn_out": 9,
+    "mixer_out": 9,    # (blocks with a sequence mixer have no attention)
     "resid_mid": 10,   # read through the attention output, after attn_out's edits
     "mlp_in": 11,
     "mlp_act": 12,

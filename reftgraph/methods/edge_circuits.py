@@ -370,10 +370,9 @@ def _metric(model, data, graphs, metric, progress, means=None) -> tuple:
 
 def edge_faithfulness(circuit: EdgeCircuit, model, data: Counterfactual, metric="logit_diff",
                       progress: bool = True) -> dict:
-    """Run an edge circuit on the clean prompts: ``circuit``, ``full`` (the clean run), ``empty``
-    (the corrupted run; for a mean-ablated circuit, every edge mean-ablated), ``faithfulness =
-    circuit / full`` and ``normalised = (circuit - empty) / (full - empty)`` (MIB's
-    faithfulness), ``size`` the edges kept.
+    """Run an edge circuit on the clean prompts: ``circuit``, ``full`` (the clean run), ``empty``,
+    ``faithfulness = circuit / full``, ``normalised = (circuit - empty) / (full - empty)``
+    (MIB's faithfulness) and ``size`` (the edges kept).
 
     >>> import reftgraph as rg
     >>> lm = rg.models.tiny("llama")
@@ -381,6 +380,9 @@ def edge_faithfulness(circuit: EdgeCircuit, model, data: Counterfactual, metric=
     >>> everything = edge_circuit(lm, rg.circuits.edges(lm))
     >>> round(edge_faithfulness(everything, lm, data, progress=False)["normalised"], 6)
     1.0
+
+    ``empty`` is the corrupted run, or for a mean-ablated circuit the circuit with every edge
+    mean-ablated.
     """
     model = as_model(model)
     full, empty, (value,) = _metric(model, data, [circuit], metric, progress, circuit.means)

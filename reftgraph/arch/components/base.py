@@ -115,6 +115,7 @@ class Context:
     layout: Optional[str] = None
     inner: dict = field(default_factory=dict)   # component -> operations inside a module
     reads: dict = field(default_factory=dict)   # receiver input -> the norm its reader applies ('' none)
+    mixer: Optional[str] = None       # the block's one sequence mixer, when it adds to the stream
     next_input: object = None         # the next block's input (None for the last block)
     style_problem: str = ""           # why no block style holds ('' when one does)
 

@@ -245,6 +245,7 @@ def write_markdown(rows: list, path: Path) -> dict:
         "pattern": sum(ok(r, ("attn_pattern",)) for r in built),
         "head_inputs": sum(ok(r, ("q_in", "k_in", "v_in")) for r in built),
         "mlp_in": sum(ok(r, ("mlp_in",)) for r in built),
+        "mixer": sum(_cell(r.get("mixer_out")) != "no" for r in built),
         "ends": sum(ok(r, ("embed", "logits_in", "logits")) for r in built),
         "oracle_failures": sum(any(str(r.get(c, "")).startswith("ORACLE") for c in COMPONENTS) for r in built),
     }
@@ -264,6 +265,7 @@ def write_markdown(rows: list, path: Path) -> dict:
         f"- receiver inputs: `q_in`/`k_in`/`v_in` verified: {totals['head_inputs']}; `mlp_in` verified: "
         f"{totals['mlp_in']}",
         f"- the stream's ends: `embed`/`logits_in`/`logits` verified: {totals['ends']}",
+        f"- `mixer_out` (state-space blocks) verified on some or all layers: {totals['mixer']}",
         f"- oracle failures: {totals['oracle_failures']}",
         "",
         "| type | style | q/k/v | " + " | ".join(COMPONENTS) + " |",
@@ -287,7 +289,10 @@ def write_markdown(rows: list, path: Path) -> dict:
               "  multipliers, Gemma 4's layer scalar): the block adds `c * attn`; refused rather than rescaled,",
               "  because the scale can depend on the depth, which the tiny instance does not share.",
               "- **No attention or MLP module** (Mamba, Mamba2, Falcon-Mamba, Zamba, Nemotron-H mixer layers, xLSTM):",
-              "  stream components only; hybrids have attention components on their attention layers.",
+              "  stream components, and `mixer_out` where the block's one module besides its norms is added to",
+              "  the stream (proven: `resid_pre + mixer_out == resid_post`, and an addition to it moves",
+              "  `resid_post` by exactly the addition); hybrids have attention components on their attention",
+              "  layers.",
               "- **Mixture of experts**: `mlp_act` has no single down projection; `mlp_out` is verified.",
               "- **Blocks that do not see one vector per token** (AltUp in Gemma 3n, CPM-Ant's prompt tokens,",
               "  ProphetNet's n-gram streams, BLT's patches) or that run several times per forward (HRM), or",

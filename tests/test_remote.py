@@ -30,15 +30,16 @@ def server_without_reftgraph(monkeypatch):
 
     def hide_all(self):
         hidden = hide(self)
-        hidden["finders"] = [f for f in sys.meta_path if "reftgraph" in repr(f)]
-        for f in hidden["finders"]:
+        hidden["finders"] = [(i, f) for i, f in enumerate(sys.meta_path) if "reftgraph" in repr(f)]
+        for _, f in hidden["finders"]:
             sys.meta_path.remove(f)
         hidden["reftgraph"] = {k: sys.modules.pop(k) for k in list(sys.modules) if k.split(".")[0] == "reftgraph"}
         requests.append(1)
         return hidden
 
     def restore_all(self, hidden):
-        sys.meta_path.extend(hidden.pop("finders"))
+        for i, f in hidden.pop("finders"):   # back where they were: the old-path finder comes first
+            sys.meta_path.insert(i, f)
         sys.modules.update(hidden.pop("reftgraph"))
         restore(self, hidden)
 

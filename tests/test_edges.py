@@ -58,6 +58,17 @@ def writes(lm, family, ids):
     return out
 
 
+def shifted(d, head):
+    """An edit that adds ``d`` to a receiver's input (head ``head``'s copy, or the whole input)."""
+    def edit(t):
+        if head is None:
+            return t + d
+        t = t.clone()
+        t[:, :, head] = t[:, :, head] + d
+        return t
+    return edit
+
+
 def receiver(name, n_layers):
     """``(component, layer, head)`` of a receiver name."""
     if name == "logits":
@@ -110,15 +121,7 @@ def plain(lm, table, exact: bool, steps: int = 0, on: str = "inputs"):
                 base = metric(hf(input_ids=ids).logits)
             for i, (s, r) in enumerate(zip(table.sender, table.receiver)):
                 component, layer, head = receiver(r, n)
-                d = delta[s][None]
-
-                def edit(t, d=d, head=head):
-                    if head is None:
-                        return t + d
-                    t = t.clone()
-                    t[:, :, head] = t[:, :, head] + d
-                    return t
-                handles = install(hf, family, component, layer, edit, cfg)
+                handles = install(hf, family, component, layer, shifted(delta[s][None], head), cfg)
                 try:
                     with torch.no_grad():
                         total[i] += float(metric(hf(input_ids=ids).logits) - base)
@@ -169,13 +172,18 @@ def plain(lm, table, exact: bool, steps: int = 0, on: str = "inputs"):
     return total / len(DATA.source)
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_eap_equals_the_plain_hook_linearisation(lm, side):
+def scores_padded(lm, side, **kwargs):
+    """``edge_scores`` with the tokenizer padding on ``side``."""
     old, lm.tokenizer.padding_side = lm.tokenizer.padding_side, side
     try:
-        table = rg.circuits.edge_scores(lm, DATA, progress=False)
+        return rg.circuits.edge_scores(lm, DATA, progress=False, **kwargs)
     finally:
         lm.tokenizer.padding_side = old
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_eap_equals_the_plain_hook_linearisation(lm, side):
+    table = scores_padded(lm, side)
     want = plain(lm, table, exact=False)
     torch.testing.assert_close(torch.tensor(table.score.values, dtype=torch.float64), want, atol=ATOL, rtol=1e-4)
     assert want.abs().max() > 1e-3
@@ -183,11 +191,7 @@ def test_eap_equals_the_plain_hook_linearisation(lm, side):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_eap_ig_equals_the_plain_hook_average_of_gradients(lm, side):
-    old, lm.tokenizer.padding_side = lm.tokenizer.padding_side, side
-    try:
-        table = rg.circuits.edge_scores(lm, DATA, method="eap-ig-inputs", steps=3, progress=False)
-    finally:
-        lm.tokenizer.padding_side = old
+    table = scores_padded(lm, side, method="eap-ig-inputs", steps=3)
     want = plain(lm, table, exact=False, steps=3)
     torch.testing.assert_close(torch.tensor(table.score.values, dtype=torch.float64), want, atol=ATOL, rtol=1e-4)
     eap = rg.circuits.edge_scores(lm, DATA, progress=False)
@@ -196,11 +200,7 @@ def test_eap_ig_equals_the_plain_hook_average_of_gradients(lm, side):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_eap_ig_on_activations_equals_the_plain_hook_average_of_gradients(lm, side):
-    old, lm.tokenizer.padding_side = lm.tokenizer.padding_side, side
-    try:
-        table = rg.circuits.edge_scores(lm, DATA, method="eap-ig-activations", steps=2, progress=False)
-    finally:
-        lm.tokenizer.padding_side = old
+    table = scores_padded(lm, side, method="eap-ig-activations", steps=2)
     want = plain(lm, table, exact=False, steps=2, on="activations")
     torch.testing.assert_close(torch.tensor(table.score.values, dtype=torch.float64), want, atol=ATOL, rtol=1e-4)
     inputs = plain(lm, table, exact=False, steps=2)
@@ -379,14 +379,7 @@ def test_a_mean_ablated_edge_gives_its_receiver_the_senders_mean_write(lm, side)
         for row, clean in enumerate(DATA.source):
             ids = tok([clean], return_tensors="pt")["input_ids"]
             d = (means[s] - writes(lm, family, ids)[s].double()).float()[None]
-
-            def edit(t, d=d, head=head):
-                if head is None:
-                    return t + d
-                t = t.clone()
-                t[:, :, head] = t[:, :, head] + d
-                return t
-            handles = install(hf, family, component, layer, edit, cfg)
+            handles = install(hf, family, component, layer, shifted(d, head), cfg)
             try:
                 with torch.no_grad():
                     want = hf(input_ids=ids).logits[0, -1]

@@ -34,13 +34,13 @@ from ..engine import as_model, run
 from ..errors import DataError
 from ..training.counterfactual import Counterfactual
 from ..viz.circuits import draw_circuit, plot_curve
-from ..viz.progress import progress_bar
 from .edge_circuits import (MIB_FRACTIONS, EdgeCircuit, discover_edges, draw_edges, edge_circuit, edge_faithfulness,
-                            load_edge_circuit, mean_writes, mib, node_edges, plot_mib)
+                            load_edge_circuit, mean_writes, metric_runs, mib, node_edges,
+                            plot_mib)
 from .edges import edge_scores, edges
 from .features import discover as discover_features
 from .patching.attribution import attribute
-from .patching.metrics import METRICS, Reference, get_metric
+from .patching.metrics import METRICS
 
 __all__ = ["Circuit", "CircuitConfig", "EdgeCircuit", "MIB_FRACTIONS", "edges", "edge_scores", "edge_circuit",
            "discover_edges", "edge_faithfulness", "load_edge_circuit", "mean_writes", "mib", "node_edges",
@@ -375,23 +375,6 @@ def members(graph: Graph, model) -> pd.DataFrame:
     return out if per_position else out.drop(columns="position")
 
 
-def _metric_runs(model, data, graphs: Sequence[Graph], metric, progress: bool = True) -> tuple:
-    """The metric's mean for each graph on the clean prompts (outside nodes from the corrupted)."""
-    _, metric_fn = get_metric(metric)
-    correct, wrong = data.answer_ids(model, required=False)
-    with progress_bar(total=len(graphs) + 1, desc="circuit runs", progress=progress, unit="run") as bar:
-        clean = run(Graph(), model, data.source, grad=False).next_token_logits
-        bar.update(1)
-        ref = Reference(correct, wrong, clean)
-        values = []
-        for g in graphs:
-            sources = {STREAM: data.base} if STREAM in g.streams else None
-            logits = run(g, model, data.source, sources=sources, grad=False).next_token_logits
-            values.append(metric_fn(logits, ref).mean().item())
-            bar.update(1)
-    return metric_fn(clean, ref).mean().item(), values
-
-
 def faithfulness(graph: Graph, model, data: Counterfactual, metric="logit_diff", progress: bool = True) -> dict:
     """Run a circuit graph on the clean prompts and compare it with the full model.
 
@@ -414,7 +397,7 @@ def faithfulness(graph: Graph, model, data: Counterfactual, metric="logit_diff",
         else "heads"
     ablate = "mean" if any(isinstance(n.op, Ablate) for n in graph.nodes) else "corrupt"
     empty = circuit_graph(model, data, kept.iloc[:0], nodes, ablate)
-    full, (circuit, nothing) = _metric_runs(model, data, [graph, empty], metric, progress)
+    full, (circuit, nothing) = metric_runs(model, data, [graph, empty], metric, progress)
     return _summary(len(kept), circuit, full, nothing)
 
 
@@ -451,7 +434,7 @@ def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: st
         order = table.sort_values("score", ascending=False, kind="stable")
         graphs = [circuit_graph(model, data, order.head(k), nodes, ablate) for k in counts]
         empty = circuit_graph(model, data, order.head(0), nodes, ablate)
-        full, values = _metric_runs(model, data, graphs + [empty], metric, progress)
+        full, values = metric_runs(model, data, graphs + [empty], metric, progress)
         nothing = values.pop()
         for k, value in zip(counts, values):
             rows.append({"method": method, "size": k, "fraction": k / len(table), **_summary(k, value, full, nothing)})

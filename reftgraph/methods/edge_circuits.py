@@ -46,7 +46,7 @@ from .edges import edge_scores, edges, out_maps, receiver_site, sender_sites, un
 from .patching.metrics import Reference, get_metric
 
 __all__ = ["EdgeCircuit", "edge_circuit", "discover_edges", "edge_faithfulness", "load_edge_circuit", "mean_writes",
-           "mib", "MIB_FRACTIONS", "draw_edges", "node_edges", "plot_mib"]
+           "metric_runs", "mib", "MIB_FRACTIONS", "draw_edges", "node_edges", "plot_mib"]
 
 STREAM = "corrupt"
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)   # MIB's circuit sizes
@@ -345,27 +345,38 @@ def discover_edges(model, data: Counterfactual, size: Union[int, float] = 0.05, 
                         data)
 
 
-def _metric(model, data, graphs, metric, progress, means=None) -> tuple:
-    """The metric's mean on the clean prompts: the clean run, the empty circuit (the corrupted
-    run; with ``means``, every edge mean-ablated), then each graph."""
+def metric_runs(model, data, graphs: Sequence[Graph], metric, progress: bool = True) -> tuple:
+    """``(clean, [value per graph])``: the metric's mean on the clean prompts, for the clean run
+    and for each graph (a graph that reads stream ``"corrupt"`` gets the corrupted prompts).
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c d"], ["ab d c"], correct=["c"], wrong=["d"])
+    >>> clean, (same,) = metric_runs(lm, data, [rg.Graph()], "logit_diff", progress=False)
+    >>> clean == same
+    True
+    """
     _, metric_fn = get_metric(metric)
     correct, wrong = data.answer_ids(model, required=False)
-    with progress_bar(total=len(graphs) + 2, desc="circuit runs", progress=progress, unit="run") as bar:
+    with progress_bar(total=len(graphs) + 1, desc="circuit runs", progress=progress, unit="run") as bar:
         clean = run(Graph(), model, data.source, grad=False).next_token_logits
+        bar.update(1)
         ref = Reference(correct, wrong, clean)
-        if means is None:
-            corrupt = run(Graph(), model, data.base, grad=False).next_token_logits
-        else:
-            empty = edge_circuit(model, edges(model).iloc[:0], ablate="mean", means=means)
-            corrupt = run(empty, model, data.source, grad=False).next_token_logits
-        bar.update(2)
         values = []
         for g in graphs:
             sources = {STREAM: data.base} if STREAM in g.streams else None
             logits = run(g, model, data.source, sources=sources, grad=False).next_token_logits
             values.append(metric_fn(logits, ref).mean().item())
             bar.update(1)
-    return metric_fn(clean, ref).mean().item(), metric_fn(corrupt, ref).mean().item(), values
+    return metric_fn(clean, ref).mean().item(), values
+
+
+def _metric(model, data, graphs, metric, progress, means=None) -> tuple:
+    """``(clean, empty, [value per graph])``: the empty circuit has every edge ablated
+    (corrupted, or with ``means`` mean-ablated)."""
+    empty = edge_circuit(model, edges(model).iloc[:0], ablate="corrupt" if means is None else "mean", means=means)
+    full, values = metric_runs(model, data, [empty, *graphs], metric, progress)
+    return full, values[0], values[1:]
 
 
 def edge_faithfulness(circuit: EdgeCircuit, model, data: Counterfactual, metric="logit_diff",

@@ -125,7 +125,7 @@ def test_one_loop_and_one_engine():
     source = inspect.getsource(sweeps)
     assert "forward(" in source and ".trace(" not in source and ".skip(" not in source
     for module in _modules():   # nnsight's skip (blocks not run) is the engine's trace's alone
-        if module.__name__ not in ("reftgraph.engine.trace", "reftgraph.engine.prefix"):
+        if module.__name__ not in ("reftgraph.engine.traces", "reftgraph.engine.prefix"):
             assert not re.search(r"(?<!cache)\.skip\(", inspect.getsource(module)), module.__name__
 
 

@@ -23,14 +23,14 @@ from ..core.graph import provide
 from .apply import apply
 from .bind import Batch, Bound, BoundPlan, bind
 from .context import as_model, inference_mode, layer_device, place, runnable
-from .executor import Job, Local, Remote, executor
+from .executors import Job, Local, Remote, executor
 from .generate import Generation, generate
 from .plan import Plan, Step, compile_graph
 from .prefix import PrefixCache
 from .prompts import Template, check_chat_template, check_template, format_prompt
 from .run import RunResult, forward, forwards, run
 from .tokens import last_token, prompt_list, tokenize
-from .trace import Outputs, Skip, trace
+from .traces import Outputs, Skip, trace
 
 provide("run", run)
 provide("generate", generate)

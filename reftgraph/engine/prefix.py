@@ -36,7 +36,7 @@ from ..arch.structure import Hook
 from .bind import Batch
 from .context import as_model, serial
 from .plan import Plan
-from .trace import Skip
+from .traces import Skip
 
 
 def first_layer(plan: Plan) -> int:
@@ -116,7 +116,7 @@ class PrefixCache:
     >>> len(cache), cache.hits, cache.misses
     (0, 0, 0)
 
-    ``cache.skip(plan, inputs)`` is the :class:`~reftgraph.engine.trace.Skip` of a forward:
+    ``cache.skip(plan, inputs)`` is the :class:`~reftgraph.engine.traces.Skip` of a forward:
     with it, the forward equals the uncached one (values and gradients) and runs only the
     blocks from the graph's lowest edited layer on. A plan that edits layer 0 has nothing
     to skip (None).

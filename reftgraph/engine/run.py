@@ -10,8 +10,8 @@
 (torch.Size([2, 2, 32]), torch.Size([2, 259]))
 
 ``forward`` and ``forwards`` are the engine's older calls, kept for code written against
-them (they warn once): :func:`~reftgraph.engine.trace.trace` and the executors of
-:mod:`reftgraph.engine.executor` replace them.
+them (they warn once): :func:`~reftgraph.engine.traces.trace` and the executors of
+:mod:`reftgraph.engine.executors` replace them.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ from ..errors import DataError, RemoteError, SiteError
 from .bind import Batch
 from .context import (as_model, attention_for, inference_mode, input_device, layer_device, place, runnable,  # noqa: F401
                       serial)
-from .executor import Job, executor
+from .executors import Job, executor
 from .plan import Plan, compile_graph
 from .remote import INSIDE, is_remote
 from .tokens import Prompts, last_token, prompt_list, tokenize  # noqa: F401
-from .trace import Skip, trace
+from .traces import Skip, trace
 
 
 @dataclass
@@ -190,7 +190,7 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
     torch.Size([2, 3, 32])
 
     Today: ``executor(model, remote).forward(plan.bind(batch, subspaces), inputs, output=...,
-    skip=...)`` (:mod:`reftgraph.engine.executor`), with ``output="hidden"`` for ``hidden=True``,
+    skip=...)`` (:mod:`reftgraph.engine.executors`), with ``output="hidden"`` for ``hidden=True``,
     ``output=None`` for ``stop=True``, ``skip=Skip(*prefix)`` or ``skip=cache.skip(plan, inputs)``.
     """
     _old_call("forward", "executor(model).forward(plan.bind(batch), inputs, output=..., skip=...)")

@@ -20,7 +20,7 @@ __all__ = ["run_jobs"]
 
 
 def run_jobs(ex: Local, jobs: Sequence[Job], progress: bool = True, desc: str = None, bar=None) -> list:
-    """``ex.map(jobs)`` (an executor: :func:`reftgraph.engine.executor`) with a progress bar.
+    """``ex.map(jobs)`` (an executor: :func:`reftgraph.engine.executors.executor`) with a progress bar.
 
     >>> import reftgraph as rg
     >>> from reftgraph.engine import Job, compile_graph, executor, tokenize

@@ -24,7 +24,7 @@ from ..errors import RemoteError
 from .bind import BoundPlan
 from .context import as_model, serial
 from .remote import INSIDE, check, shipped
-from .trace import Outputs, Skip, trace
+from .traces import Outputs, Skip, trace
 
 __all__ = ["Job", "Local", "Remote", "executor"]
 
@@ -68,16 +68,21 @@ class Local:
 
     def forward(self, bound: BoundPlan, inputs: dict, *, output: Optional[str] = "logits",
                 skip: Optional[Skip] = None) -> Outputs:
-        """One forward (:func:`~reftgraph.engine.trace.trace`).
+        """One forward (:func:`~reftgraph.engine.traces.trace`); for a remote executor, one
+        request whose value and collected nodes come back.
 
         >>> import reftgraph as rg
-        >>> from reftgraph.engine import Batch, compile_graph
+        >>> from reftgraph.engine import compile_graph, tokenize
         >>> lm = rg.models.tiny("llama")
-        >>> ids = lm.arch.inputs(torch.tensor([[5, 6]]), torch.ones(1, 2, dtype=torch.long))
-        >>> executor(lm).forward(compile_graph(rg.Graph(), lm.arch).bind(Batch.full(1, 2)), ids).value.shape
-        torch.Size([1, 2, 259])
+        >>> inputs, batch = tokenize(lm, {"base": ["ab", "c"]})
+        >>> bound = compile_graph(rg.Graph(), lm.arch).bind(batch)
+        >>> there, here = (executor(lm, remote).forward(bound, inputs).value for remote in ("local", None))
+        >>> torch.equal(there, here), here.shape
+        (True, torch.Size([2, 2, 259]))
         """
-        return trace(self.model, bound, inputs, output=output, skip=skip)
+        if skip is not None and self.remote is not None:
+            raise RemoteError("a remote forward cannot skip blocks with values computed here; run it without skip")
+        return trace(self.model, bound, inputs, output=output, skip=skip, remote=self.remote)
 
     def map(self, jobs: Sequence[Job], done: Optional[Callable[[int], None]] = None) -> list:
         """Each job's reduced outputs, in order; ``done(n)`` after each ``n`` finished jobs
@@ -101,8 +106,8 @@ class Local:
 
 class Remote(Local):
     """Forwards on a remote server (``remote=True``: NDIF; ``"local"``: nnsight's simulation;
-    or a host URL): :meth:`forward` sends one request, :meth:`map` one session of all the
-    jobs, whose reduce functions run on the server.
+    or a host URL): :meth:`~Local.forward` sends one request, :meth:`map` one session of all
+    the jobs, whose reduce functions run on the server.
 
     >>> import reftgraph as rg
     >>> ex = executor(rg.models.tiny("llama"), remote="local")
@@ -113,23 +118,6 @@ class Remote(Local):
     def __init__(self, model: Model, remote):
         super().__init__(model)
         self.remote = remote
-
-    def forward(self, bound: BoundPlan, inputs: dict, *, output: Optional[str] = "logits",
-                skip: Optional[Skip] = None) -> Outputs:
-        """One forward as one request: the value and the collected nodes come back.
-
-        >>> import reftgraph as rg
-        >>> from reftgraph.engine import compile_graph, tokenize
-        >>> lm = rg.models.tiny("llama")
-        >>> inputs, batch = tokenize(lm, {"base": ["ab", "c"]})
-        >>> bound = compile_graph(rg.Graph(), lm.arch).bind(batch)
-        >>> there, here = (executor(lm, remote).forward(bound, inputs).value for remote in ("local", None))
-        >>> torch.equal(there, here)
-        True
-        """
-        if skip is not None:
-            raise RemoteError("a remote forward cannot skip blocks with values computed here; run it without skip")
-        return trace(self.model, bound, inputs, output=output, remote=self.remote)
 
     def map(self, jobs: Sequence[Job], done: Optional[Callable[[int], None]] = None) -> list:
         """Every job in one nnsight session (one request); ``done(len(jobs))`` when the results are back.

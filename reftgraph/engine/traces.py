@@ -91,7 +91,7 @@ def trace(model: Model, bound: BoundPlan, inputs: dict, *, output: Optional[str]
     last hook: what a caller collects below the top layer costs only the blocks up to it).
     ``skip``: a :class:`Skip`. Other entries of ``inputs`` (``logits_to_keep``, a key-value
     ``cache``) go to the model. ``remote`` is set by an executor
-    (:func:`reftgraph.engine.executor.executor`): the trace is then a request of its own, or
+    (:func:`reftgraph.engine.executors.executor`): the trace is then a request of its own, or
     a trace inside a remote session.
     """
     plan = bound.plan

@@ -27,6 +27,16 @@ def root_module(hf, path):
     return hf
 
 
+def run_hooked(hf, ids, handles):
+    """One forward of ``ids`` with the hooks ``handles`` (removed after, whatever happens)."""
+    try:
+        with torch.no_grad():
+            hf(input_ids=ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def writes(lm, family, ids):
     """``{sender: [S, d]}`` what each sender wrote, with plain hooks (no padding)."""
     hf, p, seen = lm.hf, PATHS[family], {}
@@ -38,12 +48,7 @@ def writes(lm, family, ids):
         handles.append(o_proj.register_forward_pre_hook(lambda m, a, layer=layer: seen.update({f"z{layer}": a[0][0]})))
         handles.append(mlp.register_forward_hook(
             lambda m, a, o, layer=layer: seen.update({f"m{layer}": (o[0] if isinstance(o, tuple) else o)[0].detach()})))
-    try:
-        with torch.no_grad():
-            hf(input_ids=ids)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(hf, ids, handles)
     out = {"input": seen["input"]}
     for layer in range(n):
         o_proj, z = module(hf, family, layer, p["o"]), seen[f"z{layer}"]
@@ -91,12 +96,7 @@ def outputs(lm, family, ids):
                 seen[key] = t[0].detach()
                 return t
             handles += install(hf, family, component, layer, keep, hf.config)
-    try:
-        with torch.no_grad():
-            hf(input_ids=ids)
-    finally:
-        for h in handles:
-            h.remove()
+    run_hooked(hf, ids, handles)
     return seen
 
 

@@ -30,9 +30,9 @@ from .context import (as_model, attention_for, inference_mode, input_device, lay
                       serial)
 from .executors import Job, executor
 from .plan import Plan, compile_graph
-from .remote import INSIDE, is_remote
+from .remote import is_remote
 from .tokens import Prompts, last_token, prompt_list, tokenize  # noqa: F401
-from .traces import Skip, trace
+from .traces import Skip
 
 
 @dataclass
@@ -200,8 +200,6 @@ def forward(plan: Plan, model: Model, inputs: dict, batch: Batch, hidden: bool =
     else:
         skip = Skip(*prefix) if prefix is not None else None
     bound = plan.bind(batch, subspaces)
-    if remote == INSIDE:
-        return trace(model, bound, inputs, output=output, skip=skip, remote=INSIDE)
     return executor(model, remote if is_remote(remote) else None).forward(bound, inputs, output=output, skip=skip)
 
 

@@ -34,7 +34,6 @@ from safetensors.torch import save_file
 
 from ..core.graph import Graph
 from ..core.masks import masked_mean
-from ..core.ops import Collect
 from ..core.ops.base import Op
 from ..engine import as_model, run
 from ..errors import DataError, GraphFileError
@@ -42,7 +41,7 @@ from ..files import atomic_dir
 from ..training.counterfactual import Counterfactual
 from ..viz.circuits import draw_edges as _draw, plot_mib
 from ..viz.progress import progress_bar
-from .edges import edge_scores, edges, out_maps, receiver_site, sender_sites, units
+from .edges import edge_scores, edges, out_maps, receiver_site, sender_graph, sender_sites, units
 from .patching.metrics import Reference, get_metric
 
 __all__ = ["EdgeCircuit", "edge_circuit", "discover_edges", "edge_faithfulness", "load_edge_circuit", "mean_writes",
@@ -238,10 +237,7 @@ def mean_writes(model, data: Counterfactual) -> dict:
     """
     model = as_model(model)
     arch, maps = model.arch, out_maps(model)
-    g = Graph()
-    for name, site in sender_sites(arch):
-        g.add(site, Collect(), name=name)
-    out = run(g, model, data.base, grad=False)
+    out = run(sender_graph(arch), model, data.base, grad=False)
     means = {}
     for name, site in sender_sites(arch):
         mean = masked_mean(out[name].float(), out.valid[name], (0, 1))

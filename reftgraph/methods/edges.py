@@ -42,7 +42,7 @@ from ..viz.progress import progress_bar
 from .patching.attribution import check_metric, equal_lengths, probe
 from .patching.metrics import Reference, get_metric
 
-__all__ = ["edges", "edge_scores", "METHODS"]
+__all__ = ["edges", "edge_scores", "METHODS", "sender_graph"]
 
 METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "exact")
 NEEDS = ("embed", "head_out", "mlp_out", "q_in", "k_in", "v_in", "mlp_in", "logits_in")
@@ -146,8 +146,14 @@ def receiver_site(r) -> Site:
     return Site(f"{r.kind}_in", r.layer, head=r.head)
 
 
-def _sender_graph(arch, groups: bool = False) -> Graph:
-    """Collects what the senders write; with ``groups``, each layer's attention output too."""
+def sender_graph(arch, groups: bool = False) -> Graph:
+    """A graph that collects what the senders write (node names as :func:`sender_sites`); with
+    ``groups``, each layer's attention output too (``attn{L}``).
+
+    >>> import reftgraph as rg
+    >>> [n.name for n in sender_graph(rg.models.tiny("llama").arch).nodes]
+    ['input', 'a0', 'm0', 'a1', 'm1']
+    """
     g = Graph()
     for name, site in sender_sites(arch):
         g.add(site, Collect(), name=name)
@@ -245,7 +251,7 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     arch = model.arch
     senders, receivers = units(arch)
     maps = out_maps(model)
-    collect = _sender_graph(arch, groups=method == "eap-ig-activations")
+    collect = sender_graph(arch, groups=method == "eap-ig-activations")
     corrupt = run(collect, model, data.base, grad=False)
     grad = None
     if method == "eap":     # the clean writes come from the gradient's own (clean) forward
@@ -306,7 +312,7 @@ def _gradients(model, data, receivers, metric_fn, ref, moved=None, valid=None, s
     forward (with ``moved = (site, value)``: that site's output set to ``value``) and one
     backward; with ``senders`` (an Arch) the run also collects what the senders wrote (see
     :func:`_delta_writes`), and a ``ref`` without source logits takes this run's."""
-    g, probes = (_sender_graph(senders) if senders is not None else Graph()), {}
+    g, probes = (sender_graph(senders) if senders is not None else Graph()), {}
     if moved is not None:
         g.add(moved[0], Set(moved[1], mask=valid[..., None]), name="moved")
     for r in receivers:

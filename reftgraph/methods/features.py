@@ -36,6 +36,7 @@ from ..errors import DataError
 from ..files.dictionaries import load
 from ..training.counterfactual import Counterfactual
 from ..viz.progress import progress_bar
+from .edge_circuits import metric_runs
 from .patching.attribution import check_metric, equal_lengths, probe
 from .patching.metrics import Reference, get_metric
 
@@ -524,18 +525,6 @@ def faithfulness(circuit: FeatureCircuit, model, data: Counterfactual, metric="l
     settings, sites = circuit.settings, circuit.dictionaries
     empty = circuit_graph(model, data, sites, circuit.kept.iloc[:0], settings.get("errors", "keep"),
                           settings.get("ablate", "corrupt"))
-    _, metric_fn = get_metric(metric)
-    correct, wrong = data.answer_ids(model, required=False)
-    values = []
-    with progress_bar(total=3, desc="circuit runs", progress=progress, unit="run") as bar:
-        clean = run(Graph(), model, data.source, grad=False).next_token_logits
-        ref = Reference(correct, wrong, clean)
-        for g in (circuit, empty):
-            sources = {STREAM: data.base} if STREAM in g.streams else None
-            logits = run(g, model, data.source, sources=sources, grad=False).next_token_logits
-            values.append(metric_fn(logits, ref).mean().item())
-            bar.update(1)
-        bar.update(1)
-    full = metric_fn(clean, ref).mean().item()
-    return {"size": len(circuit.kept), "circuit": values[0], "full": full, "empty": values[1],
-            "faithfulness": (values[0] - values[1]) / (full - values[1])}
+    full, (value, nothing) = metric_runs(model, data, [circuit, empty], metric, progress)
+    return {"size": len(circuit.kept), "circuit": value, "full": full, "empty": nothing,
+            "faithfulness": (value - nothing) / (full - nothing)}

@@ -74,6 +74,7 @@ class Block:
     ends: dict = field(default_factory=dict)    # embed / logits_in / logits -> (Address, scale or vocab) here
     reads: dict = field(default_factory=dict)   # receiver input -> the norm its reader applies ('' none)
     mixer: Optional[str] = None                 # the module mixer_out reads (a block without attention or MLP)
+    norms: dict = field(default_factory=dict)   # Post-LN: attn_out / mlp_out -> the norm after its addition
 
 
 # -- dims ------------------------------------------------------------------
@@ -146,25 +147,26 @@ def dims_of(config, block, paths: BlockPaths) -> tuple[tuple, dict]:
 # -- the checks --------------------------------------------------------------
 
 def _style(model, blocks, layer, ids, rec, paths):
-    """``(style, attn_out, mlp_out)`` or ``(None, reasons)``; the edit checks included."""
+    """``(style, attn_out, mlp_out, norms)`` or ``(None, reasons)``; the edit checks included."""
     reasons = []
     for style in STYLES:
         found = style.find(rec, paths)
         if isinstance(found, str):
             reasons.append(f"{style.name}: {found}")
             continue
-        attn_out, mlp_out = found
-        bad = _edit_moves(model, blocks, layer, ids, rec, paths, style, attn_out, mlp_out)
+        attn_out, mlp_out, norms = (found + ({},))[:3]
+        bad = _edit_moves(model, blocks, layer, ids, rec, paths, style, (attn_out, mlp_out), norms)
         if bad:
             reasons.append(f"{style.name}: {bad}")
             continue
-        return style, attn_out, mlp_out
+        return style, attn_out, mlp_out, norms
     return None, "; ".join(reasons)
 
 
-def _edit_moves(model, blocks, layer, ids, rec, paths, style, attn_out, mlp_out) -> str:
-    """Why adding to attn_out / mlp_out does not move the stream by exactly the addition ('' when it does)."""
-    for component, path, moves in (("attn_out", attn_out, style.attn_moves), ("mlp_out", mlp_out, "post")):
+def _edit_moves(model, blocks, layer, ids, rec, paths, style, outputs, norms) -> str:
+    """Why adding to attn_out / mlp_out does not move the stream by exactly the addition (or,
+    through the norm after it, to that norm of the moved sum) ('' when it does)."""
+    for component, path, moves in zip(("attn_out", "mlp_out"), outputs, (style.attn_moves, "post")):
         if not path:
             continue
         if rec.calls.get(path, 0) != 1:
@@ -173,11 +175,16 @@ def _edit_moves(model, blocks, layer, ids, rec, paths, style, attn_out, mlp_out)
             moves = "post"
         delta = torch.randn(rec.out(path).shape[-1], generator=torch.Generator().manual_seed(1))
         new, _, _ = record(model, blocks, layer, ids, edit=(path, lambda t: t + delta))
-        before, after = (rec.mid(paths.mlp_in), new.mid(paths.mlp_in)) if moves == "mid" else (rec.post, new.post)
-        want = None if before is None else before + delta
+        norm = norms.get(component)
+        if norm:      # Post-LN: the norm of the moved sum
+            with torch.no_grad():
+                after, want = new.out(norm), _module(blocks[layer], norm)(rec.inp(norm) + delta)
+            how = f"to {norm}(the sum + the addition)"
+        else:
+            before, after = (rec.mid(paths.mlp_in), new.mid(paths.mlp_in)) if moves == "mid" else (rec.post, new.post)
+            want, how = None if before is None else before + delta, "by the same amount"
         if not Record.close(after, want):
-            return (f"adding to {component} ({path}) does not move resid_{moves} by the same amount "
-                    f"({Record.gap(after, want)})")
+            return f"adding to {component} ({path}) does not move resid_{moves} {how} ({Record.gap(after, want)})"
     return ""
 
 
@@ -214,7 +221,7 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         if found[0] is None:
             ctx.style_problem = f"no block style's identities hold ({found[1]})"
         else:
-            ctx.style, ctx.attn_out, ctx.mlp_out = found
+            ctx.style, ctx.attn_out, ctx.mlp_out, ctx.norms = found
     for family in COMPONENT_TYPES:
         family.prove(ctx)
     refused = ctx.refused
@@ -239,7 +246,7 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         component_stages[MLP_READS] = stages[(paths.mlp, "input")]   # the MLP's own input: where transcoders read
     return Block(paths, ctx.style.name if ctx.style else None, ctx.attn_out, ctx.mlp_out, ctx.layout, heads, widths,
                  refused, {c: v for c, v in component_stages.items() if v is not None}, frozenset(flat), inner=ctx.inner,
-                 reads=ctx.reads, mixer=ctx.mixer)
+                 reads=ctx.reads, mixer=ctx.mixer, norms=ctx.norms)
 
 
 # -- driving it: tiny instance, cache -----------------------------------------

@@ -20,7 +20,7 @@ from typing import Callable, Optional, Union
 from ..core.sites import COMPONENTS, STAGES
 from ..errors import SiteError
 from .components import component as component_of, first, with_first
-from .components.base import MLP_READS
+from .components.base import MLP_READS, walk
 from .positions import learned_limit, model_inputs
 
 __all__ = ["Arch", "FAMILIES", "Family", "Hook", "Location", "family_for", "first", "register_family", "with_first"]
@@ -381,8 +381,7 @@ class Arch:
         """
         module = root
         path = hook.path if hook.root else f"{self.family.layers}.{hook.layer}" + (f".{hook.path}" if hook.path else "")
-        for part in path.split("."):
-            module = module[int(part)] if part.isdigit() else getattr(module, part)
+        module = walk(module, path)
         for name in hook.inner:
             module = getattr(module.source, name)
         return module

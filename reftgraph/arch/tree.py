@@ -160,12 +160,26 @@ def _attention_parts(attn_path: str, attn, d_model: int):
             qkv = base + fused[0]
         else:
             found = {c: next((n for n in linears if n != out and rx.match(n)), None) for c, rx in _SEPARATE.items()}
+            found = {c: base + n if n else None for c, n in found.items()}
+            if not found["q"]:     # projections beside the output's parent (BERT: attention.self.query)
+                found = _separate_anywhere(attn_path, attn, base + out)
             if all(found.values()):
-                qkv = tuple(base + found[c] for c in "qkv")
+                qkv = tuple(found[c] for c in "qkv")
             elif found["q"]:
-                qkv = (base + found["q"], None, None)
+                qkv = (found["q"], None, None)
         return base + out, qkv
     return None, None
+
+
+def _separate_anywhere(attn_path: str, attn, out: str) -> dict:
+    """component -> path of the first q/k/v projection anywhere in the attention module (None when absent)."""
+    found = dict.fromkeys("qkv")
+    for name, module in attn.named_modules():
+        leaf, path = name.rsplit(".", 1)[-1], f"{attn_path}.{name}"
+        for c, rx in _SEPARATE.items():
+            if found[c] is None and path != out and linear_shape(module) and rx.match(leaf):
+                found[c] = path
+    return found
 
 
 def _child_mlp(block, attn: Optional[str], d_model: int) -> tuple:
@@ -178,13 +192,28 @@ def _child_mlp(block, attn: Optional[str], d_model: int) -> tuple:
     if name is None:  # no MLP module (OPT, XGLM ...): the last linear map back to the width
         outs = [n for n, m in children.items() if n != attn and (linear_shape(m) or (0, 0))[1] == d_model]
         ins = [n for n, m in children.items() if n != attn and (linear_shape(m) or (0, 0))[0] == d_model]
-        return (outs[-1], outs[-1], ins[0] if ins else outs[-1]) if outs else (None, None, None)
+        return (outs[-1], outs[-1], ins[0] if ins else outs[-1]) if outs else _split_mlp(children, attn, d_model)
     mlp = children[name]
     if linear_shape(mlp):
         return name, name, name
     downs = [n for n, m in mlp.named_children() if (linear_shape(m) or (0, 0))[1] == d_model]
     down = _pick(downs, _DOWN_NAMES) or (downs[-1] if len(downs) == 1 else None)
     return name, (f"{name}.{down}" if down else None), name
+
+
+def _split_mlp(children: dict, attn: Optional[str], d_model: int) -> tuple:
+    """(up module, down projection, up module) for an MLP split over two children (BERT's
+    ``intermediate`` and ``output``: one holds the maps from the width, the next a map back)."""
+    def maps(m):
+        return [(n, linear_shape(x)) for n, x in m.named_modules() if linear_shape(x)]
+
+    names = [n for n, m in children.items() if n != attn and not is_norm(m) and maps(m)]
+    for up, down in zip(names, names[1:]):
+        ups, downs = maps(children[up]), maps(children[down])
+        if all(s[0] == d_model and s[1] != d_model for _, s in ups) and len(downs) == 1 and \
+                downs[0][1][1] == d_model and downs[0][1][0] == ups[-1][1][1]:
+            return up, f"{down}.{downs[0][0]}", up
+    return None, None, None
 
 
 def read_block(block, d_model: int) -> BlockPaths:

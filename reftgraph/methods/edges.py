@@ -60,15 +60,17 @@ class _Unit:
 
 def _check_arch(arch) -> None:
     """Refuse, naming the component and the reason, a model whose senders or receivers are not proven."""
+    for style, how in (("post_norm", "pass attention through a norm before adding it"),
+                       ("post_ln", "normalise the stream after each addition")):
+        post = [i for i, b in enumerate(arch.blocks) if b.style == style]
+        if post:
+            raise SiteError(f"edges need each head's output to be a term of the stream, but layers {post} {how} "
+                            f"({style} blocks): no head writes a term")
     for c in NEEDS:
         for layer in ([0] if c == "embed" else [arch.n_layers - 1] if c == "logits_in" else range(arch.n_layers)):
             why = arch.refusal(c, layer)
             if why:
                 raise SiteError(f"edges need {c} on every layer, and {why}")
-    post = [i for i, b in enumerate(arch.blocks) if b.style == "post_norm"]
-    if post:
-        raise SiteError(f"edges need each head's output to be a term of the stream, but layers {post} pass "
-                        "attention through a norm before adding it (post_norm blocks): no head writes a term")
 
 
 def units(arch) -> tuple[list, list]:

@@ -14,10 +14,11 @@ and, on a tiny instance, whether the component means what its name says
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-__all__ = ["Address", "Component", "Context", "first", "no_module", "walk", "with_first"]
+__all__ = ["Address", "Component", "Context", "child", "first", "no_module", "walk", "with_first"]
 
 MLP_READS = "mlp_reads"   # Block.stages key of the MLP module's own input (what a transcoder reads), not a component
 
@@ -42,6 +43,22 @@ def with_first(raw, new):
     return (new,) + tuple(raw[1:]) if isinstance(raw, tuple) else new
 
 
+def child(root, name: str):
+    """The submodule (or nnsight envoy) ``name`` of ``root``. An envoy serves a submodule
+    named like one of its own values (BERT's ``output`` module) as ``E_output``.
+
+    >>> import torch
+    >>> child(torch.nn.Sequential(torch.nn.ReLU()), "0")
+    ReLU()
+    """
+    if name.isdigit():
+        return root[int(name)]
+    prefix = getattr(type(root), "OVERLOAD_PREFIX", None)
+    if prefix and not name.startswith("_") and inspect.isdatadescriptor(getattr(type(root), name, None)):
+        name = prefix + name
+    return getattr(root, name)
+
+
 def walk(root, path: str):
     """The module (or nnsight envoy) at a dotted ``path`` below ``root``.
 
@@ -50,7 +67,7 @@ def walk(root, path: str):
     ReLU()
     """
     for part in path.split("."):
-        root = root[int(part)] if part.isdigit() else getattr(root, part)
+        root = child(root, part)
     return root
 
 
@@ -116,6 +133,7 @@ class Context:
     inner: dict = field(default_factory=dict)   # component -> operations inside a module
     reads: dict = field(default_factory=dict)   # receiver input -> the norm its reader applies ('' none)
     mixer: Optional[str] = None       # the block's one sequence mixer, when it adds to the stream
+    norms: dict = field(default_factory=dict)   # Post-LN: attn_out / mlp_out -> the norm after its addition
     next_input: object = None         # the next block's input (None for the last block)
     style_problem: str = ""           # why no block style holds ('' when one does)
 

@@ -69,9 +69,11 @@ def _locality(ctx: Context, layout: str) -> dict:
             expect = f"only head {head} at position {POS}"
         else:
             group = {h for h in range(nq) if h // (nq // nkv) == head}
-            ok = bool(moved) and {h for _, h in moved} == group and all(p >= POS for p, _ in moved) and any(
-                p > POS for p, _ in moved)
-            expect = f"heads {sorted(group)} at positions >= {POS}"
+            positions = {p for p, _ in moved}
+            causal = all(p >= POS for p in positions) and any(p > POS for p in positions)
+            both_ways = positions == set(range(ctx.ids.shape[1]))    # bidirectional attention (encoders)
+            ok = bool(moved) and {h for _, h in moved} == group and (causal or both_ways)
+            expect = f"heads {sorted(group)} at positions >= {POS} (or at all positions, attending both ways)"
             if ok and component == "v":
                 twice, _ = _head_changes(ctx, base, proj, view, (0, POS, head), scale=2.0)
                 ok = base.close(twice, 2 * diff)

@@ -284,7 +284,8 @@ class MLPInput(Component):
             return no_module("MLP", paths)
         if "mlp_out" in ctx.refused:
             return f"needs mlp_out, which is refused: {ctx.refused['mlp_out']}"
-        stream = rec.pre if not ctx.style.has_mid else rec.mid(paths.mlp_in)
+        stream = rec.pre if not ctx.style.has_mid else rec.out(ctx.norms["attn_out"]) if ctx.norms else \
+            rec.mid(paths.mlp_in)
         norm, why = _reader_norm(ctx, paths.mlp_in, stream)
         if norm is None:
             return f"{paths.mlp_in!r} does not read the stream through a norm: {why}"
@@ -311,8 +312,13 @@ def _moves_mlp_alone(ctx: Context, path: str, fn) -> str:
     through the MLP alone (and moves it), else why not."""
     rec = ctx.rec
     new, _, _ = _record_input_edit(ctx, path, fn)
-    post_gap = (new.post - new.out(ctx.mlp_out).reshape(new.post.shape)) - \
-        (rec.post - rec.out(ctx.mlp_out).reshape(rec.post.shape))
+    norm = ctx.norms.get("mlp_out")    # Post-LN: the sum the norm after the MLP reads
+
+    def sum_(r):
+        return r.inp(norm) if norm else r.post
+
+    post_gap = (sum_(new) - new.out(ctx.mlp_out).reshape(new.post.shape)) - \
+        (sum_(rec) - rec.out(ctx.mlp_out).reshape(rec.post.shape))
     if rec.close(new.out(ctx.mlp_out), rec.out(ctx.mlp_out)):
         return "the MLP's output did not move"
     if not rec.close(post_gap, torch.zeros_like(post_gap)):

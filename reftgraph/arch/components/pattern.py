@@ -20,6 +20,7 @@ query p moves ``head_out`` of head h at p alone.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from typing import Optional
 
@@ -54,6 +55,16 @@ def eager(hf):
         hf.set_attn_implementation(before)
 
 
+def _core(lm, block: str, paths) -> str:
+    """The path of the module whose forward computes the attention probabilities: the
+    attention module, or the parent of its query projection (BERT's ``attention.self``)."""
+    q = paths.qkv if isinstance(paths.qkv, str) else (paths.qkv or (None,))[0]
+    names = walk(lm, block + paths.attn).source.names
+    if q and "." in q and not any("softmax" in n or n.startswith("attention_interface") for n in names):
+        return q.rsplit(".", 1)[0]
+    return paths.attn
+
+
 def _prove(ctx: Context) -> tuple[str, Optional[tuple]]:
     """``(why it is refused or '', the inner operation names)``, on the tiny model in eager attention."""
     from nnsight import NNsight
@@ -61,8 +72,12 @@ def _prove(ctx: Context) -> tuple[str, Optional[tuple]]:
     model, paths = ctx.model, ctx.paths
     block = {m: n for n, m in model.named_modules()}[ctx.blocks[ctx.layer]]
     with eager(model):
-        lm = NNsight(model)
-        attn, proj = walk(lm, f"{block}.{paths.attn}"), walk(lm, f"{block}.{paths.attn_proj}")
+        with warnings.catch_warnings():    # (a submodule named `output` is served as `E_output`: see walk)
+            warnings.simplefilter("ignore")
+            lm = NNsight(model)
+        proj = walk(lm, f"{block}.{paths.attn_proj}")
+        core = _core(lm, f"{block}.", paths)
+        attn = walk(lm, f"{block}.{core}")
         names = attn.source.names
         inner = next(((n,) for n in names if "softmax" in n), None)
         calls = [n for n in names if n.startswith("attention_interface")]
@@ -72,7 +87,7 @@ def _prove(ctx: Context) -> tuple[str, Optional[tuple]]:
                 found.append(tuple(getattr(attn.source, calls[-1]).source.names))
             inner = next(((calls[-1], n) for n in found[0] if "softmax" in n), None)
         if inner is None:
-            return f"no softmax found in the forward of {paths.attn!r} (its operations: {', '.join(names)})", None
+            return f"no softmax found in the forward of {core!r} (its operations: {', '.join(names)})", None
 
         def reach():
             envoy = attn
@@ -86,7 +101,7 @@ def _prove(ctx: Context) -> tuple[str, Optional[tuple]]:
         with torch.no_grad():
             weights = model(input_ids=ctx.ids, output_attentions=True, use_cache=False).attentions[ctx.layer]
         if weights is None or not ctx.rec.close(pattern, weights):
-            return (f"the softmax in {paths.attn!r} is not the attention weights transformers returns "
+            return (f"the softmax in {core!r} is not the attention weights transformers returns "
                     f"({ctx.rec.gap(pattern, weights)})"), None
         if not ctx.rec.close(pattern.sum(-1), torch.ones_like(pattern.sum(-1))):
             return "the attention probabilities of a query do not sum to 1", None
@@ -103,7 +118,7 @@ def _prove(ctx: Context) -> tuple[str, Optional[tuple]]:
     if moved != {(POS, head)}:
         return (f"replacing the pattern of head {head} at query {POS} should move head_out of that head at that "
                 f"position alone; it moved (position, head) {sorted(moved)}"), None
-    return "", inner
+    return "", (core, inner)
 
 
 class Pattern(Component):
@@ -118,7 +133,7 @@ class Pattern(Component):
     needs_proof = True
 
     def address(self, name, block) -> Address:
-        return Address(block.paths.attn, "output", block.inner.get(name, ()))
+        return Address(block.inner.get("attn_pattern_module", block.paths.attn), "output", block.inner.get(name, ()))
 
     def view(self, name, arch, block, layer):
         return (lambda raw, pre: raw.transpose(1, 2), lambda raw, new, pre: new.transpose(1, 2))
@@ -150,4 +165,4 @@ class Pattern(Component):
         if why:
             ctx.refused["attn_pattern"] = why
         else:
-            ctx.inner["attn_pattern"] = inner
+            ctx.inner["attn_pattern_module"], ctx.inner["attn_pattern"] = inner

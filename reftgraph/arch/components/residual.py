@@ -6,8 +6,9 @@ before the MLP) and ``resid_post`` (the block's output).
 >>> arch.hook("resid_pre", 1).path, arch.hook("resid_post", 1).io, arch.hook("resid_mid", 1).path
 ('', 'output', 'self_attn')
 
-``resid_mid`` is read through the attention output: ``resid_pre + attn_out``; a block
-style without a stream between attention and MLP (parallel blocks) refuses it.
+``resid_mid`` is read through the attention output: ``resid_pre + attn_out`` (in Post-LN
+blocks, the output of the norm after that sum); a block style without a stream between
+attention and MLP (parallel blocks) refuses it.
 Proof: ``resid_post[L] == resid_pre[L+1]``; ``resid_mid`` exists when the block style's
 identities hold (:mod:`reftgraph.arch.styles`).
 """
@@ -28,17 +29,17 @@ class Residual(Component):
     names = ("resid_pre", "resid_mid", "resid_post")
 
     def address(self, name, block) -> Address:
-        if name == "resid_mid":
-            return Address(block.attn_out, "output")
+        if name == "resid_mid":     # Post-LN: the output of the norm after attention's addition
+            return Address(block.norms.get("attn_out") or block.attn_out, "output")
         return Address("", "input" if name == "resid_pre" else "output")
 
     def view(self, name, arch, block, layer):
-        if name != "resid_mid":
+        if name != "resid_mid" or block.norms:
             return super().view(name, arch, block, layer)
         return (lambda raw, pre: pre + first(raw), lambda raw, new, pre: with_first(raw, new - pre))
 
     def needs_pre(self, name, block) -> bool:
-        return name == "resid_mid"
+        return name == "resid_mid" and not block.norms
 
     def prove(self, ctx: Context) -> None:
         if ctx.next_input is not None and not ctx.rec.close(ctx.rec.post, ctx.next_input):

@@ -94,7 +94,7 @@ class Record:
         return fed
 
 
-Found = Union[tuple, str]   # (attn_out path, mlp_out path), or why the style does not hold
+Found = Union[tuple, str]   # (attn_out path, mlp_out path[, {component: norm after its addition}]), or why not
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,8 @@ class Style:
     ('parallel', False, 'post')
 
     ``find(record, paths)`` returns ``(attn_out path, mlp_out path)`` or the reason the
-    style does not hold. ``attn_moves`` is the stream that an edit of ``attn_out`` moves
+    style does not hold; a third item, ``{component: norm path}``, names the norm each
+    addition passes through (Post-LN blocks). ``attn_moves`` is the stream that an edit of ``attn_out`` moves
     by exactly the edit: ``"mid"`` (what the MLP reads) or ``"post"`` (the block output).
     """
 

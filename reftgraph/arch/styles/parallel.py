@@ -18,6 +18,8 @@ def _find(rec: Record, paths):
     a, m = rec.out(paths.attn), rec.out(paths.mlp)
     if a is None or m is None:
         return "a parallel block needs both attention and an MLP"
+    if a.shape[-1] != rec.pre.shape[-1] or m.shape[-1] != rec.pre.shape[-1]:
+        return f"the attention or MLP module does not give the model width {rec.pre.shape[-1]}"
     if not rec.close(rec.pre + a + m, rec.post):
         return f"resid_pre + attn + mlp != resid_post ({rec.gap(rec.pre + a + m, rec.post)})"
     return paths.attn, paths.mlp

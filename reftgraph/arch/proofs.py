@@ -75,6 +75,7 @@ class Block:
     reads: dict = field(default_factory=dict)   # receiver input -> the norm its reader applies ('' none)
     mixer: Optional[str] = None                 # the module mixer_out reads (a block without attention or MLP)
     norms: dict = field(default_factory=dict)   # Post-LN: attn_out / mlp_out -> the norm after its addition
+    scales: dict = field(default_factory=dict)  # scaled: attn_out / mlp_out -> (block attribute, its value here)
 
 
 # -- dims ------------------------------------------------------------------
@@ -147,25 +148,27 @@ def dims_of(config, block, paths: BlockPaths) -> tuple[tuple, dict]:
 # -- the checks --------------------------------------------------------------
 
 def _style(model, blocks, layer, ids, rec, paths):
-    """``(style, attn_out, mlp_out, norms)`` or ``(None, reasons)``; the edit checks included."""
+    """``(style, attn_out, mlp_out, norms, scales)`` or ``(None, reasons)``; the edit checks included."""
     reasons = []
     for style in STYLES:
         found = style.find(rec, paths)
         if isinstance(found, str):
             reasons.append(f"{style.name}: {found}")
             continue
-        attn_out, mlp_out, norms = (found + ({},))[:3]
-        bad = _edit_moves(model, blocks, layer, ids, rec, paths, style, (attn_out, mlp_out), norms)
+        attn_out, mlp_out, extras = (found + ({},))[:3]
+        norms, scales = extras.get("norms", {}), {c: (a, rec.scales[a]) for c, a in extras.get("scales", {}).items()}
+        bad = _edit_moves(model, blocks, layer, ids, rec, paths, style, (attn_out, mlp_out), norms, scales)
         if bad:
             reasons.append(f"{style.name}: {bad}")
             continue
-        return style, attn_out, mlp_out, norms
+        return style, attn_out, mlp_out, norms, scales
     return None, "; ".join(reasons)
 
 
-def _edit_moves(model, blocks, layer, ids, rec, paths, style, outputs, norms) -> str:
+def _edit_moves(model, blocks, layer, ids, rec, paths, style, outputs, norms, scales) -> str:
     """Why adding to attn_out / mlp_out does not move the stream by exactly the addition (or,
-    through the norm after it, to that norm of the moved sum) ('' when it does)."""
+    through the norm after it, to that norm of the moved sum) ('' when it does). A scaled
+    addition is edited in the module's output divided by the scale."""
     for component, path, moves in zip(("attn_out", "mlp_out"), outputs, (style.attn_moves, "post")):
         if not path:
             continue
@@ -174,7 +177,8 @@ def _edit_moves(model, blocks, layer, ids, rec, paths, style, outputs, norms) ->
         if moves == "mid" and not paths.mlp:
             moves = "post"
         delta = torch.randn(rec.out(path).shape[-1], generator=torch.Generator().manual_seed(1))
-        new, _, _ = record(model, blocks, layer, ids, edit=(path, lambda t: t + delta))
+        c = scales.get(component, (None, 1.0))[1]
+        new, _, _ = record(model, blocks, layer, ids, edit=(path, lambda t: t + delta / c))
         norm = norms.get(component)
         if norm:      # Post-LN: the norm of the moved sum
             with torch.no_grad():
@@ -221,7 +225,7 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         if found[0] is None:
             ctx.style_problem = f"no block style's identities hold ({found[1]})"
         else:
-            ctx.style, ctx.attn_out, ctx.mlp_out, ctx.norms = found
+            ctx.style, ctx.attn_out, ctx.mlp_out, ctx.norms, ctx.scales = found
     for family in COMPONENT_TYPES:
         family.prove(ctx)
     refused = ctx.refused
@@ -246,7 +250,7 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         component_stages[MLP_READS] = stages[(paths.mlp, "input")]   # the MLP's own input: where transcoders read
     return Block(paths, ctx.style.name if ctx.style else None, ctx.attn_out, ctx.mlp_out, ctx.layout, heads, widths,
                  refused, {c: v for c, v in component_stages.items() if v is not None}, frozenset(flat), inner=ctx.inner,
-                 reads=ctx.reads, mixer=ctx.mixer, norms=ctx.norms)
+                 reads=ctx.reads, mixer=ctx.mixer, norms=ctx.norms, scales=ctx.scales)
 
 
 # -- driving it: tiny instance, cache -----------------------------------------
@@ -324,9 +328,25 @@ def prove(model, d_model: int, family=None) -> tuple[str, list[Block], tuple]:
                                                    for c in COMPONENTS if c != "resid_pre"}))
             continue
         heads, widths = dims_of(model.config, block, paths[i])
-        blocks.append(_with_ends(replace(proven[kind], paths=paths[i], heads=heads, widths=widths), ends, i,
-                                 len(real)))
+        scales = {c: (a, float(getattr(block, a))) for c, (a, _) in proven[kind].scales.items()}   # this block's own
+        blocks.append(_with_ends(replace(proven[kind], paths=paths[i], heads=heads, widths=widths, scales=scales),
+                                 ends, i, len(real)))
     return layers, blocks, positions
+
+
+def _refuse_replaced(block: Block, model, before: dict) -> Block:
+    """``block`` with every component refused whose module the model replaced during its
+    forwards (BigBird switches its attention type): nnsight would edit the module it wrapped."""
+    replaced = {name for name, m in model.named_modules() if before.get(name) is not m}
+    if not replaced:
+        return block
+    refused = dict(block.refused)
+    for c in COMPONENTS:
+        where = c not in refused and component(c).address(c, block)
+        if where and where.path and not where.root and any(n.endswith(f".{where.path}") for n in replaced):
+            refused[c] = (f"the model replaces {where.path!r} during its forward (a switch of attention type), "
+                          "so an edit would reach a module that no longer runs")
+    return replace(block, refused=refused)
 
 
 def _with_ends(block: Block, ends: dict, layer: int, n_layers: int) -> Block:
@@ -361,11 +381,13 @@ def _prove_all(model, family) -> dict:
     proven = {}
     was_training = tiny.training
     tiny.eval()
+    modules = dict(tiny.named_modules())
     try:
         for i, block in enumerate(blocks):
             kind = kind_of(block)
             if kind not in proven:
                 proven[kind] = _prove_kind(tiny, blocks, i, ids, paths[i])
+        proven = {kind: _refuse_replaced(b, tiny, modules) for kind, b in proven.items()}
         positions = prove_positions(tiny, ids)
         try:
             ends = prove_ends(tiny, blocks, ids)

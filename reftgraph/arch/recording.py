@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from .styles import Record
+from .styles.scaled import block_scales
 
 __all__ = ["record"]
 
@@ -56,7 +57,7 @@ def record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional[
 
     ``edit = (path, fn)`` replaces the first tensor of that module's output by ``fn(t)``."""
     block = blocks[layer]
-    rec = Record(pre=None, post=None)
+    rec = Record(pre=None, post=None, scales=block_scales(block))
     order, handles, nxt = [], [], {}
 
     def pre_hook(path):
@@ -73,7 +74,8 @@ def record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional[
             if edit is not None and edit[0] == path and rec.calls.get(path) == 1:
                 t = _first_tensor(out)
                 new = edit[1](t)
-                out = (new,) + tuple(out[1:]) if isinstance(out, tuple) else new
+                out = (new,) + tuple(out[1:]) if isinstance(out, tuple) else [new] + out[1:] if isinstance(
+                    out, list) else new
             if path not in rec.outputs:
                 rec.outputs[path] = _copy(_first_tensor(out))
                 if path == "" and isinstance(out, tuple) and type(out) is not tuple:

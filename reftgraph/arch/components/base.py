@@ -134,6 +134,7 @@ class Context:
     reads: dict = field(default_factory=dict)   # receiver input -> the norm its reader applies ('' none)
     mixer: Optional[str] = None       # the block's one sequence mixer, when it adds to the stream
     norms: dict = field(default_factory=dict)   # Post-LN: attn_out / mlp_out -> the norm after its addition
+    scales: dict = field(default_factory=dict)  # scaled: attn_out / mlp_out -> (block attribute, value)
     next_input: object = None         # the next block's input (None for the last block)
     style_problem: str = ""           # why no block style holds ('' when one does)
 

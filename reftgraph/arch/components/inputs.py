@@ -317,8 +317,9 @@ def _moves_mlp_alone(ctx: Context, path: str, fn) -> str:
     def sum_(r):
         return r.inp(norm) if norm else r.post
 
-    post_gap = (sum_(new) - new.out(ctx.mlp_out).reshape(new.post.shape)) - \
-        (sum_(rec) - rec.out(ctx.mlp_out).reshape(rec.post.shape))
+    c = ctx.scales.get("mlp_out", (None, 1.0))[1]    # a scaled addition adds c * the MLP's output
+    post_gap = (sum_(new) - c * new.out(ctx.mlp_out).reshape(new.post.shape)) - \
+        (sum_(rec) - c * rec.out(ctx.mlp_out).reshape(rec.post.shape))
     if rec.close(new.out(ctx.mlp_out), rec.out(ctx.mlp_out)):
         return "the MLP's output did not move"
     if not rec.close(post_gap, torch.zeros_like(post_gap)):

@@ -7,7 +7,8 @@
 ('post_attention_layernorm', 'post_feedforward_layernorm')
 
 Which module's output is what the block adds depends on the block style
-(:mod:`reftgraph.arch.styles`: after a post-norm, the norm's output). Proof: the style's
+(:mod:`reftgraph.arch.styles`: after a post-norm, the norm's output; with a scaled addition,
+the module's output times the block's scale). Proof: the style's
 identities hold, and adding to the component moves the stream it feeds by exactly the
 addition. Blocks that flatten tokens around the MLP are viewed back per token.
 """
@@ -16,7 +17,18 @@ from __future__ import annotations
 
 from .base import Address, Component, Context, first, no_module, with_first
 
-__all__ = ["SublayerOutputs", "per_token"]
+__all__ = ["SublayerOutputs", "per_token", "scaled"]
+
+
+def scaled(c: float):
+    """``(get, put)`` for what a block adds as ``c`` times a module's output.
+
+    >>> import torch
+    >>> get, put = scaled(0.5)
+    >>> get(torch.ones(2), None).tolist(), put(torch.ones(2), torch.ones(2), None).tolist()
+    ([0.5, 0.5], [2.0, 2.0])
+    """
+    return (lambda raw, pre: c * first(raw), lambda raw, new, pre: with_first(raw, new / c))
 
 
 def per_token():
@@ -44,6 +56,8 @@ class SublayerOutputs(Component):
         return Address(block.attn_out if name == "attn_out" else block.mlp_out, "output")
 
     def view(self, name, arch, block, layer):
+        if name in block.scales:
+            return scaled(block.scales[name][1])
         return per_token() if name in block.flat else super().view(name, arch, block, layer)
 
     def needs_pre(self, name, block) -> bool:

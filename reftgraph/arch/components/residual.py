@@ -36,7 +36,8 @@ class Residual(Component):
     def view(self, name, arch, block, layer):
         if name != "resid_mid" or block.norms:
             return super().view(name, arch, block, layer)
-        return (lambda raw, pre: pre + first(raw), lambda raw, new, pre: with_first(raw, new - pre))
+        c = block.scales.get("attn_out", (None, 1.0))[1]      # a scaled addition: resid_pre + c * attention
+        return (lambda raw, pre: pre + c * first(raw), lambda raw, new, pre: with_first(raw, (new - pre) / c))
 
     def needs_pre(self, name, block) -> bool:
         return name == "resid_mid" and not block.norms

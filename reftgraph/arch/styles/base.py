@@ -31,6 +31,7 @@ class Record:
     inputs: dict = field(default_factory=dict)
     outputs: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
+    scales: dict = field(default_factory=dict)   # the plain numbers the block holds (styles.scaled)
 
     def out(self, path: Optional[str]) -> Optional[torch.Tensor]:
         """The first output of the module at ``path`` (None when it did not run).
@@ -94,7 +95,7 @@ class Record:
         return fed
 
 
-Found = Union[tuple, str]   # (attn_out path, mlp_out path[, {component: norm after its addition}]), or why not
+Found = Union[tuple, str]   # (attn_out path, mlp_out path[, {'norms' | 'scales': {component: ...}}]), or why not
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,9 @@ class Style:
     ('parallel', False, 'post')
 
     ``find(record, paths)`` returns ``(attn_out path, mlp_out path)`` or the reason the
-    style does not hold; a third item, ``{component: norm path}``, names the norm each
-    addition passes through (Post-LN blocks). ``attn_moves`` is the stream that an edit of ``attn_out`` moves
+    style does not hold; a third item adds ``{"norms": {component: norm path}}`` (the norm
+    each addition passes through, Post-LN blocks) or ``{"scales": {component: attribute}}``
+    (the block attribute each addition is scaled by). ``attn_moves`` is the stream that an edit of ``attn_out`` moves
     by exactly the edit: ``"mid"`` (what the MLP reads) or ``"post"`` (the block output).
     """
 

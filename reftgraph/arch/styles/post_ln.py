@@ -56,7 +56,7 @@ def _find(rec: Record, paths):
                 continue
             second = norm_reading(rec, mid + m.reshape(mid.shape), rec.post)
             if second is not None:
-                return attn, mlp, {"attn_out": first, "mlp_out": second}
+                return attn, mlp, {"norms": {"attn_out": first, "mlp_out": second}}
         return f"no norm turns resid_mid + the MLP output into resid_post (after {first!r})"
     return "no norm reads resid_pre + the attention output and feeds the MLP"
 

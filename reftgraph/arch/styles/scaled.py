@@ -1,0 +1,80 @@
+"""Scaled residual additions (Granite's ``residual_multiplier``, MiniCPM3's
+``scale_depth / sqrt(layers)``): the block adds ``c * attn`` and ``c * mlp``.
+
+>>> STYLE.name, STYLE.has_mid
+('scaled', True)
+
+``attn_out`` / ``mlp_out`` are what is *added*: the sub-layer's output times the block's
+scale, so ``resid_pre + attn_out == resid_mid`` and ``resid_mid + mlp_out == resid_post``
+hold as in sequential blocks. The scale is the number the block itself holds (an attribute
+set from the config when the block was built), read from each real block when a model is
+wrapped: a scale that depends on the depth is the real model's, not the tiny instance's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import Record, Style
+
+__all__ = ["STYLE", "block_scales", "fit"]
+
+
+def fit(added, out) -> Optional[float]:
+    """The scalar c with ``added == c * out`` (least squares), None when there is none.
+
+    >>> import torch
+    >>> fit(torch.ones(3) * 0.5, torch.ones(3)), fit(torch.tensor([1., 2.]), torch.tensor([1., 1.]))
+    (0.5, None)
+    """
+    if added is None or out is None or added.numel() != out.numel():
+        return None
+    a, o = added.reshape(-1).double(), out.reshape(-1).double()
+    c = float((a @ o) / (o @ o).clamp_min(1e-30))
+    return c if Record.close((c * o).float(), a.float()) and abs(c - 1) > 1e-6 else None
+
+
+def block_scales(block) -> dict:
+    """``{attribute: value}``: the plain numbers a block module holds (its own attributes).
+
+    >>> import torch
+    >>> m = torch.nn.Linear(2, 2); m.residual_multiplier = 0.25
+    >>> block_scales(m)
+    {'residual_multiplier': 0.25}
+    """
+    out = {}
+    for name, value in vars(block).items():
+        if isinstance(value, bool) or name.startswith("_"):
+            continue
+        if isinstance(value, (int, float)):
+            out[name] = float(value)
+        elif isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
+            out[name] = float(value)
+    return out
+
+
+def _attribute(scales: dict, c: float) -> Optional[str]:
+    return next((name for name, v in scales.items() if abs(v - c) <= 1e-5 * max(1.0, abs(c))), None)
+
+
+def _find(rec: Record, paths):
+    if not paths.attn or not paths.mlp:
+        return "needs attention and an MLP"
+    mid = rec.mid(paths.mlp_in)
+    a, m = rec.out(paths.attn), rec.out(paths.mlp)
+    ca = fit(None if mid is None else mid - rec.pre, a)
+    cm = fit(None if mid is None or m is None else rec.post - mid, m)
+    if ca is None or cm is None:
+        return "the attention and MLP outputs are not added with one scale each"
+    found = {}
+    for component, c in (("attn_out", ca), ("mlp_out", cm)):
+        name = _attribute(rec.scales, c)
+        if name is None:
+            return f"{component} is added times {c:.4g}, which no attribute of the block holds"
+        found[component] = name
+    return paths.attn, paths.mlp, {"scales": found}
+
+
+STYLE = Style("scaled", __doc__.split("\n\n")[0], has_mid=True, attn_moves="mid", find=_find)

@@ -1,0 +1,103 @@
+"""Scaled residual additions (Granite's ``residual_multiplier``, MiniCPM3's depth scale):
+``attn_out``/``mlp_out`` are what the block adds, the sub-layer's output times the scale each
+real block holds. Checked against plain PyTorch hooks on the attention and MLP modules,
+outputs and gradients, both padding sides."""
+
+import math
+
+import pytest
+import torch
+
+import reftgraph as rg
+
+BASE = ["the cat sat on it", "a dog"]
+ATOL = 1e-5
+LAYER = 1
+TYPES = {"granite": dict(residual_multiplier=0.5), "minicpm3": dict(scale_depth=1.4)}
+
+
+@pytest.fixture(scope="module", params=list(TYPES))
+def lm(request):
+    return rg.models.tiny(request.param, **TYPES[request.param])
+
+
+def scale(lm):
+    config = lm.hf.config
+    if config.model_type == "granite":
+        return config.residual_multiplier
+    return config.scale_depth / math.sqrt(config.num_hidden_layers)
+
+
+def batch(lm, prompts, side):
+    tok = lm.tokenizer
+    rows = [tok(p)["input_ids"] for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tok.pad_token_id or 0)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        at = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, at], mask[i, at] = torch.tensor(r), 1
+    return lm.arch.inputs(ids, mask), [m.nonzero().flatten().tolist() for m in mask]
+
+
+def plain(lm, side, module, fn):
+    inputs, real = batch(lm, BASE, side)
+    handle = module.register_forward_hook(lambda m, a, out: fn(out, real))
+    try:
+        return lm.hf(**inputs).logits, real
+    finally:
+        handle.remove()
+
+
+def test_the_scale_is_each_real_blocks_own():
+    deep = rg.models.tiny("minicpm3", num_hidden_layers=9, scale_depth=1.4)
+    for block in deep.arch.blocks:
+        assert block.style == "scaled"
+        assert block.scales["attn_out"][1] == pytest.approx(1.4 / 3) == block.scales["mlp_out"][1]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collected_values_add_up_with_the_scale(lm, side):
+    g = rg.Graph()
+    for c in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"):
+        g.add(rg.Site(c, layer=LAYER), rg.Collect(), name=c)
+    out = g.run(lm, BASE, padding_side=side)
+    torch.testing.assert_close(out["resid_pre"] + out["attn_out"], out["resid_mid"], atol=ATOL, rtol=0)
+    torch.testing.assert_close(out["resid_mid"] + out["mlp_out"], out["resid_post"], atol=ATOL, rtol=0)
+    seen = {}
+
+    def keep(o, real):
+        seen["a"] = (o[0] if isinstance(o, tuple) else o).detach().clone()
+        return o
+    with torch.no_grad():
+        _, real = plain(lm, side, lm.hf.model.layers[LAYER].self_attn, keep)
+    for row, idx in enumerate(real):
+        torch.testing.assert_close(out["attn_out"][row, :len(idx)], scale(lm) * seen["a"][row, idx], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("component,module", [("attn_out", "self_attn"), ("mlp_out", "mlp"), ("resid_mid", "self_attn")])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_add_equals_the_plain_hook_outputs_and_gradients(lm, side, component, module):
+    vector = torch.randn(lm.arch.d_model, generator=torch.Generator().manual_seed(1))
+    op = rg.Add(vector.clone(), scale=1.5, trainable=True)
+    g = rg.Graph()
+    g.add(rg.Site(component, layer=LAYER, positions="last"), op, name="a")
+    ours = g.run(lm, BASE, padding_side=side).next_token_logits
+    (grad,) = torch.autograd.grad(ours.square().sum(), [op.vector])
+    v = vector.clone().requires_grad_(True)
+
+    def edit(out, real):      # the block adds scale * out: moving the stream by x is moving out by x / scale
+        t = (out[0] if isinstance(out, tuple) else out).clone()
+        for row, idx in enumerate(real):
+            t[row, idx[-1]] = t[row, idx[-1]] + 1.5 * v / scale(lm)
+        return (t,) + out[1:] if isinstance(out, tuple) else t
+    logits, real = plain(lm, side, getattr(lm.hf.model.layers[LAYER], module), edit)
+    want = torch.stack([logits[row, idx[-1]] for row, idx in enumerate(real)])
+    (want_grad,) = torch.autograd.grad(want.square().sum(), [v])
+    torch.testing.assert_close(ours, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(grad, want_grad, atol=1e-4, rtol=1e-4)
+
+
+def test_edges_refuse_scaled_blocks_naming_the_reason(lm):
+    with pytest.raises(rg.SiteError, match="scaled"):
+        rg.circuits.edges(lm)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import reftgraph as rg  # noqa: E402
-from reftgraph.arch.shrink import causal_lm_types, tiny_config_of  # noqa: E402
+from reftgraph.arch.shrink import causal_lm_types, encoder_types, tiny_config_of  # noqa: E402
 from reftgraph.arch import proofs  # noqa: E402
 from reftgraph.arch.structure import Hook  # noqa: E402
 from reftgraph.core.sites import KEY_COMPONENTS  # noqa: E402
@@ -174,17 +174,19 @@ def oracle(lm, component, layer) -> str:
     return ""
 
 
-def survey(model_type: str, with_oracle: bool = True) -> dict:
-    """One type's row: build time, proof time, and per component 'verified' or the reason."""
+def survey(model_type: str, with_oracle: bool = True, kind: str = "causal") -> dict:
+    """One type's row: build time, proof time, and per component 'verified' or the reason;
+    ``kind``: "causal" (its causal LM class) or "encoder" (its masked LM class)."""
     row = {"type": model_type}
     try:
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
         config = tiny_config_of(model_type)
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+            hf = auto.from_config(config, dtype=torch.float32)
     except Exception as err:  # noqa: BLE001 - reported in the table
         row["error"] = f"does not build from a small config: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
         return row
@@ -231,11 +233,43 @@ def _cell(value) -> str:
     return "no"
 
 
-def write_markdown(rows: list, path: Path) -> dict:
+def _ok(r, components) -> bool:
+    return all(_cell(r.get(c)) != "no" for c in components)
+
+
+def _table(rows: list, reasons: list, label: str = "") -> list:
+    """The markdown table of ``rows``; each refusal's reason is appended to ``reasons`` (``label`` after the type)."""
+    from reftgraph.core.sites import COMPONENTS
+
+    lines = ["| type | style | q/k/v | " + " | ".join(COMPONENTS) + " |", "|" + "---|" * (3 + len(COMPONENTS))]
+    for r in rows:
+        if "error" in r:
+            reasons.append(f"- `{r['type']}`{label}: {r['error']}")
+            continue
+        cells = [_cell(r.get(c)) for c in COMPONENTS]
+        lines.append(f"| {r['type']} | {', '.join(r['style'])} | {', '.join(r['layout'])} | " + " | ".join(cells) + " |")
+        for c in COMPONENTS:
+            if _cell(r.get(c)) == "no" and not (c == "mixer_out" and "attention or an MLP" in str(r.get(c))):
+                reasons.append(f"- `{r['type']}`{label} {c}: {r.get(c)}")   # (a block with attention has no mixer_out)
+    return lines
+
+
+def _encoder_totals(rows: list) -> dict:
     from reftgraph.core.sites import COMPONENTS
 
     built = [r for r in rows if "error" not in r]
-    ok = lambda r, cs: all(_cell(r.get(c)) != "no" for c in cs)  # noqa: E731
+    return {"encoder_types": len(rows), "encoders_built": len(built),
+            "encoders_resid_attn_mlp": sum(_ok(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built),
+            "encoders_heads": sum(_ok(r, ("head_out", "q", "k", "v")) for r in built),
+            "encoder_oracle_failures": sum(any(str(r.get(c, "")).startswith("ORACLE") for c in COMPONENTS)
+                                           for r in built)}
+
+
+def write_markdown(rows: list, path: Path, encoders: list = ()) -> dict:
+    from reftgraph.core.sites import COMPONENTS
+
+    built = [r for r in rows if "error" not in r]
+    ok = _ok
     totals = {
         "types": len(rows), "built": len(built),
         "resid_attn_mlp": sum(ok(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built),
@@ -268,19 +302,20 @@ def write_markdown(rows: list, path: Path) -> dict:
         f"- `mixer_out` (state-space blocks) verified on some or all layers: {totals['mixer']}",
         f"- oracle failures: {totals['oracle_failures']}",
         "",
-        "| type | style | q/k/v | " + " | ".join(COMPONENTS) + " |",
-        "|" + "---|" * (3 + len(COMPONENTS)),
     ]
     reasons = []
-    for r in rows:
-        if "error" in r:
-            reasons.append(f"- `{r['type']}`: {r['error']}")
-            continue
-        cells = [_cell(r.get(c)) for c in COMPONENTS]
-        lines.append(f"| {r['type']} | {', '.join(r['style'])} | {', '.join(r['layout'])} | " + " | ".join(cells) + " |")
-        for c in COMPONENTS:
-            if _cell(r.get(c)) == "no" and not (c == "mixer_out" and "attention or an MLP" in str(r.get(c))):
-                reasons.append(f"- `{r['type']}` {c}: {r.get(c)}")   # (a block with attention has no mixer_out)
+    lines += _table(rows, reasons)
+    if encoders:
+        enc = _encoder_totals(encoders)
+        totals.update(enc)
+        lines += ["", "## Encoders", "",
+                  "Every encoder type that transformers builds as a masked LM (`AutoModelForMaskedLM`), wrapped and",
+                  "proven the same way; attention runs both ways, so a key or value edit moves every position.", "",
+                  f"- types: {enc['encoder_types']}; build from a small config and run: {enc['encoders_built']}",
+                  f"- `resid_pre`/`resid_post`/`attn_out`/`mlp_out` verified: {enc['encoders_resid_attn_mlp']}",
+                  f"- `head_out`/`q`/`k`/`v` verified: {enc['encoders_heads']}",
+                  f"- oracle failures: {enc['encoder_oracle_failures']}", ""]
+        lines += _table(encoders, reasons, " (encoder)")
     lines += ["", "## Why components are refused", "",
               "- **Norm after the addition** (`post_ln`: BERT, RoBERTa, BART, Marian, OpenAI GPT, ...): defined, not",
               "  refused: `attn_out`/`mlp_out` are what the sub-layers add before the norms and `resid_mid` is the",
@@ -318,18 +353,24 @@ def main(argv=None) -> dict:
     parser.add_argument("--types", nargs="*", help="model types (default: all causal-LM types)")
     parser.add_argument("--no-write", action="store_true", help="do not write docs/architectures.md")
     parser.add_argument("--no-oracle", action="store_true", help="proofs only")
+    parser.add_argument("--encoders", nargs="*", help="encoder types (default: all, when --types is not given)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    types = args.types or causal_lm_types()
+    types = args.types if args.types is not None else causal_lm_types()
+    enc_types = args.encoders if args.encoders is not None else [] if args.types is not None else encoder_types()
     start = time.perf_counter()
-    rows = []
-    for t in types:
-        rows.append(survey(t, with_oracle=not args.no_oracle))
-        print(t, {k: v for k, v in rows[-1].items() if k in ("error", "style", "layout", "wrap_s")}, flush=True)
+    rows, encoders = [], []
+    for kind, names, out in (("causal", types, rows), ("encoder", enc_types, encoders)):
+        for t in names:
+            out.append(survey(t, with_oracle=not args.no_oracle, kind=kind))
+            print(kind, t, {k: v for k, v in out[-1].items() if k in ("error", "style", "layout", "wrap_s")},
+                  flush=True)
     totals = {"seconds": round(time.perf_counter() - start, 1)}
     if not args.no_write:
-        totals.update(write_markdown(rows, ROOT / "docs" / "architectures.md"))
-    wraps = sorted(r["wrap_s"] for r in rows if "wrap_s" in r)
+        totals.update(write_markdown(rows, ROOT / "docs" / "architectures.md", encoders))
+    elif encoders:
+        totals.update(_encoder_totals(encoders))
+    wraps = sorted(r["wrap_s"] for r in rows + encoders if "wrap_s" in r)
     totals["median_wrap_s"] = round(wraps[len(wraps) // 2], 3) if wraps else None
     print(json.dumps(totals))
     return {"rows": rows, **totals}

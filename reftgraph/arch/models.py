@@ -85,36 +85,57 @@ def wrap(hf_model, tokenizer, name: str = "", freeze: bool = True) -> Model:
     padding_side = tokenizer.padding_side
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        envoy = TransformersModel(hf_model, tokenizer=tokenizer, task="text-generation")
+        envoy = TransformersModel(hf_model, tokenizer=tokenizer, task=_task(hf_model))
     tokenizer.padding_side = padding_side  # nnsight forces left; the user's choice wins
     return Model(hf_model, tokenizer, envoy, arch, name or getattr(hf_model, "name_or_path", ""))
 
 
-def _check_generates(hf_model) -> None:
-    """Refuse, saying what the model is, a model that is not a decoder-only text generator.
+def _task(hf_model) -> str:
+    """The transformers pipeline task nnsight wraps ``hf_model`` with (the engine passes
+    tensors, so only the pipeline's checks matter: feature extraction asks nothing of an
+    encoder's tokenizer, fill-mask would ask for a mask token)."""
+    return "feature-extraction" if is_encoder(hf_model) else "text-generation"
 
-    >>> from transformers import BertConfig, BertForMaskedLM
-    >>> _check_generates(BertForMaskedLM(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-    ...                                             intermediate_size=64, vocab_size=100)))   # doctest: +ELLIPSIS
+
+def _check_generates(hf_model) -> None:
+    """Refuse, saying what the model is, a model that is neither a decoder-only text generator
+    nor an encoder.
+
+    >>> from transformers import T5Config, T5ForConditionalGeneration
+    >>> _check_generates(T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4,
+    ...                                                      d_kv=8, vocab_size=100)))   # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    reftgraph.errors.SiteError: reftgraph wraps causal language models (a ...ForCausalLM class, decoder only); BertForMaskedLM is an encoder ...
+    reftgraph.errors.SiteError: reftgraph wraps causal language models and encoders; T5ForConditionalGeneration is an encoder-decoder...
     """
     config = getattr(hf_model, "config", None)
     name = type(hf_model).__name__
     can = getattr(hf_model, "can_generate", lambda: False)
-    if config is None or name.endswith("ForCausalLM"):   # (not transformers: Arch.of says so; BART's and Marian's
-        return                                           # decoders keep is_encoder_decoder in their config)
-    if getattr(config, "is_encoder_decoder", False):
-        what = "an encoder-decoder"
-    elif not can():
-        what = "an encoder (it has no generation head)" if "Masked" in name or name.endswith(
-            ("Model", "ForSequenceClassification", "ForTokenClassification")) else "a model that cannot generate"
-    else:
-        return
-    raise SiteError(f"reftgraph wraps causal language models (a ...ForCausalLM class, decoder only); {name} is {what}. "
-                    "Encoders, encoder-decoders and vision-language towers are not wrapped yet: load the model's "
-                    "...ForCausalLM class where it has one (transformers.AutoModelForCausalLM)")
+    if config is None or name.endswith("ForCausalLM") or is_encoder(hf_model):   # (not transformers: Arch.of says so;
+        return                                       # BART's and Marian's decoders keep is_encoder_decoder in their config)
+    what = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else None if can() else \
+        "a model that cannot generate"
+    if what:
+        raise SiteError(f"reftgraph wraps causal language models and encoders; {name} is {what}. "
+                        "Encoder-decoders and vision-language towers are not wrapped yet: load the model's "
+                        "...ForCausalLM class where it has one (transformers.AutoModelForCausalLM)")
+
+
+def is_encoder(hf_model) -> bool:
+    """Whether a transformers model is an encoder: a masked LM, the bare model, or a
+    sequence or token classifier, of a type that is no decoder or encoder-decoder.
+
+    >>> from transformers import BertConfig, BertModel
+    >>> is_encoder(BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+    ...                                 intermediate_size=64, vocab_size=100)))
+    True
+    """
+    config, name = getattr(hf_model, "config", None), type(hf_model).__name__
+    if config is None or getattr(config, "is_encoder_decoder", False) or getattr(config, "is_decoder", False):
+        return False
+    if name.endswith("ForCausalLM") or getattr(hf_model, "can_generate", lambda: False)():
+        return False
+    return "Masked" in name or name.endswith(("Model", "ForSequenceClassification", "ForTokenClassification"))
 
 
 def _prepare(hf_model, tokenizer, freeze: bool = True) -> None:

@@ -41,13 +41,30 @@ def model_inputs(mode: str, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 def _logits(model, inputs: dict) -> Optional[torch.Tensor]:
+    """The model's per-token output: its logits, or (an encoder without a token head) its last hidden state."""
     try:
         with torch.no_grad():
-            out = model(**inputs)
+            out = model(**inputs, output_hidden_states=True)
     except Exception:  # noqa: BLE001 - a model that refuses these inputs fails the proof
         return None
-    logits = getattr(out, "logits", None)
+    logits = token_output(out)
     return logits.float() if isinstance(logits, torch.Tensor) else None
+
+
+def token_output(out) -> Optional[torch.Tensor]:
+    """A transformers model output's per-token tensor: the logits, or where they are not per
+    token (an encoder's sequence classifier, a bare encoder) the last hidden state.
+
+    >>> import torch
+    >>> from transformers.modeling_outputs import SequenceClassifierOutput
+    >>> token_output(SequenceClassifierOutput(logits=torch.zeros(1, 2), hidden_states=(torch.ones(1, 3, 4),))).shape
+    torch.Size([1, 3, 4])
+    """
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor) and logits.dim() == 3:
+        return logits
+    states = getattr(out, "hidden_states", None)
+    return states[-1] if states else getattr(out, "last_hidden_state", None)
 
 
 def _close(a, b) -> bool:

@@ -280,9 +280,12 @@ def _tiny_instance(model, family):
 
     blocks = blocks_of(model, family)[1]
     kinds = {kind_of(b) for b in blocks}
+    causal = type(model).__name__.endswith("ForCausalLM") or not hasattr(type(model), "_from_config")
     for layers in (None, len(blocks)):   # more layers when the shrunk pattern lost a kind of block
         torch.manual_seed(0)
-        tiny = AutoModelForCausalLM.from_config(shrink(model.config, n_layers=layers), dtype=torch.float32).eval()
+        config = shrink(model.config, n_layers=layers)
+        tiny = (AutoModelForCausalLM.from_config(config, dtype=torch.float32) if causal     # (an encoder: its own class)
+                else type(model)._from_config(config, dtype=torch.float32)).eval()
         if kinds <= {kind_of(b) for b in blocks_of(tiny, family)[1]}:
             break
     _distinct_norms(tiny)

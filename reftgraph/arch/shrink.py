@@ -264,6 +264,20 @@ def causal_lm_types() -> list[str]:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def encoder_types() -> list[str]:
+    """Every encoder type transformers can build as a masked LM (no encoder-decoders), sorted.
+
+    >>> types = encoder_types()
+    >>> "bert" in types and "roberta" in types and "bart" not in types
+    True
+    """
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return sorted(t for t in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+                  if t in CONFIG_MAPPING and not getattr(CONFIG_MAPPING[t](), "is_encoder_decoder", False))
+
+
 def tiny_config_of(model_type: str, n_layers: int | None = None):
     """The default config of ``model_type``, shrunk (see :func:`shrink`).
 

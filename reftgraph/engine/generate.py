@@ -123,6 +123,9 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     ``subspaces`` as in :func:`reftgraph.run` (per call or per prompt).
     """
     model = as_model(model)
+    if not getattr(model.hf, "can_generate", lambda: True)():
+        raise SiteError(f"{type(model.hf).__name__} cannot generate (an encoder reads a whole text at once); use "
+                        "graph.run for its hidden states or a Classify node, or wrap a causal LM to generate")
     remote = remote if check_remote(remote, model, graph) else None
     prompt_graph, step_graph = _split(graph)
     prompts = [format_prompt(model.tokenizer, p, template) for p in prompt_list(prompts, "prompts")]

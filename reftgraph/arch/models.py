@@ -121,6 +121,15 @@ def _check_generates(hf_model) -> None:
                         "...ForCausalLM class where it has one (transformers.AutoModelForCausalLM)")
 
 
+def _encoder_types() -> frozenset:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    return frozenset(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+
+ENCODER_TYPES = _encoder_types()   # model types transformers builds as masked LMs (BERT and its kin)
+
+
 def is_encoder(hf_model) -> bool:
     """Whether a transformers model is an encoder: a masked LM, the bare model, or a
     sequence or token classifier, of a type that is no decoder or encoder-decoder.
@@ -135,7 +144,8 @@ def is_encoder(hf_model) -> bool:
         return False
     if name.endswith("ForCausalLM") or getattr(hf_model, "can_generate", lambda: False)():
         return False
-    return "Masked" in name or name.endswith(("Model", "ForSequenceClassification", "ForTokenClassification"))
+    return getattr(config, "model_type", "") in ENCODER_TYPES and (
+        "Masked" in name or name.endswith(("Model", "ForSequenceClassification", "ForTokenClassification")))
 
 
 def _prepare(hf_model, tokenizer, freeze: bool = True) -> None:

@@ -12,10 +12,11 @@ import json
 from pathlib import Path
 
 from .ioi import ioi
+from .reviews import sentiment
 from .tasks import arithmetic, mcqa
 
 __all__ = ["answered", "answers", "arithmetic", "capital_questions", "caps", "facts", "ioi", "is_caps", "is_title",
-           "mcqa", "title_case"]
+           "mcqa", "sentiment", "title_case"]
 
 HERE = Path(__file__).parent
 

@@ -187,6 +187,7 @@ def survey(model_type: str, with_oracle: bool = True, kind: str = "causal") -> d
             warnings.simplefilter("ignore")
             auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
             hf = auto.from_config(config, dtype=torch.float32)
+        proofs.randomise_zero_maps(hf)    # (a zero-initialised projection would make every edit through it a no-op)
     except Exception as err:  # noqa: BLE001 - reported in the table
         row["error"] = f"does not build from a small config: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
         return row

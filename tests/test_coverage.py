@@ -16,13 +16,21 @@ architectures = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(architectures)
 
 ORACLE_EVERY = 6   # every 6th type (and the types below) also runs the oracle here; the script runs all
-ORACLE_TYPES = {"llama", "gemma3_text", "phi3", "gptj", "qwen2_moe", "falcon", "bloom", "olmo2", "jamba", "mamba"}
+ORACLE_TYPES = {"llama", "gemma3_text", "phi3", "gptj", "qwen2_moe", "falcon", "bloom", "olmo2", "jamba", "mamba",
+                "bert", "bart", "granite", "mpt", "distilbert", "modernbert", "roberta", "neomme"}
 
 
 @pytest.fixture(scope="module")
 def rows():
     types = architectures.causal_lm_types()
     return [architectures.survey(t, with_oracle=(i % ORACLE_EVERY == 0 or t in ORACLE_TYPES))
+            for i, t in enumerate(types)]
+
+
+@pytest.fixture(scope="module")
+def encoder_rows():
+    types = architectures.encoder_types()
+    return [architectures.survey(t, with_oracle=(i % ORACLE_EVERY == 0 or t in ORACLE_TYPES), kind="encoder")
             for i, t in enumerate(types)]
 
 
@@ -34,7 +42,20 @@ def test_most_types_build_and_their_stream_components_are_verified(rows):
     built = [r for r in rows if "error" not in r]
     assert len(rows) >= 150 and len(built) >= 0.9 * len(rows)
     assert sum(verified(r, ("resid_pre", "resid_post")) for r in built) >= 0.9 * len(built)
-    assert sum(verified(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built) >= 120
+    assert sum(verified(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built) >= 150
+    styles = {s for r in built for s in r["style"]}
+    assert {"sequential", "post_norm", "parallel", "inner_residual", "post_ln", "scaled"} <= styles
+
+
+def test_encoders_build_and_are_proven(encoder_rows):
+    built = [r for r in encoder_rows if "error" not in r]
+    assert len(encoder_rows) >= 40 and len(built) >= 40
+    assert sum(verified(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built) >= 30
+    failures = [(r["type"], c, r[c]) for r in built for c in COMPONENTS if str(r.get(c, "")).startswith("ORACLE")]
+    assert not failures
+    for model_type in ("bert", "roberta", "distilbert", "modernbert", "electra", "deberta-v2"):
+        row = next(r for r in built if r["type"] == model_type)
+        assert verified(row, ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out")), row
 
 
 def test_no_accepted_component_fails_the_oracle(rows):
@@ -50,7 +71,8 @@ def test_every_refusal_says_why(rows):
 
 
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2", "mistral", "gemma2", "gemma3_text", "phi3",
-                                        "mixtral", "qwen2_moe", "gptj", "falcon", "olmo2", "cohere", "stablelm"])
+                                        "mixtral", "qwen2_moe", "gptj", "falcon", "olmo2", "cohere", "stablelm", "bert",
+                                        "bart", "marian", "openai-gpt", "mpt", "granite", "minicpm3"])
 def test_common_families_keep_their_stream_components(rows, model_type):
     row = next(r for r in rows if r["type"] == model_type)
     assert verified(row, ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out")), row

@@ -41,7 +41,7 @@ from .recording import record
 from .styles import STYLES, Record
 from .tree import BlockPaths, blocks_of, kind_of, linear_shape, read_tree
 
-__all__ = ["Block", "prove", "dims_of", "forget"]
+__all__ = ["Block", "prove", "dims_of", "forget", "randomise_zero_maps"]
 
 SEQ = 6          # tokens in the proof forward
 
@@ -289,7 +289,25 @@ def _tiny_instance(model, family):
         if kinds <= {kind_of(b) for b in blocks_of(tiny, family)[1]}:
             break
     _distinct_norms(tiny)
+    randomise_zero_maps(tiny)
     return tiny
+
+
+def randomise_zero_maps(model) -> None:
+    """Give a random weight to every matrix initialised to zeros (NeoMME zeroes its output and
+    down projections): an edit through a zero map moves nothing, and a proof that nothing else
+    moved would then hold without meaning anything.
+
+    >>> import torch
+    >>> m = torch.nn.Linear(2, 2); _ = torch.nn.init.zeros_(m.weight)
+    >>> randomise_zero_maps(m); bool(m.weight.any())
+    True
+    """
+    gen = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and p.is_floating_point() and not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=gen).to(p.dtype))
 
 
 def _distinct_norms(model) -> None:

@@ -158,11 +158,10 @@ def auto_class(config):
     ('AutoModel', 'AutoModelForCausalLM')
     """
     import transformers
-
-    from .models import ENCODER_TYPES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as ENCODERS
 
     saved = (getattr(config, "architectures", None) or [""])[0]
-    if getattr(config, "model_type", "") in ENCODER_TYPES and not getattr(config, "is_decoder", False):
+    if getattr(config, "model_type", "") in ENCODERS and not getattr(config, "is_decoder", False):
         for suffix, auto in (("ForMaskedLM", "AutoModelForMaskedLM"), ("ForSequenceClassification",
                              "AutoModelForSequenceClassification"), ("ForTokenClassification",
                              "AutoModelForTokenClassification"), ("Model", "AutoModel")):

@@ -41,7 +41,7 @@ from .recording import record
 from .styles import STYLES, Record
 from .tree import BlockPaths, blocks_of, kind_of, linear_shape, read_tree
 
-__all__ = ["Block", "prove", "dims_of", "forget", "randomise_zero_maps"]
+__all__ = ["Block", "prove", "dims_of", "forget", "randomise_zero_maps", "text_config"]
 
 SEQ = 6          # tokens in the proof forward
 
@@ -80,7 +80,19 @@ class Block:
 
 # -- dims ------------------------------------------------------------------
 
+def text_config(config):
+    """The config of the text tower (a vision-language model's ``text_config``), else ``config``.
+
+    >>> from transformers import LlamaConfig
+    >>> text_config(LlamaConfig()).model_type
+    'llama'
+    """
+    get = getattr(config, "get_text_config", None)
+    return (get() if callable(get) else None) or config
+
+
 def _n_heads(config) -> Optional[int]:
+    config = text_config(config)
     for key in ("num_attention_heads", "n_head", "num_heads", "n_heads"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -89,6 +101,7 @@ def _n_heads(config) -> Optional[int]:
 
 
 def _n_kv_config(config) -> Optional[int]:
+    config = text_config(config)
     for key in ("num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num"):
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 0:
@@ -97,7 +110,7 @@ def _n_kv_config(config) -> Optional[int]:
 
 
 def _width(model) -> int:
-    return getattr(model.config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+    return getattr(text_config(model.config), "hidden_size", None) or model.get_input_embeddings().embedding_dim
 
 
 def _module(root, path: Optional[str]):

@@ -229,8 +229,25 @@ def _conv_and_attention(new, old):
     return ["full_attention" if i % 4 == 2 else "conv" for i in range(n)]
 
 
+def _mrope(default: list):
+    """Rope parameters with the multimodal sections the model falls back to when its config
+    names none (Qwen2-VL's [16, 24, 24]), rescaled to the tiny rotary width."""
+    def fix(new, old):
+        rope = dict(new.get("rope_parameters") or {})
+        if "mrope_section" not in rope and not all(isinstance(v, dict) for v in rope.values() if v is not None):
+            rope["mrope_section"] = _split(default, _rotary_half(rope, new))
+        return rope
+    return fix
+
+
+# model types whose text tower falls back to multimodal rope sections of its own
+MROPE_DEFAULTS = {"qwen2_vl_text": [16, 24, 24], "qwen2_5_vl_text": [16, 24, 24], "paddleocr_vl_text": [16, 24, 24],
+                  "qwen3_vl_text": [24, 20, 20], "qwen3_vl_moe_text": [24, 20, 20], "glm4v_text": [8, 12, 12],
+                  "glm4v_moe_text": [8, 12, 12], "glm_ocr_text": [8, 12, 12], "ernie4_5_vl_moe_text": [22, 22, 20]}
+
 # model_type -> fields set after the generic rules (a callable gets the new and old dicts)
 FIXUPS: dict[str, dict] = {
+    **{t: {"rope_parameters": _mrope(d)} for t, d in MROPE_DEFAULTS.items()},
     "zamba": {"attention_head_dim": _per_head("attention_hidden_size")},
     "zamba2": {"attention_head_dim": _per_head("attention_hidden_size")},
     "cohere_compass_text": {"rope_parameters": _rope_per_layer_type},

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import reftgraph as rg  # noqa: E402
-from reftgraph.arch.shrink import causal_lm_types, encoder_types, tiny_config_of  # noqa: E402
+from reftgraph.arch.shrink import causal_lm_types, encoder_types, tiny_config_of, vision_language_types  # noqa: E402
 from reftgraph.arch import proofs  # noqa: E402
 from reftgraph.arch.structure import Hook  # noqa: E402
 from reftgraph.core.sites import KEY_COMPONENTS  # noqa: E402
@@ -176,16 +176,18 @@ def oracle(lm, component, layer) -> str:
 
 def survey(model_type: str, with_oracle: bool = True, kind: str = "causal") -> dict:
     """One type's row: build time, proof time, and per component 'verified' or the reason;
-    ``kind``: "causal" (its causal LM class) or "encoder" (its masked LM class)."""
+    ``kind``: "causal" (its causal LM class), "encoder" (its masked LM class) or "vlm" (its
+    image-text-to-text class: the text tower, run on text)."""
     row = {"type": model_type}
     try:
-        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMaskedLM
 
         config = tiny_config_of(model_type)
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            auto = AutoModelForCausalLM if kind == "causal" else AutoModelForMaskedLM
+            auto = {"causal": AutoModelForCausalLM, "encoder": AutoModelForMaskedLM,
+                    "vlm": AutoModelForImageTextToText}[kind]
             hf = auto.from_config(config, dtype=torch.float32)
         proofs.randomise_zero_maps(hf)    # (a zero-initialised projection would make every edit through it a no-op)
     except Exception as err:  # noqa: BLE001 - reported in the table
@@ -255,18 +257,29 @@ def _table(rows: list, reasons: list, label: str = "") -> list:
     return lines
 
 
-def _encoder_totals(rows: list) -> dict:
+def _kind_totals(rows: list, prefix: str) -> dict:
     from reftgraph.core.sites import COMPONENTS
 
     built = [r for r in rows if "error" not in r]
-    return {"encoder_types": len(rows), "encoders_built": len(built),
-            "encoders_resid_attn_mlp": sum(_ok(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built),
-            "encoders_heads": sum(_ok(r, ("head_out", "q", "k", "v")) for r in built),
-            "encoder_oracle_failures": sum(any(str(r.get(c, "")).startswith("ORACLE") for c in COMPONENTS)
-                                           for r in built)}
+    return {f"{prefix}_types": len(rows), f"{prefix}_built": len(built),
+            f"{prefix}_resid_attn_mlp": sum(_ok(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built),
+            f"{prefix}_heads": sum(_ok(r, ("head_out", "q", "k", "v")) for r in built),
+            f"{prefix}_oracle_failures": sum(any(str(r.get(c, "")).startswith("ORACLE") for c in COMPONENTS)
+                                             for r in built)}
 
 
-def write_markdown(rows: list, path: Path, encoders: list = ()) -> dict:
+SECTIONS = {   # kind -> (heading, what the section covers)
+    "encoder": ("Encoders", ["Every encoder type that transformers builds as a masked LM (`AutoModelForMaskedLM`), "
+                             "wrapped and", "proven the same way; attention runs both ways, so a key or value edit "
+                             "moves every position."]),
+    "vlm": ("Vision-language text towers", ["Every type that transformers builds as an image-text-to-text model "
+                                            "(`AutoModelForImageTextToText`):", "its text tower, found through "
+                                            "`get_decoder()`, wrapped and proven on text (image tokens are "
+                                            "positions of that tower)."]),
+}
+
+
+def write_markdown(rows: list, path: Path, others: dict = None, tl: dict = None) -> dict:
     from reftgraph.core.sites import COMPONENTS
 
     built = [r for r in rows if "error" not in r]
@@ -306,17 +319,29 @@ def write_markdown(rows: list, path: Path, encoders: list = ()) -> dict:
     ]
     reasons = []
     lines += _table(rows, reasons)
-    if encoders:
-        enc = _encoder_totals(encoders)
-        totals.update(enc)
-        lines += ["", "## Encoders", "",
-                  "Every encoder type that transformers builds as a masked LM (`AutoModelForMaskedLM`), wrapped and",
-                  "proven the same way; attention runs both ways, so a key or value edit moves every position.", "",
-                  f"- types: {enc['encoder_types']}; build from a small config and run: {enc['encoders_built']}",
-                  f"- `resid_pre`/`resid_post`/`attn_out`/`mlp_out` verified: {enc['encoders_resid_attn_mlp']}",
-                  f"- `head_out`/`q`/`k`/`v` verified: {enc['encoders_heads']}",
-                  f"- oracle failures: {enc['encoder_oracle_failures']}", ""]
-        lines += _table(encoders, reasons, " (encoder)")
+    for kind, kind_rows in (others or {}).items():
+        if not kind_rows:
+            continue
+        got = _kind_totals(kind_rows, kind)
+        totals.update(got)
+        heading, about = SECTIONS[kind]
+        lines += ["", f"## {heading}", ""] + about + [
+            "", f"- types: {got[kind + '_types']}; build from a small config and run: {got[kind + '_built']}",
+            f"- `resid_pre`/`resid_post`/`attn_out`/`mlp_out` verified: {got[kind + '_resid_attn_mlp']}",
+            f"- `head_out`/`q`/`k`/`v` verified: {got[kind + '_heads']}",
+            f"- oracle failures: {got[kind + '_oracle_failures']}", ""]
+        lines += _table(kind_rows, reasons, f" ({kind})")
+    if tl:
+        table, counts = comparison(tl, {"causal": rows, **(others or {})})
+        totals.update(counts)
+        lines += ["", "## Against TransformerLens 4.3", "",
+                  "Every architecture TransformerLens 4.3's `TransformerBridge` lists in its model registry",
+                  "(`supported_models.json`, read from its own venv: a benchmark-only peer), and what reftgraph does",
+                  "with the same transformers class here. A refusal names its reason.", "",
+                  f"- architectures: {counts['tl_architectures']}; built here as a causal LM, encoder or "
+                  f"vision-language model: {counts['tl_built_here']}",
+                  f"- verified by reftgraph: {counts['tl_verified_here']}; refused (reason in the table): "
+                  f"{counts['tl_refused_here']}", ""] + table
     lines += ["", "## Why components are refused", "",
               "- **Norm after the addition** (`post_ln`: BERT, RoBERTa, BART, Marian, OpenAI GPT, ...): defined, not",
               "  refused: `attn_out`/`mlp_out` are what the sub-layers add before the norms and `resid_mid` is the",
@@ -349,29 +374,102 @@ def write_markdown(rows: list, path: Path, encoders: list = ()) -> dict:
     return totals
 
 
+TL_CACHE = ROOT / "benchmarks" / "results" / "transformer_lens_architectures.json"
+TL_DATA = "transformer_lens/tools/model_registry/data/supported_models.json"
+
+
+def transformer_lens_architectures(site: str = "") -> dict:
+    """``{architecture class: (models, verified models)}`` that TransformerLens 4.3's bridge supports,
+    read from its registry (``supported_models.json`` under ``site``, its site-packages; benchmark-only:
+    it lives in a venv of its own) and kept in benchmarks/results; {} when neither is there."""
+    found = sorted(Path(site).glob(f"lib/python*/site-packages/{TL_DATA}")) if site else []
+    if found:
+        registry = json.loads(found[0].read_text())
+        out = {}
+        for m in registry["models"]:
+            n, v = out.get(m["architecture_id"], (0, 0))
+            out[m["architecture_id"]] = (n + 1, v + (m.get("status") == 1))
+        TL_CACHE.write_text(json.dumps({"source": f"transformer-lens {registry.get('generated_at', '')} registry",
+                                        "architectures": out}, indent=1, sort_keys=True))
+        return out
+    return {k: tuple(v) for k, v in json.loads(TL_CACHE.read_text())["architectures"].items()} \
+        if TL_CACHE.is_file() else {}
+
+
+def _class_types() -> dict:
+    """transformers class name -> (model type, kind: causal / encoder / vlm / seq2seq / other)."""
+    from transformers.models.auto import modeling_auto
+
+    kinds = {"MODEL_FOR_CAUSAL_LM_MAPPING_NAMES": "causal", "MODEL_FOR_MASKED_LM_MAPPING_NAMES": "encoder",
+             "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES": "vlm", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES": "seq2seq"}
+    out = {}
+    for name in sorted(n for n in dir(modeling_auto) if n.startswith("MODEL_") and n.endswith("_MAPPING_NAMES")):
+        for model_type, classes in getattr(modeling_auto, name).items():
+            for cls in classes if isinstance(classes, (tuple, list)) else (classes,):
+                if kinds.get(name) or cls not in out:
+                    out[cls] = (model_type, kinds.get(name, out.get(cls, (None, "other"))[1]))
+    return out
+
+
+def comparison(tl: dict, rows: dict) -> tuple[list, dict]:
+    """Markdown lines comparing TransformerLens's architectures with this survey, and counts."""
+    classes = _class_types()
+    lines = ["| TransformerLens architecture | models (verified) | transformers type | reftgraph |", "|---|---|---|---|"]
+    counts = {"tl_architectures": len(tl), "tl_built_here": 0, "tl_verified_here": 0, "tl_refused_here": 0}
+    for arch, (n, verified) in sorted(tl.items()):
+        model_type, kind = classes.get(arch, (None, None))
+        row = next((r for r in rows.get(kind, []) if r["type"] == model_type), None)
+        if model_type is None:
+            status = "not in this transformers (a remote-code class)"
+        elif row is None:
+            status = {"seq2seq": "an encoder-decoder: not wrapped yet", "other": "not a text model: not wrapped"}.get(
+                kind, f"not surveyed as {kind}")
+        elif "error" in row:
+            status = f"does not build here: {row['error']}"
+        elif _ok(row, ("resid_pre", "resid_post", "attn_out", "mlp_out")) or _cell(row.get("mixer_out")) != "no":
+            status = "verified" + ("" if _ok(row, ("head_out", "q", "k", "v")) else " (stream and sub-layers; heads: "
+                                   + str(row.get("head_out") if _cell(row.get("head_out")) == "no" else row.get("q"))
+                                   .split(" (")[0][:90] + ")")
+        else:
+            status = "stream only: " + str(row.get("attn_out")).split(" (")[0][:120]
+        counts["tl_built_here"] += row is not None and "error" not in row
+        counts["tl_verified_here"] += status.startswith("verified")
+        counts["tl_refused_here"] += row is not None and "error" not in row and not status.startswith("verified")
+        lines.append(f"| {arch} | {n} ({verified}) | {model_type or '-'} | {status} |")
+    return lines, counts
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--types", nargs="*", help="model types (default: all causal-LM types)")
     parser.add_argument("--no-write", action="store_true", help="do not write docs/architectures.md")
     parser.add_argument("--no-oracle", action="store_true", help="proofs only")
     parser.add_argument("--encoders", nargs="*", help="encoder types (default: all, when --types is not given)")
+    parser.add_argument("--vlms", nargs="*", help="vision-language types (default: all, when --types is not given)")
+    parser.add_argument("--transformer-lens", default="/tmp/tlvenv", help="a venv holding transformer-lens 4.3 "
+                        "(its registry is read; without it, the copy in benchmarks/results)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     types = args.types if args.types is not None else causal_lm_types()
-    enc_types = args.encoders if args.encoders is not None else [] if args.types is not None else encoder_types()
+    chosen = {"encoder": (args.encoders, encoder_types), "vlm": (args.vlms, vision_language_types)}
+    kinds = {kind: given if given is not None else [] if args.types is not None else every()
+             for kind, (given, every) in chosen.items()}
     start = time.perf_counter()
-    rows, encoders = [], []
-    for kind, names, out in (("causal", types, rows), ("encoder", enc_types, encoders)):
+    rows, others = [], {kind: [] for kind in kinds}
+    for kind, names, out in [("causal", types, rows)] + [(k, kinds[k], others[k]) for k in kinds]:
         for t in names:
             out.append(survey(t, with_oracle=not args.no_oracle, kind=kind))
             print(kind, t, {k: v for k, v in out[-1].items() if k in ("error", "style", "layout", "wrap_s")},
                   flush=True)
     totals = {"seconds": round(time.perf_counter() - start, 1)}
     if not args.no_write:
-        totals.update(write_markdown(rows, ROOT / "docs" / "architectures.md", encoders))
-    elif encoders:
-        totals.update(_encoder_totals(encoders))
-    wraps = sorted(r["wrap_s"] for r in rows + encoders if "wrap_s" in r)
+        tl = transformer_lens_architectures(args.transformer_lens) if args.types is None else {}
+        totals.update(write_markdown(rows, ROOT / "docs" / "architectures.md", others, tl))
+    else:
+        for kind, kind_rows in others.items():
+            totals.update(_kind_totals(kind_rows, kind) if kind_rows else {})
+    everything = rows + [r for kind_rows in others.values() for r in kind_rows]
+    wraps = sorted(r["wrap_s"] for r in everything if "wrap_s" in r)
     totals["median_wrap_s"] = round(wraps[len(wraps) // 2], 3) if wraps else None
     print(json.dumps(totals))
     return {"rows": rows, **totals}

@@ -18,6 +18,7 @@ spec.loader.exec_module(architectures)
 ORACLE_EVERY = 6   # every 6th type (and the types below) also runs the oracle here; the script runs all
 ORACLE_TYPES = {"llama", "gemma3_text", "phi3", "gptj", "qwen2_moe", "falcon", "bloom", "olmo2", "jamba", "mamba",
                 "bert", "bart", "granite", "mpt", "distilbert", "modernbert", "roberta", "neomme"}
+VLM_TYPES = {"gemma3", "llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "mistral3"}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,13 @@ def rows():
 def encoder_rows():
     types = architectures.encoder_types()
     return [architectures.survey(t, with_oracle=(i % ORACLE_EVERY == 0 or t in ORACLE_TYPES), kind="encoder")
+            for i, t in enumerate(types)]
+
+
+@pytest.fixture(scope="module")
+def vlm_rows():      # every fourth type and the common ones (the script surveys all)
+    types = [t for i, t in enumerate(architectures.vision_language_types()) if i % 4 == 0 or t in VLM_TYPES]
+    return [architectures.survey(t, with_oracle=(i % 2 == 0 or t in VLM_TYPES), kind="vlm")
             for i, t in enumerate(types)]
 
 
@@ -76,3 +84,14 @@ def test_every_refusal_says_why(rows):
 def test_common_families_keep_their_stream_components(rows, model_type):
     row = next(r for r in rows if r["type"] == model_type)
     assert verified(row, ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out")), row
+
+
+def test_vision_language_text_towers_are_proven(vlm_rows):
+    built = [r for r in vlm_rows if "error" not in r]
+    assert len(built) >= 0.6 * len(vlm_rows)
+    failures = [(r["type"], c, r[c]) for r in built for c in COMPONENTS if str(r.get(c, "")).startswith("ORACLE")]
+    assert not failures
+    for model_type in VLM_TYPES:
+        row = next(r for r in built if r["type"] == model_type)
+        assert verified(row, ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out", "q", "k",
+                              "v")), row

@@ -100,11 +100,12 @@ def test_mixture_of_experts_keeps_mlp_out_and_refuses_mlp_act():
     assert "no single down projection in 'mlp'" in table["mlp_act"]
 
 
-def test_scaled_residuals_are_refused_naming_the_check():
-    """Granite scales what it adds (residual_multiplier): no style's identities hold."""
-    table = build("granite").arch.table()
-    assert table["resid_pre"] == table["resid_post"] == "verified"
-    assert "no block style's identities hold" in table["attn_out"] and "resid_pre + self_attn" in table["attn_out"]
+def test_scaled_residuals_are_the_scaled_additions_read_from_the_block():
+    """Granite scales what it adds (residual_multiplier): the scaled style, its scale the block's own."""
+    lm = build("granite")
+    block = lm.arch.blocks[0]
+    assert block.style == "scaled" and lm.arch.table()["attn_out"] == "verified"
+    assert block.scales["attn_out"] == ("residual_multiplier", lm.hf.config.residual_multiplier)
 
 
 def test_hybrid_attention_components_only_where_attention_is():

@@ -295,6 +295,18 @@ def encoder_types() -> list[str]:
                   if t in CONFIG_MAPPING and not getattr(CONFIG_MAPPING[t](), "is_encoder_decoder", False))
 
 
+def vision_language_types() -> list[str]:
+    """Every model type transformers can build as an image-text-to-text model, sorted.
+
+    >>> types = vision_language_types()
+    >>> "gemma3" in types and "llava" in types
+    True
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+
 def tiny_config_of(model_type: str, n_layers: int | None = None):
     """The default config of ``model_type``, shrunk (see :func:`shrink`).
 

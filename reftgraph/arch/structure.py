@@ -146,6 +146,7 @@ class Arch:
     positions: str = "explicit"   # how the engine numbers positions (see reftgraph.arch.positions)
     padding: dict = field(default_factory=dict, repr=False)   # padding side -> why its proof failed
     max_tokens: Optional[int] = None   # the longest input learned position embeddings allow
+    token_head: bool = True       # the model ends in per-token logits (False: a bare encoder, a sequence classifier)
     _located: dict = field(default_factory=dict, repr=False, compare=False)   # (component, layer) -> Location
 
     def inputs(self, input_ids, attention_mask) -> dict:
@@ -184,8 +185,9 @@ class Arch:
         nq, nkv = first_attn.heads
         w = first_attn.widths
         d_mlp = next((b.widths["mlp_act"] for b in blocks if "mlp_act" in b.widths), 0)
+        head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
         return cls(family, len(blocks), d_model, nq, nkv, w.get("head_out", 0), d_mlp, tuple(blocks), positions,
-                   padding, learned_limit(model, positions))
+                   padding, learned_limit(model, positions), head is not None)
 
     # -- what exists where ---------------------------------------------------
     def refusal(self, component: str, layer: int) -> Optional[str]:

@@ -104,10 +104,9 @@ def trace(model: Model, bound: BoundPlan, inputs: dict, *, output: Optional[str]
     sent = remote is not None and remote != INSIDE   # this trace is a request of its own
     device = input_device(model, [plan], remote)
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-    head = model.hf.get_output_embeddings() if hasattr(model.hf, "get_output_embeddings") else None
-    if output == "hidden" and head is not None:
+    if output == "hidden" and model.arch.token_head:
         inputs["logits_to_keep"] = 1
-    elif output == "logits" and head is None:   # an encoder without a token head: its last hidden state
+    elif output == "logits" and not model.arch.token_head:   # an encoder without a token head: its last hidden state
         output = "hidden"
     layers = model.arch.family.layers     # the trunk: the module holding the blocks (a bare encoder: the model)
     trunk = getattr(model.nn, layers.split(".")[0]) if "." in layers else model.nn

@@ -37,7 +37,7 @@ def fit(added, out) -> Optional[float]:
 
 
 def block_scales(block) -> dict:
-    """``{attribute: value}``: the plain numbers a block module holds (its own attributes).
+    """``{attribute: value}``: the floats a block module holds (its own attributes; a count is no scale).
 
     >>> import torch
     >>> m = torch.nn.Linear(2, 2); m.residual_multiplier = 0.25
@@ -48,8 +48,8 @@ def block_scales(block) -> dict:
     for name, value in vars(block).items():
         if isinstance(value, bool) or name.startswith("_"):
             continue
-        if isinstance(value, (int, float)):
-            out[name] = float(value)
+        if isinstance(value, float):
+            out[name] = value
         elif isinstance(value, torch.Tensor) and value.numel() == 1 and value.is_floating_point():
             out[name] = float(value)
     return out

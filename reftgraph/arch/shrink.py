@@ -229,6 +229,14 @@ def _conv_and_attention(new, old):
     return ["full_attention" if i % 4 == 2 else "conv" for i in range(n)]
 
 
+def _pooled_image_tokens(new, old) -> int:
+    """Gemma 3 pools its vision patches to ``mm_tokens_per_image`` (a square): a quarter of the
+    tiny vision tower's patches, so the pooling kernel is 2 (the default 256 is more than it has)."""
+    vision = new.get("vision_config") or {}
+    side = vision.get("image_size", 224) // vision.get("patch_size", 16)
+    return max(1, side // 2) ** 2
+
+
 def _mrope(default: list):
     """Rope parameters with the multimodal sections the model falls back to when its config
     names none (Qwen2-VL's [16, 24, 24]), rescaled to the tiny rotary width."""
@@ -248,6 +256,7 @@ MROPE_DEFAULTS = {"qwen2_vl_text": [16, 24, 24], "qwen2_5_vl_text": [16, 24, 24]
 # model_type -> fields set after the generic rules (a callable gets the new and old dicts)
 FIXUPS: dict[str, dict] = {
     **{t: {"rope_parameters": _mrope(d)} for t, d in MROPE_DEFAULTS.items()},
+    "gemma3": {"mm_tokens_per_image": _pooled_image_tokens},
     "zamba": {"attention_head_dim": _per_head("attention_hidden_size")},
     "zamba2": {"attention_head_dim": _per_head("attention_hidden_size")},
     "cohere_compass_text": {"rope_parameters": _rope_per_layer_type},

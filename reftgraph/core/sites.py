@@ -43,7 +43,7 @@ COMPONENTS = (
 END_COMPONENTS = {"embed": 0, "logits_in": -1, "logits": -1}   # outside the blocks: their only layer
 HEAD_COMPONENTS = ("head_out", "q", "k", "v", "attn_pattern", "q_in", "k_in", "v_in")
 KEY_COMPONENTS = ("attn_pattern",)   # the last axis is the key tokens: no fixed width
-NAMED_POSITIONS = ("last", "prompt", "all", "generated")
+NAMED_POSITIONS = ("last", "prompt", "all", "generated", "image")
 _FIRST_LAST = re.compile(r"^f(\d+)\+l(\d+)$")
 
 Positions = Union[str, int, slice, tuple]
@@ -325,6 +325,23 @@ class Selection:
     valid: torch.Tensor
 
 
+def marked_positions(marks: torch.Tensor) -> Selection:
+    """The positions where each row of ``marks [B, S]`` is True (image tokens), padded to the
+    longest row's count (``valid`` False past a row's own).
+
+    >>> import torch
+    >>> s = marked_positions(torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool))
+    >>> s.index.tolist(), s.valid.tolist()
+    ([[1, 2], [0, 0]], [[True, True], [True, False]])
+    """
+    marks = marks.bool()
+    count = marks.sum(1)
+    k = max(int(count.max()) if count.numel() else 0, 1)
+    order = torch.sort((~marks).to(torch.uint8), dim=1, stable=True).indices[:, :k]   # marked positions first
+    valid = torch.arange(k)[None, :] < count[:, None]
+    return Selection(index=torch.where(valid, order, torch.zeros_like(order)), valid=valid)
+
+
 def resolve_positions(positions: Positions, start: torch.Tensor, length: torch.Tensor, where: str = "",
                       cap: Optional[int] = None) -> Selection:
     """Resolve a selector per row, without Python loops over the batch.
@@ -381,6 +398,10 @@ def resolve_positions(positions: Positions, start: torch.Tensor, length: torch.T
         valid = rel < length[:, None]
     elif positions == "generated":
         raise SiteError(f"{where}positions='generated' only applies during generation")
+    elif positions == "image":
+        raise SiteError(f"{where}positions='image' selects a vision-language model's image tokens, and these inputs "
+                        "hold none: run the graph on the model inputs a processor makes (a dict with input_ids, "
+                        "attention_mask and pixel_values) of a model whose config names an image token")
     else:
         n_first, n_last = (min(int(n), cap) for n in _FIRST_LAST.match(positions).groups())
         first = torch.arange(n_first).expand(len(length), -1)

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..core.graph import Node
-from ..core.sites import KEY_COMPONENTS, Selection, Site, resolve_positions
+from ..core.sites import KEY_COMPONENTS, Selection, Site, marked_positions, resolve_positions
 from ..errors import SiteError
 from .keys import KeyOrder
 
@@ -52,6 +52,7 @@ class Batch:
     start: torch.Tensor
     length: torch.Tensor
     seq_len: int
+    marks: dict = field(default_factory=dict)   # selector -> [N, S] bool: the tokens it selects ("image")
 
     @classmethod
     def single(cls, length, seq_len: int, start=None) -> "Batch":
@@ -239,6 +240,12 @@ def _select(node: Node, site: Site, stream: str, batch: Batch, what: str = "") -
         raise SiteError(f"{where(node)}{what}stream {stream!r} was not given; "
                         f"pass sources={{{stream!r}: [...]}} (given: {sorted(batch.rows)})")
     rows = batch.rows[stream]
+    marks = batch.marks.get(site.positions) if isinstance(site.positions, str) else None
+    if marks is not None and bool(marks[rows].any(1).all()):
+        return marked_positions(marks[rows])
+    if marks is not None:
+        row = int((~marks[rows].any(1)).nonzero()[0])
+        raise SiteError(f"{where(node)}{what}positions={site.positions!r}: row {row} has no {site.positions} token")
     return resolve_positions(site.positions, batch.start[rows], batch.length[rows], where(node) + what,
                              cap=batch.seq_len)
 
@@ -257,7 +264,8 @@ def bind(plan, batch: Batch) -> list[Bound]:
     reftgraph.errors.SiteError: node 'c' at resid_pre[0] pos=[3]: positions [3] are beyond the prompt of row 0 ...
     """
     key = (tuple((k, r.start, r.stop) for k, r in batch.rows.items()), batch.seq_len,
-           tuple(batch.start.tolist()), tuple(batch.length.tolist()))
+           tuple(batch.start.tolist()), tuple(batch.length.tolist()),
+           tuple((k, tuple(m.flatten().tolist())) for k, m in sorted(batch.marks.items())))
     memo = plan.memo
     if key not in memo:
         if len(memo) >= MAX_BOUND:

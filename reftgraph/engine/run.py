@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Optional, Sequence
 
 import torch
@@ -31,7 +32,7 @@ from .context import (as_model, attention_for, inference_mode, input_device, lay
 from .executors import Job, executor
 from .plan import Plan, compile_graph
 from .remote import is_remote
-from .tokens import Prompts, last_token, prompt_list, tokenize  # noqa: F401
+from .tokens import Prompts, from_inputs, last_token, prompt_list, tokenize  # noqa: F401
 from .traces import Skip
 
 
@@ -126,10 +127,19 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     ``subspaces`` chooses, per call or per row, the dims of each learned basis (ReFT ops,
     ``Rotate``) the edit uses: ``[0, 1, 2, 3]`` for every row, ``[[0, 1], [2, 3]]`` one per
     row, ``{"node": ...}`` per node (see :func:`reftgraph.engine.bind.with_subspaces`).
+
+    ``prompts`` may instead be model inputs made elsewhere: a dict (a processor's output) of
+    ``input_ids``, ``attention_mask`` and anything else the model takes (``pixel_values``),
+    passed through; on a vision-language model ``positions="image"`` then selects each row's
+    image tokens (:func:`reftgraph.engine.tokens.from_inputs`).
     """
     model = as_model(model)
     plan = compile_graph(graph, model.arch)
     ex = executor(model, remote, graph)
+    if isinstance(prompts, Mapping):      # model inputs made elsewhere (a processor's, with images)
+        if sources:
+            raise DataError("sources need prompts as text; model inputs (a dict) are one stream, the base")
+        return _run_inputs(graph, model, plan, ex, prompts, grad, subspaces)
     base = prompt_list(prompts, "prompts")
     streams = {"base": base}
     if sources is not None and not isinstance(sources, dict):
@@ -145,6 +155,16 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
         raise SiteError(f"sources {sorted(unused)} are not read by any node of the graph "
                         f"(streams it uses: {sorted(graph.streams)})")
     inputs, batch = tokenize(model, streams, padding_side)
+    return _forward(graph, plan, ex, inputs, batch, grad, subspaces)
+
+
+def _run_inputs(graph, model, plan, ex, given, grad, subspaces) -> RunResult:
+    inputs, batch = from_inputs(model, given)
+    return _forward(graph, plan, ex, inputs, batch, grad, subspaces)
+
+
+def _forward(graph, plan, ex, inputs, batch, grad, subspaces) -> RunResult:
+    """One traced forward of ``plan`` on a tokenized batch: the run's result."""
     if grad and ex.remote is not None:
         raise RemoteError("gradients do not come back from a remote run; train locally (or pass grad=False)")
     if grad is None:

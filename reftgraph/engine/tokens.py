@@ -18,7 +18,7 @@ from ..arch.models import Model
 from ..errors import DataError
 from .bind import Batch
 
-__all__ = ["Prompts", "last_token", "prompt_list", "tokenize"]
+__all__ = ["Prompts", "from_inputs", "last_token", "prompt_list", "tokenize"]
 
 Prompts = Union[str, Sequence[str]]
 
@@ -48,6 +48,34 @@ def prompt_list(prompts: Prompts, what: str) -> list:
             raise DataError(f"{what}[{i}] is not valid text: {e.reason} at character {e.start} "
                             f"({p[e.start]!r}); a lone surrogate cannot be tokenized") from None
     return prompts
+
+
+def from_inputs(model: Model, given) -> tuple[dict, Batch]:
+    """Model inputs made elsewhere (a processor's: ``input_ids``, ``attention_mask``, and
+    ``pixel_values`` and the like, passed through) as one batch; returns (inputs, Batch). The
+    batch marks the image tokens (the config's ``image_token_id``) for ``positions="image"``.
+
+    >>> import torch, reftgraph as rg
+    >>> inputs, batch = from_inputs(rg.models.tiny("llama"), {"input_ids": torch.tensor([[0, 5, 6]]),
+    ...                                                      "attention_mask": torch.tensor([[0, 1, 1]])})
+    >>> sorted(inputs), batch.start.tolist(), batch.length.tolist(), batch.marks
+    (['attention_mask', 'input_ids', 'position_ids'], [1], [2], {})
+    """
+    ids, mask = given.get("input_ids"), given.get("attention_mask")
+    if not (torch.is_tensor(ids) and ids.dim() == 2):
+        raise DataError("model inputs need input_ids [batch, tokens] (a tensor, as a processor returns them with "
+                        "return_tensors='pt')")
+    mask = torch.ones_like(ids) if mask is None else torch.as_tensor(mask)
+    if mask.shape != ids.shape:
+        raise DataError(f"attention_mask {list(mask.shape)} and input_ids {list(ids.shape)} differ in shape")
+    inputs = {**{k: v for k, v in given.items() if k not in ("input_ids", "attention_mask")},
+              **model.arch.inputs(ids, mask)}
+    config = model.hf.config
+    image = next((getattr(config, k) for k in ("image_token_id", "image_token_index")
+                  if isinstance(getattr(config, k, None), int)), None)
+    marks = {"image": (ids == image) & mask.bool()} if image is not None and bool((ids == image).any()) else {}
+    batch = Batch.from_mask(mask)
+    return inputs, Batch(batch.rows, batch.start, batch.length, batch.seq_len, marks)
 
 
 def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):

@@ -106,7 +106,7 @@ def _check_generates(hf_model) -> None:
     ...                                                      d_kv=8, vocab_size=100)))   # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    reftgraph.errors.SiteError: reftgraph wraps causal language models and encoders; T5ForConditionalGeneration is an encoder-decoder...
+    reftgraph.errors.SiteError: reftgraph wraps causal language models (vision-language ones included) and encoders; T5ForConditionalGeneration is an encoder-decoder...
     """
     config = getattr(hf_model, "config", None)
     name = type(hf_model).__name__
@@ -116,9 +116,9 @@ def _check_generates(hf_model) -> None:
     what = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else None if can() else \
         "a model that cannot generate"
     if what:
-        raise SiteError(f"reftgraph wraps causal language models and encoders; {name} is {what}. "
-                        "Encoder-decoders and vision-language towers are not wrapped yet: load the model's "
-                        "...ForCausalLM class where it has one (transformers.AutoModelForCausalLM)")
+        raise SiteError(f"reftgraph wraps causal language models (vision-language ones included) and encoders; "
+                        f"{name} is {what}. Encoder-decoders are not wrapped yet: load the model's ...ForCausalLM "
+                        "class where it has one (transformers.AutoModelForCausalLM)")
 
 
 def _encoder_types() -> frozenset:

@@ -70,7 +70,8 @@ class Block:
     refused: dict = field(default_factory=dict)
     stages: dict = field(default_factory=dict)
     flat: frozenset = frozenset()
-    inner: dict = field(default_factory=dict)   # component -> operations inside a module (attn_pattern)
+    inner: dict = field(default_factory=dict)   # component -> operations inside a module (attn_pattern; and
+    #                                             "attn_pattern_module": the module they run in, when not the attention)
     ends: dict = field(default_factory=dict)    # embed / logits_in / logits -> (Address, scale or vocab) here
     reads: dict = field(default_factory=dict)   # receiver input -> the norm its reader applies ('' none)
     mixer: Optional[str] = None                 # the module mixer_out reads (a block without attention or MLP)

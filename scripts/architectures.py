@@ -240,6 +240,12 @@ def _ok(r, components) -> bool:
     return all(_cell(r.get(c)) != "no" for c in components)
 
 
+def _sublayers(r) -> bool:
+    """The stream and what each sub-layer adds: attn_out and mlp_out, a mixer standing for either."""
+    mixer = _cell(r.get("mixer_out")) != "no"
+    return _ok(r, ("resid_pre", "resid_post")) and all(_ok(r, (c,)) or mixer for c in ("attn_out", "mlp_out"))
+
+
 def _table(rows: list, reasons: list, label: str = "") -> list:
     """The markdown table of ``rows``; each refusal's reason is appended to ``reasons`` (``label`` after the type)."""
     from reftgraph.core.sites import COMPONENTS
@@ -252,7 +258,7 @@ def _table(rows: list, reasons: list, label: str = "") -> list:
         cells = [_cell(r.get(c)) for c in COMPONENTS]
         lines.append(f"| {r['type']} | {', '.join(r['style'])} | {', '.join(r['layout'])} | " + " | ".join(cells) + " |")
         for c in COMPONENTS:
-            if _cell(r.get(c)) == "no" and not (c == "mixer_out" and "attention or an MLP" in str(r.get(c))):
+            if _cell(r.get(c)) == "no" and not (c == "mixer_out" and "has attention, not a" in str(r.get(c))):
                 reasons.append(f"- `{r['type']}`{label} {c}: {r.get(c)}")   # (a block with attention has no mixer_out)
     return lines
 
@@ -287,6 +293,7 @@ def write_markdown(rows: list, path: Path, others: dict = None, tl: dict = None)
     totals = {
         "types": len(rows), "built": len(built),
         "resid_attn_mlp": sum(ok(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built),
+        "sublayers": sum(_sublayers(r) for r in built),
         "all_resid": sum(ok(r, ("resid_pre", "resid_post")) for r in built),
         "heads": sum(ok(r, ("head_out",)) for r in built),
         "qkv": sum(ok(r, ("q", "k", "v")) for r in built),
@@ -306,7 +313,8 @@ def write_markdown(rows: list, path: Path, others: dict = None, tl: dict = None)
         "See [concepts](concepts.md#components) for what each component means in each block style.",
         "",
         f"- types: {totals['types']}; build from a small config and run: {totals['built']}",
-        f"- `resid_pre`/`resid_post`/`attn_out`/`mlp_out` verified: {totals['resid_attn_mlp']}",
+        f"- `resid_pre`/`resid_post`/`attn_out`/`mlp_out` verified: {totals['resid_attn_mlp']}; with `mixer_out` "
+        f"standing for a missing `attn_out` or `mlp_out` (state-space and recurrent blocks): {totals['sublayers']}",
         f"- `resid_pre`/`resid_post` verified: {totals['all_resid']}",
         f"- `head_out` verified: {totals['heads']}; `q`/`k`/`v` verified: {totals['qkv']}; "
         f"`attn_pattern` verified: {totals['pattern']}",
@@ -351,11 +359,11 @@ def write_markdown(rows: list, path: Path, others: dict = None, tl: dict = None)
               "  as the scaled outputs, the scale read from each real block's own attribute. Falcon-H1 (attention",
               "  and a mixer side by side) and Gemma 4 (a layer scalar on the whole stream, per-layer inputs) are",
               "  still refused.",
-              "- **No attention or MLP module** (Mamba, Mamba2, Falcon-Mamba, Zamba, Nemotron-H mixer layers, xLSTM):",
-              "  stream components, and `mixer_out` where the block's one module besides its norms is added to",
-              "  the stream (proven: `resid_pre + mixer_out == resid_post`, and an addition to it moves",
-              "  `resid_post` by exactly the addition); hybrids have attention components on their attention",
-              "  layers.",
+              "- **No attention module** (Mamba, Mamba2, Falcon-Mamba, Zamba, Nemotron-H mixer layers, xLSTM,",
+              "  RecurrentGemma, Jamba's Mamba layers): stream components, and `mixer_out` where the block's one",
+              "  module besides its norms (and its MLP) is added to the stream (proven: `resid_pre + mixer_out`",
+              "  is `resid_post`, or with an MLP `resid_mid`, and an addition to it moves that stream by exactly",
+              "  the addition); hybrids have attention components on their attention layers.",
               "- **Mixture of experts**: `mlp_act` has no single down projection; `mlp_out` is verified.",
               "- **Blocks that do not see one vector per token** (AltUp in Gemma 3n, CPM-Ant's prompt tokens,",
               "  ProphetNet's n-gram streams, BLT's patches) or that run several times per forward (HRM), or",

@@ -120,7 +120,7 @@ def test_refused_where_the_block_has_attention_and_on_state_space_blocks_attenti
     llama, mamba = rg.models.tiny("llama"), rg.models.tiny("mamba")
     g = rg.Graph()
     g.add(rg.Site("mixer_out", layer=0), rg.Collect(), name="m")
-    with pytest.raises(rg.SiteError, match="refuses mixer_out at layer 0: this block has attention or an MLP"):
+    with pytest.raises(rg.SiteError, match="refuses mixer_out at layer 0: this block has attention, not a sequence"):
         g.run(llama, ["ab"])
     g = rg.Graph()
     g.add(rg.Site("attn_out", layer=0), rg.Collect(), name="a")
@@ -137,3 +137,50 @@ def test_a_hybrid_has_mixer_out_on_its_mixer_layers_only():
     g = rg.Graph()
     g.add(rg.Site("mixer_out", layer=layers[0], positions="last"), rg.Collect(), name="m")
     assert g.run(hybrid, ["ab c"])["m"].shape[-1] == hybrid.arch.d_model
+
+
+# blocks whose mixer comes before an MLP: (model type, block list, mixer module, a layer with one)
+MIXER_MLP = [("xlstm", "backbone.blocks", "mlstm_layer", 1), ("recurrent_gemma", "model.layers", "temporal_block", 0),
+             ("jamba", "model.layers", "mamba", 1)]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("model_type,layers,mixer,layer", MIXER_MLP)
+def test_a_mixer_before_an_mlp_adds_to_resid_mid_as_the_plain_hook_says(model_type, layers, mixer, layer, side):
+    from reftgraph.arch.components.base import walk
+
+    lm = rg.models.tiny(model_type)
+    module = walk(lm.hf, f"{layers}.{layer}.{mixer}")
+    g = rg.Graph()
+    if side in lm.arch.padding:      # a recurrence that ignores the mask: that side is refused, saying so
+        with pytest.raises(rg.DataError, match=f"padded on the {side}"):
+            g.run(lm, BASE, padding_side=side)
+        return
+    for c in ("resid_pre", "mixer_out", "resid_mid"):
+        g.add(rg.Site(c, layer=layer), rg.Collect(), name=c)
+    out = g.run(lm, BASE, padding_side=side)
+    torch.testing.assert_close(out["resid_pre"] + out["mixer_out"], out["resid_mid"], atol=ATOL, rtol=0)
+
+    vector = torch.randn(lm.arch.d_model, generator=torch.Generator().manual_seed(0))
+    op = rg.Add(vector.clone(), trainable=True)
+    g = rg.Graph()
+    g.add(rg.Site("mixer_out", layer=layer, positions="last"), op, name="a")
+    ours = g.run(lm, BASE, padding_side=side).next_token_logits
+    (grad,) = torch.autograd.grad(ours.square().sum(), [op.vector])
+    v = vector.clone().requires_grad_(True)
+    inputs, real = batch(lm, BASE, side)
+
+    def edit(m, args, out):
+        t = (out[0] if isinstance(out, tuple) else out).clone()
+        for row, idx in enumerate(real):
+            t[row, idx[-1]] = t[row, idx[-1]] + v
+        return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
+    handle = module.register_forward_hook(edit)
+    try:
+        logits = lm.hf(**inputs).logits
+    finally:
+        handle.remove()
+    want = torch.stack([logits[row, idx[-1]] for row, idx in enumerate(real)])
+    (want_grad,) = torch.autograd.grad(want.square().sum(), [v])
+    torch.testing.assert_close(ours, want, atol=ATOL, rtol=0)
+    torch.testing.assert_close(grad, want_grad, atol=1e-4, rtol=1e-4)

@@ -1,8 +1,8 @@
 """Each component's home: one module per family of components.
 
 >>> from reftgraph.arch.components import COMPONENT_TYPES, component
->>> [type(c).__name__ for c in COMPONENT_TYPES][-3:], component("mlp_act").names
-(['MLPInput', 'MixerOutput', 'Ends'], ('mlp_act',))
+>>> [type(c).__name__ for c in COMPONENT_TYPES][:2], component("mlp_act").names
+(['MixerOutput', 'Residual'], ('mlp_act',))
 
 A :class:`~reftgraph.arch.components.base.Component` says where its components' hooks
 are in a block, how to view them, their widths and heads, and proves them on a tiny
@@ -29,8 +29,8 @@ from .residual import Residual
 
 __all__ = ["COMPONENT_TYPES", "Address", "Component", "Context", "component", "first", "with_first"]
 
-COMPONENT_TYPES = (Residual(), SublayerOutputs(), MLPActivations(), Heads(), Pattern(), HeadInputs(), MLPInput(),
-                   MixerOutput(), Ends())
+COMPONENT_TYPES = (MixerOutput(), Residual(), SublayerOutputs(), MLPActivations(), Heads(), Pattern(), HeadInputs(),
+                   MLPInput(), Ends())
 _BY_NAME = {name: c for c in COMPONENT_TYPES for name in c.names}
 
 

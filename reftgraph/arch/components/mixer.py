@@ -1,15 +1,17 @@
-"""What a block without attention or MLP adds to the stream: ``mixer_out``, the output of its
-one sequence mixer (Mamba's and Mamba-2's selective state space, the mixer layers of hybrids).
+"""What a block's sequence mixer adds to the stream: ``mixer_out``, the output of its one
+sequence mixer besides any MLP (Mamba's and Mamba-2's selective state space, the mixer layers
+of hybrids, xLSTM's mLSTM, RecurrentGemma's temporal block).
 
 >>> import reftgraph as rg
 >>> arch = rg.models.tiny("mamba").arch
 >>> arch.hook("mixer_out", 0).path, arch.refusal("mixer_out", 0) is None
 ('mixer', True)
 
-Proof, on the tiny instance: the block has exactly one module besides its norms, it runs
-once, ``resid_pre + mixer_out == resid_post``, and adding ``d`` to the mixer's output moves
-``resid_post`` by exactly ``d``. Blocks with attention or an MLP refuse it (their components
-are ``attn_out`` / ``mlp_out``); so does a block whose single module is not added to the stream.
+Proof, on the tiny instance: the block has exactly one module besides its norms (and its MLP),
+it runs once, ``resid_pre + mixer_out`` is the stream after it (``resid_post``, or with an MLP
+``resid_mid``, what the MLP's norm reads), and adding ``d`` to the mixer's output moves that
+stream by exactly ``d``. Blocks with attention refuse it (their component is ``attn_out``); so
+does a block whose mixer is not added to the stream.
 """
 
 from __future__ import annotations
@@ -47,24 +49,32 @@ class MixerOutput(Component):
 
 def _why_not(ctx: Context) -> str:
     """Why block ``ctx.layer`` has no mixer_out ('' when it has, and ``ctx.mixer`` is set)."""
-    if ctx.paths.attn or ctx.paths.mlp:
-        return "this block has attention or an MLP, not a single sequence mixer: use attn_out / mlp_out"
+    paths = ctx.paths
+    if paths.attn:
+        return "this block has attention, not a sequence mixer: use attn_out"
+    if paths.mlp and (ctx.style is None or ctx.mlp_out is None):
+        return f"a mixer before an MLP needs the block's MLP identities: {ctx.style_problem or 'no style holds'}"
+    mlp_parts = {p.split(".")[0] for p in (paths.mlp, paths.mlp_in, paths.mlp_down) if p}
     block = ctx.blocks[ctx.layer]
-    others = [name for name, module in block.named_children() if not _is_norm(name, module)]
+    others = [name for name, module in block.named_children() if not _is_norm(name, module) and name not in mlp_parts]
     if len(others) != 1:
-        return (f"this block has {len(others)} modules besides its norms ({', '.join(others) or 'none'}), "
-                "not one sequence mixer")
+        return (f"this block has {len(others)} modules besides its norms{' and MLP' if paths.mlp else ''} "
+                f"({', '.join(others) or 'none'}), not one sequence mixer")
     path, rec = others[0], ctx.rec
     out = rec.out(path)
     if rec.calls.get(path, 0) != 1 or not isinstance(out, torch.Tensor) or out.shape != rec.pre.shape:
         return f"the module {path!r} does not run once per block on [batch, tokens, width]"
-    if not Record.close(rec.post, rec.pre + out):
-        return f"check resid_pre + {path} output == resid_post failed ({Record.gap(rec.post, rec.pre + out)})"
+
+    def after(r):            # the stream the mixer adds to: what the MLP reads, else the block output
+        return r.mid(paths.mlp_in) if paths.mlp else r.post
+    stream = "resid_mid" if paths.mlp else "resid_post"
+    if not Record.close(after(rec), rec.pre + out):
+        return f"check resid_pre + {path} output == {stream} failed ({Record.gap(after(rec), rec.pre + out)})"
     delta = torch.randn(out.shape[-1], generator=torch.Generator().manual_seed(1))
     moved, _, _ = record(ctx.model, ctx.blocks, ctx.layer, ctx.ids, edit=(path, lambda t: t + delta))
-    if not Record.close(moved.post, rec.post + delta):
-        return f"adding to {path}'s output does not move resid_post by the same amount " \
-               f"({Record.gap(moved.post, rec.post + delta)})"
+    if not Record.close(after(moved), after(rec) + delta):
+        return f"adding to {path}'s output does not move {stream} by the same amount " \
+               f"({Record.gap(after(moved), after(rec) + delta)})"
     ctx.mixer = path
     return ""
 

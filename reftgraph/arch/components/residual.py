@@ -30,7 +30,7 @@ class Residual(Component):
 
     def address(self, name, block) -> Address:
         if name == "resid_mid":     # Post-LN: the output of the norm after attention's addition
-            return Address(block.norms.get("attn_out") or block.attn_out, "output")
+            return Address(block.norms.get("attn_out") or block.attn_out or block.mixer, "output")
         return Address("", "input" if name == "resid_pre" else "output")
 
     def view(self, name, arch, block, layer):
@@ -48,7 +48,7 @@ class Residual(Component):
                                          f"({ctx.rec.gap(ctx.rec.post, ctx.next_input)})")
         if ctx.style_problem:
             ctx.refused["resid_mid"] = ctx.style_problem
-        elif not ctx.attn_out:
+        elif not ctx.attn_out and not (ctx.mixer and ctx.mlp_out):     # (a mixer then an MLP: after the mixer)
             ctx.refused["resid_mid"] = no_module("attention", ctx.paths)
         elif not ctx.style.has_mid:
             ctx.refused["resid_mid"] = ("parallel block: attention and MLP both read resid_pre, so no stream lies "

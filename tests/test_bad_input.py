@@ -591,3 +591,10 @@ def test_a_model_that_is_neither_a_causal_lm_nor_an_encoder_is_refused_saying_wh
     t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=100))
     with pytest.raises(rg.SiteError, match="T5ForConditionalGeneration is an encoder-decoder"):
         rg.wrap(t5, tok)
+
+
+def test_image_positions_on_a_text_only_model_are_refused_before_the_forward():
+    g = rg.Graph()
+    g.add(rg.Site("resid_pre", layer=0, positions="image"), rg.Collect(), name="img")
+    with pytest.raises(rg.SiteError, match="node 'img' .*positions='image' selects a vision-language model's image"):
+        g.run(rg.models.tiny("llama"), ["no image here"])

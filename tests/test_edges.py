@@ -100,14 +100,16 @@ def outputs(lm, family, ids):
     return seen
 
 
-def plain(lm, table, exact: bool, steps: int = 0, on: str = "inputs"):
+def plain(lm, table, exact: bool, steps: int = 0, on: str = "inputs", data=DATA, per_position=False):
     """The mean over prompts of each edge's score, with plain hooks (one prompt at a time);
     ``steps``: EAP-IG's gradient, averaged over embeddings (``on="inputs"``: k = 0 .. steps - 1)
     or over each sender group's output (``on="activations"``: k = 1 .. steps, one group at a
     time) moved from the corrupted to the clean."""
     family, hf, cfg, tok = lm.arch.family.name, lm.hf, lm.hf.config, lm.tokenizer
-    n, total = lm.arch.n_layers, torch.zeros(len(table), dtype=torch.float64)
-    for clean, corrupt, good, bad in zip(DATA.source, DATA.base, DATA.correct, DATA.wrong):
+    n = lm.arch.n_layers
+    width = max(len(tok(p)["input_ids"]) for p in data.source)
+    total = torch.zeros(len(table), *((width,) if per_position else ()), dtype=torch.float64)
+    for clean, corrupt, good, bad in zip(data.source, data.base, data.correct, data.wrong):
         ids = tok([clean], return_tensors="pt")["input_ids"]
         good_id, bad_id = tok(good)["input_ids"][-1], tok(bad)["input_ids"][-1]
         mine, theirs = writes(lm, family, ids), writes(lm, family, tok([corrupt], return_tensors="pt")["input_ids"])
@@ -168,8 +170,11 @@ def plain(lm, table, exact: bool, steps: int = 0, on: str = "inputs"):
             component, layer, head = receiver(r, n)
             g = grads[(component, layer)]
             g = g[0] if head is None else g[0, :, head]
-            total[i] += float((delta[s] * g).sum())
-    return total / len(DATA.source)
+            if per_position:
+                total[i, :len(g)] += (delta[s] * g).sum(-1).double()
+            else:
+                total[i] += float((delta[s] * g).sum())
+    return total / len(data.source)
 
 
 def scores_padded(lm, side, **kwargs):
@@ -411,3 +416,26 @@ def test_mean_ablated_circuits_run_without_the_corrupted_stream_and_save_their_m
         rg.circuits.edge_circuit(lm, table, ablate="mean")
     with pytest.raises(rg.DataError, match="ablate must be"):
         rg.circuits.edge_circuit(lm, table, ablate="zero")
+
+
+EQUAL = rg.patching.Counterfactual(["ab d c", "xy w z"], ["ab c d", "xy z w"], correct=["c", "z"], wrong=["d", "w"])
+
+
+def test_per_position_eap_equals_the_plain_hook_linearisation_at_each_token(lm):
+    table = rg.circuits.edge_scores(lm, EQUAL, progress=False, per_position=True)
+    edges = table.drop_duplicates(["sender", "receiver"]).reset_index(drop=True)
+    want = plain(lm, edges, exact=False, data=EQUAL, per_position=True)          # [edges, positions]
+    ours = torch.tensor(table.score.values, dtype=torch.float64).view(len(edges), -1)
+    assert table.position.tolist()[:ours.shape[1]] == list(range(ours.shape[1]))
+    torch.testing.assert_close(ours, want, atol=ATOL, rtol=1e-4)
+    whole = rg.circuits.edge_scores(lm, EQUAL, progress=False)
+    torch.testing.assert_close(ours.sum(1), torch.tensor(whole.score.values, dtype=torch.float64), atol=ATOL, rtol=1e-4)
+    assert (want.abs() > 1e-3).sum(1).gt(1).any(), "some edge matters at more than one token"
+
+
+def test_per_position_scores_need_a_gradient_method_and_one_length():
+    lm = rg.models.tiny("llama")
+    with pytest.raises(rg.DataError, match="per_position=True needs a gradient method"):
+        rg.circuits.edge_scores(lm, EQUAL, method="exact", per_position=True, progress=False)
+    with pytest.raises(rg.DataError, match=r"prompts of \[6, 7\] tokens"):
+        rg.circuits.edge_scores(lm, DATA, per_position=True, progress=False)

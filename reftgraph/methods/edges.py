@@ -211,7 +211,7 @@ def _delta_writes(model, corrupt, clean, maps, valid) -> torch.Tensor:
 
 
 def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_diff", steps: int = 5,
-                progress: bool = True) -> pd.DataFrame:
+                progress: bool = True, per_position: bool = False) -> pd.DataFrame:
     """Score every edge of ``model`` on ``data``: :func:`edges` with a ``score`` column.
 
     >>> import reftgraph as rg
@@ -237,6 +237,11 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     the metric (small models and tests). Clean (``data.source``) and corrupted
     (``data.base``) prompts must have equal lengths, row by row. ``metric`` as in
     :func:`~reftgraph.patching.sweep`.
+
+    ``per_position=True`` scores every edge at every token position (a ``position`` column: a
+    sender's write at token p into a receiver's input at token p; the rows sum to the edge's
+    score): prompts of one length, gradient methods only (``"exact"`` would take one forward
+    per edge and position).
     """
     model = as_model(model)
     if method not in METHODS:
@@ -248,6 +253,12 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     table = edges(model)
     equal_lengths(model, data, "edge scores give a receiver the corrupted sender's value token for token: the "
                   "corrupted (base) and clean (source) prompts must have equal lengths")
+    if per_position:
+        lengths = {len(ids) for ids in model.tokenizer(list(data.base))["input_ids"]}
+        if method == "exact" or len(lengths) > 1:
+            raise DataError("per_position=True needs a gradient method (eap, eap-ig-inputs, eap-ig-activations) and "
+                            f"prompts of one length (positions are the same tokens in every row); got method "
+                            f"{method!r} and prompts of {sorted(lengths)} tokens")
     metric_name, metric_fn = get_metric(metric)
     correct, wrong = data.answer_ids(model, required=False)
     check_metric(metric_fn, Reference(correct, wrong), model)
@@ -274,10 +285,14 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
                 moved = corrupt[name] + alpha * (clean[name] - corrupt[name])
                 step = _gradients(model, data, receivers, metric_fn, ref, (site, moved), valid)[0]
                 grad = {key: grad.get(key, 0) + value / len(runs) for key, value in step.items()}
-        scores = _products(delta, grad, senders, receivers)
+        scores = _products(delta, grad, senders, receivers, per_position)
         column = {r.name: i for i, r in enumerate(receivers)}
         rows, cols = table.sender.map(index).to_numpy(copy=True), table.receiver.map(column).to_numpy(copy=True)
-        table["score"] = scores[torch.from_numpy(rows), torch.from_numpy(cols)].tolist()
+        picked = scores[torch.from_numpy(rows), torch.from_numpy(cols)]          # [edges] or [edges, positions]
+        if per_position:
+            table = table.loc[table.index.repeat(picked.shape[1])].reset_index(drop=True)
+            table["position"] = list(range(picked.shape[1])) * len(rows)
+        table["score"] = picked.flatten().tolist()
     else:
         base = metric_fn(clean.next_token_logits, ref).mean()
         pairs = zip(table.sender, table.receiver)
@@ -288,18 +303,23 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     return table
 
 
-def _products(delta, grads: dict, senders, receivers) -> torch.Tensor:
-    """``[senders, receivers]``: each sender's write change dotted with each receiver's
-    gradient, summed over slots and averaged over rows; a receiver of layer l takes only the
-    senders of layers up to l (the others send it nothing), one product per layer."""
-    flat, rows = delta.reshape(delta.shape[0], -1), delta.shape[1]
-    scores = torch.zeros(len(senders), len(receivers))
+def _products(delta, grads: dict, senders, receivers, per_position: bool = False) -> torch.Tensor:
+    """``[senders, receivers]`` (``[senders, receivers, slots]`` per position): each sender's
+    write change dotted with each receiver's gradient, summed over slots and averaged over rows;
+    a receiver of layer l takes only the senders of layers up to l (the others send it
+    nothing), one product per layer."""
+    rows, slots = delta.shape[1], delta.shape[2]
+    flat = delta.reshape(delta.shape[0], -1)
+    scores = torch.zeros(len(senders), len(receivers), *((slots,) if per_position else ()))
     s_layer = torch.tensor([s.layer for s in senders])
     for layer in sorted({r.layer for r in receivers}):
         cols = [i for i, r in enumerate(receivers) if r.layer == layer]
-        block = torch.stack([_receiver_grad(grads, receivers[i]) for i in cols]).reshape(len(cols), -1)
+        block = torch.stack([_receiver_grad(grads, receivers[i]) for i in cols])          # [cols, B, k, d]
         n = int((s_layer <= layer).sum())      # senders come in layer order
-        scores[:n, cols] = flat[:n] @ block.T / rows
+        if per_position:
+            scores[:n, cols] = torch.einsum("sbkd,rbkd->srk", delta[:n], block) / rows
+        else:
+            scores[:n, cols] = flat[:n] @ block.reshape(len(cols), -1).T / rows
     return scores
 
 

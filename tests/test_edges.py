@@ -439,3 +439,59 @@ def test_per_position_scores_need_a_gradient_method_and_one_length():
         rg.circuits.edge_scores(lm, EQUAL, method="exact", per_position=True, progress=False)
     with pytest.raises(rg.DataError, match=r"prompts of \[6, 7\] tokens"):
         rg.circuits.edge_scores(lm, DATA, per_position=True, progress=False)
+
+
+def plain_pair(lm, sender, receiver_name, position, data):
+    """The metric's mean change when ``receiver_name`` reads ``sender``'s corrupted write at token
+    ``position`` alone (plain hooks, one prompt at a time)."""
+    family, hf, cfg, tok = lm.arch.family.name, lm.hf, lm.hf.config, lm.tokenizer
+    total = 0.0
+    for clean, corrupt, good, bad in zip(data.source, data.base, data.correct, data.wrong):
+        ids = tok([clean], return_tensors="pt")["input_ids"]
+        good_id, bad_id = tok(good)["input_ids"][-1], tok(bad)["input_ids"][-1]
+        d = writes(lm, family, tok([corrupt], return_tensors="pt")["input_ids"])[sender] - writes(lm, family, ids)[sender]
+        at = torch.zeros_like(d)
+        at[position] = d[position]
+        component, layer, head = receiver(receiver_name, lm.arch.n_layers)
+        with torch.no_grad():
+            base = hf(input_ids=ids).logits
+        handles = install(hf, family, component, layer, shifted(at[None], head), cfg)
+        try:
+            with torch.no_grad():
+                moved = hf(input_ids=ids).logits
+        finally:
+            for h in handles:
+                h.remove()
+        total += float((moved[0, -1, good_id] - moved[0, -1, bad_id]) - (base[0, -1, good_id] - base[0, -1, bad_id]))
+    return total / len(data.source)
+
+
+def test_a_per_position_circuit_without_one_pair_moves_the_metric_as_that_patch(lm):
+    scores = rg.circuits.edge_scores(lm, EQUAL, progress=False, per_position=True)
+    tokens = int(scores.position.max()) + 1
+    every = scores.drop(columns="score")
+    full = rg.circuits.edge_circuit(lm, every, {"positions": tokens})
+    none = rg.circuits.edge_circuit(lm, every.iloc[:0], {"positions": tokens})
+    ran = {name: rg.circuits.edge_faithfulness(c, lm, EQUAL, progress=False) for name, c in (("full", full),
+                                                                                              ("none", none))}
+    assert ran["full"]["circuit"] == pytest.approx(ran["full"]["full"], abs=ATOL)      # every pair: the clean run
+    assert ran["none"]["circuit"] == pytest.approx(ran["none"]["empty"], abs=ATOL)     # none: the corrupted run
+    top = scores.reindex(scores.score.abs().sort_values(ascending=False).index).index[:2]
+    for i in list(top) + [len(every) // 3]:
+        s, r, p = every.sender[i], every.receiver[i], int(every.position[i])
+        result = rg.circuits.edge_faithfulness(rg.circuits.edge_circuit(lm, every.drop(index=i), {"positions": tokens}),
+                                               lm, EQUAL, progress=False)
+        assert result["circuit"] - result["full"] == pytest.approx(plain_pair(lm, s, r, p, EQUAL), abs=ATOL)
+
+
+def test_per_position_circuits_are_discovered_saved_and_refuse_other_lengths(tmp_path):
+    lm = rg.models.tiny("llama")
+    circuit = rg.circuits.discover(lm, EQUAL, level="edge", size=20, per_position=True, progress=False)
+    assert len(circuit.kept) == 20 and circuit.total == 82 * 6 and circuit.settings["positions"] == 6
+    assert "(edge, token) pairs" in repr(circuit)
+    again = rg.circuits.load_edge_circuit(circuit.save(tmp_path / "c", model=lm), lm)
+    assert again.kept[["sender", "receiver", "position"]].values.tolist() == \
+        circuit.kept[["sender", "receiver", "position"]].values.tolist()
+    longer = rg.patching.Counterfactual(["ab dd c"], ["ab cc d"], correct=["c"], wrong=["d"])
+    with pytest.raises(rg.DataError, match="prompts of 6 tokens; these prompts have 7"):
+        rg.circuits.edge_faithfulness(circuit, lm, longer, progress=False)

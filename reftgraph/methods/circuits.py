@@ -185,7 +185,7 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
                                  method=method, steps=ig_steps, table=table, progress=progress)
     if level == "edge":
         method = {"atp": "eap", "ig": "eap-ig-inputs"}.get(method, method)
-        return discover_edges(model, data, size, method, ig_steps, metric, table, progress, ablate)
+        return discover_edges(model, data, size, method, ig_steps, metric, table, progress, ablate, per_position)
     model = as_model(model)
     _check(data, nodes)
     if ablate not in ABLATE:

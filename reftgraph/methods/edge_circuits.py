@@ -75,7 +75,8 @@ class _Send(Op):
 class _Read(Op):
     """A receiver's copy of the stream with its outside senders' live writes replaced by their
     corrupted ones (or by their means, ``means[key]``: ``[d]`` or ``[senders, d]``): ``outside``
-    lists ``(sender site key, sender indices or None)``."""
+    lists ``(sender site key, sender indices or None, positions)``; ``positions`` (per-position
+    circuits) is ``[senders or 1, tokens]``, 1 where the edge is outside at that token, else None."""
 
     def __init__(self, wiring, outside, means=None):
         super().__init__()
@@ -87,11 +88,20 @@ class _Read(Op):
             raise DataError("an edge circuit gives each receiver the corrupted writes token for token: the clean "
                             "prompts and the corrupted ones (stream 'corrupt') must have equal lengths, row by row")
         shift = 0
-        for key, index in self.outside:
+        for key, index, positions in self.outside:
             live = self.wiring.writes[("base", key)]
             ablated = self.wiring.writes[(STREAM, key)] if self.means is None else self.means[key].to(live.dtype)
             diff = ablated - live
-            shift = shift + (diff if index is None else diff[:, :, index].sum(2))
+            if positions is not None and positions.shape[-1] != diff.shape[1]:
+                raise DataError(f"this edge circuit keeps edges per position for prompts of {positions.shape[-1]} "
+                                f"tokens; these prompts have {diff.shape[1]}")
+            if index is None:
+                shift = shift + (diff if positions is None else diff * positions[0].to(diff.dtype)[None, :, None])
+            else:
+                part = diff[:, :, index]
+                if positions is not None:
+                    part = part * positions.T.to(diff.dtype)[None, :, :, None]
+                shift = shift + part.sum(2)
         if valid is not None:
             shift = shift * valid[..., None].to(h.dtype)
         return h + (shift[:, :, None] if h.dim() == 4 else shift).to(h.dtype)
@@ -133,8 +143,9 @@ class EdgeCircuit(Graph):
         >>> load_edge_circuit(path, lm).kept.values.tolist()
         [['a0.h1', 'logits']]
         """
-        columns = [c for c in ("sender", "receiver", "score") if c in self.kept]
-        kept = {c: [float(v) if c == "score" else str(v) for v in self.kept[c]] for c in columns}
+        columns = [c for c in ("sender", "receiver", "position", "score") if c in self.kept]
+        kind = {"score": float, "position": int}
+        kept = {c: [kind.get(c, str)(v) for v in self.kept[c]] for c in columns}
         info = {"family": model.arch.family.name, "name": model.name} if model is not None else None
         text = json.dumps({"format": "reftgraph edge circuit", "version": 1, "model": info, "total": self.total,
                            "settings": self.settings, "kept": kept}, allow_nan=False)
@@ -145,11 +156,13 @@ class EdgeCircuit(Graph):
         return Path(path)
 
     def _lines(self) -> tuple:
-        names = [f"{s} -> {r}" for s, r in zip(self.kept.sender, self.kept.receiver)]
+        at = [f" @{p}" for p in self.kept.position] if "position" in self.kept else [""] * len(self.kept)
+        names = [f"{s} -> {r}{p}" for s, r, p in zip(self.kept.sender, self.kept.receiver, at)]
         shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
         sends = sum(isinstance(n.op, _Send) for n in self.nodes)
         streams, what = ("the clean stream", "mean") if self.means is not None else ("both streams", "corrupted")
-        return (f"EdgeCircuit: keeps {len(self.kept)} of {self.total} edges" + (f": {shown}" if shown else ""),
+        unit = "(edge, token) pairs" if "position" in self.kept else "edges"
+        return (f"EdgeCircuit: keeps {len(self.kept)} of {self.total} {unit}" + (f": {shown}" if shown else ""),
                 f"runs as {len(self)} nodes: {sends} record the senders' writes ({streams}), "
                 f"{len(self) - sends} receivers read the {what} writes of the senders outside")
 
@@ -191,6 +204,10 @@ def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None, abl
     model = as_model(model)
     if ablate not in ("corrupt", "mean"):
         raise DataError(f"ablate must be 'corrupt' or 'mean', got {ablate!r}")
+    settings = dict(settings or {})
+    tokens = settings.get("positions")            # per-position circuits: (edge, token) units over this many tokens
+    if "position" in kept and tokens is None:
+        raise DataError("a circuit of edges per position needs settings={'positions': the prompts' token count}")
     if ablate == "mean" and means is None:
         if data is None:
             raise DataError("ablate='mean' needs data (its corrupted prompts give the senders' mean writes)")
@@ -206,21 +223,30 @@ def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None, abl
     senders, receivers = units(arch)
     by_name = {s.name: s for s in senders}
     wiring, maps = _Wiring(), out_maps(model)
-    circuit = EdgeCircuit(kept=kept.reset_index(drop=True), total=len(table), settings={**(settings or {}),
-                          "ablate": ablate}, means=means if ablate == "mean" else None)
+    circuit = EdgeCircuit(kept=kept.reset_index(drop=True), total=len(table) * (tokens or 1),
+                          settings={**settings, "ablate": ablate}, means=means if ablate == "mean" else None)
     for stream in ("base",) if ablate == "mean" else ("base", STREAM):
         for name, site in sender_sites(arch):
             out_map = maps[site.layer] if site.component == "head_out" else None
             circuit.add(site, _Send(wiring, (stream, name), out_map), name=f"send {stream} {name}", stream=stream)
+    at = {}                                        # (sender, receiver) -> tokens where the edge is kept
+    if tokens:
+        for s, r, p in zip(kept.sender, kept.receiver, kept.position):
+            at.setdefault((s, r), set()).add(int(p))
     outside: dict = {}
     for s, r in zip(table.sender, table.receiver):
-        if (s, r) not in wanted:
+        keep = at.get((s, r), set())
+        if (s, r) not in wanted or (tokens and len(keep) < tokens):
             key, index = _site_key(by_name[s])
-            outside.setdefault(r, {}).setdefault(key, []).append(index)
+            mask = [float(p not in keep) for p in range(tokens)] if tokens else None
+            outside.setdefault(r, {}).setdefault(key, []).append((index, mask))
     for r in receivers:
         if r.name not in outside:
             continue
-        groups = [(key, None if idx[0] is None else torch.tensor(idx)) for key, idx in outside[r.name].items()]
+        groups = []
+        for key, items in outside[r.name].items():
+            index = None if items[0][0] is None else torch.tensor([i for i, _ in items])
+            groups.append((key, index, torch.tensor([m for _, m in items]) if tokens else None))
         circuit.add(receiver_site(r), _Read(wiring, groups, circuit.means), name=f"read {r.name.replace('.', ' ')}")
     return circuit
 
@@ -279,7 +305,7 @@ def load_edge_circuit(path, model) -> EdgeCircuit:
     if info.get("family") not in (None, family):
         raise GraphFileError(f"{file} was saved for a {info['family']} model ({info.get('name')}); "
                              f"{model.name or 'this model'} is {family}")
-    n = len(edges(model))
+    n = len(edges(model)) * int(settings.get("positions") or 1)
     if total != n:
         raise GraphFileError(f"{file} was saved for a model with {total} edges; {model.name or 'this model'} has {n}")
     means = None
@@ -318,7 +344,7 @@ def _size(size, n: int) -> int:
 
 def discover_edges(model, data: Counterfactual, size: Union[int, float] = 0.05, method: str = "eap",
                    steps: int = 5, metric="logit_diff", table: Optional[pd.DataFrame] = None,
-                   progress: bool = True, ablate: str = "corrupt") -> EdgeCircuit:
+                   progress: bool = True, ablate: str = "corrupt", per_position: bool = False) -> EdgeCircuit:
     """The edge circuit of the ``size`` edges with the largest absolute scores.
 
     >>> import reftgraph as rg
@@ -329,16 +355,20 @@ def discover_edges(model, data: Counterfactual, size: Union[int, float] = 0.05, 
 
     ``size``: a number of edges or a fraction of all of them; ``method``, ``steps``, ``metric``:
     see :func:`~reftgraph.circuits.edge_scores`; ``table``: its scores, to reuse them;
-    ``ablate``: what the edges outside carry, as in :func:`edge_circuit`.
+    ``ablate``: what the edges outside carry, as in :func:`edge_circuit`. ``per_position=True``
+    keeps (edge, token) pairs (prompts of one length): an edge may carry its clean write at some
+    tokens and its ablated one at the others; ``size`` then counts such pairs.
     """
     model = as_model(model)
     if table is None:
         _size(size, len(edges(model)))            # a bad size fails before any forward
-        table = edge_scores(model, data, method, metric, steps, progress)
+        table = edge_scores(model, data, method, metric, steps, progress, per_position=per_position)
     count = _size(size, len(table))
     order = table.reindex(table.score.abs().sort_values(ascending=False, kind="stable").index)
-    return edge_circuit(model, order.head(count), dict(size=size, method=table.attrs.get("method", method)), ablate,
-                        data)
+    settings = dict(size=size, method=table.attrs.get("method", method))
+    if "position" in table:
+        settings["positions"] = int(table.position.max()) + 1
+    return edge_circuit(model, order.head(count), settings, ablate, data)
 
 
 def metric_runs(model, data, graphs: Sequence[Graph], metric, progress: bool = True) -> tuple:

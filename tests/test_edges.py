@@ -495,3 +495,11 @@ def test_per_position_circuits_are_discovered_saved_and_refuse_other_lengths(tmp
     longer = rg.patching.Counterfactual(["ab dd c"], ["ab cc d"], correct=["c"], wrong=["d"])
     with pytest.raises(rg.DataError, match="prompts of 6 tokens; these prompts have 7"):
         rg.circuits.edge_faithfulness(circuit, lm, longer, progress=False)
+
+
+def test_mib_takes_per_position_scores():
+    lm = rg.models.tiny("llama")
+    scores = rg.circuits.edge_scores(lm, EQUAL, progress=False, per_position=True)
+    result = rg.circuits.mib(lm, EQUAL, scores, fractions=(0.05, 1.0), progress=False)
+    assert result["curve"].edges.tolist() == [int(0.05 * 82 * 6), 82 * 6]
+    assert result["curve"].faithfulness.iloc[-1] == pytest.approx(1.0, abs=1e-6)

@@ -479,7 +479,8 @@ def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[f
     ``MIB_circuit_track/evaluation.py``. Node scores (a table of :func:`~reftgraph.circuits.scores`
     with ``nodes="heads+mlps"``) keep the top nodes, and the circuit is the edges between them
     (:func:`node_edges`), counted as edges, as MIB evaluates node methods. ``ablate="mean"``: the
-    edges outside carry their senders' mean writes (:func:`edge_circuit`). Unlike MIB, the
+    edges outside carry their senders' mean writes (:func:`edge_circuit`). Per-position scores
+    (``edge_scores(..., per_position=True)``) keep (edge, token) pairs. Unlike MIB, the
     circuits are not pruned (edges from senders no path reaches, or into receivers that reach
     nothing, stay counted) and a fraction keeps at least one edge or node.
     """
@@ -489,7 +490,8 @@ def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[f
     nodes = "sender" not in scores
     kept = [node_edges(model, order.head(k)) if nodes else order.head(k) for k in counts]
     means = mean_writes(model, data) if ablate == "mean" else None
-    graphs = [edge_circuit(model, k, ablate=ablate, means=means) for k in kept]
+    per_token = {"positions": int(scores.position.max()) + 1} if "position" in scores else None
+    graphs = [edge_circuit(model, k, per_token, ablate=ablate, means=means) for k in kept]
     full, empty, values = _metric(model, data, graphs, metric, progress, means)
     faith = [(v - empty) / (full - empty) for v in values]
     sizes = [max(1, len(k)) for k in kept]

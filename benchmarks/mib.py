@@ -3,6 +3,7 @@ between the kept nodes) on SmolLM2-135M and MIB's IOI, arithmetic and MCQA tasks
 table (one row per method) and saves the curves' figure; last line JSON.
 
     python benchmarks/mib.py [--prompts 16] [--steps 5] [--fractions 0.001 0.01 0.1 1] [--tasks ioi mcqa]
+    python benchmarks/mib.py --tasks ioi --per-position      # edges kept per token
 
 CPR is the area under the normalised faithfulness curve and CMD the area under
 |1 - faithfulness|, over the log of the edge count (MIB's ``MIB_circuit_track/evaluation.py``);
@@ -37,10 +38,13 @@ def main():
                         choices=["eap", "eap-ig-inputs", "eap-ig-activations", "node-ig"],
                         help="eap-ig-activations runs (2 layers + 1) x steps forwards and backwards")
     parser.add_argument("--ablate", default="corrupt", choices=["corrupt", "mean"])
+    parser.add_argument("--per-position", action="store_true",
+                        help="edge methods score and keep (edge, token) pairs (prompts of one length)")
     args = parser.parse_args()
     set_threads()
     lm = rg.load()
-    figures = {"edges": len(rg.circuits.edges(lm)), "prompts": args.prompts, "ablate": args.ablate}
+    figures = {"edges": len(rg.circuits.edges(lm)), "prompts": args.prompts, "ablate": args.ablate,
+               "per_position": args.per_position}
     for task in args.tasks:
         figures[task] = run_task(lm, task, args)
     print(json.dumps(figures))
@@ -56,7 +60,8 @@ def run_task(lm, task, args) -> dict:
         if method == node_ig:   # heads and MLPs scored, their circuits run as the edges between them
             scores = rg.circuits.scores(lm, train, nodes="heads+mlps", method="ig", ig_steps=args.steps, progress=False)
         else:
-            scores = rg.circuits.edge_scores(lm, train, method=method, steps=args.steps, progress=False)
+            scores = rg.circuits.edge_scores(lm, train, method=method, steps=args.steps, progress=False,
+                                             per_position=args.per_position)
         scored = time.perf_counter() - start
         results[method] = rg.circuits.mib(lm, held_out, scores, fractions=args.fractions, progress=False,
                                           ablate=args.ablate)
@@ -69,7 +74,7 @@ def run_task(lm, task, args) -> dict:
             if ig in results and node_ig in results:
                 figures[f"{ig} / node IG {name.upper()}"] = round(results[ig][name] / results[node_ig][name], 2)
     RESULTS.mkdir(exist_ok=True)
-    suffix = "" if args.ablate == "corrupt" else f"_{args.ablate}"
+    suffix = ("" if args.ablate == "corrupt" else f"_{args.ablate}") + ("_per_position" if args.per_position else "")
     rg.circuits.plot_mib(results).savefig(RESULTS / f"mib_smollm2_{task}{suffix}.png", dpi=120, bbox_inches="tight")
     print(f"{task}: {'method':>18} {'CPR':>8} {'CMD':>8}   curve at {args.fractions}")
     for method, result in results.items():

@@ -4,9 +4,10 @@ The task: ``reftgraph.datasets.sentiment()``: is a short review positive or nega
 of the reviews are plain ("the meal was dreadful."), a third negated ("... was not dreadful.")
 and a third contrasted ("the show was dull, but the meal was lovely."), so a bag of words is
 not enough. 600 training rows; 300 held-out rows whose adjectives no training row has (4 of
-each polarity), so a method scores on them only through what the encoder already knows. Every method puts a linear head on the mean over the tokens of the
-last hidden state (how MiniLM is pooled as a sentence encoder) and trains with the same
-rows, epochs, batches, AdamW and linear schedule:
+each polarity), so a method scores on them only through what the encoder already knows.
+Every method puts a linear head on the mean over the tokens of the last hidden state (how
+MiniLM is pooled as a sentence encoder) and trains with the same rows, epochs, batches, AdamW
+and linear schedule:
 
 - ``probe``: the head alone;
 - ``loreft-r4``: ``rg.reft_graph(lm, layers=[1, 3, 5], positions="all", rank=4)`` and the head

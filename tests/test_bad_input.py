@@ -581,15 +581,16 @@ def test_a_prompt_with_a_lone_surrogate_is_refused(lm):
 
 
 def test_a_model_that_is_neither_a_causal_lm_nor_an_encoder_is_refused_saying_what_it_is():
-    from transformers import LlamaConfig, LlamaModel, T5Config, T5ForConditionalGeneration
+    from transformers import LlamaConfig, LlamaModel, T5Config, T5Model
 
     tok = rg.models.tiny("llama").tokenizer
     llama = LlamaModel(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
                                    vocab_size=100))
     with pytest.raises(rg.SiteError, match="LlamaModel is a model that cannot generate.*AutoModelForCausalLM"):
         rg.wrap(llama, tok)
-    t5 = T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=100))
-    with pytest.raises(rg.SiteError, match="T5ForConditionalGeneration is an encoder-decoder"):
+    t5 = T5Model(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8, vocab_size=100))
+    with pytest.raises(rg.SiteError, match="T5Model is an encoder-decoder without a language-model head.*"
+                                           "AutoModelForSeq2SeqLM"):
         rg.wrap(t5, tok)
 
 

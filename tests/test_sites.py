@@ -105,8 +105,8 @@ def test_an_unknown_component_names_the_nearest(component, hint):
     with pytest.raises(rg.SiteError) as err:
         rg.Site(component, layer=0)
     assert str(err.value) == (f"unknown component {component!r}; {hint}valid components: resid_pre, resid_mid, "
-                              "resid_post, attn_out, mlp_out, mlp_act, head_out, q, k, v, attn_pattern, q_in, k_in, v_in, mlp_in, "
-                                  "mixer_out, embed, logits_in, logits")
+                              "resid_post, attn_out, cross_attn_out, mlp_out, mlp_act, head_out, q, k, v, attn_pattern, "
+                              "q_in, k_in, v_in, mlp_in, mixer_out, embed, logits_in, logits")
 
 
 # -- resolve_positions --------------------------------------------------------

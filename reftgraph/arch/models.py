@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 from ..errors import SiteError
 from .hub import ENCODER_TYPES
+from .stacks import is_seq2seq
 from .structure import Arch
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -32,7 +34,11 @@ class Model:
     ('LlamaForCausalLM', 'TransformersModel')
 
     ``hf`` is the unwrapped transformers model (for plain hooks), ``nn`` the nnsight
-    ``TransformersModel`` that compiled graphs trace through.
+    ``TransformersModel`` that compiled graphs trace through. An encoder-decoder's ``arch`` is
+    its decoder's, with both stacks in ``arch.stacks``:
+
+    >>> tiny("t5")
+    Model(tiny-t5: t5, 4 encoder + 4 decoder layers, width 64, 4 heads, 4 kv heads, float32)
     """
 
     hf: torch.nn.Module
@@ -61,7 +67,8 @@ class Model:
 
     def __repr__(self) -> str:
         a = self.arch
-        return (f"Model({self.name or type(self.hf).__name__}: {a.family.name}, {a.n_layers} layers, "
+        layers = f"{a.stacks['encoder'].n_layers} encoder + {a.n_layers} decoder" if a.stacks else a.n_layers
+        return (f"Model({self.name or type(self.hf).__name__}: {a.family.name}, {layers} layers, "
                 f"width {a.d_model}, {a.n_heads} heads, {a.n_kv_heads} kv heads, "
                 f"{str(self.dtype).removeprefix('torch.')})")
 
@@ -94,32 +101,36 @@ def wrap(hf_model, tokenizer, name: str = "", freeze: bool = True) -> Model:
 def _task(hf_model) -> str:
     """The transformers pipeline task nnsight wraps ``hf_model`` with (the engine passes
     tensors, so only the pipeline's checks matter: feature extraction asks nothing of an
-    encoder's tokenizer, fill-mask would ask for a mask token)."""
-    return "feature-extraction" if is_encoder(hf_model) else "text-generation"
+    encoder's tokenizer, fill-mask would ask for a mask token; text generation would log
+    that it takes no encoder-decoder)."""
+    return "feature-extraction" if is_encoder(hf_model) or is_seq2seq(hf_model) else "text-generation"
 
 
 def _check_generates(hf_model) -> None:
-    """Refuse, saying what the model is, a model that is neither a decoder-only text generator
-    nor an encoder.
+    """Refuse, saying what the model is, a model that is neither a text generator (a decoder
+    or an encoder-decoder) nor an encoder.
 
-    >>> from transformers import T5Config, T5ForConditionalGeneration
-    >>> _check_generates(T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4,
-    ...                                                      d_kv=8, vocab_size=100)))   # doctest: +ELLIPSIS
+    >>> from transformers import T5Config, T5Model
+    >>> _check_generates(T5Model(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=4, d_kv=8,
+    ...                                   vocab_size=100)))   # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    reftgraph.errors.SiteError: reftgraph wraps causal language models (vision-language ones included) and encoders; T5ForConditionalGeneration is an encoder-decoder...
+    reftgraph.errors.SiteError: reftgraph wraps language models (causal, encoder-decoder, vision-language) and encoders; T5Model is an encoder-decoder without a language-model head...
     """
     config = getattr(hf_model, "config", None)
     name = type(hf_model).__name__
-    can = getattr(hf_model, "can_generate", lambda: False)
-    if config is None or name.endswith("ForCausalLM") or is_encoder(hf_model):   # (not transformers: Arch.of says so;
-        return                                       # BART's and Marian's decoders keep is_encoder_decoder in their config)
-    what = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else None if can() else \
-        "a model that cannot generate"
-    if what:
-        raise SiteError(f"reftgraph wraps causal language models (vision-language ones included) and encoders; "
-                        f"{name} is {what}. Encoder-decoders are not wrapped yet: load the model's ...ForCausalLM "
-                        "class where it has one (transformers.AutoModelForCausalLM)")
+    can = getattr(hf_model, "can_generate", lambda: False)()
+    if config is None or name.endswith("ForCausalLM") or is_encoder(hf_model) or (can and is_seq2seq(hf_model)):
+        return         # (not transformers: Arch.of says so; BART's decoder keeps is_encoder_decoder in its config)
+    if getattr(config, "is_encoder_decoder", False):
+        what = (f"an encoder-decoder without a language-model head: load its ...ForConditionalGeneration class "
+                "(transformers.AutoModelForSeq2SeqLM)") if not can else "an encoder-decoder whose stacks were not found"
+    elif not can:
+        what = "a model that cannot generate: load its ...ForCausalLM class where it has one (transformers.AutoModelForCausalLM)"
+    else:
+        return
+    raise SiteError(f"reftgraph wraps language models (causal, encoder-decoder, vision-language) and encoders; "
+                    f"{name} is {what}")
 
 
 def is_encoder(hf_model) -> bool:
@@ -324,19 +335,23 @@ def tiny_config(family: str, **overrides):
         cfg = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                    max_position_embeddings=128, rotary_pct=0.5, use_parallel_residual=True)
         return GPTNeoXConfig(**{**common, **cfg, **overrides})
-    from .shrink import causal_lm_types, tiny_config_of
+    from .shrink import causal_lm_types, seq2seq_types, tiny_config_of
 
-    if family not in causal_lm_types():
+    if family not in causal_lm_types() and family not in seq2seq_types():
         raise ValueError(f"tiny(): unknown model type {family!r}; choose a transformers causal-LM model_type "
                          f"(e.g. llama, gpt2, gpt_neox, gemma3_text, phi3)")
     config = tiny_config_of(family, n_layers=overrides.pop("num_hidden_layers", None))
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = config.pad_token_id     # (T5's checkpoints set it; its default config not)
     for key, value in overrides.items():
         setattr(config, key, value)
     return config
 
 
-def tiny(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides) -> Model:
-    """A tiny random model of ``family`` (``"llama"``, ``"gpt2"``, ``"gpt_neox"`` or any causal-LM ``model_type``).
+def tiny(family: str = "llama", seed: int = 0, dtype=torch.float32, seq2seq: Optional[bool] = None,
+         **overrides) -> Model:
+    """A tiny random model of ``family`` (``"llama"``, ``"gpt2"``, ``"gpt_neox"`` or any causal-LM
+    or encoder-decoder ``model_type``, e.g. ``"t5"``).
 
     >>> tiny("gpt_neox")
     Model(tiny-gpt_neox: gpt_neox, 2 layers, width 32, 4 heads, 4 kv heads, float32)
@@ -344,10 +359,20 @@ def tiny(family: str = "llama", seed: int = 0, dtype=torch.float32, **overrides)
     4
     >>> tiny("llama", dtype=torch.bfloat16).hf.dtype         # the float32 weights, rounded
     torch.bfloat16
+    >>> type(tiny("bart").hf).__name__, type(tiny("bart", seq2seq=True).hf).__name__
+    ('BartForCausalLM', 'BartForConditionalGeneration')
+
+    A type transformers builds both ways is a causal LM (its decoder alone) unless ``seq2seq=True``.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from .shrink import causal_lm_types
 
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
-    hf_model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(dtype)
-    return wrap(hf_model, tiny_tokenizer(), name=f"tiny-{family}")
+    if seq2seq is None:
+        seq2seq = getattr(config, "is_encoder_decoder", False) and family not in causal_lm_types()
+    hf_model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config, dtype=torch.float32)
+    hf_model = hf_model.to(dtype)
+    return wrap(hf_model, tiny_tokenizer(), name=f"tiny-{family}" + ("-seq2seq" if seq2seq and family in
+                                                                      causal_lm_types() else ""))

@@ -38,6 +38,7 @@ from .components.base import MLP_READS, no_module
 from .components.ends import prove_ends
 from .positions import prove_positions
 from .recording import record
+from .stacks import feeding_decoder
 from .styles import STYLES, Record
 from .tree import BlockPaths, blocks_of, kind_of, linear_shape, read_tree
 
@@ -77,6 +78,7 @@ class Block:
     mixer: Optional[str] = None                 # the module mixer_out reads (a block without attention or MLP)
     norms: dict = field(default_factory=dict)   # Post-LN: attn_out / mlp_out -> the norm after its addition
     scales: dict = field(default_factory=dict)  # scaled: attn_out / mlp_out -> (block attribute, its value here)
+    cross: Optional[str] = None                 # the module whose output cross_attn_out is (encoder-decoders)
 
 
 # -- dims ------------------------------------------------------------------
@@ -162,7 +164,8 @@ def dims_of(config, block, paths: BlockPaths) -> tuple[tuple, dict]:
 # -- the checks --------------------------------------------------------------
 
 def _style(model, blocks, layer, ids, rec, paths):
-    """``(style, attn_out, mlp_out, norms, scales)`` or ``(None, reasons)``; the edit checks included."""
+    """``(style, attn_out, mlp_out, norms, scales, cross)`` or ``(None, reasons)``; the edit checks included
+    (``cross``: the module whose output is an encoder-decoder's cross-attention addition, else None)."""
     reasons = []
     for style in STYLES:
         found = style.find(rec, paths)
@@ -171,11 +174,12 @@ def _style(model, blocks, layer, ids, rec, paths):
             continue
         attn_out, mlp_out, extras = (found + ({},))[:3]
         norms, scales = extras.get("norms", {}), {c: (a, rec.scales[a]) for c, a in extras.get("scales", {}).items()}
-        bad = _edit_moves(model, blocks, layer, ids, rec, paths, style, (attn_out, mlp_out), norms, scales)
+        cross = extras.get("cross")
+        bad = _edit_moves(model, blocks, layer, ids, rec, paths, style, (attn_out, cross, mlp_out), norms, scales)
         if bad:
             reasons.append(f"{style.name}: {bad}")
             continue
-        return style, attn_out, mlp_out, norms, scales
+        return style, attn_out, mlp_out, norms, scales, cross
     return None, "; ".join(reasons)
 
 
@@ -183,7 +187,8 @@ def _edit_moves(model, blocks, layer, ids, rec, paths, style, outputs, norms, sc
     """Why adding to attn_out / mlp_out does not move the stream by exactly the addition (or,
     through the norm after it, to that norm of the moved sum) ('' when it does). A scaled
     addition is edited in the module's output divided by the scale."""
-    for component, path, moves in zip(("attn_out", "mlp_out"), outputs, (style.attn_moves, "post")):
+    moves_of = (style.attn_moves, "mid", "post")
+    for component, path, moves in zip(("attn_out", "cross_attn_out", "mlp_out"), outputs, moves_of):
         if not path:
             continue
         if rec.calls.get(path, 0) != 1:
@@ -199,7 +204,8 @@ def _edit_moves(model, blocks, layer, ids, rec, paths, style, outputs, norms, sc
                 after, want = new.out(norm), _module(blocks[layer], norm)(rec.inp(norm) + delta)
             how = f"to {norm}(the sum + the addition)"
         else:
-            before, after = (rec.mid(paths.mlp_in), new.mid(paths.mlp_in)) if moves == "mid" else (rec.post, new.post)
+            reads = paths.cross if component == "attn_out" and outputs[1] else paths.mlp_in   # (cross: what it reads)
+            before, after = (rec.mid(reads), new.mid(reads)) if moves == "mid" else (rec.post, new.post)
             want, how = None if before is None else before + delta, "by the same amount"
         if not Record.close(after, want):
             return f"adding to {component} ({path}) does not move resid_{moves} {how} ({Record.gap(after, want)})"
@@ -218,6 +224,8 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
     config = model.config
     heads, widths = dims_of(config, blocks[layer], paths)
     rec, nxt, order = record(model, blocks, layer, ids)
+    if paths.cross and not rec.calls.get(paths.cross):   # a decoder run alone (BartForCausalLM): no cross-attention
+        paths = replace(paths, cross=None, cross_proj=None)
     if rec.calls.get("", 0) != 1:
         why = f"the block runs {rec.calls.get('', 0)} times per forward; an edit would reach its first run only"
         return Block(paths, refused={c: why for c in COMPONENTS})
@@ -239,7 +247,7 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         if found[0] is None:
             ctx.style_problem = f"no block style's identities hold ({found[1]})"
         else:
-            ctx.style, ctx.attn_out, ctx.mlp_out, ctx.norms, ctx.scales = found
+            ctx.style, ctx.attn_out, ctx.mlp_out, ctx.norms, ctx.scales, ctx.cross = found
     for family in COMPONENT_TYPES:
         family.prove(ctx)
     refused = ctx.refused
@@ -264,7 +272,7 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         component_stages[MLP_READS] = stages[(paths.mlp, "input")]   # the MLP's own input: where transcoders read
     return Block(paths, ctx.style.name if ctx.style else None, ctx.attn_out, ctx.mlp_out, ctx.layout, heads, widths,
                  refused, {c: v for c, v in component_stages.items() if v is not None}, frozenset(flat), inner=ctx.inner,
-                 reads=ctx.reads, mixer=ctx.mixer, norms=ctx.norms, scales=ctx.scales)
+                 reads=ctx.reads, mixer=ctx.mixer, norms=ctx.norms, scales=ctx.scales, cross=ctx.cross)
 
 
 # -- driving it: tiny instance, cache -----------------------------------------
@@ -417,17 +425,18 @@ def _prove_all(model, family) -> dict:
     was_training = tiny.training
     tiny.eval()
     modules = dict(tiny.named_modules())
-    try:
-        for i, block in enumerate(blocks):
-            kind = kind_of(block)
-            if kind not in proven:
-                proven[kind] = _prove_kind(tiny, blocks, i, ids, paths[i])
-        proven = {kind: _refuse_replaced(b, tiny, modules) for kind, b in proven.items()}
-        positions = prove_positions(tiny, ids)
+    with feeding_decoder(tiny):   # (an encoder-decoder: its decoder reads the same tokens)
         try:
-            ends = prove_ends(tiny, blocks, ids)
-        except Exception as err:  # noqa: BLE001 - ends the checks cannot run on are refused, not trusted
-            ends = {name: f"the proofs could not run ({type(err).__name__}: {err})" for name in END_COMPONENTS}
-    finally:
-        tiny.train(was_training)
+            for i, block in enumerate(blocks):
+                kind = kind_of(block)
+                if kind not in proven:
+                    proven[kind] = _prove_kind(tiny, blocks, i, ids, paths[i])
+            proven = {kind: _refuse_replaced(b, tiny, modules) for kind, b in proven.items()}
+            positions = prove_positions(tiny, ids)
+            try:
+                ends = prove_ends(tiny, blocks, ids)
+            except Exception as err:  # noqa: BLE001 - ends the checks cannot run on are refused, not trusted
+                ends = {name: f"the proofs could not run ({type(err).__name__}: {err})" for name in END_COMPONENTS}
+        finally:
+            tiny.train(was_training)
     return proven, positions, ends

@@ -304,6 +304,18 @@ def encoder_types() -> list[str]:
                   if t in CONFIG_MAPPING and not getattr(CONFIG_MAPPING[t](), "is_encoder_decoder", False))
 
 
+def seq2seq_types() -> list[str]:
+    """Every model type transformers can build as a text encoder-decoder (sequence to sequence), sorted.
+
+    >>> types = seq2seq_types()
+    >>> "t5" in types and "bart" in types and "llama" not in types
+    True
+    """
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    return sorted(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+
+
 def vision_language_types() -> list[str]:
     """Every model type transformers can build as an image-text-to-text model, sorted.
 

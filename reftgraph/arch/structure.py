@@ -14,6 +14,7 @@ the module paths; the proofs still run on it.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
@@ -22,6 +23,8 @@ from ..errors import SiteError
 from .components import component as component_of, first, with_first
 from .components.base import MLP_READS, walk
 from .positions import learned_limit, model_inputs
+from .stacks import STACKS, is_seq2seq
+from .tree import find_blocks
 
 __all__ = ["Arch", "FAMILIES", "Family", "Hook", "Location", "family_for", "first", "register_family", "with_first"]
 
@@ -97,11 +100,40 @@ class Hook:
     io: str
     inner: tuple = ()
     root: bool = False     # ``path`` is from the model's root (embed, logits_in, logits), not from the block
+    stack: str = ""        # an encoder-decoder's "encoder" or "decoder" ('' for a model with one stack)
 
     def __repr__(self) -> str:
         inner = f", inner={self.inner!r}" if self.inner else ""
         root = ", root=True" if self.root else ""
-        return f"Hook(layer={self.layer}, stage={self.stage}, path={self.path!r}, io={self.io!r}{inner}{root})"
+        stack = f", stack={self.stack!r}" if self.stack else ""
+        return f"Hook(layer={self.layer}, stage={self.stage}, path={self.path!r}, io={self.io!r}{inner}{root}{stack})"
+
+    @property
+    def block(self) -> tuple:
+        """The block the hook is in: ``(stack, layer)``.
+
+        >>> Hook(2, 0, "", "input").block
+        ('', 2)
+        """
+        return self.stack, self.layer
+
+    @property
+    def order(self) -> tuple:
+        """Where the hook comes in the forward: an encoder's hooks before a decoder's, then by
+        layer and stage.
+
+        >>> Hook(0, 5, "", "output", stack="decoder").order > Hook(3, 0, "", "input", stack="encoder").order
+        True
+        """
+        return self.stack != "encoder", self.layer, self.stage
+
+    def at(self, path: str, io: str) -> "Hook":
+        """A hook on another module of the same block (stage 0): ``path`` from the block.
+
+        >>> Hook(1, 9, "mlp", "output").at("", "input")
+        Hook(layer=1, stage=0, path='', io='input')
+        """
+        return Hook(self.layer, 0, path, io, stack=self.stack)
 
 
 @dataclass(frozen=True)
@@ -147,6 +179,8 @@ class Arch:
     padding: dict = field(default_factory=dict, repr=False)   # padding side -> why its proof failed
     max_tokens: Optional[int] = None   # the longest input learned position embeddings allow
     token_head: bool = True       # the model ends in per-token logits (False: a bare encoder, a sequence classifier)
+    stack: str = ""               # an encoder-decoder's "encoder" or "decoder" ('' for one stack)
+    stacks: dict = field(default_factory=dict, repr=False)   # an encoder-decoder: stack name -> its Arch
     _located: dict = field(default_factory=dict, repr=False, compare=False)   # (component, layer) -> Location
 
     def inputs(self, input_ids, attention_mask) -> dict:
@@ -159,13 +193,16 @@ class Arch:
         return model_inputs(self.positions, input_ids, attention_mask)
 
     @classmethod
-    def of(cls, model) -> "Arch":
+    def of(cls, model, stack: Optional[str] = None) -> "Arch":
         """The architecture of a transformers model, found from its module tree and proven.
 
         >>> from transformers import GPT2LMHeadModel
         >>> from reftgraph.arch.models import tiny_config
         >>> Arch.of(GPT2LMHeadModel(tiny_config("gpt2"))).d_mlp
         48
+
+        An encoder-decoder gives its decoder's Arch, with both stacks in ``stacks``
+        (:mod:`reftgraph.arch.stacks`); ``stack`` names one.
         """
         from .proofs import prove
 
@@ -173,10 +210,21 @@ class Arch:
         if config is None or not hasattr(model, "named_modules"):
             raise SiteError(f"{type(model).__name__} is not a transformers model (no .config); wrap a "
                             "transformers causal LM, e.g. AutoModelForCausalLM.from_pretrained(...)")
+        if stack is None and is_seq2seq(model):
+            stacks = {name: cls.of(model, name) for name in STACKS}
+            for arch in stacks.values():
+                arch.stacks = stacks
+            return stacks["decoder"]
         user = family_for(config)
+        if stack:
+            kind = getattr(config, "model_type", type(model).__name__)
+            user = dataclasses.replace(user or Family(kind, (kind,)), layers=find_blocks(model, stack)[0])
         embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         d_model = getattr(config, "hidden_size", None) or getattr(embed, "embedding_dim", None)
         layers, blocks, (positions, padding) = prove(model, d_model, user)
+        if stack == "encoder":   # the logits are the decoder's
+            why = "an encoder-decoder's logits are read from its decoder: use stack='decoder' (the default)"
+            blocks = [dataclasses.replace(b, refused={**b.refused, "logits": why, "logits_in": why}) for b in blocks]
         first_attn = next((b for b in blocks if b.paths.attn), blocks[0])
         p = first_attn.paths
         family = Family(user.name if user else getattr(config, "model_type", type(model).__name__),
@@ -187,7 +235,7 @@ class Arch:
         d_mlp = next((b.widths["mlp_act"] for b in blocks if "mlp_act" in b.widths), 0)
         head = model.get_output_embeddings() if callable(getattr(model, "get_output_embeddings", None)) else None
         return cls(family, len(blocks), d_model, nq, nkv, w.get("head_out", 0), d_mlp, tuple(blocks), positions,
-                   padding, learned_limit(model, positions), head is not None)
+                   padding, learned_limit(model, positions), head is not None, stack or "")
 
     # -- what exists where ---------------------------------------------------
     def refusal(self, component: str, layer: int) -> Optional[str]:
@@ -357,7 +405,8 @@ class Arch:
         b = self._block(layer)
         self.check(component, layer)
         where = component_of(component).address(component, b)
-        return Hook(layer, b.stages.get(component, STAGES[component]), where.path, where.io, where.inner, where.root)
+        return Hook(layer, b.stages.get(component, STAGES[component]), where.path, where.io, where.inner, where.root,
+                    self.stack if self.stacks else "")
 
     def mlp_input(self, layer: int) -> Optional[Hook]:
         """Where a transcoder reads at ``layer`` (non-negative): the input of the block's MLP
@@ -370,7 +419,7 @@ class Arch:
         """
         b = self._block(layer)
         stage = b.stages.get(MLP_READS)
-        return None if stage is None else Hook(layer, stage, b.paths.mlp, "input")
+        return None if stage is None else Hook(layer, stage, b.paths.mlp, "input", stack=self.stack if self.stacks else "")
 
     def envoy(self, root, hook: Hook):
         """The nnsight envoy (or torch module) of a hook, from the model root; for a hook with
@@ -381,6 +430,8 @@ class Arch:
         >>> lm.arch.envoy(lm.hf, lm.arch.hook("mlp_out", 1)) is lm.hf.model.layers[1].mlp
         True
         """
+        if hook.stack and hook.stack != self.stack:
+            return self.stacks[hook.stack].envoy(root, hook)
         module = root
         path = hook.path if hook.root else f"{self.family.layers}.{hook.layer}" + (f".{hook.path}" if hook.path else "")
         module = walk(module, path)

@@ -53,6 +53,8 @@ class BlockPaths:
     mlp: Optional[str] = None
     mlp_down: Optional[str] = None
     mlp_in: Optional[str] = None
+    cross: Optional[str] = None      # an encoder-decoder's cross-attention (decoder blocks)
+    cross_proj: Optional[str] = None
     children: tuple = ()
     note: str = ""
 
@@ -86,9 +88,10 @@ def n_layers_of(config) -> Optional[int]:
     return None
 
 
-def find_blocks(model) -> tuple[str, torch.nn.ModuleList]:
+def find_blocks(model, stack: Optional[str] = None) -> tuple[str, torch.nn.ModuleList]:
     """The path and module list of the model's blocks: the shallowest list of ``n_layers``
-    blocks, in the language model (``get_decoder()``) when the model has other towers.
+    blocks, in the language model (``get_decoder()``) when the model has other towers, or in
+    ``stack`` (``"encoder"`` or ``"decoder"``) of an encoder-decoder.
 
     >>> import reftgraph as rg
     >>> find_blocks(rg.models.tiny("llama").hf)[0]
@@ -97,10 +100,16 @@ def find_blocks(model) -> tuple[str, torch.nn.ModuleList]:
     When no list has the declared count, the shallowest list of alike blocks (one class,
     each with linear maps) is taken, the largest first.
     """
-    n = n_layers_of(model.config)
+    config = model.config
+    n = n_layers_of(config)
+    if stack == "encoder":
+        n = getattr(config, "encoder_layers", None) or n
+    elif stack == "decoder":
+        n = getattr(config, "decoder_layers", None) or getattr(config, "num_decoder_layers", None) or n
     lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
-    decoder = model.get_decoder() if callable(getattr(model, "get_decoder", None)) else None
-    prefix = next((name for name, m in model.named_modules() if m is decoder and name), None)
+    get = getattr(model, f"get_{stack or 'decoder'}", None)
+    tower = get() if callable(get) else None
+    prefix = next((name for name, m in model.named_modules() if m is tower and name), None)
     if prefix:
         inside = [(name, m) for name, m in lists if name.startswith(prefix + ".")]
         lists = inside or lists
@@ -133,14 +142,37 @@ def _pick(names, candidates):
     return None
 
 
-def _child_attn(block) -> Optional[str]:
-    children = {name: m for name, m in block.named_children() if not is_norm(m)}
-    choice = _pick(children, _ATTN_NAMES)
-    if choice is None:
-        choice = next((n for n in children if "attn" in n.lower() or "attention" in n.lower()), None)
-    if choice is None or not any(linear_shape(m) for m in children[choice].modules()):
-        return None
-    return choice
+def _children(block) -> dict:
+    """name -> module of a block's sub-layers: its children, with a list of sub-layers (T5's
+    ``layer``) read as its items (``layer.0``, ``layer.1``, ...)."""
+    out = {}
+    for name, m in block.named_children():
+        if isinstance(m, torch.nn.ModuleList):
+            out.update({f"{name}.{i}": item for i, item in enumerate(m)})
+        else:
+            out[name] = m
+    return out
+
+
+def _attention_like(name: str, module) -> bool:
+    """A sub-layer named as attention, or holding a child named so (T5's ``layer.0.SelfAttention``)."""
+    names = [name] + ([n for n, _ in module.named_children()] if "." in name else [])
+    return any("attn" in n.lower() or "attention" in n.lower() for n in names)
+
+
+_CROSS = re.compile(r"(cross|encoder_attn|encdec|enc_dec)", re.I)
+
+
+def _child_attn(block) -> tuple:
+    """(self-attention, cross-attention) sub-layer paths (None where absent)."""
+    children = {name: m for name, m in _children(block).items() if not is_norm(m)}
+    linear = {n for n, m in children.items() if any(linear_shape(x) for x in m.modules())}
+    like = [n for n in children if n in linear and _attention_like(n, children[n])]
+    cross = next((n for n in like if _CROSS.search(n) or any(_CROSS.search(c) for c, _ in children[n].named_children())),
+                 None)
+    rest = [n for n in like if n != cross]
+    choice = _pick([n for n in rest if "." not in n], _ATTN_NAMES) or next(iter(rest), None)
+    return (choice, cross) if choice else (cross, None)   # (a lone cross-attention, Mllama's: the block's attention)
 
 
 def _attention_parts(attn_path: str, attn, d_model: int):
@@ -182,13 +214,16 @@ def _separate_anywhere(attn_path: str, attn, out: str) -> dict:
     return found
 
 
-def _child_mlp(block, attn: Optional[str], d_model: int) -> tuple:
+def _child_mlp(block, attn: Optional[str], d_model: int, cross: Optional[str] = None) -> tuple:
     """(mlp, down projection, the module that reads the MLP's input)."""
-    children = dict(block.named_children())
+    children = {n: m for n, m in _children(block).items() if n != cross}
     name = _pick(children, _MLP_NAMES)
     if name is None:
         name = next((n for n, m in children.items() if n != attn and not is_norm(m)
                      and ("mlp" in n.lower() or "moe" in n.lower() or "ff" in n.lower())), None)
+    if name is None:   # a sub-layer holding the MLP (T5's layer.1.DenseReluDense)
+        name = next((n for n, m in children.items() if n != attn and "." in n and any(
+            _pick([c], _MLP_NAMES) or "dense" in c.lower() for c, _ in m.named_children())), None)
     if name is None:  # no MLP module (OPT, XGLM ...): the last linear map back to the width
         outs = [n for n, m in children.items() if n != attn and (linear_shape(m) or (0, 0))[1] == d_model]
         ins = [n for n, m in children.items() if n != attn and (linear_shape(m) or (0, 0))[0] == d_model]
@@ -197,7 +232,11 @@ def _child_mlp(block, attn: Optional[str], d_model: int) -> tuple:
     if linear_shape(mlp):
         return name, name, name
     downs = [n for n, m in mlp.named_children() if (linear_shape(m) or (0, 0))[1] == d_model]
-    down = _pick(downs, _DOWN_NAMES) or (downs[-1] if len(downs) == 1 else None)
+    if not downs:   # the maps one level further down (T5's DenseReluDense.wo)
+        downs = [n for n, m in mlp.named_modules() if n.count(".") == 1 and (linear_shape(m) or (0, 0))[1] == d_model]
+    down = _pick(downs, _DOWN_NAMES) or _pick([n.rsplit(".", 1)[-1] for n in downs], _DOWN_NAMES) or (
+        downs[-1] if len(downs) == 1 else None)
+    down = next((n for n in downs if n == down or n.endswith("." + str(down))), None)
     return name, (f"{name}.{down}" if down else None), name
 
 
@@ -224,12 +263,14 @@ def read_block(block, d_model: int) -> BlockPaths:
     >>> p.qkv, p.mlp_down
     (('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'), 'mlp.down_proj')
     """
-    attn = _child_attn(block)
-    attn_proj, qkv = _attention_parts(attn, getattr(block, attn), d_model) if attn else (None, None)
-    mlp, down, mlp_in = _child_mlp(block, attn, d_model)
+    attn, cross = _child_attn(block)
+    subs = _children(block)
+    attn_proj, qkv = _attention_parts(attn, subs[attn], d_model) if attn else (None, None)
+    cross_proj = _attention_parts(cross, subs[cross], d_model)[0] if cross else None
+    mlp, down, mlp_in = _child_mlp(block, attn, d_model, cross)
     children = tuple(name for name, _ in block.named_children())
-    return BlockPaths(attn=attn, attn_proj=attn_proj, qkv=qkv, mlp=mlp, mlp_down=down, mlp_in=mlp_in,
-                      children=children)
+    return BlockPaths(attn=attn, attn_proj=attn_proj, qkv=qkv, mlp=mlp, mlp_down=down, mlp_in=mlp_in, cross=cross,
+                      cross_proj=cross_proj, children=children)
 
 
 def with_override(paths: BlockPaths, family) -> BlockPaths:

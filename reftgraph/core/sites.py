@@ -24,6 +24,7 @@ COMPONENTS = (
     "resid_mid",
     "resid_post",
     "attn_out",
+    "cross_attn_out",
     "mlp_out",
     "mlp_act",
     "head_out",
@@ -43,6 +44,7 @@ COMPONENTS = (
 END_COMPONENTS = {"embed": 0, "logits_in": -1, "logits": -1}   # outside the blocks: their only layer
 HEAD_COMPONENTS = ("head_out", "q", "k", "v", "attn_pattern", "q_in", "k_in", "v_in")
 KEY_COMPONENTS = ("attn_pattern",)   # the last axis is the key tokens: no fixed width
+STACKS = (None, "encoder", "decoder")   # an encoder-decoder's stacks (None: the decoder, or the only stack)
 NAMED_POSITIONS = ("last", "prompt", "all", "generated", "image")
 _FIRST_LAST = re.compile(r"^f(\d+)\+l(\d+)$")
 
@@ -63,6 +65,7 @@ STAGES = {
     "attn_out": 9,
     "mixer_out": 9,    # (blocks with a sequence mixer have no attention)
     "resid_mid": 10,   # read through the attention output, after attn_out's edits
+    "cross_attn_out": 10.5,   # an encoder-decoder's cross-attention, between attention and MLP
     "mlp_in": 11,
     "mlp_act": 12,
     "mlp_out": 13,
@@ -183,7 +186,9 @@ class Site:
     tuple of dims in the op's basis (the neuron basis for ops without a learned one).
     ``keys`` selects key tokens of ``attn_pattern`` (positions select its queries), with
     the same selectors as ``positions``: ``Site("attn_pattern", 3, positions="last",
-    keys=[0])`` is the last token's attention to the first.
+    keys=[0])`` is the last token's attention to the first. ``stack`` names an
+    encoder-decoder's stack, ``"encoder"`` or ``"decoder"`` (None: the decoder; positions
+    count that stack's tokens).
     """
 
     component: str
@@ -192,6 +197,7 @@ class Site:
     head: Union[int, tuple, None] = None
     subspace: Union[tuple, None] = None
     keys: Positions = "all"
+    stack: Optional[str] = None
 
     def __post_init__(self):
         if self.component not in COMPONENTS:
@@ -225,15 +231,19 @@ class Site:
             raise SiteError(f"{self.component} has no key axis; keys= is only for {', '.join(KEY_COMPONENTS)}")
         if self.keys in ("generated", "prompt"):
             raise SiteError(f"keys={self.keys!r}: key tokens are selected by ints, a slice, 'last', 'all' or 'fN+lM'")
+        if self.stack not in STACKS:
+            raise SiteError(f"stack must be 'encoder', 'decoder' or None (the decoder of an encoder-decoder; a model "
+                            f"with one stack), got {_short(self.stack)}")
 
-    def __repr__(self) -> str:   # keys only when set, as the site reprs before it were
+    def __repr__(self) -> str:   # keys and stack only when set, as the site reprs before them were
         keys = f", keys={self.keys!r}" if self.keys != "all" else ""
+        stack = f", stack={self.stack!r}" if self.stack else ""
         return (f"Site(component={self.component!r}, layer={self.layer!r}, positions={self.positions!r}, "
-                f"head={self.head!r}, subspace={self.subspace!r}{keys})")
+                f"head={self.head!r}, subspace={self.subspace!r}{keys}{stack})")
 
     def __hash__(self) -> int:  # slices are unhashable before Python 3.12
         key = [("slice", p.start, p.stop, p.step) if isinstance(p, slice) else p for p in (self.positions, self.keys)]
-        return hash((self.component, self.layer, *key, self.head, self.subspace))
+        return hash((self.component, self.layer, *key, self.head, self.subspace, self.stack))
 
     @property
     def is_head(self) -> bool:
@@ -253,7 +263,7 @@ class Site:
         return dataclasses.replace(self, **changes)
 
     def __str__(self) -> str:
-        s = f"{self.component}[{self.layer}]"
+        s = (f"{self.stack}." if self.stack else "") + f"{self.component}[{self.layer}]"
         if self.head is not None:
             s += "." + "+".join(f"h{h}" for h in self.head)
         s += f" pos={_positions_str(self.positions)}"
@@ -280,6 +290,8 @@ class Site:
         }
         if self.keys != "all":   # (written only when set: files without it read as before)
             out["keys"] = _positions_json(self.keys)
+        if self.stack:
+            out["stack"] = self.stack
         return out
 
     @classmethod

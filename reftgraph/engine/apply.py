@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..arch.structure import Hook, first
+from ..arch.structure import first
 from ..errors import SiteError
 from .bind import Bound
 from .plan import Plan, Step, where
@@ -76,7 +76,7 @@ def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict, in
 
 def _modules(plan: Plan, root, hook, paths: tuple) -> tuple:
     """The envoys of a step's ``modules`` (block paths; None stays None) at ``hook``'s layer."""
-    return tuple(None if p is None else plan.arch.envoy(root, Hook(hook.layer, 0, p, "output")) for p in paths)
+    return tuple(None if p is None else plan.arch.envoy(root, hook.at(p, "output")) for p in paths)
 
 
 def _read(step: Step, hook, raw, pre, copies: dict):
@@ -161,16 +161,16 @@ def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
             end = start + 1
             while end < len(todo) and _joins(plan, bound, hook, todo[start], todo[end]):
                 end += 1
-            new = _run(plan, bound, todo[start:end], hook, raw, pre.get(hook.layer), sources, collected, root, copies,
+            new = _run(plan, bound, todo[start:end], hook, raw, pre.get(hook.block), sources, collected, root, copies,
                        inputs)
             if new is not None:
                 raw, changed = new, True
             start = end
         if hook.stage == 0 and hook.path == "":
-            pre[hook.layer] = first(raw)
+            pre[hook.block] = first(raw)
         for i in plan.reads.get(hook, ()):
             step, b = plan.steps[i], bound[i]
-            value = _read(step, hook, raw, pre.get(hook.layer), copies)
+            value = _read(step, hook, raw, pre.get(hook.block), copies)
             m = b.on(step, value.device)
             sources[step.node.name] = _gather(value, m.source_at, m.source_heads)
         for i in plan.inputs.get(hook, ()):   # what a step's dictionary reads in its own stream (a transcoder)

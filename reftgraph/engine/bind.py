@@ -53,6 +53,18 @@ class Batch:
     length: torch.Tensor
     seq_len: int
     marks: dict = field(default_factory=dict)   # selector -> [N, S] bool: the tokens it selects ("image")
+    stacks: dict = field(default_factory=dict)  # an encoder-decoder: "encoder" -> the encoder's Batch (this one
+    #                                             is the decoder's tokens, which the logits follow)
+
+    def of(self, stack: str) -> "Batch":
+        """The token layout of a stack: an encoder-decoder's encoder has its own, the decoder
+        (and a model with one stack) this one.
+
+        >>> b = Batch.full(1, 2)
+        >>> b.of("encoder") is b
+        True
+        """
+        return self.stacks.get(stack, self)
 
     @classmethod
     def single(cls, length, seq_len: int, start=None) -> "Batch":
@@ -263,9 +275,7 @@ def bind(plan, batch: Batch) -> list[Bound]:
     ...
     reftgraph.errors.SiteError: node 'c' at resid_pre[0] pos=[3]: positions [3] are beyond the prompt of row 0 ...
     """
-    key = (tuple((k, r.start, r.stop) for k, r in batch.rows.items()), batch.seq_len,
-           tuple(batch.start.tolist()), tuple(batch.length.tolist()),
-           tuple((k, tuple(m.flatten().tolist())) for k, m in sorted(batch.marks.items())))
+    key = tuple(_layout_key(b) for b in (batch, *batch.stacks.values()))
     memo = plan.memo
     if key not in memo:
         if len(memo) >= MAX_BOUND:
@@ -277,13 +287,20 @@ def bind(plan, batch: Batch) -> list[Bound]:
 MAX_BOUND = 64  # batch layouts remembered per plan
 
 
-def _bind(plan, batch: Batch) -> list:
-    n_flat = (max(r.stop for r in batch.rows.values())) * batch.seq_len
-    layouts = {}   # (stream, positions) -> Layout: steps selecting the same slots share one
+def _layout_key(batch: Batch) -> tuple:
+    return (tuple((k, r.start, r.stop) for k, r in batch.rows.items()), batch.seq_len,
+            tuple(batch.start.tolist()), tuple(batch.length.tolist()),
+            tuple((k, tuple(m.flatten().tolist())) for k, m in sorted(batch.marks.items())))
+
+
+def _bind(plan, given: Batch) -> list:
+    layouts = {}   # (stack, stream, positions) -> Layout: steps selecting the same slots share one
     bound = []
     for step in plan.steps:
         node = step.node
-        key = (node.stream, repr(node.site.positions))
+        batch = given.of(step.hook.stack)
+        n_flat = (max(r.stop for r in batch.rows.values())) * batch.seq_len
+        key = (step.hook.stack, node.stream, repr(node.site.positions))
         lay = layouts.get(key)
         if lay is None:
             sel = _select(node, node.site, node.stream, batch)
@@ -295,6 +312,7 @@ def _bind(plan, batch: Batch) -> list:
         b = Bound(lay.index, lay.valid, lay.slot, lay.mask, layout=lay, keys=_keys(node, node.site, node.stream, batch))
         if step.source_hook is not None:
             stream, site = node.reads
+            batch = given.of(step.source_hook.stack)
             src = _select(node, site, stream, batch, f"source {stream!r} ")
             if src.valid.shape[0] != lay.valid.shape[0]:
                 raise SiteError(f"{where(node)}the source stream {stream!r} has {src.valid.shape[0]} rows, "

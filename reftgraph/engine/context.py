@@ -26,7 +26,7 @@ __all__ = ["as_model", "attention_for", "inference_mode", "input_device", "layer
            "serial"]
 
 
-def as_model(model) -> Model:
+def as_model(model, one_stack: str = "") -> Model:
     """``model`` itself when it is a :class:`Model`, else a :class:`SiteError` that says how to make one.
 
     >>> import reftgraph as rg
@@ -34,10 +34,16 @@ def as_model(model) -> Model:
     Traceback (most recent call last):
     ...
     reftgraph.errors.SiteError: expected a reftgraph Model (rg.load(...), ...), got LlamaForCausalLM
+
+    ``one_stack`` names a call that reads one stack of blocks: it refuses an encoder-decoder.
     """
     if not isinstance(model, Model):
         raise SiteError(f"expected a reftgraph Model (rg.load(...), rg.wrap(hf_model, tokenizer)), "
                         f"got {type(model).__name__}")
+    if one_stack and model.arch.stacks:
+        raise SiteError(f"{one_stack} reads a model with one stack of blocks; {model.name or model.arch.family.name} "
+                        "is an encoder-decoder: run graphs on it with run or generate (a site names stack='encoder', "
+                        "or is in the decoder)")
     return model
 
 
@@ -142,8 +148,9 @@ def input_device(model: Model, plans: Sequence[Plan], remote=None) -> torch.devi
     return device
 
 
-def layer_device(model: Model, layer: int) -> torch.device:
-    """The device block ``layer`` computes on (under accelerate's device map: its execution device).
+def layer_device(model: Model, layer: int, stack: str = "") -> torch.device:
+    """The device block ``layer`` (of an encoder-decoder's ``stack``) computes on (under
+    accelerate's device map: its execution device).
 
     >>> import reftgraph as rg
     >>> layer_device(rg.models.tiny("llama"), 1)
@@ -151,7 +158,7 @@ def layer_device(model: Model, layer: int) -> torch.device:
     """
     if not getattr(model.hf, "hf_device_map", None):   # one device: no need to look at the block
         return model.device
-    block = model.arch.envoy(model.hf, Hook(layer, 0, "", "output"))
+    block = model.arch.envoy(model.hf, Hook(layer, 0, "", "output", stack=stack))
     execution = getattr(getattr(block, "_hf_hook", None), "execution_device", None)
     if execution is not None:
         return torch.device(f"cuda:{execution}" if isinstance(execution, int) else execution)
@@ -184,6 +191,6 @@ def place(plan: Plan, model: Model, device: Optional[torch.device] = None) -> No
             if mapped is None:
                 mapped = bool(getattr(model.hf, "hf_device_map", None))
                 device = model.device if device is None and not mapped else device
-            wanted = layer_device(model, step.hook.layer) if mapped else device
+            wanted = layer_device(model, step.hook.layer, step.hook.stack) if mapped else device
             if tensor.device != wanted:
                 op.to(wanted)

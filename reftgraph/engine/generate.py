@@ -10,7 +10,8 @@ the cache, the ReFT paper's default), on each generated token, or both.
 (2, 2)
 
 A node's positions decide when it acts: prompt selectors act on the prompt pass,
-``"generated"`` on every new token, ``"all"`` on both.
+``"generated"`` on every new token, ``"all"`` on both. An encoder-decoder's encoder sites act
+once, on the prompt; its decoder starts from the decoder start token.
 """
 
 from __future__ import annotations
@@ -92,9 +93,13 @@ def _split(graph: Graph):
         if node.stream != "base" or node.reads[0] != "base":
             raise SiteError(f"node {node.name!r} at {node.site}: generation runs the base stream only; "
                             "patch from sources with run()")
+        encoder = node.site.stack == "encoder"    # (read once, before the first new token)
+        if encoder and node.site.positions == "generated":
+            raise SiteError(f"node {node.name!r} at {node.site}: the encoder reads the prompt once, before the "
+                            "first new token; positions='generated' is for decoder sites")
         if node.site.positions != "generated":
             prompt.append(node)
-        if node.site.positions in ("generated", "all"):
+        if node.site.positions in ("generated", "all") and not encoder:
             steps.append(dataclasses.replace(node, site=dataclasses.replace(node.site, positions="last")))
     split = Graph(prompt), Graph(steps)
     _SPLITS[graph] = (state, split)
@@ -131,7 +136,8 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     prompts = [format_prompt(model.tokenizer, p, template) for p in prompt_list(prompts, "prompts")]
     prompt_plan = compile_graph(prompt_graph, model.arch)
     step_plan = compile_graph(step_graph, model.arch)
-    inputs, batch = tokenize(model, {"base": prompts}, "left")
+    seq2seq = bool(model.arch.stacks)   # (an encoder-decoder's decoder starts alone: its prompt may pad on the right)
+    inputs, batch = tokenize(model, {"base": prompts}, "right" if seq2seq else "left")
     limit = model.arch.max_tokens
     if isinstance(max_new_tokens, int) and limit is not None and batch.seq_len + max_new_tokens > limit:
         raise DataError(f"{batch.seq_len} prompt tokens + max_new_tokens={max_new_tokens} pass the "
@@ -169,6 +175,6 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
                         if remote is not None:
                             nnsight.save(out)
     ids = out["ids"].cpu()
-    width = batch.seq_len
+    width = batch.seq_len     # (an encoder-decoder: the decoder's start token)
     texts = tok.batch_decode(ids[:, width:], skip_special_tokens=skip_special_tokens)
     return Generation(texts, ids, width)

@@ -112,8 +112,25 @@ class Plan:
         return {**self.__dict__, "memo": {}}
 
 
+def stack_arch(arch: Arch, site: Site, at: str = "") -> Arch:
+    """The Arch of the stack ``site`` is in: an encoder-decoder's encoder or decoder (the
+    default), else ``arch`` itself; a stack the model does not have is a :class:`SiteError`.
+
+    >>> import reftgraph as rg
+    >>> stack_arch(rg.models.tiny("t5").arch, rg.Site("resid_pre", 0, stack="encoder")).stack
+    'encoder'
+    """
+    if not arch.stacks:
+        if site.stack:
+            raise SiteError(f"{at}stack={site.stack!r}: {arch.family.name} has one stack of blocks (only an "
+                            "encoder-decoder has two); leave stack out")
+        return arch
+    return arch.stacks[site.stack or "decoder"]
+
+
 def _check_site(node: Node, site: Site, arch: Arch, what: str = "") -> tuple[int, Optional[torch.Tensor]]:
     at = where(node) + what
+    arch = stack_arch(arch, site, at)
     layer = arch.layer_index(site.layer)
     if layer is None:
         raise SiteError(f"{at}layer {site.layer} out of range; valid layers 0..{arch.n_layers - 1} "
@@ -136,7 +153,7 @@ def _check_site(node: Node, site: Site, arch: Arch, what: str = "") -> tuple[int
 
 
 def _slice_width(node: Node, site: Site, arch: Arch, layer: int) -> Optional[int]:
-    width = arch.width(site.component, layer)
+    width = stack_arch(arch, site).width(site.component, layer)
     if width is None:   # one entry per token (attn_pattern's keys): no fixed width
         if site.subspace is not None or node.op.indexes_basis or node.op.expected_width() is not None:
             raise SiteError(f"{where(node)}{site.component} has one entry per key token, not a fixed width: "
@@ -247,24 +264,25 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
         width = _slice_width(node, site, arch, layer)
         need = node.op.expected_width()
         dictionary = _dictionary(node.op)
+        here = stack_arch(arch, site)
         if dictionary is not None:
-            _check_basis(node, site, arch, layer, width, need)
+            _check_basis(node, site, here, layer, width, need)
         elif need is not None and need != width:
             raise SiteError(f"{where(node)}{type(node.op).__name__} has width {need}, the site needs {width} "
                             + ("(the subspace's dims)" if site.subspace else f"({site.component} width)"))
-        at = arch.locate(site.component, layer)
+        at = here.locate(site.component, layer)
         hook = at.hook
         extra = {}
         if dictionary is not None and dictionary.reads:
-            extra["input_hook"] = arch.mlp_input(layer)
+            extra["input_hook"] = here.mlp_input(layer)
         if node.op.source is not None:
             src_site = node.reads[1]
             src_layer, extra["source_heads"] = _check_site(node, src_site, arch, f"source site {src_site}: ")
-            src = arch.locate(src_site.component, src_layer)
+            src = stack_arch(arch, src_site).locate(src_site.component, src_layer)
             if src.width != at.width or ((src_site.head is None) != (site.head is None)) or (
                     src_site.head is not None and len(src_site.head) != len(site.head)):
                 raise SiteError(f"{where(node)}source site {src_site} has another shape than the site")
-            if (src.hook.layer, src.hook.stage) > (hook.layer, hook.stage):
+            if src.hook.order > hook.order:
                 raise SiteError(f"{where(node)}source site {src_site} comes after the site in the forward "
                                 "pass; a patch can only read a place the model reaches first")
             extra.update(source_hook=src.hook, source_get=src.get)
@@ -275,11 +293,11 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
     order = {node.name: i for i, node in enumerate(graph.nodes)}
     # at one hook, components in forward order (attn_out before resid_mid, which is written
     # through it: an edit at resid_mid never shows in attn_out), then insertion order
-    steps.sort(key=lambda s: (s.hook.layer, s.hook.stage, STAGES[s.node.site.component], order[s.node.name]))
+    steps.sort(key=lambda s: (*s.hook.order, STAGES[s.node.site.component], order[s.node.name]))
     hooks = {s.hook for s in steps} | {s.source_hook for s in steps if s.source_hook}
     hooks |= {s.input_hook for s in steps if s.input_hook}
-    hooks |= {Hook(s.hook.layer, 0, "", "input") for s in steps
-              if arch.locate(s.node.site.component, s.hook.layer).needs_pre}
-    hooks |= {Hook(s.source_hook.layer, 0, "", "input") for s in steps
-              if s.source_hook and arch.locate(s.node.reads[1].component, s.source_hook.layer).needs_pre}
-    return Plan(arch, steps, sorted(hooks, key=lambda h: (h.layer, h.stage)))
+    hooks |= {s.hook.at("", "input") for s in steps
+              if stack_arch(arch, s.node.site).locate(s.node.site.component, s.hook.layer).needs_pre}
+    hooks |= {s.source_hook.at("", "input") for s in steps if s.source_hook and stack_arch(
+        arch, s.node.reads[1]).locate(s.node.reads[1].component, s.source_hook.layer).needs_pre}
+    return Plan(arch, steps, sorted(hooks, key=lambda h: h.order))

@@ -87,7 +87,7 @@ def prefix_state(model, inputs: dict, layer: int) -> torch.Tensor:
     >>> prefix_state(lm, inputs, 1).shape
     torch.Size([1, 5, 32])
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="prefix_state")
     if not 0 < layer <= model.arch.n_layers:
         raise ValueError(f"prefix layer {layer} out of range; valid 1..{model.arch.n_layers}")
     got = {}
@@ -125,7 +125,7 @@ class PrefixCache:
     def __init__(self, model, max_entries: Optional[int] = None):
         if max_entries is not None and max_entries < 1:
             raise ValueError(f"max_entries must be None or >= 1, got {max_entries}")
-        self.model = as_model(model)
+        self.model = as_model(model, one_stack="PrefixCache")
         self.max_entries = max_entries
         self.entries: OrderedDict = OrderedDict()
         self.hits = 0

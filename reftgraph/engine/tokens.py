@@ -19,7 +19,7 @@ from ..arch.models import Model
 from ..errors import DataError
 from .bind import Batch
 
-__all__ = ["Prompts", "from_inputs", "last_token", "prompt_list", "tokenize"]
+__all__ = ["Prompts", "from_inputs", "last_token", "prompt_list", "tokenize", "with_decoder"]
 
 Prompts = Union[str, Sequence[str]]
 
@@ -75,7 +75,37 @@ def from_inputs(model: Model, given) -> tuple[dict, Batch]:
     image = next((getattr(config, k) for k in ("image_token_id", "image_token_index")
                   if isinstance(getattr(config, k, None), int)), None)
     marks = {"image": (ids == image) & mask.bool()} if image is not None and bool((ids == image).any()) else {}
-    return inputs, dataclasses.replace(Batch.from_mask(mask), marks=marks)
+    return with_decoder(model, inputs, dataclasses.replace(Batch.from_mask(mask), marks=marks))
+
+
+def with_decoder(model: Model, inputs: dict, batch: Batch) -> tuple[dict, Batch]:
+    """An encoder-decoder's inputs and batch: the decoder's tokens (``decoder_input_ids``
+    given, else each row's decoder start token) and their layout, with the encoder's prompts
+    as ``batch.stacks["encoder"]``; any other model's unchanged.
+
+    >>> import torch, reftgraph as rg
+    >>> lm = rg.models.tiny("t5")
+    >>> inputs, batch = with_decoder(lm, {"input_ids": torch.tensor([[5, 6, 7]])}, Batch.full(1, 3))
+    >>> inputs["decoder_input_ids"].tolist(), batch.seq_len, batch.of("encoder").seq_len
+    ([[0]], 1, 3)
+    """
+    if not model.arch.stacks:
+        return inputs, batch
+    given = inputs.get("decoder_input_ids")
+    if given is None:
+        config, gen = model.hf.config, getattr(model.hf, "generation_config", None)
+        start = next((t for t in (getattr(gen, "decoder_start_token_id", None), getattr(
+            config, "decoder_start_token_id", None), getattr(gen, "bos_token_id", None)) if isinstance(t, int)), None)
+        if start is None:      # (the order transformers' generate takes them in)
+            raise DataError(f"{model.name or model.arch.family.name} has no decoder_start_token_id: pass "
+                            "decoder_input_ids with the inputs")
+        n = inputs["input_ids"].shape[0]
+        inputs = {**inputs, "decoder_input_ids": torch.full((n, 1), start, dtype=torch.long)}
+        decoder = Batch.full(n, 1)
+    else:
+        mask = inputs.get("decoder_attention_mask")
+        decoder = Batch.from_mask(torch.ones_like(given) if mask is None else mask)
+    return inputs, dataclasses.replace(decoder, rows=batch.rows, stacks={"encoder": batch})
 
 
 def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):
@@ -118,7 +148,7 @@ def tokenize(model: Model, streams: dict, padding_side: Optional[str] = None):
                         f"{'right' if side == 'left' else 'left'!r} or prompts of one length")
     # copies: a caller editing a result in place never changes what later runs get
     inputs = model.arch.inputs(ids.clone(), mask.clone())
-    return inputs, Batch(rows, start.clone(), length.clone(), seq_len)
+    return with_decoder(model, inputs, Batch(rows, start.clone(), length.clone(), seq_len))
 
 
 def _encode(tok, texts: list, side: str):

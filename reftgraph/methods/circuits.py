@@ -77,7 +77,7 @@ def scores(model, data: Counterfactual, nodes: str = "heads", method: str = "atp
     (e.g. IOI prompts of one template, ``ioi(n, templates=(0,))``). ``progress=False`` hides
     the progress bar of the attribution passes.
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.circuits.scores")
     _check(data, nodes)
     positions = "all"
     if per_position:
@@ -186,7 +186,7 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
     if level == "edge":
         method = {"atp": "eap", "ig": "eap-ig-inputs"}.get(method, method)
         return discover_edges(model, data, size, method, ig_steps, metric, table, progress, ablate, per_position)
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.circuits.discover")
     _check(data, nodes)
     if ablate not in ABLATE:
         raise DataError(f"ablate must be one of {ABLATE}, got {ablate!r}")
@@ -423,7 +423,7 @@ def curve(model, data: Counterfactual, sizes: Sequence = (1, 2, 4, 8), nodes: st
     ``full``, ``empty``, ``faithfulness``, ``normalised``. Draw it with :func:`plot_curve`.
     Progress bars count the attribution passes and the runs (``progress=False`` hides them).
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.circuits.curve")
     _check(data, nodes)
     rows = []
     for size in sizes:

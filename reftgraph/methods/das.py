@@ -103,7 +103,7 @@ def train_das(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 1
     row per step), with ``eval_fn(graph, model, epoch) -> dict`` metrics after each epoch.
     A progress bar counts the steps (``progress=False`` hides it).
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.das.train_das")
     target, _ = data.answer_ids(model)
     plan = compile_graph(graph, model.arch)
     boundless = boundless_ops(graph)
@@ -173,7 +173,7 @@ def predict(graph: Graph, model, data, batch_size: int = 32, remote=None, progre
     and only the predicted ids come back. A progress bar counts the batches
     (``progress=False`` hides it).
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.das.predict")
     plan = compile_graph(graph, model.arch)
     ex = executor(model, remote, graph)
     jobs = []

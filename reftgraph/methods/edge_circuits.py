@@ -261,7 +261,7 @@ def mean_writes(model, data: Counterfactual) -> dict:
     >>> {k: list(v.shape) for k, v in mean_writes(lm, data).items() if k in ("input", "a0")}
     {'input': [32], 'a0': [4, 32]}
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.circuits.mean_writes")
     arch, maps = model.arch, out_maps(model)
     out = run(sender_graph(arch), model, data.base, grad=False)
     means = {}
@@ -359,7 +359,7 @@ def discover_edges(model, data: Counterfactual, size: Union[int, float] = 0.05, 
     keeps (edge, token) pairs (prompts of one length): an edge may carry its clean write at some
     tokens and its ablated one at the others; ``size`` then counts such pairs.
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.circuits.discover_edges")
     if table is None:
         _size(size, len(edges(model)))            # a bad size fails before any forward
         table = edge_scores(model, data, method, metric, steps, progress, per_position=per_position)
@@ -437,7 +437,7 @@ def node_edges(model, nodes: pd.DataFrame) -> pd.DataFrame:
     >>> node_edges(lm, pd.DataFrame({"kind": ["head"], "layer": [1], "head": [2]})).receiver.tolist()
     ['a1.h2<q>', 'a1.h1<k>', 'a1.h1<v>', 'logits', 'logits']
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.circuits.node_edges")
     arch, table = model.arch, edges(model)
     heads = {(int(layer), int(head)) for kind, layer, head in nodes[["kind", "layer", "head"]].values if kind == "head"}
     mlps = {int(layer) for kind, layer in nodes[["kind", "layer"]].values if kind == "mlp"}
@@ -484,7 +484,7 @@ def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[f
     circuits are not pruned (edges from senders no path reaches, or into receivers that reach
     nothing, stay counted) and a fraction keeps at least one edge or node.
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.circuits.mib")
     order = scores.reindex(scores.score.abs().sort_values(ascending=False, kind="stable").index)
     counts = [max(1, int(f * len(scores))) for f in fractions]
     nodes = "sender" not in scores

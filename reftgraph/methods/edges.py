@@ -243,7 +243,7 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     score): prompts of one length, gradient methods only (``"exact"`` would take one forward
     per edge and position).
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.circuits.edge_scores")
     if method not in METHODS:
         raise DataError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:

@@ -273,7 +273,7 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", me
     at a time) goes from its clean to its corrupted value, the rest of the model run as it
     follows (integrated gradients). ``feature`` is ``-1`` for the error node.
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.features.attribute")
     if not isinstance(data, Counterfactual):
         raise DataError(f"attribute takes a rg.patching.Counterfactual (base = corrupted, source = clean), "
                         f"got {type(data).__name__}")
@@ -434,7 +434,7 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
     ``method`` and ``steps`` as in :func:`attribute`; ``table``: scores from it, to reuse them
     across sizes.
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.features.discover")
     sites = _site_dictionaries(dictionaries)
     if errors not in ERRORS:
         raise DataError(f"errors must be one of {ERRORS}, got {errors!r}")

@@ -211,7 +211,7 @@ def memorise(model, target: Target, *, layer: int, rank: int = 1, n_tokens: Opti
     (``"chat"``: the prompt as the user's turn of the tokenizer's chat template), applied to
     ``prompt`` for training and decoding alike.
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.memorise")
     if schedule not in ("constant", "linear"):
         raise ValueError(f"schedule must be 'constant' or 'linear', got {schedule!r}")
     ids = target_ids(model, target, n_tokens)

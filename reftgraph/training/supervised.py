@@ -184,7 +184,7 @@ def evaluate(graph: Graph, model, data, *, batch_size: int = 8, padding_side: st
     True
 
     ``reftgraph train`` scores a spec's ``data.eval_path`` this way after every epoch."""
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.evaluate")
     positive_ints(batch_size=batch_size)
     plan = compile_graph(graph, model.arch)
     classify = _classify_node(graph) if isinstance(data, Classification) else None
@@ -260,7 +260,7 @@ def train(graph: Graph, model, data, *, epochs: int = 3, batch_size: int = 8, lr
     differences, a checkpoint of another graph (node names and order, sites, streams, op
     types and configs, shared ops, trainable nodes) or of other settings.
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.train")
     plan = compile_graph(graph, model.arch)
     positive_ints(epochs=epochs, batch_size=batch_size, grad_accum=grad_accum)
     if not isinstance(data, (PromptResponse, Classification)):

@@ -129,6 +129,7 @@ class Context:
     style: object = None
     attn_out: Optional[str] = None
     mlp_out: Optional[str] = None
+    cross: Optional[str] = None       # what adds an encoder-decoder's cross-attention (decoder blocks)
     layout: Optional[str] = None
     inner: dict = field(default_factory=dict)   # component -> operations inside a module
     reads: dict = field(default_factory=dict)   # receiver input -> the norm its reader applies ('' none)

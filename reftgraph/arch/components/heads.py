@@ -163,9 +163,14 @@ class Heads(Component):
             results = [(lay, _locality(ctx, lay)) for lay in layouts]
             best = max(results, key=lambda r: sum(not v for v in r[1].values()), default=None)
             mismatch = _widths_agree(widths)
+            projections = dict(zip("qkv", paths.qkv)) if isinstance(paths.qkv, tuple) else dict.fromkeys("qkv", paths.qkv)
             for c in "qkv":
+                runs = rec.calls.get(projections.get(c), 1)
                 if c in mismatch:
                     refused[c] = mismatch[c]
+                elif runs != 1:    # (T5Gemma 2's merged attention projects the encoder's output too)
+                    refused[c] = (f"its projection {projections[c]!r} runs {runs} times per block, so an edit of "
+                                  "its output would reach one of them only")
                 elif best is None or c not in best[1]:
                     children = ", ".join(n for n, _ in walk(ctx.blocks[ctx.layer], paths.attn).named_children())
                     refused[c] = f"no {c} projection found in {paths.attn!r} (children: {children})"

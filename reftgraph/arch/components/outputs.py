@@ -1,5 +1,6 @@
-"""What the block adds to the stream: ``attn_out`` (the attention sub-layer's output) and
-``mlp_out`` (the MLP's).
+"""What the block adds to the stream: ``attn_out`` (the attention sub-layer's output),
+``mlp_out`` (the MLP's) and, in an encoder-decoder's decoder blocks, ``cross_attn_out`` (the
+cross-attention's, which reads the encoder's output).
 
 >>> import reftgraph as rg
 >>> arch = rg.models.tiny("gemma3_text").arch      # norms after attention and MLP
@@ -44,16 +45,17 @@ def per_token():
 
 
 class SublayerOutputs(Component):
-    """What attention and the MLP add to the stream: ``attn_out`` and ``mlp_out``.
+    """What attention, cross-attention and the MLP add to the stream: ``attn_out``,
+    ``cross_attn_out`` and ``mlp_out``.
 
     >>> import reftgraph as rg
     >>> SublayerOutputs().address("mlp_out", rg.models.tiny("llama").arch.blocks[0])
     Address(path='mlp', io='output', inner=())
     """
-    names = ("attn_out", "mlp_out")
+    names = ("attn_out", "cross_attn_out", "mlp_out")
 
     def address(self, name, block) -> Address:
-        return Address(block.attn_out if name == "attn_out" else block.mlp_out, "output")
+        return Address({"attn_out": block.attn_out, "cross_attn_out": block.cross}.get(name, block.mlp_out), "output")
 
     def view(self, name, arch, block, layer):
         if name in block.scales:
@@ -69,3 +71,6 @@ class SublayerOutputs(Component):
                 ctx.refused[name] = ctx.style_problem
             elif not found:
                 ctx.refused[name] = no_module(what, ctx.paths)
+        if not ctx.cross:
+            ctx.refused["cross_attn_out"] = ctx.style_problem or (
+                "this block has no cross-attention (only an encoder-decoder's decoder blocks read the encoder)")

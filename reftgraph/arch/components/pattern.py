@@ -99,7 +99,8 @@ def _prove(ctx: Context) -> tuple[str, Optional[tuple]]:
             pattern = reach().output.save()
             heads_in = proj.input.save()
         with torch.no_grad():
-            weights = model(input_ids=ctx.ids, output_attentions=True, use_cache=False).attentions[ctx.layer]
+            out = model(input_ids=ctx.ids, output_attentions=True, use_cache=False)
+        weights = _attentions(out, model, ctx.blocks)[ctx.layer]
         if weights is None or not ctx.rec.close(pattern, weights):
             return (f"the softmax in {core!r} is not the attention weights transformers returns "
                     f"({ctx.rec.gap(pattern, weights)})"), None
@@ -166,3 +167,12 @@ class Pattern(Component):
             ctx.refused["attn_pattern"] = why
         else:
             ctx.inner["attn_pattern_module"], ctx.inner["attn_pattern"] = inner
+
+
+def _attentions(out, model, blocks) -> tuple:
+    """The attention weights transformers returns for the stack ``blocks`` belong to (an
+    encoder-decoder returns each stack's apart)."""
+    if hasattr(out, "attentions"):
+        return out.attentions
+    encoder = callable(getattr(model, "get_encoder", None)) and any(b is blocks[0] for b in model.get_encoder().modules())
+    return out.encoder_attentions if encoder else out.decoder_attentions

@@ -19,7 +19,9 @@ __all__ = ["STYLE"]
 def _find(rec: Record, paths):
     if not (paths.attn_proj and paths.mlp_down and paths.attn and paths.mlp):
         return "needs an output projection and a down projection"
-    return check(rec, paths.attn_proj, paths.mlp_down, paths.mlp_in)
+    if paths.cross and not paths.cross_proj:
+        return "needs the cross-attention's output projection"
+    return check(rec, paths.attn_proj, paths.mlp_down, paths.mlp_in, paths.cross_proj, paths.cross)
 
 
 STYLE = Style("inner_residual", __doc__.split("\n\n")[0], has_mid=True, attn_moves="mid", find=_find)

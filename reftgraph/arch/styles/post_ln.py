@@ -46,19 +46,35 @@ def _find(rec: Record, paths):
         a = rec.out(attn)
         if a is None or a.shape != rec.pre.shape:
             continue
-        first = norm_reading(rec, rec.pre + a, reads)
+        first = norm_reading(rec, rec.pre + a, rec.inp(paths.cross) if paths.cross else reads)
         if first is None:
             continue
-        mid = rec.out(first)
+        mid, extras = rec.out(first), {"norms": {"attn_out": first}}
+        if paths.cross:    # an encoder-decoder's cross-attention, then its own norm
+            found = _cross(rec, paths, mid, reads)
+            if isinstance(found, str):
+                return found
+            (extras["cross"], extras["norms"]["cross_attn_out"]), mid = found, rec.out(found[1])
         for mlp in dict.fromkeys(p for p in (paths.mlp, paths.mlp_down) if p):
             m = rec.out(mlp)
             if m is None or m.numel() != mid.numel():
                 continue
             second = norm_reading(rec, mid + m.reshape(mid.shape), rec.post)
             if second is not None:
-                return attn, mlp, {"norms": {"attn_out": first, "mlp_out": second}}
+                extras["norms"]["mlp_out"] = second
+                return attn, mlp, extras
         return f"no norm turns resid_mid + the MLP output into resid_post (after {first!r})"
     return "no norm reads resid_pre + the attention output and feeds the MLP"
+
+
+def _cross(rec: Record, paths, mid, reads):
+    """``(the cross-attention's addition, the norm after it)``, else why none was found."""
+    for cross in dict.fromkeys(p for p in (paths.cross, paths.cross_proj) if p):
+        c = rec.out(cross)
+        norm = None if c is None or c.shape != mid.shape else norm_reading(rec, mid + c, reads)
+        if norm is not None:
+            return cross, norm
+    return "no norm reads resid_mid + the cross-attention output and feeds the MLP"
 
 
 STYLE = Style("post_ln", __doc__.split("\n\n")[0], has_mid=True, attn_moves="mid", find=_find)

@@ -115,7 +115,7 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
     cancelling paths (GradDrop); the residual stream at early layers, where the patched
     run differs most from the base run, is where the linear estimate is least accurate.
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.patching.attribute")
     if not isinstance(data, Counterfactual):
         raise DataError(f"attribute takes a rg.patching.Counterfactual, got {type(data).__name__}")
     if grad_drop and ig_steps:

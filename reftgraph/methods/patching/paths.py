@@ -63,7 +63,7 @@ def path_graph(model, senders: Sequence[tuple], receivers: Union[str, Sequence[S
     source; ``receivers``: ``"logits"`` or q/k/v sites with heads, e.g.
     ``rg.Site("q", 9, head=6, positions="last")``; ``path``: the name of the path stream.
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.patching.path_graph")
     arch = model.arch
     if freeze not in FREEZE:
         raise SiteError(f"freeze must be one of {FREEZE}, got {freeze!r}")
@@ -133,7 +133,7 @@ def path_sweep(model, data: Counterfactual, sender_sets: Optional[Sequence] = No
     one nnsight session, the metric's means computed on the server. A progress bar counts
     the forwards; ``progress=False`` hides it.
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.patching.path_sweep")
     arch = model.arch
     metric_name, metric_fn = get_metric(metric)
     if sender_sets is None:

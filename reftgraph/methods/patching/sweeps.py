@@ -108,7 +108,7 @@ def sweep(model, data: Counterfactual, component: Union[str, Sequence[str]] = "r
     and source prompts (as many as ``memory_mb`` allows); only the metric's means come back.
     A progress bar counts the conditions (remotely: the traces); ``progress=False`` hides it.
     """
-    model = as_model(model)
+    model = as_model(model, one_stack="rg.patching.sweep")
     if not isinstance(data, Counterfactual):
         raise DataError(f"sweep takes a rg.patching.Counterfactual, got {type(data).__name__}")
     components = [component] if isinstance(component, str) else list(component)

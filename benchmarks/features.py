@@ -159,16 +159,18 @@ def speed(lm, sae, texts) -> dict:
             "collect_ratio": round(med["basis"] / med["plain+encode"], 3)}
 
 
-def ioi(lm, sae, fractions) -> dict:
+def ioi(lm, sae, fractions, per_position: bool = False) -> dict:
     """Feature circuits at each fraction of the features (errors kept / ablated) and node
-    circuits of as many heads, scored on 24 prompts and run on 24 held-out ones."""
+    circuits of as many heads, scored on 24 prompts and run on 24 held-out ones; per position:
+    fractions of all (feature, position) pairs, against node circuits of (head, position) pairs."""
     data, held = rg.datasets.ioi(24, seed=0), rg.datasets.ioi(24, seed=1)
     sites = {rg.Site("resid_post", LAYER): sae}
-    table = rg.features.attribute(lm, data, sites, progress=False)
-    heads = rg.circuits.scores(lm, data, progress=False)
+    table = rg.features.attribute(lm, data, sites, progress=False, per_position=per_position)
+    heads = rg.circuits.scores(lm, data, progress=False, per_position=per_position)
+    width = int(table.position.max()) + 1 if per_position else 1
     out, rows = {}, []
     for fraction in fractions:
-        size = max(1, round(fraction * sae.d_sae))
+        size = max(1, round(fraction * sae.d_sae * width))
         row = {"fraction": fraction, "features": size}
         for errors in ("keep", "ablate"):
             c = rg.features.discover(lm, data, sites, size=size, errors=errors, table=table, progress=False)
@@ -180,7 +182,7 @@ def ioi(lm, sae, fractions) -> dict:
         print(f"  {fraction:>5.0%} = {size} features: errors kept {row['errors_keep']}, ablated {row['errors_ablate']}; "
               f"{n} heads: {row['node_circuit']}", flush=True)
     one = next(r for r in rows if r["fraction"] == 0.01)
-    out.update(ioi_features_kept=one["features"], ioi_feature_faithfulness_errors_keep=one["errors_keep"],
+    out.update(ioi_per_position=per_position, ioi_positions=width, ioi_features_kept=one["features"], ioi_feature_faithfulness_errors_keep=one["errors_keep"],
                ioi_feature_faithfulness_errors_ablate=one["errors_ablate"], ioi_node_faithfulness=one["node_circuit"],
                ioi_curve=rows)
     return out
@@ -214,6 +216,9 @@ def main():
                         help="also train on about this many tokens SmolLM2 generates itself (cached)")
     parser.add_argument("--skip-caps", action="store_true")
     parser.add_argument("--fractions", type=float, nargs="*", default=[0.01, 0.02, 0.05, 0.1, 0.25])
+    parser.add_argument("--per-position", action="store_true",
+                        help="IOI circuits of (feature, position) pairs, against (head, position) node circuits")
+    parser.add_argument("--circuits-only", action="store_true", help="skip the quality and speed figures")
     args = parser.parse_args()
     set_threads()
     lm = rg.load()
@@ -222,6 +227,10 @@ def main():
     train_texts, held = texts[:split], texts[split:]
     extra = f"-gen{args.generated}" if args.generated else ""
     folder = CACHE / f"resid_post{LAYER}-topk{args.k}-{args.latents}{extra}" / f"layers.{LAYER}"
+    if args.circuits_only:     # the SAE trained by an earlier run; IOI circuits alone
+        figures = ioi(lm, rg.features.load(folder), sorted(set(args.fractions) | {0.01}), args.per_position)
+        print(json.dumps(figures))
+        return
     if args.generated:
         train_texts = train_texts + generated(lm, args.generated)
     figures = {"windows_train": len(train_texts), "windows_held_out": len(held)}
@@ -248,7 +257,7 @@ def main():
                    loss_increase=round(with_sae - clean, 4),
                    loss_recovered=round((zero - with_sae) / (zero - clean), 4))
     figures.update(speed(lm, sae, held))
-    figures.update(ioi(lm, sae, sorted(set(args.fractions) | {0.01})))
+    figures.update(ioi(lm, sae, sorted(set(args.fractions) | {0.01}), args.per_position))
     if not args.skip_caps:
         figures.update(explain_caps(lm, sae, held))
     for key, value in figures.items():

@@ -280,8 +280,11 @@ def _table(rows: list, reasons: list, label: str = "") -> list:
         cells = [_cell(r.get(c)) for c in COMPONENTS]
         lines.append(f"| {r['type']} | {', '.join(r['style'])} | {', '.join(r['layout'])} | " + " | ".join(cells) + " |")
         for c in COMPONENTS:
-            if _cell(r.get(c)) == "no" and not (c == "mixer_out" and "has attention, not a" in str(r.get(c))):
-                reasons.append(f"- `{r['type']}`{label} {c}: {r.get(c)}")   # (a block with attention has no mixer_out)
+            # not listed: a block with attention has no mixer_out, a block of one stack no cross-attention
+            expected = (c == "mixer_out" and "has attention, not a" in str(r.get(c))) or (
+                c == "cross_attn_out" and "has no cross-attention" in str(r.get(c)))
+            if _cell(r.get(c)) == "no" and not expected:
+                reasons.append(f"- `{r['type']}`{label} {c}: {r.get(c)}")
     return lines
 
 
@@ -375,11 +378,11 @@ def write_markdown(rows: list, path: Path, others: dict = None, tl: dict = None)
         got = _kind_totals(kind_rows, kind)
         totals.update(got)
         heading, about = SECTIONS[kind]
-        both = "in both stacks " if kind == "seq2seq" else ""
+        both = " in both stacks" if kind == "seq2seq" else ""
         lines += ["", f"## {heading}", ""] + about + [
             "", f"- types: {got[kind + '_types']}; build from a small config and run: {got[kind + '_built']}",
-            f"- `resid_pre`/`resid_post`/`attn_out`/`mlp_out` verified {both}: {got[kind + '_resid_attn_mlp']}",
-            f"- `head_out`/`q`/`k`/`v` verified {both}: {got[kind + '_heads']}",
+            f"- `resid_pre`/`resid_post`/`attn_out`/`mlp_out` verified{both}: {got[kind + '_resid_attn_mlp']}",
+            f"- `head_out`/`q`/`k`/`v` verified{both}: {got[kind + '_heads']}",
             f"- oracle failures: {got[kind + '_oracle_failures']}", ""]
         if kind == "seq2seq":
             lines += [f"- `cross_attn_out` verified: {got['seq2seq_cross']}", ""]

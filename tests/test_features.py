@@ -248,15 +248,16 @@ def test_a_reft_in_features_trains_and_stays_in_their_span(lm):
     torch.testing.assert_close(R @ torch.linalg.pinv(D) @ D, R, atol=1e-5, rtol=0)
 
 
-def hand_attribution(lm, sae, layer, steps=None):
-    """AtP (or IG with ``steps``) written with plain hooks: features and error at resid_post[layer]."""
+def hand_attribution(lm, sae, layer, steps=None, data=DATA, per_position=False):
+    """AtP (or IG with ``steps``) written with plain hooks: features and error at resid_post[layer]
+    (summed over positions, or per position)."""
     cfg, side = lm.hf.config, "right"
-    clean_in, corrupt_in = encode(lm.tokenizer, DATA.source, side), encode(lm.tokenizer, DATA.base, side)
+    clean_in, corrupt_in = encode(lm.tokenizer, data.source, side), encode(lm.tokenizer, data.base, side)
     h0 = capture(lm.hf, "llama", "resid_post", layer, clean_in, cfg)
     h1 = capture(lm.hf, "llama", "resid_post", layer, corrupt_in, cfg)
     mask = clean_in["attention_mask"][..., None].float()
     last = clean_in["attention_mask"].sum(1) - 1
-    ids = [lm.tokenizer(a)["input_ids"][-1] for a in DATA.correct], [lm.tokenizer(a)["input_ids"][-1] for a in DATA.wrong]
+    ids = [lm.tokenizer(a)["input_ids"][-1] for a in data.correct], [lm.tokenizer(a)["input_ids"][-1] for a in data.wrong]
 
     def grad_at(alpha):
         leaf = {}
@@ -274,9 +275,10 @@ def hand_attribution(lm, sae, layer, steps=None):
     f0, f1 = hand_features(sae, h0), hand_features(sae, h1)
     g_f = g_h @ sae.W_dec.T                          # h + (f' - f) W_dec: dM/df' = dM/dh W_dec^T
     error = lambda h: h - (hand_features(sae, h) @ sae.W_dec + sae.b_dec)   # noqa: E731
-    features = ((f1 - f0) * g_f * mask).sum((0, 1)) / 2
-    err = ((error(h1) - error(h0)) * g_h * mask).sum() / 2
-    return features, err
+    over = 0 if per_position else (0, 1)
+    features = ((f1 - f0) * g_f * mask).sum(over) / 2
+    err = ((error(h1) - error(h0)) * g_h * mask).sum(over) / 2
+    return features, (err.sum(-1) if per_position else err.sum())
 
 
 @pytest.mark.parametrize("method", ["atp", "ig"])
@@ -313,6 +315,58 @@ def test_feature_circuits_run_as_graphs(lm):
     assert via.kept.feature.tolist() == found.kept.feature.tolist()
     with pytest.raises(rg.DataError, match="equal length"):
         rg.features.attribute(lm, rg.patching.Counterfactual(["a b c"], ["a"], ["a"], ["b"]), sites, progress=False)
+
+
+ONE_LENGTH = rg.patching.Counterfactual(["the cat sat on", "the dog ran to"], ["the cow sat on", "the hen ran to"],
+                                        correct=["a", "b"], wrong=["c", "d"])
+
+
+def test_per_position_feature_attribution_equals_the_plain_hook_linearisation(lm):
+    sae = dictionary("topk")
+    table = rg.features.attribute(lm, ONE_LENGTH, {rg.Site("resid_post", 0): sae}, progress=False, per_position=True)
+    features, err = hand_attribution(lm, sae, 0, data=ONE_LENGTH, per_position=True)      # [S, 64], [S]
+    width = features.shape[0]
+    assert table.position.tolist() == [p for p in range(width) for _ in range(65)]
+    got = torch.tensor(table.estimate.tolist()).view(width, 65)
+    torch.testing.assert_close(got[:, :64], features.float(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got[:, 64], err.float(), atol=1e-5, rtol=1e-4)
+    whole = rg.features.attribute(lm, ONE_LENGTH, {rg.Site("resid_post", 0): sae}, progress=False)
+    torch.testing.assert_close(got.sum(0), torch.tensor(whole.estimate.tolist()), atol=1e-5, rtol=1e-4)
+    with pytest.raises(rg.DataError, match="prompts of one length"):
+        rg.features.attribute(lm, DATA, {rg.Site("resid_post", 0): sae}, progress=False, per_position=True)
+
+
+def test_a_per_position_feature_circuit_equals_plain_hooks(lm):
+    """Each position keeps its own features; the others take their corrupted values there, the
+    error stays: ``h + sum over outside features (f_corrupt - f_clean) W_dec``, per position."""
+    sae = dictionary("topk")
+    layer, sites = 0, {rg.Site("resid_post", 0): sae}
+    found = rg.features.discover(lm, ONE_LENGTH, sites, size=0.05, progress=False, per_position=True)
+    width = found.settings["positions"]
+    assert len(found.kept) == round(0.05 * 64 * width) and {"position", "feature"} <= set(found.kept)
+    assert len(found.kept.position.unique()) > 1, "the circuit keeps features at more than one position"
+    out = found.run(lm, ONE_LENGTH.source, sources={"corrupt": ONE_LENGTH.base})
+
+    cfg = lm.hf.config
+    clean_in, corrupt_in = (encode(lm.tokenizer, p, "right") for p in (ONE_LENGTH.source, ONE_LENGTH.base))
+    h1 = capture(lm.hf, "llama", "resid_post", layer, corrupt_in, cfg)
+
+    def edit(h):
+        f0, f1 = hand_features(sae, h), hand_features(sae, h1)
+        moved = h.clone()
+        for p in range(width):
+            inside = set(found.kept.loc[found.kept.position == p, "feature"])
+            outside = [i for i in range(64) if i not in inside]
+            moved[:, p] = h[:, p] + (f1[:, p, outside] - f0[:, p, outside]) @ sae.W_dec[outside]
+        return moved
+    want = run_with(lm.hf, "llama", "resid_post", layer, clean_in, edit, cfg)
+    torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=1e-4)
+    every = found.kept.iloc[:0]
+    assert rg.features.faithfulness(found, lm, ONE_LENGTH, progress=False)["size"] == len(found.kept)
+    assert "positions" in repr(found)
+    with pytest.raises(rg.DataError, match="pass positions="):
+        rg.features.circuit_graph(lm, ONE_LENGTH, sites, found.kept)
+    assert len(rg.features.circuit_graph(lm, ONE_LENGTH, sites, every, positions=width)) == width
 
 
 # -- transcoders: read the MLP's own input, write at mlp_out ------------------------------------

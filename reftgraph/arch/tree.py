@@ -232,7 +232,7 @@ def _child_mlp(block, attn: Optional[str], d_model: int, cross: Optional[str] = 
     if linear_shape(mlp):
         return name, name, name
     downs = [n for n, m in mlp.named_children() if (linear_shape(m) or (0, 0))[1] == d_model]
-    if not downs:   # the maps one level further down (T5's DenseReluDense.wo)
+    if not downs and "." in name:   # a sub-layer holding the MLP: the maps one level down (T5's DenseReluDense.wo)
         downs = [n for n, m in mlp.named_modules() if n.count(".") == 1 and (linear_shape(m) or (0, 0))[1] == d_model]
     down = _pick(downs, _DOWN_NAMES) or _pick([n.rsplit(".", 1)[-1] for n in downs], _DOWN_NAMES) or (
         downs[-1] if len(downs) == 1 else None)

@@ -39,7 +39,7 @@ from .edge_circuits import (MIB_FRACTIONS, EdgeCircuit, discover_edges, draw_edg
                             plot_mib)
 from .edges import edge_scores, edges
 from .features import discover as discover_features
-from .patching.attribution import attribute
+from .patching.attribution import attribute, one_length
 from .patching.metrics import METRICS
 
 __all__ = ["Circuit", "CircuitConfig", "EdgeCircuit", "MIB_FRACTIONS", "edges", "edge_scores", "edge_circuit",
@@ -81,11 +81,7 @@ def scores(model, data: Counterfactual, nodes: str = "heads", method: str = "atp
     _check(data, nodes)
     positions = "all"
     if per_position:
-        lengths = {len(ids) for ids in model.tokenizer(data.base + data.source)["input_ids"]}
-        if len(lengths) > 1:
-            raise DataError(f"per_position=True needs every prompt of one length (positions are the same "
-                            f"tokens in every row); these prompts have {sorted(lengths)} tokens")
-        positions = tuple(range(lengths.pop()))
+        positions = tuple(range(one_length(model, data)))
     if method not in ("atp", "ig"):
         raise DataError(f"method must be 'atp' or 'ig', got {method!r}")
     if rank not in RANKS:
@@ -182,7 +178,8 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
         if dictionaries is None:
             raise DataError("level='feature' needs dictionaries={rg.Site(component, layer): dictionary}")
         return discover_features(model, data, dictionaries, size, errors=errors, ablate=ablate, metric=metric,
-                                 method=method, steps=ig_steps, table=table, progress=progress)
+                                 method=method, steps=ig_steps, table=table, progress=progress,
+                                 per_position=per_position)
     if level == "edge":
         method = {"atp": "eap", "ig": "eap-ig-inputs"}.get(method, method)
         return discover_edges(model, data, size, method, ig_steps, metric, table, progress, ablate, per_position)

@@ -39,7 +39,7 @@ from ..engine import as_model, run
 from ..errors import DataError, SiteError
 from ..training.counterfactual import Counterfactual
 from ..viz.progress import progress_bar
-from .patching.attribution import check_metric, equal_lengths, probe
+from .patching.attribution import check_metric, equal_lengths, one_length, probe
 from .patching.metrics import Reference, get_metric
 
 __all__ = ["edges", "edge_scores", "METHODS", "sender_graph"]
@@ -254,11 +254,10 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     equal_lengths(model, data, "edge scores give a receiver the corrupted sender's value token for token: the "
                   "corrupted (base) and clean (source) prompts must have equal lengths")
     if per_position:
-        lengths = {len(ids) for ids in model.tokenizer(list(data.base))["input_ids"]}
-        if method == "exact" or len(lengths) > 1:
-            raise DataError("per_position=True needs a gradient method (eap, eap-ig-inputs, eap-ig-activations) and "
-                            f"prompts of one length (positions are the same tokens in every row); got method "
-                            f"{method!r} and prompts of {sorted(lengths)} tokens")
+        if method == "exact":
+            raise DataError("per_position=True needs a gradient method (eap, eap-ig-inputs, eap-ig-activations); "
+                            "got method 'exact'")
+        one_length(model, data)
     metric_name, metric_fn = get_metric(metric)
     correct, wrong = data.answer_ids(model, required=False)
     check_metric(metric_fn, Reference(correct, wrong), model)

@@ -37,7 +37,7 @@ from ..files.dictionaries import load
 from ..training.counterfactual import Counterfactual
 from ..viz.progress import progress_bar
 from .edge_circuits import metric_runs
-from .patching.attribution import check_metric, equal_lengths, probe
+from .patching.attribution import check_metric, equal_lengths, one_length, probe
 from .patching.metrics import Reference, get_metric
 
 __all__ = ["load", "activations", "top_contexts", "explain", "reft", "attribute", "discover", "FeatureCircuit",
@@ -251,7 +251,7 @@ def _name(site: Site) -> str:
 
 
 def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", method: str = "atp", steps: int = 5,
-              batch_size: int = 16, progress: bool = True) -> pd.DataFrame:
+              batch_size: int = 16, progress: bool = True, per_position: bool = False) -> pd.DataFrame:
     """Every feature's (and each site's error's) estimated effect of corrupting it in the clean run.
 
     >>> import reftgraph as rg
@@ -272,6 +272,9 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", me
     direction. ``method="ig"``: the gradient averaged over ``steps`` runs whose site (one site
     at a time) goes from its clean to its corrupted value, the rest of the model run as it
     follows (integrated gradients). ``feature`` is ``-1`` for the error node.
+    ``per_position=True`` scores each feature (and error) at each token position apart (a
+    ``position`` column; prompts of one length, so a position is the same token in every row):
+    the nodes of Marks et al.'s circuits on templated data.
     """
     model = as_model(model, one_stack="rg.features.attribute")
     if not isinstance(data, Counterfactual):
@@ -288,10 +291,12 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", me
     metric_name, metric_fn = get_metric(metric)
     equal_lengths(model, data, "feature attribution compares the clean and corrupted runs token for token: it "
                   "needs base and source prompts of equal length")
+    width = one_length(model, data) if per_position else None
     correct, wrong = data.answer_ids(model, required=False)
     check_metric(metric_fn, Reference(correct, wrong), model)
     _check_sites(model, sites)
-    totals = {site: torch.zeros(d.d_sae + 1, dtype=torch.float64) for site, d in sites.items()}
+    totals = {site: torch.zeros(*((width,) if width else ()), d.d_sae + 1, dtype=torch.float64)
+              for site, d in sites.items()}
     n = len(data)
     passes = 2 + (steps * len(sites) if method == "ig" else 0)
     with progress_bar(total=passes * -(-n // batch_size), desc="feature attribution", progress=progress,
@@ -300,9 +305,14 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", me
             part = data.rows(slice(lo, lo + batch_size))
             ref = Reference(*(None if t is None else t[lo:lo + batch_size] for t in (correct, wrong)))
             _chunk(model, part, ref, sites, metric_fn, method, steps, totals, bar)
-    frames = [pd.DataFrame({"site": f"{site.component}[{site.layer}]",
-                            "feature": list(range(d.d_sae)) + [-1], "estimate": (totals[site] / n).tolist()})
-              for site, d in sites.items()]
+    features = {site: list(range(d.d_sae)) + [-1] for site, d in sites.items()}
+    if width:
+        frames = [pd.DataFrame({"site": f"{site.component}[{site.layer}]", "feature": features[site] * width,
+                                "position": [p for p in range(width) for _ in features[site]],
+                                "estimate": (totals[site] / n).flatten().tolist()}) for site in sites]
+    else:
+        frames = [pd.DataFrame({"site": f"{site.component}[{site.layer}]", "feature": features[site],
+                                "estimate": (totals[site] / n).tolist()}) for site in sites]
     out = pd.concat(frames, ignore_index=True)
     out.attrs.update(metric=metric_name, method="AtP" if method == "atp" else f"IG{steps}")
     return out
@@ -365,11 +375,12 @@ def _chunk(model, data, ref, sites, metric_fn, method, steps, totals, bar) -> No
     for site, d in sites.items():
         (h1, f1, valid), (h0, f0) = corrupt[site], clean[site]
         keep = valid[..., None].float()
+        over = (0,) if totals[site].dim() == 2 else (0, 1)   # (per position: rows only)
         with torch.no_grad():
             g_f = grads[site] @ d.directions().T          # dM/df: dM/dh along each decoder direction
-            features = ((f1 - f0) * g_f * keep).sum((0, 1))
-            error = (((h1 - d.decode(f1)) - (h0 - d.decode(f0))) * grads[site] * keep).sum()
-        totals[site] += torch.cat([features, error[None]]).double()
+            features = ((f1 - f0) * g_f * keep).sum(over)
+            error = (((h1 - d.decode(f1)) - (h0 - d.decode(f0))) * grads[site] * keep).sum(over).sum(-1)
+        totals[site] += torch.cat([features, error[..., None]], -1).double()
 
 
 class FeatureCircuit(Graph):
@@ -397,8 +408,9 @@ class FeatureCircuit(Graph):
         self.dictionaries = dict(dictionaries or {})   # {Site: Dictionary}: the sites it runs on
 
     def __repr__(self) -> str:
-        total = self.settings.get("features", "?")
-        lines = [f"FeatureCircuit: keeps {len(self.kept)} of {total} features at "
+        total, positions = self.settings.get("features", "?"), self.settings.get("positions")
+        units = f"{total} features x {positions} positions" if positions else f"{total} features"
+        lines = [f"FeatureCircuit: keeps {len(self.kept)} of {units} at "
                  f"{len(self.settings.get('sites', ()))} sites; errors {self.settings.get('errors')}"]
         lines += [f"  {n.name}: {type(n.op).__name__} {n.site}" for n in self.nodes[:8]]
         return "\n".join(lines)
@@ -414,7 +426,8 @@ def _count(size, n: int) -> int:
 
 def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] = 0.01, errors: str = "keep",
              ablate: str = "corrupt", metric="logit_diff", method: str = "atp", steps: int = 5,
-             table: Optional[pd.DataFrame] = None, batch_size: int = 16, progress: bool = True) -> FeatureCircuit:
+             table: Optional[pd.DataFrame] = None, batch_size: int = 16, progress: bool = True,
+             per_position: bool = False) -> FeatureCircuit:
     """The circuit of the ``size`` features with the largest estimated effect, as a runnable graph.
 
     >>> import reftgraph as rg
@@ -432,7 +445,9 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
     features); ``ablate``: ``"corrupt"`` (outside features read stream ``"corrupt"``) or
     ``"mean"`` (their mean over the corrupted prompts, stored in the graph; errors kept).
     ``method`` and ``steps`` as in :func:`attribute`; ``table``: scores from it, to reuse them
-    across sizes.
+    across sizes. ``per_position=True`` (or a ``table`` with a ``position`` column) makes the
+    circuit's units (feature, token position) pairs, as Marks et al. count nodes on templated
+    data: ``size`` then counts pairs, of all ``features x positions``.
     """
     model = as_model(model, one_stack="rg.features.discover")
     sites = _site_dictionaries(dictionaries)
@@ -442,21 +457,22 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
         raise DataError(f"ablate must be 'corrupt' or 'mean', got {ablate!r}")
     if ablate == "mean" and errors == "ablate":
         raise DataError("errors='ablate' takes the corrupted run's error; with ablate='mean' keep the errors")
-    n = sum(d.d_sae for d in sites.values())
-    count = _count(size, n)
     if table is None:
         table = attribute(model, data, sites, metric=metric, method=method, steps=steps, batch_size=batch_size,
-                          progress=progress)
+                          progress=progress, per_position=per_position)
+    positions = int(table["position"].max()) + 1 if "position" in table else None
+    n = sum(d.d_sae for d in sites.values()) * (positions or 1)
+    count = _count(size, n)
     scored = table[table["feature"] >= 0].assign(score=lambda t: -t["estimate"])
     kept = scored.sort_values("score", ascending=False, kind="stable").head(count).reset_index(drop=True)
-    graph = circuit_graph(model, data, sites, kept, errors, ablate)
-    graph.settings.update(size=size, metric=metric if isinstance(metric, str) else "custom", features=n,
+    graph = circuit_graph(model, data, sites, kept, errors, ablate, positions)
+    graph.settings.update(size=size, metric=metric if isinstance(metric, str) else "custom", units=n,
                           method=table.attrs.get("method", "given"))
     return graph
 
 
 def circuit_graph(model, data: Optional[Counterfactual], dictionaries, kept: pd.DataFrame, errors: str = "keep",
-                  ablate: str = "corrupt") -> FeatureCircuit:
+                  ablate: str = "corrupt", positions: Optional[int] = None) -> FeatureCircuit:
     """The graph of a feature circuit that keeps the features in ``kept`` (``site``, ``feature``).
 
     >>> import pandas as pd, reftgraph as rg
@@ -465,30 +481,38 @@ def circuit_graph(model, data: Optional[Counterfactual], dictionaries, kept: pd.
     ...                   pd.DataFrame({"site": ["resid_post[1]"], "feature": [5]}))
     >>> c.nodes[0].site.subspace[:6]                      # every feature but 5 reads the corrupted run
     (0, 1, 2, 3, 4, 6)
+
+    ``positions``: the prompts' token count, for a circuit of (feature, position) pairs
+    (``kept`` then has a ``position`` column): one node per position, each with the features
+    kept there.
     """
     model = as_model(model)
     sites = _site_dictionaries(dictionaries)
     if ablate == "corrupt" and any(d.reads for d in sites.values()):
         raise DataError("a transcoder's features cannot be patched from the corrupted run (that would need its MLP "
                         "input too): use ablate='mean' for circuits of transcoder features")
+    if positions is None and "position" in kept:
+        raise DataError("kept lists (feature, position) pairs: pass positions=, the prompts' token count")
     nodes = []
     means = _feature_means(model, data, sites) if ablate == "mean" else {}
     for site, d in sites.items():
-        label = f"{site.component}[{site.layer}]"
-        inside = set(int(f) for f in kept.loc[kept["site"] == label, "feature"])
-        outside = tuple(i for i in range(d.d_sae) if i not in inside)
-        if not outside and errors == "keep":
-            continue
-        at = Site(site.component, site.layer, positions="all", subspace=outside or None)
-        if ablate == "mean":
-            op = Ablate("mean", value=means[site][list(outside)], basis=d)
-        else:
-            # (every feature kept: the node corrupts the error alone)
-            op = Patch(STREAM, basis=d, error=errors == "ablate", features=bool(outside))
-        nodes.append(Node(f"outside_{_name(site)}", at, op))
+        here = kept.loc[kept["site"] == f"{site.component}[{site.layer}]"]
+        for at in ("all",) if positions is None else range(positions):
+            inside = set(int(f) for f in (here if at == "all" else here.loc[here["position"] == at])["feature"])
+            outside = tuple(i for i in range(d.d_sae) if i not in inside)
+            if not outside and errors == "keep":
+                continue
+            if ablate == "mean":
+                op = Ablate("mean", value=means[site][list(outside)], basis=d)
+            else:
+                # (every feature kept: the node corrupts the error alone)
+                op = Patch(STREAM, basis=d, error=errors == "ablate", features=bool(outside))
+            name = f"outside_{_name(site)}" + ("" if at == "all" else f"_p{at}")
+            nodes.append(Node(name, Site(site.component, site.layer, positions=at if at == "all" else [at],
+                                         subspace=outside or None), op))
     return FeatureCircuit(nodes, kept.reset_index(drop=True),
                           {"errors": errors, "ablate": ablate, "sites": [f"{s.component}[{s.layer}]" for s in sites],
-                           "features": sum(d.d_sae for d in sites.values())}, sites)
+                           "features": sum(d.d_sae for d in sites.values()), "positions": positions}, sites)
 
 
 def _feature_means(model, data, sites) -> dict:
@@ -524,7 +548,7 @@ def faithfulness(circuit: FeatureCircuit, model, data: Counterfactual, metric="l
                         f"{type(circuit).__name__}")
     settings, sites = circuit.settings, circuit.dictionaries
     empty = circuit_graph(model, data, sites, circuit.kept.iloc[:0], settings.get("errors", "keep"),
-                          settings.get("ablate", "corrupt"))
+                          settings.get("ablate", "corrupt"), settings.get("positions"))
     full, (value, nothing) = metric_runs(model, data, [circuit, empty], metric, progress)
     return {"size": len(circuit.kept), "circuit": value, "full": full, "empty": nothing,
             "faithfulness": (value - nothing) / (full - nothing)}

@@ -208,6 +208,21 @@ def equal_lengths(model, data, why: str = "ig_steps interpolates between the run
             raise DataError(f"{why}, but row {i} has {len(a)} and {len(b)} tokens")
 
 
+def one_length(model, data, what: str = "per_position=True") -> int:
+    """The token count every prompt of ``data`` has, else a DataError: scores per position
+    need a position to be the same token in every row.
+
+    >>> import reftgraph as rg
+    >>> one_length(rg.models.tiny("llama"), rg.patching.Counterfactual(["ab", "cd"], ["ba", "dc"], ["c"] * 2, ["d"] * 2))
+    2
+    """
+    lengths = {len(ids) for ids in model.tokenizer(list(data.base) + list(data.source))["input_ids"]}
+    if len(lengths) > 1:
+        raise DataError(f"{what} needs prompts of one length (a position is the same token in every row); got "
+                        f"prompts of {sorted(lengths)} tokens")
+    return lengths.pop()
+
+
 def check_metric(metric_fn, ref: Reference, model) -> None:
     """Refuse, before any forward, a metric whose value does not depend on the logits.
 

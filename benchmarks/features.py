@@ -159,30 +159,30 @@ def speed(lm, sae, texts) -> dict:
             "collect_ratio": round(med["basis"] / med["plain+encode"], 3)}
 
 
-def ioi(lm, sae, fractions, per_position: bool = False) -> dict:
+def ioi(lm, sae, fractions, per_position: bool = False, rank: str = "effect") -> dict:
     """Feature circuits at each fraction of the features (errors kept / ablated) and node
     circuits of as many heads, scored on 24 prompts and run on 24 held-out ones; per position:
     fractions of all (feature, position) pairs, against node circuits of (head, position) pairs."""
     data, held = rg.datasets.ioi(24, seed=0), rg.datasets.ioi(24, seed=1)
     sites = {rg.Site("resid_post", LAYER): sae}
     table = rg.features.attribute(lm, data, sites, progress=False, per_position=per_position)
-    heads = rg.circuits.scores(lm, data, progress=False, per_position=per_position)
+    heads = rg.circuits.scores(lm, data, progress=False, per_position=per_position, rank=rank)
     width = int(table.position.max()) + 1 if per_position else 1
     out, rows = {}, []
     for fraction in fractions:
         size = max(1, round(fraction * sae.d_sae * width))
         row = {"fraction": fraction, "features": size}
         for errors in ("keep", "ablate"):
-            c = rg.features.discover(lm, data, sites, size=size, errors=errors, table=table, progress=False)
+            c = rg.features.discover(lm, data, sites, size=size, errors=errors, table=table, progress=False, rank=rank)
             row[f"errors_{errors}"] = round(rg.features.faithfulness(c, lm, held, progress=False)["faithfulness"], 3)
         n = min(size, len(heads))
-        nodes = rg.circuits.discover(lm, data, size=n, table=heads, progress=False)
+        nodes = rg.circuits.discover(lm, data, size=n, table=heads, progress=False, rank=rank)
         row["heads"], row["node_circuit"] = n, round(rg.circuits.faithfulness(nodes, lm, held, progress=False)["normalised"], 3)
         rows.append(row)
         print(f"  {fraction:>5.0%} = {size} features: errors kept {row['errors_keep']}, ablated {row['errors_ablate']}; "
               f"{n} heads: {row['node_circuit']}", flush=True)
     one = next(r for r in rows if r["fraction"] == 0.01)
-    out.update(ioi_per_position=per_position, ioi_positions=width, ioi_features_kept=one["features"], ioi_feature_faithfulness_errors_keep=one["errors_keep"],
+    out.update(ioi_per_position=per_position, ioi_positions=width, ioi_rank=rank, ioi_features_kept=one["features"], ioi_feature_faithfulness_errors_keep=one["errors_keep"],
                ioi_feature_faithfulness_errors_ablate=one["errors_ablate"], ioi_node_faithfulness=one["node_circuit"],
                ioi_curve=rows)
     return out
@@ -219,6 +219,8 @@ def main():
     parser.add_argument("--per-position", action="store_true",
                         help="IOI circuits of (feature, position) pairs, against (head, position) node circuits")
     parser.add_argument("--circuits-only", action="store_true", help="skip the quality and speed figures")
+    parser.add_argument("--rank", default="effect", choices=("effect", "magnitude"),
+                        help="keep the largest signed effects, or the largest |effects| (Marks et al.)")
     args = parser.parse_args()
     set_threads()
     lm = rg.load()
@@ -228,7 +230,7 @@ def main():
     extra = f"-gen{args.generated}" if args.generated else ""
     folder = CACHE / f"resid_post{LAYER}-topk{args.k}-{args.latents}{extra}" / f"layers.{LAYER}"
     if args.circuits_only:     # the SAE trained by an earlier run; IOI circuits alone
-        figures = ioi(lm, rg.features.load(folder), sorted(set(args.fractions) | {0.01}), args.per_position)
+        figures = ioi(lm, rg.features.load(folder), sorted(set(args.fractions) | {0.01}), args.per_position, args.rank)
         print(json.dumps(figures))
         return
     if args.generated:
@@ -257,7 +259,7 @@ def main():
                    loss_increase=round(with_sae - clean, 4),
                    loss_recovered=round((zero - with_sae) / (zero - clean), 4))
     figures.update(speed(lm, sae, held))
-    figures.update(ioi(lm, sae, sorted(set(args.fractions) | {0.01}), args.per_position))
+    figures.update(ioi(lm, sae, sorted(set(args.fractions) | {0.01}), args.per_position, args.rank))
     if not args.skip_caps:
         figures.update(explain_caps(lm, sae, held))
     for key, value in figures.items():

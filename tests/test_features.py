@@ -364,6 +364,12 @@ def test_a_per_position_feature_circuit_equals_plain_hooks(lm):
     every = found.kept.iloc[:0]
     assert rg.features.faithfulness(found, lm, ONE_LENGTH, progress=False)["size"] == len(found.kept)
     assert "positions" in repr(found)
+    table = rg.features.attribute(lm, ONE_LENGTH, sites, progress=False, per_position=True)
+    largest = rg.features.discover(lm, ONE_LENGTH, sites, size=10, rank="magnitude", table=table, progress=False)
+    units = table[table.feature >= 0]
+    assert sorted(largest.kept.estimate.abs()) == sorted(units.estimate.abs().nlargest(10))
+    with pytest.raises(rg.DataError, match="rank must be"):
+        rg.features.discover(lm, ONE_LENGTH, sites, size=10, rank="abs", table=table, progress=False)
     with pytest.raises(rg.DataError, match="pass positions="):
         rg.features.circuit_graph(lm, ONE_LENGTH, sites, found.kept)
     assert len(rg.features.circuit_graph(lm, ONE_LENGTH, sites, every, positions=width)) == width

@@ -123,10 +123,11 @@ def _check_generates(hf_model) -> None:
     if config is None or name.endswith("ForCausalLM") or is_encoder(hf_model) or (can and is_seq2seq(hf_model)):
         return         # (not transformers: Arch.of says so; BART's decoder keeps is_encoder_decoder in its config)
     if getattr(config, "is_encoder_decoder", False):
-        what = (f"an encoder-decoder without a language-model head: load its ...ForConditionalGeneration class "
+        what = ("an encoder-decoder without a language-model head: load its ...ForConditionalGeneration class "
                 "(transformers.AutoModelForSeq2SeqLM)") if not can else "an encoder-decoder whose stacks were not found"
     elif not can:
-        what = "a model that cannot generate: load its ...ForCausalLM class where it has one (transformers.AutoModelForCausalLM)"
+        what = ("a model that cannot generate: load its ...ForCausalLM class where it has one "
+                "(transformers.AutoModelForCausalLM)")
     else:
         return
     raise SiteError(f"reftgraph wraps language models (causal, encoder-decoder, vision-language) and encoders; "

@@ -179,7 +179,7 @@ def discover(model, data: Counterfactual, size: Union[int, float] = 0.05, nodes:
             raise DataError("level='feature' needs dictionaries={rg.Site(component, layer): dictionary}")
         return discover_features(model, data, dictionaries, size, errors=errors, ablate=ablate, metric=metric,
                                  method=method, steps=ig_steps, table=table, progress=progress,
-                                 per_position=per_position)
+                                 per_position=per_position, rank=rank)
     if level == "edge":
         method = {"atp": "eap", "ig": "eap-ig-inputs"}.get(method, method)
         return discover_edges(model, data, size, method, ig_steps, metric, table, progress, ablate, per_position)

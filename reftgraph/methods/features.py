@@ -427,7 +427,7 @@ def _count(size, n: int) -> int:
 def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] = 0.01, errors: str = "keep",
              ablate: str = "corrupt", metric="logit_diff", method: str = "atp", steps: int = 5,
              table: Optional[pd.DataFrame] = None, batch_size: int = 16, progress: bool = True,
-             per_position: bool = False) -> FeatureCircuit:
+             per_position: bool = False, rank: str = "effect") -> FeatureCircuit:
     """The circuit of the ``size`` features with the largest estimated effect, as a runnable graph.
 
     >>> import reftgraph as rg
@@ -440,7 +440,8 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
 
     ``size``: features (int) or a fraction of all features at the sites (float); the
     features whose corruption lowers the metric most (``-estimate`` of :func:`attribute`)
-    are kept. ``errors``: ``"keep"`` (each site's reconstruction error stays clean) or
+    are kept (``rank="magnitude"``: the largest ``|estimate|``, either sign, as Marks et al.
+    keep nodes). ``errors``: ``"keep"`` (each site's reconstruction error stays clean) or
     ``"ablate"`` (it takes the corrupted run's error: the circuit then has only its
     features); ``ablate``: ``"corrupt"`` (outside features read stream ``"corrupt"``) or
     ``"mean"`` (their mean over the corrupted prompts, stored in the graph; errors kept).
@@ -453,6 +454,8 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
     sites = _site_dictionaries(dictionaries)
     if errors not in ERRORS:
         raise DataError(f"errors must be one of {ERRORS}, got {errors!r}")
+    if rank not in ("effect", "magnitude"):
+        raise DataError(f"rank must be 'effect' or 'magnitude', got {rank!r}")
     if ablate not in ("corrupt", "mean"):
         raise DataError(f"ablate must be 'corrupt' or 'mean', got {ablate!r}")
     if ablate == "mean" and errors == "ablate":
@@ -463,10 +466,11 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
     positions = int(table["position"].max()) + 1 if "position" in table else None
     n = sum(d.d_sae for d in sites.values()) * (positions or 1)
     count = _count(size, n)
-    scored = table[table["feature"] >= 0].assign(score=lambda t: -t["estimate"])
+    scored = table[table["feature"] >= 0].assign(
+        score=lambda t: t["estimate"].abs() if rank == "magnitude" else -t["estimate"])
     kept = scored.sort_values("score", ascending=False, kind="stable").head(count).reset_index(drop=True)
     graph = circuit_graph(model, data, sites, kept, errors, ablate, positions)
-    graph.settings.update(size=size, metric=metric if isinstance(metric, str) else "custom", units=n,
+    graph.settings.update(size=size, metric=metric if isinstance(metric, str) else "custom", units=n, rank=rank,
                           method=table.attrs.get("method", "given"))
     return graph
 

@@ -219,7 +219,8 @@ def survey(model_type: str, with_oracle: bool = True, kind: str = "causal") -> d
         return row
     row["wrap_s"] = time.perf_counter() - start
     if kind == "seq2seq" and not lm.arch.stacks:
-        row["error"] = "wrapped as one stack: transformers' get_encoder / get_decoder do not give two"
+        row["error"] = ("not a text encoder-decoder: its encoder reads audio (transformers' get_encoder / "
+                        "get_decoder do not give two text stacks)")
         return row
     try:
         rg.Graph().run(lm, _inputs(lm))

@@ -81,7 +81,8 @@ PATHS = {
 }
 # what each architecture has no definition for (the library must refuse these)
 ABSENT = {"gpt_neox": {"resid_mid"}, "gptj": {"resid_mid"}, "qwen2_moe": {"mlp_act"}}
-ABSENT = {family: ABSENT.get(family, set()) | {"mixer_out"} for family in PATHS}   # mixer_out: tests/test_mixer.py
+ABSENT = {family: ABSENT.get(family, set()) | {"mixer_out", "cross_attn_out"} for family in PATHS}
+#          (mixer_out: tests/test_mixer.py; cross_attn_out: tests/test_seq2seq.py)
 
 
 def module(hf, family: str, layer: int, path: str):

@@ -388,6 +388,7 @@ def test_unregistered_model_type_is_resolved_and_proven():
     assert lm.arch.family.name == "opt" and lm.arch.blocks[0].style == "sequential"
     ends = {c: table.pop(c) for c in ("embed", "logits_in", "logits")}     # outside the blocks: one layer each
     assert "has attention, not a sequence mixer" in table.pop("mixer_out")   # a state-space block's component
+    assert "has no cross-attention" in table.pop("cross_attn_out")           # an encoder-decoder's
     assert all(v == "verified" for v in table.values())
     assert ends == {"embed": "on layers 0 only", "logits_in": f"on layers {lm.arch.n_layers - 1} only",
                     "logits": f"on layers {lm.arch.n_layers - 1} only"}

@@ -3,7 +3,7 @@
 >>> import reftgraph as rg
 >>> block = rg.models.tiny("gpt_neox").arch.blocks[0]
 >>> block.style, block.qkv_layout, sorted(block.refused)
-('parallel', 'per_head', ['logits', 'logits_in', 'mixer_out', 'resid_mid'])
+('parallel', 'per_head', ['cross_attn_out', 'logits', 'logits_in', 'mixer_out', 'resid_mid'])
 >>> print(block.refused["resid_mid"])
 parallel block: attention and MLP both read resid_pre, so no stream lies between them (use resid_pre or resid_post)
 
@@ -54,7 +54,7 @@ class Block:
     >>> import reftgraph as rg
     >>> b = rg.models.tiny("llama").arch.blocks[0]
     >>> b.style, b.attn_out, b.heads, b.widths["head_out"], sorted(b.refused)   # the stream's ends: last block
-    ('sequential', 'self_attn', (4, 2), 8, ['logits', 'logits_in', 'mixer_out'])
+    ('sequential', 'self_attn', (4, 2), 8, ['cross_attn_out', 'logits', 'logits_in', 'mixer_out'])
 
     ``refused`` maps a component to the reason it cannot be used on this block; ``stages``
     orders the hook points as the block runs them; ``flat`` names components whose module

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import contextlib
 
-__all__ = ["STACKS", "feeding_decoder", "is_seq2seq"]
+from ..core.sites import STACKS
 
-STACKS = ("encoder", "decoder")   # in the order an encoder-decoder runs them
+__all__ = ["STACKS", "feeding_decoder", "is_seq2seq"]
 
 
 def is_seq2seq(model) -> bool:
@@ -40,7 +40,7 @@ def feeding_decoder(model):
     >>> hf = rg.models.tiny("t5").hf
     >>> with feeding_decoder(hf):
     ...     hf(input_ids=torch.tensor([[4, 5, 6]])).logits.shape
-    torch.Size([1, 3, 96])
+    torch.Size([1, 3, 259])
     """
     if not is_seq2seq(model):
         yield

@@ -180,7 +180,7 @@ class Arch:
     max_tokens: Optional[int] = None   # the longest input learned position embeddings allow
     token_head: bool = True       # the model ends in per-token logits (False: a bare encoder, a sequence classifier)
     stack: str = ""               # an encoder-decoder's "encoder" or "decoder" ('' for one stack)
-    stacks: dict = field(default_factory=dict, repr=False)   # an encoder-decoder: stack name -> its Arch
+    stacks: dict = field(default_factory=dict, repr=False, compare=False)   # an encoder-decoder: name -> its Arch
     _located: dict = field(default_factory=dict, repr=False, compare=False)   # (component, layer) -> Location
 
     def inputs(self, input_ids, attention_mask) -> dict:
@@ -255,7 +255,8 @@ class Arch:
         where = [i for i, b in enumerate(self.blocks) if component not in b.refused]
         there = f"; it exists on layers {_ranges(where)}" if where else ""
         hint = ""
-        if "found" in why or "has no" in why:   # the resolver may have missed a module: say how to name it
+        missed = ("found" in why or "has no" in why) and "cross-attention" not in why
+        if missed:   # the resolver may have missed a module: say how to name it
             hint = (f". If the module exists under another name, register it: rg.register_family(rg.Family("
                     f"name='mine', model_types=({self.family.model_types[0]!r},), attn='self_attn', mlp='mlp', "
                     "attn_proj='self_attn.o_proj', mlp_down='mlp.down_proj', qkv=('self_attn.q_proj', "

@@ -44,7 +44,7 @@ COMPONENTS = (
 END_COMPONENTS = {"embed": 0, "logits_in": -1, "logits": -1}   # outside the blocks: their only layer
 HEAD_COMPONENTS = ("head_out", "q", "k", "v", "attn_pattern", "q_in", "k_in", "v_in")
 KEY_COMPONENTS = ("attn_pattern",)   # the last axis is the key tokens: no fixed width
-STACKS = (None, "encoder", "decoder")   # an encoder-decoder's stacks (None: the decoder, or the only stack)
+STACKS = ("encoder", "decoder")   # an encoder-decoder's stacks, in the order it runs them
 NAMED_POSITIONS = ("last", "prompt", "all", "generated", "image")
 _FIRST_LAST = re.compile(r"^f(\d+)\+l(\d+)$")
 
@@ -231,7 +231,7 @@ class Site:
             raise SiteError(f"{self.component} has no key axis; keys= is only for {', '.join(KEY_COMPONENTS)}")
         if self.keys in ("generated", "prompt"):
             raise SiteError(f"keys={self.keys!r}: key tokens are selected by ints, a slice, 'last', 'all' or 'fN+lM'")
-        if self.stack not in STACKS:
+        if self.stack not in (None, *STACKS):     # (None: the decoder, or a model's only stack)
             raise SiteError(f"stack must be 'encoder', 'decoder' or None (the decoder of an encoder-decoder; a model "
                             f"with one stack), got {_short(self.stack)}")
 

@@ -95,3 +95,22 @@ def test_vision_language_text_towers_are_proven(vlm_rows):
         row = next(r for r in built if r["type"] == model_type)
         assert verified(row, ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "head_out", "q", "k",
                               "v")), row
+
+
+SEQ2SEQ_TYPES = ("t5", "bart", "mbart", "marian", "pegasus", "m2m_100")
+
+
+@pytest.fixture(scope="module")
+def seq2seq_rows():     # a sample, each stack's components against the oracle (the script surveys all)
+    return [architectures.survey(t, kind="seq2seq") for t in SEQ2SEQ_TYPES]
+
+
+def test_encoder_decoders_are_proven_in_both_stacks(seq2seq_rows):
+    stacks = ("resid_pre", "resid_post", "attn_out", "mlp_out", "head_out", "q", "k", "v")
+    for row in seq2seq_rows:
+        assert "error" not in row, row
+        assert verified(row, stacks + ("cross_attn_out",)), row
+        assert verified(row, ["encoder." + c for c in stacks]), row
+        assert not [k for k, v in row.items() if str(v).startswith("ORACLE")], row
+    totals = architectures._kind_totals(seq2seq_rows, "seq2seq")
+    assert totals["seq2seq_resid_attn_mlp"] == totals["seq2seq_cross"] == len(SEQ2SEQ_TYPES)

@@ -127,3 +127,43 @@ def test_image_positions_without_image_tokens_are_refused_before_the_forward(vlm
     given["input_ids"][1] = 5       # the second row loses its image tokens
     with pytest.raises(rg.SiteError, match="row 1 has no image token"):
         g.run(vlm, given)
+
+
+def test_generation_about_images_equals_hf_generate_with_the_plain_hooks(vlm):
+    given = inputs(vlm, "left")
+    v = 20 * torch.randn(vlm.arch.d_model, generator=torch.Generator().manual_seed(2))
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=0, positions="image"), rg.Add(v), name="img")
+    g.add(rg.Site("resid_post", layer=LAYER, positions="generated"), rg.Add(v), name="steer")
+    got = g.generate(vlm, given, max_new_tokens=3)
+
+    blocks = vlm.hf.model.language_model.layers
+    image = (given["input_ids"] == vlm.hf.config.image_token_id)
+    calls = {"img": 0, "steer": 0}
+
+    def on_image(module, args, out):        # the prompt pass only: later passes see one new token
+        calls["img"] += 1
+        if calls["img"] > 1:
+            return None
+        x = out[0] if isinstance(out, tuple) else out
+        x = torch.where(image[..., None], x + v, x)
+        return (x,) + tuple(out[1:]) if isinstance(out, tuple) else x
+
+    def steer(module, args, out):           # each new token after the first
+        calls["steer"] += 1
+        if calls["steer"] == 1:
+            return None
+        x = (out[0] if isinstance(out, tuple) else out).clone()
+        x[:, -1] += v
+        return (x,) + tuple(out[1:]) if isinstance(out, tuple) else x
+
+    handles = [blocks[0].register_forward_hook(on_image), blocks[LAYER].register_forward_hook(steer)]
+    try:
+        want = vlm.hf.generate(**given, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(got.ids, want)
+    assert not torch.equal(got.ids, rg.Graph().generate(vlm, given, max_new_tokens=3).ids)
+    with pytest.raises(rg.DataError, match="pad the model inputs on the left"):
+        g.generate(vlm, inputs(vlm, "right"), max_new_tokens=2)

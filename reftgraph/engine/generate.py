@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import nnsight
@@ -31,7 +32,7 @@ from .plan import compile_graph
 from .prompts import Template, format_prompt
 from .remote import check as check_remote
 from ..core.graph import Graph
-from .tokens import prompt_list, tokenize
+from .tokens import from_inputs, prompt_list, tokenize
 from ..errors import DataError, SiteError
 
 
@@ -123,7 +124,9 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     (True, False)
 
     Greedy by default; ``template="chat"`` wraps each prompt in the tokenizer's chat
-    template; other keyword arguments go to transformers' ``generate``. ``remote`` as in
+    template; other keyword arguments go to transformers' ``generate``. ``prompts`` may
+    instead be model inputs made elsewhere (a processor's dict, padded on the left: a
+    vision-language model generates about its images, ``positions="image"`` selects them). ``remote`` as in
     :func:`reftgraph.run`: the generation runs on the server, the token ids come back.
     ``subspaces`` as in :func:`reftgraph.run` (per call or per prompt).
     """
@@ -133,11 +136,19 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
                         "graph.run for its hidden states or a Classify node, or wrap a causal LM to generate")
     remote = remote if check_remote(remote, model, graph) else None
     prompt_graph, step_graph = _split(graph)
-    prompts = [format_prompt(model.tokenizer, p, template) for p in prompt_list(prompts, "prompts")]
     prompt_plan = compile_graph(prompt_graph, model.arch)
     step_plan = compile_graph(step_graph, model.arch)
     seq2seq = bool(model.arch.stacks)   # (an encoder-decoder's decoder starts alone: its prompt may pad on the right)
-    inputs, batch = tokenize(model, {"base": prompts}, "right" if seq2seq else "left")
+    if isinstance(prompts, Mapping):    # model inputs made elsewhere (a processor's, with images)
+        if "decoder_input_ids" in prompts:
+            raise DataError("generation starts the decoder from its start token: leave decoder_input_ids out")
+        inputs, batch = from_inputs(model, prompts)
+        if not seq2seq and bool((inputs["attention_mask"][:, -1] == 0).any()):
+            raise DataError("generation appends tokens after each row's last one: pad the model inputs on the left "
+                            "(the processor's padding_side='left')")
+    else:
+        prompts = [format_prompt(model.tokenizer, p, template) for p in prompt_list(prompts, "prompts")]
+        inputs, batch = tokenize(model, {"base": prompts}, "right" if seq2seq else "left")
     limit = model.arch.max_tokens
     if isinstance(max_new_tokens, int) and limit is not None and batch.seq_len + max_new_tokens > limit:
         raise DataError(f"{batch.seq_len} prompt tokens + max_new_tokens={max_new_tokens} pass the "
@@ -146,10 +157,11 @@ def generate(graph: Graph, model, prompts, max_new_tokens: int = 32, do_sample: 
     prompt_bound = prompt_plan.bind(batch, subspaces).steps
     step_bound = []
     if step_plan.steps:   # each new token: one position per row
-        step_bound = step_plan.bind(Batch.full(len(prompts), 1), subspaces).steps
+        step_bound = step_plan.bind(Batch.full(inputs["input_ids"].shape[0], 1), subspaces).steps
     tok = model.tokenizer
     device = input_device(model, [prompt_plan, step_plan], remote)
-    gen_inputs = {k: inputs[k].to(device) for k in ("input_ids", "attention_mask")}
+    gen_inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()
+                  if k not in ("position_ids", "decoder_input_ids")}     # (generate numbers and starts them itself)
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tok.pad_token_id)
     kwargs.update(generate_kwargs)
     if remote is not None:

@@ -17,6 +17,7 @@ stay identical, and process 0 alone writes checkpoints and files.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 from typing import Optional, Sequence
@@ -24,7 +25,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_sum", "barrier", "broadcast", "broadcast_json", "init", "is_main", "share", "sum_gradients", "world"]
+__all__ = ["all_sum", "barrier", "broadcast", "broadcast_json", "close", "init", "is_main", "share", "sum_gradients",
+           "world"]
 
 
 def world() -> tuple[int, int]:
@@ -60,7 +62,22 @@ def init(backend: Optional[str] = None) -> tuple[int, int]:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        atexit.register(close)
     return world()
+
+
+def close() -> None:
+    """Leave the process group :func:`init` joined; it also runs at exit, while the interpreter
+    is still whole.
+
+    >>> close()         # no process group: nothing to leave
+
+    Without it, gloo's worker threads can outlive the interpreter's teardown and abort the
+    process at exit ("terminate called without an active exception"), after a run that
+    succeeded: a launcher then reports the whole job failed.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def share(rows: Sequence) -> list:

@@ -1,4 +1,4 @@
-"""Encoder-decoders (T5, BART, mBART): sites name their stack; ``cross_attn_out`` is what the
+"""Encoder-decoders (T5, BART, mBART, T5Gemma): sites name their stack; ``cross_attn_out`` is what the
 decoder's cross-attention adds. Checked against the same edits written as plain PyTorch hooks
 on modules named here by hand, outputs and gradients, on each padding side the model runs."""
 
@@ -27,6 +27,10 @@ TYPES = {
     "mbart": ("model.encoder.layers", "model.decoder.layers", {
         ("encoder", "attn_out"): "self_attn", ("encoder", "mlp_out"): "fc2", ("decoder", "attn_out"): "self_attn",
         ("decoder", "cross_attn_out"): "encoder_attn", ("decoder", "mlp_out"): "fc2"}, "sequential"),
+    "t5gemma": ("model.encoder.layers", "model.decoder.layers", {
+        ("encoder", "attn_out"): "post_self_attn_layernorm", ("encoder", "mlp_out"): "post_feedforward_layernorm",
+        ("decoder", "attn_out"): "post_self_attn_layernorm", ("decoder", "cross_attn_out"): "post_cross_attn_layernorm",
+        ("decoder", "mlp_out"): "post_feedforward_layernorm"}, "post_norm"),
 }
 SITES = [("encoder", "attn_out"), ("encoder", "mlp_out"), ("encoder", "resid_post"), ("decoder", "attn_out"),
          ("decoder", "cross_attn_out"), ("decoder", "mlp_out"), ("decoder", "resid_post"), ("decoder", "resid_pre")]
@@ -43,8 +47,8 @@ def model(models, model_type):
     return models[model_type]
 
 
-def sides(model_type):
-    return [(model_type, side) for side in ("left", "right") if not (model_type != "t5" and side == "left")]
+def sides(model_type):     # (BART and mBART learn positions without position ids: right padding only)
+    return [(model_type, side) for side in ("left", "right") if model_type in ("t5", "t5gemma") or side == "right"]
 
 
 CASES = [case for t in TYPES for case in sides(t)]
@@ -65,7 +69,7 @@ def plain(lm, inputs, hooks):
     handles = [m.register_forward_pre_hook(fn) if kind == "pre" else m.register_forward_hook(fn)
                for m, kind, fn in hooks]
     try:
-        return lm.hf(**{k: v for k, v in inputs.items() if k != "position_ids"}).logits
+        return lm.hf(**inputs).logits
     finally:
         for h in handles:
             h.remove()
@@ -134,19 +138,23 @@ def test_add_equals_plain_hooks_outputs_and_gradients(models, model_type, side, 
 
 
 @pytest.mark.parametrize("model_type,side", CASES)
-def test_collected_streams_are_each_stacks_hidden_states(models, model_type, side):
+def test_collected_streams_are_each_stacks_block_outputs(models, model_type, side):
     lm = model(models, model_type)
     inputs, real = inputs_of(lm, side)
     g = rg.Graph()
     g.add(rg.Site("resid_post", LAYER, stack="encoder"), rg.Collect(), name="enc")
     g.add(rg.Site("resid_post", LAYER, stack="decoder"), rg.Collect(), name="dec")
     out = g.run(lm, inputs)
-    hf = lm.hf(**{k: v for k, v in inputs.items() if k != "position_ids"}, output_hidden_states=True)
-    # the last stack output is after the final norm: compare a block before the last
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = output[0] if isinstance(output, tuple) else output
+        return hook
+    plain(lm, inputs, [(block(lm, model_type, stack), "post", keep(stack)) for stack in ("encoder", "decoder")])
     for i, r in enumerate(real):
-        torch.testing.assert_close(out["enc"][i, :len(r)], hf.encoder_hidden_states[LAYER + 1][i, r], atol=1e-5,
-                                   rtol=0)
-    torch.testing.assert_close(out["dec"], hf.decoder_hidden_states[LAYER + 1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out["enc"][i, :len(r)], seen["encoder"][i, r], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["dec"], seen["decoder"], atol=1e-5, rtol=0)
 
 
 def test_a_patch_reads_the_encoder_of_another_prompt(models):
@@ -163,7 +171,7 @@ def test_a_patch_reads_the_encoder_of_another_prompt(models):
         captured["x"] = out[0] if isinstance(out, tuple) else out
 
     handle = block(lm, "t5", "encoder", 0).register_forward_hook(capture)
-    lm.hf(**{k: v for k, v in src.items() if k != "position_ids"}, decoder_input_ids=torch.zeros(2, 1, dtype=torch.long))
+    lm.hf(**src, decoder_input_ids=torch.zeros(2, 1, dtype=torch.long))
     handle.remove()
     mine, real = padded(lm, base, "right")
     last = [r[-1] for r in real]

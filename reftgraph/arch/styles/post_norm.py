@@ -38,7 +38,8 @@ def _find(rec: Record, paths):
     mlp = after(rec, paths.mlp, paths) if paths.mlp else None
     if (attn, mlp) == (paths.attn, paths.mlp):
         return "no norm reads the attention or MLP output"
-    return check(rec, attn, mlp, paths.mlp_in, after(rec, paths.cross, paths) if paths.cross else None)
+    cross = after(rec, paths.cross, paths) if paths.cross else None   # (T5Gemma: a norm after the cross-attention)
+    return check(rec, attn, mlp, paths.mlp_in, cross, paths.cross)
 
 
 STYLE = Style("post_norm", __doc__.split("\n\n")[0], has_mid=True, attn_moves="mid", find=_find)

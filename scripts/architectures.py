@@ -151,7 +151,7 @@ def pattern_oracle(lm, layer, arch) -> str:
 
 def _stack(arch):
     """The stack a site names for ``arch`` (None for a model with one)."""
-    return arch.stack if arch.stacks else None
+    return arch.stack or None
 
 
 def _inputs(lm):
@@ -325,7 +325,7 @@ def _stack_rows(rows: list, stack: str) -> list:
     """Encoder-decoder rows as one stack's: the ``encoder.`` components, or the decoder's."""
     if stack == "decoder":
         return [{k: v for k, v in r.items() if not k.startswith("encoder.")} for r in rows]
-    return [{k.removeprefix("encoder."): v for k, v in r.items() if k.startswith("encoder.") or "." not in k and k in (
+    return [{k.removeprefix("encoder."): v for k, v in r.items() if k.startswith("encoder.") or k in (
         "type", "style", "layout", "error")} for r in rows]
 
 

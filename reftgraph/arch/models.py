@@ -371,9 +371,9 @@ def tiny(family: str = "llama", seed: int = 0, dtype=torch.float32, seq2seq: Opt
 
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
+    both = family in causal_lm_types()      # (transformers builds it as a causal LM too)
     if seq2seq is None:
-        seq2seq = getattr(config, "is_encoder_decoder", False) and family not in causal_lm_types()
+        seq2seq = getattr(config, "is_encoder_decoder", False) and not both
     hf_model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_config(config, dtype=torch.float32)
     hf_model = hf_model.to(dtype)
-    return wrap(hf_model, tiny_tokenizer(), name=f"tiny-{family}" + ("-seq2seq" if seq2seq and family in
-                                                                      causal_lm_types() else ""))
+    return wrap(hf_model, tiny_tokenizer(), name=f"tiny-{family}" + ("-seq2seq" if seq2seq and both else ""))

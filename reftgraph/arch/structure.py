@@ -407,7 +407,7 @@ class Arch:
         self.check(component, layer)
         where = component_of(component).address(component, b)
         return Hook(layer, b.stages.get(component, STAGES[component]), where.path, where.io, where.inner, where.root,
-                    self.stack if self.stacks else "")
+                    self.stack)
 
     def mlp_input(self, layer: int) -> Optional[Hook]:
         """Where a transcoder reads at ``layer`` (non-negative): the input of the block's MLP
@@ -420,7 +420,7 @@ class Arch:
         """
         b = self._block(layer)
         stage = b.stages.get(MLP_READS)
-        return None if stage is None else Hook(layer, stage, b.paths.mlp, "input", stack=self.stack if self.stacks else "")
+        return None if stage is None else Hook(layer, stage, b.paths.mlp, "input", stack=self.stack)
 
     def envoy(self, root, hook: Hook):
         """The nnsight envoy (or torch module) of a hook, from the model root; for a hook with

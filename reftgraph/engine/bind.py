@@ -299,10 +299,10 @@ def _bind(plan, given: Batch) -> list:
     for step in plan.steps:
         node = step.node
         batch = given.of(step.hook.stack)
-        n_flat = (max(r.stop for r in batch.rows.values())) * batch.seq_len
         key = (step.hook.stack, node.stream, repr(node.site.positions))
         lay = layouts.get(key)
         if lay is None:
+            n_flat = (max(r.stop for r in batch.rows.values())) * batch.seq_len
             sel = _select(node, node.site, node.stream, batch)
             lay = layouts[key] = Layout.of(_flat(sel, batch.rows[node.stream], batch.seq_len), sel.valid, n_flat,
                                             batch.seq_len)

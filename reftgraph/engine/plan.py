@@ -153,7 +153,7 @@ def _check_site(node: Node, site: Site, arch: Arch, what: str = "") -> tuple[int
 
 
 def _slice_width(node: Node, site: Site, arch: Arch, layer: int) -> Optional[int]:
-    width = stack_arch(arch, site).width(site.component, layer)
+    width = arch.width(site.component, layer)
     if width is None:   # one entry per token (attn_pattern's keys): no fixed width
         if site.subspace is not None or node.op.indexes_basis or node.op.expected_width() is not None:
             raise SiteError(f"{where(node)}{site.component} has one entry per key token, not a fixed width: "
@@ -261,10 +261,10 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
     for node in graph.nodes:
         site = node.site
         layer, heads = _check_site(node, site, arch)
-        width = _slice_width(node, site, arch, layer)
+        here = stack_arch(arch, site)
+        width = _slice_width(node, site, here, layer)
         need = node.op.expected_width()
         dictionary = _dictionary(node.op)
-        here = stack_arch(arch, site)
         if dictionary is not None:
             _check_basis(node, site, here, layer, width, need)
         elif need is not None and need != width:

@@ -42,6 +42,7 @@ from ..training.counterfactual import Counterfactual
 from ..viz.circuits import draw_edges as _draw, plot_mib
 from ..viz.progress import progress_bar
 from .edges import edge_scores, edges, out_maps, receiver_site, sender_graph, sender_sites, units
+from .patching.attribution import positions_in
 from .patching.metrics import Reference, get_metric
 
 __all__ = ["EdgeCircuit", "edge_circuit", "discover_edges", "edge_faithfulness", "load_edge_circuit", "mean_writes",
@@ -367,7 +368,7 @@ def discover_edges(model, data: Counterfactual, size: Union[int, float] = 0.05, 
     order = table.reindex(table.score.abs().sort_values(ascending=False, kind="stable").index)
     settings = dict(size=size, method=table.attrs.get("method", method))
     if "position" in table:
-        settings["positions"] = int(table.position.max()) + 1
+        settings["positions"] = positions_in(table)
     return edge_circuit(model, order.head(count), settings, ablate, data)
 
 
@@ -490,7 +491,7 @@ def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[f
     nodes = "sender" not in scores
     kept = [node_edges(model, order.head(k)) if nodes else order.head(k) for k in counts]
     means = mean_writes(model, data) if ablate == "mean" else None
-    per_token = {"positions": int(scores.position.max()) + 1} if "position" in scores else None
+    per_token = {"positions": positions_in(scores)} if "position" in scores else None
     graphs = [edge_circuit(model, k, per_token, ablate=ablate, means=means) for k in kept]
     full, empty, values = _metric(model, data, graphs, metric, progress, means)
     faith = [(v - empty) / (full - empty) for v in values]

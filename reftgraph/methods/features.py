@@ -37,7 +37,7 @@ from ..files.dictionaries import load
 from ..training.counterfactual import Counterfactual
 from ..viz.progress import progress_bar
 from .edge_circuits import metric_runs
-from .patching.attribution import check_metric, equal_lengths, one_length, probe
+from .patching.attribution import check_metric, equal_lengths, one_length, positions_in, probe
 from .patching.metrics import Reference, get_metric
 
 __all__ = ["load", "activations", "top_contexts", "explain", "reft", "attribute", "discover", "FeatureCircuit",
@@ -463,7 +463,7 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
     if table is None:
         table = attribute(model, data, sites, metric=metric, method=method, steps=steps, batch_size=batch_size,
                           progress=progress, per_position=per_position)
-    positions = int(table["position"].max()) + 1 if "position" in table else None
+    positions = positions_in(table)
     n = sum(d.d_sae for d in sites.values()) * (positions or 1)
     count = _count(size, n)
     scored = table[table["feature"] >= 0].assign(

@@ -223,6 +223,16 @@ def one_length(model, data, what: str = "per_position=True") -> int:
     return lengths.pop()
 
 
+def positions_in(table) -> Optional[int]:
+    """The token count of per-position scores (a table with a ``position`` column), else None.
+
+    >>> import pandas as pd
+    >>> positions_in(pd.DataFrame({"position": [0, 1, 2]})), positions_in(pd.DataFrame({"score": [1.0]}))
+    (3, None)
+    """
+    return int(table["position"].max()) + 1 if "position" in table else None
+
+
 def check_metric(metric_fn, ref: Reference, model) -> None:
     """Refuse, before any forward, a metric whose value does not depend on the logits.
 

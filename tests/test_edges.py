@@ -10,15 +10,23 @@ import torch
 
 import reftgraph as rg
 from oracle import PATHS, install, module
+from reftgraph.methods.edges import rms_scale
 
 DATA = rg.patching.Counterfactual(["ab d c", "xy w z", "jello r"], ["ab c d", "xy z w", "hello q"],
                                   correct=["c", "z", "q"], wrong=["d", "w", "r"])   # source: the clean prompts
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2", "gpt_neox"])
+@pytest.fixture(scope="module", params=["llama", "gpt2", "gpt_neox", "gemma3_text"])
 def lm(request):
-    return rg.models.tiny(request.param)
+    lm = rg.models.tiny(request.param)
+    if request.param == "gemma3_text":          # post-norm blocks; norm gains away from 1
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, param in lm.hf.named_parameters():
+                if "norm" in name:
+                    param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+    return lm
 
 
 def root_module(hf, path):
@@ -59,6 +67,13 @@ def writes(lm, family, ids):
                 alone = torch.zeros_like(z)
                 alone[:, h * dh:(h + 1) * dh] = z[:, h * dh:(h + 1) * dh]
                 out[f"a{layer}.h{h}"] = o_proj(alone) - o_proj(torch.zeros_like(z))
+            if "attn_add" in p:     # Gemma 3's norm after attention, (1 + w) o / rms(o): head h's term at o's scale
+                norm, o = module(hf, family, layer, p["attn_add"]), o_proj(z)
+                scale = (1 + norm.weight) * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + norm.eps)
+                for h in range(heads):
+                    out[f"a{layer}.h{h}"] = out[f"a{layer}.h{h}"] * scale
+                total = sum(out[f"a{layer}.h{h}"] for h in range(heads))
+                torch.testing.assert_close(total, norm(o), atol=1e-5, rtol=1e-5)   # the terms sum to what is added
         out[f"m{layer}"] = seen[f"m{layer}"]
     return out
 
@@ -248,8 +263,13 @@ def test_bad_input_fails_before_any_forward():
         rg.circuits.edge_scores(lm, DATA, method="eap-ig-inputs", steps=0)
     with pytest.raises(rg.DataError, match="does not depend on them"):
         rg.circuits.edge_scores(lm, DATA, metric=lambda logits, ref: torch.zeros(len(logits)))
-    with pytest.raises(rg.SiteError, match="post_norm"):
-        rg.circuits.edges(rg.models.tiny("gemma3_text"))
+    biased = rg.models.tiny("gemma3_text", attention_bias=True)
+    with torch.no_grad():
+        biased.hf.model.layers[1].self_attn.o_proj.bias.fill_(0.1)
+    with pytest.raises(rg.SiteError, match=r"layer 1 \(post_attention_layernorm\).*output projection has a bias"):
+        rg.circuits.edges(biased)
+    with pytest.raises(rg.SiteError, match="LayerNorm.*is not an RMS norm"):
+        rms_scale(torch.nn.LayerNorm(8), 8, "layer 0")
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -285,10 +305,16 @@ def test_mib_curve_and_areas():
     curve = result["curve"]
     assert curve.edges.tolist() == [4, 16, 82]
     assert curve.faithfulness.iloc[-1] == pytest.approx(1.0, abs=1e-6)      # every edge: the clean run
-    f, x = curve.faithfulness.tolist(), [math.log(n) for n in curve.edges]
-    want_cpr = sum((x[i + 1] - x[i]) * (f[i] + f[i + 1]) / 2 for i in range(2))
-    want_cmd = sum((x[i + 1] - x[i]) * (abs(1 - f[i]) + abs(1 - f[i + 1])) / 2 for i in range(2))
+    f = curve.faithfulness.tolist()          # MIB's areas: over the fractions, linear by default
+    want_cpr = 0.15 * (f[0] + f[1]) / 2 + 0.8 * (f[1] + f[2]) / 2
+    want_cmd = 0.15 * (abs(1 - f[0]) + abs(1 - f[1])) / 2 + 0.8 * (abs(1 - f[1]) + abs(1 - f[2])) / 2
     assert result["cpr"] == pytest.approx(want_cpr) and result["cmd"] == pytest.approx(want_cmd)
+    x = [math.log(0.05), math.log(0.2), 0.0]
+    logged = rg.circuits.mib_areas(curve.fraction, f, log_scale=True)
+    assert logged == pytest.approx((sum((x[i + 1] - x[i]) * (f[i] + f[i + 1]) / 2 for i in range(2)),
+                                    sum((x[i + 1] - x[i]) * (abs(1 - f[i]) + abs(1 - f[i + 1])) / 2 for i in range(2))))
+    tiny = rg.circuits.mib(lm, DATA, scores, fractions=(0.001, 1.0), progress=False)["curve"]
+    assert tiny.kept.tolist() == [0, 82] and tiny.faithfulness.iloc[0] == pytest.approx(0.0, abs=1e-6)  # int(0.082) = 0
     circuit = rg.circuits.discover_edges(lm, DATA, size=16, table=scores)
     assert set(zip(circuit.kept.sender, circuit.kept.receiver)) == set(
         zip(*[scores.loc[scores.score.abs().sort_values(ascending=False).index[:16], c] for c in ("sender", "receiver")]))

@@ -46,7 +46,7 @@ from .patching.attribution import positions_in
 from .patching.metrics import Reference, get_metric
 
 __all__ = ["EdgeCircuit", "edge_circuit", "discover_edges", "edge_faithfulness", "load_edge_circuit", "mean_writes",
-           "metric_runs", "mib", "MIB_FRACTIONS", "draw_edges", "node_edges", "plot_mib"]
+           "metric_runs", "mib", "mib_areas", "MIB_FRACTIONS", "draw_edges", "node_edges", "plot_mib"]
 
 STREAM = "corrupt"
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)   # MIB's circuit sizes
@@ -67,7 +67,7 @@ class _Send(Op):
         self.wiring, self.key, self.out_map = wiring, key, out_map
 
     def forward(self, h, source=None, valid=None):
-        write = h if self.out_map is None else torch.einsum("bkhe,hed->bkhd", h, self.out_map.to(h.dtype))
+        write = h if self.out_map is None else self.out_map(h)
         self.wiring.writes[self.key] = write
         self.wiring.valid[self.key[0]] = valid
         return h
@@ -267,8 +267,12 @@ def mean_writes(model, data: Counterfactual) -> dict:
     out = run(sender_graph(arch), model, data.base, grad=False)
     means = {}
     for name, site in sender_sites(arch):
-        mean = masked_mean(out[name].float(), out.valid[name], (0, 1))
-        means[name] = torch.einsum("he,hed->hd", mean, maps[site.layer].float()) if site.component == "head_out" else mean
+        value, valid = out[name].float(), out.valid[name]
+        if site.component == "head_out":
+            write = maps[site.layer]
+            means[name] = torch.einsum("he,hed->hd", masked_mean(write.scaled(value), valid, (0, 1)), write.maps)
+        else:
+            means[name] = masked_mean(value, valid, (0, 1))
     return means
 
 
@@ -462,8 +466,26 @@ def node_edges(model, nodes: pd.DataFrame) -> pd.DataFrame:
     return table[keep].reset_index(drop=True)
 
 
+def mib_areas(fractions: Sequence[float], faithfulness: Sequence[float], log_scale: bool = False) -> tuple:
+    """MIB's CPR and CMD of a faithfulness curve: the areas under ``faithfulness`` and under
+    ``|1 - faithfulness|`` by the trapezoid rule over the circuit sizes ``fractions`` (their
+    natural log with ``log_scale=True``), as ``evaluate_area_under_curve`` in MIB's
+    ``MIB_circuit_track/evaluation.py``.
+
+    >>> mib_areas((0.5, 1.0), (0.5, 1.0))
+    (0.375, 0.125)
+    """
+    x = [math.log(f) if log_scale else f for f in fractions]
+    cpr = cmd = 0.0
+    for i in range(len(x) - 1):
+        width = x[i + 1] - x[i]
+        cpr += width * (faithfulness[i] + faithfulness[i + 1]) / 2
+        cmd += width * (abs(1 - faithfulness[i]) + abs(1 - faithfulness[i + 1])) / 2
+    return cpr, cmd
+
+
 def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[float] = MIB_FRACTIONS,
-        metric="logit_diff", progress: bool = True, ablate: str = "corrupt") -> dict:
+        metric="logit_diff", progress: bool = True, ablate: str = "corrupt", log_scale: bool = False) -> dict:
     """MIB's circuit metrics for edge (or node) ``scores``: the faithfulness curve at
     ``fractions`` of all edges (or nodes), CPR and CMD.
 
@@ -474,20 +496,23 @@ def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[f
     >>> sorted(result), result["curve"].columns.tolist()
     (['cmd', 'cpr', 'curve'], ['fraction', 'kept', 'edges', 'faithfulness'])
 
-    The circuits keep the top edges by absolute score; CPR is the area under the normalised
-    faithfulness curve and CMD the area under ``|1 - faithfulness|``, both by the trapezoid rule
-    over the log of the edge count, as ``evaluate_area_under_curve`` in MIB's
-    ``MIB_circuit_track/evaluation.py``. Node scores (a table of :func:`~reftgraph.circuits.scores`
-    with ``nodes="heads+mlps"``) keep the top nodes, and the circuit is the edges between them
-    (:func:`node_edges`), counted as edges, as MIB evaluates node methods. ``ablate="mean"``: the
-    edges outside carry their senders' mean writes (:func:`edge_circuit`). Per-position scores
-    (``edge_scores(..., per_position=True)``) keep (edge, token) pairs. Unlike MIB, the
-    circuits are not pruned (edges from senders no path reaches, or into receivers that reach
-    nothing, stay counted) and a fraction keeps at least one edge or node.
+    As ``evaluate_area_under_curve`` in MIB's ``MIB_circuit_track/evaluation.py``
+    (``hannamw/MIB-circuit-track``): a fraction f keeps the top ``int(f * n)`` of the ``n``
+    scored edges by absolute score (none at all when that is 0: the corrupted run), and CPR /
+    CMD are :func:`mib_areas` of the curve over the fractions themselves, linear as MIB's
+    default (``log_scale=True``: over their log). Node scores (a table of
+    :func:`~reftgraph.circuits.scores` with ``nodes="heads+mlps"``) keep the top fraction of the
+    nodes, as MIB's ``level="node"``, and the circuit is the edges between them
+    (:func:`node_edges`; ``edges`` in the curve counts them). ``ablate="mean"``: the edges
+    outside carry their senders' mean writes (:func:`edge_circuit`). Per-position scores
+    (``edge_scores(..., per_position=True)``) keep (edge, token) pairs. Unlike MIB, the circuits
+    are not pruned: edges from senders no path reaches, or into receivers that reach nothing,
+    stay in, which changes no run (their senders write their ablated values anyway, or their
+    receivers' writes are ablated everywhere).
     """
     model = as_model(model, one_stack="rg.circuits.mib")
     order = scores.reindex(scores.score.abs().sort_values(ascending=False, kind="stable").index)
-    counts = [max(1, int(f * len(scores))) for f in fractions]
+    counts = [int(f * len(scores)) for f in fractions]
     nodes = "sender" not in scores
     kept = [node_edges(model, order.head(k)) if nodes else order.head(k) for k in counts]
     means = mean_writes(model, data) if ablate == "mean" else None
@@ -495,12 +520,7 @@ def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[f
     graphs = [edge_circuit(model, k, per_token, ablate=ablate, means=means) for k in kept]
     full, empty, values = _metric(model, data, graphs, metric, progress, means)
     faith = [(v - empty) / (full - empty) for v in values]
-    sizes = [max(1, len(k)) for k in kept]
-    cpr = cmd = 0.0
-    for i in range(len(sizes) - 1):
-        width = math.log(sizes[i + 1]) - math.log(sizes[i])
-        cpr += width * (faith[i] + faith[i + 1]) / 2
-        cmd += width * (abs(1 - faith[i]) + abs(1 - faith[i + 1])) / 2
+    cpr, cmd = mib_areas(fractions, faith, log_scale)
     curve = pd.DataFrame({"fraction": list(fractions), "kept": counts, "edges": [len(k) for k in kept],
                           "faithfulness": faith})
     return {"curve": curve, "cpr": cpr, "cmd": cmd}

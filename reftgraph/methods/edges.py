@@ -42,7 +42,7 @@ from ..viz.progress import progress_bar
 from .patching.attribution import check_metric, equal_lengths, one_length, probe
 from .patching.metrics import Reference, get_metric
 
-__all__ = ["edges", "edge_scores", "METHODS", "sender_graph"]
+__all__ = ["edges", "edge_scores", "METHODS", "WriteMap", "out_maps", "rms_scale", "sender_graph"]
 
 METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "exact")
 NEEDS = ("embed", "head_out", "mlp_out", "q_in", "k_in", "v_in", "mlp_in", "logits_in")
@@ -60,8 +60,7 @@ class _Unit:
 
 def _check_arch(arch) -> None:
     """Refuse, naming the component and the reason, a model whose senders or receivers are not proven."""
-    for style, how in (("post_norm", "pass attention through a norm before adding it"),
-                       ("post_ln", "normalise the stream after each addition"),
+    for style, how in (("post_ln", "normalise the stream after each addition"),
                        ("scaled", "scale each addition (edges read heads' writes unscaled)")):
         post = [i for i, b in enumerate(arch.blocks) if b.style == style]
         if post:
@@ -101,8 +100,11 @@ def edges(model) -> pd.DataFrame:
     >>> table.columns.tolist()[:4], bool(((table.sender == "a0.h0") & (table.receiver == "m0")).any())
     (['sender', 'receiver', 'sender_kind', 'sender_layer'], False)
     """
-    arch = as_model(model).arch
+    model = as_model(model)
+    arch = model.arch
     _check_arch(arch)
+    if any(b.style == "post_norm" for b in arch.blocks):
+        out_maps(model)             # (a post-norm that is no RMS norm, or an output bias: refused)
     senders, receivers = units(arch)
     mid = np.array(["resid_mid" not in b.refused for b in arch.blocks] + [False])   # sequential layers
     s_layer = np.array([s.layer for s in senders])[:, None]
@@ -177,36 +179,110 @@ def _groups(arch, method: str) -> list:
     return out
 
 
+@dataclass(frozen=True)
+class WriteMap:
+    """What the heads of one layer write to the stream, from their outputs ``z`` ``[B, k, H, dh]``:
+    ``scaled(z)`` then each head's map ``maps`` ``[H, dh, d]`` (the output projection applied to
+    unit vectors, less its bias).
+
+    >>> import torch, reftgraph as rg
+    >>> write = out_maps(rg.models.tiny("llama"))[0]
+    >>> write.maps.shape, write(torch.zeros(1, 3, 4, 8)).shape
+    (torch.Size([4, 8, 32]), torch.Size([1, 3, 4, 32]))
+
+    Where a norm follows the attention before its addition (post-norm blocks: Gemma 2/3,
+    OLMo2), the block adds ``c * o / rms(o)`` with ``o`` the projection's output: a sum over
+    the heads at the scale of the whole output, so head h writes ``c * o_h / rms(o)``, its own
+    term of what the block adds. ``norm = (projection [H dh, d], c [d], eps)``: ``maps`` carry
+    ``c``, and ``scaled(z)`` divides each token's outputs by ``rms(o)`` of that token.
+    """
+
+    maps: torch.Tensor
+    norm: Optional[tuple] = None
+
+    def scaled(self, z: torch.Tensor) -> torch.Tensor:
+        if self.norm is None:
+            return z
+        proj, _, eps = self.norm
+        o = z.reshape(*z.shape[:-2], -1).float() @ proj
+        return z / torch.sqrt(o.pow(2).mean(-1) + eps)[..., None, None].to(z.dtype)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bkhe,hed->bkhd", self.scaled(z), self.maps.to(z.dtype))
+
+
+def rms_scale(norm, width: int, where: str) -> tuple:
+    """``(c, eps)`` of a norm that computes ``c * x / sqrt(mean(x^2) + eps)`` (an RMS norm with
+    a gain, as Gemma's ``1 + weight`` or Llama's ``weight``), measured on random inputs and
+    checked; any other norm is refused (a :class:`~reftgraph.SiteError` naming ``where``).
+
+    >>> import torch
+    >>> from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    >>> c, eps = rms_scale(LlamaRMSNorm(4, eps=1e-6), 4, "layer 0")
+    >>> c.tolist(), eps
+    ([1.0, 1.0, 1.0, 1.0], 1e-06)
+    """
+    eps = next((float(getattr(norm, k)) for k in ("eps", "variance_epsilon", "epsilon")
+                if isinstance(getattr(norm, k, None), (int, float))), None)
+    param = next(norm.parameters(), None)
+    x = torch.randn(64, width, generator=torch.Generator().manual_seed(0)).to(
+        param.dtype if param is not None else torch.float32)
+    if eps is not None:
+        with torch.no_grad():
+            y = norm(x.to(param.device if param is not None else "cpu")).float().cpu()
+        x = x.float()
+        r = torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        c = (y * r * x).sum(0) / x.pow(2).sum(0)
+        if torch.allclose(y, c * x / r, rtol=1e-3, atol=1e-5 * float(y.abs().max())):
+            return c, eps
+    raise SiteError(f"edges read each head's term of what the block adds; at {where} the norm after attention "
+                    f"({type(norm).__name__}) is not an RMS norm with a gain (c * x / sqrt(mean(x^2) + eps)), so "
+                    f"its output is no sum of the heads' terms")
+
+
 def out_maps(model) -> list:
-    """Per layer, each head's map from its output to the stream: ``[H, dh, d]`` (the output
-    projection applied to unit vectors, less its bias).
+    """Per layer, what each head writes to the stream (a :class:`WriteMap`).
 
     >>> import reftgraph as rg
-    >>> out_maps(rg.models.tiny("llama"))[0].shape
+    >>> out_maps(rg.models.tiny("llama"))[0].maps.shape
     torch.Size([4, 8, 32])
     """
     arch, maps = model.arch, []
     for layer in range(arch.n_layers):
-        proj = arch.envoy(model.hf, Hook(layer, 0, arch.blocks[layer].paths.attn_proj, "output"))
+        block = arch.blocks[layer]
+        proj = arch.envoy(model.hf, Hook(layer, 0, block.paths.attn_proj, "output"))
         n, dh = arch.heads("head_out", layer), arch.width("head_out", layer)
         dtype = next(proj.parameters()).dtype
         with torch.no_grad():
             eye = torch.eye(n * dh, dtype=dtype, device=next(proj.parameters()).device)
-            full = proj(eye) - proj(torch.zeros_like(eye[:1]))
-        maps.append(full.float().view(n, dh, -1))
+            bias = proj(torch.zeros_like(eye[:1]))
+            full = (proj(eye) - bias).float()
+        if block.style != "post_norm":
+            maps.append(WriteMap(full.view(n, dh, -1)))
+            continue
+        where = f"layer {layer} ({block.attn_out})"
+        if bias.abs().max() > 0:
+            raise SiteError(f"edges read each head's term of what the block adds; at {where} the attention's output "
+                            f"projection has a bias, whose share of the norm after it belongs to no head")
+        norm = arch.envoy(model.hf, Hook(layer, 0, block.attn_out, "output"))
+        c, eps = rms_scale(norm, full.shape[-1], where)
+        maps.append(WriteMap((full * c.to(full.device)).view(n, dh, -1), (full, c, eps)))
     return maps
 
 
 def _delta_writes(model, corrupt, clean, maps, valid) -> torch.Tensor:
     """What every sender wrote in the corrupted run less what it wrote in the clean one,
     ``[senders, B, k, d]`` (slots in prompt order, zero where not valid), from two collect runs:
-    the differences are taken before the heads' output maps (one map per layer)."""
-    diff = (lambda name: (corrupt[name].detach().float() - clean[name].detach().float()))
+    the differences are taken before the heads' maps (one map per layer)."""
     keep = valid.float()
-    parts = [(diff("input") * keep[..., None])[None]]
+    parts = [((corrupt["input"].detach().float() - clean["input"].detach().float()) * keep[..., None])[None]]
     for layer in range(model.arch.n_layers):
-        heads = torch.einsum("bkhe,hed->hbkd", diff(f"a{layer}") * keep[..., None, None], maps[layer])
-        parts += [heads, (diff(f"m{layer}") * keep[..., None])[None]]
+        write = maps[layer]
+        a = f"a{layer}"
+        diff = write.scaled(corrupt[a].detach().float()) - write.scaled(clean[a].detach().float())
+        heads = torch.einsum("bkhe,hed->hbkd", diff * keep[..., None, None], write.maps)
+        m = f"m{layer}"
+        parts += [heads, ((corrupt[m].detach().float() - clean[m].detach().float()) * keep[..., None])[None]]
     return torch.cat(parts, 0)
 
 

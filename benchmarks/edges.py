@@ -1,6 +1,7 @@
 """Edge scores over every edge of SmolLM2-135M on IOI, against the cost of one forward and
 backward of the same batch (the issue's speed goal: EAP at most 3x, EAP-IG with k steps at
-most (k + 2)x). Prints the seconds of each (medians, runs interleaved), the ratios, the edge
+most (k + 2)x), as users call the model (logits at every position) and with the head on the
+last position alone (as the edge scores run it). Prints the seconds of each (medians, runs interleaved), the ratios, the edge
 count and the peak memory growth of each method; last line JSON.
 
     python benchmarks/edges.py [--prompts 16] [--steps 5] [--repeats 3]
@@ -27,20 +28,25 @@ def main():
     data = ioi(args.prompts)
     ids = lm.tokenizer(data.source, return_tensors="pt", padding=True)
 
-    def forward_backward():   # the weights are frozen: the gradient reaches the input embeddings
+    def forward_backward(**kwargs):   # the weights are frozen: the gradient reaches the input embeddings
         emb = lm.hf.get_input_embeddings()(ids["input_ids"]).detach().requires_grad_()
-        logits = lm.hf(inputs_embeds=emb, attention_mask=ids["attention_mask"]).logits
+        logits = lm.hf(inputs_embeds=emb, attention_mask=ids["attention_mask"], **kwargs).logits
         torch.autograd.grad(logits[:, -1].logsumexp(-1).sum(), emb)
 
     methods = {"eap": lambda: rg.circuits.edge_scores(lm, data, progress=False),
                f"eap-ig-inputs {args.steps}": lambda: rg.circuits.edge_scores(
                    lm, data, method="eap-ig-inputs", steps=args.steps, progress=False)}
-    times = interleaved({"forward+backward": forward_backward, **methods}, args.repeats, warmup=1)
+    # the model as users call it (logits at every position), and with the head on the last
+    # (left-padded) position alone, as the edge scores run it
+    baselines = {"forward+backward": forward_backward,
+                 "forward+backward last logits": lambda: forward_backward(logits_to_keep=1)}
+    times = interleaved({**baselines, **methods}, args.repeats, warmup=1)
     figures = {"edges": len(rg.circuits.edges(lm)), "prompts": args.prompts}
     for name, seconds in times.items():
         figures[f"{name} s"] = round(seconds, 3)
     for name in methods:
-        figures[f"{name} / forward+backward"] = round(times[name] / times["forward+backward"], 2)
+        for base in baselines:
+            figures[f"{name} / {base}"] = round(times[name] / times[base], 2)
         with PeakRSS() as peak:
             methods[name]()
         figures[f"{name} peak MB"] = round(peak.growth, 1)

@@ -528,4 +528,4 @@ def test_mib_takes_per_position_scores():
     scores = rg.circuits.edge_scores(lm, EQUAL, progress=False, per_position=True)
     result = rg.circuits.mib(lm, EQUAL, scores, fractions=(0.05, 1.0), progress=False)
     assert result["curve"].edges.tolist() == [int(0.05 * 82 * 6), 82 * 6]
-    assert result["curve"].faithfulness.iloc[-1] == pytest.approx(1.0, abs=1e-6)
+    assert result["curve"].faithfulness.iloc[-1] == pytest.approx(1.0, abs=1e-5)   # (float rounding: twice the rows)

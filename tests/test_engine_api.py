@@ -163,3 +163,23 @@ def test_the_older_calls_still_work_and_warn_once(lm, monkeypatch):
     assert stopped is None and got == [torch.Size([6, batch.seq_len, 259])] * 2
     messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
     assert len(messages) == 2 and "reftgraph.engine.forward" in messages[0] and "forwards" in messages[1]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logits_at_the_last_token_alone_are_the_full_runs(lm, side):
+    """``logits="last"`` runs the head on each row's last prompt token only: the same next-token
+    logits and the same gradients as the full run, ragged rows on either padding side."""
+    add = rg.Add(torch.zeros(32), trainable=True)
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=0, positions="all"), add, name="add")
+    full = g.run(lm, PROMPTS, padding_side=side)
+    last = g.run(lm, PROMPTS, padding_side=side, logits="last")
+    assert last.logits.shape == (3, 1, 259)
+    torch.testing.assert_close(last.next_token_logits, full.next_token_logits, atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad(out.next_token_logits[:, 7].sum(), add.vector)[0] for out in (full, last)]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
+    reads = rg.Graph()
+    reads.add(rg.Site("logits", positions="all"), rg.Collect(), name="l")
+    assert reads.run(lm, PROMPTS, logits="last").logits.shape[1] > 1   # a graph on the logits keeps them all
+    with pytest.raises(rg.DataError, match="logits must be 'all' or 'last'"):
+        g.run(lm, PROMPTS, logits="first")

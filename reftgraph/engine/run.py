@@ -16,6 +16,7 @@ them (they warn once): :func:`~reftgraph.engine.traces.trace` and the executors 
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, field
 from collections.abc import Mapping
@@ -104,7 +105,7 @@ class RunResult:
 
 def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = None,
         padding_side: Optional[str] = None, grad: Optional[bool] = None, remote=None,
-        subspaces=None) -> RunResult:
+        subspaces=None, logits: str = "all") -> RunResult:
     """Run ``graph`` on ``prompts`` with named ``sources`` (stream -> prompts) in one forward.
 
     >>> import reftgraph as rg
@@ -132,14 +133,21 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     ``input_ids``, ``attention_mask`` and anything else the model takes (``pixel_values``),
     passed through; on a vision-language model ``positions="image"`` then selects each row's
     image tokens (:func:`reftgraph.engine.tokens.from_inputs`).
+
+    ``logits="last"`` computes the logits at each row's last prompt token alone (the model's
+    ``logits_to_keep``: its head runs on those positions only, forward and backward): the
+    result's ``logits`` are then ``[B, 1, vocab]``, its ``next_token_logits`` as before. What
+    a metric of the next token needs, for a fraction of the head's cost.
     """
     model = as_model(model)
+    if logits not in ("all", "last"):
+        raise DataError(f"logits must be 'all' or 'last', got {logits!r}")
     plan = compile_graph(graph, model.arch)
     ex = executor(model, remote, graph)
     if isinstance(prompts, Mapping):      # model inputs made elsewhere (a processor's, with images)
         if sources:
             raise DataError("sources need prompts as text; model inputs (a dict) are one stream, the base")
-        return _forward(graph, plan, ex, *from_inputs(model, prompts), grad, subspaces)
+        return _forward(graph, plan, ex, *from_inputs(model, prompts), grad, subspaces, logits)
     base = prompt_list(prompts, "prompts")
     streams = {"base": base}
     if sources is not None and not isinstance(sources, dict):
@@ -155,19 +163,32 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
         raise SiteError(f"sources {sorted(unused)} are not read by any node of the graph "
                         f"(streams it uses: {sorted(graph.streams)})")
     inputs, batch = tokenize(model, streams, padding_side)
-    return _forward(graph, plan, ex, inputs, batch, grad, subspaces)
+    return _forward(graph, plan, ex, inputs, batch, grad, subspaces, logits)
 
 
-def _forward(graph, plan, ex, inputs, batch, grad, subspaces) -> RunResult:
+def _keeps_logits(model: Model) -> bool:
+    """Whether the model's forward takes ``logits_to_keep`` as positions."""
+    return "logits_to_keep" in inspect.signature(model.hf.forward).parameters
+
+
+def _forward(graph, plan, ex, inputs, batch, grad, subspaces, which="all") -> RunResult:
     """One traced forward of ``plan`` on a tokenized batch: the run's result."""
     if grad and ex.remote is not None:
         raise RemoteError("gradients do not come back from a remote run; train locally (or pass grad=False)")
     if grad is None:
         grad = ex.remote is None and any(p.requires_grad for p in graph.parameters())
     bound = plan.bind(batch, subspaces)
+    last = batch.start + batch.length - 1
+    keep = None
+    if which == "last" and _keeps_logits(ex.model) and not any(
+            "logits" in (s.node.site.component, s.node.reads[1].component) for s in plan.steps):
+        keep = torch.unique(last)            # (sorted) the positions whose logits are computed
+        inputs = {**inputs, "logits_to_keep": keep.to(inputs["input_ids"].device)}
     with torch.set_grad_enabled(grad), inference_mode(graph):
         logits, collected = ex.forward(bound, inputs)
-    last = batch.start + batch.length - 1
+    if keep is not None:     # each row's own last position, then [N, 1, vocab]
+        at = torch.searchsorted(keep, last).to(logits.device)
+        logits, last = logits[torch.arange(logits.shape[0], device=logits.device), at][:, None], torch.zeros_like(last)
     return RunResult(
         logits=logits[batch.rows["base"]],
         collected={k: v[0] for k, v in collected.items()},

@@ -332,7 +332,7 @@ def _means(model, data, sites) -> dict:
     g = Graph()
     for i, site in enumerate(sites):
         g.add(site, Collect(), name=str(i))
-    out = run(g, model, data.base, grad=False)
+    out = run(g, model, data.base, grad=False, logits="last")
     means = {}
     for i, site in enumerate(sites):
         over = (0,) if isinstance(site.positions, tuple) else (0, 1)

@@ -264,7 +264,7 @@ def mean_writes(model, data: Counterfactual) -> dict:
     """
     model = as_model(model, one_stack="rg.circuits.mean_writes")
     arch, maps = model.arch, out_maps(model)
-    out = run(sender_graph(arch), model, data.base, grad=False)
+    out = run(sender_graph(arch), model, data.base, grad=False, logits="last")
     means = {}
     for name, site in sender_sites(arch):
         value, valid = out[name].float(), out.valid[name]
@@ -390,13 +390,13 @@ def metric_runs(model, data, graphs: Sequence[Graph], metric, progress: bool = T
     _, metric_fn = get_metric(metric)
     correct, wrong = data.answer_ids(model, required=False)
     with progress_bar(total=len(graphs) + 1, desc="circuit runs", progress=progress, unit="run") as bar:
-        clean = run(Graph(), model, data.source, grad=False).next_token_logits
+        clean = run(Graph(), model, data.source, grad=False, logits="last").next_token_logits
         bar.update(1)
         ref = Reference(correct, wrong, clean)
         values = []
         for g in graphs:
             sources = {STREAM: data.base} if STREAM in g.streams else None
-            logits = run(g, model, data.source, sources=sources, grad=False).next_token_logits
+            logits = run(g, model, data.source, sources=sources, grad=False, logits="last").next_token_logits
             values.append(metric_fn(logits, ref).mean().item())
             bar.update(1)
     return metric_fn(clean, ref).mean().item(), values

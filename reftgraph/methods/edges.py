@@ -341,12 +341,12 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     senders, receivers = units(arch)
     maps = out_maps(model)
     collect = sender_graph(arch, groups=method == "eap-ig-activations")
-    corrupt = run(collect, model, data.base, grad=False)
+    corrupt = run(collect, model, data.base, grad=False, logits="last")
     grad = None
     if method == "eap":     # the clean writes come from the gradient's own (clean) forward
         grad, clean = _gradients(model, data, receivers, metric_fn, Reference(correct, wrong), senders=arch)
     else:
-        clean = run(collect, model, data.source, grad=False)
+        clean = run(collect, model, data.source, grad=False, logits="last")
     ref = Reference(correct, wrong, clean.next_token_logits.detach())
     valid = clean.valid["input"]
     delta = _delta_writes(model, corrupt, clean, maps, valid)          # [senders, B, k, d]
@@ -418,7 +418,7 @@ def _gradients(model, data, receivers, metric_fn, ref, moved=None, valid=None, s
         if key not in probes:
             probes[key] = probe()
             g.add(key, probes[key], name=f"{key.component}{key.layer}")
-    out = run(g, model, data.source, grad=True)
+    out = run(g, model, data.source, grad=True, logits="last")
     if ref.source_logits is None:
         ref = Reference(ref.correct, ref.wrong, out.next_token_logits.detach())
     total = metric_fn(out.next_token_logits, ref).sum()
@@ -443,5 +443,5 @@ class _Shift(Op):
 def _exact(model, data, receiver, delta, metric_fn, ref) -> float:
     g = Graph()
     g.add(receiver_site(receiver), _Shift(delta), name="edge")
-    out = run(g, model, data.source, grad=False)
+    out = run(g, model, data.source, grad=False, logits="last")
     return float(metric_fn(out.next_token_logits, ref).mean())

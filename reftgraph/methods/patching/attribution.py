@@ -280,7 +280,7 @@ def _chunk(model, data, ref, sites, fixed, metric_fn, grad_drop, ig_steps, memor
     collect = Graph()
     for key, sel in probes.items():
         collect.add(Site(key[0], key[1], positions=sel), Collect(), name=_name(key))
-    src = run(collect, model, data.source, grad=False)
+    src = run(collect, model, data.source, grad=False, logits="last")
     ref.source_logits = src.next_token_logits
     bar.update(1)
     grads, values, logits = _gradients(model, data.base, probes, metric_fn, ref)
@@ -336,7 +336,7 @@ def _gradients(model, prompts, probes, metric_fn, ref, extra=(), first: bool = T
     if not first:
         for site, op in extra:
             g.add(Site(site.component, site.layer, positions="all"), op)
-    out = run(g, model, prompts, grad=True)
+    out = run(g, model, prompts, grad=True, logits="last")
     logits = out.next_token_logits
     total = metric_fn(logits, ref).sum()
     keys = list(ops)

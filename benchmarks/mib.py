@@ -1,13 +1,16 @@
 """MIB's circuit metrics for edge methods (and node-level IG, its circuits run as the edges
-between the kept nodes) on SmolLM2-135M and MIB's IOI, arithmetic and MCQA tasks: scores from one set of prompts, the faithfulness curve, CPR and CMD on held-out prompts of another seed. Prints a
-table (one row per method) and saves the curves' figure; last line JSON.
+between the kept nodes) on SmolLM2-135M or Gemma 3 270M and MIB's IOI, arithmetic and MCQA
+tasks: scores from one set of prompts, the faithfulness curve, CPR and CMD on held-out prompts
+of another seed. Prints a table (one row per method) and saves the curves' figure; last line
+JSON.
 
-    python benchmarks/mib.py [--prompts 16] [--steps 5] [--fractions 0.001 0.01 0.1 1] [--tasks ioi mcqa]
+    python benchmarks/mib.py [--model smollm2|gemma3] [--prompts 16] [--steps 5] [--tasks ioi mcqa]
     python benchmarks/mib.py --tasks ioi --per-position      # edges kept per token
 
 CPR is the area under the normalised faithfulness curve and CMD the area under
-|1 - faithfulness|, over the log of the edge count (MIB's ``MIB_circuit_track/evaluation.py``);
-circuits are not pruned.
+|1 - faithfulness|, over the circuit sizes as fractions, linear (MIB's default) and over their
+log (``CPR log``, ``CMD log``), as MIB's ``MIB_circuit_track/evaluation.py``; circuits are not
+pruned.
 """
 
 import argparse
@@ -25,11 +28,13 @@ from reftgraph.datasets import arithmetic, ioi, mcqa  # noqa: E402
 from common import set_threads  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
+MODELS = {"smollm2": "smollm2-135m-instruct", "gemma3": "gemma-3-270m"}
 TASKS = {"ioi": ioi, "arithmetic": arithmetic, "mcqa": mcqa}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2", choices=list(MODELS))
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--fractions", type=float, nargs="*", default=list(rg.circuits.MIB_FRACTIONS))
@@ -42,8 +47,8 @@ def main():
                         help="edge methods score and keep (edge, token) pairs (prompts of one length)")
     args = parser.parse_args()
     set_threads()
-    lm = rg.load()
-    figures = {"edges": len(rg.circuits.edges(lm)), "prompts": args.prompts, "ablate": args.ablate,
+    lm = rg.load(MODELS[args.model])
+    figures = {"model": args.model, "edges": len(rg.circuits.edges(lm)), "prompts": args.prompts, "ablate": args.ablate,
                "per_position": args.per_position}
     for task in args.tasks:
         figures[task] = run_task(lm, task, args)
@@ -67,19 +72,23 @@ def run_task(lm, task, args) -> dict:
                                           ablate=args.ablate)
         figures[f"{method} CPR"] = round(results[method]["cpr"], 3)
         figures[f"{method} CMD"] = round(results[method]["cmd"], 3)
+        logged = rg.circuits.mib_areas(args.fractions, results[method]["curve"].faithfulness, log_scale=True)
+        results[method]["cpr log"], results[method]["cmd log"] = logged
+        figures[f"{method} CPR log"], figures[f"{method} CMD log"] = round(logged[0], 3), round(logged[1], 3)
         figures[f"{method} scoring s"] = round(scored, 1)
         figures[f"{method} curve"] = [round(f, 3) for f in results[method]["curve"].faithfulness]
-    for name in ("cpr", "cmd"):     # the issue's goal: EAP-IG's CPR >= 2x and CMD <= 0.5x node-level IG's
+    for name in ("cpr", "cmd", "cpr log", "cmd log"):   # the goal: EAP-IG's CPR >= 2x, CMD <= 0.5x node IG's
         for ig in ("eap-ig-inputs", "eap-ig-activations"):
             if ig in results and node_ig in results:
                 figures[f"{ig} / node IG {name.upper()}"] = round(results[ig][name] / results[node_ig][name], 2)
     RESULTS.mkdir(exist_ok=True)
     suffix = ("" if args.ablate == "corrupt" else f"_{args.ablate}") + ("_per_position" if args.per_position else "")
-    rg.circuits.plot_mib(results).savefig(RESULTS / f"mib_smollm2_{task}{suffix}.png", dpi=120, bbox_inches="tight")
-    print(f"{task}: {'method':>18} {'CPR':>8} {'CMD':>8}   curve at {args.fractions}")
+    rg.circuits.plot_mib(results).savefig(RESULTS / f"mib_{args.model}_{task}{suffix}.png", dpi=120, bbox_inches="tight")
+    print(f"{task}: {'method':>18} {'CPR':>8} {'CMD':>8} {'CPR log':>8} {'CMD log':>8}   curve at {args.fractions}")
     for method, result in results.items():
         curve = " ".join(f"{f:.2f}" for f in result["curve"].faithfulness)
-        print(f"{task}: {method:>18} {result['cpr']:8.3f} {result['cmd']:8.3f}   {curve}")
+        print(f"{task}: {method:>18} {result['cpr']:8.3f} {result['cmd']:8.3f} {result['cpr log']:8.3f} "
+              f"{result['cmd log']:8.3f}   {curve}")
     return figures
 
 

@@ -27,6 +27,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import numpy as np
 import pandas as pd
 import torch
 from safetensors import safe_open
@@ -53,10 +54,42 @@ MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)   # 
 
 
 class _Wiring:
-    """The writes of every sender in one forward, per stream, as the forward reaches them."""
+    """The writes of every sender in one forward, per stream, as the forward reaches them; and,
+    per sender site (in forward order: ``keys``), its ablated write less its live one (the
+    corrupted write, or the mean: ``means``) and the running sum of those, each computed once
+    per forward when a receiver first needs it."""
 
-    def __init__(self):
+    def __init__(self, keys, means=None):
+        self.keys, self.means = list(keys), means
         self.writes, self.valid = {}, {}
+        self.diffs, self.sums = {}, []
+
+    def record(self, key, write, valid):
+        if key == ("base", self.keys[0]):      # a new forward: what was derived from the last one goes
+            self.diffs, self.sums = {}, []
+        self.writes[key] = write
+        self.valid[key[0]] = valid
+
+    def diff(self, key) -> torch.Tensor:
+        """``[B, k, (heads,) d]``: what sender site ``key`` wrote ablated, less what it wrote live."""
+        if key not in self.diffs:
+            live, corrupt = self.valid.get("base"), self.valid.get(STREAM)
+            if live is not None and corrupt is not None and not torch.equal(live, corrupt):
+                raise DataError("an edge circuit gives each receiver the corrupted writes token for token: the "
+                                "clean prompts and the corrupted ones (stream 'corrupt') must have equal lengths, "
+                                "row by row")
+            live = self.writes[("base", key)]
+            ablated = self.writes[(STREAM, key)] if self.means is None else self.means[key].to(live.dtype)
+            self.diffs[key] = ablated - live
+        return self.diffs[key]
+
+    def upstream(self, n: int) -> torch.Tensor:
+        """``[B, k, d]``: the sum of :meth:`diff` over the first ``n`` sender sites (all heads)."""
+        while len(self.sums) < n:
+            d = self.diff(self.keys[len(self.sums)])
+            d = d.sum(2) if d.dim() == 4 else d
+            self.sums.append(d if not self.sums else self.sums[-1] + d)
+        return self.sums[n - 1]
 
 
 class _Send(Op):
@@ -67,44 +100,40 @@ class _Send(Op):
         self.wiring, self.key, self.out_map = wiring, key, out_map
 
     def forward(self, h, source=None, valid=None):
-        write = h if self.out_map is None else self.out_map(h)
-        self.wiring.writes[self.key] = write
-        self.wiring.valid[self.key[0]] = valid
+        self.wiring.record(self.key, h if self.out_map is None else self.out_map(h), valid)
         return h
 
 
 class _Read(Op):
     """A receiver's copy of the stream with its outside senders' live writes replaced by their
-    corrupted ones (or by their means, ``means[key]``: ``[d]`` or ``[senders, d]``): ``outside``
-    lists ``(sender site key, sender indices or None, positions)``; ``positions`` (per-position
-    circuits) is ``[senders or 1, tokens]``, 1 where the edge is outside at that token, else None."""
+    ablated ones (corrupted, or means). ``groups`` lists ``(sender site key, weights)``:
+    ``weights`` ``[heads]`` for a layer's heads, ``[]`` otherwise, with a last dim of tokens
+    in per-position circuits. With ``upstream`` None the weights mark the senders outside,
+    and the copy moves by ``sum of weights * diff``; otherwise they mark the senders kept, and
+    the copy moves by the sum of the ``upstream`` sender sites' diffs less that (fewer sums
+    either way: the builder picks the shorter list). ``tokens``: the prompts' length, for a
+    per-position circuit."""
 
-    def __init__(self, wiring, outside, means=None):
+    def __init__(self, wiring, groups, upstream: Optional[int] = None, tokens: Optional[int] = None):
         super().__init__()
-        self.wiring, self.outside, self.means = wiring, outside, means
+        self.wiring, self.groups, self.upstream, self.tokens = wiring, groups, upstream, tokens
 
     def forward(self, h, source=None, valid=None):
-        live, corrupt = self.wiring.valid.get("base"), self.wiring.valid.get(STREAM)
-        if live is not None and corrupt is not None and not torch.equal(live, corrupt):
-            raise DataError("an edge circuit gives each receiver the corrupted writes token for token: the clean "
-                            "prompts and the corrupted ones (stream 'corrupt') must have equal lengths, row by row")
-        shift = 0
-        for key, index, positions in self.outside:
-            live = self.wiring.writes[("base", key)]
-            ablated = self.wiring.writes[(STREAM, key)] if self.means is None else self.means[key].to(live.dtype)
-            diff = ablated - live
-            if positions is not None and positions.shape[-1] != diff.shape[1]:
-                raise DataError(f"this edge circuit keeps edges per position for prompts of {positions.shape[-1]} "
+        picked = 0
+        for key, weights in self.groups:
+            diff = self.wiring.diff(key)
+            if self.tokens and self.tokens != diff.shape[1]:
+                raise DataError(f"this edge circuit keeps edges per position for prompts of {self.tokens} "
                                 f"tokens; these prompts have {diff.shape[1]}")
-            if index is None:
-                shift = shift + (diff if positions is None else diff * positions[0].to(diff.dtype)[None, :, None])
+            w = weights.to(diff.dtype)
+            if diff.dim() == 4:          # a layer's heads: [B, k, H, d] by [H] or [H, tokens]
+                part = torch.einsum("bkhd,h->bkd", diff, w) if w.dim() == 1 else torch.einsum("bkhd,hk->bkd", diff, w)
             else:
-                part = diff[:, :, index]
-                if positions is not None:
-                    part = part * positions.T.to(diff.dtype)[None, :, :, None]
-                shift = shift + part.sum(2)
+                part = diff * (w[None, :, None] if w.dim() else w)
+            picked = picked + part
+        shift = picked if self.upstream is None else self.wiring.upstream(self.upstream) - picked
         if valid is not None:
-            shift = shift * valid[..., None].to(h.dtype)
+            shift = shift * valid[..., None].to(shift.dtype)
         return h + (shift[:, :, None] if h.dim() == 4 else shift).to(h.dtype)
 
 
@@ -222,33 +251,49 @@ def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None, abl
         raise DataError(f"{len(unknown)} edges of the circuit are not edges of this model, e.g. "
                         f"{unknown[0][0]} -> {unknown[0][1]} (rg.circuits.edges(model) lists them)")
     senders, receivers = units(arch)
-    by_name = {s.name: s for s in senders}
-    wiring, maps = _Wiring(), out_maps(model)
+    sites = sender_sites(arch)
+    wiring, maps = _Wiring([name for name, _ in sites], means if ablate == "mean" else None), out_maps(model)
     circuit = EdgeCircuit(kept=kept.reset_index(drop=True), total=len(table) * (tokens or 1),
                           settings={**settings, "ablate": ablate}, means=means if ablate == "mean" else None)
     for stream in ("base",) if ablate == "mean" else ("base", STREAM):
-        for name, site in sender_sites(arch):
+        for name, site in sites:
             out_map = maps[site.layer] if site.component == "head_out" else None
             circuit.add(site, _Send(wiring, (stream, name), out_map), name=f"send {stream} {name}", stream=stream)
-    at = {}                                        # (sender, receiver) -> tokens where the edge is kept
+    # kept[e, t]: edge e kept (at token t); then per receiver, per sender site, weights over its
+    # heads (and tokens) for the senders outside, or for those kept where they are fewer
+    row = {pair: i for i, pair in enumerate(zip(table.sender, table.receiver))}
+    held = np.zeros((len(table), tokens or 1), dtype=np.float32)
     if tokens:
-        for s, r, p in zip(kept.sender, kept.receiver, kept.position):
-            at.setdefault((s, r), set()).add(int(p))
-    outside: dict = {}
-    for s, r in zip(table.sender, table.receiver):
-        keep = at.get((s, r), set())
-        if (s, r) not in wanted or (tokens and len(keep) < tokens):
-            key, index = _site_key(by_name[s])
-            mask = [float(p not in keep) for p in range(tokens)] if tokens else None
-            outside.setdefault(r, {}).setdefault(key, []).append((index, mask))
+        held[[row[pair] for pair in zip(kept.sender, kept.receiver)], kept.position.to_numpy(dtype=int)] = 1
+    else:
+        held[[row[pair] for pair in wanted], 0] = 1
+    site = {name: i for i, (name, _) in enumerate(sites)}
+    where = {s.name: (site[_site_key(s)[0]], -1 if s.head is None else s.head) for s in senders}
+    key_of = np.array([where[s][0] for s in table.sender])
+    head_of = np.array([where[s][1] for s in table.sender])
+    names = table.receiver.to_numpy()
+    starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]])     # (the table runs receiver by receiver)
+    by_receiver = {names[a]: slice(a, b) for a, b in zip(starts, np.r_[starts[1:], len(names)])}
     for r in receivers:
-        if r.name not in outside:
+        rows = by_receiver[r.name]
+        held_r, keys_r, heads_r = held[rows], key_of[rows], head_of[rows]
+        out_keys = np.unique(keys_r[(held_r < 1).any(1)])
+        if not len(out_keys):              # every sender kept: the receiver reads its stream as it is
             continue
+        in_keys = np.unique(keys_r[(held_r > 0).any(1)])
+        kept_side = len(in_keys) < len(out_keys)
         groups = []
-        for key, items in outside[r.name].items():
-            index = None if items[0][0] is None else torch.tensor([i for i, _ in items])
-            groups.append((key, index, torch.tensor([m for _, m in items]) if tokens else None))
-        circuit.add(receiver_site(r), _Read(wiring, groups, circuit.means), name=f"read {r.name.replace('.', ' ')}")
+        for k in (in_keys if kept_side else out_keys):
+            mine = keys_r == k
+            w = held_r[mine] if kept_side else 1 - held_r[mine]          # [senders here, tokens or 1]
+            if heads_r[mine][0] >= 0:       # a layer's heads: [H, (tokens)]
+                full = np.zeros((arch.heads("head_out", sites[k][1].layer), w.shape[1]), dtype=np.float32)
+                full[heads_r[mine]] = w
+                w = full
+            w = torch.from_numpy(w if tokens else w[..., 0])
+            groups.append((sites[k][0], w[0] if w.dim() and heads_r[mine][0] < 0 else w))
+        read = _Read(wiring, groups, int(keys_r.max()) + 1 if kept_side else None, tokens)
+        circuit.add(receiver_site(r), read, name=f"read {r.name.replace('.', ' ')}")
     return circuit
 
 

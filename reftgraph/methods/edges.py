@@ -30,6 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..arch.components.heads import qkv_slicer
+from ..arch.components.inputs import head_input_grads
 from ..arch.structure import Hook
 from ..core.graph import Graph
 from ..core.ops import Collect, Set
@@ -46,6 +48,7 @@ __all__ = ["edges", "edge_scores", "METHODS", "WriteMap", "out_maps", "rms_scale
 
 METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "exact")
 NEEDS = ("embed", "head_out", "mlp_out", "q_in", "k_in", "v_in", "mlp_in", "logits_in")
+HEAD_INPUTS = ("q_in", "k_in", "v_in")
 
 
 @dataclass(frozen=True)
@@ -341,25 +344,33 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
     senders, receivers = units(arch)
     maps = out_maps(model)
     collect = sender_graph(arch, groups=method == "eap-ig-activations")
-    corrupt = run(collect, model, data.base, grad=False, logits="last")
     grad = None
     if method == "eap":     # the clean writes come from the gradient's own (clean) forward
-        grad, clean = _gradients(model, data, receivers, metric_fn, Reference(correct, wrong), senders=arch)
+        grad, clean = _gradients(model, data.source, receivers, metric_fn, Reference(correct, wrong), senders=arch)
     else:
         clean = run(collect, model, data.source, grad=False, logits="last")
     ref = Reference(correct, wrong, clean.next_token_logits.detach())
+    runs = []                # EAP-IG: the gradient averaged over outputs from the corrupted to the clean
+    if method == "eap-ig-inputs":
+        # its first run (k = 0) is the corrupted run itself, which also gives the corrupted writes
+        first, corrupt = _gradients(model, data.base, receivers, metric_fn, ref, senders=arch)
+        grad = {key: value / steps for key, value in first.items()}
+        runs = [("input", Site("embed"), k / steps) for k in range(1, steps)]
+    else:
+        corrupt = run(collect, model, data.base, grad=False, logits="last")
+        if method == "eap-ig-activations":
+            grad = {}
+            runs = [(name, site, k / steps) for name, site in _groups(arch, method) for k in range(1, steps + 1)]
     valid = clean.valid["input"]
     delta = _delta_writes(model, corrupt, clean, maps, valid)          # [senders, B, k, d]
     index = {s.name: i for i, s in enumerate(senders)}
     if method != "exact":
-        if grad is None:     # EAP-IG: the gradient averaged over outputs from the corrupted to the clean
-            runs = [(name, site, k / steps) for name, site in _groups(arch, method) for k in (
-                range(steps) if method == "eap-ig-inputs" else range(1, steps + 1))]
-            grad = {}
-            for name, site, alpha in progress_bar(runs, desc=method, progress=progress and len(runs) > 1, unit="run"):
-                moved = corrupt[name] + alpha * (clean[name] - corrupt[name])
-                step = _gradients(model, data, receivers, metric_fn, ref, (site, moved), valid)[0]
-                grad = {key: grad.get(key, 0) + value / len(runs) for key, value in step.items()}
+        share = steps if method == "eap-ig-inputs" else len(runs)      # (on activations: every group's runs)
+        for name, site, alpha in progress_bar(runs, desc=method, progress=progress and len(runs) > 1, unit="run"):
+            moved = corrupt[name] + alpha * (clean[name] - corrupt[name])
+            step = _gradients(model, data.source, receivers, metric_fn, ref, (site, moved), valid)[0]
+            for key, value in step.items():
+                grad[key] = grad[key] + value / share if key in grad else value / share
         scores = _products(delta, grad, senders, receivers, per_position)
         column = {r.name: i for i, r in enumerate(receivers)}
         rows, cols = table.sender.map(index).to_numpy(copy=True), table.receiver.map(column).to_numpy(copy=True)
@@ -404,28 +415,51 @@ def _receiver_grad(grads: dict, r) -> torch.Tensor:
     return gr if r.head is None else gr[:, :, r.head]
 
 
-def _gradients(model, data, receivers, metric_fn, ref, moved=None, valid=None, senders=None) -> tuple:
+def _gradients(model, prompts, receivers, metric_fn, ref, moved=None, valid=None, senders=None) -> tuple:
     """``({receiver site: gradient [B, k, (H,) d]}, the run)``: the metric's gradient at each
-    receiver's copy of the stream (one site per layer and kind, all heads), from one clean
-    forward (with ``moved = (site, value)``: that site's output set to ``value``) and one
+    receiver's copy of the stream (one site per layer and kind, all heads), from one forward
+    of ``prompts`` (with ``moved = (site, value)``: that site's output set to ``value``) and one
     backward; with ``senders`` (an Arch) the run also collects what the senders wrote (see
-    :func:`_delta_writes`), and a ``ref`` without source logits takes this run's."""
+    :func:`_delta_writes`), and a ``ref`` without source logits takes this run's.
+
+    The heads' query, key and value inputs are not run as copies: the backward stops at the
+    heads' slices of each projection, and each copy's gradient follows from there and the
+    block's input (:func:`~reftgraph.arch.components.inputs.head_input_grads`), one layer at a
+    time, what a probe on the copies gives."""
+    arch = model.arch
     g, probes = (sender_graph(senders) if senders is not None else Graph()), {}
     if moved is not None:
         g.add(moved[0], Set(moved[1], mask=valid[..., None]), name="moved")
     for r in receivers:
         key = receiver_site(r).replace(head=None)
-        if key not in probes:
-            probes[key] = probe()
+        if key in probes:
+            continue
+        probes[key] = probe()
+        if key.component in HEAD_INPUTS:        # the gradient at the projection's slices, and the block input
+            g.add(Site(key.component[0], key.layer), probes[key], name=f"{key.component[0]}{key.layer}")
+            if f"pre{key.layer}" not in g:
+                g.add(Site("resid_pre", key.layer), Collect(), name=f"pre{key.layer}")
+        else:
             g.add(key, probes[key], name=f"{key.component}{key.layer}")
-    out = run(g, model, data.source, grad=True, logits="last")
+    out = run(g, model, prompts, grad=True, logits="last")
     if ref.source_logits is None:
         ref = Reference(ref.correct, ref.wrong, out.next_token_logits.detach())
     total = metric_fn(out.next_token_logits, ref).sum()
     ops = list(probes.values())
     found = torch.autograd.grad(total, [op.delta for op in ops], allow_unused=True)
-    return {key: (torch.zeros_like(op.delta) if gr is None else gr).float()
-            for key, op, gr in zip(probes, ops, found)}, out
+    grads = {key: (torch.zeros_like(op.delta) if gr is None else gr) for key, op, gr in zip(probes, ops, found)}
+    shared = {}             # (layer, the norm they read) -> the head inputs reading the block input through it
+    for key in grads:
+        if key.component in HEAD_INPUTS:
+            shared.setdefault((key.layer, arch.blocks[key.layer].reads.get(key.component, "")), []).append(key)
+    for (layer, norm), keys in shared.items():
+        block = arch.blocks[layer]
+        norm = arch.envoy(model.hf, Hook(layer, 0, norm, "output")) if norm else None
+        found = head_input_grads(out[f"pre{layer}"], [grads[k] for k in keys], norm,
+                                 [arch.envoy(model.hf, arch.hook(k.component, layer)) for k in keys],
+                                 [qkv_slicer(k.component[0], arch, block, layer)[0] for k in keys])
+        grads.update(zip(keys, found))
+    return {key: gr.detach().float() for key, gr in grads.items()}, out
 
 
 class _Shift(Op):

@@ -32,7 +32,7 @@ from .base import Address, Component, Context, first, no_module, walk, with_firs
 from .heads import POS, qkv_slicer
 from .outputs import per_token
 
-__all__ = ["HeadInputs", "MLPInput", "head_input_view", "stream_input_view"]
+__all__ = ["HeadInputs", "MLPInput", "head_input_grads", "head_input_view", "stream_input_view"]
 
 _READS = {"q_in": "q", "k_in": "k", "v_in": "v"}
 
@@ -124,6 +124,46 @@ def head_input_view(heads: int, head_get, head_put):
         return with_first(raw, head_put(t, head_get(t).detach() + new_part.to(t.dtype)))
 
     return get, put
+
+
+def head_input_grads(x, grads, norm, projs, head_gets) -> list:
+    """``[[..., heads, d]]``: per projection, the gradient at each head's copy of the stream,
+    where every copy is ``x`` ``[..., d]``, from ``grads`` ``[[..., heads, dh]]`` at the heads'
+    slices of the projections ``projs`` (each applied to ``norm`` of the copy, as
+    :func:`head_input_view` reads it): what a probe on the copies gives, without running one
+    copy per head through the forward.
+
+    >>> import torch
+    >>> norm, proj = torch.nn.LayerNorm(4), torch.nn.Linear(4, 6)
+    >>> head_get = lambda t: t.unflatten(-1, (2, 3))
+    >>> x, g = torch.randn(1, 5, 4), torch.randn(1, 5, 2, 3)
+    >>> copies = x.unsqueeze(2).expand(-1, -1, 2, -1).clone().requires_grad_()
+    >>> want, = torch.autograd.grad(_per_head(proj, norm(copies), head_get), copies, g)
+    >>> torch.allclose(head_input_grads(x, [g], norm, [proj], [head_get])[0], want, atol=1e-6)
+    True
+
+    The projections' slices are linear, so a head's gradient is the norm's vector-Jacobian
+    product at ``x`` of ``W_h^T grad_h``: the norm's backward once per head, batched over the
+    heads of every projection (``torch.func.vmap``), instead of a norm and a projection per
+    head forward and back.
+    """
+    x = x.detach()
+    us = []
+    for grad, proj, head_get in zip(grads, projs, head_gets):
+        module = getattr(proj, "_module", proj)          # (an nnsight envoy holds its module)
+        if linear_shape(module) is not None:
+            weight = module.weight.T if isinstance(module, torch.nn.Linear) else module.weight   # [in, out]
+            us.append(torch.einsum("...he,ihe->...hi", grad.to(weight.dtype), head_get(weight.detach())))
+            continue
+        z = (norm(x) if norm is not None else x).detach()
+        z = z.unsqueeze(-2).expand(*z.shape[:-1], grad.shape[-2], z.shape[-1]).clone().requires_grad_()
+        with torch.enable_grad():
+            us.append(torch.autograd.grad(_per_head(proj, z, head_get), z, grad.to(z.dtype))[0])
+    if norm is None:
+        return us
+    out, vjp = torch.func.vjp(getattr(norm, "_module", norm), x)
+    every = torch.vmap(lambda v: vjp(v)[0], in_dims=-2, out_dims=-2)(torch.cat(us, -2).to(out.dtype))
+    return list(every.split([u.shape[-2] for u in us], -2))
 
 
 def _per_head(proj, x, head_get):

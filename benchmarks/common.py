@@ -1,5 +1,7 @@
 """Shared helpers for the benchmark scripts (each prints its figures and a last line of JSON)."""
 
+import ctypes
+import gc
 import json
 import os
 import statistics
@@ -45,9 +47,16 @@ def set_threads():
 
 
 class PeakRSS:
-    """Peak resident memory (MB) while the block runs, sampled every 5 ms."""
+    """Peak resident memory (MB) while the block runs, sampled every 5 ms; ``growth`` above the
+    memory in use when it starts (freed memory is first handed back to the system, so what
+    earlier work left in the allocator's free lists does not hide the growth)."""
 
     def __enter__(self):
+        gc.collect()
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):     # not glibc
+            pass
         self.peak, self.stop = 0, False
         self.start = self.rss()
         self.thread = threading.Thread(target=self.sample, daemon=True)

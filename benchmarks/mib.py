@@ -52,7 +52,13 @@ def main():
                "per_position": args.per_position}
     for task in args.tasks:
         figures[task] = run_task(lm, task, args)
+    (RESULTS / f"mib_{args.model}{suffix(args)}.json").write_text(json.dumps(figures, indent=1) + "\n")
     print(json.dumps(figures))
+
+
+def suffix(args) -> str:
+    """What the results' file names add for the settings: ``_mean``, ``_per_position``."""
+    return ("" if args.ablate == "corrupt" else f"_{args.ablate}") + ("_per_position" if args.per_position else "")
 
 
 def run_task(lm, task, args) -> dict:
@@ -82,8 +88,7 @@ def run_task(lm, task, args) -> dict:
             if ig in results and node_ig in results:
                 figures[f"{ig} / node IG {name.upper()}"] = round(results[ig][name] / results[node_ig][name], 2)
     RESULTS.mkdir(exist_ok=True)
-    suffix = ("" if args.ablate == "corrupt" else f"_{args.ablate}") + ("_per_position" if args.per_position else "")
-    rg.circuits.plot_mib(results).savefig(RESULTS / f"mib_{args.model}_{task}{suffix}.png", dpi=120, bbox_inches="tight")
+    rg.circuits.plot_mib(results).savefig(RESULTS / f"mib_{args.model}_{task}{suffix(args)}.png", dpi=120, bbox_inches="tight")
     print(f"{task}: {'method':>18} {'CPR':>8} {'CMD':>8} {'CPR log':>8} {'CMD log':>8}   curve at {args.fractions}")
     for method, result in results.items():
         curve = " ".join(f"{f:.2f}" for f in result["curve"].faithfulness)

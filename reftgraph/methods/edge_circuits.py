@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from ..core.graph import Graph
 from ..core.masks import masked_mean
 from ..core.ops.base import Op
+from ..core.sites import Site
 from ..engine import as_model, run
 from ..errors import DataError, GraphFileError
 from ..files import atomic_dir
@@ -64,9 +65,13 @@ class _Wiring:
         self.writes, self.valid = {}, {}
         self.diffs, self.sums = {}, []
 
+    def clear(self):
+        """Let go of this forward's writes and what was derived from them."""
+        self.writes, self.valid, self.diffs, self.sums = {}, {}, {}, []
+
     def record(self, key, write, valid):
-        if key == ("base", self.keys[0]):      # a new forward: what was derived from the last one goes
-            self.diffs, self.sums = {}, []
+        if key == ("base", self.keys[0]):      # a new forward (after one that stopped early, too)
+            self.clear()
         self.writes[key] = write
         self.valid[key[0]] = valid
 
@@ -101,6 +106,19 @@ class _Send(Op):
 
     def forward(self, h, source=None, valid=None):
         self.wiring.record(self.key, h if self.out_map is None else self.out_map(h), valid)
+        return h
+
+
+class _Release(Op):
+    """The circuit's last node: the forward is past every receiver, so the wiring lets go of its
+    writes (a circuit kept for later holds no activations)."""
+
+    def __init__(self, wiring):
+        super().__init__()
+        self.wiring = wiring
+
+    def forward(self, h, source=None, valid=None):
+        self.wiring.clear()
         return h
 
 
@@ -146,7 +164,7 @@ class EdgeCircuit(Graph):
     >>> circuit = edge_circuit(lm, pd.DataFrame({"sender": ["a0.h1"], "receiver": ["logits"]}))
     >>> print(circuit)
     EdgeCircuit: keeps 1 of 82 edges: a0.h1 -> logits
-      runs as 29 nodes: 10 record the senders' writes (both streams), 19 receivers read the corrupted writes of the senders outside
+      runs as 30 nodes: 10 record the senders' writes (both streams), 19 receivers read the corrupted writes of the senders outside
 
     It runs like any :class:`~reftgraph.Graph` (with ``sources={"corrupt": corrupted prompts}``;
     a mean-ablated circuit, ``settings["ablate"] == "mean"``, reads no other stream: its outside
@@ -190,11 +208,12 @@ class EdgeCircuit(Graph):
         names = [f"{s} -> {r}{p}" for s, r, p in zip(self.kept.sender, self.kept.receiver, at)]
         shown = ", ".join(names[:8]) + (f", ... ({len(names) - 8} more)" if len(names) > 8 else "")
         sends = sum(isinstance(n.op, _Send) for n in self.nodes)
+        reads = sum(isinstance(n.op, _Read) for n in self.nodes)
         streams, what = ("the clean stream", "mean") if self.means is not None else ("both streams", "corrupted")
         unit = "(edge, token) pairs" if "position" in self.kept else "edges"
         return (f"EdgeCircuit: keeps {len(self.kept)} of {self.total} {unit}" + (f": {shown}" if shown else ""),
                 f"runs as {len(self)} nodes: {sends} record the senders' writes ({streams}), "
-                f"{len(self) - sends} receivers read the {what} writes of the senders outside")
+                f"{reads} receivers read the {what} writes of the senders outside")
 
     def __repr__(self) -> str:
         head, runs = self._lines()
@@ -225,7 +244,7 @@ def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None, abl
     >>> import pandas as pd, reftgraph as rg
     >>> lm = rg.models.tiny("llama")
     >>> len(edge_circuit(lm, rg.circuits.edges(lm)).nodes)      # every edge kept: the senders are only recorded
-    10
+    11
 
     ``ablate="mean"``: every other edge gives its receiver the sender's mean write over the
     corrupted prompts of ``data`` (over rows and positions; or ``means``, as
@@ -294,6 +313,7 @@ def edge_circuit(model, kept: pd.DataFrame, settings: Optional[dict] = None, abl
             groups.append((sites[k][0], w[0] if w.dim() and heads_r[mine][0] < 0 else w))
         read = _Read(wiring, groups, int(keys_r.max()) + 1 if kept_side else None, tokens)
         circuit.add(receiver_site(r), read, name=f"read {r.name.replace('.', ' ')}")
+    circuit.add(Site("logits_in"), _Release(wiring), name="release")
     return circuit
 
 
@@ -465,7 +485,7 @@ def edge_faithfulness(circuit: EdgeCircuit, model, data: Counterfactual, metric=
     >>> lm = rg.models.tiny("llama")
     >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
     >>> everything = edge_circuit(lm, rg.circuits.edges(lm))
-    >>> round(edge_faithfulness(everything, lm, data, progress=False)["normalised"], 6)
+    >>> round(edge_faithfulness(everything, lm, data, progress=False)["normalised"], 4)
     1.0
 
     ``empty`` is the corrupted run, or for a mean-ablated circuit the circuit with every edge

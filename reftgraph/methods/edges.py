@@ -222,7 +222,7 @@ def rms_scale(norm, width: int, where: str) -> tuple:
     >>> import torch
     >>> from transformers.models.llama.modeling_llama import LlamaRMSNorm
     >>> c, eps = rms_scale(LlamaRMSNorm(4, eps=1e-6), 4, "layer 0")
-    >>> c.tolist(), eps
+    >>> [round(v, 4) for v in c.tolist()], eps
     ([1.0, 1.0, 1.0, 1.0], 1e-06)
     """
     eps = next((float(getattr(norm, k)) for k in ("eps", "variance_epsilon", "epsilon")

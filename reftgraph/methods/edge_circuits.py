@@ -145,7 +145,7 @@ class _Read(Op):
                                 f"tokens; these prompts have {diff.shape[1]}")
             w = weights.to(diff.dtype)
             if diff.dim() == 4:          # a layer's heads: [B, k, H, d] by [H] or [H, tokens]
-                part = torch.einsum("bkhd,h->bkd", diff, w) if w.dim() == 1 else torch.einsum("bkhd,hk->bkd", diff, w)
+                part = (diff * (w[:, None] if w.dim() == 1 else w.T[None, :, :, None])).sum(2)
             else:
                 part = diff * (w[None, :, None] if w.dim() else w)
             picked = picked + part

@@ -532,13 +532,14 @@ def node_edges(model, nodes: pd.DataFrame) -> pd.DataFrame:
 
 
 def mib_areas(fractions: Sequence[float], faithfulness: Sequence[float], log_scale: bool = False) -> tuple:
-    """MIB's CPR and CMD of a faithfulness curve: the areas under ``faithfulness`` and under
-    ``|1 - faithfulness|`` by the trapezoid rule over the circuit sizes ``fractions`` (their
-    natural log with ``log_scale=True``), as ``evaluate_area_under_curve`` in MIB's
-    ``MIB_circuit_track/evaluation.py``.
+    """MIB's ``(CPR, CMD)`` of a faithfulness curve: the areas under ``faithfulness`` and under
+    ``|1 - faithfulness|``, by the trapezoid rule over the circuit sizes ``fractions``.
 
     >>> mib_areas((0.5, 1.0), (0.5, 1.0))
     (0.375, 0.125)
+
+    Over the fractions' natural log with ``log_scale=True``. As ``evaluate_area_under_curve`` in
+    MIB's ``MIB_circuit_track/evaluation.py``.
     """
     x = [math.log(f) if log_scale else f for f in fractions]
     cpr = cmd = 0.0

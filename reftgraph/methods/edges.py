@@ -204,6 +204,14 @@ class WriteMap:
     norm: Optional[tuple] = None
 
     def scaled(self, z: torch.Tensor) -> torch.Tensor:
+        """The heads' outputs ``z`` as the maps take them: divided by ``rms(o)`` per token after a
+        post-norm, else as they are.
+
+        >>> import torch, reftgraph as rg
+        >>> z = torch.ones(1, 2, 4, 8)
+        >>> torch.equal(out_maps(rg.models.tiny("llama"))[0].scaled(z), z)
+        True
+        """
         if self.norm is None:
             return z
         proj, _, eps = self.norm

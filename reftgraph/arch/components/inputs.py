@@ -127,11 +127,9 @@ def head_input_view(heads: int, head_get, head_put):
 
 
 def head_input_grads(x, grads, norm, projs, head_gets) -> list:
-    """``[[..., heads, d]]``: per projection, the gradient at each head's copy of the stream,
-    where every copy is ``x`` ``[..., d]``, from ``grads`` ``[[..., heads, dh]]`` at the heads'
-    slices of the projections ``projs`` (each applied to ``norm`` of the copy, as
-    :func:`head_input_view` reads it): what a probe on the copies gives, without running one
-    copy per head through the forward.
+    """Per projection, the gradient ``[..., heads, d]`` at each head's copy of the stream ``x``,
+    from ``grads`` ``[..., heads, dh]`` at the heads' slices of ``projs``: what a probe on the
+    copies gives, without running one copy per head through the forward.
 
     >>> import torch
     >>> norm, proj = torch.nn.LayerNorm(4), torch.nn.Linear(4, 6)
@@ -142,7 +140,9 @@ def head_input_grads(x, grads, norm, projs, head_gets) -> list:
     >>> torch.allclose(head_input_grads(x, [g], norm, [proj], [head_get])[0], want, atol=1e-6)
     True
 
-    The projections' slices are linear, so a head's gradient is the norm's vector-Jacobian
+    Every copy is ``x`` ``[..., d]``, read as :func:`head_input_view` reads it: each projection
+    applied to ``norm`` of the copy. The projections' slices are linear, so a head's gradient is
+    the norm's vector-Jacobian
     product at ``x`` of ``W_h^T grad_h``: the norm's backward once per head, batched over the
     heads of every projection (``torch.func.vmap``), instead of a norm and a projection per
     head forward and back.

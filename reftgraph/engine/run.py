@@ -16,6 +16,7 @@ them (they warn once): :func:`~reftgraph.engine.traces.trace` and the executors 
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from .executors import Job, executor
 from .plan import Plan, compile_graph
 from .remote import is_remote
 from .tokens import Prompts, from_inputs, last_token, prompt_list, tokenize  # noqa: F401
-from .traces import Skip
+from .traces import Skip, touches_logits
 
 
 @dataclass
@@ -166,9 +167,10 @@ def run(graph: Graph, model: Model, prompts: Prompts, sources: Optional[dict] = 
     return _forward(graph, plan, ex, inputs, batch, grad, subspaces, logits)
 
 
-def _keeps_logits(model: Model) -> bool:
-    """Whether the model's forward takes ``logits_to_keep`` as positions."""
-    return "logits_to_keep" in inspect.signature(model.hf.forward).parameters
+@functools.lru_cache(maxsize=None)
+def _keeps_logits(model_class) -> bool:
+    """Whether the model class's forward takes ``logits_to_keep`` as positions (asked once per class)."""
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def _forward(graph, plan, ex, inputs, batch, grad, subspaces, which="all") -> RunResult:
@@ -180,8 +182,7 @@ def _forward(graph, plan, ex, inputs, batch, grad, subspaces, which="all") -> Ru
     bound = plan.bind(batch, subspaces)
     last = batch.start + batch.length - 1
     keep = None
-    if which == "last" and _keeps_logits(ex.model) and not any(
-            "logits" in (s.node.site.component, s.node.reads[1].component) for s in plan.steps):
+    if which == "last" and _keeps_logits(type(ex.model.hf)) and not touches_logits(plan):
         keep = torch.unique(last)            # (sorted) the positions whose logits are computed
         inputs = {**inputs, "logits_to_keep": keep.to(inputs["input_ids"].device)}
     with torch.set_grad_enabled(grad), inference_mode(graph):

@@ -71,6 +71,17 @@ class Skip(NamedTuple):
     state: torch.Tensor
 
 
+def touches_logits(plan) -> bool:
+    """Whether a node of ``plan`` edits or reads the logits (which then must be computed at every position).
+
+    >>> import reftgraph as rg
+    >>> from reftgraph.engine import compile_graph
+    >>> touches_logits(compile_graph(rg.Graph(), rg.models.tiny("llama").arch))
+    False
+    """
+    return any("logits" in (s.node.site.component, s.node.reads[1].component) for s in plan.steps)
+
+
 def trace(model: Model, bound: BoundPlan, inputs: dict, *, output: Optional[str] = "logits",
           skip: Optional[Skip] = None, remote=None) -> Outputs:
     """One traced forward of ``inputs`` with ``bound``'s edits.
@@ -97,7 +108,7 @@ def trace(model: Model, bound: BoundPlan, inputs: dict, *, output: Optional[str]
     plan = bound.plan
     if output not in OUTPUTS:
         raise ValueError(f"output must be one of {OUTPUTS}, got {output!r}")
-    if output == "hidden" and any("logits" in (s.node.site.component, s.node.reads[1].component) for s in plan.steps):
+    if output == "hidden" and touches_logits(plan):
         raise SiteError("this graph edits or reads logits, which a run for the final hidden state (a training loss) "
                         "does not compute for every position; use logits_in (the stream before the final norm)")
     remote = remote if is_remote(remote) else None

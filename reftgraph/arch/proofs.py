@@ -39,6 +39,7 @@ from .components.ends import prove_ends
 from .positions import prove_positions
 from .recording import record
 from .stacks import feeding_decoder
+from .streams import Stream, find_stream, layout_reason
 from .styles import STYLES, Record
 from .tree import BlockPaths, blocks_of, kind_of, linear_shape, read_tree
 
@@ -79,6 +80,7 @@ class Block:
     norms: dict = field(default_factory=dict)   # Post-LN: attn_out / mlp_out -> the norm after its addition
     scales: dict = field(default_factory=dict)  # scaled: attn_out / mlp_out -> (block attribute, its value here)
     cross: Optional[str] = None                 # the module whose output cross_attn_out is (encoder-decoders)
+    stream: Optional[Stream] = None             # a stream not laid out as [batch, tokens, width] (streams.py)
 
 
 # -- dims ------------------------------------------------------------------
@@ -234,6 +236,11 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         if isinstance(value, str):
             why = f"the block returns a {value} (a named tuple), which an edit of its output cannot rebuild"
             return Block(paths, refused={c: why for c in COMPONENTS})
+        if (isinstance(value, torch.Tensor) and isinstance(rec.post, torch.Tensor) and tuple(value.shape) != want
+                and rec.post.shape == rec.pre.shape):
+            stream = find_stream(value.shape, *want, model.config)
+            if isinstance(stream, Stream):
+                return _streams_only(paths, rec, nxt, order, stream)
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != want:
             got = list(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
             why = (f"the block's {'input' if component_name == 'resid_pre' else 'output'} is {got}, not [batch, "
@@ -273,6 +280,18 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
     return Block(paths, ctx.style.name if ctx.style else None, ctx.attn_out, ctx.mlp_out, ctx.layout, heads, widths,
                  refused, {c: v for c, v in component_stages.items() if v is not None}, frozenset(flat), inner=ctx.inner,
                  reads=ctx.reads, mixer=ctx.mixer, norms=ctx.norms, scales=ctx.scales, cross=ctx.cross)
+
+
+def _streams_only(paths: BlockPaths, rec, nxt, order: list, stream: Stream) -> Block:
+    """A block whose stream is laid out otherwise (:mod:`reftgraph.arch.streams`): ``resid_pre``
+    and ``resid_post`` through the layout, every other component refused with it as the reason."""
+    why = layout_reason(tuple(rec.pre.shape), stream)
+    refused = {c: why for c in COMPONENTS if c not in ("resid_pre", "resid_post")}
+    if nxt is not None and not Record.close(rec.post, nxt):
+        refused["resid_post"] = f"check resid_post == the next block's input failed ({Record.gap(rec.post, nxt)})"
+    stages = {(p, io): i for i, (p, io) in enumerate(order)}
+    return Block(paths, refused=refused, stream=stream,
+                 stages={c: stages[("", io)] for c, io in (("resid_pre", "input"), ("resid_post", "output"))})
 
 
 # -- driving it: tiny instance, cache -----------------------------------------
@@ -371,6 +390,8 @@ def prove(model, d_model: int, family=None) -> tuple[str, list[Block], tuple]:
                                                    for c in COMPONENTS if c != "resid_pre"}))
             continue
         heads, widths = dims_of(model.config, block, paths[i])
+        if proven[kind].stream:   # this model's own stream count
+            widths["resid"] = proven[kind].stream.width(model.config, d_model)
         scales = {c: (a, float(getattr(block, a))) for c, (a, _) in proven[kind].scales.items()}   # this block's own
         blocks.append(_with_ends(replace(proven[kind], paths=paths[i], heads=heads, widths=widths, scales=scales),
                                  ends, i, len(real)))

@@ -8,7 +8,8 @@ before the MLP) and ``resid_post`` (the block's output).
 
 ``resid_mid`` is read through the attention output: ``resid_pre + attn_out`` (in Post-LN
 blocks, the output of the norm after that sum); a block style without a stream between
-attention and MLP (parallel blocks) refuses it.
+attention and MLP (parallel blocks) refuses it. A stream laid out otherwise (tokens first,
+several vectors per token: :mod:`reftgraph.arch.streams`) is viewed as ``[batch, tokens, width]``.
 Proof: ``resid_post[L] == resid_pre[L+1]``; ``resid_mid`` exists when the block style's
 identities hold (:mod:`reftgraph.arch.styles`).
 """
@@ -34,10 +35,18 @@ class Residual(Component):
         return Address("", "input" if name == "resid_pre" else "output")
 
     def view(self, name, arch, block, layer):
+        stream = getattr(block, "stream", None)
+        if stream is not None:     # laid out otherwise (reftgraph.arch.streams): resid_pre / resid_post only
+            n = block.widths.get("resid", arch.d_model) // arch.d_model
+            return (lambda raw, pre: stream.get(first(raw), n),
+                    lambda raw, new, pre: with_first(raw, stream.put(first(raw), new, n)))
         if name != "resid_mid" or block.norms:
             return super().view(name, arch, block, layer)
         c = block.scales.get("attn_out", (None, 1.0))[1]      # a scaled addition: resid_pre + c * attention
         return (lambda raw, pre: pre + c * first(raw), lambda raw, new, pre: with_first(raw, (new - pre) / c))
+
+    def width(self, name, arch, block):
+        return block.widths.get("resid", arch.d_model) if block is not None else arch.d_model
 
     def needs_pre(self, name, block) -> bool:
         return name == "resid_mid" and not block.norms

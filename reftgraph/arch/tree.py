@@ -172,7 +172,20 @@ def _child_attn(block) -> tuple:
                  None)
     rest = [n for n in like if n != cross]
     choice = _pick([n for n in rest if "." not in n], _ATTN_NAMES) or next(iter(rest), None)
+    if choice and "." not in choice:
+        choice = _inside_norms(choice, children[choice])
     return (choice, cross) if choice else (cross, None)   # (a lone cross-attention, Mllama's: the block's attention)
+
+
+def _inside_norms(name: str, module) -> str:
+    """The attention inside a sub-layer that wraps it with its norms (DBRX's ``norm_attn_norm``:
+    norm, attention, norm): the one child with a matrix, named as attention, beside norms."""
+    kids = dict(module.named_children())
+    norms = [n for n, m in kids.items() if is_norm(m)]
+    held = [n for n, m in kids.items() if any(p.dim() >= 2 for p in m.parameters())]
+    if norms and len(held) == 1 and _attention_like(held[0], kids[held[0]]):
+        return f"{name}.{held[0]}"
+    return name
 
 
 def _attention_parts(attn_path: str, attn, d_model: int):
@@ -265,7 +278,7 @@ def read_block(block, d_model: int) -> BlockPaths:
     """
     attn, cross = _child_attn(block)
     subs = _children(block)
-    attn_proj, qkv = _attention_parts(attn, subs[attn], d_model) if attn else (None, None)
+    attn_proj, qkv = _attention_parts(attn, block.get_submodule(attn), d_model) if attn else (None, None)
     cross_proj = _attention_parts(cross, subs[cross], d_model)[0] if cross else None
     mlp, down, mlp_in = _child_mlp(block, attn, d_model, cross)
     children = tuple(name for name, _ in block.named_children())

@@ -32,6 +32,8 @@ class Record:
     outputs: dict = field(default_factory=dict)
     calls: dict = field(default_factory=dict)
     scales: dict = field(default_factory=dict)   # the plain numbers the block holds (styles.scaled)
+    attention: frozenset = frozenset()      # the block's attention children: never the norm before the MLP
+    nested_norms: frozenset = frozenset()   # norms below the block's children (DBRX's norm_attn_norm.norm_2)
 
     def out(self, path: Optional[str]) -> Optional[torch.Tensor]:
         """The first output of the module at ``path`` (None when it did not run).
@@ -85,12 +87,17 @@ class Record:
         >>> x = torch.ones(1)
         >>> Record(x, x, inputs={"ln_2": x * 5, "mlp": x * 2}, outputs={"ln_2": x * 2}).mid("mlp").tolist()
         [5.0]
+
+        The norm is one of the block's children, or a norm below them (DBRX's
+        ``norm_attn_norm.norm_2``); an attention child is none (one that adds its own residual
+        returns what the MLP reads: RoBERTa-PreLayerNorm's).
         """
         fed = self.inp(mlp)
         if fed is None:
             return None
         for path, out in self.outputs.items():
-            if path not in (mlp, "") and "." not in path and self.close(out, fed):
+            child = "." not in path and path not in self.attention
+            if path not in (mlp, "") and (child or path in self.nested_norms) and self.close(out, fed):
                 return self.inputs.get(path)
         return fed
 

@@ -23,6 +23,7 @@ corrupted ones).
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -251,6 +252,20 @@ def rms_scale(norm, width: int, where: str) -> tuple:
                     f"its output is no sum of the heads' terms")
 
 
+_RMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # norm module -> (c, eps) or None
+
+
+def _rms_or_none(norm, width: int):
+    """``(c, eps)`` when ``norm`` is an RMS norm with a gain (see :func:`rms_scale`), else None;
+    measured once per module."""
+    if norm not in _RMS:
+        try:
+            _RMS[norm] = rms_scale(norm, width, "")
+        except SiteError:
+            _RMS[norm] = None
+    return _RMS[norm]
+
+
 def out_maps(model) -> list:
     """Per layer, what each head writes to the stream (a :class:`WriteMap`).
 
@@ -465,7 +480,8 @@ def _gradients(model, prompts, receivers, metric_fn, ref, moved=None, valid=None
         norm = arch.envoy(model.hf, Hook(layer, 0, norm, "output")) if norm else None
         found = head_input_grads(out[f"pre{layer}"], [grads[k] for k in keys], norm,
                                  [arch.envoy(model.hf, arch.hook(k.component, layer)) for k in keys],
-                                 [qkv_slicer(k.component[0], arch, block, layer)[0] for k in keys])
+                                 [qkv_slicer(k.component[0], arch, block, layer)[0] for k in keys],
+                                 rms=None if norm is None else _rms_or_none(getattr(norm, "_module", norm), out[f"pre{layer}"].shape[-1]))
         grads.update(zip(keys, found))
     return {key: gr.detach().float() for key, gr in grads.items()}, out
 

@@ -139,6 +139,12 @@ def head_input_grads(x, grads, norm, projs, head_gets, rms=None) -> list:
     >>> want, = torch.autograd.grad(_per_head(proj, norm(copies), head_get), copies, g)
     >>> torch.allclose(head_input_grads(x, [g], norm, [proj], [head_get])[0], want, atol=1e-6)
     True
+    >>> from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    >>> rms = LlamaRMSNorm(4, eps=1e-6); _ = torch.nn.init.uniform_(rms.weight)
+    >>> want, = torch.autograd.grad(_per_head(proj, rms(copies), head_get), copies, g)
+    >>> got = head_input_grads(x, [g], rms, [proj], [head_get], rms=(rms.weight.detach(), 1e-6))[0]
+    >>> torch.allclose(got, want, atol=1e-6)
+    True
 
     Every copy is ``x`` ``[..., d]``, read as :func:`head_input_view` reads it: each projection
     applied to ``norm`` of the copy. The projections' slices are linear, so a head's gradient is
@@ -150,21 +156,25 @@ def head_input_grads(x, grads, norm, projs, head_gets, rms=None) -> list:
     head at once (what the vmap gives, without its overhead).
     """
     x = x.detach()
-    us = []
+    us, linear = [], []
     for grad, proj, head_get in zip(grads, projs, head_gets):
         module = getattr(proj, "_module", proj)          # (an nnsight envoy holds its module)
         if linear_shape(module) is not None:
-            weight = module.weight.T if isinstance(module, torch.nn.Linear) else module.weight   # [in, out]
-            us.append(_back_through(grad.to(weight.dtype), head_get(weight.detach())))
+            weight = (module.weight.T if isinstance(module, torch.nn.Linear) else module.weight).detach()  # [in, out]
+            folded = rms is not None and norm is not None     # the norm's backward folded into the weights
+            us.append(_rms_linear_grads(x, grad, weight, head_get, *rms) if folded
+                      else _back_through(grad.to(weight.dtype), head_get(weight)))
+            linear.append(folded)
             continue
+        linear.append(False)
         z = (norm(x) if norm is not None else x).detach()
         z = z.unsqueeze(-2).expand(*z.shape[:-1], grad.shape[-2], z.shape[-1]).clone().requires_grad_()
         with torch.enable_grad():
             us.append(torch.autograd.grad(_per_head(proj, z, head_get), z, grad.to(z.dtype))[0])
     if norm is None:
         return us
-    if rms is not None:
-        return [rms_vjp(x, u, *rms) for u in us]
+    if rms is not None:     # (a projection that is no linear map: its W^T g taken by autograd above)
+        return [u if done else rms_vjp(x, u, *rms) for u, done in zip(us, linear)]
     out, vjp = torch.func.vjp(getattr(norm, "_module", norm), x)
     every = torch.vmap(lambda v: vjp(v)[0], in_dims=-2, out_dims=-2)(torch.cat(us, -2).to(out.dtype))
     return list(every.split([u.shape[-2] for u in us], -2))
@@ -176,6 +186,18 @@ def _back_through(grad, w):
     lead, (h, dh) = grad.shape[:-2], grad.shape[-2:]
     out = torch.bmm(grad.reshape(-1, h, dh).transpose(0, 1), w.permute(1, 2, 0))     # [H, M, d]
     return out.transpose(0, 1).unflatten(0, lead)
+
+
+def _rms_linear_grads(x, grad, weight, head_get, c, eps: float):
+    """Each head's gradient at its copy of ``x`` through ``y = c * x / r`` and its slice of a
+    linear ``weight`` ``[d, out]`` (what :func:`rms_vjp` gives for ``u = W_h^T grad_h``): ``c``
+    folded into the weight's rows, and ``x . (c * u)`` taken in the head's own width as
+    ``grad_h . W_h^T (c * x)``."""
+    xf, g = x.float(), grad.float()
+    wc = weight.float() * c.float().to(weight.device)[:, None]                       # [d, out]
+    r = torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps).unsqueeze(-2)             # [..., 1, 1]
+    along = (head_get(xf @ wc) * g).sum(-1, keepdim=True) / (xf.shape[-1] * r.pow(3))   # [..., H, 1]
+    return _back_through(g, head_get(wc)).div_(r).addcmul_(xf.unsqueeze(-2), along, value=-1).to(x.dtype)
 
 
 def rms_vjp(x, u, c, eps: float):

@@ -4,6 +4,7 @@ sparsify (``pip install .[bench]``) on *Alice's Adventures in Wonderland* (publi
 and the demo's caps LoReFT explained in features. Prints the figures; last line JSON.
 
     .venv/bin/python benchmarks/features.py [--epochs 40] [--latents 4608] [--k 32] [--retrain] [--generated N]
+        [--circuits-only] [--per-position] [--rank effect|magnitude] [--method atp|ig] [--fractions ...]
 
 1. Activations: the book in 128-token windows, the last 10% held out; position 0 of each
    window (the attention sink, of far larger norm) is left out of training and splicing.
@@ -18,7 +19,7 @@ and the demo's caps LoReFT explained in features. Prints the figures; last line 
    and the loss recovered.
 4. Speed: ``Collect(basis=sae)`` of every feature at the site vs a plain ``Collect`` and the
    encoder applied after (medians, interleaved).
-5. IOI: feature circuits at 1% of the features (AtP scores; errors kept and ablated) and the
+5. IOI: feature circuits at 1% of the features (AtP scores, or ``--method ig``; errors kept and ablated) and the
    node circuit of the same number of heads, faithfulness by running each.
 6. The caps LoReFT of the first demo (rank 4, layers 10 and 16), its layer-16 node explained:
    the features nearest its subspace and their top contexts in the book.
@@ -159,13 +160,13 @@ def speed(lm, sae, texts) -> dict:
             "collect_ratio": round(med["basis"] / med["plain+encode"], 3)}
 
 
-def ioi(lm, sae, fractions, per_position: bool = False, rank: str = "effect") -> dict:
+def ioi(lm, sae, fractions, per_position: bool = False, rank: str = "effect", method: str = "atp") -> dict:
     """Feature circuits at each fraction of the features (errors kept / ablated) and node
     circuits of as many heads, scored on 24 prompts and run on 24 held-out ones; per position:
     fractions of all (feature, position) pairs, against node circuits of (head, position) pairs."""
     data, held = rg.datasets.ioi(24, seed=0), rg.datasets.ioi(24, seed=1)
     sites = {rg.Site("resid_post", LAYER): sae}
-    table = rg.features.attribute(lm, data, sites, progress=False, per_position=per_position)
+    table = rg.features.attribute(lm, data, sites, progress=False, per_position=per_position, method=method)
     heads = rg.circuits.scores(lm, data, progress=False, per_position=per_position, rank=rank)
     width = int(table.position.max()) + 1 if per_position else 1
     out, rows = {}, []
@@ -182,7 +183,7 @@ def ioi(lm, sae, fractions, per_position: bool = False, rank: str = "effect") ->
         print(f"  {fraction:>5.0%} = {size} features: errors kept {row['errors_keep']}, ablated {row['errors_ablate']}; "
               f"{n} heads: {row['node_circuit']}", flush=True)
     one = next(r for r in rows if r["fraction"] == 0.01)
-    out.update(ioi_per_position=per_position, ioi_positions=width, ioi_rank=rank, ioi_features_kept=one["features"], ioi_feature_faithfulness_errors_keep=one["errors_keep"],
+    out.update(ioi_per_position=per_position, ioi_positions=width, ioi_rank=rank, ioi_method=method, ioi_features_kept=one["features"], ioi_feature_faithfulness_errors_keep=one["errors_keep"],
                ioi_feature_faithfulness_errors_ablate=one["errors_ablate"], ioi_node_faithfulness=one["node_circuit"],
                ioi_curve=rows)
     return out
@@ -219,6 +220,8 @@ def main():
     parser.add_argument("--per-position", action="store_true",
                         help="IOI circuits of (feature, position) pairs, against (head, position) node circuits")
     parser.add_argument("--circuits-only", action="store_true", help="skip the quality and speed figures")
+    parser.add_argument("--method", default="atp", choices=("atp", "ig"),
+                        help="how the features are scored: AtP, or integrated gradients (5 steps)")
     parser.add_argument("--rank", default="effect", choices=("effect", "magnitude"),
                         help="keep the largest signed effects, or the largest |effects| (Marks et al.)")
     args = parser.parse_args()
@@ -230,7 +233,8 @@ def main():
     extra = f"-gen{args.generated}" if args.generated else ""
     folder = CACHE / f"resid_post{LAYER}-topk{args.k}-{args.latents}{extra}" / f"layers.{LAYER}"
     if args.circuits_only:     # the SAE trained by an earlier run; IOI circuits alone
-        figures = ioi(lm, rg.features.load(folder), sorted(set(args.fractions) | {0.01}), args.per_position, args.rank)
+        figures = ioi(lm, rg.features.load(folder), sorted(set(args.fractions) | {0.01}), args.per_position, args.rank,
+                      args.method)
         print(json.dumps(figures))
         return
     if args.generated:
@@ -259,7 +263,7 @@ def main():
                    loss_increase=round(with_sae - clean, 4),
                    loss_recovered=round((zero - with_sae) / (zero - clean), 4))
     figures.update(speed(lm, sae, held))
-    figures.update(ioi(lm, sae, sorted(set(args.fractions) | {0.01}), args.per_position, args.rank))
+    figures.update(ioi(lm, sae, sorted(set(args.fractions) | {0.01}), args.per_position, args.rank, args.method))
     if not args.skip_caps:
         figures.update(explain_caps(lm, sae, held))
     for key, value in figures.items():

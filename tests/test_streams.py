@@ -156,3 +156,35 @@ def test_a_vector_of_the_model_width_is_refused_before_any_forward():
     g.add(rg.Site("resid_post", layer=1), rg.Add(torch.zeros(lm.arch.d_model)), name="a")
     with pytest.raises(rg.SiteError, match="128"):
         g.run(lm, BASE)
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v4", "gemma3n_text", "qwen4_exp_text"])
+def test_generation_steers_each_new_token_as_the_plain_hook(kind):
+    """``positions="generated"`` adds to each new token's streams: the same tokens as
+    ``hf.generate`` with a plain hook adding to the last position of every pass but the first."""
+    lm = rg.models.tiny(kind)
+    at = LAYOUTS[kind][0]
+    vector = 3 * torch.randn(lm.arch.width("resid_post", 1), generator=torch.Generator().manual_seed(2))
+    g = rg.Graph()
+    g.add(rg.Site("resid_post", layer=1, positions="generated"), rg.Add(vector), name="s")
+    got = g.generate(lm, BASE[:1], max_new_tokens=5, min_new_tokens=5)
+    inputs, real = padded(lm, BASE[:1], "right")
+    calls = []
+
+    def hook(module, args, out):
+        calls.append(1)
+        if len(calls) == 1:         # the prompt's pass: no generated token yet
+            return None
+        t = (out[0] if isinstance(out, tuple) else out).clone()
+        _add(at, t, 0, -1, vector)
+        return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
+    handle = _blocks(lm)[1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            want = lm.hf.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                  max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    finally:
+        handle.remove()
+    assert len(calls) > 2
+    assert torch.equal(got.ids, want)
+    assert not torch.equal(got.ids, rg.Graph().generate(lm, BASE[:1], max_new_tokens=5, min_new_tokens=5).ids)

@@ -9,12 +9,13 @@ is laid out, and the ``[batch, tokens, width]`` view that ``resid_pre`` / ``resi
 
 Two layouts are read:
 
-- **tokens first** (XLNet): the stream is ``[tokens, batch, width]``; the view transposes it.
+- **tokens first** (XLNet, FSMT): the stream is ``[tokens, batch, width]``; the view
+  transposes it.
 - **several streams per token** (hyper-connections: DeepSeek V4, HunYuan V4, Qwen4-exp;
-  Gemma 3n's AltUp): each token carries ``n`` vectors of the model width, as
-  ``[batch, tokens, n, width]``, ``[n, batch, tokens, width]`` or already side by side
+  Gemma 3n's AltUp; ProphetNet's predicting streams): each token carries ``n`` vectors of
+  the model width, as ``[batch, tokens, n, width]``, ``[n, batch, tokens, width]``,
   ``[batch, tokens, n * width]``, or one stream after another along the tokens
-  (ProphetNet's main and predicting streams, ``[batch, n * tokens, width]``). The view puts a token's streams side by side: one vector
+  (``[batch, n * tokens, width]``). The view puts a token's vectors side by side: one vector
   of ``n * width``, stream 0 first. ``n`` is read from the config (:data:`STREAM_COUNTS`),
   so a real model whose ``n`` differs from the tiny instance's gets its own width.
 

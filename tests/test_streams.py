@@ -158,7 +158,7 @@ def test_a_vector_of_the_model_width_is_refused_before_any_forward():
         g.run(lm, BASE)
 
 
-@pytest.mark.parametrize("kind", ["deepseek_v4", "gemma3n_text", "qwen4_exp_text"])
+@pytest.mark.parametrize("kind", ["deepseek_v4", "gemma3n_text", "qwen4_exp_text", "prophetnet"])
 def test_generation_steers_each_new_token_as_the_plain_hook(kind):
     """``positions="generated"`` adds to each new token's streams: the same tokens as
     ``hf.generate`` with a plain hook adding to the last position of every pass but the first."""

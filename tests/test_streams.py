@@ -1,8 +1,9 @@
 """Streams not laid out as ``[batch, tokens, width]`` (``reftgraph.arch.streams``): XLNet's
 tokens-first stream and the several vectors per token of hyper-connections (DeepSeek V4,
-HunYuan V4, Qwen4-exp), AltUp (Gemma 3n) and ProphetNet's predicting streams. ``resid_pre`` / ``resid_post`` against the same
-edits written as plain PyTorch hooks on the block, each layout written out by hand from the
-transformers source; outputs and gradients, each padding side the model runs."""
+HunYuan V4, Qwen4-exp), AltUp (Gemma 3n) and ProphetNet's predicting streams.
+``resid_pre`` / ``resid_post`` against the same edits written as plain PyTorch hooks on the
+block, each layout written out by hand from the transformers source; outputs and gradients,
+each padding side the model runs, and generation."""
 
 import pytest
 import torch
@@ -16,11 +17,11 @@ ATOL = 1e-5
 
 # type -> (where a token's stream vectors are in the raw tensor, written from the transformers
 # source: (t, row, position) -> a view [n, width] or [width]; the block list's path; streams n)
-LAYOUTS = {"xlnet": (lambda t, r, p: t[p, r], "transformer.layer", 1),                # [tokens, batch, width]
-           "deepseek_v4": (lambda t, r, p: t[r, p], "model.layers", 2),              # [batch, tokens, n, width]
+LAYOUTS = {"xlnet": (lambda t, r, p: t[p, r], "transformer.layer", 1),              # [tokens, batch, width]
+           "deepseek_v4": (lambda t, r, p: t[r, p], "model.layers", 2),            # [batch, tokens, n, width]
            "hy_v4": (lambda t, r, p: t[r, p], "model.layers", 2),
-           "gemma3n_text": (lambda t, r, p: t[:, r, p], "model.layers", 2),          # [n, batch, tokens, width]
-           "qwen4_exp_text": (lambda t, r, p: t[r, p], "model.layers", 2),          # [batch, tokens, n * width]
+           "gemma3n_text": (lambda t, r, p: t[:, r, p], "model.layers", 2),        # [n, batch, tokens, width]
+           "qwen4_exp_text": (lambda t, r, p: t[r, p], "model.layers", 2),         # [batch, tokens, n * width]
            # ProphetNet: [batch, 3 * tokens, width], the main stream's tokens, then each predicting stream's
            "prophetnet": (lambda t, r, p: t[r].unflatten(0, (3, -1))[:, p], "prophetnet.decoder.layers", 3)}
 

@@ -39,6 +39,16 @@ def padded(lm, prompts, side):
     return lm.arch.inputs(ids, mask), [m.nonzero().flatten().tolist() for m in mask]
 
 
+def last_logits_with(lm, inputs, real, handle):
+    """Each row's logits at its last real token (``real``: as :func:`padded` gives) from one
+    forward of ``inputs`` with the plain hook ``handle`` installed; the hook is removed after."""
+    try:
+        logits = lm.hf(**inputs).logits
+    finally:
+        handle.remove()
+    return torch.stack([logits[row, idx[-1]] for row, idx in enumerate(real)])
+
+
 def encode(tok, prompts, side):
     old = tok.padding_side
     tok.padding_side = side

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import reftgraph as rg
-from oracle import padded
+from oracle import last_logits_with, padded
 
 BASE = ["the cat sat on it", "a dog"]
 SOURCE = ["my hat was on top", "a cow"]   # the same lengths as BASE, row by row
@@ -167,12 +167,7 @@ def test_a_mixer_before_an_mlp_adds_to_resid_mid_as_the_plain_hook_says(model_ty
         for row, idx in enumerate(real):
             t[row, idx[-1]] = t[row, idx[-1]] + v
         return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
-    handle = module.register_forward_hook(edit)
-    try:
-        logits = lm.hf(**inputs).logits
-    finally:
-        handle.remove()
-    want = torch.stack([logits[row, idx[-1]] for row, idx in enumerate(real)])
+    want = last_logits_with(lm, inputs, real, module.register_forward_hook(edit))
     (want_grad,) = torch.autograd.grad(want.square().sum(), [v])
     torch.testing.assert_close(ours, want, atol=ATOL, rtol=0)
     torch.testing.assert_close(grad, want_grad, atol=1e-4, rtol=1e-4)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import reftgraph as rg
-from oracle import padded
+from oracle import last_logits_with, padded
 
 BASE = ["the cat sat on it", "a dog"]
 ATOL = 1e-5
@@ -74,11 +74,7 @@ def test_add_equals_the_plain_hook_outputs_and_gradients(lm, component):
         module = _module(lm, 1, path)
         handle = (module.register_forward_hook(lambda m, a, out: _with_first(out, edit(_first(out)))) if io == "output"
                   else module.register_forward_pre_hook(lambda m, a: (edit(a[0]),) + tuple(a[1:])))
-        try:
-            logits = lm.hf(**inputs).logits
-        finally:
-            handle.remove()
-        want = torch.stack([logits[row, idx[-1]] for row, idx in enumerate(real)])
+        want = last_logits_with(lm, inputs, real, handle)
         (want_grad,) = torch.autograd.grad(want.square().sum(), [v])
         torch.testing.assert_close(ours, want, atol=ATOL, rtol=0)
         torch.testing.assert_close(grad, want_grad, atol=1e-4, rtol=1e-4)

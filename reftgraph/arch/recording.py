@@ -14,18 +14,15 @@ check the components against.
 
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 import torch
 
 from .styles import Record
 from .styles.scaled import block_scales
-from .tree import is_norm
+from .tree import child_attn, is_norm
 
 __all__ = ["record"]
-
-_ATTENTION = re.compile(r"^(?!.*norm).*(attn|attention)", re.I)   # named as attention, not a norm
 
 
 def _first_tensor(value):
@@ -63,8 +60,7 @@ def record(model, blocks, layer: int, ids, edit=None) -> tuple[Record, Optional[
     from .components.base import with_first   # (here: the components import this module)
 
     block = blocks[layer]
-    attention = frozenset(name for name, m in block.named_children()
-                          if _ATTENTION.search(name) and any(p.dim() >= 2 for p in m.parameters()))
+    attention = frozenset(path.split(".")[0] for path in child_attn(block) if path)   # the resolver's choice
     norms = frozenset(name for name, m in block.named_modules() if "." in name and is_norm(m))
     rec = Record(pre=None, post=None, scales=block_scales(block), attention=attention, nested_norms=norms)
     order, handles, nxt = [], [], {}

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import SiteError
 
-__all__ = ["BlockPaths", "is_norm", "linear_shape", "read_tree", "read_block", "find_blocks", "blocks_of", "n_layers_of",
+__all__ = ["BlockPaths", "child_attn", "is_norm", "linear_shape", "read_tree", "read_block", "find_blocks", "blocks_of", "n_layers_of",
            "kind_of"]
 
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention", "attn_layer")
@@ -163,8 +163,13 @@ def _attention_like(name: str, module) -> bool:
 _CROSS = re.compile(r"(cross|encoder_attn|encdec|enc_dec)", re.I)
 
 
-def _child_attn(block) -> tuple:
-    """(self-attention, cross-attention) sub-layer paths (None where absent)."""
+def child_attn(block) -> tuple:
+    """(self-attention, cross-attention) sub-layer paths of a block (None where absent).
+
+    >>> import reftgraph as rg
+    >>> child_attn(rg.models.tiny("llama").hf.model.layers[0])
+    ('self_attn', None)
+    """
     children = {name: m for name, m in _children(block).items() if not is_norm(m)}
     linear = {n for n, m in children.items() if any(linear_shape(x) for x in m.modules())}
     like = [n for n in children if n in linear and _attention_like(n, children[n])]
@@ -182,7 +187,7 @@ def _inside_norms(name: str, module) -> str:
     norm, attention, norm): the one child with a matrix, named as attention, beside norms."""
     kids = dict(module.named_children())
     norms = [n for n, m in kids.items() if is_norm(m)]
-    held = [n for n, m in kids.items() if any(p.dim() >= 2 for p in m.parameters())]
+    held = [n for n, m in kids.items() if any(linear_shape(x) for x in m.modules())]
     if norms and len(held) == 1 and _attention_like(held[0], kids[held[0]]):
         return f"{name}.{held[0]}"
     return name
@@ -276,7 +281,7 @@ def read_block(block, d_model: int) -> BlockPaths:
     >>> p.qkv, p.mlp_down
     (('self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'), 'mlp.down_proj')
     """
-    attn, cross = _child_attn(block)
+    attn, cross = child_attn(block)
     subs = _children(block)
     attn_proj, qkv = _attention_parts(attn, block.get_submodule(attn), d_model) if attn else (None, None)
     cross_proj = _attention_parts(cross, subs[cross], d_model)[0] if cross else None

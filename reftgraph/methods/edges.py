@@ -23,7 +23,6 @@ corrupted ones).
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -252,18 +251,13 @@ def rms_scale(norm, width: int, where: str) -> tuple:
                     f"its output is no sum of the heads' terms")
 
 
-_RMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # norm module -> (c, eps) or None
-
-
 def _rms_or_none(norm, width: int):
-    """``(c, eps)`` when ``norm`` is an RMS norm with a gain (see :func:`rms_scale`), else None;
-    measured once per module."""
-    if norm not in _RMS:
-        try:
-            _RMS[norm] = rms_scale(norm, width, "")
-        except SiteError:
-            _RMS[norm] = None
-    return _RMS[norm]
+    """``(c, eps)`` when ``norm`` is an RMS norm with a gain (see :func:`rms_scale`), else None.
+    Measured at each call (a fraction of a millisecond): the norm's weights may have changed."""
+    try:
+        return rms_scale(norm, width, "")
+    except SiteError:
+        return None
 
 
 def out_maps(model) -> list:
@@ -478,10 +472,11 @@ def _gradients(model, prompts, receivers, metric_fn, ref, moved=None, valid=None
     for (layer, norm), keys in shared.items():
         block = arch.blocks[layer]
         norm = arch.envoy(model.hf, Hook(layer, 0, norm, "output")) if norm else None
-        found = head_input_grads(out[f"pre{layer}"], [grads[k] for k in keys], norm,
+        x = out[f"pre{layer}"]
+        found = head_input_grads(x, [grads[k] for k in keys], norm,
                                  [arch.envoy(model.hf, arch.hook(k.component, layer)) for k in keys],
                                  [qkv_slicer(k.component[0], arch, block, layer)[0] for k in keys],
-                                 rms=None if norm is None else _rms_or_none(getattr(norm, "_module", norm), out[f"pre{layer}"].shape[-1]))
+                                 rms=None if norm is None else _rms_or_none(norm, x.shape[-1]))
         grads.update(zip(keys, found))
     return {key: gr.detach().float() for key, gr in grads.items()}, out
 

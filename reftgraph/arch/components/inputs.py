@@ -195,9 +195,14 @@ def _rms_linear_grads(x, grad, weight, head_get, c, eps: float):
     ``grad_h . W_h^T (c * x)``."""
     xf, g = x.float(), grad.float()
     wc = weight.float() * c.float().to(weight.device)[:, None]                       # [d, out]
+    return _rms_back(xf, _back_through(g, head_get(wc)), (head_get(xf @ wc) * g).sum(-1, keepdim=True), eps).to(x.dtype)
+
+
+def _rms_back(xf, cu, dot, eps: float):
+    """``cu / r - x dot / (d r^3)`` (in place in ``cu`` ``[..., n, d]``): the RMS norm's
+    vector-Jacobian product, from ``cu = c * u`` and ``dot = x . cu`` ``[..., n, 1]``."""
     r = torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps).unsqueeze(-2)             # [..., 1, 1]
-    along = (head_get(xf @ wc) * g).sum(-1, keepdim=True) / (xf.shape[-1] * r.pow(3))   # [..., H, 1]
-    return _back_through(g, head_get(wc)).div_(r).addcmul_(xf.unsqueeze(-2), along, value=-1).to(x.dtype)
+    return cu.div_(r).addcmul_(xf.unsqueeze(-2), dot / (xf.shape[-1] * r.pow(3)), value=-1)
 
 
 def rms_vjp(x, u, c, eps: float):
@@ -216,9 +221,7 @@ def rms_vjp(x, u, c, eps: float):
     """
     xf = x.float()
     cu = u.float() * c.float().to(x.device)
-    r = torch.sqrt(xf.pow(2).mean(-1, keepdim=True) + eps).unsqueeze(-2)       # [..., 1, 1]
-    along = (cu * xf.unsqueeze(-2)).sum(-1, keepdim=True) / (xf.shape[-1] * r.pow(3))   # [..., n, 1]
-    return cu.div_(r).addcmul_(xf.unsqueeze(-2), along, value=-1).to(x.dtype)
+    return _rms_back(xf, cu, (cu * xf.unsqueeze(-2)).sum(-1, keepdim=True), eps).to(x.dtype)
 
 
 def _per_head(proj, x, head_get):

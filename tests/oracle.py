@@ -285,3 +285,29 @@ def run_with(hf, family, component, layer, inputs, edit, cfg):
     finally:
         for h in handles:
             h.remove()
+
+
+def add_at_last_token(lm, prompts, side, component, layer, module, divide=1.0):
+    """``(ours, our gradient, the hook's, its gradient)``: ``rg.Add(1.5 * v)`` at ``component``
+    of the last real token (compiled), and ``1.5 * v / divide`` added to ``module``'s output by a
+    plain hook (a block that adds ``divide * module`` moves its stream by the same); the
+    gradients are of the squared next-token logits with respect to ``v``."""
+    import reftgraph as rg
+
+    vector = torch.randn(lm.arch.d_model, generator=torch.Generator().manual_seed(1))
+    op = rg.Add(vector.clone(), scale=1.5, trainable=True)
+    g = rg.Graph()
+    g.add(rg.Site(component, layer=layer, positions="last"), op, name="a")
+    ours = g.run(lm, prompts, padding_side=side).next_token_logits
+    (grad,) = torch.autograd.grad(ours.square().sum(), [op.vector])
+    v = vector.clone().requires_grad_(True)
+    inputs, real = padded(lm, prompts, side)
+
+    def edit(m, a, out):
+        t = (out[0] if isinstance(out, tuple) else out).clone()
+        for row, idx in enumerate(real):
+            t[row, idx[-1]] = t[row, idx[-1]] + 1.5 * v / divide
+        return (t,) + out[1:] if isinstance(out, tuple) else t
+    want = last_logits_with(lm, inputs, real, module.register_forward_hook(edit))
+    (want_grad,) = torch.autograd.grad(want.square().sum(), [v])
+    return ours, grad, want, want_grad

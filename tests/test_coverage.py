@@ -17,7 +17,7 @@ spec.loader.exec_module(architectures)
 
 ORACLE_EVERY = 6   # every 6th type (and the types below) also runs the oracle here; the script runs all
 ORACLE_TYPES = {"llama", "gemma3_text", "phi3", "gptj", "qwen2_moe", "falcon", "bloom", "olmo2", "jamba", "mamba",
-                "bert", "bart", "granite", "mpt", "distilbert", "modernbert", "roberta", "neomme"}
+                "bert", "bart", "granite", "mpt", "distilbert", "modernbert", "roberta", "neomme", "ergo"}
 VLM_TYPES = {"gemma3", "llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "mistral3"}
 
 
@@ -52,7 +52,7 @@ def test_most_types_build_and_their_stream_components_are_verified(rows):
     assert sum(verified(r, ("resid_pre", "resid_post")) for r in built) >= 0.9 * len(built)
     assert sum(verified(r, ("resid_pre", "resid_post", "attn_out", "mlp_out")) for r in built) >= 150
     styles = {s for r in built for s in r["style"]}
-    assert {"sequential", "post_norm", "parallel", "inner_residual", "post_ln", "scaled"} <= styles
+    assert {"sequential", "post_norm", "parallel", "inner_residual", "post_ln", "scaled", "weighted"} <= styles
 
 
 def test_encoders_build_and_are_proven(encoder_rows):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import reftgraph as rg
-from oracle import padded
+from oracle import add_at_last_token, padded
 
 BASE = ["the cat sat on it", "a dog"]
 ATOL = 1e-5
@@ -70,22 +70,9 @@ def test_collected_values_add_up_with_the_scale(lm, side):
 @pytest.mark.parametrize("component,module", [("attn_out", "self_attn"), ("mlp_out", "mlp"), ("resid_mid", "self_attn")])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_add_equals_the_plain_hook_outputs_and_gradients(lm, side, component, module):
-    vector = torch.randn(lm.arch.d_model, generator=torch.Generator().manual_seed(1))
-    op = rg.Add(vector.clone(), scale=1.5, trainable=True)
-    g = rg.Graph()
-    g.add(rg.Site(component, layer=LAYER, positions="last"), op, name="a")
-    ours = g.run(lm, BASE, padding_side=side).next_token_logits
-    (grad,) = torch.autograd.grad(ours.square().sum(), [op.vector])
-    v = vector.clone().requires_grad_(True)
-
-    def edit(out, real):      # the block adds scale * out: moving the stream by x is moving out by x / scale
-        t = (out[0] if isinstance(out, tuple) else out).clone()
-        for row, idx in enumerate(real):
-            t[row, idx[-1]] = t[row, idx[-1]] + 1.5 * v / scale(lm)
-        return (t,) + out[1:] if isinstance(out, tuple) else t
-    logits, real = plain(lm, side, getattr(lm.hf.model.layers[LAYER], module), edit)
-    want = torch.stack([logits[row, idx[-1]] for row, idx in enumerate(real)])
-    (want_grad,) = torch.autograd.grad(want.square().sum(), [v])
+    # the block adds scale * out: moving the stream by x is moving out by x / scale
+    block = lm.hf.model.layers[LAYER]
+    ours, grad, want, want_grad = add_at_last_token(lm, BASE, side, component, LAYER, getattr(block, module), scale(lm))
     torch.testing.assert_close(ours, want, atol=ATOL, rtol=0)
     torch.testing.assert_close(grad, want_grad, atol=1e-4, rtol=1e-4)
 

@@ -41,6 +41,7 @@ from .recording import record
 from .stacks import feeding_decoder
 from .streams import Stream, find_stream, layout_reason
 from .styles import STYLES, Record
+from .styles.weighted import value, weigh
 from .tree import BlockPaths, blocks_of, kind_of, linear_shape, read_tree
 
 __all__ = ["Block", "prove", "dims_of", "forget", "randomise_zero_maps", "text_config"]
@@ -176,6 +177,7 @@ def _style(model, blocks, layer, ids, rec, paths):
             continue
         attn_out, mlp_out, extras = (found + ({},))[:3]
         norms, scales = extras.get("norms", {}), {c: (a, rec.scales[a]) for c, a in extras.get("scales", {}).items()}
+        scales.update(extras.get("weights", {}))     # weighted: component -> (Weighing, beta per dimension)
         cross = extras.get("cross")
         bad = _edit_moves(model, blocks, layer, ids, rec, paths, style, (attn_out, cross, mlp_out), norms, scales)
         if bad:
@@ -208,6 +210,9 @@ def _edit_moves(model, blocks, layer, ids, rec, paths, style, outputs, norms, sc
         else:
             reads = paths.cross if component == "attn_out" and outputs[1] else paths.mlp_in   # (cross: what it reads)
             before, after = (rec.mid(reads), new.mid(reads)) if moves == "mid" else (rec.post, new.post)
+            weighing = scales.get(component, (None,))[0]
+            if weighing is not None and not isinstance(weighing, str):    # weighted: the sum, wherever the block reads it
+                before, after = value(rec, weighing.total), value(new, weighing.total)
             want, how = None if before is None else before + delta, "by the same amount"
         if not Record.close(after, want):
             return f"adding to {component} ({path}) does not move resid_{moves} {how} ({Record.gap(after, want)})"
@@ -392,10 +397,46 @@ def prove(model, d_model: int, family=None) -> tuple[str, list[Block], tuple]:
         heads, widths = dims_of(model.config, block, paths[i])
         if proven[kind].stream:   # this model's own stream count
             widths["resid"] = proven[kind].stream.width(model.config, d_model)
-        scales = {c: (a, float(getattr(block, a))) for c, (a, _) in proven[kind].scales.items()}   # this block's own
-        blocks.append(_with_ends(replace(proven[kind], paths=paths[i], heads=heads, widths=widths, scales=scales),
-                                 ends, i, len(real)))
+        scales, refused = _own_scales(model, real, i, proven[kind])
+        blocks.append(_with_ends(replace(proven[kind], paths=paths[i], heads=heads, widths=widths, scales=scales,
+                                         refused=refused), ends, i, len(real)))
     return layers, blocks, positions
+
+
+def _own_scales(model, blocks, layer: int, block: Block) -> tuple[dict, dict]:
+    """``(scales, refused)`` of real block ``layer``: a scaled addition's number read from the
+    block's own attribute; a weighted addition's weights measured on this model (one forward).
+
+    >>> import reftgraph as rg
+    >>> rg.models.tiny("beam").arch.blocks[1].scales["attn_out"][1][:2].tolist()  # Beam: 1 / sqrt(2 * 2)
+    [0.5, 0.5]
+    """
+    scales, refused = {}, dict(block.refused)
+    for c, (how, _) in block.scales.items():
+        if isinstance(how, str):
+            scales[c] = (how, float(getattr(blocks[layer], how)))
+    weighings = {c: how for c, (how, _) in block.scales.items() if not isinstance(how, str)}   # (Weighing)
+    if not weighings:
+        return scales, refused
+    if any(p.is_meta for p in model.parameters()):
+        why = "a weighted addition's weights are measured on the model's own weights, and this model has none loaded"
+        refused.update({c: f"{why} (meta tensors)" for c in (*weighings, "mlp_in")})
+        return scales, refused
+    vocab, first = model.get_input_embeddings().num_embeddings, next(model.parameters())
+    ids = torch.randint(3, max(4, min(vocab, 259)), (2, SEQ), generator=torch.Generator().manual_seed(2))
+    with feeding_decoder(model):     # two prompts: weights that depend on the input would not fit both
+        rec = record(model, blocks, layer, ids.to(first.device))[0]
+    tol = 2e-2 if first.dtype in (torch.float16, torch.bfloat16) else 1e-4
+    for c, how in weighings.items():
+        fit = weigh(value(rec, how.base), value(rec, how.added), value(rec, how.total), tol,
+                    [value(rec, o) for o in how.others])
+        if fit is None:
+            why = (f"the weights of {c} proven on the tiny instance do not fit layer {layer} of this model "
+                   "(no per-dimension alpha and beta reproduce its recorded forward)")
+            refused.update({c: why, **({"mlp_in": why} if c == "mlp_out" else {})})
+        else:
+            scales[c] = (how, fit[1])
+    return scales, refused
 
 
 def _refuse_replaced(block: Block, model, before: dict) -> Block:

@@ -64,7 +64,8 @@ class _Unit:
 def _check_arch(arch) -> None:
     """Refuse, naming the component and the reason, a model whose senders or receivers are not proven."""
     for style, how in (("post_ln", "normalise the stream after each addition"),
-                       ("scaled", "scale each addition (edges read heads' writes unscaled)")):
+                       ("scaled", "scale each addition (edges read heads' writes unscaled)"),
+                       ("weighted", "weigh the stream itself against each addition")):
         post = [i for i, b in enumerate(arch.blocks) if b.style == style]
         if post:
             raise SiteError(f"edges need each head's output to be a term of the stream, but layers {post} {how} "

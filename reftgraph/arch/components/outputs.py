@@ -16,20 +16,27 @@ addition. Blocks that flatten tokens around the MLP are viewed back per token.
 
 from __future__ import annotations
 
+import torch
+
 from .base import Address, Component, Context, first, no_module, with_first
 
 __all__ = ["SublayerOutputs", "per_token", "scaled"]
 
 
-def scaled(c: float):
-    """``(get, put)`` for what a block adds as ``c`` times a module's output.
+def scaled(c):
+    """``(get, put)`` for what a block adds as ``c`` times a module's output (``c`` a number, or
+    one weight per dimension).
 
     >>> import torch
     >>> get, put = scaled(0.5)
     >>> get(torch.ones(2), None).tolist(), put(torch.ones(2), torch.ones(2), None).tolist()
     ([0.5, 0.5], [2.0, 2.0])
     """
-    return (lambda raw, pre: c * first(raw), lambda raw, new, pre: with_first(raw, new / c))
+    def on(t):     # a measured weight per dimension (styles.weighted) goes where the value is
+        return c.to(t.device, t.dtype) if isinstance(c, torch.Tensor) else c
+
+    return (lambda raw, pre: on(first(raw)) * first(raw),
+            lambda raw, new, pre: with_first(raw, new / on(new)))
 
 
 def per_token():

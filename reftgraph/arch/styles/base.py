@@ -92,14 +92,24 @@ class Record:
         ``norm_attn_norm.norm_2``); an attention child is none (one that adds its own residual
         returns what the MLP reads: RoBERTa-PreLayerNorm's).
         """
+        return self.inp(self.mid_path(mlp))
+
+    def mid_path(self, mlp: Optional[str]) -> Optional[str]:
+        """The module whose input is :meth:`mid`: the norm that feeds the MLP, else the MLP.
+
+        >>> import torch
+        >>> x = torch.ones(1)
+        >>> Record(x, x, inputs={"ln_2": x * 5, "mlp": x * 2}, outputs={"ln_2": x * 2}).mid_path("mlp")
+        'ln_2'
+        """
         fed = self.inp(mlp)
         if fed is None:
             return None
         for path, out in self.outputs.items():
             child = "." not in path and path not in self.attention
             if path not in (mlp, "") and (child or path in self.nested_norms) and self.close(out, fed):
-                return self.inputs.get(path)
-        return fed
+                return path
+        return mlp
 
 
 Found = Union[tuple, str]   # (attn_out path, mlp_out path[, {'norms' | 'scales': {component: ...}}]), or why not

@@ -443,9 +443,50 @@ def test_a_transcoder_identity_edit_and_bad_input(lm):
     g.add(rg.Site("mlp_out", 1), rg.Add(torch.zeros(64), basis=tc), name="same")
     torch.testing.assert_close(g.run(lm, BASE).logits, rg.Graph().run(lm, BASE).logits, atol=0, rtol=0)
     assert "its node sits at mlp_out, not at resid_post" in bad(lm, rg.Collect(basis=tc))
-    assert "would need the source stream's MLP input" in bad(lm, rg.Patch("base", basis=tc), rg.Site("mlp_out", 1))
+    assert "its source site must be mlp_out of layer 1" in bad(
+        lm, rg.Patch("base", site=rg.Site("mlp_out", 0), basis=tc), rg.Site("mlp_out", 1))
     with pytest.raises(ValueError, match="that is a transcoder"):
         rg.Dictionary(32, 64, d_out=16)
+
+
+def mlp_io(lm, inputs):
+    """Layer 1's MLP input and output in a plain forward of ``inputs``."""
+    seen = {}
+    handle = lm.hf.model.layers[1].mlp.register_forward_hook(lambda m, args, out: seen.update(x=args[0], y=out))
+    try:
+        with torch.no_grad():
+            lm.hf(**inputs)
+    finally:
+        handle.remove()
+    return seen["x"], seen["y"]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("error", [False, True])
+def test_a_transcoder_patch_encodes_the_source_streams_mlp_input(lm, error, side):
+    """Features patched from the source run are the transcoder's features of the *source's* MLP
+    input; with ``error=True`` the source's error ``y - decode(f)`` replaces the slot's own."""
+    tc, ids, selector = transcoder("topk"), list(IDS), [0, -1]
+    g = rg.Graph()
+    g.add(rg.Site("mlp_out", layer=1, positions=selector, subspace=IDS), rg.Patch("source", basis=tc, error=error),
+          name="n")
+    out = g.run(lm, BASE, sources={"source": SOURCE}, padding_side=side)
+    base_in, src_in = encode(lm.tokenizer, BASE, side), encode(lm.tokenizer, SOURCE, side)
+    x_src, y_src = mlp_io(lm, src_in)
+    real, src_real = real_positions(base_in["attention_mask"]), real_positions(src_in["attention_mask"])
+
+    def edit(x, y):
+        new = y.clone()
+        for b in range(len(BASE)):
+            for j, r in enumerate(positions_of(selector, len(real[b]))):
+                p, q = real[b][r], src_real[b][positions_of(selector, len(src_real[b]))[j]]
+                f, f_src = hand_features(tc, x[b, p]), hand_features(tc, x_src[b, q])
+                new[b, p] = y[b, p] + (f_src[ids] - f[ids]) @ tc.W_dec[ids] / tc.scale
+                if error:
+                    decode = lambda feats: (feats @ tc.W_dec + tc.b_dec) / tc.scale   # noqa: E731
+                    new[b, p] = new[b, p] + (y_src[b, q] - decode(f_src)) - (y[b, p] - decode(f))
+        return new
+    same_outputs_and_gradients(lm, g, out, mlp_run(lm, base_in, edit), base_in)
 
 
 def test_a_graph_with_a_transcoder_saves_and_loads(lm, tmp_path):
@@ -511,12 +552,63 @@ def test_transcoder_attribution_equals_the_plain_hook_linearisation(lm):
     table = rg.features.attribute(lm, DATA, {rg.Site("mlp_out", 1): tc}, progress=False)
     torch.testing.assert_close(torch.tensor(table.estimate[:64].tolist()), features, atol=1e-5, rtol=1e-4)
     assert table.estimate.iloc[-1] == pytest.approx(float(err), abs=1e-5)
-    with pytest.raises(rg.DataError, match="use method='atp'"):
-        rg.features.attribute(lm, DATA, {rg.Site("mlp_out", 1): tc}, method="ig", progress=False)
-    with pytest.raises(rg.DataError, match="use ablate='mean'"):
-        rg.features.discover(lm, DATA, {rg.Site("mlp_out", 1): tc}, size=3, table=table, progress=False)
     circuit = rg.features.discover(lm, DATA, {rg.Site("mlp_out", 1): tc}, size=3, ablate="mean", table=table)
     assert len(circuit.kept) == 3 and isinstance(circuit.nodes[0].op, rg.Ablate)
+
+
+def test_transcoder_integrated_gradients_equal_plain_hooks(lm):
+    """mlp_out = decode(f) + e is affine in the features and the error, so moving mlp_out from
+    its clean to its corrupted value moves them along their straight line: the gradient at each
+    step, along each decoder direction, averaged, times (f_corrupt - f_clean)."""
+    tc, steps = transcoder("relu"), 3
+    clean_in, corrupt_in = encode(lm.tokenizer, DATA.source, "right"), encode(lm.tokenizer, DATA.base, "right")
+    (x0, y0), (x1, y1) = mlp_io(lm, clean_in), mlp_io(lm, corrupt_in)
+    last = clean_in["attention_mask"].sum(1) - 1
+    ids = [lm.tokenizer(a)["input_ids"][-1] for a in DATA.correct], [lm.tokenizer(a)["input_ids"][-1] for a in DATA.wrong]
+    mask = clean_in["attention_mask"][..., None].float()
+
+    def grad_at(alpha):
+        leaf = {}
+
+        def edit(x, y):
+            leaf["y"] = (y0 + alpha * (y1 - y0)).where(mask.bool(), y).detach().requires_grad_(True)
+            return leaf["y"]
+        nxt = mlp_run(lm, clean_in, edit)[torch.arange(2), last]
+        return torch.autograd.grad((nxt[torch.arange(2), ids[0]] - nxt[torch.arange(2), ids[1]]).sum(), leaf["y"])[0]
+
+    g = sum(grad_at((k + 0.5) / steps) for k in range(steps)) / steps
+    f0, f1 = hand_features(tc, x0), hand_features(tc, x1)
+    features = ((f1 - f0) * (g @ tc.W_dec.T) * mask).sum((0, 1)) / 2
+    error = lambda f, y: y - (f @ tc.W_dec + tc.b_dec)   # noqa: E731
+    err = ((error(f1, y1) - error(f0, y0)) * g * mask).sum() / 2
+    table = rg.features.attribute(lm, DATA, {rg.Site("mlp_out", 1): tc}, method="ig", steps=steps, progress=False)
+    torch.testing.assert_close(torch.tensor(table.estimate[:64].tolist()), features, atol=1e-5, rtol=1e-4)
+    assert table.estimate.iloc[-1] == pytest.approx(float(err), abs=1e-5)
+
+
+def test_a_transcoder_feature_circuit_patches_from_the_corrupted_run(lm):
+    """Outside features take the corrupted run's (encoded from its MLP input); none kept with the
+    error ablated is the MLP's whole output taken from the corrupted run."""
+    tc = transcoder("relu")
+    sites = {rg.Site("mlp_out", 1): tc}
+    clean_in, corrupt_in = encode(lm.tokenizer, DATA.source, "right"), encode(lm.tokenizer, DATA.base, "right")
+    x1, y1 = mlp_io(lm, corrupt_in)        # (rows of equal lengths: right padding lines their tokens up)
+    everything = __import__("pandas").DataFrame({"site": "mlp_out[1]", "feature": range(64)})
+    nothing = rg.features.circuit_graph(lm, DATA, sites, everything.iloc[:0], errors="ablate")
+    out = nothing.run(lm, DATA.source, sources={"corrupt": DATA.base})
+    compare_logits(out.logits, out.attention_mask[out.rows["base"]], mlp_run(lm, clean_in, lambda x, y: y1),
+                   clean_in["attention_mask"], 1e-5)
+    assert rg.features.faithfulness(nothing, lm, DATA, progress=False)["faithfulness"] == pytest.approx(0, abs=1e-6)
+    found = rg.features.discover(lm, DATA, sites, size=3, progress=False)
+    assert len(found.kept) == 3 and isinstance(found.nodes[0].op, rg.Patch)
+    outside = list(found.nodes[0].site.subspace)
+
+    def edit(x, y):     # the clean MLP output with the outside features moved to their corrupted values
+        f0, f1 = hand_features(tc, x)[..., outside], hand_features(tc, x1)[..., outside]
+        return y + (f1 - f0) @ tc.W_dec[outside] / tc.scale
+    ours = found.run(lm, DATA.source, sources={"corrupt": DATA.base})
+    compare_logits(ours.logits, ours.attention_mask[ours.rows["base"]], mlp_run(lm, clean_in, edit),
+                   clean_in["attention_mask"], 1e-5)
 
 
 def test_a_transcoder_on_gemma3_reads_the_normed_input_and_writes_after_the_post_norm():

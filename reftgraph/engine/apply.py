@@ -41,7 +41,8 @@ def _joins(plan: Plan, bound: list, hook, i: int, j: int) -> bool:
             and (b.source_hook != hook or b.node.reads[0] != a.node.stream))
 
 
-def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict, inp=None) -> Optional[torch.Tensor]:
+def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict, inp=None,
+          src_inp=None) -> Optional[torch.Tensor]:
     """``whole`` (the run's slice ``[B, k, (H,) w]``) after ``step``'s edit (None when it only collects)."""
     op = step.node.op
     h = whole if m.heads is None else whole.index_select(2, m.heads)
@@ -56,8 +57,9 @@ def _step(step: Step, b: Bound, m, whole: torch.Tensor, src, collected: dict, in
         sub = sub.float()
         src = src.float() if src is not None else None
         inp = inp.float() if inp is not None else None
+        src_inp = src_inp.float() if src_inp is not None else None
     new = op.edit(sub, source=src, valid=m.valid, subspace=step.node.site.subspace if op.indexes_basis else None,
-                  rows=None if b.rows is None else b.rows.to(sub.device), inputs=inp)
+                  rows=None if b.rows is None else b.rows.to(sub.device), inputs=inp, source_inputs=src_inp)
     if op.collects:   # (a copy: the slice may be the model's own tensor)
         collected[step.node.name] = (new.clone() if new is whole else new, b.valid)
         return None
@@ -109,7 +111,7 @@ def _run(plan: Plan, bound: list, steps: list, hook, raw, pre, sources: dict, co
             ms = b.on(step, value.device)
             src = _gather(value, ms.source_at, ms.source_heads)
         new = _step(step, b, b.on(step, full.device), whole, src, collected,
-                    None if inputs is None else inputs.pop(step.node.name, None))
+                    *(None if inputs is None else inputs.pop((k, step.node.name), None) for k in ("own", "source")))
         if new is None:
             continue
         if m.follow is not None:   # slots reading a position another slot writes
@@ -173,8 +175,9 @@ def apply(plan: Plan, bound: list[Bound], root, collected: dict) -> None:
             value = _read(step, hook, raw, pre.get(hook.block), copies)
             m = b.on(step, value.device)
             sources[step.node.name] = _gather(value, m.source_at, m.source_heads)
-        for i in plan.inputs.get(hook, ()):   # what a step's dictionary reads in its own stream (a transcoder)
-            value = first(raw)
-            inputs[plan.steps[i].node.name] = _gather(value, bound[i].on(plan.steps[i], value.device).at, None)
+        for kind, steps in (("own", plan.inputs), ("source", plan.source_inputs)):
+            for i in steps.get(hook, ()):   # what a step's dictionary reads in its own (or source) stream: a transcoder
+                value, m = first(raw), bound[i].on(plan.steps[i], first(raw).device)
+                inputs[kind, plan.steps[i].node.name] = _gather(value, m.at if kind == "own" else m.source_at, None)
         if changed:
             setattr(envoy, hook.io, raw)

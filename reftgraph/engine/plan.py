@@ -53,6 +53,7 @@ class Step:
     source_heads: Optional[torch.Tensor] = None
     modules: tuple = ()   # block paths whose modules ``put`` calls (a receiver input recomputes its reader)
     input_hook: Optional[Hook] = None   # where the op's dictionary reads its own stream (a transcoder: the MLP's input)
+    source_input_hook: Optional[Hook] = None   # where it reads the source stream's (a transcoder's Patch)
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,6 +76,7 @@ class Plan:
     edits: dict = field(default_factory=dict, init=False, repr=False)   # hook -> indices of the steps editing there
     reads: dict = field(default_factory=dict, init=False, repr=False)   # hook -> indices of the steps reading a source there
     inputs: dict = field(default_factory=dict, init=False, repr=False)  # hook -> steps whose dictionary reads there
+    source_inputs: dict = field(default_factory=dict, init=False, repr=False)  # the same in their source streams
     eager: bool = field(default=False, init=False)  # a step touches attn_pattern: run in eager attention
     memo: dict = field(default_factory=dict, init=False, repr=False)    # bindings per batch layout (a cache)
 
@@ -92,6 +94,8 @@ class Plan:
                 self.reads.setdefault(step.source_hook, []).append(i)
             if step.input_hook is not None:
                 self.inputs.setdefault(step.input_hook, []).append(i)
+            if step.source_input_hook is not None:
+                self.source_inputs.setdefault(step.source_input_hook, []).append(i)
 
     def bind(self, batch, subspaces=None):
         """This plan resolved against ``batch``: a :class:`~reftgraph.engine.bind.BoundPlan`
@@ -217,9 +221,10 @@ def _check_transcoder(node: Node, basis, site: Site, arch: Arch, layer: int, wid
     if site.component != "mlp_out":
         raise SiteError(f"{where(node)}{basis.label} is a transcoder: it reads the MLP's input and writes what the "
                         f"MLP adds, so its node sits at mlp_out, not at {site.component}")
-    if node.op.reads_stream:
-        raise SiteError(f"{where(node)}a {type(node.op).__name__} in a transcoder's basis would need the source "
-                        "stream's MLP input too; patch the features with Set (values read by Collect) instead")
+    if node.op.reads_stream and (node.reads[1].component, node.reads[1].layer) != ("mlp_out", layer):
+        raise SiteError(f"{where(node)}a {type(node.op).__name__} in a transcoder's basis reads the source stream's "
+                        f"features from its MLP input, so its source site must be mlp_out of layer {layer} too, "
+                        f"not {node.reads[1]}")
     if arch.mlp_input(layer) is None:
         raise SiteError(f"{where(node)}the MLP of layer {layer} has no per-token input a transcoder can read "
                         "(the block reshapes tokens around it)")
@@ -286,6 +291,8 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
                 raise SiteError(f"{where(node)}source site {src_site} comes after the site in the forward "
                                 "pass; a patch can only read a place the model reaches first")
             extra.update(source_hook=src.hook, source_get=src.get)
+            if dictionary is not None and dictionary.reads:    # a transcoder's source features: its MLP input
+                extra["source_input_hook"] = here.mlp_input(layer)
         step = Step(node, hook, at.get, at.put, heads,
                     None if site.subspace is None or node.op.indexes_basis else torch.tensor(site.subspace),
                     modules=at.modules, **extra)
@@ -295,7 +302,7 @@ def _compile(graph: Graph, arch: Arch) -> Plan:
     # through it: an edit at resid_mid never shows in attn_out), then insertion order
     steps.sort(key=lambda s: (*s.hook.order, STAGES[s.node.site.component], order[s.node.name]))
     hooks = {s.hook for s in steps} | {s.source_hook for s in steps if s.source_hook}
-    hooks |= {s.input_hook for s in steps if s.input_hook}
+    hooks |= {h for s in steps for h in (s.input_hook, s.source_input_hook) if h}
     hooks |= {s.hook.at("", "input") for s in steps
               if stack_arch(arch, s.node.site).locate(s.node.site.component, s.hook.layer).needs_pre}
     hooks |= {s.source_hook.at("", "input") for s in steps if s.source_hook and stack_arch(

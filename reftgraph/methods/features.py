@@ -271,7 +271,8 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", me
     ``e = h - x_hat`` (Marks et al. 2024); ``dM/df`` is ``dM/dh`` along the feature's decoder
     direction. ``method="ig"``: the gradient averaged over ``steps`` runs whose site (one site
     at a time) goes from its clean to its corrupted value, the rest of the model run as it
-    follows (integrated gradients). ``feature`` is ``-1`` for the error node.
+    follows (integrated gradients; a transcoder's ``mlp_out = decode(f) + e`` is affine in its
+    features and error, which move along their straight line). ``feature`` is ``-1`` for the error node.
     ``per_position=True`` scores each feature (and error) at each token position apart (a
     ``position`` column; prompts of one length, so a position is the same token in every row):
     the nodes of Marks et al.'s circuits on templated data.
@@ -285,9 +286,6 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", me
     if method == "ig" and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise DataError(f"steps must be an int >= 1, got {steps!r}")
     sites = _site_dictionaries(dictionaries)
-    if method == "ig" and any(d.reads for d in sites.values()):
-        raise DataError("method='ig' moves each site from its clean to its corrupted value, but a transcoder's "
-                        "features come from the MLP's input, which that does not move: use method='atp'")
     metric_name, metric_fn = get_metric(metric)
     equal_lengths(model, data, "feature attribution compares the clean and corrupted runs token for token: it "
                   "needs base and source prompts of equal length")
@@ -492,9 +490,6 @@ def circuit_graph(model, data: Optional[Counterfactual], dictionaries, kept: pd.
     """
     model = as_model(model)
     sites = _site_dictionaries(dictionaries)
-    if ablate == "corrupt" and any(d.reads for d in sites.values()):
-        raise DataError("a transcoder's features cannot be patched from the corrupted run (that would need its MLP "
-                        "input too): use ablate='mean' for circuits of transcoder features")
     if positions is None and "position" in kept:
         raise DataError("kept lists (feature, position) pairs: pass positions=, the prompts' token count")
     nodes = []

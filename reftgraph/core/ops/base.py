@@ -187,7 +187,7 @@ class Op(nn.Module):
 
     def edit(self, h: torch.Tensor, *, source: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None,
              subspace: Optional[tuple] = None, rows: Optional[torch.Tensor] = None,
-             inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
+             inputs: Optional[torch.Tensor] = None, source_inputs: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The one way the engine calls an op: every op is handed the same inputs and its
         ``forward`` receives those it names (all of them with ``**kwargs``).
 
@@ -201,10 +201,12 @@ class Op(nn.Module):
         ``per_row_subspaces``). A wrapper (``Without``) passes them all to the op it wraps.
         An op with a ``basis`` (a :class:`~reftgraph.Dictionary`) edits in feature space:
         ``subspace`` names the features it sees (see :meth:`Dictionary.around`); ``inputs``
-        is what a transcoder reads (the MLP's own input at the node's positions).
+        is what a transcoder reads (the MLP's own input at the node's positions), and
+        ``source_inputs`` the same in the source stream (a ``Patch`` in a transcoder's basis).
         """
         if self.basis is not None:
-            return self.basis.around(self, h, source=source, valid=valid, subspace=subspace, rows=rows, inputs=inputs)
+            return self.basis.around(self, h, source=source, valid=valid, subspace=subspace, rows=rows, inputs=inputs,
+                                     source_inputs=source_inputs)
         return self.forward_with(h, source=source, valid=valid, subspace=subspace, rows=rows, inputs=inputs)
 
     def forward_with(self, h: torch.Tensor, **given) -> torch.Tensor:

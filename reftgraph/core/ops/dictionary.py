@@ -156,7 +156,7 @@ class Dictionary(Op):
         return self.decode(self.encode(h if inputs is None else inputs)).to(h.dtype)
 
     def around(self, op: Op, h: torch.Tensor, source=None, valid=None, subspace=None, rows=None,
-               inputs=None) -> torch.Tensor:
+               inputs=None, source_inputs=None) -> torch.Tensor:
         """``op``'s edit of ``h`` made in feature space, written back along the decoder directions.
 
         >>> import reftgraph as rg
@@ -168,12 +168,13 @@ class Dictionary(Op):
         ``op`` sees the activations of features ``subspace`` (all when None); a collecting
         op records them. An op with ``error=True`` (``Patch``) also swaps the reconstruction
         error ``h - decode(encode(h))`` for the source's; with ``features=False`` it leaves
-        the features as they are.
+        the features as they are. A transcoder encodes ``inputs`` (and the source's
+        ``source_inputs``), what the MLP reads, and its error is ``h - decode(f)``.
         """
         ids = None if subspace is None else torch.tensor(subspace, device=h.device)
         full = self.encode(h if inputs is None else inputs)   # a transcoder encodes what the MLP reads
         f = full if ids is None else full.index_select(-1, ids)
-        full_source = None if source is None else self.encode(source)
+        full_source = None if source is None else self.encode(source if source_inputs is None else source_inputs)
         if not getattr(op, "features", True):
             new = f
         else:

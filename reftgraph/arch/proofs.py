@@ -435,7 +435,7 @@ def _own_scales(model, blocks, layer: int, block: Block) -> tuple[dict, dict]:
                    "(no per-dimension alpha and beta reproduce its recorded forward)")
             refused.update({c: why, **({"mlp_in": why} if c == "mlp_out" else {})})
         else:
-            scales[c] = (how, fit[1])
+            scales[c] = (how, fit[0])
     return scales, refused
 
 

@@ -54,29 +54,28 @@ def value(rec: Record, where: tuple) -> Optional[torch.Tensor]:
 
 
 def weigh(base, added, total, tol: float = 1e-4, others=()) -> Optional[tuple]:
-    """``(alpha, beta)``, one weight per dimension with ``total == alpha * base + beta * added``
-    (``+ gamma * other`` for each of ``others``) over every token (least squares, then checked
-    to ``tol``); None when no such weights exist or they are not told apart.
+    """``(beta, error)``: the per-dimension weights with ``total == alpha * base + beta * added``
+    (``+ gamma * other`` for each of ``others``) over every token, by least squares, and the
+    largest error of that fit relative to the total; None when it misses by more than ``tol``,
+    the terms cannot be told apart, or some ``beta`` is zero (an addition that could not be edited).
 
     >>> import torch
     >>> s, a = torch.randn(5, 3), torch.randn(5, 3)
-    >>> alpha, beta = weigh(s, a, 0.8 * s + torch.tensor([0.5, 2.0, 1.0]) * a)
-    >>> [round(v, 4) for v in beta.tolist()]
-    [0.5, 2.0, 1.0]
+    >>> beta, error = weigh(s, a, 0.8 * s + torch.tensor([0.5, 2.0, 1.0]) * a)
+    >>> [round(v, 4) for v in beta.tolist()], error < 1e-6
+    ([0.5, 2.0, 1.0], True)
     """
     fit = _fit((base, added) + tuple(others), total)
-    if fit is None or fit[1] > tol:
+    if fit is None or fit[1] > tol or bool((fit[0][:, 1].abs() <= 1e-6).any()):
         return None
-    alpha, beta = fit[0][:, 0], fit[0][:, 1]
-    if bool((beta.abs() <= 1e-6).any()):
-        return None       # a dimension the sub-layer does not reach: its addition could not be edited there
-    return alpha.float(), beta.float()
+    return fit[0][:, 1].float(), fit[1]
 
 
 def _fit(terms: tuple, total) -> Optional[tuple]:
     """``(weights [width, terms], the largest error relative to the total)`` of the per-dimension
     least squares of ``total`` on ``terms``; None when the terms cannot be told apart."""
-    if any(not isinstance(t, torch.Tensor) or t.numel() != getattr(total, "numel", lambda: -1)() for t in terms):
+    if not isinstance(total, torch.Tensor) or any(not isinstance(t, torch.Tensor) or t.numel() != total.numel()
+                                                  for t in terms):
         return None
     width = total.shape[-1]
     x = torch.stack([t.reshape(-1, width).double() for t in terms], -1).transpose(0, 1)   # [width, tokens, terms]
@@ -106,10 +105,9 @@ def _one(rec: Record, module: str, bases: list, totals: list, sides=()):
                     terms = (value(rec, base), value(rec, (added, "output"))) + tuple(value(rec, o) for o in others)
                     if any(rec.close(t, value(rec, total)) for t in terms):
                         continue     # (a module's input that is one of the terms itself: no sum)
-                    fit = _fit(terms, value(rec, total))
-                    if fit is not None and fit[1] <= 1e-4 and bool((fit[0][:, 1].abs() > 1e-6).all()) and (
-                            best is None or fit[1] < best[0]):
-                        best = fit[1], Weighing(base, (added, "output"), total, others), fit[0][:, 1].float()
+                    fit = weigh(*terms[:2], value(rec, total), others=terms[2:])
+                    if fit is not None and (best is None or fit[1] < best[0]):
+                        best = fit[1], Weighing(base, (added, "output"), total, others), fit[0]
     return None if best is None else best[1:]
 
 

@@ -133,3 +133,12 @@ def test_a_model_without_weights_refuses_what_it_cannot_measure():
     arch = Arch.of(empty)      # (how a remote model is proven: its architecture without its weights)
     assert "meta" in arch.refusal("attn_out", LAYER) and "meta" in arch.refusal("mlp_out", LAYER)
     assert arch.refusal("resid_pre", LAYER) is None
+
+
+def test_weights_measured_in_bfloat16_are_those_of_float32():
+    """The real fit adds as much as the sum itself, so half-precision rounding stays small beside it."""
+    for kind in ("beam", "dory", "minimax"):
+        full = rg.models.tiny(kind, **OVERRIDES.get(kind, {})).arch.blocks[LAYER].scales
+        half = rg.models.tiny(kind, dtype=torch.bfloat16, **OVERRIDES.get(kind, {})).arch.blocks[LAYER].scales
+        for component in ("attn_out", "mlp_out"):
+            torch.testing.assert_close(half[component][1], full[component][1], rtol=1e-2, atol=1e-3)

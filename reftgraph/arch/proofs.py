@@ -41,7 +41,7 @@ from .recording import record
 from .stacks import feeding_decoder
 from .streams import Stream, find_stream, layout_reason
 from .styles import STYLES, Record
-from .styles.weighted import value, weigh
+from .styles.weighted import value
 from .tree import BlockPaths, blocks_of, kind_of, linear_shape, read_tree
 
 __all__ = ["Block", "prove", "dims_of", "forget", "randomise_zero_maps", "text_config"]
@@ -405,7 +405,8 @@ def prove(model, d_model: int, family=None) -> tuple[str, list[Block], tuple]:
 
 def _own_scales(model, blocks, layer: int, block: Block) -> tuple[dict, dict]:
     """``(scales, refused)`` of real block ``layer``: a scaled addition's number read from the
-    block's own attribute; a weighted addition's weights measured on this model (one forward).
+    block's own attribute; a weighted addition's weights measured on this model (a forward, and
+    one more per weighted component).
 
     >>> import reftgraph as rg
     >>> rg.models.tiny("beam").arch.blocks[1].scales["attn_out"][1][:2].tolist()  # Beam: 1 / sqrt(2 * 2)
@@ -423,20 +424,34 @@ def _own_scales(model, blocks, layer: int, block: Block) -> tuple[dict, dict]:
         refused.update({c: f"{why} (meta tensors)" for c in (*weighings, "mlp_in")})
         return scales, refused
     vocab, first = model.get_input_embeddings().num_embeddings, next(model.parameters())
-    ids = torch.randint(3, max(4, min(vocab, 259)), (2, SEQ), generator=torch.Generator().manual_seed(2))
-    with feeding_decoder(model):     # two prompts: weights that depend on the input would not fit both
-        rec = record(model, blocks, layer, ids.to(first.device))[0]
-    tol = 2e-2 if first.dtype in (torch.float16, torch.bfloat16) else 1e-4
-    for c, how in weighings.items():
-        fit = weigh(value(rec, how.base), value(rec, how.added), value(rec, how.total), tol,
-                    [value(rec, o) for o in how.others])
-        if fit is None:
-            why = (f"the weights of {c} proven on the tiny instance do not fit layer {layer} of this model "
-                   "(no per-dimension alpha and beta reproduce its recorded forward)")
-            refused.update({c: why, **({"mlp_in": why} if c == "mlp_out" else {})})
-        else:
-            scales[c] = (how, fit[0])
+    low = first.dtype in (torch.float16, torch.bfloat16)     # (rounding: more tokens, a looser check)
+    ids = torch.randint(3, max(4, min(vocab, 259)), (8, 64) if low else (2, SEQ),
+                        generator=torch.Generator().manual_seed(2)).to(first.device)
+    with feeding_decoder(model):     # several prompts: weights that depend on the input would not hold for all
+        rec = record(model, blocks, layer, ids)[0]
+        for c, how in weighings.items():
+            beta = _moved_per_unit(model, blocks, layer, ids, rec, how, 2e-2 if low else 1e-4)
+            if beta is None:
+                why = (f"the weights of {c} proven on the tiny instance do not hold on layer {layer} of this model "
+                       "(adding to it does not move the sum by one weight per dimension on every token)")
+                refused.update({c: why, **({"mlp_in": why} if c == "mlp_out" else {})})
+            else:
+                scales[c] = (how, beta)
     return scales, refused
+
+
+def _moved_per_unit(model, blocks, layer: int, ids, rec: Record, how, tol: float) -> Optional[torch.Tensor]:
+    """``beta``: how far the sum moves per unit added to the weighed module's output, per
+    dimension (one more forward, the addition as large as the sum, so that rounding in a half-
+    precision model stays small beside it); None unless it is the same on every token."""
+    total = value(rec, how.total)
+    delta = torch.ones(total.shape[-1], dtype=torch.float32, device=total.device) * (1 + total.float().abs().mean())
+    new = record(model, blocks, layer, ids, edit=(how.added[0], lambda t: t + delta.to(t.dtype)))[0]
+    moved = (value(new, how.total).float() - total.float()).reshape(-1, total.shape[-1]) / delta
+    beta = moved.mean(0)
+    if bool((beta.abs() <= 1e-6).any()) or (moved - beta).abs().max() > tol * (1 + beta.abs().max()):
+        return None
+    return beta
 
 
 def _refuse_replaced(block: Block, model, before: dict) -> Block:

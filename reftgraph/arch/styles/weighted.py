@@ -11,8 +11,10 @@ to (``alpha * stream``) may be the block's input or a norm of it (Dory, MiniMax)
 may be read before more of the block runs (Gemma 4's per-layer input and scalar). No single
 stream lies between the sub-layers, so ``resid_mid`` is refused. The weights come from the
 block's own parameters in ways each architecture writes differently, so they are *measured*:
-a per-dimension least-squares fit over the tokens of one forward, exact on the tiny instance,
-and fitted again on every real block when a model is wrapped (:mod:`reftgraph.arch.proofs`).
+on the tiny instance a per-dimension least-squares fit over the tokens of one forward must be
+exact (the proof of the form); on every real block, when a model is wrapped, ``beta`` is how
+far the sum moves per unit added to the module, the same on every token
+(:mod:`reftgraph.arch.proofs`).
 """
 
 from __future__ import annotations

@@ -56,10 +56,9 @@ def value(rec: Record, where: tuple) -> Optional[torch.Tensor]:
 
 
 def weigh(base, added, total, tol: float = 1e-4, others=()) -> Optional[tuple]:
-    """``(beta, error)``: the per-dimension weights with ``total == alpha * base + beta * added``
-    (``+ gamma * other`` for each of ``others``) over every token, by least squares, and the
-    largest error of that fit relative to the total; None when it misses by more than ``tol``,
-    the terms cannot be told apart, or some ``beta`` is zero (an addition that could not be edited).
+    """``(beta, error)``: per-dimension weights with ``total == alpha * base + beta * added (+ gamma
+    * other ...)`` on every token (least squares) and the fit's largest relative error; None when
+    it misses by more than ``tol``, the terms are not told apart, or a ``beta`` is zero.
 
     >>> import torch
     >>> s, a = torch.randn(5, 3), torch.randn(5, 3)

@@ -92,13 +92,14 @@ def activations(lm, texts, batch=16) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def train(acts: torch.Tensor, latents: int, k: int, epochs: int, folder: Path) -> dict:
+def train(acts: torch.Tensor, latents: int, k: int, epochs: int, folder: Path, target=None) -> dict:
+    """sparsify's SparseCoder trained on ``acts`` (to reconstruct them, or ``target``: a transcoder)."""
     from sparsify import SparseCoder, SparseCoderConfig
 
     torch.manual_seed(0)
-    sae = SparseCoder(acts.shape[1], SparseCoderConfig(num_latents=latents, k=k))
+    sae = SparseCoder(acts.shape[1], SparseCoderConfig(num_latents=latents, k=k, transcode=target is not None))
     with torch.no_grad():
-        sae.b_dec.copy_(acts.mean(0))
+        sae.b_dec.copy_((acts if target is None else target).mean(0))
     lr = 2e-4 / (latents / 2 ** 14) ** 0.5           # sparsify's default learning rate for this width
     opt = torch.optim.Adam(sae.parameters(), lr=lr)
     since = torch.zeros(latents, dtype=torch.long)
@@ -106,8 +107,9 @@ def train(acts: torch.Tensor, latents: int, k: int, epochs: int, folder: Path) -
     for epoch in range(epochs):
         order = torch.randperm(len(acts))
         for i in range(0, len(acts) - batch + 1, batch):
-            x = acts[order[i:i + batch]]
-            out = sae(x, dead_mask=since > 20_000)
+            at = order[i:i + batch]
+            x = acts[at]
+            out = sae(x, None if target is None else target[at], dead_mask=since > 20_000)
             loss = out.fvu + out.auxk_loss / 32
             opt.zero_grad()
             loss.backward()
@@ -117,7 +119,7 @@ def train(acts: torch.Tensor, latents: int, k: int, epochs: int, folder: Path) -
             fired = torch.zeros(latents, dtype=torch.bool)
             fired[out.latent_indices.flatten()] = True
             since = torch.where(fired, 0, since + len(x))
-            losses.append(float(out.fvu))
+            losses.append(float(out.fvu.detach()))
         print(f"  epoch {epoch + 1}/{epochs}: fvu {statistics.mean(losses[-10:]):.4f}", flush=True)
     sae.save_to_disk(folder)
     return {"train_seconds": round(time.time() - start, 1), "train_tokens": len(acts), "lr": lr,

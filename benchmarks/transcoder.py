@@ -22,13 +22,12 @@ figures; last line JSON.
 
 import argparse
 import json
-import time
 
 import torch
 
 import reftgraph as rg
 from common import set_threads
-from features import CACHE, losses, windows
+from features import CACHE, losses, train, windows
 from reftgraph.methods.edge_circuits import metric_runs
 
 
@@ -50,37 +49,6 @@ def pairs(lm, texts, layer: int, batch: int = 16) -> tuple:
     finally:
         handle.remove()
     return torch.cat(xs), torch.cat(ys)
-
-
-def train(x, y, latents: int, k: int, epochs: int, folder) -> dict:
-    from sparsify import SparseCoder, SparseCoderConfig
-
-    torch.manual_seed(0)
-    tc = SparseCoder(x.shape[1], SparseCoderConfig(num_latents=latents, k=k, transcode=True))
-    with torch.no_grad():
-        tc.b_dec.copy_(y.mean(0))
-    opt = torch.optim.Adam(tc.parameters(), lr=2e-4 / (latents / 2 ** 14) ** 0.5)
-    since = torch.zeros(latents, dtype=torch.long)
-    batch, start = 1024, time.time()
-    for epoch in range(epochs):
-        order, fvus = torch.randperm(len(x)), []
-        for i in range(0, len(x) - batch + 1, batch):
-            at = order[i:i + batch]
-            out = tc(x[at], y[at], dead_mask=since > 20_000)
-            loss = out.fvu + out.auxk_loss / 32
-            opt.zero_grad()
-            loss.backward()
-            tc.remove_gradient_parallel_to_decoder_directions()
-            opt.step()
-            tc.set_decoder_norm_to_unit_norm()
-            fired = torch.zeros(latents, dtype=torch.bool)
-            fired[out.latent_indices.flatten()] = True
-            since = torch.where(fired, 0, since + len(at))
-            fvus.append(float(out.fvu.detach()))
-        print(f"  epoch {epoch + 1}/{epochs}: fvu {sum(fvus[-10:]) / len(fvus[-10:]):.4f}", flush=True)
-    tc.save_to_disk(folder)
-    return {"train_seconds": round(time.time() - start, 1), "train_pairs": len(x),
-            "dead_latents": int((since > 20_000).sum())}
 
 
 def ioi(lm, tc, layer: int, fractions, rank: str = "effect") -> dict:
@@ -130,7 +98,7 @@ def main():
     figures = {"layer": args.layer}
     x, y = pairs(lm, texts[:split], args.layer)
     if args.retrain or not (folder / "sae.safetensors").exists():
-        figures.update(train(x, y, args.latents, args.k, args.epochs, folder))
+        figures.update(train(x, args.latents, args.k, args.epochs, folder, target=y))
     tc = rg.features.load(folder)
     hx, hy = pairs(lm, texts[split:], args.layer)
     with torch.no_grad():

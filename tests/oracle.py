@@ -287,15 +287,15 @@ def run_with(hf, family, component, layer, inputs, edit, cfg):
             h.remove()
 
 
-def add_at_last_token(lm, prompts, side, component, layer, module, divide=1.0):
-    """``(ours, our gradient, the hook's, its gradient)``: ``rg.Add(1.5 * v)`` at ``component``
-    of the last real token (compiled), and ``1.5 * v / divide`` added to ``module``'s output by a
-    plain hook (a block that adds ``divide * module`` moves its stream by the same); the
-    gradients are of the squared next-token logits with respect to ``v``."""
+def add_at_last_token(lm, prompts, side, component, layer, module, divide=1.0, scale=1.5, seed=1):
+    """``(ours, our gradient, the hook's, its gradient)``: ``rg.Add(scale * v)`` at ``component``
+    of the last real token (compiled), and ``scale * v / divide`` added to ``module``'s output by
+    a plain hook (a block that adds ``divide * module`` moves its stream by the same); the
+    gradients are of the squared next-token logits with respect to ``v`` (random, ``seed``)."""
     import reftgraph as rg
 
-    vector = torch.randn(lm.arch.d_model, generator=torch.Generator().manual_seed(1))
-    op = rg.Add(vector.clone(), scale=1.5, trainable=True)
+    vector = torch.randn(lm.arch.d_model, generator=torch.Generator().manual_seed(seed))
+    op = rg.Add(vector.clone(), scale=scale, trainable=True)
     g = rg.Graph()
     g.add(rg.Site(component, layer=layer, positions="last"), op, name="a")
     ours = g.run(lm, prompts, padding_side=side).next_token_logits
@@ -306,8 +306,19 @@ def add_at_last_token(lm, prompts, side, component, layer, module, divide=1.0):
     def edit(m, a, out):
         t = (out[0] if isinstance(out, tuple) else out).clone()
         for row, idx in enumerate(real):
-            t[row, idx[-1]] = t[row, idx[-1]] + 1.5 * v / divide
+            t[row, idx[-1]] = t[row, idx[-1]] + scale * v / divide
         return (t,) + out[1:] if isinstance(out, tuple) else t
     want = last_logits_with(lm, inputs, real, module.register_forward_hook(edit))
     (want_grad,) = torch.autograd.grad(want.square().sum(), [v])
     return ours, grad, want, want_grad
+
+
+def logits_with_hook(lm, prompts, side, module, fn):
+    """``(logits, each row's real token indices)`` of ``prompts`` padded on ``side``, with
+    ``fn(output, real) -> output`` as a plain forward hook on ``module``."""
+    inputs, real = padded(lm, prompts, side)
+    handle = module.register_forward_hook(lambda m, a, out: fn(out, real))
+    try:
+        return lm.hf(**inputs).logits, real
+    finally:
+        handle.remove()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import reftgraph as rg
-from oracle import last_logits_with, padded
+from oracle import add_at_last_token, padded
 
 BASE = ["the cat sat on it", "a dog"]
 SOURCE = ["my hat was on top", "a cow"]   # the same lengths as BASE, row by row
@@ -153,21 +153,6 @@ def test_a_mixer_before_an_mlp_adds_to_resid_mid_as_the_plain_hook_says(model_ty
     out = g.run(lm, BASE, padding_side=side)
     torch.testing.assert_close(out["resid_pre"] + out["mixer_out"], out["resid_mid"], atol=ATOL, rtol=0)
 
-    vector = torch.randn(lm.arch.d_model, generator=torch.Generator().manual_seed(0))
-    op = rg.Add(vector.clone(), trainable=True)
-    g = rg.Graph()
-    g.add(rg.Site("mixer_out", layer=layer, positions="last"), op, name="a")
-    ours = g.run(lm, BASE, padding_side=side).next_token_logits
-    (grad,) = torch.autograd.grad(ours.square().sum(), [op.vector])
-    v = vector.clone().requires_grad_(True)
-    inputs, real = batch(lm, BASE, side)
-
-    def edit(m, args, out):
-        t = (out[0] if isinstance(out, tuple) else out).clone()
-        for row, idx in enumerate(real):
-            t[row, idx[-1]] = t[row, idx[-1]] + v
-        return (t,) + tuple(out[1:]) if isinstance(out, tuple) else t
-    want = last_logits_with(lm, inputs, real, module.register_forward_hook(edit))
-    (want_grad,) = torch.autograd.grad(want.square().sum(), [v])
+    ours, grad, want, want_grad = add_at_last_token(lm, BASE, side, "mixer_out", layer, module, scale=1.0, seed=0)
     torch.testing.assert_close(ours, want, atol=ATOL, rtol=0)
     torch.testing.assert_close(grad, want_grad, atol=1e-4, rtol=1e-4)

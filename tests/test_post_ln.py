@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import reftgraph as rg
-from oracle import padded
+from oracle import add_at_last_token, padded
 from reftgraph.arch.components.base import walk
 
 BASE = ["the cat sat on it", "a dog"]
@@ -109,23 +109,7 @@ def test_adding_to_attn_out_moves_resid_mid_through_the_norm(models, model_type,
 @pytest.mark.parametrize("model_type,side", CASES)
 def test_add_equals_the_plain_hook_outputs_and_gradients(models, model_type, side, component, which):
     lm = model(models, model_type)
-    vector = torch.randn(lm.arch.d_model, generator=torch.Generator().manual_seed(1))
-    op = rg.Add(vector.clone(), scale=1.5, trainable=True)
-    g = rg.Graph()
-    g.add(rg.Site(component, layer=LAYER, positions="last"), op, name="a")
-    ours = g.run(lm, BASE, padding_side=side).next_token_logits
-    (grad,) = torch.autograd.grad(ours.square().sum(), [op.vector])
-
-    v = vector.clone().requires_grad_(True)
-
-    def edit(out, real):
-        t = first(out).clone()
-        for row, idx in enumerate(real):
-            t[row, idx[-1]] = t[row, idx[-1]] + 1.5 * v
-        return with_first(out, t)
-    logits, real = plain(lm, BASE, side, {module(lm, model_type, which): edit})
-    want = torch.stack([logits[row, idx[-1]] for row, idx in enumerate(real)])
-    (want_grad,) = torch.autograd.grad(want.square().sum(), [v])
+    ours, grad, want, want_grad = add_at_last_token(lm, BASE, side, component, LAYER, module(lm, model_type, which))
     torch.testing.assert_close(ours, want, atol=ATOL, rtol=0)
     torch.testing.assert_close(grad, want_grad, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(ours, rg.Graph().run(lm, BASE, padding_side=side).next_token_logits, atol=1e-4)

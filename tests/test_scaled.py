@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import reftgraph as rg
-from oracle import add_at_last_token, padded
+from oracle import add_at_last_token, logits_with_hook
 
 BASE = ["the cat sat on it", "a dog"]
 ATOL = 1e-5
@@ -27,18 +27,6 @@ def scale(lm):
     if config.model_type == "granite":
         return config.residual_multiplier
     return config.scale_depth / math.sqrt(config.num_hidden_layers)
-
-
-batch = padded
-
-
-def plain(lm, side, module, fn):
-    inputs, real = batch(lm, BASE, side)
-    handle = module.register_forward_hook(lambda m, a, out: fn(out, real))
-    try:
-        return lm.hf(**inputs).logits, real
-    finally:
-        handle.remove()
 
 
 def test_the_scale_is_each_real_blocks_own():
@@ -62,7 +50,7 @@ def test_collected_values_add_up_with_the_scale(lm, side):
         seen["a"] = (o[0] if isinstance(o, tuple) else o).detach().clone()
         return o
     with torch.no_grad():
-        _, real = plain(lm, side, lm.hf.model.layers[LAYER].self_attn, keep)
+        _, real = logits_with_hook(lm, BASE, side, lm.hf.model.layers[LAYER].self_attn, keep)
     for row, idx in enumerate(real):
         torch.testing.assert_close(out["attn_out"][row, :len(idx)], scale(lm) * seen["a"][row, idx], atol=ATOL, rtol=0)
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import reftgraph as rg
-from oracle import add_at_last_token, padded
+from oracle import add_at_last_token, logits_with_hook
 
 BASE = ["the cat sat on it", "a dog"]
 ATOL = 1e-5
@@ -61,15 +61,6 @@ def beta(lm, component: str) -> torch.Tensor:
     return torch.tensor(1.0)   # gemma4_text: residual + norm(sub-layer), then the per-layer input and the scalar
 
 
-def plain(lm, side, module, fn):
-    inputs, real = padded(lm, BASE, side)
-    handle = module.register_forward_hook(lambda m, a, out: fn(out, real))
-    try:
-        return lm.hf(**inputs).logits, real
-    finally:
-        handle.remove()
-
-
 def test_every_block_is_weighted_and_its_weights_are_measured_on_the_model_itself(lm):
     for block in lm.arch.blocks:
         assert block.style == "weighted"
@@ -102,7 +93,7 @@ def test_collect_is_beta_times_the_weighed_module(lm, side, component):
         return o
     module = getattr(lm.hf.model.layers[LAYER], MODULES[lm.hf.config.model_type][component == "mlp_out"])
     with torch.no_grad():
-        _, real = plain(lm, side, module, keep)
+        _, real = logits_with_hook(lm, BASE, side, module, keep)
     for row, idx in enumerate(real):
         torch.testing.assert_close(got[row, :len(idx)], beta(lm, component) * seen["x"][row, idx], atol=ATOL, rtol=0)
 

@@ -59,10 +59,5 @@ class Residual(Component):
             ctx.refused["resid_mid"] = ctx.style_problem
         elif not ctx.attn_out and not (ctx.mixer and ctx.mlp_out):     # (a mixer then an MLP: after the mixer)
             ctx.refused["resid_mid"] = no_module("attention", ctx.paths)
-        elif ctx.style.name == "weighted":
-            ctx.refused["resid_mid"] = ("weighted block: the stream between the sub-layers is a weighted sum "
-                                        "(alpha * stream + beta * attention) the block computes in its own code, "
-                                        "which no module returns whole (use resid_pre or resid_post)")
-        elif not ctx.style.has_mid:
-            ctx.refused["resid_mid"] = ("parallel block: attention and MLP both read resid_pre, so no stream lies "
-                                        "between them (use resid_pre or resid_post)")
+        elif ctx.style.no_mid:
+            ctx.refused["resid_mid"] = ctx.style.no_mid

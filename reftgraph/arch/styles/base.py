@@ -128,6 +128,7 @@ class Style:
     each addition passes through, Post-LN blocks) or ``{"scales": {component: attribute}}``
     (the block attribute each addition is scaled by). ``attn_moves`` is the stream that an edit of ``attn_out`` moves
     by exactly the edit: ``"mid"`` (what the MLP reads) or ``"post"`` (the block output).
+    ``no_mid``: why ``resid_mid`` is refused in this style ('' where it is defined).
     """
 
     name: str
@@ -135,3 +136,4 @@ class Style:
     has_mid: bool
     attn_moves: str
     find: Callable[[Record, object], Found]
+    no_mid: str = ""

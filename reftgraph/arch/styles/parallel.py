@@ -25,4 +25,6 @@ def _find(rec: Record, paths):
     return paths.attn, paths.mlp
 
 
-STYLE = Style("parallel", __doc__.split("\n\n")[0], has_mid=False, attn_moves="post", find=_find)
+STYLE = Style("parallel", __doc__.split("\n\n")[0], has_mid=False, attn_moves="post", find=_find,
+              no_mid="parallel block: attention and MLP both read resid_pre, so no stream lies between them "
+                     "(use resid_pre or resid_post)")

@@ -133,4 +133,7 @@ def _find(rec: Record, paths):
     return attn[0].added[0], mlp[0].added[0], {"weights": {"attn_out": attn, "mlp_out": mlp}}
 
 
-STYLE = Style("weighted", __doc__.split("\n\n")[0], has_mid=True, attn_moves="mid", find=_find)
+STYLE = Style("weighted", __doc__.split("\n\n")[0], has_mid=True, attn_moves="mid", find=_find,
+              no_mid="weighted block: the stream between the sub-layers is a weighted sum (alpha * stream + beta * "
+                     "attention) the block computes in its own code, which no module returns whole (use resid_pre "
+                     "or resid_post)")

@@ -290,3 +290,16 @@ def test_keys_are_checked_and_saved():
     with pytest.raises(rg.SiteError, match=r"node 'far' .*key selection: positions \[7\] are beyond the prompt of "
                                            r"row 1 \(5 tokens: valid positions 0\.\.4"):
         g.run(rg.models.tiny("llama"), BASE)
+
+
+def test_a_pattern_read_after_a_hook_earlier_in_the_same_attention():
+    # q is read inside the attention before its softmax: the trace must not run past the pattern
+    lm = rg.models.tiny("llama")          # (a fresh model: nothing has touched its attention's operations yet)
+    g = rg.Graph()
+    g.add(rg.Site("q", layer=0, positions="all"), rg.Collect(), name="q")
+    g.add(rg.Site("attn_pattern", layer=0, positions="all"), rg.Collect(), name="p")
+    both = g.run(lm, BASE)
+    alone = rg.Graph()
+    alone.add(rg.Site("attn_pattern", layer=0, positions="all"), rg.Collect(), name="p")
+    torch.testing.assert_close(both["p"], alone.run(lm, BASE)["p"], atol=0, rtol=0)
+    assert both["q"].abs().sum() > 0

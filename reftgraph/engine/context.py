@@ -101,7 +101,16 @@ def attention_for(model: Model, *plans):
     'eager'
     >>> lm.hf.config._attn_implementation
     'sdpa'
+
+    It also readies each module whose inner operations a plan touches (``Hook.inner``:
+    nnsight's ``.source``, reached here before the trace), so that a hook earlier in the
+    same module's forward cannot make the trace run past them.
     """
+    for plan in plans:
+        for hook in plan.hooks:
+            if hook.inner:
+                model.arch.envoy(model.nn, Hook(hook.layer, 0, hook.path, hook.io, root=hook.root,
+                                                stack=hook.stack)).source
     if model.hf is None or not any(plan.eager for plan in plans):
         return contextlib.nullcontext()
     return eager(model.hf)

@@ -40,6 +40,8 @@ IDS = torch.tensor([[5, 17, 42, 99, 7, 250]])
 def _hook_edit(lm, component, layer, delta, head, positions, arch):
     """Plain hooks that add ``delta`` to ``component`` (independent of the compiled engine)."""
     hook = arch.hook(component, layer)
+    if hook.inner:   # the sum of the MLP and a module beside it, inside the block: moved through the MLP's output
+        hook = Hook(layer, 0, arch.blocks[layer].mlp_out, "output")
     module = arch.envoy(lm.hf, hook)
     get, put = arch.view(component, layer)
     handles, seen = [], {}

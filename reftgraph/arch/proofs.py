@@ -167,8 +167,9 @@ def dims_of(config, block, paths: BlockPaths) -> tuple[tuple, dict]:
 # -- the checks --------------------------------------------------------------
 
 def _style(model, blocks, layer, ids, rec, paths):
-    """``(style, attn_out, mlp_out, norms, scales, cross)`` or ``(None, reasons)``; the edit checks included
-    (``cross``: the module whose output is an encoder-decoder's cross-attention addition, else None)."""
+    """``(style, attn_out, mlp_out, norms, scales, cross, beside)`` or ``(None, reasons)``; the edit checks
+    included (``cross``: the module whose output is an encoder-decoder's cross-attention addition, else None;
+    ``beside``: component -> a module whose output the block adds with the sub-layer's)."""
     reasons = []
     for style in STYLES:
         found = style.find(rec, paths)
@@ -183,7 +184,7 @@ def _style(model, blocks, layer, ids, rec, paths):
         if bad:
             reasons.append(f"{style.name}: {bad}")
             continue
-        return style, attn_out, mlp_out, norms, scales, cross
+        return style, attn_out, mlp_out, norms, scales, cross, extras.get("beside", {})
     return None, "; ".join(reasons)
 
 
@@ -259,7 +260,7 @@ def _prove_block(model, blocks, layer, ids, paths: BlockPaths) -> Block:
         if found[0] is None:
             ctx.style_problem = f"no block style's identities hold ({found[1]})"
         else:
-            ctx.style, ctx.attn_out, ctx.mlp_out, ctx.norms, ctx.scales, ctx.cross = found
+            ctx.style, ctx.attn_out, ctx.mlp_out, ctx.norms, ctx.scales, ctx.cross, ctx.beside = found
     for family in COMPONENT_TYPES:
         family.prove(ctx)
     refused = ctx.refused

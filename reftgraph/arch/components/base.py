@@ -136,6 +136,7 @@ class Context:
     mixer: Optional[str] = None       # the block's one sequence mixer, when it adds to the stream
     norms: dict = field(default_factory=dict)   # Post-LN: attn_out / mlp_out -> the norm after its addition
     scales: dict = field(default_factory=dict)  # scaled: attn_out / mlp_out -> (block attribute, value)
+    beside: dict = field(default_factory=dict)  # mlp_out -> a module the block adds together with the MLP
     next_input: object = None         # the next block's input (None for the last block)
     style_problem: str = ""           # why no block style holds ('' when one does)
 

@@ -416,8 +416,11 @@ def _moves_mlp_alone(ctx: Context, path: str, fn) -> str:
         return r.inp(norm) if norm else r.post
 
     c = ctx.scales.get("mlp_out", (None, 1.0))[1]    # a scaled addition adds c * the MLP's output
-    post_gap = (sum_(new) - c * new.out(ctx.mlp_out).reshape(new.post.shape)) - \
-        (sum_(rec) - c * rec.out(ctx.mlp_out).reshape(rec.post.shape))
+    parts = (ctx.mlp_out, *ctx.beside.values())      # (with the module the block adds beside it)
+
+    def mlp(r):
+        return c * sum(r.out(p).reshape(r.post.shape) for p in parts)
+    post_gap = (sum_(new) - mlp(new)) - (sum_(rec) - mlp(rec))
     if rec.close(new.out(ctx.mlp_out), rec.out(ctx.mlp_out)):
         return "the MLP's output did not move"
     if not rec.close(post_gap, torch.zeros_like(post_gap)):

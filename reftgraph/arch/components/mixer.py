@@ -9,9 +9,12 @@ of hybrids, xLSTM's mLSTM, RecurrentGemma's temporal block).
 
 Proof, on the tiny instance: the block has exactly one module besides its norms (and its MLP),
 it runs once, ``resid_pre + mixer_out`` is the stream after it (``resid_post``, or with an MLP
-``resid_mid``, what the MLP's norm reads), and adding ``d`` to the mixer's output moves that
-stream by exactly ``d``. Blocks with attention refuse it (their component is ``attn_out``); so
-does a block whose mixer is not added to the stream.
+``resid_mid``, what the MLP's norm reads), and adding ``d`` to ``mixer_out`` moves that stream
+by exactly ``d``. Where the block scales the mixer's output by a number it holds (Granite
+4.0's ``residual_multiplier``), ``mixer_out`` is the output times that number, read from each
+real block as :mod:`reftgraph.arch.styles.scaled` reads its scales. Blocks with attention
+refuse it (their component is ``attn_out``); so does a block whose mixer is not added to the
+stream.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import torch
 
 from ..recording import record
 from ..styles import Record
+from ..styles.scaled import attribute, fit
 from .base import Address, Component, Context
+from .outputs import scaled
 
 __all__ = ["MixerOutput"]
 
@@ -38,6 +43,9 @@ class MixerOutput(Component):
     def address(self, name, block) -> Address:
         return Address(block.mixer or "", "output")
 
+    def view(self, name, arch, block, layer):
+        return scaled(block.scales[name][1]) if name in block.scales else super().view(name, arch, block, layer)
+
     def stage(self, name, ctx, stages):
         return stages.get((ctx.mixer, "output")) if ctx.mixer else None
 
@@ -54,7 +62,7 @@ def _why_not(ctx: Context) -> str:
         return "this block has attention, not a sequence mixer: use attn_out"
     if paths.mlp and (ctx.style is None or ctx.mlp_out is None):
         return f"a mixer before an MLP needs the block's MLP identities: {ctx.style_problem or 'no style holds'}"
-    mlp_parts = {p.split(".")[0] for p in (paths.mlp, paths.mlp_in, paths.mlp_down) if p}
+    mlp_parts = {p.split(".")[0] for p in (paths.mlp, paths.mlp_in, paths.mlp_down, *ctx.beside.values()) if p}
     block = ctx.blocks[ctx.layer]
     others = [name for name, module in block.named_children() if not _is_norm(name, module) and name not in mlp_parts]
     if len(others) != 1:
@@ -68,10 +76,16 @@ def _why_not(ctx: Context) -> str:
     def after(r):            # the stream the mixer adds to: what the MLP reads, else the block output
         return r.mid(paths.mlp_in) if paths.mlp else r.post
     stream = "resid_mid" if paths.mlp else "resid_post"
+    c = 1.0
     if not Record.close(after(rec), rec.pre + out):
-        return f"check resid_pre + {path} output == {stream} failed ({Record.gap(after(rec), rec.pre + out)})"
+        c = fit(None if after(rec) is None else after(rec) - rec.pre, out)    # a scaled addition (Granite 4.0's)
+        held = None if c is None else attribute(rec.scales, c)
+        if held is None:
+            return f"check resid_pre + {path} output == {stream} failed ({Record.gap(after(rec), rec.pre + out)})" + (
+                "" if c is None else f"; it is added times {c:.4g}, which no attribute of the block holds")
+        ctx.scales["mixer_out"] = (held, c)
     delta = torch.randn(out.shape[-1], generator=torch.Generator().manual_seed(1))
-    moved, _, _ = record(ctx.model, ctx.blocks, ctx.layer, ctx.ids, edit=(path, lambda t: t + delta))
+    moved, _, _ = record(ctx.model, ctx.blocks, ctx.layer, ctx.ids, edit=(path, lambda t: t + delta / c))
     if not Record.close(after(moved), after(rec) + delta):
         return f"adding to {path}'s output does not move {stream} by the same amount " \
                f"({Record.gap(after(moved), after(rec) + delta)})"

@@ -100,7 +100,11 @@ def _prove(ctx: Context) -> tuple[str, Optional[tuple]]:
             heads_in = proj.input.save()
         with torch.no_grad():
             out = model(input_ids=ctx.ids, output_attentions=True, use_cache=False)
-        weights = _attentions(out, model, ctx.blocks)[ctx.layer]
+        weights, at = _attentions(out, model, ctx.blocks), ctx.layer
+        if len(weights) != len(ctx.blocks):    # a hybrid returns the weights of its attention layers alone
+            kind = type(walk(ctx.blocks[ctx.layer], paths.attn))
+            at = sum(any(type(m) is kind for m in b.modules()) for b in ctx.blocks[:ctx.layer])
+        weights = weights[at] if at < len(weights) else None
         if weights is None or not ctx.rec.close(pattern, weights):
             return (f"the softmax in {core!r} is not the attention weights transformers returns "
                     f"({ctx.rec.gap(pattern, weights)})"), None

@@ -11,7 +11,8 @@ blocks, the output of the norm after that sum); a block style without a stream b
 attention and MLP (parallel blocks) refuses it. A stream laid out otherwise (tokens first,
 several vectors per token: :mod:`reftgraph.arch.streams`) is viewed as ``[batch, tokens, width]``.
 Proof: ``resid_post[L] == resid_pre[L+1]``; ``resid_mid`` exists when the block style's
-identities hold (:mod:`reftgraph.arch.styles`).
+identities hold (:mod:`reftgraph.arch.styles`), and (where no cross-attention comes between)
+its value is what the MLP reads.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class Residual(Component):
                     lambda raw, new, pre: with_first(raw, stream.put(first(raw), new, n)))
         if name != "resid_mid" or block.norms:
             return super().view(name, arch, block, layer)
-        c = block.scales.get("attn_out", (None, 1.0))[1]      # a scaled addition: resid_pre + c * attention
+        scaled = block.scales.get("attn_out") or block.scales.get("mixer_out")
+        c = scaled[1] if scaled else 1.0      # a scaled addition: resid_pre + c * attention (or the mixer)
         return (lambda raw, pre: pre + c * first(raw), lambda raw, new, pre: with_first(raw, (new - pre) / c))
 
     def width(self, name, arch, block):
@@ -61,3 +63,8 @@ class Residual(Component):
             ctx.refused["resid_mid"] = no_module("attention", ctx.paths)
         elif ctx.style.no_mid:
             ctx.refused["resid_mid"] = ctx.style.no_mid
+        elif not ctx.norms and ctx.paths.mlp and not ctx.cross:     # its view is what the MLP reads
+            rec, get = ctx.rec, self.view("resid_mid", None, ctx, ctx.layer)[0]
+            got, want = get(rec.out(self.address("resid_mid", ctx).path), rec.pre), rec.mid(ctx.paths.mlp_in)
+            if not rec.close(got, want):
+                ctx.refused["resid_mid"] = f"check resid_mid == what the MLP reads failed ({rec.gap(got, want)})"

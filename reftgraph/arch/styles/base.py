@@ -112,6 +112,23 @@ class Record:
         return mlp
 
 
+    def beside(self, mlp: Optional[str]) -> list:
+        """The block's other children that read what ``mlp`` reads and give its output's shape:
+        modules whose output the block may add together with the MLP's (GraniteMoeHybrid's
+        shared MLP beside its mixture of experts).
+
+        >>> import torch
+        >>> x = torch.ones(1, 2)
+        >>> Record(x, x, inputs={"moe": x, "shared": x}, outputs={"moe": x, "shared": x * 2}).beside("moe")
+        ['shared']
+        """
+        fed, out = self.inp(mlp), self.out(mlp)
+        if fed is None or not isinstance(out, torch.Tensor):
+            return []
+        return [p for p, x in self.inputs.items() if p and "." not in p and p != mlp and self.close(x, fed)
+                and isinstance(self.outputs.get(p), torch.Tensor) and self.outputs[p].shape == out.shape]
+
+
 Found = Union[tuple, str]   # (attn_out path, mlp_out path[, {'norms' | 'scales': {component: ...}}]), or why not
 
 
@@ -126,7 +143,8 @@ class Style:
     ``find(record, paths)`` returns ``(attn_out path, mlp_out path)`` or the reason the
     style does not hold; a third item adds ``{"norms": {component: norm path}}`` (the norm
     each addition passes through, Post-LN blocks) or ``{"scales": {component: attribute}}``
-    (the block attribute each addition is scaled by). ``attn_moves`` is the stream that an edit of ``attn_out`` moves
+    (the block attribute each addition is scaled by), and ``{"beside": {"mlp_out": path}}`` a
+    module whose output the block adds together with the MLP's (:meth:`Record.beside`). ``attn_moves`` is the stream that an edit of ``attn_out`` moves
     by exactly the edit: ``"mid"`` (what the MLP reads) or ``"post"`` (the block output).
     ``no_mid``: why ``resid_mid`` is refused in this style ('' where it is defined).
     """

@@ -6,9 +6,13 @@
 
 ``attn_out`` / ``mlp_out`` are what is *added*: the sub-layer's output times the block's
 scale, so ``resid_pre + attn_out == resid_mid`` and ``resid_mid + mlp_out == resid_post``
-hold as in sequential blocks. The scale is the number the block itself holds (an attribute
-set from the config when the block was built), read from each real block when a model is
-wrapped: a scale that depends on the depth is the real model's, not the tiny instance's.
+hold as in sequential blocks (a block without attention adds its MLP alone this way). Where
+the block adds the MLP's output together with a module beside it that reads the same input
+(GraniteMoeHybrid's shared MLP beside its experts), ``mlp_out`` is the scale times their sum,
+read from the operation inside the block's forward that adds them. The scale is the number
+the block itself holds (an attribute set from the config when the block was built), read
+from each real block when a model is wrapped: a scale that depends on the depth is the real
+model's, not the tiny instance's.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 
 from .base import Record, Style
 
-__all__ = ["STYLE", "block_scales", "fit"]
+__all__ = ["STYLE", "attribute", "block_scales", "fit"]
 
 
 def fit(added, out) -> Optional[float]:
@@ -55,26 +59,37 @@ def block_scales(block) -> dict:
     return out
 
 
-def _attribute(scales: dict, c: float) -> Optional[str]:
+def attribute(scales: dict, c: float) -> Optional[str]:
+    """The name of the block attribute in ``scales`` that holds ``c`` (None when none does).
+
+    >>> attribute({'residual_multiplier': 0.25}, 0.25)
+    'residual_multiplier'
+    """
     return next((name for name, v in scales.items() if abs(v - c) <= 1e-5 * max(1.0, abs(c))), None)
 
 
 def _find(rec: Record, paths):
-    if not paths.attn or not paths.mlp:
-        return "needs attention and an MLP"
+    if not paths.mlp:
+        return "needs an MLP"
     mid = rec.mid(paths.mlp_in)
-    a, m = rec.out(paths.attn), rec.out(paths.mlp)
-    ca = fit(None if mid is None else mid - rec.pre, a)
-    cm = fit(None if mid is None or m is None else rec.post - mid, m)
-    if ca is None or cm is None:
-        return "the attention and MLP outputs are not added with one scale each"
+    m = rec.out(paths.mlp)
+    adds = {"attn_out": fit(None if mid is None else mid - rec.pre, rec.out(paths.attn))} if paths.attn else {}
+    after = None if mid is None or m is None else rec.post - mid
+    adds["mlp_out"], beside = fit(after, m), {}
+    for side in rec.beside(paths.mlp) if adds["mlp_out"] is None and after is not None else ():
+        adds["mlp_out"] = fit(after, m + rec.out(side))
+        if adds["mlp_out"] is not None:     # the MLP's output and the one beside it, added as one sum
+            beside["mlp_out"] = side
+            break
+    if None in adds.values():
+        return f"the {' and '.join(c[:-4] for c in adds)} outputs are not added with one scale each"
     found = {}
-    for component, c in (("attn_out", ca), ("mlp_out", cm)):
-        name = _attribute(rec.scales, c)
+    for component, c in adds.items():
+        name = attribute(rec.scales, c)
         if name is None:
             return f"{component} is added times {c:.4g}, which no attribute of the block holds"
         found[component] = name
-    return paths.attn, paths.mlp, {"scales": found}
+    return paths.attn, paths.mlp, {"scales": found, "beside": beside}
 
 
 STYLE = Style("scaled", __doc__.split("\n\n")[0], has_mid=True, attn_moves="mid", find=_find)

@@ -5,7 +5,10 @@
 
 ``attn_out`` is the attention module's output and ``mlp_out`` the MLP's;
 ``resid_mid = resid_pre + attn_out`` is what the MLP's norm reads and
-``resid_post = resid_mid + mlp_out``.
+``resid_post = resid_mid + mlp_out``. Where the block adds the MLP's output together with a
+module beside it that reads the same input (GraniteMoeHybrid's shared MLP beside its
+experts), ``mlp_out`` is their sum (read inside the block's forward:
+:mod:`reftgraph.arch.components.outputs`).
 """
 
 from __future__ import annotations
@@ -42,9 +45,13 @@ def check(rec: Record, attn, mlp, reads=None, cross=None, cross_reads=None):
         then = None if c is None or between is None else between + c
         if not rec.close(then, mid):
             return f"resid_mid + {cross} != what the MLP reads ({rec.gap(then, mid)})"
+    extras = {"cross": cross} if cross else {}
     if mlp and not rec.close(mid_m, rec.post):
-        return f"resid_mid + {mlp} != resid_post ({rec.gap(mid_m, rec.post)})"
-    return (attn, mlp, {"cross": cross}) if cross else (attn, mlp)
+        side = next((p for p in rec.beside(mlp) if mid_m is not None and rec.close(mid_m + rec.out(p), rec.post)), None)
+        if side is None:
+            return f"resid_mid + {mlp} != resid_post ({rec.gap(mid_m, rec.post)})"
+        extras["beside"] = {"mlp_out": side}     # the block adds the MLP's output and this one's as one sum
+    return (attn, mlp, extras) if extras else (attn, mlp)
 
 
 def _find(rec: Record, paths):

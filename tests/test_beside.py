@@ -78,3 +78,12 @@ def test_generation_steers_through_the_sum(lm):
     plain = rg.Graph().generate(lm, BASE[:1], max_new_tokens=4, do_sample=False).new_ids
     steered = g.generate(lm, BASE[:1], max_new_tokens=4, do_sample=False).new_ids
     assert not torch.equal(plain, steered)
+
+
+def test_remote_runs_reach_the_sum(lm):
+    g = rg.Graph()
+    g.add(rg.Site("mlp_out", layer=ATTENTION), rg.Collect(), name="m")
+    g.add(rg.Site("mlp_out", layer=MAMBA, positions="last"), rg.Add(torch.ones(lm.arch.d_model)), name="a")
+    here, there = g.run(lm, BASE, grad=False), g.run(lm, BASE, remote="local")
+    torch.testing.assert_close(there["m"], here["m"], atol=0, rtol=0)
+    torch.testing.assert_close(there.logits, here.logits, atol=0, rtol=0)

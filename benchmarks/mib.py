@@ -78,11 +78,14 @@ def run_task(lm, task, args) -> dict:
                                           ablate=args.ablate)
         figures[f"{method} CPR"] = round(results[method]["cpr"], 3)
         figures[f"{method} CMD"] = round(results[method]["cmd"], 3)
-        logged = rg.circuits.mib_areas(args.fractions, results[method]["curve"].faithfulness, log_scale=True)
-        results[method]["cpr log"], results[method]["cmd log"] = logged
-        figures[f"{method} CPR log"], figures[f"{method} CMD log"] = round(logged[0], 3), round(logged[1], 3)
+        result = results[method]     # CPR over the signed ranking's curve, CMD over the absolute one's (MIB's)
+        result["cpr log"] = rg.circuits.mib_areas(args.fractions, result["cpr_curve"].faithfulness, log_scale=True)[0]
+        result["cmd log"] = rg.circuits.mib_areas(args.fractions, result["curve"].faithfulness, log_scale=True)[1]
+        figures[f"{method} CPR log"] = round(result["cpr log"], 3)
+        figures[f"{method} CMD log"] = round(result["cmd log"], 3)
         figures[f"{method} scoring s"] = round(scored, 1)
-        figures[f"{method} curve"] = [round(f, 3) for f in results[method]["curve"].faithfulness]
+        figures[f"{method} curve"] = [round(f, 3) for f in result["curve"].faithfulness]
+        figures[f"{method} CPR curve"] = [round(f, 3) for f in result["cpr_curve"].faithfulness]
     for name in ("cpr", "cmd", "cpr log", "cmd log"):   # the goal: EAP-IG's CPR >= 2x, CMD <= 0.5x node IG's
         for ig in ("eap-ig-inputs", "eap-ig-activations"):
             if ig in results and node_ig in results:
@@ -91,9 +94,9 @@ def run_task(lm, task, args) -> dict:
     rg.circuits.plot_mib(results).savefig(RESULTS / f"mib_{args.model}_{task}{suffix(args)}.png", dpi=120, bbox_inches="tight")
     print(f"{task}: {'method':>18} {'CPR':>8} {'CMD':>8} {'CPR log':>8} {'CMD log':>8}   curve at {args.fractions}")
     for method, result in results.items():
-        curve = " ".join(f"{f:.2f}" for f in result["curve"].faithfulness)
+        curves = [" ".join(f"{f:.2f}" for f in result[c].faithfulness) for c in ("curve", "cpr_curve")]
         print(f"{task}: {method:>18} {result['cpr']:8.3f} {result['cmd']:8.3f} {result['cpr log']:8.3f} "
-              f"{result['cmd log']:8.3f}   {curve}")
+              f"{result['cmd log']:8.3f}   by |score|: {curves[0]}; by signed effect: {curves[1]}")
     return figures
 
 

@@ -301,7 +301,7 @@ def test_a_circuit_without_one_edge_moves_the_metric_by_its_exact_score(lm):
 def test_mib_curve_and_areas():
     lm = rg.models.tiny("llama")
     scores = rg.circuits.edge_scores(lm, DATA, progress=False)
-    result = rg.circuits.mib(lm, DATA, scores, fractions=(0.05, 0.2, 1.0), progress=False)
+    result = rg.circuits.mib(lm, DATA, scores, fractions=(0.05, 0.2, 1.0), progress=False, rank="absolute")
     curve = result["curve"]
     assert curve.edges.tolist() == [4, 16, 82]
     assert curve.faithfulness.iloc[-1] == pytest.approx(1.0, abs=1e-6)      # every edge: the clean run
@@ -322,6 +322,31 @@ def test_mib_curve_and_areas():
         rg.circuits.edge_circuit(lm, pd.DataFrame({"sender": ["a1.h0"], "receiver": ["a0.h0<q>"]}))
     with pytest.raises(rg.DataError, match="valid sizes"):
         rg.circuits.discover_edges(lm, DATA, size=1000, table=scores)
+
+
+def test_mib_ranks_cpr_by_signed_effect_and_cmd_by_absolute_score():
+    lm = rg.models.tiny("llama")
+    scores = rg.circuits.edge_scores(lm, DATA, method="exact", progress=False)
+    result = rg.circuits.mib(lm, DATA, scores, fractions=(0.1, 1.0), progress=False)
+    clean, corrupted = (rg.Graph().run(lm, prompts).next_token_logits for prompts in (DATA.source, DATA.base))
+    ids = DATA.answer_ids(lm)
+    diff = [float((x.gather(1, ids[0][:, None]) - x.gather(1, ids[1][:, None])).mean()) for x in (clean, corrupted)]
+    assert (scores.attrs["clean"], scores.attrs["corrupted"]) == pytest.approx(diff, abs=1e-6)
+    toward = 1.0 if diff[1] >= diff[0] else -1.0         # corrupting a carrying edge moves the metric toward corrupted
+    k = int(0.1 * len(scores))
+    top = (scores.score * toward).sort_values(ascending=False, kind="stable").index[:k]
+    circuit = rg.circuits.edge_circuit(lm, scores.loc[top])
+    want = rg.circuits.edge_faithfulness(circuit, lm, DATA, progress=False)["normalised"]
+    assert result["cpr_curve"].faithfulness.iloc[0] == pytest.approx(want, abs=1e-6)
+    assert result["cpr"] == pytest.approx(0.9 * (want + 1.0) / 2, abs=1e-6)
+    absolute = rg.circuits.mib(lm, DATA, scores, fractions=(0.1, 1.0), progress=False, rank="absolute")
+    assert absolute["curve"].equals(result["curve"]) and absolute["cmd"] == pytest.approx(result["cmd"])
+    assert absolute["cpr"] == pytest.approx(rg.circuits.mib_areas((0.1, 1.0), result["curve"].faithfulness)[0])
+    nodes = rg.circuits.scores(lm, DATA, nodes="heads+mlps", progress=False, rank="magnitude")
+    torch.testing.assert_close(torch.tensor(rg.circuits.carrying(nodes).values),
+                               torch.tensor(rg.circuits.scores(lm, DATA, nodes="heads+mlps", progress=False).score.values))
+    with pytest.raises(rg.DataError, match="rank='absolute'"):      # (a table built by hand has no direction)
+        rg.circuits.mib(lm, DATA, pd.DataFrame(scores.to_dict()), fractions=(1.0,), progress=False)
 
 
 def test_node_circuits_as_edges():

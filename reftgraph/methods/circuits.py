@@ -34,15 +34,16 @@ from ..engine import as_model, run
 from ..errors import DataError
 from ..training.counterfactual import Counterfactual
 from ..viz.circuits import draw_circuit, plot_curve
-from .edge_circuits import (MIB_FRACTIONS, EdgeCircuit, discover_edges, draw_edges, edge_circuit, edge_faithfulness,
-                            load_edge_circuit, mean_writes, metric_runs, mib, mib_areas, node_edges,
+from .edge_circuits import (MIB_FRACTIONS, EdgeCircuit, carrying, discover_edges, draw_edges, edge_circuit,
+                            edge_faithfulness, load_edge_circuit, mean_writes, metric_runs, mib, mib_areas, node_edges,
                             plot_mib)
 from .edges import edge_scores, edges
 from .features import discover as discover_features
 from .patching.attribution import attribute, one_length
 from .patching.metrics import METRICS
 
-__all__ = ["Circuit", "CircuitConfig", "EdgeCircuit", "MIB_FRACTIONS", "edges", "edge_scores", "edge_circuit",
+__all__ = ["Circuit", "CircuitConfig", "EdgeCircuit", "MIB_FRACTIONS", "carrying", "edges", "edge_scores",
+           "edge_circuit",
            "discover_edges", "edge_faithfulness", "load_edge_circuit", "mean_writes", "mib", "mib_areas", "node_edges",
            "draw_edges", "plot_mib", "scores", "discover", "circuit_graph", "members", "faithfulness", "curve",
            "top_layers", "draw", "plot_curve"]

@@ -47,8 +47,8 @@ from .edges import edge_scores, edges, out_maps, receiver_site, sender_graph, se
 from .patching.attribution import positions_in
 from .patching.metrics import Reference, get_metric
 
-__all__ = ["EdgeCircuit", "edge_circuit", "discover_edges", "edge_faithfulness", "load_edge_circuit", "mean_writes",
-           "metric_runs", "mib", "mib_areas", "MIB_FRACTIONS", "draw_edges", "node_edges", "plot_mib"]
+__all__ = ["EdgeCircuit", "carrying", "edge_circuit", "discover_edges", "edge_faithfulness", "load_edge_circuit",
+           "mean_writes", "metric_runs", "mib", "mib_areas", "MIB_FRACTIONS", "draw_edges", "node_edges", "plot_mib"]
 
 STREAM = "corrupt"
 MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)   # MIB's circuit sizes
@@ -550,9 +550,37 @@ def mib_areas(fractions: Sequence[float], faithfulness: Sequence[float], log_sca
     return cpr, cmd
 
 
+def carrying(scores: pd.DataFrame) -> pd.Series:
+    """How much each scored edge (or node) carries the behaviour: its estimated effect of
+    being corrupted, signed so that positive moves the metric toward the corrupted run.
+
+    >>> import reftgraph as rg
+    >>> lm = rg.models.tiny("llama")
+    >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
+    >>> table = rg.circuits.edge_scores(lm, data, progress=False)
+    >>> bool(((carrying(table) - table.score).abs() < 1e-12).all() or ((carrying(table) + table.score).abs() < 1e-12).all())
+    True
+
+    Edge scores (:func:`~reftgraph.circuits.edge_scores`) are the change of the metric when the
+    edge is corrupted, node scores (:func:`~reftgraph.circuits.scores`) carry it as
+    ``estimate``; which way is toward the corrupted run comes from the metric of the clean and
+    corrupted runs the scoring kept in the table's ``attrs``.
+    """
+    attrs = scores.attrs
+    if "estimate" in scores and {"source", "base"} <= set(attrs):   # node scores: their source is the corrupted run
+        effect, toward = scores.estimate, attrs["source"] - attrs["base"]
+    elif "score" in scores and {"clean", "corrupted"} <= set(attrs):
+        effect, toward = scores.score, attrs["corrupted"] - attrs["clean"]
+    else:
+        raise DataError("ranking by signed effect needs the scores' direction: a table from rg.circuits.edge_scores or "
+                        "rg.circuits.scores (its attrs keep the clean and corrupted metric); or rank='absolute'")
+    return effect * (1.0 if toward >= 0 else -1.0)
+
+
 def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[float] = MIB_FRACTIONS,
-        metric="logit_diff", progress: bool = True, ablate: str = "corrupt", log_scale: bool = False) -> dict:
-    """MIB's circuit metrics for edge (or node) ``scores``: the faithfulness curve at
+        metric="logit_diff", progress: bool = True, ablate: str = "corrupt", log_scale: bool = False,
+        rank: str = "mib") -> dict:
+    """MIB's circuit metrics for edge (or node) ``scores``: the faithfulness curves at
     ``fractions`` of all edges (or nodes), CPR and CMD.
 
     >>> import reftgraph as rg
@@ -560,13 +588,17 @@ def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[f
     >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
     >>> result = mib(lm, data, rg.circuits.edge_scores(lm, data, progress=False), fractions=(0.1, 0.5, 1.0), progress=False)
     >>> sorted(result), result["curve"].columns.tolist()
-    (['cmd', 'cpr', 'curve'], ['fraction', 'kept', 'edges', 'faithfulness'])
+    (['cmd', 'cpr', 'cpr_curve', 'curve'], ['fraction', 'kept', 'edges', 'faithfulness'])
 
-    As ``evaluate_area_under_curve`` in MIB's ``MIB_circuit_track/evaluation.py``
-    (``hannamw/MIB-circuit-track``): a fraction f keeps the top ``int(f * n)`` of the ``n``
-    scored edges by absolute score (none at all when that is 0: the corrupted run), and CPR /
-    CMD are :func:`mib_areas` of the curve over the fractions themselves, linear as MIB's
-    default (``log_scale=True``: over their log). Node scores (a table of
+    As MIB's ``MIB_circuit_track/evaluation.py`` (``hannamw/MIB-circuit-track``,
+    ``evaluate_area_under_curve``): a fraction f keeps the top ``int(f * n)`` of the ``n``
+    scored edges (none at all when that is 0: the corrupted run). CMD ranks them by absolute
+    score (``curve``); CPR, which rewards the edges that carry the behaviour, by signed effect
+    (``cpr_curve``: :func:`carrying`, the top first; MIB's ``absolute=False``), so a partial
+    circuit that leaves out edges working against the behaviour can beat the full model.
+    ``rank="absolute"`` takes both from the absolute ranking (one curve). CPR / CMD are
+    :func:`mib_areas` of their curves over the fractions themselves, linear as MIB's default
+    (``log_scale=True``: over their log). Node scores (a table of
     :func:`~reftgraph.circuits.scores` with ``nodes="heads+mlps"``) keep the top fraction of the
     nodes, as MIB's ``level="node"``, and the circuit is the edges between them
     (:func:`node_edges`; ``edges`` in the curve counts them). ``ablate="mean"``: the edges
@@ -577,16 +609,23 @@ def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[f
     receivers' writes are ablated everywhere).
     """
     model = as_model(model, one_stack="rg.circuits.mib")
-    order = scores.reindex(scores.score.abs().sort_values(ascending=False, kind="stable").index)
+    if rank not in ("mib", "absolute"):
+        raise DataError(f"rank must be 'mib' (CPR by signed effect, CMD by absolute score) or 'absolute', got {rank!r}")
+    rankings = [scores.score.abs()] + ([carrying(scores)] if rank == "mib" else [])
     counts = [int(f * len(scores)) for f in fractions]
     nodes = "sender" not in scores
-    kept = [node_edges(model, order.head(k)) if nodes else order.head(k) for k in counts]
+    kept = []
+    for value in rankings:
+        order = scores.reindex(value.sort_values(ascending=False, kind="stable").index)
+        kept += [node_edges(model, order.head(k)) if nodes else order.head(k) for k in counts]
     means = mean_writes(model, data) if ablate == "mean" else None
     per_token = {"positions": positions_in(scores)} if "position" in scores else None
     graphs = [edge_circuit(model, k, per_token, ablate=ablate, means=means) for k in kept]
     full, empty, values = _metric(model, data, graphs, metric, progress, means)
     faith = [(v - empty) / (full - empty) for v in values]
-    cpr, cmd = mib_areas(fractions, faith, log_scale)
-    curve = pd.DataFrame({"fraction": list(fractions), "kept": counts, "edges": [len(k) for k in kept],
-                          "faithfulness": faith})
-    return {"curve": curve, "cpr": cpr, "cmd": cmd}
+    n = len(counts)
+    curves = [pd.DataFrame({"fraction": list(fractions), "kept": counts, "edges": [len(k) for k in kept[i:i + n]],
+                            "faithfulness": faith[i:i + n]}) for i in range(0, len(kept), n)]
+    cmd = mib_areas(fractions, curves[0].faithfulness, log_scale)[1]
+    cpr = mib_areas(fractions, curves[-1].faithfulness, log_scale)[0]
+    return {"curve": curves[0], "cpr_curve": curves[-1], "cpr": cpr, "cmd": cmd}

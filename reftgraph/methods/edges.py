@@ -403,7 +403,9 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
         by_name = {r.name: r for r in receivers}
         table["score"] = [_exact(model, data, by_name[r], delta[index[s]], metric_fn, ref) - float(base)
                           for s, r in progress_bar(pairs, total=len(table), desc="edges", progress=progress, unit="run")]
-    table.attrs.update(method=method, metric=metric_name)
+    corrupted = metric_fn(corrupt.next_token_logits.detach(), ref).mean()    # (which way the behaviour goes: mib)
+    table.attrs.update(method=method, metric=metric_name, clean=float(metric_fn(ref.source_logits, ref).mean()),
+                       corrupted=float(corrupted))
     return table
 
 

@@ -133,8 +133,9 @@ def draw_edges(kept: pd.DataFrame, n_layers: int, n_heads: int, group: int = 1, 
 
 def plot_mib(results: dict, ax=None):
     """MIB's faithfulness curves, one line per method: ``results`` maps a method's name to what
-    :func:`reftgraph.circuits.mib` returned. The x axis is the circuit's size as a fraction of
-    the scored edges (of the nodes, for node scores), on a log scale. Returns the figure.
+    :func:`reftgraph.circuits.mib` returned (solid: the circuits by absolute score, CMD's;
+    dashed: by signed effect, CPR's). The x axis is the circuit's size as a fraction of the
+    scored edges (of the nodes, for node scores), on a log scale. Returns the figure.
 
     >>> import matplotlib; matplotlib.use("Agg")
     >>> curve = pd.DataFrame({"fraction": [0.1, 1.0], "edges": [8, 82], "faithfulness": [0.4, 1.0]})
@@ -144,8 +145,11 @@ def plot_mib(results: dict, ax=None):
     fig, ax = new_figure(ax, figsize=(5, 3.5), was_axes="plot_mib")
     for name, result in results.items():
         curve = result["curve"]
-        ax.plot(curve["fraction"], curve["faithfulness"], marker="o",
-                label=f"{name} (CPR {result['cpr']:.2f}, CMD {result['cmd']:.2f})")
+        line, = ax.plot(curve["fraction"], curve["faithfulness"], marker="o",
+                        label=f"{name} (CPR {result['cpr']:.2f}, CMD {result['cmd']:.2f})")
+        signed = result.get("cpr_curve")
+        if signed is not None and not signed.equals(curve):     # CPR's curve, by signed effect: dashed
+            ax.plot(signed["fraction"], signed["faithfulness"], marker=".", ls="--", color=line.get_color())
     ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
     ax.set_xscale("log")
     ax.set_xlabel("fraction kept (of edges; of nodes for node scores)")

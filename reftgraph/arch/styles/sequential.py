@@ -47,7 +47,8 @@ def check(rec: Record, attn, mlp, reads=None, cross=None, cross_reads=None):
             return f"resid_mid + {cross} != what the MLP reads ({rec.gap(then, mid)})"
     extras = {"cross": cross} if cross else {}
     if mlp and not rec.close(mid_m, rec.post):
-        side = next((p for p in rec.beside(mlp) if mid_m is not None and rec.close(mid_m + rec.out(p), rec.post)), None)
+        sides = rec.beside(mlp) if mid_m is not None else []
+        side = next((p for p in sides if rec.close(mid_m + rec.out(p), rec.post)), None)
         if side is None:
             return f"resid_mid + {mlp} != resid_post ({rec.gap(mid_m, rec.post)})"
         extras["beside"] = {"mlp_out": side}     # the block adds the MLP's output and this one's as one sum

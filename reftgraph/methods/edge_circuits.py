@@ -441,9 +441,10 @@ def discover_edges(model, data: Counterfactual, size: Union[int, float] = 0.05, 
     return edge_circuit(model, order.head(count), settings, ablate, data)
 
 
-def metric_runs(model, data, graphs: Sequence[Graph], metric, progress: bool = True) -> tuple:
+def metric_runs(model, data, graphs: Sequence, metric, progress: bool = True) -> tuple:
     """``(clean, [value per graph])``: the metric's mean on the clean prompts, for the clean run
     and for each graph (a graph that reads stream ``"corrupt"`` gets the corrupted prompts).
+    A function in ``graphs`` builds its graph when its run comes.
 
     >>> import reftgraph as rg
     >>> lm = rg.models.tiny("llama")
@@ -460,6 +461,7 @@ def metric_runs(model, data, graphs: Sequence[Graph], metric, progress: bool = T
         ref = Reference(correct, wrong, clean)
         values = []
         for g in graphs:
+            g = g if isinstance(g, Graph) else g()
             sources = {STREAM: data.base} if STREAM in g.streams else None
             logits = run(g, model, data.source, sources=sources, grad=False, logits="last").next_token_logits
             values.append(metric_fn(logits, ref).mean().item())
@@ -547,7 +549,7 @@ def mib_areas(fractions: Sequence[float], faithfulness: Sequence[float], log_sca
         width = x[i + 1] - x[i]
         cpr += width * (faithfulness[i] + faithfulness[i + 1]) / 2
         cmd += width * (abs(1 - faithfulness[i]) + abs(1 - faithfulness[i + 1])) / 2
-    return cpr, cmd
+    return float(cpr), float(cmd)
 
 
 def carrying(scores: pd.DataFrame) -> pd.Series:
@@ -612,20 +614,24 @@ def mib(model, data: Counterfactual, scores: pd.DataFrame, fractions: Sequence[f
     if rank not in ("mib", "absolute"):
         raise DataError(f"rank must be 'mib' (CPR by signed effect, CMD by absolute score) or 'absolute', got {rank!r}")
     rankings = [scores.score.abs()] + ([carrying(scores)] if rank == "mib" else [])
+    orders = [scores.reindex(value.sort_values(ascending=False, kind="stable").index) for value in rankings]
     counts = [int(f * len(scores)) for f in fractions]
-    nodes = "sender" not in scores
-    kept = []
-    for value in rankings:
-        order = scores.reindex(value.sort_values(ascending=False, kind="stable").index)
-        kept += [node_edges(model, order.head(k)) if nodes else order.head(k) for k in counts]
     means = mean_writes(model, data) if ablate == "mean" else None
     per_token = {"positions": positions_in(scores)} if "position" in scores else None
-    graphs = [edge_circuit(model, k, per_token, ablate=ablate, means=means) for k in kept]
-    full, empty, values = _metric(model, data, graphs, metric, progress, means)
+    sizes = []          # the edges each circuit keeps, as it is built
+
+    def circuit(order, k):      # built when its run comes: one circuit (and its edges) in memory at a time
+        def build():
+            kept = node_edges(model, order.head(k)) if "sender" not in scores else order.head(k)
+            sizes.append(len(kept))
+            return edge_circuit(model, kept, per_token, ablate=ablate, means=means)
+        return build
+    full, empty, values = _metric(model, data, [circuit(o, k) for o in orders for k in counts], metric, progress,
+                                  means)
     faith = [(v - empty) / (full - empty) for v in values]
     n = len(counts)
-    curves = [pd.DataFrame({"fraction": list(fractions), "kept": counts, "edges": [len(k) for k in kept[i:i + n]],
-                            "faithfulness": faith[i:i + n]}) for i in range(0, len(kept), n)]
-    cmd = mib_areas(fractions, curves[0].faithfulness, log_scale)[1]
-    cpr = mib_areas(fractions, curves[-1].faithfulness, log_scale)[0]
+    curves = [pd.DataFrame({"fraction": list(fractions), "kept": counts, "edges": sizes[i:i + n],
+                            "faithfulness": faith[i:i + n]}) for i in range(0, len(values), n)]
+    cmd = mib_areas(fractions, curves[0].faithfulness.tolist(), log_scale)[1]
+    cpr = mib_areas(fractions, curves[-1].faithfulness.tolist(), log_scale)[0]
     return {"curve": curves[0], "cpr_curve": curves[-1], "cpr": cpr, "cmd": cmd}

@@ -111,7 +111,6 @@ class Record:
                 return path
         return mlp
 
-
     def beside(self, mlp: Optional[str]) -> list:
         """The block's other children that read what ``mlp`` reads and give its output's shape:
         modules whose output the block may add together with the MLP's (GraniteMoeHybrid's
@@ -144,8 +143,9 @@ class Style:
     style does not hold; a third item adds ``{"norms": {component: norm path}}`` (the norm
     each addition passes through, Post-LN blocks) or ``{"scales": {component: attribute}}``
     (the block attribute each addition is scaled by), and ``{"beside": {"mlp_out": path}}`` a
-    module whose output the block adds together with the MLP's (:meth:`Record.beside`). ``attn_moves`` is the stream that an edit of ``attn_out`` moves
-    by exactly the edit: ``"mid"`` (what the MLP reads) or ``"post"`` (the block output).
+    module whose output the block adds together with the MLP's (:meth:`Record.beside`).
+    ``attn_moves`` is the stream that an edit of ``attn_out`` moves by exactly the edit:
+    ``"mid"`` (what the MLP reads) or ``"post"`` (the block output).
     ``no_mid``: why ``resid_mid`` is refused in this style ('' where it is defined).
     """
 

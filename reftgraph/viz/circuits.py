@@ -132,15 +132,17 @@ def draw_edges(kept: pd.DataFrame, n_layers: int, n_heads: int, group: int = 1, 
 
 
 def plot_mib(results: dict, ax=None):
-    """MIB's faithfulness curves, one line per method: ``results`` maps a method's name to what
-    :func:`reftgraph.circuits.mib` returned (solid: the circuits by absolute score, CMD's;
-    dashed: by signed effect, CPR's). The x axis is the circuit's size as a fraction of the
-    scored edges (of the nodes, for node scores), on a log scale. Returns the figure.
+    """MIB's faithfulness curves, one colour per method: ``results`` maps a method's name to
+    what :func:`reftgraph.circuits.mib` returned. Returns the figure.
 
     >>> import matplotlib; matplotlib.use("Agg")
     >>> curve = pd.DataFrame({"fraction": [0.1, 1.0], "edges": [8, 82], "faithfulness": [0.4, 1.0]})
     >>> plot_mib({"eap": {"curve": curve, "cpr": 1.6, "cmd": 0.7}}).axes[0].get_xscale()
     'log'
+
+    Solid lines: the circuits ranked by absolute score (CMD's); dashed: by signed effect
+    (CPR's). The x axis is the circuit's size as a fraction of the scored edges (of the nodes,
+    for node scores), on a log scale.
     """
     fig, ax = new_figure(ax, figsize=(5, 3.5), was_axes="plot_mib")
     for name, result in results.items():

@@ -43,9 +43,8 @@ from .patching.attribution import attribute, one_length
 from .patching.metrics import METRICS
 
 __all__ = ["Circuit", "CircuitConfig", "EdgeCircuit", "MIB_FRACTIONS", "carrying", "edges", "edge_scores",
-           "edge_circuit",
-           "discover_edges", "edge_faithfulness", "load_edge_circuit", "mean_writes", "mib", "mib_areas", "node_edges",
-           "draw_edges", "plot_mib", "scores", "discover", "circuit_graph", "members", "faithfulness", "curve",
+           "edge_circuit", "discover_edges", "edge_faithfulness", "load_edge_circuit", "mean_writes", "mib", "mib_areas",
+           "node_edges", "draw_edges", "plot_mib", "scores", "discover", "circuit_graph", "members", "faithfulness", "curve",
            "top_layers", "draw", "plot_curve"]
 
 NODES = ("heads", "heads+mlps")

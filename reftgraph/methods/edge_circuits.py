@@ -560,8 +560,8 @@ def carrying(scores: pd.DataFrame) -> pd.Series:
     >>> lm = rg.models.tiny("llama")
     >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
     >>> table = rg.circuits.edge_scores(lm, data, progress=False)
-    >>> bool(((carrying(table) - table.score).abs() < 1e-12).all() or ((carrying(table) + table.score).abs() < 1e-12).all())
-    True
+    >>> table.attrs["corrupted"] > table.attrs["clean"], carrying(table).equals(table.score)  # (here corrupted scores higher)
+    (True, True)
 
     Edge scores (:func:`~reftgraph.circuits.edge_scores`) are the change of the metric when the
     edge is corrupted, node scores (:func:`~reftgraph.circuits.scores`) carry it as

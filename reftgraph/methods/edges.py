@@ -403,9 +403,10 @@ def edge_scores(model, data: Counterfactual, method: str = "eap", metric="logit_
         by_name = {r.name: r for r in receivers}
         table["score"] = [_exact(model, data, by_name[r], delta[index[s]], metric_fn, ref) - float(base)
                           for s, r in progress_bar(pairs, total=len(table), desc="edges", progress=progress, unit="run")]
-    corrupted = metric_fn(corrupt.next_token_logits.detach(), ref).mean()    # (which way the behaviour goes: mib)
-    table.attrs.update(method=method, metric=metric_name, clean=float(metric_fn(ref.source_logits, ref).mean()),
-                       corrupted=float(corrupted))
+    # the metric of both runs: which way corrupting moves it (rg.circuits.carrying)
+    clean_metric, corrupted_metric = (float(metric_fn(logits, ref).mean())
+                                      for logits in (ref.source_logits, corrupt.next_token_logits.detach()))
+    table.attrs.update(method=method, metric=metric_name, clean=clean_metric, corrupted=corrupted_metric)
     return table
 
 

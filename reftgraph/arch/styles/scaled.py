@@ -76,11 +76,12 @@ def _find(rec: Record, paths):
     adds = {"attn_out": fit(None if mid is None else mid - rec.pre, rec.out(paths.attn))} if paths.attn else {}
     after = None if mid is None or m is None else rec.post - mid
     adds["mlp_out"], beside = fit(after, m), {}
-    for side in rec.beside(paths.mlp) if adds["mlp_out"] is None and after is not None else ():
-        adds["mlp_out"] = fit(after, m + rec.out(side))
-        if adds["mlp_out"] is not None:     # the MLP's output and the one beside it, added as one sum
-            beside["mlp_out"] = side
-            break
+    if adds["mlp_out"] is None and after is not None:     # the MLP's output and one beside it, added as one sum
+        for side in rec.beside(paths.mlp):
+            adds["mlp_out"] = fit(after, m + rec.out(side))
+            if adds["mlp_out"] is not None:
+                beside["mlp_out"] = side
+                break
     if None in adds.values():
         return f"the {' and '.join(c[:-4] for c in adds)} outputs are not added with one scale each"
     found = {}

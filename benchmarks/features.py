@@ -4,7 +4,8 @@ sparsify (``pip install .[bench]``) on *Alice's Adventures in Wonderland* (publi
 and the demo's caps LoReFT explained in features. Prints the figures; last line JSON.
 
     .venv/bin/python benchmarks/features.py [--epochs 40] [--latents 4608] [--k 32] [--retrain] [--generated N]
-        [--circuits-only] [--per-position] [--rank effect|magnitude] [--method atp|ig] [--fractions ...]
+        [--seed 0] [--circuits-only] [--per-position] [--rank effect|magnitude|mean_abs] [--method atp|ig]
+        [--fractions ...]
 
 1. Activations: the book in 128-token windows, the last 10% held out; position 0 of each
    window (the attention sink, of far larger norm) is left out of training and splicing.
@@ -20,7 +21,8 @@ and the demo's caps LoReFT explained in features. Prints the figures; last line 
 4. Speed: ``Collect(basis=sae)`` of every feature at the site vs a plain ``Collect`` and the
    encoder applied after (medians, interleaved).
 5. IOI: feature circuits at 1% of the features (AtP scores, or ``--method ig``; errors kept and ablated) and the
-   node circuit of the same number of heads, faithfulness by running each.
+   node circuit of the same number of heads (ranked the same way), faithfulness by running each.
+   ``--seed`` trains another dictionary with the same recipe (in a folder of its own).
 6. The caps LoReFT of the first demo (rank 4, layers 10 and 16), its layer-16 node explained:
    the features nearest its subspace and their top contexts in the book.
 """
@@ -92,11 +94,11 @@ def activations(lm, texts, batch=16) -> torch.Tensor:
     return torch.cat(rows)
 
 
-def train(acts: torch.Tensor, latents: int, k: int, epochs: int, folder: Path, target=None) -> dict:
+def train(acts: torch.Tensor, latents: int, k: int, epochs: int, folder: Path, target=None, seed: int = 0) -> dict:
     """sparsify's SparseCoder trained on ``acts`` (to reconstruct them, or ``target``: a transcoder)."""
     from sparsify import SparseCoder, SparseCoderConfig
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     sae = SparseCoder(acts.shape[1], SparseCoderConfig(num_latents=latents, k=k, transcode=target is not None))
     with torch.no_grad():
         sae.b_dec.copy_((acts if target is None else target).mean(0))
@@ -215,6 +217,7 @@ def main():
     parser.add_argument("--latents", type=int, default=4608)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--seed", type=int, default=0, help="the training seed (another seed: another folder)")
     parser.add_argument("--generated", type=int, default=0,
                         help="also train on about this many tokens SmolLM2 generates itself (cached)")
     parser.add_argument("--skip-caps", action="store_true")
@@ -224,15 +227,16 @@ def main():
     parser.add_argument("--circuits-only", action="store_true", help="skip the quality and speed figures")
     parser.add_argument("--method", default="atp", choices=("atp", "ig"),
                         help="how the features are scored: AtP, or integrated gradients (5 steps)")
-    parser.add_argument("--rank", default="effect", choices=("effect", "magnitude"),
-                        help="keep the largest signed effects, or the largest |effects| (Marks et al.)")
+    parser.add_argument("--rank", default="effect", choices=("effect", "magnitude", "mean_abs"),
+                        help="keep the largest signed effects, the largest |effects| (Marks et al.), or the largest "
+                             "mean over prompts of each prompt's |effect|")
     args = parser.parse_args()
     set_threads()
     lm = rg.load()
     texts = windows(lm)
     split = int(0.9 * len(texts))
     train_texts, held = texts[:split], texts[split:]
-    extra = f"-gen{args.generated}" if args.generated else ""
+    extra = (f"-gen{args.generated}" if args.generated else "") + (f"-seed{args.seed}" if args.seed else "")
     folder = CACHE / f"resid_post{LAYER}-topk{args.k}-{args.latents}{extra}" / f"layers.{LAYER}"
     if args.circuits_only:     # the SAE trained by an earlier run; IOI circuits alone
         figures = ioi(lm, rg.features.load(folder), sorted(set(args.fractions) | {0.01}), args.per_position, args.rank,
@@ -246,7 +250,7 @@ def main():
     acts = activations(lm, train_texts)
     figures["collect_seconds"] = round(time.time() - start, 1)
     if args.retrain or not (folder / "sae.safetensors").exists():
-        figures.update(train(acts, args.latents, args.k, args.epochs, folder))
+        figures.update(train(acts, args.latents, args.k, args.epochs, folder, seed=args.seed))
     sae = rg.features.load(folder)
     test = activations(lm, held)
     with torch.no_grad():

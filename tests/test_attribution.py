@@ -77,7 +77,7 @@ def test_attribute_heads_equal_plain_hook_linearisation():
     est = rg.patching.attribute(lm, DATA, "head_out", layers=[1])
     hf = lm.hf
     o = hf.model.layers[1].self_attn.o_proj
-    total = torch.zeros(lm.arch.n_heads)
+    total, absolute = torch.zeros(lm.arch.n_heads), torch.zeros(lm.arch.n_heads)
     for base, source, good, bad in zip(DATA.base, DATA.source, DATA.correct, DATA.wrong):
         seen = {}
 
@@ -95,8 +95,11 @@ def test_attribute_heads_equal_plain_hook_linearisation():
         (logits[ids[0]] - logits[ids[1]]).backward()
         src, value = seen["values"]
         prod = ((src - value) * seen["delta"].grad)[0]                       # [S, H * dh]
-        total += prod.view(prod.shape[0], lm.arch.n_heads, -1).sum((0, 2))
+        row = prod.view(prod.shape[0], lm.arch.n_heads, -1).sum((0, 2))
+        total, absolute = total + row, absolute + row.abs()
     assert est["estimate"].values == pytest.approx((total / len(DATA)).tolist(), abs=1e-5)
+    assert est["mean_abs"].values == pytest.approx((absolute / len(DATA)).tolist(), abs=1e-5)
+    assert (est["mean_abs"] > est["estimate"].abs() + 1e-6).any()        # some heads change sign row by row
 
 
 def linear_top():

@@ -41,6 +41,9 @@ def test_a_planted_circuit_is_found_and_is_faithful(method):
     found = table.sort_values("score", ascending=False).head(2)
     assert set(zip(found["layer"], found["head"])) == PLANTED
     assert (table[~table.apply(lambda r: (r["layer"], r["head"]) in PLANTED, axis=1)]["score"] == 0).all()
+    rows = rg.circuits.scores(lm, DATA, method=method, rank="mean_abs")      # each row's |estimate|, averaged
+    assert set(zip(*rows.nlargest(2, "score")[["layer", "head"]].values.T)) == PLANTED
+    assert (rows["score"] >= rows["estimate"].abs() - 1e-6).all()
     circuit = rg.circuits.discover(lm, DATA, size=2, method=method, rank="magnitude")
     assert set(map(tuple, rg.circuits.members(circuit, lm)[["layer", "head"]].values.tolist())) == PLANTED
     f = rg.circuits.faithfulness(circuit, lm, DATA)

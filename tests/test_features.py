@@ -250,7 +250,8 @@ def test_a_reft_in_features_trains_and_stays_in_their_span(lm):
 
 def hand_attribution(lm, sae, layer, steps=None, data=DATA, per_position=False):
     """AtP (or IG with ``steps``) written with plain hooks: features and error at resid_post[layer]
-    (summed over positions, or per position)."""
+    (summed over positions, or per position), averaged over the rows, and their |row values|
+    averaged over the rows."""
     cfg, side = lm.hf.config, "right"
     clean_in, corrupt_in = encode(lm.tokenizer, data.source, side), encode(lm.tokenizer, data.base, side)
     h0 = capture(lm.hf, "llama", "resid_post", layer, clean_in, cfg)
@@ -275,10 +276,11 @@ def hand_attribution(lm, sae, layer, steps=None, data=DATA, per_position=False):
     f0, f1 = hand_features(sae, h0), hand_features(sae, h1)
     g_f = g_h @ sae.W_dec.T                          # h + (f' - f) W_dec: dM/df' = dM/dh W_dec^T
     error = lambda h: h - (hand_features(sae, h) @ sae.W_dec + sae.b_dec)   # noqa: E731
-    over = 0 if per_position else (0, 1)
-    features = ((f1 - f0) * g_f * mask).sum(over) / 2
-    err = ((error(h1) - error(h0)) * g_h * mask).sum(over) / 2
-    return features, (err.sum(-1) if per_position else err.sum())
+    features = (f1 - f0) * g_f * mask                                       # [rows, tokens, 64]
+    err = ((error(h1) - error(h0)) * g_h * mask).sum(-1)                    # [rows, tokens]
+    if not per_position:
+        features, err = features.sum(1), err.sum(1)
+    return features.mean(0), err.mean(0), features.abs().mean(0), err.abs().mean(0)
 
 
 @pytest.mark.parametrize("method", ["atp", "ig"])
@@ -286,9 +288,12 @@ def hand_attribution(lm, sae, layer, steps=None, data=DATA, per_position=False):
 def test_feature_attribution_equals_the_plain_hook_linearisation(lm, activation, method):
     sae = dictionary(activation)
     table = rg.features.attribute(lm, DATA, {rg.Site("resid_post", 0): sae}, method=method, steps=3, progress=False)
-    features, err = hand_attribution(lm, sae, 0, steps=3 if method == "ig" else None)
+    features, err, features_abs, err_abs = hand_attribution(lm, sae, 0, steps=3 if method == "ig" else None)
     torch.testing.assert_close(torch.tensor(table.estimate[:64].tolist()), features.float(), atol=1e-5, rtol=1e-4)
     assert table.feature.iloc[-1] == -1 and table.estimate.iloc[-1] == pytest.approx(float(err), abs=1e-5)
+    torch.testing.assert_close(torch.tensor(table.mean_abs[:64].tolist()), features_abs.float(), atol=1e-5, rtol=1e-4)
+    assert table.mean_abs.iloc[-1] == pytest.approx(float(err_abs), abs=1e-5)
+    assert (table.mean_abs > table.estimate.abs() + 1e-6).any()        # some features differ in sign row by row
     assert table.attrs["method"] == ("AtP" if method == "atp" else "IG3")
 
 
@@ -309,6 +314,11 @@ def test_feature_circuits_run_as_graphs(lm):
     found = rg.features.discover(lm, DATA, sites, size=3, progress=False)
     assert len(found.kept) == 3 and found.kept.score.is_monotonic_decreasing
     assert found.nodes[0].site.subspace == tuple(sorted(set(range(64)) - set(found.kept.feature)))
+    table = rg.features.attribute(lm, DATA, sites, progress=False)
+    by_rows = rg.features.discover(lm, DATA, sites, size=3, table=table, rank="mean_abs", progress=False)
+    assert by_rows.kept.feature.tolist() == table[:64].nlargest(3, "mean_abs").feature.tolist()
+    with pytest.raises(rg.DataError, match="mean_abs column"):
+        rg.features.discover(lm, DATA, sites, size=3, table=table.drop(columns="mean_abs"), rank="mean_abs")
     mean = rg.features.discover(lm, DATA, sites, size=0.05, ablate="mean", progress=False)
     assert isinstance(mean.nodes[0].op, rg.Ablate)
     via = rg.circuits.discover(lm, DATA, level="feature", dictionaries=sites, size=3, progress=False)
@@ -324,12 +334,14 @@ ONE_LENGTH = rg.patching.Counterfactual(["the cat sat on", "the dog ran to"], ["
 def test_per_position_feature_attribution_equals_the_plain_hook_linearisation(lm):
     sae = dictionary("topk")
     table = rg.features.attribute(lm, ONE_LENGTH, {rg.Site("resid_post", 0): sae}, progress=False, per_position=True)
-    features, err = hand_attribution(lm, sae, 0, data=ONE_LENGTH, per_position=True)      # [S, 64], [S]
-    width = features.shape[0]
+    features, err, features_abs, err_abs = hand_attribution(lm, sae, 0, data=ONE_LENGTH, per_position=True)
+    width = features.shape[0]                                              # features [S, 64], err [S]
     assert table.position.tolist() == [p for p in range(width) for _ in range(65)]
     got = torch.tensor(table.estimate.tolist()).view(width, 65)
     torch.testing.assert_close(got[:, :64], features.float(), atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got[:, 64], err.float(), atol=1e-5, rtol=1e-4)
+    got_abs = torch.tensor(table.mean_abs.tolist()).view(width, 65)
+    torch.testing.assert_close(got_abs, torch.cat([features_abs, err_abs[:, None]], 1).float(), atol=1e-5, rtol=1e-4)
     whole = rg.features.attribute(lm, ONE_LENGTH, {rg.Site("resid_post", 0): sae}, progress=False)
     torch.testing.assert_close(got.sum(0), torch.tensor(whole.estimate.tolist()), atol=1e-5, rtol=1e-4)
     with pytest.raises(rg.DataError, match="prompts of one length"):

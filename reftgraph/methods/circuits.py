@@ -49,7 +49,7 @@ __all__ = ["Circuit", "CircuitConfig", "EdgeCircuit", "MIB_FRACTIONS", "carrying
 
 NODES = ("heads", "heads+mlps")
 ABLATE = ("corrupt", "mean")
-RANKS = ("effect", "magnitude")
+RANKS = ("effect", "magnitude", "mean_abs")
 STREAM = "corrupt"
 
 
@@ -71,7 +71,9 @@ def scores(model, data: Counterfactual, nodes: str = "heads", method: str = "atp
     is the estimate signed so that positive means "corrupting this node moves the metric
     toward the corrupted run" (the node carries the behaviour); with ``rank="magnitude"``
     it is ``|estimate|``, which also ranks high the nodes that work against the behaviour
-    (a complete circuit has both kinds; a faithful small one mostly the first).
+    (a complete circuit has both kinds; a faithful small one mostly the first); with
+    ``rank="mean_abs"`` it is the mean over rows of each row's ``|estimate|``, which also ranks
+    high a node whose effect changes sign from row to row.
     ``per_position=True`` scores every node at every token position (a ``position`` column):
     a circuit may then keep a head at some positions only. It needs prompts of one length
     (e.g. IOI prompts of one template, ``ioi(n, templates=(0,))``). ``progress=False`` hides
@@ -94,7 +96,8 @@ def scores(model, data: Counterfactual, nodes: str = "heads", method: str = "atp
     if per_position:
         out.insert(3, "position", df["position"].astype(int))
     toward = 1.0 if df.attrs["source"] >= df.attrs["base"] else -1.0      # clean -> corrupted
-    out["score"] = out["estimate"].abs() if rank == "magnitude" else out["estimate"] * toward
+    out["score"] = {"magnitude": out["estimate"].abs(), "mean_abs": df["mean_abs"],
+                    "effect": out["estimate"] * toward}[rank]
     out.attrs.update(df.attrs, nodes=nodes, method=method, rank=rank)
     return out
 
@@ -133,7 +136,8 @@ class CircuitConfig(Settings):
     ablate: str = option("corrupt", "what the nodes outside carry: their corrupted run ('corrupt') or its mean "
                          "('mean')", one_of(*ABLATE))
     metric: str = option("logit_diff", "what the scores and faithfulness measure", one_of(*METRICS))
-    rank: str = option("effect", "order nodes by signed 'effect' or by 'magnitude'", one_of(*RANKS))
+    rank: str = option("effect", "order nodes by signed 'effect', by 'magnitude' (|mean|) or by 'mean_abs' (the "
+                       "mean of each row's |effect|)", one_of(*RANKS))
     per_position: bool = option(False, "a node per head and token position (equal-length prompts)",
                                 one_of(True, False))
     level: str = option("node", "'node' (heads, MLPs), 'edge' (sender -> receiver) or 'feature' (needs "

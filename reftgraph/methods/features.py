@@ -45,6 +45,7 @@ __all__ = ["load", "activations", "top_contexts", "explain", "reft", "attribute"
 
 STREAM = "corrupt"
 ERRORS = ("keep", "ablate")
+RANKS = ("effect", "magnitude", "mean_abs")
 
 
 def _check_dictionary(dictionary, where: str = "dictionary") -> Dictionary:
@@ -260,7 +261,7 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", me
     >>> sae = rg.Dictionary(32, 64, seed=0)
     >>> t = attribute(lm, data, {rg.Site("resid_post", 0): sae}, progress=False)
     >>> t.columns.tolist(), len(t)                    # 64 features and the error node
-    (['site', 'feature', 'estimate'], 65)
+    (['site', 'feature', 'estimate', 'mean_abs'], 65)
 
     ``data`` as for circuits: ``data.source`` the clean prompts, ``data.base`` the corrupted
     ones, of equal token lengths row by row. ``dictionaries``: ``{rg.Site(component, layer):
@@ -275,7 +276,10 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", me
     features and error, which move along their straight line). ``feature`` is ``-1`` for the error node.
     ``per_position=True`` scores each feature (and error) at each token position apart (a
     ``position`` column; prompts of one length, so a position is the same token in every row):
-    the nodes of Marks et al.'s circuits on templated data.
+    the nodes of Marks et al.'s circuits on templated data. ``mean_abs`` is the mean over rows of
+    each row's ``|estimate|``: a feature that matters in every row but with a sign that depends on
+    the row (a name's feature, for the name that is the answer in some rows and not in others)
+    has a small ``estimate`` and a large ``mean_abs``.
     """
     model = as_model(model, one_stack="rg.features.attribute")
     if not isinstance(data, Counterfactual):
@@ -293,8 +297,8 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", me
     correct, wrong = data.answer_ids(model, required=False)
     check_metric(metric_fn, Reference(correct, wrong), model)
     _check_sites(model, sites)
-    totals = {site: torch.zeros(*((width,) if width else ()), d.d_sae + 1, dtype=torch.float64)
-              for site, d in sites.items()}
+    totals = {site: torch.zeros(2, *((width,) if width else ()), d.d_sae + 1, dtype=torch.float64)
+              for site, d in sites.items()}      # [0]: the rows' estimates summed, [1]: their |estimates|
     n = len(data)
     passes = 2 + (steps * len(sites) if method == "ig" else 0)
     with progress_bar(total=passes * -(-n // batch_size), desc="feature attribution", progress=progress,
@@ -304,13 +308,13 @@ def attribute(model, data: Counterfactual, dictionaries, metric="logit_diff", me
             ref = Reference(*(None if t is None else t[lo:lo + batch_size] for t in (correct, wrong)))
             _chunk(model, part, ref, sites, metric_fn, method, steps, totals, bar)
     features = {site: list(range(d.d_sae)) + [-1] for site, d in sites.items()}
-    if width:
-        frames = [pd.DataFrame({"site": f"{site.component}[{site.layer}]", "feature": features[site] * width,
-                                "position": [p for p in range(width) for _ in features[site]],
-                                "estimate": (totals[site] / n).flatten().tolist()}) for site in sites]
-    else:
-        frames = [pd.DataFrame({"site": f"{site.component}[{site.layer}]", "feature": features[site],
-                                "estimate": (totals[site] / n).tolist()}) for site in sites]
+    frames = []
+    for site in sites:
+        mean, mean_abs = (totals[site] / n).flatten(1).tolist()
+        columns = {"site": f"{site.component}[{site.layer}]", "feature": features[site] * (width or 1)}
+        if width:
+            columns["position"] = [p for p in range(width) for _ in features[site]]
+        frames.append(pd.DataFrame({**columns, "estimate": mean, "mean_abs": mean_abs}))
     out = pd.concat(frames, ignore_index=True)
     out.attrs.update(metric=metric_name, method="AtP" if method == "atp" else f"IG{steps}")
     return out
@@ -373,12 +377,14 @@ def _chunk(model, data, ref, sites, metric_fn, method, steps, totals, bar) -> No
     for site, d in sites.items():
         (h1, f1, valid), (h0, f0) = corrupt[site], clean[site]
         keep = valid[..., None].float()
-        over = (0,) if totals[site].dim() == 2 else (0, 1)   # (per position: rows only)
         with torch.no_grad():
             g_f = grads[site] @ d.directions().T          # dM/df: dM/dh along each decoder direction
-            features = ((f1 - f0) * g_f * keep).sum(over)
-            error = (((h1 - d.decode(f1)) - (h0 - d.decode(f0))) * grads[site] * keep).sum(over).sum(-1)
-        totals[site] += torch.cat([features, error[..., None]], -1).double()
+            features = (f1 - f0) * g_f * keep
+            error = (((h1 - d.decode(f1)) - (h0 - d.decode(f0))) * grads[site] * keep).sum(-1, keepdim=True)
+            rows = torch.cat([features, error], -1)       # [B, S, d_sae + 1]: each row's estimates
+            if totals[site].dim() == 2:                   # (not per position: a row's tokens summed)
+                rows = rows.sum(1)
+        totals[site] += torch.stack([rows.sum(0), rows.abs().sum(0)]).double()
 
 
 class FeatureCircuit(Graph):
@@ -439,7 +445,8 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
     ``size``: features (int) or a fraction of all features at the sites (float); the
     features whose corruption lowers the metric most (``-estimate`` of :func:`attribute`)
     are kept (``rank="magnitude"``: the largest ``|estimate|``, either sign, as Marks et al.
-    keep nodes). ``errors``: ``"keep"`` (each site's reconstruction error stays clean) or
+    keep nodes; ``rank="mean_abs"``: the largest ``mean_abs``, the features that matter most
+    row by row, whichever way). ``errors``: ``"keep"`` (each site's reconstruction error stays clean) or
     ``"ablate"`` (it takes the corrupted run's error: the circuit then has only its
     features); ``ablate``: ``"corrupt"`` (outside features read stream ``"corrupt"``) or
     ``"mean"`` (their mean over the corrupted prompts, stored in the graph; errors kept).
@@ -452,8 +459,8 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
     sites = _site_dictionaries(dictionaries)
     if errors not in ERRORS:
         raise DataError(f"errors must be one of {ERRORS}, got {errors!r}")
-    if rank not in ("effect", "magnitude"):
-        raise DataError(f"rank must be 'effect' or 'magnitude', got {rank!r}")
+    if rank not in RANKS:
+        raise DataError(f"rank must be one of {RANKS}, got {rank!r}")
     if ablate not in ("corrupt", "mean"):
         raise DataError(f"ablate must be 'corrupt' or 'mean', got {ablate!r}")
     if ablate == "mean" and errors == "ablate":
@@ -464,8 +471,11 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
     positions = positions_in(table)
     n = sum(d.d_sae for d in sites.values()) * (positions or 1)
     count = _count(size, n)
-    scored = table[table["feature"] >= 0].assign(
-        score=lambda t: t["estimate"].abs() if rank == "magnitude" else -t["estimate"])
+    if rank == "mean_abs" and "mean_abs" not in table:
+        raise DataError("rank='mean_abs' needs the table's mean_abs column (from rg.features.attribute)")
+    scores = {"effect": lambda t: -t["estimate"], "magnitude": lambda t: t["estimate"].abs(),
+              "mean_abs": lambda t: t["mean_abs"]}
+    scored = table[table["feature"] >= 0].assign(score=scores[rank])
     kept = scored.sort_values("score", ascending=False, kind="stable").head(count).reset_index(drop=True)
     graph = circuit_graph(model, data, sites, kept, errors, ablate, positions)
     graph.settings.update(size=size, metric=metric if isinstance(metric, str) else "custom", units=n, rank=rank,

@@ -24,7 +24,7 @@ the metric is far from linear between the two runs.
 >>> data = rg.patching.Counterfactual(["ab c d", "xy z w"], ["ab d c", "xy w z"], correct=["c", "z"], wrong=["d", "w"])
 >>> df = rg.patching.attribute(lm, data, "head_out")
 >>> df.columns.tolist()
-['component', 'layer', 'position', 'token', 'head', 'metric', 'value', 'restoration', 'estimate']
+['component', 'layer', 'position', 'token', 'head', 'metric', 'value', 'restoration', 'estimate', 'mean_abs']
 >>> len(df)                          # 2 layers x 4 heads, all positions
 8
 """
@@ -105,7 +105,9 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
 
     Takes the same arguments as :func:`~reftgraph.patching.sweep` and returns its columns
     (``value`` is the estimated patched metric ``base + estimate``, ``restoration`` from it)
-    plus ``estimate``: the estimated change of the metric's mean over the data. Every
+    plus ``estimate``: the estimated change of the metric's mean over the data, and
+    ``mean_abs``: the mean over rows of each row's ``|estimate|`` (large for a site that
+    matters in every row, whichever way it moves the metric in each). Every
     component works (``resid_*``, ``attn_out``, ``mlp_out``, ``mlp_act``, ``head_out``,
     ``q``/``k``/``v`` per head), at chosen positions or at all positions summed.
     ``qk_fix``, ``grad_drop`` and ``ig_steps`` are described in the module docstring.
@@ -140,6 +142,7 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
 
     rows = _chunk_rows(model, data, sites, memory_mb)
     totals: dict = {}
+    sizes: dict = {}
     drops: dict = {}
     base_sum = source_sum = 0.0
     passes = 2 + len(fixed) + ig_steps + (model.arch.n_layers if grad_drop else 0)   # per chunk of rows
@@ -154,6 +157,7 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
             source_sum += float(source_m.sum())
             for key, value in est.items():
                 totals[key] = totals.get(key, 0) + value.sum(0)
+                sizes[key] = sizes.get(key, 0) + value.abs().sum(0)
             for key, value in drop.items():
                 drops[key] = drops.get(key, 0) + value.sum(0)
     n = len(data)
@@ -166,6 +170,7 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
         df["metric"], df["value"] = metric_name, [base + e for e in pick]
         df["restoration"] = restoration(df["value"], base, source)
         df["estimate"] = pick
+        df["mean_abs"] = [_cell(sizes[(c, layer)], sites[(c, layer)], pos, head) / n for layer, pos, _, head in conditions[c]]
         if grad_drop:
             df["grad_drop"] = [_cell(drops[(c, layer)], sites[(c, layer)], pos, head) / n
                                for layer, pos, _, head in conditions[c]]

@@ -373,6 +373,19 @@ def test_a_per_position_feature_circuit_equals_plain_hooks(lm):
         return moved
     want = run_with(lm.hf, "llama", "resid_post", layer, clean_in, edit, cfg)
     torch.testing.assert_close(out.logits, want, atol=1e-5, rtol=1e-4)
+    # mean-ablated: the features outside take their mean over the corrupted rows at that position
+    mean = rg.features.circuit_graph(lm, ONE_LENGTH, sites, found.kept, ablate="mean", positions=width)
+    means = hand_features(sae, h1).mean(0)                                             # [S, 64]
+
+    def to_means(h):
+        f0, moved = hand_features(sae, h), h.clone()
+        for p in range(width):
+            outside = [i for i in range(64) if i not in set(found.kept.loc[found.kept.position == p, "feature"])]
+            moved[:, p] = h[:, p] + (means[p, outside] - f0[:, p, outside]) @ sae.W_dec[outside]
+        return moved
+    torch.testing.assert_close(mean.run(lm, ONE_LENGTH.source).logits,
+                               run_with(lm.hf, "llama", "resid_post", layer, clean_in, to_means, cfg),
+                               atol=1e-5, rtol=1e-4)
     every = found.kept.iloc[:0]
     assert rg.features.faithfulness(found, lm, ONE_LENGTH, progress=False)["size"] == len(found.kept)
     assert "positions" in repr(found)

@@ -449,7 +449,8 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
     row by row, whichever way). ``errors``: ``"keep"`` (each site's reconstruction error stays clean) or
     ``"ablate"`` (it takes the corrupted run's error: the circuit then has only its
     features); ``ablate``: ``"corrupt"`` (outside features read stream ``"corrupt"``) or
-    ``"mean"`` (their mean over the corrupted prompts, stored in the graph; errors kept).
+    ``"mean"`` (their mean over the corrupted prompts, stored in the graph; errors kept;
+    per position in a per-position circuit, as node circuits take theirs).
     ``method`` and ``steps`` as in :func:`attribute`; ``table``: scores from it, to reuse them
     across sizes. ``per_position=True`` (or a ``table`` with a ``position`` column) makes the
     circuit's units (feature, token position) pairs, as Marks et al. count nodes on templated
@@ -503,7 +504,7 @@ def circuit_graph(model, data: Optional[Counterfactual], dictionaries, kept: pd.
     if positions is None and "position" in kept:
         raise DataError("kept lists (feature, position) pairs: pass positions=, the prompts' token count")
     nodes = []
-    means = _feature_means(model, data, sites) if ablate == "mean" else {}
+    means = _feature_means(model, data, sites, positions is not None) if ablate == "mean" else {}
     for site, d in sites.items():
         here = kept.loc[kept["site"] == f"{site.component}[{site.layer}]"]
         for at in ("all",) if positions is None else range(positions):
@@ -512,7 +513,7 @@ def circuit_graph(model, data: Optional[Counterfactual], dictionaries, kept: pd.
             if not outside and errors == "keep":
                 continue
             if ablate == "mean":
-                op = Ablate("mean", value=means[site][list(outside)], basis=d)
+                op = Ablate("mean", value=(means[site] if at == "all" else means[site][at])[list(outside)], basis=d)
             else:
                 # (every feature kept: the node corrupts the error alone)
                 op = Patch(STREAM, basis=d, error=errors == "ablate", features=bool(outside))
@@ -524,14 +525,17 @@ def circuit_graph(model, data: Optional[Counterfactual], dictionaries, kept: pd.
                            "features": sum(d.d_sae for d in sites.values()), "positions": positions}, sites)
 
 
-def _feature_means(model, data, sites) -> dict:
+def _feature_means(model, data, sites, per_position: bool = False) -> dict:
+    """Each site's features averaged over the corrupted prompts: over rows and tokens
+    ``[d_sae]``, or over rows at each position ``[tokens, d_sae]`` (as node circuits do)."""
     if data is None:
         raise DataError("ablate='mean' needs the data, whose corrupted prompts give the means")
     g = Graph()
     for site, d in sites.items():
         g.add(replace(site, positions="all"), Collect(basis=d), name=_name(site))
     out = run(g, model, data.base, grad=False)
-    return {site: masked_mean(out[_name(site)].float(), out.valid[_name(site)], (0, 1)) for site in sites}
+    over = (0,) if per_position else (0, 1)
+    return {site: masked_mean(out[_name(site)].float(), out.valid[_name(site)], over) for site in sites}
 
 
 def faithfulness(circuit: FeatureCircuit, model, data: Counterfactual, metric="logit_diff",

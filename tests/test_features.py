@@ -155,6 +155,53 @@ def test_a_graph_in_a_dictionary_basis_saves_and_loads(lm, tmp_path):
     assert torch.equal(a.logits, b.logits) and torch.equal(a["f"], b["f"])
 
 
+def shared_basis_graph(sae):
+    """Three nodes in one dictionary's basis (as a per-position feature circuit has), and one without."""
+    g = rg.Graph()
+    for p in range(3):
+        g.add(rg.Site("resid_post", layer=1, positions=[p], subspace=(p, 7)), rg.Ablate("zero", basis=sae), name=f"z{p}")
+    g.add(rg.Site("resid_post", layer=0), rg.Add(torch.ones(32), scale=0.1), name="steer")
+    return g
+
+
+def test_a_dictionary_several_nodes_share_is_saved_once(lm, tmp_path):
+    import json
+    from safetensors import safe_open
+
+    sae = dictionary("topk")
+    g = shared_basis_graph(sae)
+    folder = rg.files.current_folder(rg.save(g, tmp_path / "g"))
+    spec = json.loads((folder / "graph.json").read_text())
+    with safe_open(str(folder / "weights.safetensors"), "pt") as f:
+        stored = sorted(f.keys())
+    names = sorted(sae.state_dict())
+    assert stored == [f"op0.basis.{n}" for n in names] + ["op3.vector"]          # the dictionary once
+    assert spec["version"] == 2 and spec["shared"] == {f"op{i}.basis.{n}": f"op0.basis.{n}" for i in (1, 2)
+                                                       for n in names}
+    back = rg.load_graph(folder)
+    assert back["z1"].op.basis is back["z0"].op.basis is back["z2"].op.basis     # one module again
+    assert torch.equal(g.run(lm, BASE).logits, back.run(lm, BASE).logits)
+    other = shared_basis_graph(dictionary("topk", seed=5))
+    rg.files.load_weights(other, rg.files.io.graph_state(g)[1])
+    assert torch.equal(other["z2"].op.basis.W_enc, sae.W_enc)
+    copies = rg.Graph([g.nodes[0], rg.Node("z9", g.nodes[1].site, rg.Ablate("zero", basis=dictionary("topk")))])
+    assert "shared" not in rg.files.io.graph_state(copies)[0]          # equal values, two modules: two copies
+
+    def crafted(change):
+        out = tmp_path / f"crafted{len(list(tmp_path.iterdir()))}"
+        out.mkdir()
+        (out / "graph.json").write_text(json.dumps(change(json.loads((folder / "graph.json").read_text()))))
+        (out / "weights.safetensors").write_bytes((folder / "weights.safetensors").read_bytes())
+        return out
+    for change, message in [(lambda s: {**s, "version": 1}, "exactly the keys"),
+                            (lambda s: {**s, "shared": {**s["shared"], "op1.basis.W_enc": "op9.x"}}, "which is not a"),
+                            (lambda s: {**s, "shared": {**s["shared"], "op0.basis.W_enc": "op0.basis.W_dec"}},
+                             "stored in weights.safetensors too"),
+                            (lambda s: {**s, "shared": []}, "'shared' must be a mapping")]:
+        with pytest.raises(rg.GraphFileError, match=message):
+            rg.load_graph(crafted(change))
+
+
 def bad(lm, op, site=rg.Site("resid_post", layer=1)):
     g = rg.Graph()
     g.add(site, op, name="n")

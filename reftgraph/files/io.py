@@ -36,7 +36,7 @@ __all__ = ["save", "load_graph", "graph_state", "build_graph", "load_weights", "
            "atomic_dir", "current_folder"]
 
 FORMAT = "reftgraph-graph"
-VERSION = 1
+VERSION = 2                   # 2: "shared" names tensors stored once for several ops (1: no such key)
 MAX_JSON_BYTES = 64 * 2**20   # graph.json
 MAX_NODES = 10_000            # nodes of a saved graph (and so ops: each is used by a node)
 MAX_OP_DEPTH = 8              # ops inside ops' configs (Without(Without(op)) is depth 2)
@@ -60,6 +60,22 @@ def unique_ops(graph: Graph) -> list:
     return list({id(n.op): n.op for n in graph.nodes}.values())
 
 
+def _tensors(ops: list) -> tuple[dict, dict]:
+    """``(tensors, shared)``: each op's tensors as ``op{i}.{name}``; a tensor several ops hold
+    (a dictionary they all use as basis) is in ``tensors`` once, under its first name, and
+    ``shared`` maps its other names to that one."""
+    tensors, shared, first = {}, {}, {}
+    for i, op in enumerate(ops):
+        for name, t in op.state_dict().items():
+            key, t = f"op{i}.{name}", t.detach()
+            same = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+            if same in first:
+                shared[key] = first[same]
+            else:
+                first[same], tensors[key] = key, t.cpu().contiguous()
+    return tensors, shared
+
+
 def graph_state(graph: Graph, model=None) -> tuple[dict, dict]:
     """``(spec, tensors)``: the JSON-able description and the weights (shared ops once).
 
@@ -69,19 +85,19 @@ def graph_state(graph: Graph, model=None) -> tuple[dict, dict]:
     >>> spec, tensors = graph_state(g)
     >>> spec["ops"][0]["type"], spec["nodes"][0]["site"]["positions"], sorted(tensors)
     ('LoReFT', 'last', ['op0.bias', 'op0.rotate', 'op0.weight'])
+
+    A dictionary that several ops use as basis is stored once: ``spec["shared"]`` names its
+    tensors in the other ops (format version 2; a graph without one is written as version 1).
     """
     ops = unique_ops(graph)
     index = {id(op): i for i, op in enumerate(ops)}
-    tensors, seen = {}, set()
-    for i, op in enumerate(ops):
-        for name, t in op.state_dict().items():
-            t = t.detach().cpu().contiguous()   # a tensor two ops share (a dictionary both use as basis): copied
-            tensors[f"op{i}.{name}"] = t.clone() if t.data_ptr() in seen else t
-            seen.add(t.data_ptr())
+    tensors, shared = _tensors(ops)
     nodes = [{"name": n.name, "site": n.site.to_dict(), "stream": n.stream, "op": index[id(n.op)]}
              for n in graph.nodes]
-    spec = {"format": FORMAT, "version": VERSION, "model": None if model is None else _model_info(model),
+    spec = {"format": FORMAT, "version": 2 if shared else 1, "model": None if model is None else _model_info(model),
             "ops": [{"type": type(op).__name__, "config": op.config()} for op in ops], "nodes": nodes}
+    if shared:
+        spec["shared"] = shared
     return spec, tensors
 
 
@@ -95,14 +111,23 @@ def load_weights(graph: Graph, tensors: dict) -> None:
     >>> load_weights(b, graph_state(a)[1])
     >>> torch.equal(a.nodes[0].op.rotate, b.nodes[0].op.rotate)
     True
+
+    A tensor the graph's ops share (a dictionary as the basis of several) is loaded once.
     """
-    for i, op in enumerate(unique_ops(graph)):
-        op.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"op{i}.")})
+    ops = unique_ops(graph)
+    shared = _tensors(ops)[1]
+    for i, op in enumerate(ops):
+        state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(f"op{i}.")}
+        result = op.load_state_dict(state, strict=False)
+        missing = [k for k in result.missing_keys if f"op{i}.{k}" not in shared]
+        if missing or result.unexpected_keys:
+            raise GraphFileError(f"op {i} ({type(op).__name__}): tensors missing {missing}, unexpected "
+                                 f"{result.unexpected_keys}")
 
 
 # -- reading: every field checked, only registered ops built ------------------------------
 
-SPEC_KEYS = ("format", "version", "model", "ops", "nodes")
+SPEC_KEYS = ("format", "version", "model", "ops", "nodes")   # and "shared", from version 2
 MODEL_KEYS = {"name": str, "family": str, "d_model": int, "n_layers": int}
 NODE_KEYS = ("name", "site", "stream", "op")
 SCALARS = (type(None), bool, int, float, str)
@@ -127,7 +152,7 @@ def _check_spec(spec) -> None:
     version = _int(spec.get("version"), "version", 1)
     if version > VERSION:
         raise GraphFileError(f"graph format version {version} is newer than this reftgraph ({VERSION})")
-    _keys(spec, SPEC_KEYS, "graph.json")
+    _keys(spec, SPEC_KEYS + (("shared",) if version >= 2 and "shared" in spec else ()), "graph.json")
     if spec["model"] is not None:
         _keys(spec["model"], MODEL_KEYS, "graph.json 'model'")
         for key, kind in MODEL_KEYS.items():
@@ -151,6 +176,40 @@ def _users(spec: dict, i: int) -> str:
         return ""
     shown = ", ".join(repr(name[:50]) for name in names[:3]) + (", ..." if len(names) > 3 else "")
     return f" of node{'s' if len(names) > 1 else ''} {shown}"
+
+
+def _with_shared(spec: dict, tensors: dict) -> dict:
+    """``tensors`` with the names in ``spec["shared"]`` added, each the tensor it names."""
+    if "shared" not in spec:
+        return tensors
+    shared = spec["shared"]
+    if not isinstance(shared, dict) or not shared or len(shared) > MAX_TENSORS:
+        raise GraphFileError(f"graph.json 'shared' must be a mapping of 1..{MAX_TENSORS} tensor names to the "
+                             f"names they are stored under, got {str(shared)[:50]}")
+    for alias, name in shared.items():
+        if not isinstance(name, str) or name not in tensors:
+            raise GraphFileError(f"graph.json 'shared': {alias[:50]!r} names {str(name)[:50]!r}, which is not a "
+                                 "tensor of weights.safetensors")
+        if alias in tensors:
+            raise GraphFileError(f"graph.json 'shared': {alias[:50]!r} is stored in weights.safetensors too")
+    return {**tensors, **{alias: tensors[name] for alias, name in shared.items()}}
+
+
+def _share_bases(spec: dict, ops: list) -> None:
+    """Give ops whose basis is stored as another op's (every tensor of it, the same config)
+    that op's dictionary itself, as the saved graph had it: one module, not copies."""
+    targets: dict = {}
+    for alias, name in spec.get("shared", {}).items():
+        (j, a), (i, b) = (key.split(".", 1) for key in (alias, name))
+        if a.startswith("basis.") and a == b:
+            targets.setdefault(int(j[2:]), set()).add(int(i[2:]))
+    for j, found in targets.items():
+        i = min(found)
+        same = spec["ops"][j]["config"].get("basis") == spec["ops"][i]["config"].get("basis")
+        basis = ops[j].basis                  # (every op has one: a dictionary, or None)
+        every = basis is not None and all(f"op{j}.basis.{k}" in spec["shared"] for k in basis.state_dict())
+        if len(found) == 1 and same and every and ops[i].basis is not None:
+            ops[j].use_basis(ops[i].basis)
 
 
 def _op_tensors(tensors: dict, n_ops: int) -> list:
@@ -256,8 +315,9 @@ def build_graph(spec: dict, tensors: dict) -> Graph:
     everything but the values and allocates nothing: :func:`load_graph` does this first.
     """
     _check_spec(spec)
-    state = _op_tensors(tensors, len(spec["ops"]))
+    state = _op_tensors(_with_shared(spec, tensors), len(spec["ops"]))
     ops = [_build_op(f"op {i}", entry, s, _users(spec, i)) for i, (entry, s) in enumerate(zip(spec["ops"], state))]
+    _share_bases(spec, ops)
     nodes = []
     for j, n in enumerate(spec["nodes"]):
         _keys(n, NODE_KEYS, f"graph.json node {j}")

@@ -446,9 +446,9 @@ def discover(model, data: Counterfactual, dictionaries, size: Union[int, float] 
     features whose corruption lowers the metric most (``-estimate`` of :func:`attribute`)
     are kept (``rank="magnitude"``: the largest ``|estimate|``, either sign, as Marks et al.
     keep nodes; ``rank="mean_abs"``: the largest ``mean_abs``, the features that matter most
-    row by row, whichever way). ``errors``: ``"keep"`` (each site's reconstruction error stays clean) or
-    ``"ablate"`` (it takes the corrupted run's error: the circuit then has only its
-    features); ``ablate``: ``"corrupt"`` (outside features read stream ``"corrupt"``) or
+    row by row, whichever way). ``errors``: ``"keep"`` (each site's reconstruction error
+    stays clean) or ``"ablate"`` (it takes the corrupted run's error: the circuit then has
+    only its features); ``ablate``: ``"corrupt"`` (outside features read stream ``"corrupt"``) or
     ``"mean"`` (their mean over the corrupted prompts, stored in the graph; errors kept;
     per position in a per-position circuit, as node circuits take theirs).
     ``method`` and ``steps`` as in :func:`attribute`; ``table``: scores from it, to reuse them

@@ -170,7 +170,8 @@ def attribute(model, data: Counterfactual, component: Union[str, Sequence[str]] 
         df["metric"], df["value"] = metric_name, [base + e for e in pick]
         df["restoration"] = restoration(df["value"], base, source)
         df["estimate"] = pick
-        df["mean_abs"] = [_cell(sizes[(c, layer)], sites[(c, layer)], pos, head) / n for layer, pos, _, head in conditions[c]]
+        df["mean_abs"] = [_cell(sizes[(c, layer)], sites[(c, layer)], pos, head) / n
+                          for layer, pos, _, head in conditions[c]]
         if grad_drop:
             df["grad_drop"] = [_cell(drops[(c, layer)], sites[(c, layer)], pos, head) / n
                                for layer, pos, _, head in conditions[c]]

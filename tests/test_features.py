@@ -4,8 +4,11 @@ Every op x activation (ReLU, JumpReLU, TopK) x padding side, outputs and gradien
 oracle encodes each selected slot by hand, edits its features and writes the change back
 along their decoder directions, keeping the reconstruction error."""
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
 
 import reftgraph as rg
 from oracle import capture, encode, positions_of, real_positions, run_with
@@ -165,9 +168,6 @@ def shared_basis_graph(sae):
 
 
 def test_a_dictionary_several_nodes_share_is_saved_once(lm, tmp_path):
-    import json
-    from safetensors import safe_open
-
     sae = dictionary("topk")
     g = shared_basis_graph(sae)
     folder = rg.files.current_folder(rg.save(g, tmp_path / "g"))

@@ -61,18 +61,18 @@ def unique_ops(graph: Graph) -> list:
 
 
 def _tensors(ops: list) -> tuple[dict, dict]:
-    """``(tensors, shared)``: each op's tensors as ``op{i}.{name}``; a tensor several ops hold
-    (a dictionary they all use as basis) is in ``tensors`` once, under its first name, and
-    ``shared`` maps its other names to that one."""
+    """``(tensors, shared)``: each op's tensors as ``op{i}.{name}`` (as the ops hold them); a
+    tensor several ops hold (a dictionary they all use as basis) is in ``tensors`` once, under
+    its first name, and ``shared`` maps its other names to that one."""
     tensors, shared, first = {}, {}, {}
     for i, op in enumerate(ops):
         for name, t in op.state_dict().items():
-            key, t = f"op{i}.{name}", t.detach()
+            key = f"op{i}.{name}"
             same = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
             if same in first:
                 shared[key] = first[same]
             else:
-                first[same], tensors[key] = key, t.cpu().contiguous()
+                first[same], tensors[key] = key, t
     return tensors, shared
 
 
@@ -92,6 +92,7 @@ def graph_state(graph: Graph, model=None) -> tuple[dict, dict]:
     ops = unique_ops(graph)
     index = {id(op): i for i, op in enumerate(ops)}
     tensors, shared = _tensors(ops)
+    tensors = {k: t.detach().cpu().contiguous() for k, t in tensors.items()}
     nodes = [{"name": n.name, "site": n.site.to_dict(), "stream": n.stream, "op": index[id(n.op)]}
              for n in graph.nodes]
     spec = {"format": FORMAT, "version": 2 if shared else 1, "model": None if model is None else _model_info(model),
